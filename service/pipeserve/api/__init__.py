@@ -1,0 +1,1 @@
+"""Thin servicers: protobuf -> domain call -> protobuf."""

@@ -1,0 +1,95 @@
+"""Model reference -> local files: a local directory, else the Hugging Face cache, else a
+download through huggingface_hub (unless offline). Says exactly what it tried when nothing works.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import InvalidParameter, ModelLoadFailed, ModelNotFound
+
+# What a pipeline may need from a repository; weights in other formats are not fetched.
+_ALLOW_PATTERNS = [
+    "*.json",
+    "*.safetensors",
+    "*.txt",
+    "*.model",
+    "tokenizer*",
+    "model.bin",  # CTranslate2 (faster-whisper) checkpoints
+    "vocabulary*",
+]
+_PICKLE_PATTERNS = ["pytorch_model*.bin"]
+
+
+@dataclass(frozen=True)
+class ModelFiles:
+    """A resolved checkpoint: where its files are and its parsed config.json (may be empty for
+    formats without one, e.g. CTranslate2 Whisper)."""
+
+    name: str
+    path: Path
+    config: dict[str, Any] = field(default_factory=dict)
+    revision: str | None = None
+
+    def read_json(self, filename: str) -> dict[str, Any] | None:
+        path = self.path / filename
+        if not path.is_file():
+            return None
+        return json.loads(path.read_text(encoding="utf-8"))
+
+    def has(self, filename: str) -> bool:
+        return (self.path / filename).exists()
+
+
+def _is_offline(offline: bool | None) -> bool:
+    if offline is not None:
+        return offline
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        return {}
+    try:
+        return json.loads(config_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelLoadFailed(f"{config_path} is not valid JSON: {exc}", reason="BAD_CONFIG") from None
+
+
+def resolve(reference: str, revision: str | None = None, *, offline: bool | None = None,
+            allow_pickle: bool = False) -> ModelFiles:
+    """Finds the files of `reference` (a directory or a Hub repo id)."""
+    reference = reference.strip()
+    if not reference:
+        raise InvalidParameter("model reference is empty")
+    attempts: list[str] = []
+    local = Path(reference).expanduser()
+    if local.is_dir():
+        return ModelFiles(reference, local.resolve(), _read_config(local), revision)
+    attempts.append(f"local directory {local} does not exist")
+    if reference.startswith(("/", "./", "../", "~")) or reference.count("/") > 1:
+        raise ModelNotFound(f"model {reference!r} not found: " + "; ".join(attempts))
+
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError
+
+    patterns = _ALLOW_PATTERNS + (_PICKLE_PATTERNS if allow_pickle else [])
+    modes = [True] if _is_offline(offline) else [True, False]
+    for local_only in modes:
+        where = "Hugging Face cache" if local_only else "Hugging Face Hub download"
+        try:
+            path = Path(snapshot_download(reference, revision=revision, allow_patterns=patterns,
+                                          local_files_only=local_only))
+        except HFValidationError as exc:
+            raise InvalidParameter(f"{reference!r} is neither a directory nor a valid Hub id: {exc}") from None
+        except Exception as exc:  # huggingface_hub raises many kinds; each is one failed attempt
+            attempts.append(f"{where} (revision {revision or 'main'}): {type(exc).__name__}: {exc}".strip())
+            continue
+        return ModelFiles(reference, path, _read_config(path), revision)
+    if len(modes) == 1:
+        attempts.append("Hub download skipped: offline (HF_HUB_OFFLINE or hub_offline setting)")
+    raise ModelNotFound(f"model {reference!r} not found: " + "; ".join(attempts))

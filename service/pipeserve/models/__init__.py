@@ -1,0 +1,1 @@
+"""Model families: config dataclass + nn.Modules + weight-name table, one module each."""

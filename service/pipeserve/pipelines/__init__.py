@@ -1,0 +1,1 @@
+"""Task pipelines: preprocess -> forward -> postprocess, with transformers.pipeline semantics."""

@@ -1,0 +1,94 @@
+"""What every task pipeline shares: how it is built from checkpoint files, where it lives,
+how per-call options override the model's defaults, and how much memory it holds."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..errors import InvalidParameter
+from ..hub import ModelFiles
+from ..tasks import Task
+from ..weights import module_bytes, parse_dtype
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """How to load a model (LoadModel's options)."""
+
+    device: str = "cpu"
+    dtype: str = "float32"
+    load_in_8bit: bool = False
+    allow_pickle: bool = False
+    # Per-call option defaults for this model, named as the request fields are.
+    defaults: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def torch_device(self) -> torch.device:
+        return torch.device(self.device)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return parse_dtype(self.dtype)
+
+
+class Pipeline:
+    """Base of task pipelines. Subclasses set `task`, implement `from_files` and their
+    call methods, and keep every nn.Module they own in `self.modules_` so that memory
+    accounting and release are generic."""
+
+    task: ClassVar[Task]
+    # Option names this pipeline accepts, with their built-in defaults (transformers' ones).
+    option_defaults: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self, files: ModelFiles, options: LoadOptions, family: str, architecture: str = ""):
+        self.files = files
+        self.load_options = options
+        self.family = family
+        self.architecture = architecture
+        self.device = options.torch_device
+        self.dtype = options.torch_dtype
+        self.modules_: list[nn.Module] = []
+        unknown = set(options.defaults) - set(self.option_defaults)
+        if unknown:
+            raise InvalidParameter(
+                f"unknown default options for {self.task.value}: {sorted(unknown)}; "
+                f"known: {sorted(self.option_defaults)}")
+        self.defaults = {**self.option_defaults, **options.defaults}
+
+    @classmethod
+    def from_files(cls, files: ModelFiles, options: LoadOptions) -> "Pipeline":
+        raise NotImplementedError
+
+    def resolve_options(self, overrides: dict[str, Any]) -> dict[str, Any]:
+        """Model defaults overridden by the fields a request set (None = not set)."""
+        merged = dict(self.defaults)
+        merged.update({k: v for k, v in overrides.items() if v is not None})
+        return merged
+
+    def memory_bytes(self) -> int:
+        return sum(module_bytes(m) for m in self.modules_)
+
+    def close(self) -> None:
+        """Drops the modules so their memory can be reclaimed."""
+        self.modules_.clear()
+        for name, value in list(vars(self).items()):
+            if isinstance(value, nn.Module):
+                setattr(self, name, None)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "family": self.family,
+            "architecture": self.architecture,
+            "device": str(self.device),
+            "dtype": str(self.dtype).removeprefix("torch."),
+        }
+
+
+def replace_options(options: LoadOptions, **changes: Any) -> LoadOptions:
+    return dataclasses.replace(options, **changes)
