@@ -1,0 +1,131 @@
+"""What every servicer shares: the application handle, request ids, run details, input
+fetching, and running blocking pipeline work (whole or streamed) off the event loop."""
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Callable, Iterator
+
+from google.protobuf.message import Message
+
+from ..config import Settings
+from ..errors import InvalidInput
+from ..manager import ModelEntry, ModelManager
+from .. import uri as uri_inputs
+from ..v1 import common_pb2
+
+
+@dataclass
+class App:
+    """Handles a servicer needs; built once by the server."""
+
+    settings: Settings
+    manager: ModelManager
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+def request_id(request: Message) -> str:
+    """The client's request id, or a fresh one, echoed in every response."""
+    return getattr(request, "request_id", "") or uuid.uuid4().hex
+
+
+def optional_fields(message: Message, names: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """Proto3 `optional` fields -> {name: value or None when unset}."""
+    return {name: getattr(message, name) if message.HasField(name) else None for name in names}
+
+
+def run_info(entry: ModelEntry, *, queue_ms: float = 0.0, compute_ms: float = 0.0,
+             batch_size: int = 1) -> common_pb2.RunInfo:
+    described = entry.pipeline.describe() if entry.pipeline else {}
+    return common_pb2.RunInfo(model=entry.name, device=described.get("device", ""),
+                              dtype=described.get("dtype", ""), queue_ms=queue_ms,
+                              compute_ms=compute_ms, batch_size=batch_size)
+
+
+class Timer:
+    """Milliseconds since creation."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+
+    def ms(self) -> float:
+        return (time.perf_counter() - self.start) * 1000.0
+
+
+async def input_bytes(app: App, *, data: bytes, uri: str, which: str, max_bytes: int) -> bytes:
+    """Bytes of an ImageInput/AudioInput-style oneof: inline data, or a URI the allowlist permits."""
+    if uri:
+        return await asyncio.get_running_loop().run_in_executor(
+            None, uri_inputs.fetch, uri, app.settings, max_bytes)
+    if not data:
+        raise InvalidInput(f"{which} is empty: send its bytes or a URI")
+    return data
+
+
+async def iterate_in_thread(make_iterator: Callable[[], Iterator[Any]], executor,
+                            max_buffered: int = 64) -> AsyncIterator[Any]:
+    """Runs a blocking generator on a worker thread and yields its items on the event loop.
+
+    When the consumer stops early (client cancelled, deadline passed), the producer sees the
+    stop flag before its next item, closes the generator (its `finally` frees memory), and
+    the worker is released."""
+    loop = asyncio.get_running_loop()
+    items: asyncio.Queue = asyncio.Queue(maxsize=max_buffered)
+    stop = threading.Event()
+    done = object()
+
+    def put(item: Any) -> None:
+        future = asyncio.run_coroutine_threadsafe(items.put(item), loop)
+        while not stop.is_set():
+            try:
+                future.result(timeout=0.1)
+                return
+            except TimeoutError:
+                continue
+        future.cancel()
+
+    def produce() -> None:
+        iterator = make_iterator()
+        try:
+            for item in iterator:
+                if stop.is_set():
+                    break
+                put(("item", item))
+        except BaseException as exc:  # delivered to the consumer, which re-raises it
+            put(("error", exc))
+        finally:
+            close = getattr(iterator, "close", None)
+            if close:
+                close()
+            put(("end", done))
+
+    worker = loop.run_in_executor(executor, produce)
+    try:
+        while True:
+            kind, item = await items.get()
+            if kind == "end":
+                break
+            if kind == "error":
+                raise item
+            yield item
+    finally:
+        stop.set()
+        # Drain so a producer blocked on a full queue can notice `stop` and finish.
+        while not items.empty():
+            items.get_nowait()
+
+
+def enum_option(message: Message, field_name: str, prefix: str) -> str | None:
+    """An optional enum field -> its lower-case value name without `prefix`
+    (FUNCTION_TO_APPLY_SIGMOID -> "sigmoid"); None when unset or UNSPECIFIED."""
+    if not message.HasField(field_name):
+        return None
+    descriptor = message.DESCRIPTOR.fields_by_name[field_name].enum_type
+    name = descriptor.values_by_number[getattr(message, field_name)].name
+    if name.endswith("_UNSPECIFIED"):
+        return None
+    return name.removeprefix(prefix).lower()

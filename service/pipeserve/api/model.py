@@ -1,0 +1,118 @@
+"""ModelService: list, inspect, load and unload models through the manager."""
+from __future__ import annotations
+
+from google.protobuf import json_format
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from ..errors import InvalidParameter
+from ..manager import ModelEntry, ModelState
+from ..tasks import Task
+from ..v1 import model_pb2 as pb, model_pb2_grpc as pb_grpc
+from .common import App
+
+SERVICE_NAME = "pipeserve.v1.ModelService"
+TASK = None
+
+_STATES = {
+    ModelState.LOADING: pb.MODEL_STATE_LOADING,
+    ModelState.READY: pb.MODEL_STATE_READY,
+    ModelState.FAILED: pb.MODEL_STATE_FAILED,
+    ModelState.UNLOADING: pb.MODEL_STATE_UNLOADING,
+}
+_DTYPES = {"float32": pb.D_TYPE_FLOAT32, "float16": pb.D_TYPE_FLOAT16, "bfloat16": pb.D_TYPE_BFLOAT16}
+_DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
+
+
+def task_to_proto(task: Task | None) -> int:
+    return pb.Task.Value(task.proto_name) if task else pb.TASK_UNSPECIFIED
+
+
+def task_from_proto(value: int) -> Task | None:
+    if value == pb.TASK_UNSPECIFIED:
+        return None
+    return Task.parse(pb.Task.Name(value))
+
+
+def _timestamp(seconds: float) -> Timestamp | None:
+    if not seconds:
+        return None
+    stamp = Timestamp()
+    stamp.FromNanoseconds(int(seconds * 1e9))
+    return stamp
+
+
+def model_info(entry: ModelEntry, is_default: bool) -> pb.ModelInfo:
+    described = entry.pipeline.describe() if entry.pipeline else {}
+    dtype = described.get("dtype") or entry.options.dtype
+    return pb.ModelInfo(
+        name=entry.name,
+        revision=entry.revision or "",
+        task=task_to_proto(entry.task),
+        family=described.get("family", ""),
+        architecture=described.get("architecture", ""),
+        state=_STATES[entry.state],
+        device=described.get("device") or entry.options.device,
+        dtype=_DTYPES.get(dtype, pb.D_TYPE_UNSPECIFIED),
+        bytes=entry.bytes,
+        in_flight=entry.in_flight,
+        error=entry.error,
+        is_default=is_default,
+        loaded_at=_timestamp(entry.loaded_at),
+        last_used_at=_timestamp(entry.last_used_at),
+        source_path=str(entry.files.path) if entry.files else "",
+        quantized_int8=entry.options.load_in_8bit,
+    )
+
+
+def _struct_options(request: pb.LoadModelRequest) -> dict:
+    """google.protobuf.Struct carries every number as a double; whole ones become ints so that
+    options such as top_k keep their integer meaning."""
+    values = json_format.MessageToDict(request.default_options)
+    return {k: int(v) if isinstance(v, float) and v.is_integer() else v for k, v in values.items()}
+
+
+class ModelServicer(pb_grpc.ModelServiceServicer):
+    def __init__(self, app: App):
+        self.app = app
+
+    def _info(self, entry: ModelEntry) -> pb.ModelInfo:
+        return model_info(entry, self.app.manager.is_default(entry))
+
+    async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:
+        task = task_from_proto(request.task) if request.HasField("task") else None
+        return pb.ListModelsResponse(models=[self._info(e) for e in self.app.manager.entries(task)])
+
+    async def GetModel(self, request: pb.GetModelRequest, context) -> pb.GetModelResponse:
+        return pb.GetModelResponse(model=self._info(self.app.manager.get(request.model)))
+
+    async def LoadModel(self, request: pb.LoadModelRequest, context) -> pb.LoadModelResponse:
+        if not request.model.strip():
+            raise InvalidParameter("LoadModel needs a model: a local directory or a Hub id")
+        manager = self.app.manager
+        dtype = None
+        if request.HasField("dtype") and request.dtype != pb.D_TYPE_UNSPECIFIED:
+            dtype = _DTYPE_NAMES[request.dtype]
+        options = manager.load_options(
+            device=request.device if request.HasField("device") else None,
+            dtype=dtype,
+            load_in_8bit=request.load_in_8bit if request.HasField("load_in_8bit") else None,
+            allow_pickle=request.allow_pickle if request.HasField("allow_pickle") else None,
+            defaults=_struct_options(request) if request.HasField("default_options") else None,
+        )
+        entry = await manager.load(
+            request.model,
+            revision=request.revision if request.HasField("revision") else None,
+            task=task_from_proto(request.task) if request.HasField("task") else None,
+            options=options,
+            set_default=request.set_default,
+        )
+        return pb.LoadModelResponse(model=self._info(entry))
+
+    async def UnloadModel(self, request: pb.UnloadModelRequest, context) -> pb.UnloadModelResponse:
+        entry = await self.app.manager.unload(request.model)
+        info = self._info(entry)
+        return pb.UnloadModelResponse(model=info)
+
+
+def register(server, app: App) -> None:
+    pb_grpc.add_ModelServiceServicer_to_server(ModelServicer(app), server)

@@ -1,0 +1,85 @@
+"""One interceptor maps what handlers raise to a gRPC status with google.rpc.ErrorInfo:
+typed PipeserveErrors keep their code and reason, device OOM becomes RESOURCE_EXHAUSTED, and
+anything unexpected becomes INTERNAL without a traceback leaking to the client."""
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import grpc
+from grpc_status import rpc_status
+
+from .errors import Draining, OutOfMemory, PipeserveError, to_rpc_status
+
+log = logging.getLogger("pipeserve.errors")
+
+
+def _as_pipeserve_error(exc: BaseException, method: str) -> PipeserveError:
+    if isinstance(exc, PipeserveError):
+        return exc
+    import torch
+
+    if isinstance(exc, torch.OutOfMemoryError):
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return OutOfMemory("the device ran out of memory for this request; retry with a smaller input")
+    log.exception("unexpected error in %s", method, exc_info=exc)
+    return PipeserveError(f"internal error in {method}: {type(exc).__name__}")
+
+
+async def _abort(context: grpc.aio.ServicerContext, exc: BaseException, method: str) -> None:
+    error = _as_pipeserve_error(exc, method)
+    await context.abort_with_status(rpc_status.to_status(to_rpc_status(error)))
+
+
+_PASS_THROUGH = (asyncio.CancelledError, grpc.aio.AbortError)
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(self, is_draining=lambda: False):
+        self._is_draining = is_draining
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None:
+            return None
+        method = details.method
+        is_draining = self._is_draining
+        health = method.startswith("/grpc.health") or method.startswith("/grpc.reflection")
+
+        def unary_response(behavior):
+            async def wrapped(request, context):
+                try:
+                    if is_draining() and not health:
+                        raise Draining("the server is shutting down; retry on another replica")
+                    return await behavior(request, context)
+                except _PASS_THROUGH:
+                    raise
+                except Exception as exc:
+                    await _abort(context, exc, method)
+            return wrapped
+
+        def stream_response(behavior):
+            async def wrapped(request, context):
+                try:
+                    if is_draining() and not health:
+                        raise Draining("the server is shutting down; retry on another replica")
+                    async for item in behavior(request, context):
+                        yield item
+                except _PASS_THROUGH:
+                    raise
+                except Exception as exc:
+                    await _abort(context, exc, method)
+            return wrapped
+
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(unary_response(handler.unary_unary),
+                                                       handler.request_deserializer, handler.response_serializer)
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(unary_response(handler.stream_unary),
+                                                        handler.request_deserializer, handler.response_serializer)
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(stream_response(handler.unary_stream),
+                                                        handler.request_deserializer, handler.response_serializer)
+        return grpc.stream_stream_rpc_method_handler(stream_response(handler.stream_stream),
+                                                     handler.request_deserializer, handler.response_serializer)

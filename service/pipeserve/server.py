@@ -1,0 +1,208 @@
+"""The gRPC server: every service of the contracts, health per service, reflection, one error
+interceptor, preloaded default models, and a draining shutdown on SIGTERM."""
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+import signal
+import sys
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from .api.common import App
+from .config import ModelSpec, Settings, load_settings
+from .errors import TaskNotImplemented
+from .interceptors import ErrorInterceptor
+from .manager import ModelManager
+from .tasks import Task
+
+log = logging.getLogger("pipeserve.server")
+
+# Full service name -> (servicer module, task it serves). A module that does not exist yet
+# leaves its service answering UNIMPLEMENTED with a clear message.
+SERVICES: dict[str, tuple[str, Task | None]] = {
+    "pipeserve.v1.ModelService": ("pipeserve.api.model", None),
+    "pipeserve.v1.SpeechRecognitionService": ("pipeserve.api.speech_recognition", Task.AUTOMATIC_SPEECH_RECOGNITION),
+    "pipeserve.v1.TextGenerationService": ("pipeserve.api.text_generation", Task.TEXT_GENERATION),
+    "pipeserve.v1.ImageClassificationService": ("pipeserve.api.image_classification", Task.IMAGE_CLASSIFICATION),
+    "pipeserve.v1.ZeroShotClassificationService": ("pipeserve.api.zero_shot_classification", Task.ZERO_SHOT_CLASSIFICATION),
+    "pipeserve.v1.DocumentQuestionAnsweringService": ("pipeserve.api.document_question_answering", Task.DOCUMENT_QUESTION_ANSWERING),
+    "pipeserve.v1.TextClassificationService": ("pipeserve.api.text_classification", Task.TEXT_CLASSIFICATION),
+    "pipeserve.v1.TokenClassificationService": ("pipeserve.api.token_classification", Task.TOKEN_CLASSIFICATION),
+    "pipeserve.v1.QuestionAnsweringService": ("pipeserve.api.question_answering", Task.QUESTION_ANSWERING),
+    "pipeserve.v1.FillMaskService": ("pipeserve.api.fill_mask", Task.FILL_MASK),
+    "pipeserve.v1.FeatureExtractionService": ("pipeserve.api.feature_extraction", Task.FEATURE_EXTRACTION),
+}
+
+
+def _unimplemented_handler(service_name: str) -> grpc.GenericRpcHandler:
+    """Answers every method of a service without an implementation with UNIMPLEMENTED."""
+    from google.protobuf import descriptor_pool
+
+    service = descriptor_pool.Default().FindServiceByName(service_name)
+
+    def behaviour(method_name: str):
+        async def unary(request, context):
+            raise TaskNotImplemented(f"{service_name}.{method_name} is not implemented in this server yet")
+
+        async def streaming(request, context):
+            raise TaskNotImplemented(f"{service_name}.{method_name} is not implemented in this server yet")
+            yield  # pragma: no cover - makes this an async generator
+
+        return unary, streaming
+
+    handlers = {}
+    for method in service.methods:
+        unary, streaming = behaviour(method.name)
+        passthrough = dict(request_deserializer=None, response_serializer=lambda m: m.SerializeToString())
+        if method.client_streaming and method.server_streaming:
+            handlers[method.name] = grpc.stream_stream_rpc_method_handler(streaming, **passthrough)
+        elif method.client_streaming:
+            handlers[method.name] = grpc.stream_unary_rpc_method_handler(unary, **passthrough)
+        elif method.server_streaming:
+            handlers[method.name] = grpc.unary_stream_rpc_method_handler(streaming, **passthrough)
+        else:
+            handlers[method.name] = grpc.unary_unary_rpc_method_handler(unary, **passthrough)
+    return grpc.method_handlers_generic_handler(service_name, handlers)
+
+
+def _import_generated() -> None:
+    """Registers every contract in the descriptor pool (reflection and fallbacks need them)."""
+    from pathlib import Path
+
+    for path in sorted((Path(__file__).parent / "v1").glob("*_pb2.py")):
+        importlib.import_module(f"pipeserve.v1.{path.stem}")
+
+
+@dataclass
+class RunningServer:
+    server: grpc.aio.Server
+    app: App
+    port: int
+    health: health.aio.HealthServicer if hasattr(health, "aio") else object
+    draining: bool = False
+
+    async def drain_and_stop(self, grace_s: float | None = None) -> None:
+        """New calls get UNAVAILABLE at once; in-flight calls get `grace_s` to finish."""
+        self.draining = True
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(self.app.settings.grace_period_s if grace_s is None else grace_s)
+        await self.app.manager.close()
+
+
+class _Health:
+    """grpc.health.v1 statuses: "" tracks the process; a task service is SERVING only while
+    a model for its task is ready."""
+
+    def __init__(self, servicer) -> None:
+        self.servicer = servicer
+
+    async def refresh(self, manager: ModelManager) -> None:
+        serving = manager.serving_tasks()
+        await self.servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+        for name, (_, task) in SERVICES.items():
+            ok = task is None or task in serving
+            await self.servicer.set(name, health_pb2.HealthCheckResponse.SERVING if ok
+                                    else health_pb2.HealthCheckResponse.NOT_SERVING)
+
+
+async def start(settings: Settings) -> RunningServer:
+    _import_generated()
+    holder: dict[str, RunningServer] = {}
+    health_servicer = health.aio.HealthServicer()
+    health_state = _Health(health_servicer)
+    loop = asyncio.get_running_loop()
+
+    def on_change() -> None:
+        running = holder.get("server")
+        if running is not None and not running.draining:
+            loop.create_task(health_state.refresh(running.app.manager))
+
+    manager = ModelManager(settings, on_change=on_change)
+    app = App(settings=settings, manager=manager)
+    options = [
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+        ("grpc.keepalive_time_ms", int(settings.keepalive_time_s * 1000)),
+        ("grpc.keepalive_timeout_ms", int(settings.keepalive_timeout_s * 1000)),
+        ("grpc.http2.min_ping_interval_without_data_ms", 5000),
+        ("grpc.keepalive_permit_without_calls", 1),
+    ]
+    server = grpc.aio.server(
+        interceptors=[ErrorInterceptor(lambda: holder["server"].draining if "server" in holder else False)],
+        options=options)
+    for service_name, (module_name, _task) in SERVICES.items():
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name != module_name:
+                raise
+            log.warning("%s has no implementation yet: it answers UNIMPLEMENTED", service_name)
+            server.add_generic_rpc_handlers((_unimplemented_handler(service_name),))
+            continue
+        module.register(server, app)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        [*SERVICES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server)
+    port = server.add_insecure_port(settings.listen)
+    if port == 0:
+        raise SystemExit(f"cannot listen on {settings.listen}")
+    await server.start()
+    running = RunningServer(server=server, app=app, port=port, health=health_servicer)
+    holder["server"] = running
+    await health_state.refresh(manager)
+    log.info("pipeserve listening on %s (port %d)", settings.listen, port)
+    return running
+
+
+def preload_specs(settings: Settings) -> list[ModelSpec]:
+    """Models to load at start: the configured ones, then the embedded defaults for the
+    tasks the configuration leaves open."""
+    specs = dict(settings.preload)
+    if settings.embedded_defaults:
+        try:
+            from .embedded import embedded_models
+        except ModuleNotFoundError:
+            embedded_models = dict
+        for task, path in embedded_models().items():
+            specs.setdefault(task, ModelSpec(model=str(path), task=task))
+    return list(specs.values())
+
+
+async def preload(running: RunningServer) -> None:
+    manager = running.app.manager
+    for spec in preload_specs(running.app.settings):
+        try:
+            await manager.load(spec.model, revision=spec.revision, task=spec.task,
+                               options=manager.load_options(spec), set_default=True)
+        except Exception as exc:  # a default that fails to load is reported; the rest still serve
+            log.error("preloading %s for %s failed: %s", spec.model, spec.task, exc)
+
+
+async def serve(settings: Settings) -> None:
+    running = await start(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    preloading = loop.create_task(preload(running))
+    await stop.wait()
+    log.info("draining: in-flight calls have %.0fs to finish", settings.grace_period_s)
+    preloading.cancel()
+    await running.drain_and_stop()
+    log.info("stopped")
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = load_settings(argv)
+    asyncio.run(serve(settings))
+
+
+if __name__ == "__main__":
+    main()

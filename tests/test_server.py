@@ -1,0 +1,101 @@
+"""The server shell: reflection lists every contract, health per service, UNIMPLEMENTED for
+tasks without an implementation, ModelService errors with specific statuses."""
+from __future__ import annotations
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from grpc_testing import error_reason
+from pipeserve.server import SERVICES
+
+
+def test_reflection_lists_every_service(grpc_server):
+    stub = reflection_pb2_grpc.ServerReflectionStub(grpc_server.channel)
+    responses = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+    names = {s.name for r in responses for s in r.list_services_response.service}
+    assert set(SERVICES) <= names
+    assert "grpc.health.v1.Health" in names
+
+
+def test_health_tracks_process_and_tasks(grpc_server):
+    stub = health_pb2_grpc.HealthStub(grpc_server.channel)
+    assert stub.Check(health_pb2.HealthCheckRequest(service="")).status == health_pb2.HealthCheckResponse.SERVING
+    assert stub.Check(health_pb2.HealthCheckRequest(service="pipeserve.v1.ModelService")).status == \
+        health_pb2.HealthCheckResponse.SERVING
+
+
+def test_unknown_model_is_not_found_and_server_keeps_serving(grpc_server, tmp_path):
+    from pipeserve.v1 import model_pb2, model_pb2_grpc
+
+    stub = model_pb2_grpc.ModelServiceStub(grpc_server.channel)
+    with pytest.raises(grpc.RpcError) as info:
+        stub.LoadModel(model_pb2.LoadModelRequest(model=str(tmp_path / "missing")), timeout=30)
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    assert error_reason(info.value) == "MODEL_NOT_FOUND"
+    assert "does not exist" in info.value.details()
+    with pytest.raises(grpc.RpcError) as info:
+        stub.LoadModel(model_pb2.LoadModelRequest(model=""), timeout=30)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(grpc.RpcError) as info:
+        stub.GetModel(model_pb2.GetModelRequest(model="never-loaded"), timeout=30)
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    assert stub.ListModels(model_pb2.ListModelsRequest(), timeout=30) is not None
+
+
+def test_hub_id_offline_says_what_it_tried(grpc_server, monkeypatch, tmp_path):
+    from pipeserve.v1 import model_pb2, model_pb2_grpc
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    stub = model_pb2_grpc.ModelServiceStub(grpc_server.channel)
+    with pytest.raises(grpc.RpcError) as info:
+        stub.LoadModel(model_pb2.LoadModelRequest(model="someone/not-cached"), timeout=60)
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "Hugging Face cache" in info.value.details()
+    assert "offline" in info.value.details()
+
+
+def test_broken_checkpoint_fails_load_but_server_keeps_serving(grpc_server, tmp_path):
+    from pipeserve.v1 import model_pb2, model_pb2_grpc
+
+    (tmp_path / "config.json").write_text('{"model_type": "vit", "architectures": ["ViTForImageClassification"]}')
+    stub = model_pb2_grpc.ModelServiceStub(grpc_server.channel)
+    with pytest.raises(grpc.RpcError) as info:
+        stub.LoadModel(model_pb2.LoadModelRequest(model=str(tmp_path)), timeout=60)
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    listed = stub.GetModel(model_pb2.GetModelRequest(model=str(tmp_path)), timeout=30).model
+    assert listed.state == model_pb2.MODEL_STATE_FAILED and listed.error
+    health = health_pb2_grpc.HealthStub(grpc_server.channel)
+    assert health.Check(health_pb2.HealthCheckRequest(service="")).status == health_pb2.HealthCheckResponse.SERVING
+    stub.UnloadModel(model_pb2.UnloadModelRequest(model=str(tmp_path)), timeout=30)
+
+
+def test_task_without_implementation_is_unimplemented(grpc_server):
+    """Each service with no servicer module answers UNIMPLEMENTED with its name."""
+    import importlib
+
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+    missing = []
+    for name, (module, _) in SERVICES.items():
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError:
+            missing.append(name)
+    if not missing:
+        pytest.skip("every service has an implementation")
+    database = ProtoReflectionDescriptorDatabase(grpc_server.channel)
+    for service in missing:
+        descriptor = database.FindFileContainingSymbol(service)
+        assert descriptor is not None
+        method = [m for s in descriptor.service for m in s.method if s.name == service.rsplit(".", 1)[1]][0]
+        call = grpc_server.channel.unary_unary(f"/{service}/{method.name}", request_serializer=lambda b: b,
+                                               response_deserializer=lambda b: b)
+        if method.server_streaming or method.client_streaming:
+            continue
+        with pytest.raises(grpc.RpcError) as info:
+            call(b"", timeout=10)
+        assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        assert "not implemented" in info.value.details()
