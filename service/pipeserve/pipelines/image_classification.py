@@ -1,0 +1,172 @@
+"""image-classification: encoded image bytes -> (label, score) pairs, best first.
+
+Ports transformers.pipelines.image_classification.ImageClassificationPipeline: load_image
+(EXIF orientation, RGB), the checkpoint's image processor, the model's logits, then
+postprocess (function_to_apply default rule, top_k clamped to num_labels, labels from
+id2label). Scores are computed in numpy float32 exactly as transformers does, so equal logits
+give equal scores.
+
+The work is split in three steps (`preprocess`, `forward`, `postprocess`) that `classify`
+composes; a server batching concurrent callers may call them separately so that one caller's
+bad image does not fail the others.
+"""
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from ..errors import InvalidInput, InvalidParameter, ModelLoadFailed, PipeserveError
+from ..hub import ModelFiles
+from ..image import DEFAULT_MAX_PIXELS, decode_image
+from ..image_processing import ImageProcessor
+from ..registry import family_module
+from ..tasks import Task
+from .base import LoadOptions, Pipeline
+
+FUNCTIONS = ("sigmoid", "softmax", "none")
+
+Result = list[tuple[str, float]]
+
+
+class ImageClassificationPipeline(Pipeline):
+    task: ClassVar[Task] = Task.IMAGE_CLASSIFICATION
+    # transformers: postprocess(top_k=5); function_to_apply None = the config's default rule.
+    option_defaults: ClassVar[dict[str, Any]] = {"top_k": 5, "function_to_apply": None}
+
+    # Decompression-bomb guard for decode_image; the server may lower or raise it.
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    # Largest batch a single forward pass takes (bounds activation memory of a big call).
+    max_batch_size: int = 64
+
+    def __init__(self, files: ModelFiles, options: LoadOptions, model: torch.nn.Module,
+                 processor: ImageProcessor):
+        config = files.config
+        super().__init__(files, options, family=config.get("model_type", ""),
+                         architecture=(config.get("architectures") or [""])[0])
+        self.model = model
+        self.modules_.append(model)
+        self.processor = processor
+        self.id2label: dict[int, str] = dict(model.config.id2label)
+        self.num_labels = len(self.id2label)
+        self.problem_type = config.get("problem_type")
+        self.image_hw = tuple(model.config.image_hw)
+        self.defaults = self.validate_options(self.defaults)
+
+    @classmethod
+    def from_files(cls, files: ModelFiles, options: LoadOptions) -> "ImageClassificationPipeline":
+        preprocessor = files.read_json("preprocessor_config.json")
+        if preprocessor is None:
+            raise ModelLoadFailed(f"{files.name} has no preprocessor_config.json; an image classifier "
+                                  "needs its image processor settings", reason="PREPROCESSOR_MISSING")
+        processor = ImageProcessor.from_dict(preprocessor)
+        model = family_module(files.config.get("model_type", "")).load_model(
+            files, options, head="image_classification")
+        return cls(files, options, model, processor)
+
+    # -- options ---------------------------------------------------------------------------
+
+    def validate_options(self, options: dict[str, Any]) -> dict[str, Any]:
+        """Checks top_k and function_to_apply; returns them normalised."""
+        options = dict(options)
+        top_k = options.get("top_k")
+        if top_k is not None:
+            if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)):
+                raise InvalidParameter(f"top_k must be an integer, got {top_k!r}")
+            if top_k <= 0:
+                raise InvalidParameter(f"top_k must be at least 1, got {top_k}",
+                                       metadata={"field": "top_k"})
+            options["top_k"] = int(top_k)
+        function = options.get("function_to_apply")
+        if function is not None:
+            name = str(function).strip().lower()
+            if name in ("", "default", "unspecified"):
+                name = None
+            elif name not in FUNCTIONS:
+                raise InvalidParameter(f"function_to_apply must be one of {', '.join(FUNCTIONS)} "
+                                       f"(or unset for the model's default), got {function!r}",
+                                       metadata={"field": "function_to_apply"})
+            options["function_to_apply"] = name
+        return options
+
+    def default_function(self) -> str:
+        """transformers' rule: regression -> none; multi-label or one label -> sigmoid; else softmax."""
+        if self.problem_type == "regression":
+            return "none"
+        if self.problem_type == "multi_label_classification" or self.num_labels == 1:
+            return "sigmoid"
+        return "softmax"
+
+    # -- steps -----------------------------------------------------------------------------
+
+    def preprocess(self, image: bytes) -> torch.Tensor:
+        """Encoded bytes -> pixel values (3, H, W) float32 on CPU."""
+        if not isinstance(image, (bytes, bytearray, memoryview)):
+            raise InvalidInput(f"image must be bytes, got {type(image).__name__}")
+        rgb = decode_image(bytes(image), max_pixels=self.max_pixels)
+        return torch.from_numpy(self.processor(rgb))
+
+    @torch.inference_mode()
+    def forward(self, pixel_values: list[torch.Tensor]) -> torch.Tensor:
+        """Pixel values of equal shape -> logits (B, num_labels) float32 on CPU."""
+        batch = torch.stack(pixel_values).to(device=self.device, dtype=self.dtype)
+        # Position embeddings are interpolated only when the processor's size differs from the
+        # checkpoint's (transformers would raise there); equal sizes take the plain path.
+        interpolate = tuple(batch.shape[-2:]) != self.image_hw
+        logits = self.model(batch, interpolate_pos_encoding=interpolate)
+        return logits.float().cpu()
+
+    def postprocess(self, logits: torch.Tensor, options: dict[str, Any]) -> Result:
+        """One image's logits (num_labels,) -> [(label, score)] best first, top_k long."""
+        function = options.get("function_to_apply") or self.default_function()
+        top_k = min(options.get("top_k") or self.num_labels, self.num_labels)
+        outputs = logits.numpy()  # float32, as transformers' postprocess
+        if function == "sigmoid":
+            scores = 1.0 / (1.0 + np.exp(-outputs))
+        elif function == "softmax":
+            shifted = np.exp(outputs - np.max(outputs, axis=-1, keepdims=True))
+            scores = shifted / shifted.sum(axis=-1, keepdims=True)
+        else:
+            scores = outputs
+        pairs = [(self.id2label[i], score.item()) for i, score in enumerate(scores)]
+        pairs.sort(key=lambda pair: pair[1], reverse=True)  # stable: ties keep label order
+        return pairs[:top_k]
+
+    # -- call ------------------------------------------------------------------------------
+
+    def classify(self, images: list[bytes], options: dict[str, Any] | None = None) -> list[Result]:
+        """Classifies each image; one result per image, in order. Batched forward passes give
+        the same results as one image at a time (all images share one processed size, or are
+        grouped by size). A bad image raises its typed error, naming its index in a batch."""
+        resolved = self.validate_options(self.resolve_options(options or {}))
+        if not images:
+            raise InvalidInput("no images to classify", reason="EMPTY_INPUT")
+        pixels: list[torch.Tensor] = []
+        for index, image in enumerate(images):
+            try:
+                pixels.append(self.preprocess(image))
+            except PipeserveError as error:
+                if len(images) > 1:
+                    error.message = f"image {index}: {error.message}"
+                    error.args = (error.message,)
+                    error.metadata.setdefault("index", str(index))
+                raise
+        logits: list[torch.Tensor | None] = [None] * len(images)
+        for indices in self._batches(pixels):
+            rows = self.forward([pixels[i] for i in indices])
+            for i, row in zip(indices, rows):
+                logits[i] = row
+        return [self.postprocess(row, resolved) for row in logits]
+
+    def _batches(self, pixels: list[torch.Tensor]) -> list[list[int]]:
+        """Indices grouped by pixel shape (only shortest_edge resizing makes shapes differ),
+        each group cut to max_batch_size."""
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, tensor in enumerate(pixels):
+            groups.setdefault(tuple(tensor.shape), []).append(i)
+        return [idx[s:s + self.max_batch_size] for idx in groups.values()
+                for s in range(0, len(idx), self.max_batch_size)]
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "num_labels": self.num_labels}
