@@ -1,0 +1,299 @@
+"""Whisper: an audio encoder and a text decoder with a key/value cache.
+
+Ports transformers/models/whisper/modeling_whisper.py (WhisperEncoder, WhisperDecoder,
+WhisperAttention, WhisperForConditionalGeneration); parameter names equal the checkpoint keys
+of WhisperForConditionalGeneration, so loading is strict with one exception: `proj_out.weight`
+is tied to `model.decoder.embed_tokens.weight` and never stored twice. CTranslate2
+(faster-whisper) checkpoints are mapped onto the same names by models/ctranslate2.py.
+The decoding loop lives in whisper_decoding.py; nothing here does I/O besides load_model.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import weights
+from ..errors import ModelLoadFailed
+
+
+@dataclass(frozen=True)
+class WhisperConfig:
+    """config.json fields (transformers WhisperConfig names) that shape the network."""
+
+    vocab_size: int = 51865
+    num_mel_bins: int = 80
+    d_model: int = 384
+    encoder_layers: int = 4
+    encoder_attention_heads: int = 6
+    encoder_ffn_dim: int = 1536
+    decoder_layers: int = 4
+    decoder_attention_heads: int = 6
+    decoder_ffn_dim: int = 1536
+    max_source_positions: int = 1500  # 3000 mel frames / conv2 stride 2
+    max_target_positions: int = 448
+    activation_function: str = "gelu"
+    scale_embedding: bool = False
+    pad_token_id: int = 50256
+    bos_token_id: int = 50256
+    eos_token_id: int = 50256
+    decoder_start_token_id: int = 50257
+
+    @classmethod
+    def from_dict(cls, config: dict[str, Any]) -> "WhisperConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in config.items() if k in names and v is not None}
+        if isinstance(values.get("eos_token_id"), list):
+            values["eos_token_id"] = values["eos_token_id"][0]
+        return cls(**values)
+
+
+_ACTIVATIONS = {"gelu": F.gelu, "gelu_new": lambda x: F.gelu(x, approximate="tanh"), "relu": F.relu}
+
+
+def sinusoids(length: int, channels: int, max_timescale: float = 10000.0) -> torch.Tensor:
+    """modeling_whisper.sinusoids: the encoder's fixed position table."""
+    log_timescale_increment = math.log(max_timescale) / (channels // 2 - 1)
+    inv_timescales = torch.exp(-log_timescale_increment * torch.arange(channels // 2))
+    scaled_time = torch.arange(length).view(-1, 1) * inv_timescales.view(1, -1)
+    return torch.cat([scaled_time.sin(), scaled_time.cos()], dim=1)
+
+
+class KVCache:
+    """Preallocated self-attention keys/values of every decoder layer: [batch, heads, max_len, head_dim].
+    Cross-attention keys/values are computed once per audio window (`cross`)."""
+
+    def __init__(self, layers: int, batch: int, heads: int, max_len: int, head_dim: int,
+                 cross: list[tuple[torch.Tensor, torch.Tensor]], device, dtype):
+        shape = (batch, heads, max_len, head_dim)
+        self.k = [torch.empty(shape, device=device, dtype=dtype) for _ in range(layers)]
+        self.v = [torch.empty(shape, device=device, dtype=dtype) for _ in range(layers)]
+        self.cross = cross
+        self.length = 0
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Beam search: row i of the cache becomes old row index[i]."""
+        self.k = [k.index_select(0, index) for k in self.k]
+        self.v = [v.index_select(0, index) for v in self.v]
+        if self.cross and self.cross[0][0].shape[0] != index.shape[0]:
+            self.cross = [(k.index_select(0, index), v.index_select(0, index)) for k, v in self.cross]
+
+
+class WhisperAttention(nn.Module):
+    """modeling_whisper.WhisperAttention (k_proj has no bias)."""
+
+    def __init__(self, d_model: int, heads: int):
+        super().__init__()
+        self.heads, self.head_dim = heads, d_model // heads
+        self.q_proj = nn.Linear(d_model, d_model)
+        self.k_proj = nn.Linear(d_model, d_model, bias=False)
+        self.v_proj = nn.Linear(d_model, d_model)
+        self.out_proj = nn.Linear(d_model, d_model)
+
+    def split(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, D] -> [B, H, T, hd]
+        return x.view(x.shape[0], x.shape[1], self.heads, self.head_dim).transpose(1, 2)
+
+    def kv(self, source: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.split(self.k_proj(source)), self.split(self.v_proj(source))
+
+    def forward(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal_offset: int | None = None,
+                return_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        q = self.split(self.q_proj(x))
+        mask = None
+        if causal_offset is not None and q.shape[2] > 1:
+            # query i (absolute position offset+i) sees keys 0..offset+i.
+            qpos = torch.arange(q.shape[2], device=x.device)[:, None] + causal_offset
+            mask = torch.arange(k.shape[2], device=x.device)[None, :] <= qpos
+        if return_weights:
+            scores = (q * self.head_dim ** -0.5) @ k.transpose(-1, -2)
+            if mask is not None:
+                scores = scores.masked_fill(~mask, float("-inf"))
+            w = scores.float().softmax(-1).to(q.dtype)
+            out = w @ v
+        else:
+            w = None
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1)
+        return self.out_proj(out), w
+
+
+class WhisperEncoderLayer(nn.Module):
+    def __init__(self, c: WhisperConfig):
+        super().__init__()
+        self.self_attn = WhisperAttention(c.d_model, c.encoder_attention_heads)
+        self.self_attn_layer_norm = nn.LayerNorm(c.d_model)
+        self.fc1 = nn.Linear(c.d_model, c.encoder_ffn_dim)
+        self.fc2 = nn.Linear(c.encoder_ffn_dim, c.d_model)
+        self.final_layer_norm = nn.LayerNorm(c.d_model)
+        self.act = _ACTIVATIONS[c.activation_function]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.self_attn_layer_norm(x)
+        k, v = self.self_attn.kv(h)
+        x = x + self.self_attn(h, k, v)[0]
+        return x + self.fc2(self.act(self.fc1(self.final_layer_norm(x))))
+
+
+class WhisperEncoder(nn.Module):
+    """modeling_whisper.WhisperEncoder: two convs (the second halves time), fixed positions."""
+
+    def __init__(self, c: WhisperConfig):
+        super().__init__()
+        self.config = c
+        self.conv1 = nn.Conv1d(c.num_mel_bins, c.d_model, kernel_size=3, padding=1)
+        self.conv2 = nn.Conv1d(c.d_model, c.d_model, kernel_size=3, stride=2, padding=1)
+        self.embed_positions = nn.Embedding(c.max_source_positions, c.d_model)
+        self.layers = nn.ModuleList(WhisperEncoderLayer(c) for _ in range(c.encoder_layers))
+        self.layer_norm = nn.LayerNorm(c.d_model)
+
+    def init_buffers(self) -> None:
+        # Checkpoints normally carry this table; it is the fixed sinusoid table when they don't.
+        with torch.no_grad():
+            self.embed_positions.weight.copy_(sinusoids(*self.embed_positions.weight.shape))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """[B, n_mels, 3000] -> [B, 1500, d_model]"""
+        expected = 2 * self.config.max_source_positions
+        if features.shape[-1] != expected:
+            raise ValueError(f"Whisper expects {expected} mel frames, got {features.shape[-1]}")
+        x = F.gelu(self.conv1(features))
+        x = F.gelu(self.conv2(x)).transpose(1, 2)
+        x = x + self.embed_positions.weight
+        for layer in self.layers:
+            x = layer(x)
+        return self.layer_norm(x)
+
+
+class WhisperDecoderLayer(nn.Module):
+    def __init__(self, c: WhisperConfig):
+        super().__init__()
+        self.self_attn = WhisperAttention(c.d_model, c.decoder_attention_heads)
+        self.self_attn_layer_norm = nn.LayerNorm(c.d_model)
+        self.encoder_attn = WhisperAttention(c.d_model, c.decoder_attention_heads)
+        self.encoder_attn_layer_norm = nn.LayerNorm(c.d_model)
+        self.fc1 = nn.Linear(c.d_model, c.decoder_ffn_dim)
+        self.fc2 = nn.Linear(c.decoder_ffn_dim, c.d_model)
+        self.final_layer_norm = nn.LayerNorm(c.d_model)
+        self.act = _ACTIVATIONS[c.activation_function]
+
+
+class WhisperDecoder(nn.Module):
+    """modeling_whisper.WhisperDecoder with our preallocated cache."""
+
+    def __init__(self, c: WhisperConfig):
+        super().__init__()
+        self.config = c
+        self.embed_tokens = nn.Embedding(c.vocab_size, c.d_model)
+        self.embed_positions = nn.Embedding(c.max_target_positions, c.d_model)
+        self.layers = nn.ModuleList(WhisperDecoderLayer(c) for _ in range(c.decoder_layers))
+        self.layer_norm = nn.LayerNorm(c.d_model)
+        self.embed_scale = math.sqrt(c.d_model) if c.scale_embedding else 1.0
+
+    def cross_kv(self, encoder_out: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [layer.encoder_attn.kv(encoder_out) for layer in self.layers]
+
+    def new_cache(self, encoder_out: torch.Tensor, max_len: int | None = None) -> KVCache:
+        c = self.config
+        heads = c.decoder_attention_heads
+        return KVCache(c.decoder_layers, encoder_out.shape[0], heads, max_len or c.max_target_positions,
+                       c.d_model // heads, self.cross_kv(encoder_out), encoder_out.device, encoder_out.dtype)
+
+    def forward(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """tokens [B, T] following the cache's contents -> logits [B, T, vocab]; the cache grows by T."""
+        start, steps = cache.length, tokens.shape[1]
+        if start + steps > cache.k[0].shape[2]:
+            raise ValueError(f"decoder length {start + steps} exceeds {cache.k[0].shape[2]} positions")
+        x = self.embed_tokens(tokens) * self.embed_scale + self.embed_positions.weight[start:start + steps]
+        for i, layer in enumerate(self.layers):
+            h = layer.self_attn_layer_norm(x)
+            k, v = layer.self_attn.kv(h)
+            cache.k[i][:, :, start:start + steps] = k
+            cache.v[i][:, :, start:start + steps] = v
+            keys, values = cache.k[i][:, :, :start + steps], cache.v[i][:, :, :start + steps]
+            x = x + layer.self_attn(h, keys, values, causal_offset=start)[0]
+            ck, cv = cache.cross[i]
+            x = x + layer.encoder_attn(layer.encoder_attn_layer_norm(x), ck, cv)[0]
+            x = x + layer.fc2(layer.act(layer.fc1(layer.final_layer_norm(x))))
+        cache.length = start + steps
+        return F.linear(self.layer_norm(x), self.embed_tokens.weight)  # proj_out is tied
+
+    def cross_attentions(self, tokens: torch.Tensor, encoder_out: torch.Tensor) -> list[torch.Tensor]:
+        """Full (uncached) pass returning each layer's cross-attention weights [B, H, T, frames],
+        for word-level alignment."""
+        x = self.embed_tokens(tokens) * self.embed_scale + self.embed_positions.weight[: tokens.shape[1]]
+        out = []
+        for layer in self.layers:
+            h = layer.self_attn_layer_norm(x)
+            k, v = layer.self_attn.kv(h)
+            x = x + layer.self_attn(h, k, v, causal_offset=0)[0]
+            ck, cv = layer.encoder_attn.kv(encoder_out)
+            h, w = layer.encoder_attn(layer.encoder_attn_layer_norm(x), ck, cv, return_weights=True)
+            x = x + h
+            x = x + layer.fc2(layer.act(layer.fc1(layer.final_layer_norm(x))))
+            out.append(w)
+        return out
+
+
+class WhisperModel(nn.Module):
+    def __init__(self, c: WhisperConfig):
+        super().__init__()
+        self.encoder = WhisperEncoder(c)
+        self.decoder = WhisperDecoder(c)
+
+
+class WhisperForConditionalGeneration(nn.Module):
+    """modeling_whisper.WhisperForConditionalGeneration; `proj_out` is the tied embedding."""
+
+    def __init__(self, c: WhisperConfig):
+        super().__init__()
+        self.config = c
+        self.model = WhisperModel(c)
+
+    @property
+    def encoder(self) -> WhisperEncoder:
+        return self.model.encoder
+
+    @property
+    def decoder(self) -> WhisperDecoder:
+        return self.model.decoder
+
+    def forward(self, features: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced logits [B, T, vocab] (for parity tests)."""
+        encoder_out = self.encoder(features)
+        return self.decoder(tokens, self.decoder.new_cache(encoder_out, tokens.shape[1]))
+
+
+def _rename(name: str) -> str | None:
+    if name == "proj_out.weight":
+        return None  # tied to model.decoder.embed_tokens.weight
+    if name.startswith(("encoder.", "decoder.")):  # a bare WhisperModel checkpoint
+        return "model." + name
+    return name
+
+
+def build(config: WhisperConfig, state: dict[str, torch.Tensor], device, dtype) -> WhisperForConditionalGeneration:
+    model = weights.empty_module(lambda: WhisperForConditionalGeneration(config), device=device, dtype=dtype)
+    state = {k: v.to(device=device, dtype=dtype) if v.is_floating_point() else v for k, v in state.items()}
+    weights.assign(model, state, rename=_rename, ignore_missing=["model.encoder.embed_positions.weight"])
+    return model.eval()
+
+
+def load_model(files, options, head: str = "conditional_generation") -> WhisperForConditionalGeneration:
+    """Whisper from a transformers checkpoint (config.json + safetensors) or a CTranslate2
+    (faster-whisper) directory (model.bin)."""
+    if head not in ("conditional_generation", "base"):
+        raise ModelLoadFailed(f"Whisper has no {head!r} head", reason="UNSUPPORTED_HEAD")
+    device, dtype = options.torch_device, options.torch_dtype
+    if not files.config.get("model_type") and files.has("model.bin"):
+        from .ctranslate2 import read_whisper
+
+        config, state = read_whisper(files.path / "model.bin")
+    else:
+        config = WhisperConfig.from_dict(files.config)
+        state = weights.load_state_dict(files.path, device=device, allow_pickle=options.allow_pickle)
+    return build(config, state, device, dtype)
