@@ -1,0 +1,210 @@
+"""DistilBERT with the same heads and forward contract as models/bert.py.
+
+Ports transformers/models/distilbert/modeling_distilbert.py. Parameter names equal checkpoint
+keys (`distilbert.transformer.layer.0.attention.q_lin.weight`). Sinusoidal position tables
+(sinusoidal_pos_embds) are stored in checkpoints as ordinary weights, so nothing is computed.
+Forward takes (input_ids, attention_mask, token_type_ids=ignored) and returns what
+models/bert.py documents for each head.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import ModelLoadFailed
+from ..hub import ModelFiles
+from ..weights import assign, empty_module, load_state_dict
+from .bert import HEADS, activation, attention_bias, labels_of
+
+# DistilBertLayerNorm eps: modeling_distilbert.py hard-codes 1e-12.
+LAYER_NORM_EPS = 1e-12
+
+
+@dataclass(frozen=True)
+class DistilBertConfig:
+    """config.json of distilbert (transformers' field names)."""
+
+    model_type: str = "distilbert"
+    vocab_size: int = 30522
+    max_position_embeddings: int = 512
+    n_layers: int = 6
+    n_heads: int = 12
+    dim: int = 768
+    hidden_dim: int = 3072
+    activation: str = "gelu"
+    pad_token_id: int = 0
+    problem_type: str | None = None
+    id2label: dict[int, str] = field(default_factory=lambda: {0: "LABEL_0", 1: "LABEL_1"})
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> "DistilBertConfig":
+        names = {f.name for f in dataclasses.fields(cls)} - {"id2label"}
+        return cls(**{k: v for k, v in raw.items() if k in names and v is not None}, id2label=labels_of(raw))
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.id2label)
+
+    @property
+    def max_tokens(self) -> int:
+        return self.max_position_embeddings
+
+
+class Embeddings(nn.Module):
+    """Ports modeling_distilbert.py Embeddings: word + position, LayerNorm (no token types)."""
+
+    def __init__(self, c: DistilBertConfig):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(c.vocab_size, c.dim)
+        self.position_embeddings = nn.Embedding(c.max_position_embeddings, c.dim)
+        self.LayerNorm = nn.LayerNorm(c.dim, eps=LAYER_NORM_EPS)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
+        return self.LayerNorm(self.word_embeddings(input_ids) + self.position_embeddings(positions))
+
+
+class MultiHeadSelfAttention(nn.Module):
+    """Ports modeling_distilbert.py DistilBertSelfAttention (q_lin/k_lin/v_lin/out_lin)."""
+
+    def __init__(self, c: DistilBertConfig):
+        super().__init__()
+        self.heads = c.n_heads
+        self.q_lin = nn.Linear(c.dim, c.dim)
+        self.k_lin = nn.Linear(c.dim, c.dim)
+        self.v_lin = nn.Linear(c.dim, c.dim)
+        self.out_lin = nn.Linear(c.dim, c.dim)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        split = lambda y: y.view(b, t, self.heads, d // self.heads).transpose(1, 2)  # [B, heads, T, d]
+        out = nn.functional.scaled_dot_product_attention(
+            split(self.q_lin(x)), split(self.k_lin(x)), split(self.v_lin(x)), attn_mask=mask,
+            scale=1.0 / math.sqrt(d // self.heads))
+        return self.out_lin(out.transpose(1, 2).reshape(b, t, d))
+
+
+class FFN(nn.Module):
+    def __init__(self, c: DistilBertConfig):
+        super().__init__()
+        self.lin1 = nn.Linear(c.dim, c.hidden_dim)
+        self.lin2 = nn.Linear(c.hidden_dim, c.dim)
+        self.act = activation(c.activation)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin2(self.act(self.lin1(x)))
+
+
+class TransformerBlock(nn.Module):
+    """Ports modeling_distilbert.py TransformerBlock (post-norm)."""
+
+    def __init__(self, c: DistilBertConfig):
+        super().__init__()
+        self.attention = MultiHeadSelfAttention(c)
+        self.sa_layer_norm = nn.LayerNorm(c.dim, eps=LAYER_NORM_EPS)
+        self.ffn = FFN(c)
+        self.output_layer_norm = nn.LayerNorm(c.dim, eps=LAYER_NORM_EPS)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        x = self.sa_layer_norm(self.attention(x, mask) + x)
+        return self.output_layer_norm(self.ffn(x) + x)
+
+
+class Transformer(nn.Module):
+    def __init__(self, c: DistilBertConfig):
+        super().__init__()
+        self.layer = nn.ModuleList(TransformerBlock(c) for _ in range(c.n_layers))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        for layer in self.layer:
+            x = layer(x, mask)
+        return x
+
+
+class DistilBertModel(nn.Module):
+    """Ports modeling_distilbert.py DistilBertModel. Returns (last_hidden_state, None): no pooler."""
+
+    def __init__(self, c: DistilBertConfig):
+        super().__init__()
+        self.config = c
+        self.embeddings = Embeddings(c)
+        self.transformer = Transformer(c)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, None]:
+        x = self.embeddings(input_ids)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        return self.transformer(x, attention_bias(attention_mask, x.dtype)), None
+
+
+class DistilBertForTask(nn.Module):
+    """`distilbert` plus one head, named as DistilBertFor* name their tensors."""
+
+    def __init__(self, c: DistilBertConfig, head: str):
+        super().__init__()
+        self.config = c
+        self.head = head
+        self.distilbert = DistilBertModel(c)
+        if head == "sequence_classification":
+            self.pre_classifier = nn.Linear(c.dim, c.dim)
+            self.classifier = nn.Linear(c.dim, c.num_labels)
+        elif head == "token_classification":
+            self.classifier = nn.Linear(c.dim, c.num_labels)
+        elif head == "question_answering":
+            self.qa_outputs = nn.Linear(c.dim, c.num_labels)  # 2 in QA checkpoints
+        elif head == "masked_lm":
+            self.vocab_transform = nn.Linear(c.dim, c.dim)
+            self.vocab_layer_norm = nn.LayerNorm(c.dim, eps=LAYER_NORM_EPS)
+            self.vocab_projector = nn.Linear(c.dim, c.vocab_size)
+            self.act = activation(c.activation)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None):
+        hidden, _ = self.distilbert(input_ids, attention_mask)
+        if self.head == "sequence_classification":
+            # DistilBertForSequenceClassification: first token -> pre_classifier -> ReLU -> classifier.
+            return self.classifier(torch.relu(self.pre_classifier(hidden[:, 0])))
+        if self.head == "token_classification":
+            return self.classifier(hidden)
+        if self.head == "question_answering":
+            logits = self.qa_outputs(hidden)
+            return logits[..., 0], logits[..., 1]
+        # DistilBertForMaskedLM: vocab_transform -> activation -> vocab_layer_norm -> vocab_projector.
+        return self.vocab_projector(self.vocab_layer_norm(self.act(self.vocab_transform(hidden))))
+
+
+_SKIP_SUFFIXES = ("embeddings.position_ids",)
+
+
+def load_model(files: ModelFiles, options, head: str = "base") -> nn.Module:
+    """Builds the `head` model of a distilbert checkpoint (heads and outputs as in models/bert.py)."""
+    if head not in HEADS:
+        raise ModelLoadFailed(f"distilbert has no {head!r} head; heads: {', '.join(HEADS)}", reason="BAD_HEAD")
+    config = DistilBertConfig.from_dict(files.config)
+    state = load_state_dict(files.path, device=options.torch_device, dtype=options.torch_dtype,
+                            allow_pickle=options.allow_pickle)
+    has_prefix = any(k.startswith("distilbert.") for k in state)
+    heads = ("pre_classifier.", "classifier.", "qa_outputs.", "vocab_")
+
+    def rename(name: str) -> str | None:
+        if name.endswith(_SKIP_SUFFIXES):
+            return None
+        if head == "base":
+            if has_prefix:
+                return name.removeprefix("distilbert.") if name.startswith("distilbert.") else None
+            return name
+        return name if has_prefix or name.startswith(heads) else "distilbert." + name
+
+    factory = (lambda: DistilBertModel(config)) if head == "base" else (lambda: DistilBertForTask(config, head))
+    model = empty_module(factory, device=options.torch_device, dtype=options.torch_dtype)
+    tied = {"vocab_projector.weight": "distilbert.embeddings.word_embeddings.weight"} if head == "masked_lm" else {}
+    assign(model, state, rename=rename, tied=tied)
+    if tied and "vocab_projector.weight" not in state:
+        model.vocab_projector.weight = model.distilbert.embeddings.word_embeddings.weight
+    return model.eval()
