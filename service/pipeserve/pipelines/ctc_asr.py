@@ -1,0 +1,443 @@
+"""automatic-speech-recognition with CTC models (wav2vec2, HuBERT): 16 kHz waveform ->
+text with segment, word and character timestamps.
+
+Ports transformers/pipelines/automatic_speech_recognition.py for type "ctc":
+`preprocess` (Wav2Vec2FeatureExtractor normalisation; `chunk_iter` with chunk_length_s and
+stride_length_s aligned to inputs_to_logits_ratio), `_forward` (argmax of the logits,
+`rescale_stride` to frames) and `postprocess` (strided frames cut and concatenated, then
+Wav2Vec2CTCTokenizer.decode with char offsets -> `chunks` timestamps). Chunks of one input
+are batched without padding (equal-length chunks together), so the result equals the
+reference's batch_size=1 run for every model, group-norm ones included.
+
+Results are pipelines.asr_types values. Segments break before a word delimiter, so words
+never straddle segments; the concatenated segment chars / words are exactly the reference's
+"char" / "word" chunks, and Transcription.text is exactly its text.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar, Iterator
+
+import torch
+
+from ..audio import MODEL_SAMPLE_RATE, validate_waveform
+from ..ctc import CTCStreamDecoder, CTCVocabulary
+from ..errors import InputTooLarge, InvalidInput, InvalidParameter, ModelLoadFailed
+from ..hub import ModelFiles
+from ..models.wav2vec2 import load_model
+from ..tasks import Task
+from .asr_types import CharTiming, Segment, Transcription, WordTiming
+from .base import LoadOptions, Pipeline
+
+# return_timestamps spellings (request strings, proto enum names, transformers values) -> level.
+_TIMESTAMPS = {
+    None: "segment", False: "segment", True: "segment", "": "segment", "none": "segment",
+    "unspecified": "segment", "segment": "segment", "char": "char", "word": "word",
+}
+# Whisper options a CTC model cannot honour when set to anything but their no-op value.
+_UNSUPPORTED = {"task": ("transcribe", "unspecified", "speech_task_transcribe", "speech_task_unspecified"),
+                "num_beams": (1,), "temperature": (0, 0.0), "initial_prompt": ("",),
+                "long_form_sequential": (False,)}
+
+
+class CTCASRPipeline(Pipeline):
+    task: ClassVar[Task] = Task.AUTOMATIC_SPEECH_RECOGNITION
+    option_defaults: ClassVar[dict[str, Any]] = {
+        "return_timestamps": None, "chunk_length_s": None, "stride_length_s": None, "batch_size": 1,
+        "language": None, "task": None, "num_beams": None, "temperature": None, "temperature_fallback": None,
+        "compression_ratio_threshold": None, "logprob_threshold": None, "no_speech_threshold": None,
+        "initial_prompt": None, "condition_on_previous_text": None, "max_new_tokens": None,
+        "long_form_sequential": None, "interim_interval_s": 0.5,
+    }
+    # Unchunked attention is quadratic in length: longer inputs without chunk_length_s are
+    # chunked with AUTO_CHUNK_S windows (the pipeline's default stride of chunk/6).
+    max_unchunked_s: float = 60.0
+    auto_chunk_s: float = 30.0
+    max_audio_s: float = 4 * 3600.0
+    max_batch_size: int = 64
+    # Live streaming: window length when the stream's options set no chunk_length_s.
+    live_chunk_s: float = 10.0
+
+    def __init__(self, files: ModelFiles, options: LoadOptions, model: torch.nn.Module,
+                 vocab: CTCVocabulary, preprocessor: dict[str, Any]):
+        config = files.config
+        super().__init__(files, options, family=config.get("model_type", ""),
+                         architecture=(config.get("architectures") or [""])[0])
+        self.model = model
+        self.modules_.append(model)
+        self.vocab = vocab
+        self.sampling_rate = int(preprocessor.get("sampling_rate", MODEL_SAMPLE_RATE))
+        if self.sampling_rate != MODEL_SAMPLE_RATE:
+            raise ModelLoadFailed(f"feature extractor sampling_rate {self.sampling_rate} is not 16000",
+                                  reason="UNSUPPORTED_CONFIG")
+        self.do_normalize = bool(preprocessor.get("do_normalize", True))
+        self.padding_value = float(preprocessor.get("padding_value", 0.0))
+        self.align_to = model.config.inputs_to_logits_ratio  # samples per logit frame
+        self.min_samples = _receptive_field(model.config)
+        self.defaults = self.validate_options(self.defaults)
+
+    @classmethod
+    def from_files(cls, files: ModelFiles, options: LoadOptions) -> "CTCASRPipeline":
+        preprocessor = files.read_json("preprocessor_config.json")
+        if preprocessor is None:  # transformers >= 5 saves it inside processor_config.json
+            preprocessor = (files.read_json("processor_config.json") or {}).get("feature_extractor") or {}
+        vocab = CTCVocabulary.from_files(files)
+        model = load_model(files, options, head="ctc")
+        if len(vocab.id_to_token) > model.config.vocab_size:
+            raise ModelLoadFailed(f"vocab.json has {len(vocab.id_to_token)} tokens, the CTC head "
+                                  f"{model.config.vocab_size}", reason="BAD_TOKENIZER")
+        return cls(files, options, model, vocab, preprocessor)
+
+    # -- options ---------------------------------------------------------------------------
+
+    def validate_options(self, options: dict[str, Any]) -> dict[str, Any]:
+        options = dict(options)
+        level = options.get("return_timestamps")
+        key = level.lower().removeprefix("timestamp_granularity_") if isinstance(level, str) else level
+        if key not in _TIMESTAMPS:
+            raise InvalidParameter(f"return_timestamps must be 'char', 'word' or 'segment' for CTC models, "
+                                   f"got {level!r}", metadata={"field": "return_timestamps"})
+        options["return_timestamps"] = _TIMESTAMPS[key]
+        for name, allowed in _UNSUPPORTED.items():
+            value = options.get(name)
+            if value is not None and (value.lower() if isinstance(value, str) else value) not in allowed:
+                raise InvalidParameter(f"{name}={value!r} is not supported by CTC models (wav2vec2 / HuBERT)",
+                                       metadata={"field": name})
+        chunk = options.get("chunk_length_s")
+        if chunk is not None and (not _finite(chunk) or chunk < 0):
+            raise InvalidParameter(f"chunk_length_s must be a positive number, got {chunk!r}",
+                                   metadata={"field": "chunk_length_s"})
+        stride = options.get("stride_length_s")
+        strides = stride if isinstance(stride, (list, tuple)) else [stride]
+        if stride is not None and (len(strides) != 2 if isinstance(stride, (list, tuple)) else False):
+            raise InvalidParameter("stride_length_s is one number or a (left, right) pair",
+                                   metadata={"field": "stride_length_s"})
+        if stride is not None and any(not _finite(s) or s < 0 for s in strides):
+            raise InvalidParameter(f"stride_length_s must be non-negative, got {stride!r}",
+                                   metadata={"field": "stride_length_s"})
+        batch = options.get("batch_size")
+        if batch is None:
+            options["batch_size"] = 1
+        elif isinstance(batch, bool) or not isinstance(batch, int) or not 1 <= batch <= self.max_batch_size:
+            raise InvalidParameter(f"batch_size must be an integer in 1..{self.max_batch_size}, got {batch!r}",
+                                   metadata={"field": "batch_size"})
+        interval = options.get("interim_interval_s")
+        if interval is not None and (not _finite(interval) or interval <= 0):
+            raise InvalidParameter(f"interim_interval_s must be positive, got {interval!r}",
+                                   metadata={"field": "interim_interval_s"})
+        return options
+
+    def _chunking(self, options: dict[str, Any], n_samples: int) -> tuple[int, int, int] | None:
+        """(chunk_len, stride_left, stride_right) in samples, aligned to whole frames as the
+        reference's preprocess does, or None for one unchunked pass."""
+        chunk_s = options.get("chunk_length_s")
+        if not chunk_s:
+            if n_samples <= self.max_unchunked_s * self.sampling_rate:
+                return None
+            chunk_s = self.auto_chunk_s
+        stride_s = options.get("stride_length_s")
+        if stride_s is None:
+            stride_s = chunk_s / 6
+        left_s, right_s = stride_s if isinstance(stride_s, (list, tuple)) else (stride_s, stride_s)
+        align, rate = self.align_to, self.sampling_rate
+        chunk_len = int(round(chunk_s * rate / align) * align)
+        left = int(round(left_s * rate / align) * align)
+        right = int(round(right_s * rate / align) * align)
+        if chunk_len < left + right:
+            raise InvalidParameter("chunk_length_s must be greater than the two strides together",
+                                   metadata={"field": "stride_length_s"})
+        if chunk_len - left - right <= 0 or chunk_len < self.min_samples:
+            raise InvalidParameter(f"chunk_length_s={chunk_s} with stride {stride_s} leaves no audio to advance by",
+                                   metadata={"field": "chunk_length_s"})
+        return chunk_len, left, right
+
+    # -- preprocess / forward --------------------------------------------------------------
+
+    def normalize(self, waveform: torch.Tensor) -> torch.Tensor:
+        """Wav2Vec2FeatureExtractor.zero_mean_unit_var_norm of one unpadded input (float32)."""
+        x = waveform.to(torch.float32)
+        if not self.do_normalize:
+            return x
+        x64 = x.double()
+        mean = x64.mean().to(torch.float32)
+        var = x64.var(unbiased=False).to(torch.float32)
+        return (x - mean) / torch.sqrt(var + 1e-7)
+
+    def frames(self, n_samples: int) -> int:
+        return max(0, int(self.model.config.output_length(n_samples)))
+
+    def forward(self, inputs: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Normalised, equal-length inputs -> per input (frame ids, their log probabilities)."""
+        n = inputs[0].shape[0]
+        if self.frames(n) < 1:
+            empty = torch.zeros(0, dtype=torch.long)
+            return [(empty, empty.float()) for _ in inputs]
+        batch = torch.stack(inputs).to(self.device, self.dtype)
+        with torch.inference_mode():
+            logits = self.model(batch).float()
+            ids = logits.argmax(-1)
+            logprobs = logits.log_softmax(-1).gather(-1, ids[..., None])[..., 0]
+        return [(ids[i].cpu(), logprobs[i].cpu()) for i in range(len(inputs))]
+
+    def _windows(self, waveform: torch.Tensor, options: dict[str, Any]) -> Iterator[list[tuple[torch.Tensor, int, int]]]:
+        """Batches of (frame ids, logprobs) cut to their strided centre, in order: the reference's
+        chunk_iter + _forward + postprocess slicing, `batch_size` equal-length chunks at a time."""
+        n = waveform.shape[0]
+        chunking = self._chunking(options, n)
+        if chunking is None:
+            ids, lps = self.forward([self.normalize(waveform)])[0]
+            yield [(ids, lps)]
+            return
+        chunk_len, stride_left, stride_right = chunking
+        step = chunk_len - stride_left - stride_right
+        pending: list[tuple[torch.Tensor, tuple[int, int, int]]] = []
+        for start in range(0, n, step):
+            end = start + chunk_len
+            chunk = waveform[start:end]
+            is_last = end >= n
+            stride = (chunk.shape[0], 0 if start == 0 else stride_left, 0 if is_last else stride_right)
+            if chunk.shape[0] > stride[1]:
+                if pending and (len(pending) >= options["batch_size"] or pending[0][0].shape[0] != chunk.shape[0]):
+                    yield self._run_chunks(pending)
+                    pending = []
+                pending.append((self.normalize(chunk), stride))
+            if is_last:
+                break
+        if pending:
+            yield self._run_chunks(pending)
+
+    def _run_chunks(self, chunks: list[tuple[torch.Tensor, tuple[int, int, int]]]):
+        outputs = self.forward([c for c, _ in chunks])
+        cut = []
+        for (ids, lps), (_, stride) in zip(outputs, chunks):
+            token_n, left, right = _rescale_stride(stride, 1 / self.align_to)
+            cut.append((ids[left:token_n - right], lps[left:token_n - right]))
+        return cut
+
+    # -- call methods ----------------------------------------------------------------------
+
+    def _check(self, waveform: torch.Tensor) -> torch.Tensor:
+        if not isinstance(waveform, torch.Tensor) or waveform.dim() != 1:
+            raise InvalidInput("audio must be a mono waveform (1-D)", metadata={"field": "audio"})
+        validate_waveform(waveform, self.sampling_rate, max_seconds=self.max_audio_s)
+        return waveform.to(torch.float32)
+
+    def transcribe_stream(self, waveform_16k: torch.Tensor, options: dict[str, Any]) -> Iterator[Segment | Transcription]:
+        """Yields final Segments as each batch of chunks is decoded, then the Transcription."""
+        options = self.validate_options(self.resolve_options(options))
+        waveform = self._check(waveform_16k)
+        segmenter = _Segmenter(self, options["return_timestamps"])
+        if waveform.shape[0] >= self.min_samples:
+            for batch in self._windows(waveform, options):
+                for ids, lps in batch:
+                    segmenter.decoder.push(ids.tolist(), lps.tolist())
+                segment = segmenter.take(final=False)
+                if segment is not None:
+                    yield segment
+            segment = segmenter.take(final=True)
+            if segment is not None:
+                yield segment
+        yield Transcription(text=segmenter.decoder.text(), segments=segmenter.segments,
+                            duration_s=waveform.shape[0] / self.sampling_rate)
+
+    def transcribe(self, waveforms: list[torch.Tensor], options: dict[str, Any]) -> list[Transcription]:
+        """One Transcription per input (each input's chunks are batched)."""
+        results = []
+        for waveform in waveforms:
+            *_, done = self.transcribe_stream(waveform, options)
+            results.append(done)
+        return results
+
+    def open_stream(self, options: dict[str, Any]) -> "CTCLiveStream":
+        """A live-streaming session for StreamingTranscribe (see CTCLiveStream)."""
+        options = self.validate_options(self.resolve_options(options))
+        if not options.get("chunk_length_s"):
+            options["chunk_length_s"] = self.live_chunk_s
+        return CTCLiveStream(self, options)
+
+
+class CTCLiveStream:
+    """Incremental CTC over live audio. Audio is cut into the same strided chunks as offline
+    chunking; each complete chunk is decoded once and its centre frames are final, so the
+    final segments equal `transcribe_stream` on the whole recording with the same options.
+    Between complete chunks, every `interim_interval_s` of new audio the pending tail is
+    decoded and returned as one interim segment (is_final False) carrying the id the next
+    final segment will have. Only the audio of the current chunk is kept."""
+
+    def __init__(self, pipeline: CTCASRPipeline, options: dict[str, Any]):
+        self.pipeline = pipeline
+        self.options = options
+        self.chunk_len, self.stride_left, self.stride_right = pipeline._chunking(options, 1 << 62)
+        self.step = self.chunk_len - self.stride_left - self.stride_right
+        self.interval = int(options["interim_interval_s"] * pipeline.sampling_rate)
+        self.segmenter = _Segmenter(pipeline, options["return_timestamps"])
+        self.buffer = torch.zeros(0)  # audio from `offset` on
+        self.offset = 0  # absolute sample index of buffer[0] (the current chunk's start)
+        self.received = 0
+        self.last_interim = 0
+        self.closed = False
+
+    @property
+    def audio_received_s(self) -> float:
+        return self.received / self.pipeline.sampling_rate
+
+    def push(self, samples_16k: torch.Tensor) -> list[Segment]:
+        """Adds audio; returns the final segments completed and at most one interim segment."""
+        if self.closed:
+            raise InvalidInput("the stream is already finished")
+        samples = torch.as_tensor(samples_16k, dtype=torch.float32).reshape(-1)
+        if samples.numel() and not bool(torch.isfinite(samples).all()):
+            raise InvalidInput("audio contains NaN or infinite samples", metadata={"field": "audio"})
+        if (self.received + samples.numel()) / self.pipeline.sampling_rate > self.pipeline.max_audio_s:
+            raise InputTooLarge(f"stream exceeds {self.pipeline.max_audio_s:.0f} s of audio",
+                                metadata={"field": "audio"})
+        self.buffer = torch.cat([self.buffer, samples])
+        self.received += samples.numel()
+        out: list[Segment] = []
+        # A chunk is complete when chunk_len samples exist and more audio follows it (the
+        # offline chunk_iter marks a chunk last when it reaches the end of the input).
+        while self.buffer.shape[0] > self.chunk_len:
+            left = 0 if self.offset == 0 else self.stride_left
+            self._decode(self.buffer[: self.chunk_len], (self.chunk_len, left, self.stride_right))
+            segment = self.segmenter.take(final=False)
+            if segment is not None:
+                out.append(segment)
+            self.buffer = self.buffer[self.step:]
+            self.offset += self.step
+        if self.received - self.last_interim >= self.interval:
+            self.last_interim = self.received
+            interim = self._interim()
+            if interim is not None:
+                out.append(interim)
+        return out
+
+    def finish(self) -> tuple[list[Segment], Transcription]:
+        """Decodes the remaining audio as the last chunk; returns its final segments and the
+        full transcription."""
+        self.closed = True
+        out: list[Segment] = []
+        left = 0 if self.offset == 0 else self.stride_left
+        if self.buffer.shape[0] > left and self.received >= self.pipeline.min_samples:
+            self._decode(self.buffer, (self.buffer.shape[0], left, 0))
+        segment = self.segmenter.take(final=True)
+        if segment is not None:
+            out.append(segment)
+        self.buffer = torch.zeros(0)
+        text = self.segmenter.decoder.text()
+        return out, Transcription(text=text, segments=self.segmenter.segments,
+                                  duration_s=self.received / self.pipeline.sampling_rate)
+
+    def _decode(self, chunk: torch.Tensor, stride: tuple[int, int, int]) -> None:
+        (ids, lps), = self.pipeline._run_chunks([(self.pipeline.normalize(chunk), stride)])
+        self.segmenter.decoder.push(ids.tolist(), lps.tolist())
+
+    def _interim(self) -> Segment | None:
+        """The not-yet-final text: stable runs not in a final segment + the tail decoded now."""
+        left = 0 if self.offset == 0 else self.stride_left
+        if self.buffer.shape[0] <= left or self.buffer.shape[0] < self.pipeline.min_samples:
+            return None
+        probe = _Segmenter(self.pipeline, self.options["return_timestamps"])
+        probe.decoder.push([g.id for g in self.segmenter.decoder.groups[self.segmenter.next_group:]
+                            for _ in range(g.frames)])
+        (ids, lps), = self.pipeline._run_chunks(
+            [(self.pipeline.normalize(self.buffer), (self.buffer.shape[0], left, 0))])
+        probe.decoder.push(ids.tolist(), lps.tolist())
+        segment = probe.take(final=True)
+        if segment is None:
+            return None
+        base = self.segmenter.decoder.groups[self.segmenter.next_group].start \
+            if self.segmenter.next_group < len(self.segmenter.decoder.groups) else self.segmenter.decoder.frames
+        return probe.shift(segment, base, str(self.segmenter.next_id))
+
+
+class _Segmenter:
+    """Turns a CTCStreamDecoder's stable runs into Segments that end before a word delimiter."""
+
+    def __init__(self, pipeline: CTCASRPipeline, level: str):
+        self.decoder = CTCStreamDecoder(pipeline.vocab)
+        self.seconds = pipeline.align_to / pipeline.sampling_rate
+        self.align_to, self.rate = pipeline.align_to, pipeline.sampling_rate
+        self.level = level
+        self.next_group = 0  # first run not yet in a final segment
+        self.next_id = 0
+        self.segments: list[Segment] = []
+
+    def _time(self, frame: int) -> float:
+        return frame * self.align_to / self.rate  # as the reference: offset * align_to / sampling_rate
+
+    def take(self, *, final: bool) -> Segment | None:
+        groups = self.decoder.groups
+        end = len(groups) if final else len(groups) - 1
+        if not final:  # cut before the last word delimiter among the stable runs
+            delimiter = self.decoder.vocab.word_delimiter_token
+            cut = next((i for i in range(end - 1, self.next_group, -1) if groups[i].token == delimiter), None)
+            if cut is None:
+                return None
+            end = cut
+        if end <= self.next_group:
+            return None
+        chars = self.decoder.chars(self.next_group, end)
+        if not chars or (not final and not "".join(c.char for c, _, _ in chars).strip()):
+            return None
+        frames = sum(g.frames for g in groups[self.next_group:end])
+        logprob = sum(self.decoder.logprob_sum[self.next_group:end])
+        self.next_group = end
+        segment = self._segment(chars, str(self.next_id), frames, logprob, final=True)
+        self.next_id += 1
+        self.segments.append(segment)
+        return segment
+
+    def _segment(self, chars, segment_id: str, frames: int, logprob: float, final: bool) -> Segment:
+        from ..ctc import word_offsets
+
+        offsets = [c for c, _, _ in chars]
+        text = "".join(c.char for c in offsets)
+        if self.decoder.vocab.do_lower_case:
+            text = text.lower()
+        segment = Segment(id=segment_id, start_s=self._time(offsets[0].start_offset),
+                          end_s=self._time(offsets[-1].end_offset), text=text,
+                          tokens=[i for _, i, _ in chars], avg_logprob=logprob / max(1, frames), is_final=final)
+        if self.level == "char":
+            segment.chars = [CharTiming(c.char, self._time(c.start_offset), self._time(c.end_offset)) for c in offsets]
+        if self.level == "word":
+            segment.words = [WordTiming(w.word, self._time(w.start_offset), self._time(w.end_offset),
+                                        probability=_mean_probability(chars, w.start_offset, w.end_offset))
+                             for w in word_offsets(offsets, self.decoder.vocab.replace_word_delimiter_char)]
+        return segment
+
+    def shift(self, segment: Segment, frames: int, segment_id: str) -> Segment:
+        """An interim copy of a probe segment, moved by `frames` and given the pending id."""
+        dt = self._time(frames)
+        segment.id, segment.is_final = segment_id, False
+        segment.start_s += dt
+        segment.end_s = None if segment.end_s is None else segment.end_s + dt
+        for item in [*segment.chars, *segment.words]:
+            item.start_s += dt
+            item.end_s += dt
+        return segment
+
+
+def _mean_probability(chars, start: int, end: int) -> float:
+    """exp of the mean log probability of the frames of the chars in [start, end)."""
+    inside = [(c.end_offset - c.start_offset, lp) for c, _, lp in chars if start <= c.start_offset < end]
+    frames = sum(f for f, _ in inside)
+    return math.exp(sum(lp for _, lp in inside) / frames) if frames else 0.0
+
+
+def _rescale_stride(stride: tuple[int, int, int], ratio: float) -> tuple[int, int, int]:
+    """transformers.pipelines.automatic_speech_recognition.rescale_stride for one chunk."""
+    input_n, left, right = stride
+    token_n = int(round(input_n * ratio))
+    return token_n, int(round(left / input_n * token_n)), int(round(right / input_n * token_n))
+
+
+def _receptive_field(config) -> int:
+    """Fewest samples that make one frame (400 = 25 ms for the standard feature encoder)."""
+    n = 1
+    for kernel, stride in reversed(list(zip(config.conv_kernel, config.conv_stride))):
+        n = (n - 1) * stride + kernel
+    return n
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
