@@ -1,0 +1,111 @@
+"""ViT family parity: our modules against transformers' on tiny random checkpoints.
+
+Logits (classification head) and last hidden states (base model) within 1e-4 in float32, with
+and without position-embedding interpolation; loading refuses mismatched checkpoints.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from harness import assert_close, load_pipeline, save_checkpoint
+
+transformers = pytest.importorskip("transformers")
+
+TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+            image_size=32, patch_size=8)
+
+
+def _processor(**kwargs):
+    from transformers.models.vit.image_processing_pil_vit import ViTImageProcessorPil
+    return ViTImageProcessorPil(**kwargs)
+
+
+@pytest.fixture(scope="module")
+def classifier_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    config = transformers.ViTConfig(**TINY, num_labels=5, hidden_act="gelu")
+    model = transformers.ViTForImageClassification(config).eval()
+    path = save_checkpoint(model, tmp_path_factory.mktemp("vit_cls"), _processor(size={"height": 32, "width": 32}))
+    return path, model
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    torch.manual_seed(1)
+    config = transformers.ViTConfig(**TINY, hidden_act="gelu_new", qkv_bias=False)
+    model = transformers.ViTModel(config).eval()  # with its pooler: loading must drop it
+    path = save_checkpoint(model, tmp_path_factory.mktemp("vit_base"), _processor(size={"height": 32, "width": 32}))
+    return path, model
+
+
+def test_classifier_logits_match_transformers(classifier_dir):
+    path, reference = classifier_dir
+    ours = load_pipeline(path).model
+    pixels = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = reference(pixel_values=pixels).logits
+    assert_close(ours(pixels), expected)
+    # One image at a time equals the batch.
+    for i in range(3):
+        assert_close(ours(pixels[i:i + 1]), expected[i:i + 1])
+
+
+@pytest.mark.parametrize("height,width", [(48, 48), (40, 56), (24, 32)])
+def test_interpolated_position_embeddings_match_transformers(classifier_dir, height, width):
+    path, reference = classifier_dir
+    ours = load_pipeline(path).model
+    pixels = torch.randn(2, 3, height, width, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = reference(pixel_values=pixels, interpolate_pos_encoding=True).logits
+    assert_close(ours(pixels, interpolate_pos_encoding=True), expected)
+
+
+def test_size_mismatch_without_interpolation_is_an_error(classifier_dir):
+    path, _ = classifier_dir
+    ours = load_pipeline(path).model
+    with pytest.raises(ValueError, match="doesn't match"):
+        ours(torch.zeros(1, 3, 48, 48))
+
+
+def test_base_model_hidden_states_match_transformers(base_dir):
+    from pipeserve.hub import resolve
+    from pipeserve.models.vit import load_model
+    from pipeserve.pipelines.base import LoadOptions
+
+    path, reference = base_dir
+    ours = load_model(resolve(str(path)), LoadOptions(), head="base")
+    pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        expected = reference(pixel_values=pixels).last_hidden_state
+    assert_close(ours(pixels), expected)
+
+
+def test_bfloat16_load_runs_close_to_float32(classifier_dir):
+    path, reference = classifier_dir
+    ours = load_pipeline(path, dtype="bfloat16").model
+    assert ours.classifier.weight.dtype is torch.bfloat16
+    pixels = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        expected = reference(pixel_values=pixels).logits
+    assert_close(ours(pixels.bfloat16()), expected, atol=0.1)
+
+
+def test_unknown_head_and_missing_classifier_are_refused(classifier_dir, base_dir):
+    from pipeserve.errors import ModelLoadFailed
+    from pipeserve.hub import resolve
+    from pipeserve.models.vit import load_model
+    from pipeserve.pipelines.base import LoadOptions
+
+    with pytest.raises(ModelLoadFailed, match="no 'causal_lm' head"):
+        load_model(resolve(str(classifier_dir[0])), LoadOptions(), head="causal_lm")
+    # A base checkpoint has no classifier weights: loading it as a classifier with labels must
+    # fail loudly instead of running with uninitialised memory.
+    path = base_dir[0]
+    config = json.loads((path / "config.json").read_text())
+    files = resolve(str(path))
+    files = type(files)(files.name, files.path, {**config, "id2label": {"0": "a", "1": "b"}})
+    with pytest.raises(ModelLoadFailed, match="missing .*classifier"):
+        load_model(files, LoadOptions(), head="image_classification")
