@@ -110,6 +110,8 @@ class ModelManager:
             "load_in_8bit": spec.load_in_8bit,
             "allow_pickle": self.settings.allow_pickle,
             "defaults": dict(spec.options),
+            "max_image_pixels": self.settings.max_image_pixels,
+            "max_audio_seconds": self.settings.max_audio_seconds,
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return LoadOptions(**values)

@@ -25,6 +25,9 @@ class LoadOptions:
     allow_pickle: bool = False
     # Per-call option defaults for this model, named as the request fields are.
     defaults: dict[str, Any] = field(default_factory=dict)
+    # Server-wide input limits (Settings), enforced by the pipelines' decoders.
+    max_image_pixels: int = 89_478_485
+    max_audio_seconds: float = 4 * 3600.0
 
     @property
     def torch_device(self) -> torch.device:
