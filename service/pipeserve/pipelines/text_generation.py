@@ -1,0 +1,154 @@
+"""The text-generation pipeline (transformers' TextGenerationPipeline): prompt -> tokens ->
+the model's continuous-batching engine -> text.
+
+Option defaults: transformers' (max_new_tokens 256 as the pipeline sets it, top_k 50, ...),
+overridden by the checkpoint's generation_config.json, then by LoadModel's defaults, then by
+each request. Prompts are tokenized without special tokens, as the transformers pipeline does
+(add_special_tokens=False), and the new text is decode(generated ids, skip_special_tokens),
+preceded by the prompt text when return_full_text is set.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+from ..errors import InputTooLarge, InvalidInput, ModelLoadFailed
+from ..generation import GenerationParams
+from ..generation_engine import DoneEvent, GenerationEngine, RequestHandle, TokenEvent
+from ..hub import ModelFiles
+from ..registry import family_module
+from ..tasks import Task
+from .base import LoadOptions, Pipeline
+
+# generation_config.json fields that are request options under the same name.
+_GENERATION_CONFIG_FIELDS = ("max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p",
+                             "typical_p", "repetition_penalty", "no_repeat_ngram_size", "num_return_sequences")
+
+
+@dataclass
+class SequenceResult:
+    text: str
+    finish_reason: str
+    generated_tokens: int
+    tokens: list[TokenEvent] = field(default_factory=list)
+
+
+@dataclass
+class GenerationResult:
+    sequences: list[SequenceResult]
+    prompt_tokens: int
+    seed: int
+
+
+@dataclass
+class Started:
+    """A submitted generation: iterate `handle` for TokenEvent/DoneEvent (sync or async)."""
+
+    handle: RequestHandle
+    prompt: str
+    prompt_ids: list[int]
+    params: GenerationParams
+
+    def full_text(self, text: str) -> str:
+        return self.prompt + text if self.params.return_full_text else text
+
+
+class TextGenerationPipeline(Pipeline):
+    task = Task.TEXT_GENERATION
+    option_defaults = {
+        "max_new_tokens": 256, "min_new_tokens": 0, "do_sample": False, "temperature": 1.0, "top_k": 50,
+        "top_p": 1.0, "typical_p": 1.0, "repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "stop": None,
+        "ignore_eos": False, "seed": None, "num_return_sequences": 1, "return_full_text": True, "logprobs": 0,
+        "return_logprobs": False,
+    }
+    # Engine bounds; the server may override them per model (settings) before the first request.
+    max_batch_size = 32
+    max_batch_tokens = 65536
+    max_queued = 256
+
+    def __init__(self, files: ModelFiles, options: LoadOptions, model, tokenizer, *, eos_ids: list[int],
+                 clean_up_spaces: bool, generation_defaults: dict[str, Any]):
+        super().__init__(files, options, files.config.get("model_type", ""),
+                         (files.config.get("architectures") or [""])[0])
+        self.defaults = {**self.option_defaults, **generation_defaults, **options.defaults}
+        self.model = model
+        self.tokenizer = tokenizer
+        self.eos_ids = eos_ids
+        self.modules_.append(model)
+        special = {i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special}
+        self.engine = GenerationEngine(model, tokenizer, special_ids=special, clean_up_spaces=clean_up_spaces,
+                                       max_batch_size=self.max_batch_size, max_batch_tokens=self.max_batch_tokens,
+                                       max_queued=self.max_queued)
+
+    @classmethod
+    def from_files(cls, files: ModelFiles, options: LoadOptions) -> "TextGenerationPipeline":
+        from tokenizers import Tokenizer
+
+        if not files.has("tokenizer.json"):
+            raise ModelLoadFailed(f"{files.path} has no tokenizer.json", reason="TOKENIZER_MISSING")
+        tokenizer = Tokenizer.from_file(str(files.path / "tokenizer.json"))
+        tokenizer.no_padding()
+        tokenizer.no_truncation()
+        model = family_module(files.config.get("model_type", "")).load_model(files, options, "causal_lm")
+        generation = files.read_json("generation_config.json") or {}
+        tok_config = files.read_json("tokenizer_config.json") or {}
+        eos = generation.get("eos_token_id", files.config.get("eos_token_id"))
+        eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+        defaults = {k: generation[k] for k in _GENERATION_CONFIG_FIELDS if generation.get(k) is not None}
+        return cls(files, options, model, tokenizer, eos_ids=eos_ids,
+                   clean_up_spaces=bool(tok_config.get("clean_up_tokenization_spaces", False)),
+                   generation_defaults=defaults)
+
+    # ---- calls ----------------------------------------------------------------------------
+    def encode(self, prompt: str) -> list[int]:
+        if not isinstance(prompt, str) or not prompt:
+            raise InvalidInput("the prompt is empty")
+        ids = self.tokenizer.encode(prompt, add_special_tokens=False).ids
+        if not ids:
+            raise InvalidInput("the prompt has no tokens")
+        limit = self.model.max_positions - 1  # room for at least one new token
+        if len(ids) > limit:
+            raise InputTooLarge(f"the prompt has {len(ids)} tokens; this model's context holds {limit} prompt "
+                                f"tokens plus at least one new token", metadata={"limit": limit})
+        return ids
+
+    def parameters(self, options: dict[str, Any]) -> GenerationParams:
+        return GenerationParams.from_options(self.resolve_options(options), eos_token_ids=self.eos_ids,
+                                             max_positions=self.model.max_positions)
+
+    def start(self, prompt: str, options: dict[str, Any]) -> Started:
+        """Validates and submits; returns at once. Call from the thread (or event loop) that
+        will consume the handle."""
+        params = self.parameters(options)
+        ids = self.encode(prompt)
+        return Started(self.engine.submit(ids, params), prompt, ids, params)
+
+    def stream(self, prompt: str, options: dict[str, Any]) -> Iterator[TokenEvent | DoneEvent]:
+        """Synchronous event stream; DoneEvent.text already includes the prompt when asked."""
+        started = self.start(prompt, options)
+        try:
+            for event in started.handle:
+                if isinstance(event, DoneEvent):
+                    event.text = started.full_text(event.text)
+                yield event
+        finally:
+            started.handle.cancel()  # a consumer that stops early frees the engine's work
+
+    def generate(self, prompts: list[str], options: dict[str, Any]) -> list[GenerationResult]:
+        """Whole results for several prompts; they are submitted together so they share steps."""
+        started = [self.start(p, options) for p in prompts]
+        results = []
+        try:
+            for s in started:
+                done = sorted((e for e in s.handle if isinstance(e, DoneEvent)), key=lambda e: e.index)
+                results.append(GenerationResult(
+                    [SequenceResult(s.full_text(d.text), d.finish_reason, d.generated_tokens, d.tokens) for d in done],
+                    len(s.prompt_ids), s.params.seed))
+        finally:
+            for s in started:
+                s.handle.cancel()
+        return results
+
+    def close(self) -> None:
+        self.engine.close()
+        super().close()
