@@ -34,7 +34,6 @@ _SIGNATURES: tuple[tuple[str, tuple[bytes, ...]], ...] = (
     ("PNG", (b"\x89PNG\r\n\x1a\n",)),
     ("GIF", (b"GIF87a", b"GIF89a")),
     ("TIFF", (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")),
-    ("BMP", (b"BM",)),
 )
 
 
@@ -42,6 +41,8 @@ def sniff_format(data: bytes) -> str | None:
     """The accepted format whose signature `data` starts with, if any."""
     if len(data) >= 12 and data[:4] == b"RIFF" and data[8:12] == b"WEBP":
         return "WEBP"
+    if len(data) >= 10 and data[:2] == b"BM" and data[6:10] == bytes(4):
+        return "BMP"  # "BM", file size, then 4 reserved zero bytes (plain text rarely has NULs)
     for name, signatures in _SIGNATURES:
         if data.startswith(signatures):
             return name
@@ -57,7 +58,8 @@ def open_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Im
         image = Image.open(io.BytesIO(data), formats=FORMATS)
     except Image.DecompressionBombError as exc:
         # Pillow refuses past 2 * MAX_IMAGE_PIXELS on its own, before our check can run.
-        raise InputTooLarge(f"image is too large to decode: {exc}",
+        raise InputTooLarge(f"image is too large to decode (refused before decoding; our limit is "
+                            f"{max_pixels:,} pixels): {exc}",
                             metadata={"max_pixels": max_pixels}) from None
     except UnidentifiedImageError:
         if sniffed:
