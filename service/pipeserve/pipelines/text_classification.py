@@ -1,0 +1,111 @@
+"""text-classification: a text (or text pair) -> (label, score) pairs, best first.
+
+Ports transformers.pipelines.text_classification.TextClassificationPipeline (v5):
+- function_to_apply: unset = the config's rule (regression -> none; multi-label or a single
+  label -> sigmoid; otherwise softmax); scores computed in numpy float32 as transformers does.
+- top_k: transformers returns one {label, score} (the argmax) when top_k is not passed (the
+  "legacy" shape), and the top_k best sorted by score when it is. Here both shapes are a list:
+  unset -> [best label]; k -> the k best (all labels when k >= num_labels). top_k <= 0 is
+  INVALID_PARAMETER (transformers would silently return nothing).
+- Length: transformers' pipeline does not truncate unless `truncation=True` is passed, and
+  an over-long input fails inside the model. Here an over-long input is INPUT_TOO_LARGE
+  (INVALID_ARGUMENT) with the limit in the message, unless the model was loaded with the
+  default option truncation=true, which truncates (longest_first) to the model's maximum.
+- Empty text is INVALID_INPUT (EMPTY_INPUT); transformers would classify "[CLS] [SEP]".
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from ..errors import InvalidParameter
+from ..tasks import Task
+from .encoder_base import EncoderPipeline, check_positive, check_text
+
+FUNCTIONS = ("sigmoid", "softmax", "none")
+
+Result = list[tuple[str, float]]
+
+
+@dataclass(frozen=True)
+class TextInput:
+    text: str
+    text_pair: str | None = None
+
+
+class TextClassificationPipeline(EncoderPipeline):
+    task: ClassVar[Task] = Task.TEXT_CLASSIFICATION
+    head: ClassVar[str] = "sequence_classification"
+    per_token_outputs: ClassVar[tuple[bool, ...]] = (False,)
+    # top_k None = transformers' legacy single best label.
+    option_defaults: ClassVar[dict[str, Any]] = {"top_k": None, "function_to_apply": None, "truncation": False}
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.id2label = dict(self.config.id2label)
+        self.num_labels = len(self.id2label)
+        self.problem_type = self.files.config.get("problem_type")
+        self.defaults = self.validate_options(self.defaults)
+
+    def validate_options(self, options: dict[str, Any]) -> dict[str, Any]:
+        options = dict(options)
+        check_positive(options, "top_k")
+        function = options.get("function_to_apply")
+        if function is not None:
+            name = str(function).strip().lower()
+            if name in ("", "default", "unspecified"):
+                name = None
+            elif name not in FUNCTIONS:
+                raise InvalidParameter(f"function_to_apply must be one of {', '.join(FUNCTIONS)} "
+                                       f"(or unset for the model's default), got {function!r}",
+                                       metadata={"field": "function_to_apply"})
+            options["function_to_apply"] = name
+        options["truncation"] = bool(options.get("truncation"))
+        return options
+
+    def default_function(self) -> str:
+        if self.problem_type == "regression":
+            return "none"
+        if self.problem_type == "multi_label_classification" or self.num_labels == 1:
+            return "sigmoid"
+        return "softmax"
+
+    def encode(self, inputs: list[TextInput], options: dict[str, Any]):
+        texts = [check_text(i.text) for i in inputs]
+        pairs = [check_text(i.text_pair, "text_pair") if i.text_pair is not None else None for i in inputs]
+        truncation = "longest_first" if options["truncation"] else None
+        rows = []
+        # Pairs and single texts cannot share one encode call (the post-processor differs).
+        for index, (text, pair) in enumerate(zip(texts, pairs)):
+            [row] = self.tokenizer.encode([text], None if pair is None else [pair],
+                                          max_length=self.max_length, truncation=truncation)
+            rows.append(row)
+        self.check_length(rows, "; load the model with truncation=true to truncate")
+        return rows
+
+    def postprocess(self, logits: torch.Tensor, options: dict[str, Any]) -> Result:
+        function = options.get("function_to_apply") or self.default_function()
+        outputs = logits.numpy()  # float32, as transformers' postprocess
+        if function == "sigmoid":
+            scores = 1.0 / (1.0 + np.exp(-outputs))
+        elif function == "softmax":
+            shifted = np.exp(outputs - np.max(outputs, axis=-1, keepdims=True))
+            scores = shifted / shifted.sum(axis=-1, keepdims=True)
+        else:
+            scores = outputs
+        pairs = [(self.id2label[i], score.item()) for i, score in enumerate(scores)]
+        pairs.sort(key=lambda pair: pair[1], reverse=True)  # stable: ties keep label order, as argmax
+        return pairs[:options.get("top_k") or 1]
+
+    def classify(self, inputs: list[TextInput | str], options: dict[str, Any] | None = None) -> list[Result]:
+        """One result per input, in order; batched rows give the same results as one at a time."""
+        resolved = self.validate_options(self.resolve_options(options or {}))
+        inputs = [TextInput(i) if isinstance(i, str) else i for i in inputs]
+        rows = self.encode(inputs, resolved)
+        return [self.postprocess(out[0], resolved) for out in self.run_rows(rows)]
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "num_labels": self.num_labels}
