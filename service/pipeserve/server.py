@@ -14,6 +14,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from .api.common import App
+from .batching import DynamicBatcher
 from .config import ModelSpec, Settings, load_settings
 from .errors import TaskNotImplemented
 from .interceptors import ErrorInterceptor
@@ -123,7 +124,9 @@ async def start(settings: Settings) -> RunningServer:
             loop.create_task(health_state.refresh(running.app.manager))
 
     manager = ModelManager(settings, on_change=on_change)
-    app = App(settings=settings, manager=manager)
+    batcher = DynamicBatcher(manager, max_batch_size=settings.max_batch_size,
+                             max_wait_ms=settings.max_batch_wait_ms, max_queue=settings.max_queue)
+    app = App(settings=settings, manager=manager, batcher=batcher)
     options = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),

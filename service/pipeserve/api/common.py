@@ -12,6 +12,7 @@ from typing import Any, AsyncIterator, Callable, Iterator
 
 from google.protobuf.message import Message
 
+from ..batching import BatchResult, DynamicBatcher
 from ..config import Settings
 from ..errors import InvalidInput
 from ..manager import ModelEntry, ModelManager
@@ -25,7 +26,12 @@ class App:
 
     settings: Settings
     manager: ModelManager
+    batcher: "DynamicBatcher"
     extras: dict[str, Any] = field(default_factory=dict)
+
+    async def batched(self, entry: ModelEntry, method: str, item: Any, options: dict[str, Any]) -> "BatchResult":
+        """Runs `entry.pipeline.<method>([item, ...others], options)` batched with concurrent callers."""
+        return await self.batcher.submit(entry, method, item, options)
 
 
 def request_id(request: Message) -> str:
@@ -39,7 +45,10 @@ def optional_fields(message: Message, names: list[str] | tuple[str, ...]) -> dic
 
 
 def run_info(entry: ModelEntry, *, queue_ms: float = 0.0, compute_ms: float = 0.0,
-             batch_size: int = 1) -> common_pb2.RunInfo:
+             batch_size: int = 1, batch: "BatchResult | None" = None) -> common_pb2.RunInfo:
+    """Run details for a response; pass `batch` for calls that went through the batcher."""
+    if batch is not None:
+        queue_ms, compute_ms, batch_size = batch.queue_ms, batch.compute_ms, batch.batch_size
     described = entry.pipeline.describe() if entry.pipeline else {}
     return common_pb2.RunInfo(model=entry.name, device=described.get("device", ""),
                               dtype=described.get("dtype", ""), queue_ms=queue_ms,

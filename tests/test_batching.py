@@ -1,0 +1,74 @@
+"""Dynamic batching: concurrent callers share batches bounded by size and wait, results go
+back to the right caller, one caller's bad input fails only that caller, a full queue answers
+QUEUE_FULL."""
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+from pipeserve.batching import DynamicBatcher
+from pipeserve.config import Settings
+from pipeserve.errors import InvalidInput, QueueFull
+from pipeserve.manager import ModelEntry, ModelManager
+from pipeserve.pipelines.base import LoadOptions
+
+
+class Doubler:
+    def __init__(self):
+        self.batches: list[list[int]] = []
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def double(self, items, options):
+        self.gate.wait(5)
+        self.batches.append(list(items))
+        if any(i < 0 for i in items):
+            raise InvalidInput(f"negative item in {items}")
+        return [i * 2 * options.get("scale", 1) for i in items]
+
+
+def _setup(**kwargs):
+    manager = ModelManager(Settings(), workers=2)
+    entry = ModelEntry(name="m", revision=None, options=LoadOptions())
+    entry.pipeline = Doubler()
+    return manager, entry, DynamicBatcher(manager, **kwargs)
+
+
+async def test_concurrent_items_share_batches_and_results_stay_with_callers():
+    manager, entry, batcher = _setup(max_batch_size=4, max_wait_ms=50)
+    results = await asyncio.gather(*[batcher.submit(entry, "double", i, {}) for i in range(10)])
+    assert [r.value for r in results] == [i * 2 for i in range(10)]
+    assert [len(b) for b in entry.pipeline.batches] == [4, 4, 2]
+    assert max(r.batch_size for r in results) == 4
+
+
+async def test_different_options_never_share_a_batch():
+    manager, entry, batcher = _setup(max_batch_size=8, max_wait_ms=20)
+    results = await asyncio.gather(batcher.submit(entry, "double", 1, {"scale": 1}),
+                                   batcher.submit(entry, "double", 1, {"scale": 10}))
+    assert [r.value for r in results] == [2, 20]
+    assert len(entry.pipeline.batches) == 2
+
+
+async def test_bad_item_fails_only_its_caller():
+    manager, entry, batcher = _setup(max_batch_size=8, max_wait_ms=20)
+    outcomes = await asyncio.gather(*[batcher.submit(entry, "double", i, {}) for i in (1, -1, 3)],
+                                    return_exceptions=True)
+    assert outcomes[0].value == 2 and outcomes[2].value == 6
+    assert isinstance(outcomes[1], InvalidInput)
+
+
+async def test_full_queue_is_queue_full():
+    manager, entry, batcher = _setup(max_batch_size=1, max_wait_ms=0, max_queue=2)
+    entry.pipeline.gate.clear()  # the first batch blocks the worker
+    first = asyncio.create_task(batcher.submit(entry, "double", 0, {}))
+    await asyncio.sleep(0.05)
+    queued = [asyncio.create_task(batcher.submit(entry, "double", i, {})) for i in (1, 2)]
+    await asyncio.sleep(0.01)
+    with pytest.raises(QueueFull) as info:
+        await batcher.submit(entry, "double", 3, {})
+    assert info.value.metadata["retry_after_ms"] == "50"
+    entry.pipeline.gate.set()
+    assert [r.value for r in await asyncio.gather(first, *queued)] == [0, 2, 4]
