@@ -307,15 +307,20 @@ def test_decompression_bomb_refused_before_decoding(ours, images, side):
     assert pipeline.classify([images["png_chelsea"]], {})  # the next call works
 
 
-def test_max_pixels_limit_is_configurable(ours, images):
+def test_max_pixels_limit_is_configurable(checkpoints, ours, images):
     pipeline = ours["bilinear"]
     pipeline.max_pixels = 1000
     try:
         with pytest.raises(InputTooLarge, match=r"300 = 135,300 pixels; the limit is 1,000"):
             pipeline.classify([images["png_chelsea"]], {})
     finally:
-        del pipeline.max_pixels
+        pipeline.max_pixels = 89_478_485
     assert pipeline.classify([images["png_chelsea"]], {})
+    # The server's setting reaches the pipeline through LoadOptions.max_image_pixels.
+    limited = load_pipeline(checkpoints["bilinear"], max_image_pixels=100 * 100)
+    assert limited.classify([encode(Image.new("RGB", (100, 100)), "PNG")], {})
+    with pytest.raises(InputTooLarge, match="101x100"):
+        limited.classify([encode(Image.new("RGB", (101, 100)), "PNG")], {})
 
 
 def _truncated(data: bytes) -> bytes:

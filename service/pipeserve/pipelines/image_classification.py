@@ -35,7 +35,7 @@ class ImageClassificationPipeline(Pipeline):
     # transformers: postprocess(top_k=5); function_to_apply None = the config's default rule.
     option_defaults: ClassVar[dict[str, Any]] = {"top_k": 5, "function_to_apply": None}
 
-    # Decompression-bomb guard for decode_image; the server may lower or raise it.
+    # Decompression-bomb guard for decode_image; set from LoadOptions.max_image_pixels.
     max_pixels: int = DEFAULT_MAX_PIXELS
     # Largest batch a single forward pass takes (bounds activation memory of a big call).
     max_batch_size: int = 64
@@ -48,6 +48,7 @@ class ImageClassificationPipeline(Pipeline):
         self.model = model
         self.modules_.append(model)
         self.processor = processor
+        self.max_pixels = int(getattr(options, "max_image_pixels", DEFAULT_MAX_PIXELS))
         self.id2label: dict[int, str] = dict(model.config.id2label)
         self.num_labels = len(self.id2label)
         self.problem_type = config.get("problem_type")
