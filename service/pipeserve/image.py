@@ -25,6 +25,8 @@ FORMAT_NAMES = "JPEG, PNG, WebP, GIF, BMP, TIFF"
 
 # Pillow's own decompression-bomb warning threshold (PIL.Image.MAX_IMAGE_PIXELS: 1024 * 1024 *
 # 1024 // 4 // 3 = 89,478,485 pixels, about 256 MiB of RGB). A larger image is refused.
+# Pillow itself refuses past 2 * PIL.Image.MAX_IMAGE_PIXELS inside Image.open whatever our
+# limit is (we leave that global alone), so a limit above ~179M pixels has no effect.
 DEFAULT_MAX_PIXELS = 1024 * 1024 * 1024 // 4 // 3
 
 # File signatures: bytes that start like one of these but do not decode are corrupt or
