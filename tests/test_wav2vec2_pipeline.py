@@ -257,3 +257,19 @@ def test_bad_options(pair, options, field):
     with pytest.raises(InvalidParameter) as info:
         ours.transcribe([torch.from_numpy(ck.audio(3.0))], options)
     assert info.value.metadata.get("field") == field
+
+
+def test_should_stop_ends_decoding(pair):
+    """Cancellation / deadline: no more chunks are decoded once should_stop says so."""
+    variant, ours, _ = pair
+    calls = []
+
+    def stop_after_two():
+        calls.append(1)
+        return len(calls) > 2
+
+    audio = torch.from_numpy(ck.audio(9.0, seed=9))
+    events = list(ours.transcribe_stream(audio, {"chunk_length_s": 1.5}, should_stop=stop_after_two))
+    full = ours.transcribe([audio], {"chunk_length_s": 1.5})[0]
+    assert isinstance(events[-1], Transcription)
+    assert len(events[-1].text) < len(full.text)

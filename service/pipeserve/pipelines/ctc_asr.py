@@ -16,7 +16,7 @@ never straddle segments; the concatenated segment chars / words are exactly the 
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar, Iterator
+from typing import Any, Callable, ClassVar, Iterator
 
 import torch
 
@@ -31,8 +31,8 @@ from .base import LoadOptions, Pipeline
 
 # return_timestamps spellings (request strings, proto enum names, transformers values) -> level.
 _TIMESTAMPS = {
-    None: "segment", False: "segment", True: "segment", "": "segment", "none": "segment",
-    "unspecified": "segment", "segment": "segment", "char": "char", "word": "word",
+    None: "segment", False: "segment", True: "segment", "": "segment", "none": "segment", "false": "segment",
+    "true": "segment", "unspecified": "segment", "segment": "segment", "char": "char", "word": "word",
 }
 # Whisper options a CTC model cannot honour when set to anything but their no-op value.
 _UNSUPPORTED = {"task": ("transcribe", "unspecified", "speech_task_transcribe", "speech_task_unspecified"),
@@ -74,6 +74,7 @@ class CTCASRPipeline(Pipeline):
         self.padding_value = float(preprocessor.get("padding_value", 0.0))
         self.align_to = model.config.inputs_to_logits_ratio  # samples per logit frame
         self.min_samples = _receptive_field(model.config)
+        self.max_audio_s = float(getattr(options, "max_audio_seconds", self.max_audio_s))
         self.defaults = self.validate_options(self.defaults)
 
     @classmethod
@@ -179,7 +180,8 @@ class CTCASRPipeline(Pipeline):
             logprobs = logits.log_softmax(-1).gather(-1, ids[..., None])[..., 0]
         return [(ids[i].cpu(), logprobs[i].cpu()) for i in range(len(inputs))]
 
-    def _windows(self, waveform: torch.Tensor, options: dict[str, Any]) -> Iterator[list[tuple[torch.Tensor, int, int]]]:
+    def _windows(self, waveform: torch.Tensor, options: dict[str, Any],
+                 should_stop: Callable[[], bool] | None = None) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
         """Batches of (frame ids, logprobs) cut to their strided centre, in order: the reference's
         chunk_iter + _forward + postprocess slicing, `batch_size` equal-length chunks at a time."""
         n = waveform.shape[0]
@@ -196,6 +198,8 @@ class CTCASRPipeline(Pipeline):
             chunk = waveform[start:end]
             is_last = end >= n
             stride = (chunk.shape[0], 0 if start == 0 else stride_left, 0 if is_last else stride_right)
+            if should_stop is not None and should_stop():
+                return
             if chunk.shape[0] > stride[1]:
                 if pending and (len(pending) >= options["batch_size"] or pending[0][0].shape[0] != chunk.shape[0]):
                     yield self._run_chunks(pending)
@@ -222,13 +226,15 @@ class CTCASRPipeline(Pipeline):
         validate_waveform(waveform, self.sampling_rate, max_seconds=self.max_audio_s)
         return waveform.to(torch.float32)
 
-    def transcribe_stream(self, waveform_16k: torch.Tensor, options: dict[str, Any]) -> Iterator[Segment | Transcription]:
-        """Yields final Segments as each batch of chunks is decoded, then the Transcription."""
+    def transcribe_stream(self, waveform_16k: torch.Tensor, options: dict[str, Any],
+                          should_stop: Callable[[], bool] | None = None) -> Iterator[Segment | Transcription]:
+        """Yields final Segments as each batch of chunks is decoded, then the Transcription.
+        `should_stop` (cancellation, deadline) is checked before each batch of chunks."""
         options = self.validate_options(self.resolve_options(options))
         waveform = self._check(waveform_16k)
         segmenter = _Segmenter(self, options["return_timestamps"])
         if waveform.shape[0] >= self.min_samples:
-            for batch in self._windows(waveform, options):
+            for batch in self._windows(waveform, options, should_stop):
                 for ids, lps in batch:
                     segmenter.decoder.push(ids.tolist(), lps.tolist())
                 segment = segmenter.take(final=False)
@@ -281,7 +287,7 @@ class CTCLiveStream:
     def audio_received_s(self) -> float:
         return self.received / self.pipeline.sampling_rate
 
-    def push(self, samples_16k: torch.Tensor) -> list[Segment]:
+    def push(self, samples_16k: torch.Tensor, should_stop: Callable[[], bool] | None = None) -> list[Segment]:
         """Adds audio; returns the final segments completed and at most one interim segment."""
         if self.closed:
             raise InvalidInput("the stream is already finished")
@@ -297,6 +303,8 @@ class CTCLiveStream:
         # A chunk is complete when chunk_len samples exist and more audio follows it (the
         # offline chunk_iter marks a chunk last when it reaches the end of the input).
         while self.buffer.shape[0] > self.chunk_len:
+            if should_stop is not None and should_stop():
+                return out
             left = 0 if self.offset == 0 else self.stride_left
             self._decode(self.buffer[: self.chunk_len], (self.chunk_len, left, self.stride_right))
             segment = self.segmenter.take(final=False)
@@ -311,7 +319,7 @@ class CTCLiveStream:
                 out.append(interim)
         return out
 
-    def finish(self) -> tuple[list[Segment], Transcription]:
+    def finish(self, should_stop: Callable[[], bool] | None = None) -> tuple[list[Segment], Transcription]:
         """Decodes the remaining audio as the last chunk; returns its final segments and the
         full transcription."""
         self.closed = True
