@@ -67,7 +67,8 @@ def build(family: str, directory: Path, **overrides):
     else:
         tokenizer = metaspace_tokenizer()
     ids = _sizes(tokenizer)
-    small = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=128)
+    small = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                 max_position_embeddings=overrides.pop("max_position_embeddings", 128))
     if family == "gpt2":
         config = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=128, vocab_size=ids["vocab_size"],
                                          bos_token_id=ids["bos_token_id"], eos_token_id=ids["eos_token_id"], **overrides)
