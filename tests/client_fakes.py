@@ -1,0 +1,149 @@
+"""A scripted stand-in server for client tests of what a healthy pipeserve rarely does on
+demand: fail with retryable and non-retryable statuses, stall past deadlines, break streams,
+require TLS, mutual TLS or a bearer token. It serves the real contracts (ModelService and
+TextGenerationService) with the real error encoding (google.rpc.Status + ErrorInfo)."""
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+
+TLS_DIR = Path(__file__).parent / "tls"
+
+
+def abort(context, code: grpc.StatusCode, message: str, reason: str = "", metadata: dict | None = None):
+    from google.protobuf import any_pb2
+    from google.rpc import error_details_pb2, status_pb2
+    from grpc_status import rpc_status
+
+    details = []
+    if reason:
+        detail = any_pb2.Any()
+        detail.Pack(error_details_pb2.ErrorInfo(reason=reason, domain="pipeserve.dev", metadata=metadata or {}))
+        details.append(detail)
+    context.abort_with_status(rpc_status.to_status(status_pb2.Status(code=code.value[0], message=message,
+                                                                     details=details)))
+
+
+OUTCOMES = {
+    "unavailable": (grpc.StatusCode.UNAVAILABLE, "try again", "", None),
+    "draining": (grpc.StatusCode.UNAVAILABLE, "the server is shutting down", "DRAINING", None),
+    "queue_full": (grpc.StatusCode.RESOURCE_EXHAUSTED, "queue full", "QUEUE_FULL", {"retry_after_ms": "50"}),
+    "oom": (grpc.StatusCode.RESOURCE_EXHAUSTED, "out of memory", "OUT_OF_MEMORY", None),
+    "invalid": (grpc.StatusCode.INVALID_ARGUMENT, "top_k must be at least 1", "INVALID_PARAMETER", {"field": "top_k"}),
+    "internal": (grpc.StatusCode.INTERNAL, "internal error in ListModels: ValueError", "INTERNAL_ERROR", None),
+}
+
+
+class FakeServer:
+    """plan: outcomes for successive ListModels calls ("ok", "slow", or a key of OUTCOMES);
+    stream_plan: outcomes for successive GenerateStream calls ("ok", "fail_before",
+    "fail_after", "slow", "exit_after": the process dies after two tokens)."""
+
+    def __init__(self, *, tls: str | None = None, token: str | None = None) -> None:
+        from pipeserve.v1 import model_pb2_grpc, text_generation_pb2_grpc
+
+        self.plan: list[str] = []
+        self.stream_plan: list[str] = []
+        self.calls: Counter[str] = Counter()
+        self.cancelled = threading.Event()
+        self.token = token
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+        model_pb2_grpc.add_ModelServiceServicer_to_server(_Models(self), self.server)
+        text_generation_pb2_grpc.add_TextGenerationServiceServicer_to_server(_Generation(self), self.server)
+        if tls:
+            credentials = grpc.ssl_server_credentials(
+                [((TLS_DIR / "server.key").read_bytes(), (TLS_DIR / "server.pem").read_bytes())],
+                root_certificates=(TLS_DIR / "ca.pem").read_bytes() if tls == "mtls" else None,
+                require_client_auth=tls == "mtls")
+            self.port = self.server.add_secure_port("127.0.0.1:0", credentials)
+            self.address = f"localhost:{self.port}"
+        else:
+            self.port = self.server.add_insecure_port("127.0.0.1:0")
+            self.address = f"127.0.0.1:{self.port}"
+        self.server.start()
+
+    def stop(self) -> None:
+        self.server.stop(0)
+
+    def check_token(self, context) -> None:
+        if self.token is None:
+            return
+        metadata = dict(context.invocation_metadata())
+        if metadata.get("authorization") != f"Bearer {self.token}":
+            abort(context, grpc.StatusCode.UNAUTHENTICATED, "a valid bearer token is required")
+
+    def next(self, plan: list[str]) -> str:
+        return plan.pop(0) if plan else "ok"
+
+
+def _servicer_base(module: str, name: str):
+    import importlib
+
+    return getattr(importlib.import_module(f"pipeserve.v1.{module}_pb2_grpc"), name)
+
+
+class _Models(_servicer_base("model", "ModelServiceServicer")):
+    def __init__(self, fake: FakeServer) -> None:
+        self.fake = fake
+
+    def ListModels(self, request, context):
+        from pipeserve.v1 import model_pb2
+
+        self.fake.calls["ListModels"] += 1
+        self.fake.check_token(context)
+        outcome = self.fake.next(self.fake.plan)
+        if outcome == "slow":
+            time.sleep(2.0)
+        elif outcome != "ok":
+            code, message, reason, metadata = OUTCOMES[outcome]
+            abort(context, code, message, reason, metadata)
+        return model_pb2.ListModelsResponse(models=[model_pb2.ModelInfo(name="fake-model",
+                                                                        state=model_pb2.MODEL_STATE_READY)])
+
+
+class _Generation(_servicer_base("text_generation", "TextGenerationServiceServicer")):
+    def __init__(self, fake: FakeServer) -> None:
+        self.fake = fake
+
+    def GenerateStream(self, request, context):
+        from pipeserve.v1 import text_generation_pb2 as pb
+
+        self.fake.calls["GenerateStream"] += 1
+        self.fake.check_token(context)
+        context.add_callback(lambda: None if context.is_active() else self.fake.cancelled.set())
+        outcome = self.fake.next(self.fake.stream_plan)
+        if outcome == "fail_before":
+            abort(context, grpc.StatusCode.UNAVAILABLE, "not ready yet")
+        words = ["Once", " upon", " a", " time"]
+        for i, word in enumerate(words):
+            if outcome in ("fail_after", "exit_after") and i == 2:
+                if outcome == "exit_after":
+                    import os
+                    os._exit(1)  # the whole server process disappears mid-stream
+                abort(context, grpc.StatusCode.UNAVAILABLE, "connection reset")
+            if outcome == "slow":
+                time.sleep(0.5)
+            yield pb.GenerateStreamResponse(request_id=request.request_id or "r",
+                                            token=pb.Token(id=i, text=word))
+        yield pb.GenerateStreamResponse(request_id=request.request_id or "r", done=pb.GenerationDone(
+            finish_reason=pb.FINISH_REASON_LENGTH, generated_tokens=len(words), text="".join(words)))
+
+
+def main() -> None:
+    """`python tests/client_fakes.py [stream outcome...]`: serve on a free port in this process,
+    print the address, and run until killed (CLI tests use it for a server that dies)."""
+    import sys
+
+    fake = FakeServer()
+    fake.stream_plan = sys.argv[1:]
+    print(fake.address, flush=True)
+    fake.server.wait_for_termination()
+
+
+if __name__ == "__main__":
+    main()

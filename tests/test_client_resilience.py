@@ -1,0 +1,208 @@
+"""Client behaviour under failure, against a scripted server (tests/client_fakes.py) that
+speaks the real contracts and error encoding: retries only on the codes common.proto calls
+retryable, with backoff honouring retry_after_ms; deadlines bound the whole retry sequence;
+streams retry only before their first message and report a break after it; TLS, mutual TLS
+and bearer tokens; both the sync and asyncio clients."""
+from __future__ import annotations
+
+import asyncio
+import time
+
+import grpc
+import pytest
+
+from client_fakes import TLS_DIR, FakeServer
+from pipeserve_client import (NO_RETRY, AsyncClient, Client, DeadlineExceededError, InputError, InputFileError,
+                              InternalError, InvalidArgumentError, ResourceExhaustedError, RetryPolicy,
+                              StreamInterruptedError, UnauthenticatedError, UnavailableError)
+
+FAST = RetryPolicy(max_attempts=5, initial_backoff_s=0.01, max_backoff_s=0.05)
+
+
+@pytest.fixture
+def fake():
+    server = FakeServer()
+    yield server
+    server.stop()
+
+
+def test_unavailable_and_queue_full_are_retried(fake):
+    fake.plan = ["unavailable", "queue_full", "unavailable"]
+    with Client(fake.address, retry=FAST, timeout=10) as client:
+        started = time.monotonic()
+        assert [m.name for m in client.models.list()] == ["fake-model"]
+        elapsed = time.monotonic() - started
+    assert fake.calls["ListModels"] == 4
+    assert elapsed >= 0.05, "QUEUE_FULL's retry_after_ms=50 must be honoured"
+
+
+@pytest.mark.parametrize("outcome, error, reason", [
+    ("oom", ResourceExhaustedError, "OUT_OF_MEMORY"),
+    ("invalid", InvalidArgumentError, "INVALID_PARAMETER"),
+    ("internal", InternalError, "INTERNAL_ERROR"),
+])
+def test_other_failures_are_not_retried(fake, outcome, error, reason):
+    fake.plan = [outcome]
+    with Client(fake.address, retry=FAST, timeout=10) as client:
+        with pytest.raises(error) as info:
+            client.models.list()
+    assert fake.calls["ListModels"] == 1
+    assert info.value.reason == reason and not info.value.retryable
+    if outcome == "invalid":
+        assert info.value.metadata == {"field": "top_k"}
+        assert "top_k must be at least 1" in str(info.value)
+
+
+def test_retries_stop_after_max_attempts(fake):
+    fake.plan = ["unavailable"] * 10
+    with Client(fake.address, retry=FAST, timeout=10) as client:
+        with pytest.raises(UnavailableError) as info:
+            client.models.list()
+    assert fake.calls["ListModels"] == FAST.max_attempts
+    assert info.value.retryable
+    fake.plan = ["draining"]
+    with Client(fake.address, retry=NO_RETRY) as client:
+        with pytest.raises(UnavailableError) as info:
+            client.models.list()
+    assert info.value.reason == "DRAINING" and fake.calls["ListModels"] == FAST.max_attempts + 1
+
+
+def test_deadline_bounds_a_slow_call_and_the_retry_sequence(fake):
+    fake.plan = ["slow"]
+    with Client(fake.address, retry=FAST) as client:
+        started = time.monotonic()
+        with pytest.raises(DeadlineExceededError):
+            client.models.list(timeout=0.3)
+        assert time.monotonic() - started < 1.5
+    # Endless QUEUE_FULL with a long retry_after hint: the deadline, not max_attempts, ends it.
+    fake.plan = ["queue_full"] * 50
+    patient = RetryPolicy(max_attempts=50, initial_backoff_s=0.2, max_backoff_s=0.2)
+    with Client(fake.address, retry=patient, timeout=0.5) as client:
+        started = time.monotonic()
+        with pytest.raises(ResourceExhaustedError) as info:
+            client.models.list()
+        assert time.monotonic() - started < 1.0
+    assert info.value.reason == "QUEUE_FULL" and fake.calls["ListModels"] < 10
+
+
+def test_backoff_is_jittered_exponential_and_honours_the_hint():
+    policy = RetryPolicy(initial_backoff_s=0.1, max_backoff_s=1.0, multiplier=2.0)
+    for retry, cap in [(0, 0.1), (1, 0.2), (2, 0.4), (3, 0.8), (6, 1.0)]:
+        delays = [policy.backoff_s(retry) for _ in range(200)]
+        assert all(0.0 <= d <= cap for d in delays)
+        assert max(delays) > cap * 0.5 and min(delays) < cap * 0.5, "full jitter spreads the delays"
+    hinted = UnavailableError("x", metadata={"retry_after_ms": "300"})
+    assert all(policy.backoff_s(0, hinted) >= 0.3 for _ in range(50))
+
+
+def test_stream_retries_only_before_the_first_message(fake):
+    fake.stream_plan = ["fail_before", "ok"]
+    with Client(fake.address, retry=FAST, timeout=10) as client:
+        texts = [m.token.text for m in client.generate("x", stream=True) if m.HasField("token")]
+    assert texts == ["Once", " upon", " a", " time"] and fake.calls["GenerateStream"] == 2
+
+    fake.stream_plan = ["fail_after"]
+    received = []
+    with Client(fake.address, retry=FAST, timeout=10) as client:
+        with pytest.raises(StreamInterruptedError) as info:
+            for message in client.generate("x", stream=True):
+                received.append(message.token.text)
+    assert received == ["Once", " upon"] and info.value.received == 2
+    assert fake.calls["GenerateStream"] == 3, "a stream that delivered messages is never replayed"
+
+
+def test_closing_a_stream_early_cancels_the_call(fake):
+    fake.stream_plan = ["slow"]
+    with Client(fake.address, timeout=10) as client:
+        stream = client.generate("x", stream=True)
+        assert next(stream).token.text == "Once"
+        stream.close()
+    assert fake.cancelled.wait(5), "the server saw the cancellation"
+
+
+def test_async_client_retries_and_reports_broken_streams(fake):
+    fake.plan = ["unavailable", "queue_full"]
+    fake.stream_plan = ["fail_before", "fail_after"]
+
+    async def scenario():
+        async with AsyncClient(fake.address, retry=FAST, timeout=10) as client:
+            models = await client.models.list()
+            received = []
+            with pytest.raises(StreamInterruptedError) as info:
+                async for message in await client.generate("x", stream=True):
+                    received.append(message.token.text)
+            fake.plan = ["slow"]
+            with pytest.raises(DeadlineExceededError):
+                await client.models.list(timeout=0.3)
+            return models, received, info.value
+
+    models, received, error = asyncio.run(scenario())
+    assert [m.name for m in models] == ["fake-model"] and fake.calls["ListModels"] == 4
+    assert received == ["Once", " upon"] and error.received == 2
+
+
+def test_unreachable_server_is_unavailable_quickly():
+    with Client("127.0.0.1:1", retry=FAST, timeout=5) as client:
+        started = time.monotonic()
+        with pytest.raises(UnavailableError) as info:
+            client.models.list()
+        assert time.monotonic() - started < 3
+        with pytest.raises(UnavailableError, match="cannot reach"):
+            client.wait_ready(0.2)
+    assert info.value.code == grpc.StatusCode.UNAVAILABLE
+
+
+def test_bearer_token(fake):
+    fake.token = "s3cret"
+    with Client(fake.address, token="s3cret", timeout=5) as client:
+        assert client.models.list()
+    with Client(fake.address, token="wrong", timeout=5) as client:
+        with pytest.raises(UnauthenticatedError):
+            client.models.list()
+    with Client(fake.address, timeout=5) as client:
+        with pytest.raises(UnauthenticatedError):
+            client.models.list()
+
+
+def test_tls_and_mutual_tls():
+    ca, other = TLS_DIR / "ca.pem", TLS_DIR / "other_ca.pem"
+    cert, key = TLS_DIR / "client.pem", TLS_DIR / "client.key"
+    tls = FakeServer(tls="tls", token="t")
+    mtls = FakeServer(tls="mtls")
+    try:
+        with Client(tls.address, root_certificates=str(ca), token="t", timeout=5) as client:
+            assert client.models.list()
+        with Client(f"127.0.0.1:{tls.port}", root_certificates=ca.read_bytes(), token="t", timeout=5) as client:
+            assert client.models.list()  # the certificate names 127.0.0.1 too
+        with Client(tls.address, root_certificates=str(other), retry=NO_RETRY, timeout=5) as client:
+            with pytest.raises(UnavailableError):  # a CA that did not sign the server's certificate
+                client.models.list()
+        with Client(tls.address, retry=NO_RETRY, timeout=5) as client:  # plaintext to a TLS server
+            with pytest.raises(UnavailableError):
+                client.models.list()
+        with Client(mtls.address, root_certificates=str(ca), client_certificate=str(cert), client_key=str(key),
+                    timeout=5) as client:
+            assert client.models.list()
+        with Client(mtls.address, root_certificates=str(ca), retry=NO_RETRY, timeout=5) as client:
+            with pytest.raises(UnavailableError):  # the server requires a client certificate
+                client.models.list()
+
+        async def async_mtls():
+            async with AsyncClient(mtls.address, root_certificates=str(ca), client_certificate=str(cert),
+                                   client_key=str(key), timeout=5) as client:
+                return await client.models.list()
+
+        assert asyncio.run(async_mtls())
+    finally:
+        tls.stop()
+        mtls.stop()
+
+
+def test_tls_settings_are_checked_before_connecting(tmp_path):
+    with pytest.raises(InputFileError, match="TLS root certificate file not found"):
+        Client("localhost:1", root_certificates=str(tmp_path / "missing.pem"))
+    with pytest.raises(InputError, match="both a client certificate and its key"):
+        Client("localhost:1", root_certificates=str(TLS_DIR / "ca.pem"),
+               client_certificate=str(TLS_DIR / "client.pem"))
+    with pytest.raises(InputError, match="tls=False"):
+        Client("localhost:1", tls=False, root_certificates=str(TLS_DIR / "ca.pem"))
