@@ -10,15 +10,21 @@ retryable failures, and `map()` for many inputs with bounded concurrency.
 """
 from __future__ import annotations
 
-from typing import Any
+import importlib
+from typing import TYPE_CHECKING, Any
 
-from ._channel import NO_RETRY, RetryPolicy
-from .aio import AsyncClient
-from .client import Client
-from .errors import (CallCancelledError, DeadlineExceededError, FailedPreconditionError, InputError, InputFileError, InternalError,
-                     InvalidArgumentError, NotFoundError, PermissionDeniedError, PipeserveError,
-                     ResourceExhaustedError, StreamInterruptedError, UnauthenticatedError, UnavailableError,
-                     UnimplementedError)
+if TYPE_CHECKING:
+    from ._channel import NO_RETRY, RetryPolicy
+    from .aio import AsyncClient
+    from .client import Client
+    from .errors import (CallCancelledError, DeadlineExceededError, FailedPreconditionError, InputError,
+                         InputFileError, InternalError, InvalidArgumentError, NotFoundError, PermissionDeniedError,
+                         PipeserveError, ResourceExhaustedError, StreamInterruptedError, UnauthenticatedError,
+                         UnavailableError, UnimplementedError)
+
+# Names are imported on first use (PEP 562), so `pipeserve` (the CLI) can configure grpc's
+# logging before grpc is imported.
+_HOMES = {"NO_RETRY": "._channel", "RetryPolicy": "._channel", "AsyncClient": ".aio", "Client": ".client"}
 
 __all__ = [
     "Client", "AsyncClient", "RetryPolicy", "NO_RETRY", "to_dict",
@@ -26,6 +32,13 @@ __all__ = [
     "PermissionDeniedError", "UnauthenticatedError", "ResourceExhaustedError", "UnavailableError",
     "StreamInterruptedError", "UnimplementedError", "CallCancelledError", "DeadlineExceededError", "InternalError",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _HOMES or name in __all__:
+        module = importlib.import_module(_HOMES.get(name, ".errors"), __name__)
+        return getattr(module, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def to_dict(message: Any) -> dict[str, Any]:

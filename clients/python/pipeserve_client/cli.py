@@ -29,6 +29,10 @@ import sys
 import time
 from typing import Any, Callable, Iterable
 
+# grpc's C core logs TLS handshake failures and the like to stderr at INFO level; the CLI
+# explains failures itself. Must be set before grpc is first imported.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
 EXIT_OK, EXIT_BUG, EXIT_USAGE, EXIT_INPUT, EXIT_UNREACHABLE = 0, 1, 2, 3, 4
 EXIT_REJECTED, EXIT_SERVER_ERROR, EXIT_DEADLINE, EXIT_STREAM_LOST, EXIT_INTERRUPTED = 5, 6, 7, 8, 130
 
@@ -409,18 +413,26 @@ def cmd_generate(client: Any, args: argparse.Namespace) -> None:
             print(sequence.text)
         return
     later: dict[int, list[str]] = {}
-    for message in client.generate(prompt, stream=True, **kwargs):
-        if as_json:
-            _dump(message)
-            continue
-        index = message.sequence_index
-        if message.HasField("token"):
-            if index == 0:
-                sys.stdout.write(message.token.text)
+    open_line = False
+    try:
+        for message in client.generate(prompt, stream=True, **kwargs):
+            if as_json:
+                _dump(message)
+                continue
+            index = message.sequence_index
+            if message.HasField("token"):
+                if index == 0:
+                    sys.stdout.write(message.token.text)
+                    sys.stdout.flush()
+                    open_line = True
+                else:  # further sequences print after the first, whole
+                    later.setdefault(index, []).append(message.token.text)
+            elif message.HasField("done") and index == 0:
+                sys.stdout.write("\n")
                 sys.stdout.flush()
-            else:  # further sequences print after the first, whole
-                later.setdefault(index, []).append(message.token.text)
-        elif message.HasField("done") and index == 0:
+                open_line = False
+    finally:
+        if open_line:  # the stream broke mid-line: end the line before the error message
             sys.stdout.write("\n")
             sys.stdout.flush()
     for index in sorted(later):
@@ -543,8 +555,10 @@ def _explain(error: Exception, target: str, tls: bool) -> Fail:
             hint = ("check --ca-cert (the server's CA), --cert/--key (mutual TLS) and --server-name" if tls
                     else "the server may require TLS: try --tls / --ca-cert")
             return Fail(f"TLS connection to {target} failed: {details}\n  {hint}", EXIT_UNREACHABLE)
-        hint = ("the server may not speak TLS: try without --tls" if tls else
-                "is the server running? start one with `pipeserve serve`, or set --server / PIPESERVE_SERVER")
+        hint = ("check that the server is running and speaks TLS, that --ca-cert is the CA that signed its "
+                "certificate (and --server-name matches it), and --cert/--key if it requires mutual TLS" if tls else
+                "is the server running? start one with `pipeserve serve`, or set --server / PIPESERVE_SERVER; "
+                "if it requires TLS, add --tls or --ca-cert")
         return Fail(f"cannot reach the pipeserve server at {target}: {details}\n  {hint}", EXIT_UNREACHABLE)
     if isinstance(error, E.DeadlineExceededError):
         return Fail(f"deadline exceeded: {error.details} (raise --timeout)", EXIT_DEADLINE)
