@@ -113,14 +113,19 @@ class TextGenerationPipeline(Pipeline):
         return ids
 
     def parameters(self, options: dict[str, Any]) -> GenerationParams:
-        return GenerationParams.from_options(self.resolve_options(options), eos_token_ids=self.eos_ids,
+        merged = self.resolve_options(options)
+        if options.get("max_new_tokens") is None and merged.get("max_new_tokens") is not None:
+            # A default (256, as transformers' pipeline) is capped by a smaller model's context;
+            # an explicit request value beyond the context is refused instead.
+            merged["max_new_tokens"] = min(int(merged["max_new_tokens"]), self.model.max_positions)
+        return GenerationParams.from_options(merged, eos_token_ids=self.eos_ids,
                                              max_positions=self.model.max_positions)
 
     def start(self, prompt: str, options: dict[str, Any]) -> Started:
         """Validates and submits; returns at once. Call from the thread (or event loop) that
         will consume the handle."""
-        params = self.parameters(options)
         ids = self.encode(prompt)
+        params = self.parameters(options)
         return Started(self.engine.submit(ids, params), prompt, ids, params)
 
     def stream(self, prompt: str, options: dict[str, Any]) -> Iterator[TokenEvent | DoneEvent]:
@@ -148,6 +153,10 @@ class TextGenerationPipeline(Pipeline):
             for s in started:
                 s.handle.cancel()
         return results
+
+    def token_text(self, token: int) -> str:
+        """One token's text on its own (for top-alternative listings)."""
+        return self.tokenizer.decode([token], skip_special_tokens=False)
 
     def close(self) -> None:
         self.engine.close()

@@ -1,0 +1,139 @@
+"""TextGenerationService: GenerateRequest -> pipeline.start (the model's continuous-batching
+engine) -> GenerateResponse, or one GenerateStreamResponse per token plus one done message per
+sequence.
+
+The engine delivers events onto this event loop; leaving the loop early (client cancelled,
+deadline passed, error) cancels the request, which frees its cache slots before the next
+decoding step. No torch here.
+"""
+from __future__ import annotations
+
+import grpc
+from google.protobuf.message import DecodeError
+
+from ..errors import InvalidInput
+from ..generation_engine import DoneEvent, TokenEvent
+from ..tasks import Task
+from ..v1 import text_generation_pb2 as pb, text_generation_pb2_grpc as pb_grpc
+from .common import App, Timer, optional_fields, request_id, run_info
+
+TASK = Task.TEXT_GENERATION
+SERVICE_NAME = "pipeserve.v1.TextGenerationService"
+
+_SCALAR_OPTIONS = ("max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p", "typical_p",
+                   "repetition_penalty", "no_repeat_ngram_size", "ignore_eos", "seed", "num_return_sequences",
+                   "return_full_text", "logprobs", "return_logprobs")
+
+FINISH_REASONS = {
+    "length": pb.FINISH_REASON_LENGTH,
+    "eos_token": pb.FINISH_REASON_EOS_TOKEN,
+    "stop_sequence": pb.FINISH_REASON_STOP_SEQUENCE,
+    "cancelled": pb.FINISH_REASON_CANCELLED,
+}
+
+
+def _options(request) -> dict:
+    options = optional_fields(request.options, _SCALAR_OPTIONS)
+    options["stop"] = list(request.options.stop) or None
+    return options
+
+
+def _token(pipeline, event: TokenEvent, with_logprobs: bool) -> pb.Token:
+    token = pb.Token(id=event.token, text=event.text, special=event.special)
+    if with_logprobs:
+        token.logprob = event.logprob
+        token.top_logprobs.extend(pb.TopLogprob(id=i, text=pipeline.token_text(i), logprob=lp) for i, lp in event.top)
+    return token
+
+
+def _run(entry, started, batch_size_floor: int = 1):
+    handle = started.handle
+    queue_ms = ((handle.started_at or handle.submitted_at) - handle.submitted_at) * 1000.0
+    return run_info(entry, queue_ms=queue_ms, compute_ms=handle.compute_s * 1000.0,
+                    batch_size=max(handle.max_batch, batch_size_floor))
+
+
+class _Undecodable:
+    """A request protobuf could not parse (e.g. a stop string that is not valid UTF-8)."""
+
+    def __init__(self, error: DecodeError):
+        self.error = error
+
+
+def _lenient(message_class):
+    """A deserializer that lets the servicer answer INVALID_ARGUMENT for malformed bytes
+    (grpc would answer UNKNOWN from inside its own deserialization)."""
+    def parse(data: bytes):
+        try:
+            return message_class.FromString(data)
+        except DecodeError as exc:
+            return _Undecodable(exc)
+    return parse
+
+
+def _check(request):
+    if isinstance(request, _Undecodable):
+        raise InvalidInput(f"the request is not a valid protobuf message ({request.error}); string fields such as "
+                           "the prompt and stop sequences must be valid UTF-8")
+    return request
+
+
+class TextGenerationServicer(pb_grpc.TextGenerationServiceServicer):
+    def __init__(self, app: App):
+        self.app = app
+
+    async def Generate(self, request: pb.GenerateRequest, context) -> pb.GenerateResponse:
+        rid = request_id(_check(request))
+        async with self.app.manager.use(request.model, TASK) as entry:
+            pipeline = entry.pipeline
+            started = pipeline.start(request.prompt, _options(request))
+            done: list[DoneEvent] = []
+            try:
+                async for event in started.handle:
+                    if isinstance(event, DoneEvent):
+                        done.append(event)
+            finally:
+                started.handle.cancel()
+            logprobs = started.params.return_logprobs
+            sequences = [pb.GeneratedSequence(
+                text=started.full_text(d.text), finish_reason=FINISH_REASONS[d.finish_reason],
+                generated_tokens=d.generated_tokens,
+                tokens=[_token(pipeline, t, True) for t in d.tokens] if logprobs else [])
+                for d in sorted(done, key=lambda d: d.index)]
+            return pb.GenerateResponse(request_id=rid, sequences=sequences, prompt_tokens=len(started.prompt_ids),
+                                       seed=started.params.seed, run=_run(entry, started))
+
+    async def GenerateStream(self, request: pb.GenerateStreamRequest, context):
+        rid = request_id(_check(request))
+        async with self.app.manager.use(request.model, TASK) as entry:
+            pipeline = entry.pipeline
+            started = pipeline.start(request.prompt, _options(request))
+            logprobs = started.params.return_logprobs
+            try:
+                async for event in started.handle:
+                    if isinstance(event, TokenEvent):
+                        yield pb.GenerateStreamResponse(request_id=rid, sequence_index=event.index,
+                                                        token=_token(pipeline, event, logprobs))
+                    else:
+                        yield pb.GenerateStreamResponse(request_id=rid, sequence_index=event.index, done=pb.GenerationDone(
+                            finish_reason=FINISH_REASONS[event.finish_reason], prompt_tokens=len(started.prompt_ids),
+                            generated_tokens=event.generated_tokens, seed=started.params.seed,
+                            text=started.full_text(event.text), run=_run(entry, started)))
+            finally:
+                started.handle.cancel()  # the client went away or the stream ended: stop the work
+
+
+def register(server, app: App) -> None:
+    """As pb_grpc.add_TextGenerationServiceServicer_to_server, with lenient request parsing."""
+    servicer = TextGenerationServicer(app)
+    handlers = {
+        "Generate": grpc.unary_unary_rpc_method_handler(
+            servicer.Generate, request_deserializer=_lenient(pb.GenerateRequest),
+            response_serializer=pb.GenerateResponse.SerializeToString),
+        "GenerateStream": grpc.unary_stream_rpc_method_handler(
+            servicer.GenerateStream, request_deserializer=_lenient(pb.GenerateStreamRequest),
+            response_serializer=pb.GenerateStreamResponse.SerializeToString),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    if hasattr(server, "add_registered_method_handlers"):
+        server.add_registered_method_handlers(SERVICE_NAME, handlers)
