@@ -1,0 +1,53 @@
+"""The question-answering oracle: transformers 5 removed the question-answering pipeline, so
+the reference is transformers 4.57.6's `pipeline("question-answering")`, run in a subprocess
+from a side install that does not touch the main environment:
+
+    pip install --no-deps --target ~/.cache/pipeserve-oracle/transformers4 \
+        transformers==4.57.6 tokenizers==0.22.1 huggingface_hub==0.36.0
+
+(PIPESERVE_TRANSFORMERS4 overrides the folder.) The checkpoint and tokenizer are the same
+files pipeserve loads; the tokenizer is read as PreTrainedTokenizerFast because 4.57 does not
+know the "TokenizersBackend" class name that transformers 5 writes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ORACLE = Path(os.environ.get("PIPESERVE_TRANSFORMERS4", Path.home() / ".cache/pipeserve-oracle/transformers4"))
+
+_SCRIPT = r"""
+import json, sys, warnings
+warnings.simplefilter("ignore")
+import transformers
+assert transformers.__version__ == "4.57.6", transformers.__version__
+from transformers import AutoModelForQuestionAnswering, PreTrainedTokenizerFast, pipeline
+directory, cases = sys.argv[1], json.loads(sys.stdin.read())
+tokenizer = PreTrainedTokenizerFast.from_pretrained(directory)
+model = AutoModelForQuestionAnswering.from_pretrained(directory).eval()
+qa = pipeline("question-answering", model=model, tokenizer=tokenizer)
+out = []
+for case in cases:
+    result = qa(question=case["question"], context=case["context"], **case.get("kwargs", {}))
+    out.append(result if isinstance(result, list) else [result])
+print(json.dumps(out))
+"""
+
+
+def available() -> bool:
+    return (ORACLE / "transformers" / "__init__.py").is_file()
+
+
+def run(directory: Path, cases: list[dict]) -> list[list[dict]]:
+    """Each case {question, context, kwargs} -> the list of answers transformers 4.57 gives."""
+    if not available():
+        raise RuntimeError(f"the transformers 4.57.6 oracle is not installed in {ORACLE}; see tests/qa_oracle.py")
+    env = {**os.environ, "PYTHONPATH": str(ORACLE), "TRANSFORMERS_VERBOSITY": "error", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", _SCRIPT, str(directory)], input=json.dumps(cases),
+                          capture_output=True, text=True, env=env, timeout=300)
+    if done.returncode != 0:
+        raise RuntimeError(f"QA oracle failed:\n{done.stderr[-4000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
