@@ -1,0 +1,110 @@
+"""The continuous-batching engine: joining between steps, leaving at once, bounds, EOS."""
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from generation_checkpoints import build
+from harness import load_pipeline
+
+from pipeserve.errors import InvalidInput, QueueFull
+from pipeserve.generation import GenerationParams
+from pipeserve.generation_engine import DoneEvent, GenerationEngine, TokenEvent
+
+
+@pytest.fixture(scope="module")
+def pipe(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("engine-gpt2")
+    build("gpt2", directory)
+    pipeline = load_pipeline(directory)
+    yield pipeline
+    pipeline.close()
+
+
+def _params(pipe, **options):
+    return pipe.parameters(options)
+
+
+def _tokens(handle):
+    events = list(handle)
+    return [e.token for e in events if isinstance(e, TokenEvent)], [e for e in events if isinstance(e, DoneEvent)]
+
+
+def test_request_joins_a_running_batch_and_matches_running_alone(pipe):
+    engine = pipe.engine
+    ids_a, ids_b = pipe.encode("The quick brown fox"), pipe.encode("Hello world")
+    alone_b, _ = _tokens(engine.submit(ids_b, _params(pipe, max_new_tokens=20, min_new_tokens=20)))
+    alone_a, _ = _tokens(engine.submit(ids_a, _params(pipe, max_new_tokens=60, min_new_tokens=60)))
+
+    steps = engine.steps
+    a = engine.submit(ids_a, _params(pipe, max_new_tokens=60, min_new_tokens=60))
+    iterator = iter(a)
+    first = [next(iterator) for _ in range(10)]  # A is running
+    b = engine.submit(ids_b, _params(pipe, max_new_tokens=20, min_new_tokens=20))
+    joined_b, done_b = _tokens(b)
+    rest = list(iterator)
+    joined_a = [e.token for e in first + rest if isinstance(e, TokenEvent)]
+    assert joined_a == alone_a and joined_b == alone_b
+    assert done_b[0].finish_reason == "length"
+    assert engine.steps - steps < 60 + 20 - 2, "B decoded in A's steps"
+    assert 2 in engine.batch_sizes
+
+
+def test_cancel_leaves_at_once_and_frees_the_slot(pipe):
+    engine = pipe.engine
+    handle = engine.submit(pipe.encode("Hello"), _params(pipe, max_new_tokens=100, min_new_tokens=100))
+    iterator = iter(handle)
+    next(iterator)
+    handle.cancel()
+    events = list(iterator)
+    done = [e for e in events if isinstance(e, DoneEvent)]
+    assert done and done[0].finish_reason == "cancelled" and done[0].generated_tokens < 100
+    assert engine.active() == 0 and engine.cache.memory_bytes() == 0
+
+
+def test_eos_ends_a_sequence_unless_ignored(pipe):
+    ids = pipe.encode("The quick brown fox")
+    greedy, _ = _tokens(pipe.engine.submit(ids, _params(pipe, max_new_tokens=10, min_new_tokens=10)))
+    eos = greedy[3]
+    params = GenerationParams.from_options({"max_new_tokens": 10}, eos_token_ids=[eos], max_positions=128)
+    tokens, [done] = _tokens(pipe.engine.submit(ids, params))
+    assert done.finish_reason == "eos_token" and tokens == greedy[:greedy.index(eos) + 1]
+    params = GenerationParams.from_options({"max_new_tokens": 10, "ignore_eos": True}, eos_token_ids=[eos],
+                                           max_positions=128)
+    tokens, [done] = _tokens(pipe.engine.submit(ids, params))
+    assert done.finish_reason == "length" and tokens == greedy
+    # min_new_tokens forbids the end-of-sequence token until it is reached
+    params = GenerationParams.from_options({"max_new_tokens": 10, "min_new_tokens": 8}, eos_token_ids=[eos],
+                                           max_positions=128)
+    tokens, [done] = _tokens(pipe.engine.submit(ids, params))
+    assert eos not in tokens[:8]
+
+
+def test_queue_and_batch_bounds(pipe):
+    engine = GenerationEngine(pipe.model, pipe.tokenizer, special_ids=set(), max_batch_size=1,
+                              max_batch_tokens=64, max_queued=2)
+    try:
+        ids = pipe.encode("Hello")
+        with pytest.raises(InvalidInput, match="tokens of cache"):
+            engine.submit(ids, _params(pipe, max_new_tokens=100))
+        handles = [engine.submit(ids, _params(pipe, max_new_tokens=40, min_new_tokens=40))]
+        time.sleep(0.2)  # the first one is running; the next two wait
+        handles += [engine.submit(ids, _params(pipe, max_new_tokens=5)) for _ in range(2)]
+        with pytest.raises(QueueFull):
+            engine.submit(ids, _params(pipe, max_new_tokens=5))
+        for handle in handles:
+            _, [done] = _tokens(handle)
+            assert done.finish_reason == "length"
+        assert max(engine.batch_sizes) == 1
+        assert engine.cache.memory_bytes() == 0
+    finally:
+        engine.close()
+
+
+def test_context_end_finishes_with_length(pipe):
+    ids = pipe.encode("word " * 30)[:120]
+    assert len(ids) > 40
+    tokens, [done] = _tokens(pipe.engine.submit(ids, _params(pipe, max_new_tokens=128)))
+    assert done.finish_reason == "length" and len(ids) + len(tokens) == pipe.model.max_positions
