@@ -56,7 +56,7 @@ class CTCASRPipeline(Pipeline):
     max_audio_s: float = 4 * 3600.0
     max_batch_size: int = 64
     # Live streaming: window length when the stream's options set no chunk_length_s.
-    live_chunk_s: float = 10.0
+    live_chunk_s: float = 5.0
 
     def __init__(self, files: ModelFiles, options: LoadOptions, model: torch.nn.Module,
                  vocab: CTCVocabulary, preprocessor: dict[str, Any]):
