@@ -199,6 +199,15 @@ class CTCStreamDecoder:
             out.append((CharOffset(char, g.start, g.start + g.frames), g.id, lp))
         return out
 
+    def tail(self, first_group: int) -> "CTCStreamDecoder":
+        """A new decoder holding runs from `first_group` on, re-based to frame 0."""
+        out = CTCStreamDecoder(self.vocab)
+        base = self.groups[first_group].start if first_group < len(self.groups) else self.frames
+        out.groups = [_Group(g.token, g.id, g.start - base, g.frames) for g in self.groups[first_group:]]
+        out.logprob_sum = list(self.logprob_sum[first_group:])
+        out.frames = self.frames - base
+        return out
+
     def text(self) -> str:
         """The decoded text of everything pushed (CTCVocabulary.decode(...).text)."""
         text = "".join(c.char for c, _, _ in self.chars()).strip()

@@ -345,16 +345,15 @@ class CTCLiveStream:
         if self.buffer.shape[0] <= left or self.buffer.shape[0] < self.pipeline.min_samples:
             return None
         probe = _Segmenter(self.pipeline, self.options["return_timestamps"])
-        probe.decoder.push([g.id for g in self.segmenter.decoder.groups[self.segmenter.next_group:]
-                            for _ in range(g.frames)])
+        main = self.segmenter.decoder
+        probe.decoder = main.tail(self.segmenter.next_group)
+        base = main.frames - probe.decoder.frames
         (ids, lps), = self.pipeline._run_chunks(
             [(self.pipeline.normalize(self.buffer), (self.buffer.shape[0], left, 0))])
         probe.decoder.push(ids.tolist(), lps.tolist())
         segment = probe.take(final=True)
         if segment is None:
             return None
-        base = self.segmenter.decoder.groups[self.segmenter.next_group].start \
-            if self.segmenter.next_group < len(self.segmenter.decoder.groups) else self.segmenter.decoder.frames
         return probe.shift(segment, base, str(self.segmenter.next_id))
 
 
