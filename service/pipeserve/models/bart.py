@@ -112,7 +112,12 @@ class BartEncoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         x = self.self_attn_layer_norm(x + self.self_attn(x, mask=mask))
-        return self.final_layer_norm(x + self.fc2(self.act(self.fc1(x))))
+        x = self.final_layer_norm(x + self.fc2(self.act(self.fc1(x))))
+        if x.dtype == torch.float16 and not torch.isfinite(x).all():
+            # As transformers does: keep float16 activations finite instead of propagating inf.
+            limit = torch.finfo(x.dtype).max - 1000
+            x = x.clamp(min=-limit, max=limit)
+        return x
 
 
 class BartDecoderLayer(nn.Module):
