@@ -18,7 +18,7 @@ from ..generation_engine import DoneEvent, GenerationEngine, RequestHandle, Toke
 from ..hub import ModelFiles
 from ..registry import family_module
 from ..tasks import Task
-from .base import LoadOptions, Pipeline
+from .base import LoadOptions, Pipeline, replace_options
 
 # generation_config.json fields that are request options under the same name.
 _GENERATION_CONFIG_FIELDS = ("max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p",
@@ -68,6 +68,9 @@ class TextGenerationPipeline(Pipeline):
 
     def __init__(self, files: ModelFiles, options: LoadOptions, model, tokenizer, *, eos_ids: list[int],
                  clean_up_spaces: bool, generation_defaults: dict[str, Any]):
+        if options.device == "auto":
+            # device_map placed the model; the pipeline's device is where its inputs go
+            options = replace_options(options, device=str(next(model.parameters()).device))
         super().__init__(files, options, files.config.get("model_type", ""),
                          (files.config.get("architectures") or [""])[0])
         self.defaults = {**self.option_defaults, **generation_defaults, **options.defaults}
