@@ -1,5 +1,5 @@
 """Zero-shot classification parity with transformers.pipeline on tiny random NLI checkpoints
-(BART, BERT, RoBERTa, DistilBERT), plus bad inputs."""
+(BART, BERT, RoBERTa, XLM-RoBERTa, DistilBERT), plus bad inputs."""
 from __future__ import annotations
 
 import pytest
@@ -19,7 +19,7 @@ TEXTS = [
 ]
 # Longer than every tiny tokenizer's model_max_length (40-48 tokens): the premise is truncated.
 LONG_TEXT = " ".join(["The election results were announced today in the capital with the quick brown fox."] * 6)
-FAMILIES = ["bart", "bert", "roberta", "distilbert"]
+FAMILIES = ["bart", "bert", "roberta", "xlm-roberta", "distilbert"]
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
