@@ -84,7 +84,8 @@ def test_chunks_batched_equal_unbatched(pair):
 
 def test_several_inputs_in_one_call(pair):
     variant, ours, reference = pair
-    audios = [ck.audio(s, seed=i) for i, s in enumerate((1.1, 2.7, 0.4))]
+    # unequal lengths (padded + masked for layer-norm models) and equal ones (stacked for all)
+    audios = [ck.audio(s, seed=i) for i, s in enumerate((1.1, 2.7, 0.4, 1.1, 2.7))]
     results = ours.transcribe([torch.from_numpy(a) for a in audios], {"return_timestamps": "char"})
     assert [_as_reference(r, "char") for r in results] == [
         _reference(reference, a, return_timestamps="char") for a in audios]

@@ -168,17 +168,28 @@ class CTCASRPipeline(Pipeline):
         return max(0, int(self.model.config.output_length(n_samples)))
 
     def forward(self, inputs: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Normalised, equal-length inputs -> per input (frame ids, their log probabilities)."""
-        n = inputs[0].shape[0]
-        if self.frames(n) < 1:
+        """Normalised inputs -> per input (frame ids, their log probabilities). Unequal lengths
+        are right-padded with an attention mask (layer-norm models only: a group-norm feature
+        encoder normalises over time, so padding would change its output)."""
+        lengths = [x.shape[0] for x in inputs]
+        frames = [self.frames(n) for n in lengths]
+        if max(frames) < 1:
             empty = torch.zeros(0, dtype=torch.long)
             return [(empty, empty.float()) for _ in inputs]
-        batch = torch.stack(inputs).to(self.device, self.dtype)
+        mask = None
+        if len(set(lengths)) == 1:
+            batch = torch.stack(inputs)
+        else:
+            batch = torch.full((len(inputs), max(lengths)), self.padding_value)
+            mask = torch.zeros(len(inputs), max(lengths), dtype=torch.long)
+            for i, x in enumerate(inputs):
+                batch[i, : x.shape[0]], mask[i, : x.shape[0]] = x, 1
+            mask = mask.to(self.device)
         with torch.inference_mode():
-            logits = self.model(batch).float()
+            logits = self.model(batch.to(self.device, self.dtype), mask).float()
             ids = logits.argmax(-1)
             logprobs = logits.log_softmax(-1).gather(-1, ids[..., None])[..., 0]
-        return [(ids[i].cpu(), logprobs[i].cpu()) for i in range(len(inputs))]
+        return [(ids[i, : frames[i]].cpu(), logprobs[i, : frames[i]].cpu()) for i in range(len(inputs))]
 
     def _windows(self, waveform: torch.Tensor, options: dict[str, Any],
                  should_stop: Callable[[], bool] | None = None) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
@@ -232,26 +243,45 @@ class CTCASRPipeline(Pipeline):
         `should_stop` (cancellation, deadline) is checked before each batch of chunks."""
         options = self.validate_options(self.resolve_options(options))
         waveform = self._check(waveform_16k)
+        batches = self._windows(waveform, options, should_stop) if waveform.shape[0] >= self.min_samples else []
+        yield from self._decode(batches, waveform, options)
+
+    def _decode(self, batches, waveform: torch.Tensor, options: dict[str, Any]) -> Iterator[Segment | Transcription]:
         segmenter = _Segmenter(self, options["return_timestamps"])
-        if waveform.shape[0] >= self.min_samples:
-            for batch in self._windows(waveform, options, should_stop):
-                for ids, lps in batch:
-                    segmenter.decoder.push(ids.tolist(), lps.tolist())
-                segment = segmenter.take(final=False)
-                if segment is not None:
-                    yield segment
-            segment = segmenter.take(final=True)
+        for batch in batches:
+            for ids, lps in batch:
+                segmenter.decoder.push(ids.tolist(), lps.tolist())
+            segment = segmenter.take(final=False)
             if segment is not None:
                 yield segment
+        segment = segmenter.take(final=True)
+        if segment is not None:
+            yield segment
         yield Transcription(text=segmenter.decoder.text(), segments=segmenter.segments,
                             duration_s=waveform.shape[0] / self.sampling_rate)
 
     def transcribe(self, waveforms: list[torch.Tensor], options: dict[str, Any]) -> list[Transcription]:
-        """One Transcription per input (each input's chunks are batched)."""
-        results = []
-        for waveform in waveforms:
-            *_, done = self.transcribe_stream(waveform, options)
-            results.append(done)
+        """One Transcription per input. Unchunked inputs are batched together (layer-norm
+        models: padded with a mask; group-norm models: equal lengths only); each long input's
+        chunks are batched with each other."""
+        resolved = self.validate_options(self.resolve_options(options))
+        waves = [self._check(w) for w in waveforms]
+        results: list[Transcription | None] = [None] * len(waves)
+        groups: dict[int, list[int]] = {}
+        masked = self.model.config.feat_extract_norm == "layer"
+        for i in sorted(range(len(waves)), key=lambda i: waves[i].shape[0]):
+            n = waves[i].shape[0]
+            if n >= self.min_samples and self._chunking(resolved, n) is None:
+                groups.setdefault(0 if masked else n, []).append(i)
+        for members in groups.values():
+            for k in range(0, len(members), self.max_batch_size):
+                part = members[k:k + self.max_batch_size]
+                outputs = self.forward([self.normalize(waves[i]) for i in part])
+                for i, output in zip(part, outputs):
+                    *_, results[i] = self._decode([[output]], waves[i], resolved)
+        for i, waveform in enumerate(waves):
+            if results[i] is None:
+                *_, results[i] = self.transcribe_stream(waveform, options)
         return results
 
     def open_stream(self, options: dict[str, Any]) -> "CTCLiveStream":
