@@ -169,3 +169,17 @@ def test_bad_inputs(docqa, page, monkeypatch):
     with pytest.raises(OcrUnavailable, match="not installed"):
         ours.answer([DocumentQuery(QUESTIONS[0], image=page[1])])
     assert ours.answer([DocumentQuery(QUESTIONS[0], words=tuple(good))])[0].answers
+
+
+def test_document_longer_than_the_model_is_split_into_windows(docqa):
+    # 120 words (> 64 model positions) with the default max_seq_len and doc_stride.
+    oracle, ours = docqa
+    vocabulary = ["Invoice", "number:", "12345", "Total:", "$99.00", "Date:", "ACME", "Corporation"]
+    words = tuple(Word(vocabulary[i % len(vocabulary)], (i * 8 % 900, i * 7 % 950, i * 8 % 900 + 60, i * 7 % 950 + 30))
+                  for i in range(120))
+    windows = ours.windows(0, QUESTIONS[1], list(words), ours.validate_options(ours.defaults))
+    assert len(windows) > 2 and all(len(w.ids) <= ours.max_tokens for w in windows)
+    word_boxes = [(w.text, list(w.box)) for w in words]
+    for options in ({}, {"top_k": 5}, {"top_k": 3, "doc_stride": 10, "handle_impossible_answer": True}):
+        [result] = ours.answer([DocumentQuery(QUESTIONS[1], words=words)], options)
+        _check(result.answers, oracle(image=None, question=QUESTIONS[1], word_boxes=word_boxes, **options))
