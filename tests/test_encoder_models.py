@@ -126,3 +126,19 @@ def test_stride_that_does_not_fit_is_invalid_input(tmp_path):
     with pytest.raises(InvalidInput, match="stride"):
         ours.encode(["a much longer question than the window allows"], ["context words here"],
                     truncation="only_second", max_length=14, stride=5, overflow=True)
+
+
+def test_pretokenized_words_match_transformers(tmp_path):
+    """is_split_into_words encoding (used by document QA): ids, word ids and overflow windows."""
+    from pipeserve.hub import resolve
+    from pipeserve.text import TextTokenizer
+
+    directory, _, reference = build_checkpoint("bert", "base", tmp_path)
+    ours = TextTokenizer.from_files(resolve(str(directory)))
+    question, words = ["what", "is", "it?"], "Sarah lives in Paris and works in New York City".split()
+    ref = reference([question], [words], is_split_into_words=True, truncation="only_second", max_length=12,
+                    stride=2, return_overflowing_tokens=True)
+    rows = ours.encode([question], [words], pretokenized=True, truncation="only_second", max_length=12, stride=2,
+                       overflow=True)
+    assert [r.ids for r in rows] == ref["input_ids"]
+    assert [r.word_ids for r in rows] == [ref.word_ids(i) for i in range(len(rows))]

@@ -178,13 +178,14 @@ class TextTokenizer:
 
     def encode(self, texts: Sequence[str], pairs: Sequence[str] | None = None, *, max_length: int | None = None,
                truncation: Truncation = "longest_first", stride: int = 0, overflow: bool = False,
-               add_special_tokens: bool = True) -> list[Row]:
+               add_special_tokens: bool = True, pretokenized: bool = False) -> list[Row]:
         """Encodes texts (and pairs) as transformers' tokenizer(..., truncation, max_length,
-        stride, return_overflowing_tokens=overflow) does; rows keep the input order."""
+        stride, return_overflowing_tokens=overflow, is_split_into_words=pretokenized) does;
+        with `pretokenized`, each text (and pair) is a list of words. Rows keep the input order."""
         tok = self._tokenizer(max_length, truncation, stride)
         inputs = list(zip(texts, pairs)) if pairs is not None else list(texts)
         try:
-            encodings = tok.encode_batch(inputs, add_special_tokens=add_special_tokens)
+            encodings = tok.encode_batch(inputs, is_pretokenized=pretokenized, add_special_tokens=add_special_tokens)
         except (KeyboardInterrupt, SystemExit):
             raise
         except BaseException as exc:  # noqa: B036 - the Rust side panics (pyo3 PanicException is a
