@@ -96,3 +96,76 @@ def hf_pipeline(directory: Path):
     from transformers import pipeline
 
     return pipeline("automatic-speech-recognition", model=str(directory), device="cpu")
+
+
+def write_ct2(state: dict, directory: Path, *, heads: int, dtype: torch.dtype = torch.float32,
+              extra_config: dict | None = None, tokenizer_from: Path | None = None) -> Path:
+    """Writes a transformers Whisper state dict as a CTranslate2 model.bin (format 6), the
+    layout CTranslate2's WhisperLoader produces: fused qkv / kv, gamma/beta norms, aliases."""
+    import struct
+
+    directory.mkdir(parents=True, exist_ok=True)
+    codes = {torch.float32: 0, torch.int8: 1, torch.int16: 2, torch.int32: 3, torch.float16: 4, torch.bfloat16: 5}
+    v: dict[str, torch.Tensor] = {}
+    s = {k: t.detach() for k, t in state.items()}
+
+    def lin(dst, src, bias=True):
+        v[f"{dst}/weight"] = s[f"{src}.weight"]
+        if bias:
+            v[f"{dst}/bias"] = s[f"{src}.bias"]
+
+    def norm(dst, src):
+        v[f"{dst}/gamma"], v[f"{dst}/beta"] = s[f"{src}.weight"], s[f"{src}.bias"]
+
+    def fused(dst, src, names):
+        v[f"{dst}/weight"] = torch.cat([s[f"{src}.{n}.weight"] for n in names])
+        v[f"{dst}/bias"] = torch.cat([s[f"{src}.{n}.bias"] if n != "k_proj" else torch.zeros_like(s[f"{src}.q_proj.bias"])
+                                      for n in names])
+
+    lin("encoder/conv1", "model.encoder.conv1")
+    lin("encoder/conv2", "model.encoder.conv2")
+    v["encoder/position_encodings/encodings"] = s["model.encoder.embed_positions.weight"]
+    norm("encoder/layer_norm", "model.encoder.layer_norm")
+    layers = lambda side: sorted({int(k.split(".")[3]) for k in s if k.startswith(f"model.{side}.layers.")})
+    for i in layers("encoder"):
+        src, dst = f"model.encoder.layers.{i}", f"encoder/layer_{i}"
+        fused(f"{dst}/self_attention/linear_0", f"{src}.self_attn", ["q_proj", "k_proj", "v_proj"])
+        lin(f"{dst}/self_attention/linear_1", f"{src}.self_attn.out_proj")
+        norm(f"{dst}/self_attention/layer_norm", f"{src}.self_attn_layer_norm")
+        norm(f"{dst}/ffn/layer_norm", f"{src}.final_layer_norm")
+        lin(f"{dst}/ffn/linear_0", f"{src}.fc1")
+        lin(f"{dst}/ffn/linear_1", f"{src}.fc2")
+    v["decoder/embeddings/weight"] = s["model.decoder.embed_tokens.weight"]
+    v["decoder/position_encodings/encodings"] = s["model.decoder.embed_positions.weight"]
+    norm("decoder/layer_norm", "model.decoder.layer_norm")
+    for i in layers("decoder"):
+        src, dst = f"model.decoder.layers.{i}", f"decoder/layer_{i}"
+        fused(f"{dst}/self_attention/linear_0", f"{src}.self_attn", ["q_proj", "k_proj", "v_proj"])
+        lin(f"{dst}/self_attention/linear_1", f"{src}.self_attn.out_proj")
+        norm(f"{dst}/self_attention/layer_norm", f"{src}.self_attn_layer_norm")
+        lin(f"{dst}/attention/linear_0", f"{src}.encoder_attn.q_proj")
+        fused(f"{dst}/attention/linear_1", f"{src}.encoder_attn", ["k_proj", "v_proj"])
+        lin(f"{dst}/attention/linear_2", f"{src}.encoder_attn.out_proj")
+        norm(f"{dst}/attention/layer_norm", f"{src}.encoder_attn_layer_norm")
+        norm(f"{dst}/ffn/layer_norm", f"{src}.final_layer_norm")
+        lin(f"{dst}/ffn/linear_0", f"{src}.fc1")
+        lin(f"{dst}/ffn/linear_1", f"{src}.fc2")
+    v = {k: t.to(dtype) for k, t in v.items()}
+    v["encoder/num_heads"] = torch.tensor(heads, dtype=torch.int16)
+    v["decoder/num_heads"] = torch.tensor(heads, dtype=torch.int16)
+
+    def string(text: str) -> bytes:
+        raw = text.encode() + b"\0"
+        return struct.pack("<H", len(raw)) + raw
+
+    out = [struct.pack("<I", 6), string("WhisperSpec"), struct.pack("<I", 3), struct.pack("<I", len(v))]
+    for name, t in v.items():
+        data = t.contiguous().view(torch.uint8).numpy().tobytes() if t.dim() else t.reshape(1).view(torch.uint8).numpy().tobytes()
+        out += [string(name), struct.pack("<B", t.dim()), b"".join(struct.pack("<I", d) for d in t.shape),
+                struct.pack("<B", codes[t.dtype]), struct.pack("<I", len(data)), data]
+    out += [struct.pack("<I", 1), string("decoder/projection/weight"), string("decoder/embeddings/weight")]
+    (directory / "model.bin").write_bytes(b"".join(out))
+    (directory / "config.json").write_text(json.dumps(extra_config or {}))
+    if tokenizer_from is not None:
+        (directory / "tokenizer.json").write_bytes((tokenizer_from / "tokenizer.json").read_bytes())
+    return directory

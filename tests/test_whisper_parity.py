@@ -1,0 +1,172 @@
+"""Whisper parity with transformers on tiny random checkpoints (English-only 80 mel,
+multilingual 128 mel): features, logits (<= 1e-4), CTranslate2 loading, and pipeline outputs
+(text, segment and word timestamps, chunked + batched, sequential long-form, prompts)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import whisper_checkpoints as wc
+from harness import assert_close, load_pipeline
+
+GEN = {"num_beams": 1, "max_new_tokens": 40}  # transformers' pipeline defaults to 5 beams, 256 tokens
+
+
+def _audio(seconds: float, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * 16000)) / 16000
+    return (0.1 * rng.standard_normal(t.shape) + 0.3 * np.sin(2 * np.pi * 300 * t) * (np.sin(t) > 0)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def en(tmp_path_factory):
+    d = wc.build(tmp_path_factory.mktemp("whisper") / "en", multilingual=False)
+    return d, load_pipeline(d), wc.hf_pipeline(d)
+
+
+@pytest.fixture(scope="module")
+def ml(tmp_path_factory):
+    d = wc.build(tmp_path_factory.mktemp("whisper") / "ml", multilingual=True, n_mels=128, seed=1)
+    return d, load_pipeline(d), wc.hf_pipeline(d)
+
+
+def _ours(pipe, audio, **options):
+    options.setdefault("max_new_tokens", GEN["max_new_tokens"])
+    return pipe.transcribe([torch.from_numpy(audio)], options)[0]
+
+
+def _chunks(result):
+    return [(c["text"], tuple(c["timestamp"])) for c in result["chunks"]]
+
+
+def _segments(result):
+    return [(s.text, (s.start_s, s.end_s)) for s in result.segments]
+
+
+@pytest.mark.parametrize("n_mels", [80, 128])
+def test_log_mel_matches_feature_extractor(n_mels):
+    from transformers import WhisperFeatureExtractor
+
+    from pipeserve.whisper_features import log_mel_spectrogram
+
+    fe = WhisperFeatureExtractor(feature_size=n_mels)
+    a, b = _audio(3.0, 0), _audio(11.5, 1)
+    ref = fe([a, b], sampling_rate=16000, return_tensors="pt").input_features
+    padded = torch.nn.utils.rnn.pad_sequence([torch.from_numpy(a), torch.from_numpy(b)], batch_first=True)
+    assert_close(log_mel_spectrogram(padded, n_mels), ref)
+    long = _audio(42.0, 2)
+    ref_long = fe(long, sampling_rate=16000, return_tensors="pt", padding="longest", truncation=False).input_features
+    assert_close(log_mel_spectrogram(torch.from_numpy(long), n_mels, pad_to=None), ref_long[0])
+
+
+@pytest.mark.parametrize("which", ["en", "ml"])
+def test_logits_parity(which, request):
+    from transformers import WhisperForConditionalGeneration
+
+    d, ours, _ = request.getfixturevalue(which)
+    reference = WhisperForConditionalGeneration.from_pretrained(d).eval()
+    n_mels = reference.config.num_mel_bins
+    features = torch.randn(2, n_mels, 3000)
+    sot = reference.generation_config.decoder_start_token_id
+    tokens = torch.tensor([[sot, 50360, 400, 500, 600, 11, 13], [sot, 1, 2, 3, 50364, 50400, 50257]])
+    with torch.no_grad():
+        ref = reference(input_features=features, decoder_input_ids=tokens).logits
+        assert_close(ours.model(features, tokens), ref)
+        # Incremental decoding through the KV cache gives the same logits.
+        enc = ours.model.encoder(features)
+        cache = ours.model.decoder.new_cache(enc, 16)
+        steps = [ours.model.decoder(tokens[:, :3], cache)] + [ours.model.decoder(tokens[:, i:i + 1], cache) for i in range(3, 7)]
+        assert_close(torch.cat(steps, 1), ref)
+
+
+def test_ctranslate2_checkpoint_maps_onto_our_module(en, tmp_path):
+    from transformers import WhisperForConditionalGeneration
+
+    d, _, _ = en
+    reference = WhisperForConditionalGeneration.from_pretrained(d).eval()
+    ct2 = wc.write_ct2(reference.state_dict(), tmp_path / "ct2", heads=4, tokenizer_from=d,
+                       extra_config={"alignment_heads": [[1, 0]], "suppress_ids": [1, 2], "suppress_ids_begin": [220, 50256]})
+    pipe = load_pipeline(ct2)
+    features = torch.randn(1, 80, 3000)
+    tokens = torch.tensor([[50257, 50363, 400, 500, 50256]])
+    with torch.no_grad():
+        assert_close(pipe.model(features, tokens), reference(input_features=features, decoder_input_ids=tokens).logits)
+    assert pipe.settings.alignment_heads == ((1, 0),) and pipe.settings.suppress_tokens == (1, 2)
+    half = wc.write_ct2(reference.state_dict(), tmp_path / "ct2_f16", heads=4, dtype=torch.float16, tokenizer_from=d)
+    with torch.no_grad():
+        assert_close(load_pipeline(half).model(features, tokens), pipe.model(features, tokens), atol=5e-2)
+
+
+def test_embedded_tiny_en_layout():
+    from pipeserve.models.ctranslate2 import read_whisper
+
+    config, state = read_whisper(wc.embedded_dir() / "model.bin")
+    assert (config.d_model, config.encoder_layers, config.decoder_layers, config.encoder_attention_heads) == (384, 4, 4, 6)
+    assert config.vocab_size == 51864 and config.num_mel_bins == 80
+    assert state["model.encoder.layers.0.self_attn.k_proj.weight"].shape == (384, 384)
+    assert "model.encoder.layers.0.self_attn.k_proj.bias" not in state
+
+
+@pytest.mark.parametrize("timestamps", [True, False])
+def test_english_pipeline_parity(en, timestamps):
+    _, ours, hf = en
+    audio = _audio(7.0, 3)
+    ref = hf(audio.copy(), return_timestamps=timestamps, generate_kwargs=GEN)
+    got = _ours(ours, audio, return_timestamps="segment" if timestamps else "none")
+    assert got.text == ref["text"]
+    if timestamps:
+        assert _segments(got) == _chunks(ref)
+    assert got.language == "en"
+
+
+def test_multilingual_detection_forcing_and_translate(ml):
+    _, ours, hf = ml
+    audio = _audio(5.0, 4)
+    ref = hf(audio.copy(), return_timestamps=True, generate_kwargs=GEN)
+    got = _ours(ours, audio, return_timestamps="segment")
+    assert (got.text, _segments(got)) == (ref["text"], _chunks(ref))
+    assert got.language in got.language_probabilities
+    assert abs(sum(got.language_probabilities.values()) - 1) < 1 or len(got.language_probabilities) == 5
+    ref = hf(audio.copy(), generate_kwargs={**GEN, "language": "fr", "task": "translate"})
+    got = _ours(ours, audio, return_timestamps="none", language="French", task="SPEECH_TASK_TRANSLATE")
+    assert got.text == ref["text"] and got.language == "fr"
+
+
+def test_chunked_batched_parity(en):
+    _, ours, hf = en
+    audio = _audio(26.0, 5)
+    ref = hf(audio.copy(), chunk_length_s=10, batch_size=3, return_timestamps=True, generate_kwargs=GEN)
+    got = _ours(ours, audio, chunk_length_s=10, batch_size=3, return_timestamps="segment")
+    assert got.text == ref["text"]
+    assert _segments(got) == _chunks(ref)
+    unbatched = _ours(ours, audio, chunk_length_s=10, batch_size=1, return_timestamps="segment")
+    assert _segments(unbatched) == _segments(got)
+
+
+def test_sequential_long_form_parity(en):
+    _, ours, hf = en
+    audio = _audio(45.0, 6)
+    ref = hf(audio.copy(), return_timestamps=True, generate_kwargs=GEN)
+    got = _ours(ours, audio, return_timestamps="segment")
+    assert got.text == ref["text"]
+    assert _segments(got) == _chunks(ref)
+    assert got.duration_s == pytest.approx(45.0)
+
+
+def test_word_timestamps_parity(en):
+    _, ours, hf = en
+    audio = _audio(6.0, 7)
+    ref = hf(audio.copy(), return_timestamps="word", generate_kwargs=GEN)
+    got = _ours(ours, audio, return_timestamps="word")
+    words = [(w.text, (w.start_s, w.end_s)) for s in got.segments for w in s.words]
+    assert words == _chunks(ref)
+
+
+def test_initial_prompt_parity(en):
+    _, ours, hf = en
+    audio = _audio(5.0, 8)
+    prompt_ids = hf.tokenizer.get_prompt_ids("Glossary: pipeserve, Whisper.", return_tensors="pt")
+    ref = hf(audio.copy(), return_timestamps=True, generate_kwargs={**GEN, "prompt_ids": prompt_ids})
+    got = _ours(ours, audio, return_timestamps="segment", initial_prompt="Glossary: pipeserve, Whisper.")
+    assert (got.text, _segments(got)) == (ref["text"], _chunks(ref))
