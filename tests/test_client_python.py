@@ -170,7 +170,7 @@ def test_wrong_task_is_failed_precondition(client, vit):
 
 def test_map_keeps_input_order_and_bounds_in_flight(client, vit):
     images = [_image(seed) for seed in range(12)]
-    expected = [[(l.label, round(l.score, 5)) for l in client.classify_image(im, model=vit, top_k=2).labels]
+    expected = [[(l.label, l.score) for l in client.classify_image(im, model=vit, top_k=2).labels]
                 for im in images]
     lock = threading.Lock()
     in_flight = peak = 0
@@ -199,7 +199,9 @@ def test_map_keeps_input_order_and_bounds_in_flight(client, vit):
     first = next(results)
     assert len(consumed) <= 4, "map must consume its inputs lazily"
     got = [first, *results]
-    assert [[(l.label, round(l.score, 5)) for l in r.labels] for r in got] == expected
+    # Concurrent calls may be batched by the server: same labels, scores equal to float32 rounding.
+    assert [[l.label for l in r.labels] for r in got] == [[label for label, _ in row] for row in expected]
+    assert all(abs(l.score - score) < 1e-5 for r, row in zip(got, expected) for l, (_, score) in zip(r.labels, row))
     assert 1 < peak <= 3
 
 
@@ -239,7 +241,9 @@ def test_async_client_models_classify_and_map(grpc_server, vit):
     with Client(grpc_server.address, timeout=60) as sync:
         assert _without_run(one).labels == sync.classify_image(_image(5), model=vit, top_k=2).labels
         for seed, result in enumerate(results):
-            assert result.labels == sync.classify_image(_image(seed), model=vit, top_k=2).labels
+            alone = sync.classify_image(_image(seed), model=vit, top_k=2).labels
+            assert [l.label for l in result.labels] == [l.label for l in alone]
+            assert all(abs(a.score - b.score) < 1e-5 for a, b in zip(result.labels, alone))
 
 
 # --- the other tasks: the client sends what a hand-built request sends ---------------------

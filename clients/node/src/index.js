@@ -1,0 +1,505 @@
+// pipeserve client for Node.js: @grpc/grpc-js with the contracts (protos/pipeserve/v1/*.proto)
+// loaded at run time by @grpc/proto-loader, so there is no code-generation step.
+//
+//   import { PipeserveClient } from '@pipeserve/client';
+//   const client = new PipeserveClient('127.0.0.1:50051');
+//   const { labels } = await client.classifyImage('cat.jpg', { topK: 3 });
+//
+// Messages use the .proto field names (snake_case), enums their full names
+// ("FINISH_REASON_LENGTH"), 64-bit integers strings. Options are camelCase
+// ({ topK: 3 } sets top_k) and enum options accept short names ({ returnTimestamps: 'word' }).
+// Errors are PipeserveError subclasses carrying the gRPC status and the server's
+// google.rpc.ErrorInfo reason and metadata. Retries follow common.proto: UNAVAILABLE, and
+// RESOURCE_EXHAUSTED with reason QUEUE_FULL, with jittered exponential backoff, within the
+// call's deadline; streams are retried only before their first message.
+
+import { existsSync } from 'node:fs';
+import { readFile } from 'node:fs/promises';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+import grpc from '@grpc/grpc-js';
+import protoLoader from '@grpc/proto-loader';
+
+import { errorFromStatus, InputError, isRetryable } from './errors.js';
+
+export * from './errors.js';
+
+const HERE = path.dirname(fileURLToPath(import.meta.url));
+/** Where the .proto files are: $PIPESERVE_PROTOS, the package's own copy, or the repository's. */
+function defaultProtoDir() {
+  if (process.env.PIPESERVE_PROTOS) return process.env.PIPESERVE_PROTOS;
+  const packaged = path.resolve(HERE, '..', 'protos'); // copied in by `npm pack` (prepack)
+  return existsSync(packaged) ? packaged : path.resolve(HERE, '..', '..', '..', 'protos');
+}
+
+const PROTO_FILES = [
+  'model', 'speech_recognition', 'text_generation', 'image_classification', 'zero_shot_classification',
+  'document_question_answering', 'text_classification', 'token_classification', 'question_answering',
+  'fill_mask', 'feature_extraction',
+].map((name) => `pipeserve/v1/${name}.proto`);
+
+const SERVICES = {
+  models: 'ModelService',
+  speech: 'SpeechRecognitionService',
+  generation: 'TextGenerationService',
+  image: 'ImageClassificationService',
+  zeroShot: 'ZeroShotClassificationService',
+  documentQa: 'DocumentQuestionAnsweringService',
+  text: 'TextClassificationService',
+  tokens: 'TokenClassificationService',
+  qa: 'QuestionAnsweringService',
+  fillMask: 'FillMaskService',
+  features: 'FeatureExtractionService',
+};
+
+/**
+ * @typedef {object} RetryPolicy
+ * @property {number} [maxAttempts=5]       attempts in all, including the first
+ * @property {number} [initialBackoffMs=100]
+ * @property {number} [maxBackoffMs=5000]
+ * @property {number} [multiplier=2]
+ */
+
+/**
+ * @typedef {object} ClientOptions
+ * @property {boolean} [tls]                use TLS (implied by rootCerts / clientCert)
+ * @property {string|Buffer} [rootCerts]    PEM root certificates, or a path to them
+ * @property {string|Buffer} [clientCert]   PEM client certificate for mutual TLS, or a path
+ * @property {string|Buffer} [clientKey]    PEM client key for mutual TLS, or a path
+ * @property {string} [serverName]          TLS name to verify when it is not the host
+ * @property {string} [token]               bearer token sent as `authorization: Bearer ...`
+ * @property {number} [timeoutMs]           default deadline of each call
+ * @property {RetryPolicy} [retry]
+ * @property {string} [protoDir]            directory holding pipeserve/v1/*.proto
+ * @property {number} [maxMessageBytes=67108864]
+ */
+
+/**
+ * @typedef {object} CallOptions
+ * @property {string} [model]               model name; empty = the task's default model
+ * @property {string} [requestId]           echoed in the response
+ * @property {number} [timeoutMs]           deadline of this call (covers its retries)
+ */
+
+/** @typedef {string|Buffer|Uint8Array} ImageLike  a path, an http(s)/file URI, or encoded bytes */
+/**
+ * @typedef {string|Buffer|Uint8Array|{samples: Float32Array|Int16Array, sampleRate: number, channels?: number}} AudioLike
+ *   a path, a URI, encoded file bytes, or raw samples (float -1..1 or int16, interleaved)
+ */
+
+const URI = /^(https?|file):\/\//i;
+
+/** camelCase option names -> the request's snake_case field names. */
+function snake(name) {
+  return name.replace(/[A-Z]/g, (c) => `_${c.toLowerCase()}`);
+}
+
+/** 'word' -> 'TIMESTAMP_GRANULARITY_WORD' for enum options given by short name. */
+function enumName(prefix, value) {
+  if (value === undefined || value === null) return undefined;
+  if (typeof value === 'number') return value;
+  const name = String(value).toUpperCase().replace(/-/g, '_');
+  return name.startsWith(prefix) ? name : prefix + name;
+}
+
+const ENUM_OPTIONS = {
+  return_timestamps: 'TIMESTAMP_GRANULARITY_',
+  task: 'SPEECH_TASK_',
+  function_to_apply: 'FUNCTION_TO_APPLY_',
+  aggregation_strategy: 'AGGREGATION_STRATEGY_',
+  pooling: 'POOLING_',
+  dtype: 'D_TYPE_',
+};
+
+/** Options object -> request fields: camelCase to snake_case, enum short names, unset dropped. */
+function fields(options, skip = []) {
+  const out = {};
+  for (const [key, value] of Object.entries(options ?? {})) {
+    if (value === undefined || value === null || skip.includes(key)) continue;
+    const name = snake(key);
+    if (name === 'return_timestamps' && typeof value === 'boolean') {
+      out[name] = value ? 'TIMESTAMP_GRANULARITY_SEGMENT' : 'TIMESTAMP_GRANULARITY_NONE';
+    } else {
+      out[name] = ENUM_OPTIONS[name] ? enumName(ENUM_OPTIONS[name], value) : value;
+    }
+  }
+  return out;
+}
+
+const CALL_KEYS = ['model', 'requestId', 'timeoutMs'];
+
+async function readInput(value, what) {
+  try {
+    return await readFile(value);
+  } catch (error) {
+    const reason = { ENOENT: 'not found', EISDIR: 'is a directory', EACCES: 'is not readable' }[error.code];
+    throw new InputError(`${what} file ${reason ?? `cannot be read (${error.code})`}: ${value}`, { file: true });
+  }
+}
+
+async function imageInput(image) {
+  if (typeof image === 'string') {
+    return URI.test(image) ? { uri: image } : { data: await readInput(image, 'image') };
+  }
+  if (image instanceof Uint8Array) return { data: Buffer.from(image) };
+  throw new InputError('an image must be a path, a URI, or a Buffer of encoded image bytes');
+}
+
+async function audioInput(audio) {
+  if (typeof audio === 'string') {
+    return URI.test(audio) ? { uri: audio } : { data: await readInput(audio, 'audio') };
+  }
+  if (audio instanceof Uint8Array) return { data: Buffer.from(audio) };
+  if (audio && (audio.samples instanceof Float32Array || audio.samples instanceof Int16Array)) {
+    if (!(audio.sampleRate > 0)) throw new InputError('raw audio samples need sampleRate (in hertz)');
+    const float = audio.samples instanceof Float32Array;
+    const bytes = Buffer.alloc(audio.samples.length * (float ? 4 : 2));
+    audio.samples.forEach((v, i) => (float ? bytes.writeFloatLE(v, i * 4) : bytes.writeInt16LE(v, i * 2)));
+    return {
+      raw: {
+        samples: bytes,
+        format: float ? 'SAMPLE_FORMAT_FLOAT32_LE' : 'SAMPLE_FORMAT_INT16_LE',
+        sample_rate: audio.sampleRate,
+        channels: audio.channels ?? 1,
+      },
+    };
+  }
+  throw new InputError('audio must be a path, a URI, a Buffer of file bytes, or {samples, sampleRate}');
+}
+
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
+/** Full-jitter exponential backoff, never below the server's retry_after_ms hint. */
+export function backoffMs(policy, retry, error) {
+  const cap = Math.min(policy.maxBackoffMs, policy.initialBackoffMs * policy.multiplier ** retry);
+  let delay = Math.random() * cap;
+  const hint = Number(error?.metadata?.retry_after_ms);
+  if (Number.isFinite(hint)) delay = Math.max(delay, hint);
+  return delay;
+}
+
+async function pem(value) {
+  if (value === undefined || value === null) return null;
+  if (Buffer.isBuffer(value)) return value;
+  if (String(value).trimStart().startsWith('-----BEGIN')) return Buffer.from(String(value));
+  return readInput(value, 'TLS certificate');
+}
+
+export class PipeserveClient {
+  /**
+   * @param {string} [target] "host:port"; default $PIPESERVE_SERVER or 127.0.0.1:50051
+   * @param {ClientOptions} [options]
+   */
+  constructor(target, options = {}) {
+    this.target = target || process.env.PIPESERVE_SERVER || '127.0.0.1:50051';
+    this.options = options;
+    this.timeoutMs = options.timeoutMs;
+    this.retry = { maxAttempts: 5, initialBackoffMs: 100, maxBackoffMs: 5000, multiplier: 2, ...options.retry };
+    const packageDefinition = protoLoader.loadSync(PROTO_FILES, {
+      keepCase: true, longs: String, enums: String, defaults: true, oneofs: true,
+      includeDirs: [options.protoDir ?? defaultProtoDir()],
+    });
+    this.proto = /** @type {any} */ (grpc.loadPackageDefinition(packageDefinition)).pipeserve.v1;
+    this._stubs = null;
+    this._ready = this._connect();
+    this._ready.catch(() => {}); // surfaced by the first call
+    /** ModelService. */
+    this.models = {
+      /** @param {string} [task] a pipeline task name such as "image-classification" */
+      list: async (task, call = {}) => (await this._unary('models', 'ListModels',
+        task ? { task: enumName('TASK_', task) } : {}, call)).models,
+      /** @param {string} model */
+      get: async (model, call = {}) => (await this._unary('models', 'GetModel', { model }, call)).model,
+      /**
+       * @param {string} model a local directory or Hub id
+       * @param {{task?: string, revision?: string, device?: string, dtype?: string, loadIn8bit?: boolean,
+       *          allowPickle?: boolean, setDefault?: boolean, defaultOptions?: object, timeoutMs?: number}} [options]
+       */
+      load: async (model, options = {}) => {
+        const { defaultOptions, task, timeoutMs, ...rest } = options;
+        /** @type {Record<string, any>} */
+        const request = { model, ...fields(rest) };
+        if (task) request.task = enumName('TASK_', task);
+        if (defaultOptions) request.default_options = toStruct(defaultOptions);
+        return (await this._unary('models', 'LoadModel', request, { timeoutMs })).model;
+      },
+      /** @param {string} model */
+      unload: async (model, call = {}) => (await this._unary('models', 'UnloadModel', { model }, call)).model,
+    };
+  }
+
+  async _connect() {
+    const o = this.options;
+    const [roots, cert, key] = await Promise.all([pem(o.rootCerts), pem(o.clientCert), pem(o.clientKey)]);
+    if ((cert === null) !== (key === null)) throw new InputError('mutual TLS needs both clientCert and clientKey');
+    const tls = o.tls || roots || cert;
+    const credentials = tls ? grpc.credentials.createSsl(roots, key, cert) : grpc.credentials.createInsecure();
+    const max = o.maxMessageBytes ?? 64 * 1024 * 1024;
+    const channelOptions = {
+      'grpc.max_receive_message_length': max,
+      'grpc.max_send_message_length': max,
+      'grpc.primary_user_agent': 'pipeserve-node/0.1',
+      'grpc.keepalive_time_ms': 20000,
+      'grpc.keepalive_timeout_ms': 10000,
+    };
+    if (o.serverName) channelOptions['grpc.ssl_target_name_override'] = o.serverName;
+    this._stubs = {};
+    for (const [key_, service] of Object.entries(SERVICES)) {
+      this._stubs[key_] = new this.proto[service](this.target, credentials, channelOptions);
+    }
+  }
+
+  /** Closes the connections. */
+  close() {
+    for (const stub of Object.values(this._stubs ?? {})) stub.close();
+  }
+
+  _metadata() {
+    const metadata = new grpc.Metadata();
+    if (this.options.token) metadata.set('authorization', `Bearer ${this.options.token}`);
+    return metadata;
+  }
+
+  _deadlineAt(call) {
+    const timeout = call?.timeoutMs ?? this.timeoutMs;
+    return timeout === undefined ? undefined : Date.now() + timeout;
+  }
+
+  async _unary(service, method, request, call = {}) {
+    await this._ready;
+    const stub = this._stubs[service];
+    const end = this._deadlineAt(call);
+    for (let attempt = 1; ; attempt += 1) {
+      let error;
+      try {
+        return await new Promise((resolve, reject) => {
+          const options = end === undefined ? {} : { deadline: new Date(end) };
+          stub[method](request, this._metadata(), options, (err, response) => (err ? reject(err) : resolve(response)));
+        });
+      } catch (raw) {
+        error = errorFromStatus(raw, method);
+      }
+      const delay = backoffMs(this.retry, attempt - 1, error);
+      if (!isRetryable(error) || attempt >= this.retry.maxAttempts || (end !== undefined && Date.now() + delay >= end)) {
+        throw error;
+      }
+      await sleep(delay);
+    }
+  }
+
+  async *_stream(service, method, request, call = {}) {
+    await this._ready;
+    const stub = this._stubs[service];
+    const end = this._deadlineAt(call);
+    for (let attempt = 1; ; attempt += 1) {
+      let received = 0;
+      let error;
+      const stream = stub[method](request, this._metadata(), end === undefined ? {} : { deadline: new Date(end) });
+      try {
+        for await (const message of stream) {
+          received += 1;
+          yield message;
+        }
+        return;
+      } catch (raw) {
+        error = errorFromStatus(raw, method, received);
+      } finally {
+        stream.cancel(); // no-op when finished; stops the server's work when the caller breaks early
+      }
+      const delay = backoffMs(this.retry, attempt - 1, error);
+      if (received || !isRetryable(error) || attempt >= this.retry.maxAttempts
+          || (end !== undefined && Date.now() + delay >= end)) {
+        throw error;
+      }
+      await sleep(delay);
+    }
+  }
+
+  // --- tasks ---------------------------------------------------------------------------------
+
+  /**
+   * Speech -> text (pipeline("automatic-speech-recognition")).
+   * @param {AudioLike} audio
+   * @param {CallOptions & {returnTimestamps?: boolean|'segment'|'word'|'char'|'none', language?: string,
+   *   task?: 'transcribe'|'translate', chunkLengthS?: number, strideLengthS?: number, batchSize?: number,
+   *   numBeams?: number, temperature?: number, initialPrompt?: string, maxNewTokens?: number}} [options]
+   */
+  async transcribe(audio, options = {}) {
+    const request = { model: options.model ?? '', request_id: options.requestId ?? '', audio: await audioInput(audio),
+      options: fields(options, CALL_KEYS) };
+    return this._unary('speech', 'Transcribe', request, options);
+  }
+
+  /**
+   * Streams segments as each window is decoded, then a `done` message with the full transcription.
+   * @param {AudioLike} audio
+   * @param {CallOptions & object} [options] as for transcribe()
+   * @returns {AsyncGenerator<any>}
+   */
+  async *transcribeStream(audio, options = {}) {
+    const request = { model: options.model ?? '', request_id: options.requestId ?? '', audio: await audioInput(audio),
+      options: fields(options, CALL_KEYS) };
+    yield* this._stream('speech', 'TranscribeStream', request, options);
+  }
+
+  /**
+   * Prompt -> text (pipeline("text-generation")).
+   * @param {string} prompt
+   * @param {CallOptions & {maxNewTokens?: number, minNewTokens?: number, doSample?: boolean, temperature?: number,
+   *   topK?: number, topP?: number, typicalP?: number, repetitionPenalty?: number, noRepeatNgramSize?: number,
+   *   stop?: string[], ignoreEos?: boolean, seed?: number|string, numReturnSequences?: number,
+   *   returnFullText?: boolean, logprobs?: number, returnLogprobs?: boolean}} [options]
+   */
+  async generate(prompt, options = {}) {
+    return this._unary('generation', 'Generate', this._generateRequest(prompt, options), options);
+  }
+
+  /**
+   * Streams one message per generated token, then `done` per sequence.
+   * @param {string} prompt
+   * @param {CallOptions & object} [options] as for generate()
+   * @returns {AsyncGenerator<any>}
+   */
+  async *generateStream(prompt, options = {}) {
+    yield* this._stream('generation', 'GenerateStream', this._generateRequest(prompt, options), options);
+  }
+
+  _generateRequest(prompt, options) {
+    return { model: options.model ?? '', request_id: options.requestId ?? '', prompt, options: fields(options, CALL_KEYS) };
+  }
+
+  /**
+   * Image -> labels (pipeline("image-classification")).
+   * @param {ImageLike} image
+   * @param {CallOptions & {topK?: number, functionToApply?: 'sigmoid'|'softmax'|'none'}} [options]
+   */
+  async classifyImage(image, options = {}) {
+    const request = { model: options.model ?? '', request_id: options.requestId ?? '', image: await imageInput(image),
+      ...fields(options, CALL_KEYS) };
+    return this._unary('image', 'ClassifyImage', request, options);
+  }
+
+  /**
+   * Text + labels of your choosing -> scores (pipeline("zero-shot-classification")).
+   * @param {string} sequence
+   * @param {string[]|string} candidateLabels  a list, or "a, b, c"
+   * @param {CallOptions & {hypothesisTemplate?: string, multiLabel?: boolean}} [options]
+   */
+  async zeroShot(sequence, candidateLabels, options = {}) {
+    const labels = typeof candidateLabels === 'string'
+      ? candidateLabels.split(',').map((s) => s.trim()).filter(Boolean) : candidateLabels;
+    const request = { model: options.model ?? '', request_id: options.requestId ?? '', sequence,
+      candidate_labels: labels, ...fields(options, CALL_KEYS) };
+    return this._unary('zeroShot', 'ClassifyZeroShot', request, options);
+  }
+
+  /**
+   * Document image + question -> answers (pipeline("document-question-answering")).
+   * @param {ImageLike} image
+   * @param {string} question
+   * @param {CallOptions & {wordBoxes?: Array<[string, [number, number, number, number]]>, topK?: number,
+   *   maxAnswerLen?: number, docStride?: number, maxSeqLen?: number, maxQuestionLen?: number,
+   *   handleImpossibleAnswer?: boolean, lang?: string}} [options]
+   */
+  async documentQa(image, question, options = {}) {
+    const { wordBoxes, lang, ...rest } = options;
+    /** @type {Record<string, any>} */
+    const request = { model: options.model ?? '', request_id: options.requestId ?? '', image: await imageInput(image),
+      question, ...fields(rest, CALL_KEYS) };
+    if (lang) request.ocr_lang = lang;
+    if (wordBoxes) {
+      request.words = wordBoxes.map(([text, [x0, y0, x1, y1]]) => ({ text, box: { x0, y0, x1, y1 } }));
+    }
+    return this._unary('documentQa', 'AnswerDocumentQuestion', request, options);
+  }
+
+  /**
+   * Text (or a pair) -> labels (pipeline("text-classification")).
+   * @param {string} text
+   * @param {CallOptions & {textPair?: string, topK?: number, functionToApply?: string}} [options]
+   */
+  async classifyText(text, options = {}) {
+    const request = { model: options.model ?? '', request_id: options.requestId ?? '', text, ...fields(options, CALL_KEYS) };
+    return this._unary('text', 'ClassifyText', request, options);
+  }
+
+  /**
+   * Text -> entities (pipeline("token-classification"), a.k.a. "ner").
+   * @param {string} text
+   * @param {CallOptions & {aggregationStrategy?: 'none'|'simple'|'first'|'average'|'max', ignoreLabels?: string[],
+   *   stride?: number}} [options]
+   */
+  async classifyTokens(text, options = {}) {
+    const request = { model: options.model ?? '', request_id: options.requestId ?? '', text, ...fields(options, CALL_KEYS) };
+    return this._unary('tokens', 'ClassifyTokens', request, options);
+  }
+
+  /**
+   * Question + context -> answer spans (pipeline("question-answering")).
+   * @param {string} question
+   * @param {string} context
+   * @param {CallOptions & {topK?: number, docStride?: number, maxAnswerLen?: number, maxSeqLen?: number,
+   *   maxQuestionLen?: number, handleImpossibleAnswer?: boolean, alignToWords?: boolean}} [options]
+   */
+  async answerQuestion(question, context, options = {}) {
+    const request = { model: options.model ?? '', request_id: options.requestId ?? '', question, context,
+      ...fields(options, CALL_KEYS) };
+    return this._unary('qa', 'AnswerQuestion', request, options);
+  }
+
+  /**
+   * Text with mask token(s) -> candidates per mask (pipeline("fill-mask")).
+   * @param {string} text
+   * @param {CallOptions & {topK?: number, targets?: string[]}} [options]
+   */
+  async fillMask(text, options = {}) {
+    const request = { model: options.model ?? '', request_id: options.requestId ?? '', text, ...fields(options, CALL_KEYS) };
+    return this._unary('fillMask', 'FillMask', request, options);
+  }
+
+  /**
+   * Text -> embedding(s) (pipeline("feature-extraction")).
+   * @param {string} text
+   * @param {CallOptions & {pooling?: 'none'|'mean'|'cls'|'max', normalize?: boolean, truncate?: boolean}} [options]
+   */
+  async extractFeatures(text, options = {}) {
+    const request = { model: options.model ?? '', request_id: options.requestId ?? '', text, ...fields(options, CALL_KEYS) };
+    return this._unary('features', 'ExtractFeatures', request, options);
+  }
+
+  /**
+   * Runs fn(item) for each input with at most `concurrency` calls in flight and yields the
+   * results in input order (the iterable is consumed lazily).
+   * @template T, R
+   * @param {Iterable<T>|AsyncIterable<T>} inputs
+   * @param {(item: T) => Promise<R>} fn
+   * @param {{concurrency?: number}} [options]
+   * @returns {AsyncGenerator<R>}
+   */
+  async *map(inputs, fn, { concurrency = 8 } = {}) {
+    if (!(concurrency >= 1)) throw new InputError('concurrency must be at least 1');
+    const pending = [];
+    for await (const item of inputs) {
+      const promise = fn(item);
+      promise.catch(() => {}); // awaited in order below; avoid an unhandled rejection meanwhile
+      pending.push(promise);
+      if (pending.length >= concurrency) yield await pending.shift();
+    }
+    while (pending.length) yield await pending.shift();
+  }
+}
+
+/** A plain object -> google.protobuf.Struct. protobufjs bundles the well-known types with
+ * camelCase field names (numberValue), whatever keepCase says for our own messages. */
+function toStruct(object) {
+  const value = (v) => {
+    if (v === null || v === undefined) return { nullValue: 'NULL_VALUE' };
+    if (typeof v === 'number') return { numberValue: v };
+    if (typeof v === 'string') return { stringValue: v };
+    if (typeof v === 'boolean') return { boolValue: v };
+    if (Array.isArray(v)) return { listValue: { values: v.map(value) } };
+    return { structValue: toStruct(v) };
+  };
+  return { fields: Object.fromEntries(Object.entries(object).map(([k, v]) => [k, value(v)])) };
+}
