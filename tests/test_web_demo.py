@@ -1,0 +1,227 @@
+"""The web demo end to end: the stdlib HTTP bridge (clients/web/demo.py) over a real gRPC
+server, first at the HTTP level, then in headless Chromium (Debian chromium + chromium-driver,
+driven by selenium) uploading files and watching results arrive."""
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from client_models import ModelLoader, require_servicer
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "clients" / "web"))
+
+import demo  # noqa: E402  (clients/web/demo.py)
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+
+
+@pytest.fixture(scope="module")
+def loaded(grpc_server, tmp_path_factory):
+    loader = ModelLoader(grpc_server.address, tmp_path_factory)
+    yield loader
+    loader.close()
+
+
+@pytest.fixture(scope="module")
+def web(grpc_server):
+    server = demo.make_server(grpc_server.address, port=0)
+    demo.serve_in_thread(server)
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+    server.server_close()
+    server.client.close()
+
+
+@pytest.fixture(scope="module")
+def photo(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("web") / "photo.png"
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (30, 40, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def _post(url: str, body: bytes, content_type: str = "application/octet-stream") -> tuple[int, bytes, str]:
+    request = urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": content_type})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, response.read(), response.headers.get("Content-Type", "")
+    except urllib.error.HTTPError as error:
+        return error.code, error.read(), error.headers.get("Content-Type", "")
+
+
+def _events(body: bytes) -> list[tuple[str, dict]]:
+    out = []
+    for block in body.decode().split("\n\n"):
+        lines = dict(line.split(": ", 1) for line in block.splitlines() if ": " in line)
+        if "event" in lines:
+            out.append((lines["event"], json.loads(lines["data"])))
+    return out
+
+
+# --- the HTTP bridge ------------------------------------------------------------------------
+
+def test_bridge_serves_the_page_and_models(web, loaded):
+    vit = loaded("vit")
+    with urllib.request.urlopen(web + "/", timeout=10) as response:
+        page = response.read().decode()
+    assert "Speech recognition" in page and "Image classification" in page and "Text generation" in page
+    with urllib.request.urlopen(web + "/api/models", timeout=10) as response:
+        models = json.load(response)["models"]
+    assert {"name": vit, "task": "TASK_IMAGE_CLASSIFICATION"}.items() <= next(m for m in models if m["name"] == vit).items()
+
+
+def test_bridge_classifies_and_reports_errors(web, loaded, photo):
+    vit = loaded("vit")
+    status, body, kind = _post(f"{web}/api/classify-image?model={vit}&top_k=2", photo.read_bytes())
+    assert status == 200 and kind.startswith("application/json")
+    assert [l["label"][:6] for l in json.loads(body)["labels"]] == ["class_", "class_"]
+    status, body, _ = _post(f"{web}/api/classify-image?model={vit}", b"not an image")
+    assert status == 400 and json.loads(body)["code"] == "INVALID_ARGUMENT"
+    status, body, _ = _post(f"{web}/api/classify-image?model=missing", photo.read_bytes())
+    assert status == 404 and json.loads(body)["reason"] == "MODEL_NOT_FOUND"
+    status, _, _ = _post(f"{web}/api/nothing", b"")
+    assert status == 404
+
+
+def test_bridge_streams_generation_as_server_sent_events(web, loaded):
+    require_servicer("text_generation")
+    gpt2 = loaded("gpt2")
+    status, body, kind = _post(f"{web}/api/generate", json.dumps(
+        {"prompt": "The quick", "model": gpt2, "max_new_tokens": 4, "seed": 1}).encode(), "application/json")
+    assert status == 200 and kind.startswith("text/event-stream")
+    events = _events(body)
+    assert [name for name, _ in events].count("token") == events[-1][1]["generated_tokens"]
+    assert events[-1][0] == "done"
+    status, _, _ = _post(f"{web}/api/generate", b"{not json", "application/json")
+    assert status == 400
+    status, body, _ = _post(f"{web}/api/generate", json.dumps({"prompt": "x", "model": "missing"}).encode())
+    assert status == 200 and _events(body)[-1][0] == "error" and _events(body)[-1][1]["code"] == "NOT_FOUND"
+
+
+def test_bridge_says_when_the_grpc_server_is_unreachable():
+    server = demo.make_server("127.0.0.1:1", port=0, timeout=5)
+    demo.serve_in_thread(server)
+    try:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{server.server_port}/api/models", timeout=30)
+            raise AssertionError("expected HTTP 503")
+        except urllib.error.HTTPError as error:
+            assert error.code == 503 and json.load(error)["code"] == "UNAVAILABLE"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+# --- in a real browser ----------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def browser():
+    if not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()):
+        pytest.fail("the browser test needs Debian's chromium and chromium-driver (apt-get install -y chromium "
+                    "chromium-driver)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                 "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream", "--window-size=1200,1400"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver.set_page_load_timeout(60)
+    yield driver
+    driver.quit()
+
+
+def _wait(driver, condition, timeout=90):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(driver, timeout, poll_frequency=0.2).until(lambda d: condition(d))
+
+
+def _text(driver, element_id: str) -> str:
+    from selenium.webdriver.common.by import By
+
+    return driver.find_element(By.ID, element_id).text
+
+
+def test_browser_uploads_an_image_and_sees_labels(browser, web, loaded, photo):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    vit = loaded("vit")
+    browser.get(web + "/")
+    _wait(browser, lambda d: "connected" in _text(d, "server-status"))
+    Select(browser.find_element(By.ID, "image-model")).select_by_value(vit)
+    browser.find_element(By.ID, "image-top-k").clear()
+    browser.find_element(By.ID, "image-top-k").send_keys("3")
+    browser.find_element(By.ID, "image-file").send_keys(str(photo))
+    browser.find_element(By.ID, "image-run").click()
+    _wait(browser, lambda d: _text(d, "image-status").startswith("done"))
+    rows = browser.find_elements(By.CSS_SELECTOR, "#image-result tbody tr")
+    labels = [row.find_elements(By.TAG_NAME, "td")[0].text for row in rows]
+    assert len(labels) == 3 and all(label.startswith("class_") for label in labels)
+    # A text file is refused with the server's reason, and the page stays usable.
+    bad = photo.with_name("notes.txt")
+    bad.write_text("not an image")
+    browser.find_element(By.ID, "image-file").send_keys(str(bad))
+    browser.find_element(By.ID, "image-run").click()
+    _wait(browser, lambda d: "INVALID_ARGUMENT" in _text(d, "image-status"))
+
+
+def test_browser_streams_generated_text(browser, web, loaded):
+    require_servicer("text_generation")
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    gpt2 = loaded("gpt2")
+    browser.get(web + "/")
+    _wait(browser, lambda d: len(Select(d.find_element(By.ID, "gen-model")).options) > 1)
+    Select(browser.find_element(By.ID, "gen-model")).select_by_value(gpt2)
+    browser.find_element(By.ID, "gen-max").clear()
+    browser.find_element(By.ID, "gen-max").send_keys("6")
+    browser.find_element(By.ID, "gen-run").click()
+    _wait(browser, lambda d: _text(d, "gen-status").startswith("done"))
+    assert "tokens" in _text(browser, "gen-status")
+    assert browser.find_element(By.ID, "gen-text").get_attribute("textContent")
+
+
+def test_browser_uploads_audio_and_sees_the_transcript(browser, web, loaded, tmp_path):
+    require_servicer("speech_recognition")
+    import soundfile
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    from wav2vec2_checkpoints import audio
+
+    ctc = loaded("ctc")
+    path = tmp_path / "speech.wav"
+    soundfile.write(path, audio(3.0).astype(np.float32), 16000)
+    expected = loaded.client.transcribe(str(path), model=ctc).transcription.text.strip()
+    browser.get(web + "/")
+    _wait(browser, lambda d: len(Select(d.find_element(By.ID, "asr-model")).options) > 1)
+    Select(browser.find_element(By.ID, "asr-model")).select_by_value(ctc)
+    Select(browser.find_element(By.ID, "asr-timestamps")).select_by_value("char")
+    browser.find_element(By.ID, "asr-file").send_keys(str(path))
+    browser.find_element(By.ID, "asr-run").click()
+    _wait(browser, lambda d: _text(d, "asr-status").startswith("done"))
+    assert "3.0 s of audio" in _text(browser, "asr-status")
+    assert browser.find_element(By.ID, "asr-transcript").get_attribute("textContent") == expected
+    segments = browser.find_elements(By.CSS_SELECTOR, "#asr-segments li")
+    assert all("→" in s.text for s in segments)
+    # Recording from the (fake) microphone goes through the same path.
+    browser.find_element(By.ID, "asr-record").click()
+    _wait(browser, lambda d: "recording" in _text(d, "asr-status"))
+    time.sleep(1.5)
+    browser.find_element(By.ID, "asr-record").click()
+    _wait(browser, lambda d: _text(d, "asr-status").startswith("done"))
