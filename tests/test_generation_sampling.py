@@ -212,3 +212,27 @@ def test_clean_up_tokenization_spaces_never_rewrites_released_text():
     pieces = [stream.push(ord(c))[0] for c in "I do n't know . Yes"]
     pieces.append(stream.finish())
     assert "".join(pieces) == g.clean_up_tokenization("I do n't know . Yes") == "I don't know. Yes"
+
+
+def test_byte_fallback_runs_are_held_until_they_end(llama):
+    """Metaspace + ByteFallback: a run of <0xNN> tokens that is not valid UTF-8 decodes to one
+    U+FFFD per byte, so "Q" from <0x51> becomes U+FFFD once <0xE2> follows it. The stream must
+    never have released the "Q"."""
+    from tokenizers import Tokenizer
+
+    _, hf_tokenizer, _ = llama
+    tokenizer = Tokenizer.from_str(hf_tokenizer.backend_tokenizer.to_str())
+    byte_ids = g.byte_fallback_tokens(tokenizer)
+    assert len(byte_ids) == 256
+    vocab = tokenizer.get_vocab()
+    ids = [vocab["▁the"] if "▁the" in vocab else vocab["▁"], vocab["<0x51>"], vocab["<0xE2>"], vocab["<0x7E>"],
+           vocab["<0xC3>"], vocab["<0xA9>"], vocab["▁"], vocab["<0xF0>"]]
+    expected = tokenizer.decode(ids)
+    stream = g.TextStream(tokenizer, byte_tokens=byte_ids)
+    released = ""
+    for token in ids:
+        released += stream.push(token)[0]
+        assert expected.startswith(released)
+    released += stream.finish()
+    assert released == expected
+    assert "Q" not in expected  # the run turned it into replacement characters

@@ -253,6 +253,18 @@ def clean_up_tokenization(text: str) -> str:
     return text
 
 
+def byte_fallback_tokens(tokenizer) -> frozenset[int]:
+    """Ids of the <0xNN> tokens of a tokenizer whose BPE model uses byte fallback (Llama, Mistral)."""
+    import json
+    import re
+
+    model = json.loads(tokenizer.to_str()).get("model", {})
+    if not model.get("byte_fallback"):
+        return frozenset()
+    pattern = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+    return frozenset(i for token, i in model.get("vocab", {}).items() if pattern.fullmatch(token))
+
+
 def _held_suffix(text: str, patterns: Sequence[str]) -> int:
     """Length of the longest suffix of `text` that is a proper prefix of one of `patterns`."""
     best = 0
@@ -269,9 +281,13 @@ class IncrementalDetokenizer:
     short window with some context keeps byte-level and metaspace decoders consistent, and a
     window ending in U+FFFD (half a UTF-8 character) waits for the next token."""
 
-    def __init__(self, tokenizer, skip_special_tokens: bool = True):
+    def __init__(self, tokenizer, skip_special_tokens: bool = True, byte_tokens: frozenset[int] = frozenset()):
         self.tokenizer = tokenizer
         self.skip = skip_special_tokens
+        # ByteFallback decodes a run of <0xNN> tokens together, and a run that is not valid
+        # UTF-8 becomes one U+FFFD per byte, so a later byte can rewrite the run's earlier text:
+        # nothing from a run is released until a token outside the run follows.
+        self.byte_tokens = byte_tokens
         self.ids: list[int] = []
         self.prefix_offset = 0
         self.read_offset = 0
@@ -281,6 +297,8 @@ class IncrementalDetokenizer:
 
     def push(self, token: int) -> str:
         self.ids.append(token)
+        if token in self.byte_tokens:
+            return ""
         prefix_text = self._decode(self.ids[self.prefix_offset:self.read_offset])
         new_text = self._decode(self.ids[self.prefix_offset:])
         if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):
@@ -300,8 +318,9 @@ class TextStream:
     """Released text of one sequence. `push` returns (text released by this token, stopped);
     released text never changes afterwards, so streamed pieces concatenate to the final text."""
 
-    def __init__(self, tokenizer, stop: Sequence[str] = (), clean_up_spaces: bool = False):
-        self.detok = IncrementalDetokenizer(tokenizer)
+    def __init__(self, tokenizer, stop: Sequence[str] = (), clean_up_spaces: bool = False,
+                 byte_tokens: frozenset[int] = frozenset()):
+        self.detok = IncrementalDetokenizer(tokenizer, byte_tokens=byte_tokens)
         self.stop = tuple(stop)
         self.clean_up = clean_up_spaces
         self.raw_pending = ""  # decoded, not yet cleaned (may start a clean-up pattern)

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from .errors import InvalidInput, PipeserveError, QueueFull
-from .generation import GenerationParams, TextStream, TokenChooser
+from .generation import GenerationParams, TextStream, TokenChooser, byte_fallback_tokens
 from .kv_cache import KVCache
 
 log = logging.getLogger(__name__)
@@ -127,6 +127,7 @@ class GenerationEngine:
         self.tokenizer = tokenizer
         self.special_ids = special_ids
         self.clean_up_spaces = clean_up_spaces
+        self.byte_tokens = byte_fallback_tokens(tokenizer) if hasattr(tokenizer, "to_str") else frozenset()
         self.max_batch_size, self.max_batch_tokens, self.max_queued = max_batch_size, max_batch_tokens, max_queued
         self.device = next(model.parameters()).device
         self.cache = KVCache(model.num_layers, model.kv_heads, model.head_dim, model.max_positions,
@@ -232,7 +233,7 @@ class GenerationEngine:
         for i in range(n):
             slot = self.cache.allocate()
             seq = _Sequence(handle, i, slot, TokenChooser(params, (params.seed + i) % 2 ** 64, self._logits_device()),
-                            TextStream(self.tokenizer, params.stop, self.clean_up_spaces), list(handle.prompt_ids),
+                            TextStream(self.tokenizer, params.stop, self.clean_up_spaces, self.byte_tokens), list(handle.prompt_ids),
                             reserved=reserve)
             seqs.append(seq)
             self._active.append(seq)

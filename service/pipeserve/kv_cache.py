@@ -22,8 +22,23 @@ import torch.nn.functional as F
 from .errors import QueueFull
 
 
+def _decode_attention(q, k, v, mask, scale):
+    """One query per sequence, as two small matmuls. On CPU this beats SDPA's flash kernel,
+    whose parallel sections cost more than the work at q length 1 (and stall on busy cores).
+    Grouped-query heads share their key/value head: query head h reads kv head h // groups."""
+    B, H, _, D = q.shape
+    Hkv = k.shape[1]
+    q = q.reshape(B, Hkv, H // Hkv, D)  # [B, Hkv, groups, D]
+    scores = (q @ k.transpose(-1, -2)) * (scale if scale is not None else D ** -0.5)  # [B, Hkv, groups, L]
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))  # mask [B, 1, 1, L] broadcasts
+    return (scores.softmax(-1) @ v).reshape(B, H, 1, D)
+
+
 def _sdpa(q, k, v, mask, scale, is_causal=False):
     # q: [B, H, T, D]; k, v: [B, Hkv, L, D]; mask: [B, 1, T, L] bool (True = attend) or None.
+    if q.shape[2] == 1 and q.device.type == "cpu":
+        return _decode_attention(q, k, v, mask, scale)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale,
                                           enable_gqa=k.shape[1] != q.shape[1])
 

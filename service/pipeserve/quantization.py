@@ -3,8 +3,15 @@
 Each nn.Linear becomes an Int8Linear: weights rounded to int8 with one float scale per output
 channel (symmetric, scale = max|w_row| / 127), activations stay in the model's dtype. Decoding
 at batch 1 reads every weight once per token, so a quarter of float32's bytes is up to 4x
-less memory traffic. The matmul uses torch's int8 weight-only kernel where the device has one
-(torch._weight_int8pack_mm) and dequantizes on the fly otherwise.
+less memory traffic. On GPUs the matmul is torch's int8 weight-only kernel
+(torch._weight_int8pack_mm), with on-the-fly dequantization where it is missing.
+
+On CPU that weight-only kernel is compute-bound (measured 3-4x slower than float32 matmul on
+this project's x86 machines), so float32 CPU models use fbgemm's int8 linear instead: the same
+per-channel int8 weights, with activations quantized per call (dynamic quantization). That is
+not weight-only (activation rounding adds ~1% relative error on logits) and it keeps fbgemm's
+packed copy beside the int8 tensor (2 bytes per weight, still half of float32); pass
+kernel="weight_only" to keep exact weight-only semantics.
 """
 from __future__ import annotations
 
@@ -24,8 +31,17 @@ def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return q, scale
 
 
+def _fbgemm_pack(q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None):
+    try:
+        zero = torch.zeros(q.shape[0], dtype=torch.long)
+        qweight = torch._make_per_channel_quantized_tensor(q, scale.double(), zero, 0)
+        return torch.ops.quantized.linear_prepack(qweight, None if bias is None else bias.float())
+    except (RuntimeError, AttributeError):
+        return None
+
+
 class Int8Linear(nn.Module):
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, linear: nn.Linear, kernel: str = "auto"):
         super().__init__()
         q, scale = quantize_per_channel(linear.weight)
         self.in_features, self.out_features = linear.in_features, linear.out_features
@@ -33,10 +49,17 @@ class Int8Linear(nn.Module):
         self.register_buffer("scale", scale.to(linear.weight.dtype))
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
         self._packed_ok = True
+        self._fbgemm = None
+        if kernel == "auto" and q.device.type == "cpu" and linear.weight.dtype == torch.float32:
+            self._fbgemm = _fbgemm_pack(q, scale, self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
+        if self._fbgemm is not None and x.device.type == "cpu" and x.dtype == torch.float32:
+            # reduce_range: 7-bit activations so that fbgemm's int16 accumulation cannot overflow
+            y = torch.ops.quantized.linear_dynamic(flat.contiguous(), self._fbgemm, True)
+            return y.reshape(*shape[:-1], self.out_features)
         y = None
         if self._packed_ok:
             try:
@@ -53,12 +76,12 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"
 
 
-def quantize_int8(model: nn.Module, skip: tuple[str, ...] = ()) -> nn.Module:
+def quantize_int8(model: nn.Module, skip: tuple[str, ...] = (), kernel: str = "auto") -> nn.Module:
     """Replaces every nn.Linear (except names in `skip`) by an Int8Linear, in place. A Linear
     whose weight is tied to an embedding gets its own int8 copy; the embedding stays as is."""
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             full = f"{name}.{child_name}" if name else child_name
             if isinstance(child, nn.Linear) and full not in skip:
-                setattr(module, child_name, Int8Linear(child))
+                setattr(module, child_name, Int8Linear(child, kernel))
     return model
