@@ -55,6 +55,9 @@ class FakeServer:
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
         model_pb2_grpc.add_ModelServiceServicer_to_server(_Models(self), self.server)
         text_generation_pb2_grpc.add_TextGenerationServiceServicer_to_server(_Generation(self), self.server)
+        from pipeserve.v1 import speech_recognition_pb2_grpc
+        speech_recognition_pb2_grpc.add_SpeechRecognitionServiceServicer_to_server(_Speech(self), self.server)
+        self.requests: list = []  # speech requests received, for checks of what the client sent
         if tls:
             credentials = grpc.ssl_server_credentials(
                 [((TLS_DIR / "server.key").read_bytes(), (TLS_DIR / "server.pem").read_bytes())],
@@ -132,6 +135,44 @@ class _Generation(_servicer_base("text_generation", "TextGenerationServiceServic
                                             token=pb.Token(id=i, text=word))
         yield pb.GenerateStreamResponse(request_id=request.request_id or "r", done=pb.GenerationDone(
             finish_reason=pb.FINISH_REASON_LENGTH, generated_tokens=len(words), text="".join(words)))
+
+
+class _Speech(_servicer_base("speech_recognition", "SpeechRecognitionServiceServicer")):
+    """Three 1-second segments of a 3-second input; the second arrives first as an interim
+    segment and is then replaced (same id) by its final version."""
+
+    def __init__(self, fake: FakeServer) -> None:
+        self.fake = fake
+
+    @staticmethod
+    def _segments():
+        from pipeserve.v1 import speech_recognition_pb2 as pb
+
+        return [pb.Segment(id=f"s{i}", start_s=float(i), end_s=float(i + 1), text=f" part {i}", is_final=True)
+                for i in range(3)]
+
+    def Transcribe(self, request, context):
+        from pipeserve.v1 import speech_recognition_pb2 as pb
+
+        self.fake.requests.append(request)
+        segments = self._segments()
+        return pb.TranscribeResponse(request_id=request.request_id, transcription=pb.Transcription(
+            text="".join(s.text for s in segments), segments=segments, duration_s=3.0, language="en"))
+
+    def TranscribeStream(self, request, context):
+        from pipeserve.v1 import speech_recognition_pb2 as pb
+
+        self.fake.requests.append(request)
+        segments = self._segments()
+        for i, segment in enumerate(segments):
+            if i == 1:
+                interim = pb.Segment(id="s1", start_s=1.0, text=" par", is_final=False)
+                yield pb.TranscribeStreamResponse(request_id=request.request_id, segment=interim)
+            time.sleep(0.05)
+            yield pb.TranscribeStreamResponse(request_id=request.request_id, segment=segment)
+        yield pb.TranscribeStreamResponse(request_id=request.request_id, done=pb.TranscriptionDone(
+            transcription=pb.Transcription(text="".join(s.text for s in segments), segments=segments,
+                                           duration_s=3.0, language="en")))
 
 
 def main() -> None:

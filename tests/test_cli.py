@@ -176,6 +176,31 @@ def test_generate_streams_tokens_and_json_lines(capsys, fake):
     assert lines[-1]["done"]["finish_reason"] == "FINISH_REASON_LENGTH"
 
 
+def test_transcribe_prints_final_segments_and_progress(capsys, fake, tmp_path):
+    """Interim segments are not printed; their final version is; progress goes to stderr
+    against the file's duration."""
+    import soundfile
+
+    path = tmp_path / "talk.wav"
+    soundfile.write(path, np.zeros(48000, dtype=np.float32), 16000)  # 3 seconds
+    code, out, err = run(capsys, "--server", fake.address, "transcribe", str(path), "--progress",
+                         "--timestamps", "word", "--language", "en")
+    assert code == 0
+    assert out.splitlines() == ["[00:00.00 -> 00:01.00] part 0", "[00:01.00 -> 00:02.00] part 1",
+                                "[00:02.00 -> 00:03.00] part 2"]
+    assert "100%" in err and "00:03.00 / 00:03.00" in err and "\r" in err
+    request = fake.requests[-1]
+    assert request.options.language == "en" and request.options.return_timestamps == 3
+    code, out, err = run(capsys, "--server", fake.address, "transcribe", str(path))
+    assert code == 0 and len(out.splitlines()) == 3 and err == ""  # no progress when stderr is not a terminal
+    code, out, _ = run(capsys, "--server", fake.address, "transcribe", str(path), "--no-stream")
+    assert code == 0 and len(out.splitlines()) == 3
+    code, out, _ = run(capsys, "--server", fake.address, "--json", "transcribe", str(path))
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert [l["segment"].get("is_final", False) for l in lines[:-1]] == [True, False, True, True]
+    assert lines[-1]["done"]["transcription"]["language"] == "en"
+
+
 # --- against the real server ----------------------------------------------------------------
 
 def test_models_commands(capsys, server, loaded):

@@ -206,3 +206,40 @@ def test_tls_settings_are_checked_before_connecting(tmp_path):
                client_certificate=str(TLS_DIR / "client.pem"))
     with pytest.raises(InputError, match="tls=False"):
         Client("localhost:1", tls=False, root_certificates=str(TLS_DIR / "ca.pem"))
+
+
+def test_audio_inputs_are_encoded_as_the_contract_says(fake, tmp_path):
+    """What the client sends for each audio input kind, as the server receives it."""
+    import numpy as np
+
+    from pipeserve.v1 import common_pb2
+
+    stereo = np.stack([np.linspace(-1, 1, 8, dtype=np.float64), np.zeros(8)], axis=1)  # (frames, channels)
+    path = tmp_path / "clip.wav"
+    path.write_bytes(b"RIFF....WAVEfmt ")
+    with Client(fake.address, timeout=10) as client:
+        client.transcribe(stereo, sampling_rate=22050, return_timestamps="word", chunk_length_s=30,
+                          temperature=(0.0, 0.2, 0.4), request_id="r1")
+        client.transcribe({"raw": np.array([0, 1000, -1000], dtype=np.int16), "sampling_rate": 8000})
+        client.transcribe(path, return_timestamps=True)
+        client.transcribe("https://example.com/a.wav", return_timestamps=False)
+        texts = [m.segment.text for m in client.transcribe(path.read_bytes(), stream=True) if m.HasField("segment")]
+        with pytest.raises(InputError, match="sampling_rate"):
+            client.transcribe(np.zeros(10, dtype=np.float32))
+        with pytest.raises(InputError, match="float"):
+            client.transcribe(np.zeros(10, dtype=np.int64), sampling_rate=16000)
+        with pytest.raises(InputError, match="return_timestamps must be one of"):
+            client.transcribe(path, return_timestamps="paragraph")
+    first, second, third, fourth, _ = fake.requests
+    raw = first.audio.raw
+    assert (raw.format, raw.sample_rate, raw.channels) == (common_pb2.SAMPLE_FORMAT_FLOAT32_LE, 22050, 2)
+    assert np.array_equal(np.frombuffer(raw.samples, "<f4"), stereo.astype(np.float32).reshape(-1))  # interleaved
+    options = first.options
+    assert options.return_timestamps == 3 and options.chunk_length_s == 30  # TIMESTAMP_GRANULARITY_WORD
+    assert options.temperature == 0.0 and list(options.temperature_fallback) == pytest.approx([0.2, 0.4])
+    assert first.request_id == "r1" and not options.HasField("language")
+    assert second.audio.raw.format == common_pb2.SAMPLE_FORMAT_INT16_LE and second.audio.raw.sample_rate == 8000
+    assert np.array_equal(np.frombuffer(second.audio.raw.samples, "<i2"), [0, 1000, -1000])
+    assert third.audio.data == path.read_bytes() and third.options.return_timestamps == 2  # SEGMENT
+    assert fourth.audio.uri == "https://example.com/a.wav" and fourth.options.return_timestamps == 1  # NONE
+    assert texts == [" part 0", " par", " part 1", " part 2"]

@@ -196,6 +196,38 @@ def test_browser_streams_generated_text(browser, web, loaded):
     assert browser.find_element(By.ID, "gen-text").get_attribute("textContent")
 
 
+def test_browser_streams_segments_from_a_scripted_server(browser, tmp_path):
+    """The page's streaming path (SSE, interim segments replaced by id, the final transcript)
+    against the scripted gRPC server, whatever the state of the real ASR servicer."""
+    import soundfile
+    from selenium.webdriver.common.by import By
+
+    from client_fakes import FakeServer
+
+    fake = FakeServer()
+    bridge = demo.make_server(fake.address, port=0, timeout=30)
+    demo.serve_in_thread(bridge)
+    path = tmp_path / "talk.wav"
+    soundfile.write(path, np.zeros(48000, dtype=np.float32), 16000)
+    try:
+        browser.get(f"http://127.0.0.1:{bridge.server_port}/")
+        browser.find_element(By.ID, "asr-file").send_keys(str(path))
+        browser.find_element(By.ID, "asr-run").click()
+        _wait(browser, lambda d: _text(d, "asr-status").startswith("done"))
+        items = browser.find_elements(By.CSS_SELECTOR, "#asr-segments li")
+        assert [item.text for item in items] == ["[00:00.00 → 00:01.00] part 0", "[00:01.00 → 00:02.00] part 1",
+                                                 "[00:02.00 → 00:03.00] part 2"]
+        assert not browser.find_elements(By.CSS_SELECTOR, "#asr-segments li.interim")
+        assert _text(browser, "asr-transcript") == "part 0 part 1 part 2"
+        assert "3.0 s of audio, language en" in _text(browser, "asr-status")
+        assert fake.requests[-1].audio.data == path.read_bytes()
+    finally:
+        bridge.shutdown()
+        bridge.server_close()
+        bridge.client.close()
+        fake.stop()
+
+
 def test_browser_uploads_audio_and_sees_the_transcript(browser, web, loaded, tmp_path):
     require_servicer("speech_recognition")
     import soundfile

@@ -133,7 +133,7 @@ async function transcribe(blob) {
         const time = document.createElement('span');
         time.className = 'time';
         time.textContent = `[${clock(data.start_s ?? 0)} → ${end}]`;
-        item.append(time, document.createTextNode((data.text ?? '').trim()));
+        item.append(time, document.createTextNode(` ${(data.text ?? '').trim()}`));
         setStatus('asr-status', `transcribing… ${clock(data.end_s ?? data.start_s ?? 0)}`);
       } else if (event === 'done') {
         const t = data.transcription ?? {};
