@@ -37,7 +37,9 @@ def _ours(pipe, audio, **options):
 
 
 def _chunks(result):
-    return [(c["text"], tuple(c["timestamp"])) for c in result["chunks"]]
+    # Chunks without text (transformers closes one when a window ends on a timestamp pair) are
+    # not segments in pipeserve.
+    return [(c["text"], tuple(c["timestamp"])) for c in result["chunks"] if c["text"].strip()]
 
 
 def _segments(result):

@@ -169,3 +169,105 @@ def write_ct2(state: dict, directory: Path, *, heads: int, dtype: torch.dtype = 
     if tokenizer_from is not None:
         (directory / "tokenizer.json").write_bytes((tokenizer_from / "tokenizer.json").read_bytes())
     return directory
+
+
+def hf_from_ct2(ct2_dir: Path, out: Path) -> Path:
+    """The transformers oracle for a CTranslate2 checkpoint: our CT2 -> transformers-name mapping
+    (models/ctranslate2.read_whisper) loaded into WhisperForConditionalGeneration, with the
+    generation config faster-whisper's layout implies (its config.json's suppress ids and
+    alignment heads, max_initial_timestamp 1 s) and the package's tokenizer.json."""
+    from transformers import (GenerationConfig, WhisperConfig, WhisperFeatureExtractor,
+                              WhisperForConditionalGeneration, WhisperTokenizerFast)
+
+    from pipeserve.models.ctranslate2 import read_whisper
+
+    out.mkdir(parents=True, exist_ok=True)
+    config, state = read_whisper(ct2_dir / "model.bin")
+    extra = json.loads((ct2_dir / "config.json").read_text())
+    tokenizer = json.loads((ct2_dir / "tokenizer.json").read_text(encoding="utf-8"))
+    ids = {t["content"]: t["id"] for t in tokenizer["added_tokens"]}
+    eot, sot, no_ts = ids["<|endoftext|>"], ids["<|startoftranscript|>"], ids["<|notimestamps|>"]
+    multilingual = eot != 50256
+    hc = WhisperConfig(
+        vocab_size=config.vocab_size, num_mel_bins=config.num_mel_bins, d_model=config.d_model,
+        encoder_layers=config.encoder_layers, decoder_layers=config.decoder_layers,
+        encoder_attention_heads=config.encoder_attention_heads, decoder_attention_heads=config.decoder_attention_heads,
+        encoder_ffn_dim=config.encoder_ffn_dim, decoder_ffn_dim=config.decoder_ffn_dim,
+        max_source_positions=config.max_source_positions, max_target_positions=config.max_target_positions,
+        pad_token_id=eot, bos_token_id=eot, eos_token_id=eot, decoder_start_token_id=sot,
+        suppress_tokens=extra["suppress_ids"], begin_suppress_tokens=extra["suppress_ids_begin"])
+    model = WhisperForConditionalGeneration(hc).eval()
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert set(missing) <= {"proj_out.weight"} and not unexpected, (missing, unexpected)
+    model.tie_weights()
+    gen = GenerationConfig(
+        decoder_start_token_id=sot, bos_token_id=eot, eos_token_id=eot, pad_token_id=eot,
+        no_timestamps_token_id=no_ts, prev_sot_token_id=ids["<|startofprev|>"], suppress_tokens=extra["suppress_ids"],
+        begin_suppress_tokens=extra["suppress_ids_begin"], alignment_heads=extra["alignment_heads"], max_length=448,
+        max_initial_timestamp_index=50, is_multilingual=multilingual, forced_decoder_ids=[[1, no_ts]])
+    model.generation_config = gen
+    model.save_pretrained(out, safe_serialization=True)
+    gen.save_pretrained(out)
+    (out / "tokenizer.json").write_text(json.dumps(tokenizer), encoding="utf-8")
+    specials = [t["content"] for t in tokenizer["added_tokens"]]
+    WhisperTokenizerFast(tokenizer_file=str(out / "tokenizer.json"), unk_token="<|endoftext|>", bos_token="<|endoftext|>",
+                         eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+                         additional_special_tokens=specials).save_pretrained(out)
+    WhisperFeatureExtractor(feature_size=config.num_mel_bins).save_pretrained(out)
+    return out
+
+
+SENTENCES = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Speech recognition turns spoken words into written text.",
+    "The weather today is cold and windy, with rain in the evening.",
+    "Please send the quarterly report to the finance team before Friday.",
+    "Our meeting starts at nine and should end before lunch.",
+    "She opened the window and listened to the birds in the garden.",
+    "Seven engineers built a server that answers many clients at once.",
+    "A good coffee in the morning makes the whole day better.",
+    "The train to the city leaves every twenty minutes from platform two.",
+    "Remember to water the plants while I am away on holiday.",
+    "The library closes early on Sundays and public holidays.",
+    "He painted the fence green and then cleaned all the brushes.",
+    "Children were playing football in the park until it got dark.",
+    "The museum has a new exhibition about ancient ships and sailors.",
+    "Turn left at the bakery and the station is on your right.",
+]
+
+
+def speak(text: str, path: Path, *, voice: str = "en-us", speed: int = 150) -> bytes:
+    """espeak-ng speech as WAV bytes (22.05 kHz mono)."""
+    import subprocess
+
+    subprocess.run(["espeak-ng", "-v", voice, "-s", str(speed), "-w", str(path), text], check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return path.read_bytes()
+
+
+def long_speech(path: Path, repeats: int = 1) -> tuple[torch.Tensor, str]:
+    """Sentences spoken one after another with half-second pauses, at 16 kHz: (waveform, text)."""
+    from pipeserve.audio import load_audio_input
+
+    pieces, texts = [], []
+    pause = torch.zeros(8000)
+    for k in range(repeats):
+        for i, sentence in enumerate(SENTENCES):
+            pieces += [load_audio_input(data=speak(sentence, path.with_name(f"s{k}_{i}.wav"))), pause]
+            texts.append(sentence)
+    return torch.cat(pieces), " ".join(texts)
+
+
+def wer(reference: str, hypothesis: str) -> float:
+    """Word error rate after lower-casing and dropping punctuation."""
+    import re
+
+    norm = lambda s: re.sub(r"[^a-z0-9' ]", " ", s.lower()).split()
+    r, h = norm(reference), norm(hypothesis)
+    d = list(range(len(h) + 1))
+    for i in range(1, len(r) + 1):
+        prev, d[0] = d[0], i
+        for j in range(1, len(h) + 1):
+            cur = min(d[j] + 1, d[j - 1] + 1, prev + (r[i - 1] != h[j - 1]))
+            prev, d[j] = d[j], cur
+    return d[len(h)] / max(1, len(r))

@@ -203,6 +203,10 @@ class _Run:
     def _segments(self, chunks: list[dict], final: bool = True) -> list[Segment]:
         out = []
         for chunk in chunks:
+            if not chunk["text"].strip() and not chunk.get("words"):
+                # _decode_asr closes an empty chunk when a window ends on a timestamp pair
+                # ("<|a|><|b|>" then the next window); it carries no text, so it is not a segment.
+                continue
             start, end = chunk["timestamp"]
             words = [WordTiming(w["text"], w["timestamp"][0] + self.offset_s, w["timestamp"][1] + self.offset_s)
                      for w in chunk.get("words", [])]
