@@ -28,6 +28,8 @@ VARIANTS = {
     # HuBERT base style (group norm, no stable layer norm), without the projection's layer norm.
     "hubert_base": ("hubert", dict(feat_extract_norm="group", do_stable_layer_norm=False,
                                    feat_proj_layer_norm=False), False),
+    # HuBERT with a batch-norm positional embedding instead of weight norm (conv_pos_batch_norm).
+    "hubert_bn": ("hubert", dict(feat_extract_norm="layer", do_stable_layer_norm=True, conv_pos_batch_norm=True), True),
 }
 
 
@@ -49,6 +51,10 @@ def build(variant: str, directory: Path, seed: int = 0, legacy_weight_norm: bool
         model.lm_head.bias.zero_()
         model.lm_head.bias[0] += 3.0
         model.lm_head.bias[4] += 2.5
+        for module in model.modules():  # non-trivial running statistics for batch norms
+            if isinstance(module, torch.nn.BatchNorm1d):
+                module.running_mean.normal_(0, 0.5)
+                module.running_var.uniform_(0.5, 2.0)
     model.eval()
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "vocab.json").write_text(json.dumps(VOCAB))
