@@ -414,7 +414,10 @@ class _Segmenter:
         if end <= self.next_group:
             return None
         chars = self.decoder.chars(self.next_group, end)
-        if not chars or (not final and not "".join(c.char for c, _, _ in chars).strip()):
+        blank = not "".join(c.char for c, _, _ in chars).strip()
+        # Whitespace-only text waits for the next words; at the end it is kept only where
+        # char timestamps must list every char (the reference lists the spaces too).
+        if not chars or (blank and (not final or self.level != "char")):
             return None
         frames = sum(g.frames for g in groups[self.next_group:end])
         logprob = sum(self.decoder.logprob_sum[self.next_group:end])
