@@ -105,8 +105,10 @@ class _Models(_servicer_base("model", "ModelServiceServicer")):
         elif outcome != "ok":
             code, message, reason, metadata = OUTCOMES[outcome]
             abort(context, code, message, reason, metadata)
-        return model_pb2.ListModelsResponse(models=[model_pb2.ModelInfo(name="fake-model",
-                                                                        state=model_pb2.MODEL_STATE_READY)])
+        # in_flight reports how many ListModels calls arrived, so clients in other languages
+        # can check their retry count.
+        return model_pb2.ListModelsResponse(models=[model_pb2.ModelInfo(
+            name="fake-model", state=model_pb2.MODEL_STATE_READY, in_flight=self.fake.calls["ListModels"])])
 
 
 class _Generation(_servicer_base("text_generation", "TextGenerationServiceServicer")):
@@ -176,12 +178,20 @@ class _Speech(_servicer_base("speech_recognition", "SpeechRecognitionServiceServ
 
 
 def main() -> None:
-    """`python tests/client_fakes.py [stream outcome...]`: serve on a free port in this process,
-    print the address, and run until killed (CLI tests use it for a server that dies)."""
-    import sys
+    """`python tests/client_fakes.py [--plan a,b] [--tls tls|mtls] [--token T] [stream outcome...]`:
+    serve on a free port in this process, print the address, and run until killed (the CLI
+    and Node tests use it, e.g. for a server that dies mid-stream)."""
+    import argparse
 
-    fake = FakeServer()
-    fake.stream_plan = sys.argv[1:]
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--plan", default="")
+    parser.add_argument("--tls", choices=["tls", "mtls"])
+    parser.add_argument("--token")
+    parser.add_argument("stream_plan", nargs="*")
+    args = parser.parse_args()
+    fake = FakeServer(tls=args.tls, token=args.token)
+    fake.plan = [p for p in args.plan.split(",") if p]
+    fake.stream_plan = args.stream_plan
     print(fake.address, flush=True)
     fake.server.wait_for_termination()
 

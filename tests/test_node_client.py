@@ -1,5 +1,6 @@
-"""The Node.js client's own tests (clients/node/test, `node --test`) against a real server,
-run from pytest so the single test command covers them, plus its JSDoc type check."""
+"""The Node.js client's own tests (clients/node/test, `npm test` = `node --test`) against a
+real server and the scripted one, run from pytest so the single test command covers them,
+plus its JSDoc type check."""
 from __future__ import annotations
 
 import os
@@ -33,7 +34,7 @@ def node_ready():
 
 def test_node_client_against_a_live_server(node_ready):
     env = {**os.environ, "PIPESERVE_PYTHON": sys.executable}
-    done = subprocess.run(["node", "--test", "--test-concurrency=1", "test/"], cwd=NODE_DIR, env=env,
+    done = subprocess.run(["npm", "test", "--silent"], cwd=NODE_DIR, env=env,
                           capture_output=True, text=True, timeout=900)
     summary = [line for line in done.stdout.splitlines() if line.startswith(("# pass", "# fail", "# skipped"))]
     assert done.returncode == 0, f"node --test failed:\n{done.stdout[-8000:]}\n{done.stderr[-4000:]}"

@@ -13,7 +13,7 @@ import {
   InputError, InvalidArgumentError, NotFoundError, PermissionDeniedError, PipeserveClient, UnavailableError,
   UnimplementedError,
 } from '../src/index.js';
-import { buildCheckpoints, hasServicer, removeDir, startServer } from './harness.js';
+import { buildCheckpoints, hasServicer, removeDir, startServer } from './support/harness.js';
 
 const run = promisify(execFile);
 const EXAMPLES = path.resolve(path.dirname(new URL(import.meta.url).pathname), '..', 'examples');

@@ -8,7 +8,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 
-export const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..', '..');
+export const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..', '..', '..');
 
 /** $PIPESERVE_PYTHON, else the repository's .venv, else python3 on PATH. */
 export function python() {
@@ -54,7 +54,7 @@ export async function startServer() {
   const port = await freePort();
   const child = spawn(python(), ['-m', 'pipeserve.server', '--listen', `127.0.0.1:${port}`,
     '--embedded-defaults', 'false'], {
-    env: { ...process.env, PYTHONPATH, HF_HUB_OFFLINE: '1' }, stdio: ['ignore', 'ignore', 'pipe'],
+    env: { ...process.env, PYTHONPATH, HF_HUB_OFFLINE: '1', PYTHONFAULTHANDLER: '1' }, stdio: ['ignore', 'ignore', 'pipe'],
   });
   let log = '';
   let stopping = false;
