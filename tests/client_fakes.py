@@ -176,6 +176,33 @@ class _Speech(_servicer_base("speech_recognition", "SpeechRecognitionServiceServ
             transcription=pb.Transcription(text="".join(s.text for s in segments), segments=segments,
                                            duration_s=3.0, language="en")))
 
+    def StreamingTranscribe(self, request_iterator, context):
+        """Echoes what arrived: an interim segment per chunk (seconds received so far), a
+        final one every second chunk, then `done` after the client half-closes."""
+        import numpy as np
+
+        from pipeserve.v1 import speech_recognition_pb2 as pb
+
+        config, received_s, chunks = None, 0.0, 0
+        for message in request_iterator:
+            self.fake.requests.append(message)
+            if message.HasField("config"):
+                config = message.config
+                continue
+            dtype = "<f4" if config.format == 1 else "<i2"
+            frames = len(np.frombuffer(message.audio.samples, dtype)) / max(1, config.channels)
+            received_s += frames / config.sample_rate
+            chunks += 1
+            final = chunks % 2 == 0
+            segment = pb.Segment(id=f"s{(chunks - 1) // 2}", start_s=0.0, text=f" chunk {chunks}", is_final=final)
+            if final:
+                segment.end_s = received_s
+            yield pb.StreamingTranscribeResponse(request_id=config.request_id, segment=segment,
+                                                 audio_received_s=received_s)
+        yield pb.StreamingTranscribeResponse(request_id=config.request_id, audio_received_s=received_s,
+                                             done=pb.TranscriptionDone(transcription=pb.Transcription(
+                                                 text="live", duration_s=received_s)))
+
 
 def main() -> None:
     """`python tests/client_fakes.py [--plan a,b] [--tls tls|mtls] [--token T] [stream outcome...]`:

@@ -243,3 +243,34 @@ def test_audio_inputs_are_encoded_as_the_contract_says(fake, tmp_path):
     assert third.audio.data == path.read_bytes() and third.options.return_timestamps == 2  # SEGMENT
     assert fourth.audio.uri == "https://example.com/a.wav" and fourth.options.return_timestamps == 1  # NONE
     assert texts == [" part 0", " par", " part 1", " part 2"]
+
+
+def test_live_transcription_sends_config_then_chunks(fake):
+    """transcribe_live (bidirectional): the config goes first with the chunks' format, then
+    one AudioChunk per captured buffer; responses stream back as audio arrives."""
+    import numpy as np
+
+    from pipeserve.v1 import common_pb2
+
+    chunks = [np.full(1600, 0.1 * i, dtype=np.float32) for i in range(4)]  # 4 x 0.1 s at 16 kHz
+    with Client(fake.address, timeout=10) as client:
+        messages = list(client.transcribe_live(iter(chunks), sampling_rate=16000, language="en",
+                                               interim_interval_s=0.5, request_id="live"))
+    config, *audio = fake.requests
+    assert config.HasField("config") and config.config.format == common_pb2.SAMPLE_FORMAT_FLOAT32_LE
+    assert (config.config.sample_rate, config.config.channels, config.config.request_id) == (16000, 1, "live")
+    assert config.config.options.language == "en" and config.config.interim_interval_s == pytest.approx(0.5)
+    assert [np.frombuffer(m.audio.samples, "<f4")[0] for m in audio] == pytest.approx([0.0, 0.1, 0.2, 0.3])
+    assert [m.segment.is_final for m in messages[:-1]] == [False, True, False, True]
+    assert messages[-1].done.transcription.duration_s == pytest.approx(0.4)
+
+    fake.requests.clear()
+
+    async def live_async():
+        async with AsyncClient(fake.address, timeout=10) as client:
+            ints = [np.zeros(800, dtype=np.int16)] * 2
+            return [m async for m in client.transcribe_live(ints, sampling_rate=8000)]
+
+    replies = asyncio.run(live_async())
+    assert fake.requests[0].config.format == common_pb2.SAMPLE_FORMAT_INT16_LE
+    assert replies[-1].done.transcription.duration_s == pytest.approx(0.2)
