@@ -13,7 +13,7 @@ import asyncio
 import json
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from .errors import PipeserveError, QueueFull
 from .manager import ModelEntry, ModelManager
@@ -49,9 +49,19 @@ class DynamicBatcher:
         self.max_wait_s = max_wait_ms / 1000.0
         self.max_queue = max_queue
         self._queues: dict[tuple, _Queue] = {}
+        # Called as observer(model, method, batch_size, [seconds each item waited]) for every
+        # batch formed (pipeserve.metrics records batch sizes and queue time through it).
+        self.observer: Callable[[str, str, int, list[float]], None] | None = None
 
     def depth(self) -> int:
         return sum(len(q.pending) for q in self._queues.values())
+
+    def depth_by_model(self) -> dict[str, int]:
+        """Requests waiting per model name (all methods and option sets together)."""
+        out: dict[str, int] = {}
+        for key, queue in list(self._queues.items()):
+            out[key[0]] = out.get(key[0], 0) + len(queue.pending)
+        return out
 
     async def submit(self, entry: ModelEntry, method: str, item: Any, options: dict[str, Any]) -> BatchResult:
         """Queues one item; returns its result once its batch has run."""
@@ -91,6 +101,9 @@ class DynamicBatcher:
             del queue.pending[: len(batch)]
             batch = [p for p in batch if not p.future.cancelled()]
             if batch:
+                if self.observer is not None:
+                    now = time.perf_counter()
+                    self.observer(entry.name, method, len(batch), [now - p.enqueued for p in batch])
                 await self._run(call, batch, options)
         self._queues.pop(key, None)
 

@@ -52,6 +52,23 @@ class Settings:
     max_batch_size: int = 8
     max_batch_wait_ms: float = 5.0
     hub_offline: bool = False
+    # Observability (pipeserve.metrics / observability): Prometheus HTTP endpoint ("host:port";
+    # empty = off), log format ("text" or "json") and level ("debug" logs every call, "info"
+    # the failed ones), one OpenTelemetry span per RPC when opentelemetry is installed and on.
+    metrics_listen: str = ""
+    log_format: str = "text"
+    log_level: str = "info"
+    tracing: bool = False
+    # Security (pipeserve.security): PEM files for TLS; a client CA turns on mutual TLS.
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""
+    # Bearer tokens allowed to call tasks and read models; admin tokens may also load and
+    # unload. An entry "file:PATH" reads tokens from a file, one per line. Both empty = no auth.
+    auth_tokens: tuple[str, ...] = ()
+    admin_tokens: tuple[str, ...] = ()
+    # Concurrent streaming calls one client (its token, else its address) may hold; 0 = no limit.
+    max_streams_per_client: int = 16
 
     def replace(self, **changes: Any) -> "Settings":
         return dataclasses.replace(self, **changes)

@@ -18,7 +18,12 @@ from .batching import DynamicBatcher
 from .config import ModelSpec, Settings, load_settings
 from .errors import TaskNotImplemented
 from .interceptors import ErrorInterceptor
+from .logs import configure_logging
 from .manager import ModelManager
+from .metrics import Metrics
+from .observability import TelemetryInterceptor
+from .security import SecurityInterceptor, server_credentials
+from .tracing import make_tracer
 from .tasks import Task
 
 log = logging.getLogger("pipeserve.server")
@@ -86,6 +91,9 @@ class RunningServer:
     port: int
     health: health.aio.HealthServicer if hasattr(health, "aio") else object
     draining: bool = False
+    # Prometheus metrics (None when `metrics_listen` is empty); `metrics.port` is the HTTP port.
+    metrics: Metrics | None = None
+    security: SecurityInterceptor | None = None
 
     async def drain_and_stop(self, grace_s: float | None = None) -> None:
         """New calls get UNAVAILABLE at once; in-flight calls get `grace_s` to finish."""
@@ -93,6 +101,8 @@ class RunningServer:
         await self.health.enter_graceful_shutdown()
         await self.server.stop(self.app.settings.grace_period_s if grace_s is None else grace_s)
         await self.app.manager.close()
+        if self.metrics is not None:
+            self.metrics.close()
 
 
 class _Health:
@@ -135,8 +145,20 @@ async def start(settings: Settings) -> RunningServer:
         ("grpc.http2.min_ping_interval_without_data_ms", 5000),
         ("grpc.keepalive_permit_without_calls", 1),
     ]
+    metrics = Metrics() if settings.metrics_listen else None
+    if metrics is not None:
+        metrics.bind(app)
+    security = SecurityInterceptor(settings)
+    telemetry = TelemetryInterceptor(
+        metrics=metrics, tracer=make_tracer(settings.tracing),
+        tasks={name: task.value if task else "" for name, (_, task) in SERVICES.items()},
+        default_model=lambda task: manager.default_name(Task(task)) if task else None)
+    # Outermost first: telemetry sees the final status; errors raised by security checks
+    # become statuses with ErrorInfo in the error interceptor around them.
     server = grpc.aio.server(
-        interceptors=[ErrorInterceptor(lambda: holder["server"].draining if "server" in holder else False)],
+        interceptors=[telemetry,
+                      ErrorInterceptor(lambda: holder["server"].draining if "server" in holder else False),
+                      security],
         options=options)
     for service_name, (module_name, _task) in SERVICES.items():
         try:
@@ -151,11 +173,16 @@ async def start(settings: Settings) -> RunningServer:
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         [*SERVICES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server)
-    port = server.add_insecure_port(settings.listen)
+    credentials = server_credentials(settings)
+    port = (server.add_secure_port(settings.listen, credentials) if credentials is not None
+            else server.add_insecure_port(settings.listen))
     if port == 0:
         raise SystemExit(f"cannot listen on {settings.listen}")
     await server.start()
-    running = RunningServer(server=server, app=app, port=port, health=health_servicer)
+    if metrics is not None:
+        metrics.serve(settings.metrics_listen)
+    running = RunningServer(server=server, app=app, port=port, health=health_servicer, metrics=metrics,
+                            security=security)
     holder["server"] = running
     await health_state.refresh(manager)
     log.info("pipeserve listening on %s (port %d)", settings.listen, port)
@@ -201,9 +228,8 @@ async def serve(settings: Settings) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = load_settings(argv)
+    configure_logging(settings.log_format, settings.log_level.upper(), sys.stderr)
     asyncio.run(serve(settings))
 
 

@@ -1,0 +1,63 @@
+"""Logging: plain text for a terminal, or one JSON object per line for log collectors; every
+record carries the id of the request being handled (set per RPC by the telemetry interceptor
+from the request's `request_id` field or `x-request-id` metadata)."""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import sys
+from contextvars import ContextVar
+
+# The request being handled on this asyncio task ("" outside an RPC).
+request_id_var: ContextVar[str] = ContextVar("pipeserve_request_id", default="")
+
+# Attributes every LogRecord has; anything else on a record came from `extra=` and is emitted.
+_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime", "request_id"}
+
+
+class RequestIdFilter(logging.Filter):
+    """Stamps each record with the current request id (a filter on the handler, so records of
+    every logger get it, including grpc's and torch's)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not getattr(record, "request_id", ""):
+            record.request_id = request_id_var.get()
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    """{"ts", "level", "logger", "message", "request_id", ...extra fields, "exception"}."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out = {
+            "ts": dt.datetime.fromtimestamp(record.created, dt.timezone.utc).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+            "request_id": getattr(record, "request_id", "") or request_id_var.get(),
+        }
+        for key, value in vars(record).items():
+            if key not in _STANDARD and not key.startswith("_"):
+                out[key] = value if isinstance(value, (str, int, float, bool, type(None))) else str(value)
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        return json.dumps(out, ensure_ascii=False)
+
+
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s"
+
+
+def configure_logging(fmt: str = "text", level: int | str = logging.INFO, stream=None) -> logging.Handler:
+    """Replaces the root handlers with one that writes `fmt` ("text" or "json") to `stream` (stderr)."""
+    if fmt not in ("text", "json"):
+        raise SystemExit(f"log_format must be 'text' or 'json', got {fmt!r}")
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.addFilter(RequestIdFilter())
+    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level)
+    return handler
