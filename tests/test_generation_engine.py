@@ -108,3 +108,24 @@ def test_context_end_finishes_with_length(pipe):
     assert len(ids) > 40
     tokens, [done] = _tokens(pipe.engine.submit(ids, _params(pipe, max_new_tokens=128)))
     assert done.finish_reason == "length" and len(ids) + len(tokens) == pipe.model.max_positions
+
+
+def test_prompts_of_equal_length_share_one_prompt_pass(pipe):
+    from pipeserve.generation_engine import RequestHandle
+
+    prompts = [pipe.encode(p) for p in ("The quick brown fox", "Hello world, this is", "Numbers and punctuation")]
+    length = min(len(p) for p in prompts)
+    prompts = [p[:length] for p in prompts]
+    params = _params(pipe, max_new_tokens=8, min_new_tokens=8)
+    alone = [_tokens(pipe.engine.submit(p, params))[0] for p in prompts]
+    engine = GenerationEngine(pipe.model, pipe.tokenizer, special_ids=set())
+    try:
+        # queued before the engine thread starts, so that they join in one admission round
+        early = [RequestHandle(p, params) for p in prompts[:2]]
+        engine._waiting.extend(early)
+        last = engine.submit(prompts[2], params)
+        together = [_tokens(h)[0] for h in early + [last]]
+        assert together == alone
+        assert all(h.max_batch == 3 for h in early + [last])
+    finally:
+        engine.close()

@@ -114,6 +114,29 @@ class Ours:
         return first, total
 
 
+def ours_concurrent_engine(pipe, prompt: list[int], new_tokens: int, streams: int) -> dict:
+    """The same crowd without gRPC: what continuous batching itself delivers."""
+    import threading
+
+    params = pipe.parameters({"max_new_tokens": new_tokens, "min_new_tokens": new_tokens})
+    list(pipe.engine.submit(prompt, params))  # warm-up
+    start = time.perf_counter()
+    handles = [pipe.engine.submit(prompt, params) for _ in range(streams)]
+    counts = [0] * streams
+
+    def drain(i):
+        counts[i] = sum(1 for _ in handles[i]) - 1  # minus the done event
+
+    threads = [threading.Thread(target=drain, args=(i,)) for i in range(streams)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - start
+    assert sum(counts) == streams * new_tokens
+    return {"streams": streams, "aggregate_tokens_per_s": sum(counts) / wall}
+
+
 def interleaved(runners: dict, prompt: list[int], new_tokens: int, repeats: int) -> dict:
     """Best of `repeats` for each runner, alternating runners so that load on a shared machine
     hits all of them alike; one warm-up each first."""
@@ -127,37 +150,49 @@ def interleaved(runners: dict, prompt: list[int], new_tokens: int, repeats: int)
     return {name: {"ttft_ms": ttft * 1000, "tokens_per_s": new_tokens / total} for name, (ttft, total) in best.items()}
 
 
-def ours_concurrent_grpc(directory: Path, prompt_text: str, new_tokens: int, streams: int, device: str) -> dict:
-    from grpc_testing import load_model, make_server
-    from pipeserve.v1 import text_generation_pb2 as pb, text_generation_pb2_grpc
+def grpc_crowd(address: str, model: str, prompt_text: str, new_tokens: int, streams: int) -> tuple[float, list]:
+    """Runs in a separate client process: `streams` concurrent GenerateStream calls."""
     import grpc
+
+    sys.path[:0] = [str(ROOT / "service")]
+    from pipeserve.v1 import text_generation_pb2 as pb, text_generation_pb2_grpc
+
+    options = pb.GenerationOptions(max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+
+    async def one(stub):
+        start = time.perf_counter()
+        first = None
+        count = 0
+        async for message in stub.GenerateStream(pb.GenerateStreamRequest(
+                model=model, prompt=prompt_text, options=options), timeout=3600):
+            if message.WhichOneof("event") == "token":
+                count += 1
+                if first is None:
+                    first = time.perf_counter() - start
+        return count, first
+
+    async def crowd():
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = text_generation_pb2_grpc.TextGenerationServiceStub(channel)
+            start = time.perf_counter()
+            results = await asyncio.gather(*(one(stub) for _ in range(streams)))
+            return time.perf_counter() - start, results
+
+    return asyncio.run(crowd())
+
+
+def ours_concurrent_grpc(directory: Path, prompt_text: str, new_tokens: int, streams: int, device: str) -> dict:
+    """The server in this process, the clients in another (as in a deployment)."""
+    import multiprocessing
+
+    from grpc_testing import load_model, make_server
 
     server = make_server()
     try:
         load_model(server, directory, device=device)
-        options = pb.GenerationOptions(max_new_tokens=new_tokens, min_new_tokens=new_tokens)
-
-        async def one(stub):
-            start = time.perf_counter()
-            first = None
-            count = 0
-            async for message in stub.GenerateStream(pb.GenerateStreamRequest(
-                    model=str(directory), prompt=prompt_text, options=options), timeout=3600):
-                if message.WhichOneof("event") == "token":
-                    count += 1
-                    if first is None:
-                        first = time.perf_counter() - start
-            return count, first
-
-        async def crowd(n):
-            async with grpc.aio.insecure_channel(server.address) as channel:
-                stub = text_generation_pb2_grpc.TextGenerationServiceStub(channel)
-                start = time.perf_counter()
-                results = await asyncio.gather(*(one(stub) for _ in range(n)))
-                return time.perf_counter() - start, results
-
-        asyncio.run(crowd(2))  # warm-up
-        wall, results = asyncio.run(crowd(streams))
+        with multiprocessing.get_context("spawn").Pool(1) as pool:
+            pool.apply(grpc_crowd, (server.address, str(directory), prompt_text, 4, 2))  # warm-up
+            wall, results = pool.apply(grpc_crowd, (server.address, str(directory), prompt_text, new_tokens, streams))
         tokens = sum(count for count, _ in results)
         assert tokens == streams * new_tokens
         pipe = server.manager.get(str(directory)).pipeline
@@ -208,6 +243,7 @@ def main() -> None:
     singles = interleaved({"reference_single": Reference(directory, args.device), "ours_single_float32": Ours(float32),
                            "ours_single_int8": Ours(int8)}, prompt, args.new_tokens, args.repeats)
     results.update(singles)
+    results["ours_engine_concurrent"] = ours_concurrent_engine(float32, prompt, args.new_tokens, args.streams)
     float32.close()
     int8.close()
     results["ours_grpc_concurrent"] = ours_concurrent_grpc(directory, prompt_text, args.new_tokens, args.streams,
@@ -243,8 +279,10 @@ def markdown(r: dict) -> str:
         f"| transformers generate, float32, 1 stream | {ref['tokens_per_s']:.1f} | {ref['ttft_ms']:.1f} |",
         f"| pipeserve engine, float32, 1 stream | {f32['tokens_per_s']:.1f} | {f32['ttft_ms']:.1f} |",
         f"| pipeserve engine, int8, 1 stream | {i8['tokens_per_s']:.1f} | {i8['ttft_ms']:.1f} |",
-        f"| pipeserve gRPC, float32, {grpc_['streams']} concurrent streams (aggregate) | "
+        f"| pipeserve gRPC, float32, {grpc_['streams']} concurrent streams from a client process (aggregate) | "
         f"{grpc_['aggregate_tokens_per_s']:.1f} | {grpc_['mean_ttft_ms']:.1f} (mean) |",
+        f"| pipeserve engine without gRPC, float32, {r['ours_engine_concurrent']['streams']} concurrent requests "
+        f"(aggregate) | {r['ours_engine_concurrent']['aggregate_tokens_per_s']:.1f} | |",
         "",
         f"- aggregate / reference single stream: {grpc_['aggregate_tokens_per_s'] / ref['tokens_per_s']:.2f}x "
         f"(largest decode batch {grpc_['max_batch']})",

@@ -71,18 +71,34 @@ class RequestHandle:
         except RuntimeError:
             self._loop, self._async_queue = None, None
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        # Events for an event-loop consumer are handed over in bunches: one loop wake-up per
+        # bunch, not per token, when the loop is busier than the engine.
+        self._lock = threading.Lock()
+        self._pending: list[Any] = []
+        self._wake_scheduled = False
 
     def cancel(self) -> None:
         self.cancelled.set()
 
     def _put(self, item: Any) -> None:
-        if self._loop is not None:
-            try:
-                self._loop.call_soon_threadsafe(self._async_queue.put_nowait, item)
-            except RuntimeError:  # the caller's event loop is gone: nobody listens any more
-                self.cancel()
-        else:
+        if self._loop is None:
             self._queue.put(item)
+            return
+        with self._lock:
+            self._pending.append(item)
+            if self._wake_scheduled:
+                return
+            self._wake_scheduled = True
+        try:
+            self._loop.call_soon_threadsafe(self._deliver)
+        except RuntimeError:  # the caller's event loop is gone: nobody listens any more
+            self.cancel()
+
+    def _deliver(self) -> None:  # on the consumer's event loop
+        with self._lock:
+            items, self._pending, self._wake_scheduled = self._pending, [], False
+        for item in items:
+            self._async_queue.put_nowait(item)
 
     def __iter__(self):
         while True:
@@ -203,10 +219,14 @@ class GenerationEngine:
                 self._finish(seq, FINISH_CANCELLED)
 
     def _admit(self) -> None:
+        """Moves waiting requests into the batch while the bounds allow, then runs their prompt
+        passes, one pass per group of equal prompt length (a crowd of similar requests
+        arriving together shares one prompt pass as well)."""
+        joined: list[list[_Sequence]] = []
         while True:
             with self._cond:
                 if not self._waiting:
-                    return
+                    break
                 handle = self._waiting[0]
                 n = handle.params.num_return_sequences
                 need = self._reservation(len(handle.prompt_ids), handle.params) * n
@@ -216,37 +236,55 @@ class GenerationEngine:
                     continue
                 if self._active and (len(self._active) + n > self.max_batch_size
                                      or self._reserved + need > self.max_batch_tokens):
-                    return  # waits for sequences to leave
+                    break  # waits for sequences to leave
                 self._waiting.popleft()
             try:
-                self._prefill(handle)
+                joined.append(self._join(handle))
             except Exception as exc:  # one bad request must not stop the engine
                 self._fail([s for s in self._active if s.handle is handle], handle, exc)
+        groups: dict[int, list[list[_Sequence]]] = {}
+        for seqs in joined:
+            groups.setdefault(len(seqs[0].handle.prompt_ids), []).append(seqs)
+        for group in groups.values():
+            try:
+                self._prefill(group)
+            except Exception as exc:
+                for seqs in group:
+                    self._fail([s for s in self._active if s.handle is seqs[0].handle], seqs[0].handle, exc)
 
-    def _prefill(self, handle: RequestHandle) -> None:
+    def _join(self, handle: RequestHandle) -> list[_Sequence]:
+        """Cache slots and decoding state for each of the request's sequences."""
         params = handle.params
         handle.started_at = time.perf_counter()
-        started = handle.started_at
-        n = params.num_return_sequences
         reserve = self._reservation(len(handle.prompt_ids), params)
         seqs: list[_Sequence] = []
-        for i in range(n):
+        for i in range(params.num_return_sequences):
             slot = self.cache.allocate()
             seq = _Sequence(handle, i, slot, TokenChooser(params, (params.seed + i) % 2 ** 64, self._logits_device()),
-                            TextStream(self.tokenizer, params.stop, self.clean_up_spaces, self.byte_tokens), list(handle.prompt_ids),
-                            reserved=reserve)
+                            TextStream(self.tokenizer, params.stop, self.clean_up_spaces, self.byte_tokens),
+                            list(handle.prompt_ids), reserved=reserve)
             seqs.append(seq)
             self._active.append(seq)
             self._reserved += reserve
-        ids = torch.tensor([handle.prompt_ids], device=self.device)
-        view = self.cache.view([seqs[0].slot], len(handle.prompt_ids))
-        logits = self.model(ids, view, last_only=True)[:, -1]  # [1, V]
+        return seqs
+
+    def _prefill(self, group: list[list[_Sequence]]) -> None:
+        """One prompt pass for requests with prompts of equal length; a request's extra
+        sequences (num_return_sequences) copy its first sequence's cache."""
+        started = time.perf_counter()
+        firsts = [seqs[0] for seqs in group]
+        ids = torch.tensor([s.handle.prompt_ids for s in firsts], device=self.device)
+        view = self.cache.view([s.slot for s in firsts], ids.shape[1])
+        logits = self.model(ids, view, last_only=True)[:, -1]  # [B, V]
         view.commit()
-        for seq in seqs[1:]:
-            self.cache.copy_slot(seqs[0].slot, seq.slot)
-        handle.compute_s += time.perf_counter() - started
-        for seq in seqs:
-            self._advance(seq, logits)
+        elapsed = time.perf_counter() - started
+        for row, seqs in enumerate(group):
+            for seq in seqs[1:]:
+                self.cache.copy_slot(seqs[0].slot, seq.slot)
+            seqs[0].handle.compute_s += elapsed
+            seqs[0].handle.max_batch = max(seqs[0].handle.max_batch, len(group))
+            for seq in seqs:
+                self._advance(seq, logits[row:row + 1])
 
     def _step(self) -> None:
         seqs = sorted(self._active, key=lambda s: s.slot)  # contiguous slots read without a gather

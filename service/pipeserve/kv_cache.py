@@ -209,8 +209,8 @@ class CacheView:
             keys, values = cache_k[p.contiguous, :, :L], cache_v[p.contiguous, :, :L]
         else:
             keys, values = cache_k[p.slots, :, :L], cache_v[p.slots, :, :L]
-        if len(self.slot_list) == 1 and self.start_list[0] == 0 and (not window or window >= L):
-            return _sdpa(q, keys, values, None, scale, is_causal=T > 1)
+        if not any(self.start_list) and (not window or window >= L):
+            return _sdpa(q, keys, values, None, scale, is_causal=T > 1)  # fresh prompts of one length
         return _sdpa(q, keys, values, self._mask(cache_k.device, window), scale)
 
     def commit(self) -> None:

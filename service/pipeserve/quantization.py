@@ -82,6 +82,10 @@ def quantize_int8(model: nn.Module, skip: tuple[str, ...] = (), kernel: str = "a
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             full = f"{name}.{child_name}" if name else child_name
-            if isinstance(child, nn.Linear) and full not in skip:
+            if full in skip:
+                continue
+            if isinstance(child, nn.Linear):
                 setattr(module, child_name, Int8Linear(child, kernel))
+            elif callable(getattr(child, "to_linear", None)):  # e.g. GPT-2's Conv1D ([in, out] weight)
+                setattr(module, child_name, Int8Linear(child.to_linear(), kernel))
     return model
