@@ -230,6 +230,10 @@ def test_audio_inputs_are_encoded_as_the_contract_says(fake, tmp_path):
             client.transcribe(np.zeros(10, dtype=np.int64), sampling_rate=16000)
         with pytest.raises(InputError, match="return_timestamps must be one of"):
             client.transcribe(path, return_timestamps="paragraph")
+        with pytest.raises(TypeError, match="unexpected keyword argument.*chunk_len"):
+            client.transcribe(path, chunk_len=3)  # type: ignore[call-arg]
+        with pytest.raises(TypeError, match="unexpected keyword argument.*max_tokens"):
+            client.generate("x", max_tokens=3)  # type: ignore[call-arg]
     first, second, third, fourth, _ = fake.requests
     raw = first.audio.raw
     assert (raw.format, raw.sample_rate, raw.channels) == (common_pb2.SAMPLE_FORMAT_FLOAT32_LE, 22050, 2)

@@ -2,7 +2,7 @@
 Shared by the sync and asyncio clients so both build exactly the same requests."""
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence, TypedDict
 
 from google.protobuf import struct_pb2
 
@@ -78,6 +78,79 @@ def load_model(model: str, *, task: str | None = None, revision: str | None = No
 
 # --- speech recognition -------------------------------------------------------------------
 
+class TranscribeOptions(TypedDict, total=False):
+    """Keyword arguments of transcribe(); every option unset = the model's default."""
+
+    sampling_rate: int | None  # required with raw samples (a numpy array)
+    model: str  # empty = the task's default model
+    return_timestamps: bool | str | None  # True (segments), "word", "char", False / "none"
+    language: str | None  # e.g. "en"; unset = detected
+    task: str | None  # "transcribe" or "translate"
+    chunk_length_s: float | None
+    stride_length_s: float | None
+    batch_size: int | None
+    num_beams: int | None
+    temperature: float | Sequence[float] | None  # a sequence = fallback schedule
+    compression_ratio_threshold: float | None
+    logprob_threshold: float | None
+    no_speech_threshold: float | None
+    initial_prompt: str | None
+    condition_on_previous_text: bool | None
+    max_new_tokens: int | None
+    long_form_sequential: bool | None
+    request_id: str
+    timeout: float | None  # deadline in seconds for the whole call, retries included
+
+
+class GenerateOptions(TypedDict, total=False):
+    """Keyword arguments of generate(); every option unset = the model's default."""
+
+    model: str
+    max_new_tokens: int | None
+    min_new_tokens: int | None
+    do_sample: bool | None
+    temperature: float | None
+    top_k: int | None
+    top_p: float | None
+    typical_p: float | None
+    repetition_penalty: float | None
+    no_repeat_ngram_size: int | None
+    stop: str | Sequence[str] | None
+    ignore_eos: bool | None
+    seed: int | None
+    num_return_sequences: int | None
+    return_full_text: bool | None
+    logprobs: int | None
+    return_logprobs: bool | None
+    request_id: str
+    timeout: float | None
+
+
+def _split(method: str, options: Mapping[str, Any], allowed: type) -> tuple[dict[str, Any], float | None]:
+    """Checks keyword names (as a signature would) and takes the deadline out."""
+    names = allowed.__required_keys__ | allowed.__optional_keys__  # type: ignore[attr-defined]
+    unknown = sorted(set(options) - names)
+    if unknown:
+        raise TypeError(f"{method}() got unexpected keyword argument(s): {', '.join(unknown)}")
+    rest = dict(options)
+    return rest, rest.pop("timeout", None)
+
+
+def transcribe_call(audio: AudioLike, stream: bool, options: Mapping[str, Any]) -> tuple[Any, float | None]:
+    """transcribe()'s keyword arguments -> (request, timeout)."""
+    rest, timeout = _split("transcribe", options, TranscribeOptions)
+    request = transcribe(audio, sampling_rate=rest.pop("sampling_rate", None), model=rest.pop("model", ""),
+                         request_id=rest.pop("request_id", ""), stream=stream, options=rest)
+    return request, timeout
+
+
+def generate_call(prompt: str, stream: bool, options: Mapping[str, Any]) -> tuple[Any, float | None]:
+    """generate()'s keyword arguments -> (request, timeout)."""
+    rest, timeout = _split("generate", options, GenerateOptions)
+    request = generate(prompt, model=rest.pop("model", ""), request_id=rest.pop("request_id", ""), stream=stream,
+                       options=rest)
+    return request, timeout
+
 def _timestamps(value: bool | str | None) -> int | None:
     # transformers: return_timestamps=True -> segments, "word" -> words, "char" -> characters.
     if value is True:
@@ -98,7 +171,8 @@ def transcription_options(*, return_timestamps: bool | str | None = None, langua
     fallback = None
     if isinstance(temperature, (list, tuple)):
         # transformers' generate_kwargs temperature=(0.0, 0.2, ...) is a fallback schedule.
-        temperature, fallback = (temperature[0] if temperature else None), list(temperature[1:])
+        schedule = list(temperature)
+        temperature, fallback = (schedule[0] if schedule else None), schedule[1:]
     return _set(asr_pb.TranscriptionOptions(), return_timestamps=_timestamps(return_timestamps), language=language,
                 task=enum_value(asr_pb.SpeechTask, "SPEECH_TASK_", task, "task"), chunk_length_s=chunk_length_s,
                 stride_length_s=stride_length_s, batch_size=batch_size, num_beams=num_beams, temperature=temperature,

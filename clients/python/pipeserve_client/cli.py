@@ -610,17 +610,17 @@ def main(argv: list[str] | None = None) -> int:
         # `pipeserve ... | head`: the reader left; that is not an error.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK
-    except Fail as failure:
-        print(f"pipeserve: {failure}", file=sys.stderr)
-        return failure.code
+    except Fail as usage:
+        print(f"pipeserve: {usage}", file=sys.stderr)
+        return usage.code
     except Exception as error:  # typed client errors become messages; anything else is a bug
         from .errors import PipeserveError
 
         if not isinstance(error, PipeserveError):
             raise
-        failure = _explain(error, target, tls)
-        print(f"pipeserve: {failure}", file=sys.stderr)
-        return failure.code
+        explained = _explain(error, target, tls)
+        print(f"pipeserve: {explained}", file=sys.stderr)
+        return explained.code
 
 
 if __name__ == "__main__":

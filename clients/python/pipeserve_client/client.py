@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Callable, Iterable, Iterator, Literal, Mapping, Sequence, TypeVar, overload
+from typing import Any, Callable, Iterable, Iterator, Literal, Mapping, Sequence, TypeVar, Unpack, overload
 
 import grpc
 
@@ -186,36 +186,27 @@ class Client:
     # --- speech recognition ---------------------------------------------------------------
 
     @overload
-    def transcribe(self, audio: AudioLike, *, stream: Literal[False] = False, **kwargs: Any) -> asr_pb.TranscribeResponse: ...
+    def transcribe(self, audio: AudioLike, *, stream: Literal[False] = False,
+                   **options: Unpack[build.TranscribeOptions]) -> asr_pb.TranscribeResponse: ...
     @overload
-    def transcribe(self, audio: AudioLike, *, stream: Literal[True], **kwargs: Any) -> Iterator[asr_pb.TranscribeStreamResponse]: ...
+    def transcribe(self, audio: AudioLike, *, stream: Literal[True],
+                   **options: Unpack[build.TranscribeOptions]) -> Iterator[asr_pb.TranscribeStreamResponse]: ...
 
-    def transcribe(self, audio: AudioLike, *, sampling_rate: int | None = None, model: str = "",
-                   return_timestamps: bool | str | None = None, language: str | None = None,
-                   task: str | None = None, chunk_length_s: float | None = None,
-                   stride_length_s: float | None = None, batch_size: int | None = None,
-                   num_beams: int | None = None, temperature: float | Sequence[float] | None = None,
-                   compression_ratio_threshold: float | None = None, logprob_threshold: float | None = None,
-                   no_speech_threshold: float | None = None, initial_prompt: str | None = None,
-                   condition_on_previous_text: bool | None = None, max_new_tokens: int | None = None,
-                   long_form_sequential: bool | None = None, stream: bool = False, request_id: str = "",
-                   timeout: float | None = None):
+    def transcribe(self, audio: AudioLike, *, stream: bool = False, **options: Unpack[build.TranscribeOptions]
+                   ) -> asr_pb.TranscribeResponse | Iterator[asr_pb.TranscribeStreamResponse]:
         """Speech -> text, like pipeline("automatic-speech-recognition")(audio, ...).
 
         audio: a file path, encoded file bytes, an allowlisted URI, a numpy array of samples
         (float -1..1 or int16; 2-D = (frames, channels)) with sampling_rate=, or
-        {"raw": array, "sampling_rate": rate}. return_timestamps: True (segments), "word",
-        "char", or False. stream=True yields TranscribeStreamResponse messages: a `segment`
-        as each window is decoded, then `done` with the full transcription."""
-        options = dict(return_timestamps=return_timestamps, language=language, task=task,
-                       chunk_length_s=chunk_length_s, stride_length_s=stride_length_s, batch_size=batch_size,
-                       num_beams=num_beams, temperature=temperature,
-                       compression_ratio_threshold=compression_ratio_threshold,
-                       logprob_threshold=logprob_threshold, no_speech_threshold=no_speech_threshold,
-                       initial_prompt=initial_prompt, condition_on_previous_text=condition_on_previous_text,
-                       max_new_tokens=max_new_tokens, long_form_sequential=long_form_sequential)
-        request = build.transcribe(audio, sampling_rate=sampling_rate, model=model, request_id=request_id,
-                                   stream=stream, options=options)
+        {"raw": array, "sampling_rate": rate}. Options (TranscribeOptions): sampling_rate,
+        model, return_timestamps (True = segments, "word", "char", False), language, task
+        ("transcribe" / "translate"), chunk_length_s, stride_length_s, batch_size, num_beams,
+        temperature (a sequence = fallback schedule), compression_ratio_threshold,
+        logprob_threshold, no_speech_threshold, initial_prompt, condition_on_previous_text,
+        max_new_tokens, long_form_sequential, request_id, timeout. stream=True yields
+        TranscribeStreamResponse messages: a `segment` as each window is decoded, then `done`
+        with the full transcription."""
+        request, timeout = build.transcribe_call(audio, stream, options)
         if stream:
             return self._stream("speech", "TranscribeStream", request, timeout)
         return self._unary("speech", "Transcribe", request, timeout)
@@ -235,31 +226,24 @@ class Client:
     # --- text generation ------------------------------------------------------------------
 
     @overload
-    def generate(self, prompt: str, *, stream: Literal[False] = False, **kwargs: Any) -> gen_pb.GenerateResponse: ...
+    def generate(self, prompt: str, *, stream: Literal[False] = False,
+                 **options: Unpack[build.GenerateOptions]) -> gen_pb.GenerateResponse: ...
     @overload
-    def generate(self, prompt: str, *, stream: Literal[True], **kwargs: Any) -> Iterator[gen_pb.GenerateStreamResponse]: ...
+    def generate(self, prompt: str, *, stream: Literal[True],
+                 **options: Unpack[build.GenerateOptions]) -> Iterator[gen_pb.GenerateStreamResponse]: ...
 
-    def generate(self, prompt: str, *, model: str = "", max_new_tokens: int | None = None,
-                 min_new_tokens: int | None = None, do_sample: bool | None = None, temperature: float | None = None,
-                 top_k: int | None = None, top_p: float | None = None, typical_p: float | None = None,
-                 repetition_penalty: float | None = None, no_repeat_ngram_size: int | None = None,
-                 stop: str | Sequence[str] | None = None, ignore_eos: bool | None = None, seed: int | None = None,
-                 num_return_sequences: int | None = None, return_full_text: bool | None = None,
-                 logprobs: int | None = None, return_logprobs: bool | None = None, stream: bool = False,
-                 request_id: str = "", timeout: float | None = None):
-        """Prompt -> continuation, like pipeline("text-generation")(prompt, ...). stream=True
-        yields one GenerateStreamResponse per token (`token`), then `done` per sequence."""
-        options = dict(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, do_sample=do_sample,
-                       temperature=temperature, top_k=top_k, top_p=top_p, typical_p=typical_p,
-                       repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size, stop=stop,
-                       ignore_eos=ignore_eos, seed=seed, num_return_sequences=num_return_sequences,
-                       return_full_text=return_full_text, logprobs=logprobs, return_logprobs=return_logprobs)
-        request = build.generate(prompt, model=model, request_id=request_id, stream=stream, options=options)
+    def generate(self, prompt: str, *, stream: bool = False, **options: Unpack[build.GenerateOptions]
+                 ) -> gen_pb.GenerateResponse | Iterator[gen_pb.GenerateStreamResponse]:
+        """Prompt -> continuation, like pipeline("text-generation")(prompt, ...). Options
+        (GenerateOptions): model, max_new_tokens, min_new_tokens, do_sample, temperature, top_k,
+        top_p, typical_p, repetition_penalty, no_repeat_ngram_size, stop, ignore_eos, seed,
+        num_return_sequences, return_full_text, logprobs, return_logprobs, request_id, timeout.
+        stream=True yields one GenerateStreamResponse per token (`token`), then `done` per
+        sequence."""
+        request, timeout = build.generate_call(prompt, stream, options)
         if stream:
             return self._stream("generation", "GenerateStream", request, timeout)
         return self._unary("generation", "Generate", request, timeout)
-
-    # --- images ---------------------------------------------------------------------------
 
     def classify_image(self, image: ImageLike, *, model: str = "", top_k: int | None = None,
                        function_to_apply: str | None = None, request_id: str = "",
