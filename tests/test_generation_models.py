@@ -116,3 +116,21 @@ def test_greedy_generation_matches_transformers(checkpoint):
         reference = transformers.pipeline("text-generation", model=model, tokenizer=tokenizer)
         text = reference(prompt, max_new_tokens=30, min_new_tokens=30, do_sample=False)[0]["generated_text"]
         assert result.sequences[0].text == text
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_loads_and_generates(tmp_path, dtype):
+    model, _ = build("llama", tmp_path / "llama")
+    pipe = load_pipeline(tmp_path / "llama", dtype=dtype)
+    try:
+        assert pipe.model.lm_head.weight.dtype == getattr(torch, dtype)
+        assert pipe.engine.cache.dtype == getattr(torch, dtype)
+        ids = torch.tensor([pipe.encode("The quick brown fox")])
+        with torch.no_grad():
+            ours, reference = pipe.model(ids), model(ids).logits
+        # half precision rounding only: close to float32, not bit-equal
+        assert (ours - reference).abs().max() < 0.05 * reference.abs().max()
+        [result] = pipe.generate(["The quick brown fox"], {"max_new_tokens": 6, "min_new_tokens": 6})
+        assert result.sequences[0].generated_tokens == 6
+    finally:
+        pipe.close()

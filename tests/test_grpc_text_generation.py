@@ -158,7 +158,7 @@ def test_many_concurrent_streams_are_bounded_and_share_steps(grpc_server, gpt2):
     name, _, _ = gpt2
     pipe = _pipeline(grpc_server, name)
     steps_before = pipe.engine.steps
-    streams = 400  # over the 256 queued + 32 active the engine admits
+    streams = 1000  # far over the 256 queued + 32 active the engine admits
 
     async def one(stub, i):
         request = pb.GenerateStreamRequest(model=name, prompt=f"Hello {i}", options=pb.GenerationOptions(
@@ -183,6 +183,9 @@ def test_many_concurrent_streams_are_bounded_and_share_steps(grpc_server, gpt2):
         assert messages[-1].done.generated_tokens == 6
     tokens = 6 * len(ok)
     assert pipe.engine.steps - steps_before < tokens / 2, "concurrent streams share decoding steps"
+    cache = pipe.engine.cache
+    # memory stays bounded: never more than max_batch_size slots of the model's context
+    assert cache.peak_bytes <= pipe.engine.max_batch_size * pipe.model.max_positions * cache.bytes_per_token()
     assert max(pipe.engine.batch_sizes) > 1
     assert _wait_idle(pipe) and pipe.engine.cache.memory_bytes() == 0
     again = _stub(grpc_server).Generate(pb.GenerateRequest(model=name, prompt="Hi", options=pb.GenerationOptions(

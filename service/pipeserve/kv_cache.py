@@ -90,6 +90,7 @@ class KVCache:
         self.values: list[torch.Tensor] = []
         self.slots = 0
         self.capacity = 0
+        self.peak_bytes = 0  # high-water mark of memory_bytes(), for tests and metrics
 
     # ---- bookkeeping -------------------------------------------------------------------
     def bytes_per_token(self) -> int:
@@ -138,6 +139,7 @@ class KVCache:
             new_v.append(v)
         self._free.extend(range(self.slots, slots))
         self.keys, self.values, self.slots, self.capacity = new_k, new_v, slots, capacity
+        self.peak_bytes = max(self.peak_bytes, self.memory_bytes())
 
     def view(self, slots: Sequence[int], new_tokens: int) -> "CacheView":
         """The cache seen by one forward pass adding `new_tokens` tokens to each of `slots`."""
