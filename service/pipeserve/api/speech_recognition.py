@@ -1,0 +1,250 @@
+"""SpeechRecognitionService: audio (file bytes, raw PCM or URI) -> an ASR pipeline (Whisper or
+CTC, both with `transcribe_stream(waveform, options)` and `open_stream(options)`) -> segments.
+
+Transcribe and TranscribeStream run the pipeline's segment generator on a worker thread;
+StreamingTranscribe feeds live chunks to the pipeline's live stream. Leaving early (client
+cancelled, deadline passed) sets a stop flag the decoding loop checks between steps, so work
+stops at once and the stream's buffers are dropped. No torch here.
+"""
+from __future__ import annotations
+
+import inspect
+import threading
+from typing import Any
+
+import grpc
+from google.protobuf.message import DecodeError
+
+from .. import audio as audio_io
+from ..errors import InputTooLarge, InvalidInput
+from ..tasks import Task
+from ..v1 import speech_recognition_pb2 as pb, speech_recognition_pb2_grpc as pb_grpc
+from .common import App, Timer, enum_option, input_bytes, iterate_in_thread, optional_fields, request_id, run_info
+
+TASK = Task.AUTOMATIC_SPEECH_RECOGNITION
+SERVICE_NAME = "pipeserve.v1.SpeechRecognitionService"
+_SCALARS = ("language", "chunk_length_s", "stride_length_s", "batch_size", "num_beams", "temperature",
+            "compression_ratio_threshold", "logprob_threshold", "no_speech_threshold", "initial_prompt",
+            "condition_on_previous_text", "max_new_tokens", "long_form_sequential")
+_FORMATS = {1: "float32", 2: "int16"}
+# One live audio chunk may hold at most this much audio (a client sends chunks as recorded).
+MAX_CHUNK_SECONDS = 30.0
+# Live audio at another rate is resampled in blocks of at least this many seconds, so filter
+# edges fall rarely inside speech.
+_RESAMPLE_BLOCK_S = 0.5
+
+
+def _options(options: pb.TranscriptionOptions, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    out = optional_fields(options, _SCALARS)
+    out["return_timestamps"] = enum_option(options, "return_timestamps", "TIMESTAMP_GRANULARITY_")
+    out["task"] = enum_option(options, "task", "SPEECH_TASK_")
+    out["temperature_fallback"] = list(options.temperature_fallback) or None
+    out.update(extra or {})
+    return out
+
+
+def _segment(seg) -> pb.Segment:
+    msg = pb.Segment(id=seg.id, start_s=seg.start_s, text=seg.text, tokens=seg.tokens, avg_logprob=seg.avg_logprob,
+                     no_speech_prob=seg.no_speech_prob, is_final=seg.is_final,
+                     compression_ratio=seg.compression_ratio, temperature=seg.temperature,
+                     words=[pb.Word(text=w.text, start_s=w.start_s, end_s=w.end_s, probability=w.probability)
+                            for w in seg.words],
+                     chars=[pb.CharTiming(text=c.text, start_s=c.start_s, end_s=c.end_s) for c in seg.chars])
+    if seg.end_s is not None:
+        msg.end_s = seg.end_s
+    return msg
+
+
+def _transcription(t) -> pb.Transcription:
+    return pb.Transcription(
+        text=t.text, segments=[_segment(s) for s in t.segments], language=t.language, duration_s=t.duration_s,
+        language_probabilities=[pb.LanguageProbability(language=k, probability=v)
+                                for k, v in sorted(t.language_probabilities.items(), key=lambda kv: -kv[1])])
+
+
+def _accepts_stop(fn) -> bool:
+    try:
+        return "should_stop" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+class _Undecodable:
+    def __init__(self, error: DecodeError):
+        self.error = error
+
+
+def _lenient(message_class):
+    """Malformed request bytes (e.g. a language string that is not UTF-8) -> INVALID_ARGUMENT
+    from the servicer instead of grpc's UNKNOWN."""
+    def parse(data: bytes):
+        try:
+            return message_class.FromString(data)
+        except DecodeError as exc:
+            return _Undecodable(exc)
+    return parse
+
+
+def _check(request):
+    if isinstance(request, _Undecodable):
+        raise InvalidInput(f"the request is not a valid protobuf message ({request.error})")
+    return request
+
+
+class SpeechRecognitionServicer(pb_grpc.SpeechRecognitionServiceServicer):
+    def __init__(self, app: App):
+        self.app = app
+
+    @property
+    def max_seconds(self) -> float:
+        return float(self.app.settings.max_audio_seconds)
+
+    async def _waveform(self, source: pb.TranscribeRequest):
+        """AudioInput -> mono float32 16 kHz waveform, decoded and resampled on a worker."""
+        which = source.audio.WhichOneof("source")
+        if which is None:
+            raise InvalidInput("audio is empty: set audio.data, audio.raw or audio.uri", metadata={"field": "audio"})
+        if which == "raw":
+            raw = source.audio.raw
+            if raw.format not in _FORMATS:
+                raise InvalidInput("audio.raw.format must be FLOAT32_LE or INT16_LE", metadata={"field": "audio.raw.format"})
+            kwargs = dict(samples=raw.samples, fmt=_FORMATS[raw.format], sample_rate=raw.sample_rate,
+                          channels=raw.channels or 1)
+        else:
+            data = await input_bytes(self.app, data=source.audio.data, uri=source.audio.uri, which="audio",
+                                     max_bytes=self.app.settings.max_message_bytes)
+            kwargs = dict(data=data)
+        return await self.app.manager.run(lambda: audio_io.load_audio_input(max_seconds=self.max_seconds, **kwargs))
+
+    async def _events(self, entry, waveform, options):
+        """The pipeline's segments then its Transcription, produced on a worker thread; leaving
+        early stops the decoding loop."""
+        stop = threading.Event()
+        method = entry.pipeline.transcribe_stream
+        extra = {"should_stop": stop.is_set} if _accepts_stop(method) else {}
+        try:
+            async for item in iterate_in_thread(lambda: method(waveform, options, **extra), self.app.manager.executor):
+                yield item
+        finally:
+            stop.set()
+
+    async def Transcribe(self, request, context) -> pb.TranscribeResponse:
+        request = _check(request)
+        rid = request_id(request)
+        waveform = await self._waveform(request)
+        options = _options(request.options)
+        async with self.app.manager.use(request.model, TASK) as entry:
+            timer = Timer()
+            done = None
+            async for item in self._events(entry, waveform, options):
+                done = item
+            return pb.TranscribeResponse(request_id=rid, transcription=_transcription(done),
+                                         run=run_info(entry, compute_ms=timer.ms()))
+
+    async def TranscribeStream(self, request, context):
+        request = _check(request)
+        rid = request_id(request)
+        waveform = await self._waveform(request)
+        options = _options(request.options)
+        async with self.app.manager.use(request.model, TASK) as entry:
+            timer = Timer()
+            async for item in self._events(entry, waveform, options):
+                if hasattr(item, "segments"):
+                    yield pb.TranscribeStreamResponse(request_id=rid, done=pb.TranscriptionDone(
+                        transcription=_transcription(item), run=run_info(entry, compute_ms=timer.ms())))
+                else:
+                    yield pb.TranscribeStreamResponse(request_id=rid, segment=_segment(item))
+
+    async def StreamingTranscribe(self, request_iterator, context):
+        first = None
+        async for message in request_iterator:
+            first = _check(message)
+            break
+        if first is None:
+            raise InvalidInput("the stream ended before its StreamingConfig message")
+        if first.WhichOneof("message") != "config":
+            raise InvalidInput("the first message of a stream must be its StreamingConfig", metadata={"field": "config"})
+        config = first.config
+        if config.format not in _FORMATS:
+            raise InvalidInput("config.format must be FLOAT32_LE or INT16_LE", metadata={"field": "config.format"})
+        fmt, rate, channels = _FORMATS[config.format], config.sample_rate, config.channels or 1
+        audio_io.decode_raw_pcm(b"\0" * 4 * channels, fmt, rate, channels)  # validates rate and channels
+        rid = config.request_id or request_id(config)
+        extra = {"interim_interval_s": config.interim_interval_s} if config.HasField("interim_interval_s") else {}
+        options = _options(config.options, extra)
+        frame_bytes = (4 if fmt == "float32" else 2) * channels
+        max_chunk = int(MAX_CHUNK_SECONDS * rate) * frame_bytes
+        async with self.app.manager.use(config.model, TASK) as entry:
+            run = self.app.manager.run
+            live = await run(lambda: entry.pipeline.open_stream(options))
+            stop = threading.Event()
+            kwargs = {"should_stop": stop.is_set} if _accepts_stop(live.push) else {}
+            timer = Timer()
+            pending = []  # raw audio not yet resampled (other rates), as [channels, frames] blocks
+            try:
+                async for message in request_iterator:
+                    message = _check(message)
+                    if message.WhichOneof("message") != "audio":
+                        raise InvalidInput("only the first message of a stream may be a StreamingConfig",
+                                           metadata={"field": "config"})
+                    data = message.audio.samples
+                    if len(data) > max_chunk:
+                        raise InputTooLarge(f"an audio chunk holds {len(data) / frame_bytes / rate:.1f} s; "
+                                            f"the limit is {MAX_CHUNK_SECONDS:g} s per chunk",
+                                            metadata={"field": "audio.samples", "limit": f"{MAX_CHUNK_SECONDS:g}"})
+                    if not data:
+                        continue
+                    wave, _ = audio_io.decode_raw_pcm(data, fmt, rate, channels)
+                    pending.append(wave)
+                    if rate != audio_io.MODEL_SAMPLE_RATE and sum(w.shape[-1] for w in pending) < _RESAMPLE_BLOCK_S * rate:
+                        continue
+                    block, pending = pending, []
+                    segments = await run(lambda: live.push(_to_16k(block, rate), **kwargs))
+                    for seg in segments:
+                        yield pb.StreamingTranscribeResponse(request_id=rid, segment=_segment(seg),
+                                                             audio_received_s=live.audio_received_s)
+                if pending:
+                    block, pending = pending, []
+                    for seg in await run(lambda: live.push(_to_16k(block, rate), **kwargs)):
+                        yield pb.StreamingTranscribeResponse(request_id=rid, segment=_segment(seg),
+                                                             audio_received_s=live.audio_received_s)
+                finish_kwargs = {"should_stop": stop.is_set} if _accepts_stop(live.finish) else {}
+                segments, transcription = await run(lambda: live.finish(**finish_kwargs))
+                for seg in segments:
+                    yield pb.StreamingTranscribeResponse(request_id=rid, segment=_segment(seg),
+                                                         audio_received_s=live.audio_received_s)
+                yield pb.StreamingTranscribeResponse(
+                    request_id=rid, audio_received_s=live.audio_received_s,
+                    done=pb.TranscriptionDone(transcription=_transcription(transcription),
+                                              run=run_info(entry, compute_ms=timer.ms())))
+            finally:
+                stop.set()
+                live = None  # the stream's buffers go with it
+
+
+def _to_16k(blocks, rate: int):
+    """[channels, frames] blocks -> one mono 16 kHz waveform, validated (NaN / inf refused)."""
+    import torch
+
+    wave = torch.cat(blocks, dim=-1)
+    audio_io.validate_waveform(wave, rate)
+    return audio_io.resample(audio_io.downmix(wave), rate, audio_io.MODEL_SAMPLE_RATE)
+
+
+def register(server, app: App) -> None:
+    """As pb_grpc.add_SpeechRecognitionServiceServicer_to_server, with lenient request parsing."""
+    servicer = SpeechRecognitionServicer(app)
+    handlers = {
+        "Transcribe": grpc.unary_unary_rpc_method_handler(
+            servicer.Transcribe, request_deserializer=_lenient(pb.TranscribeRequest),
+            response_serializer=pb.TranscribeResponse.SerializeToString),
+        "TranscribeStream": grpc.unary_stream_rpc_method_handler(
+            servicer.TranscribeStream, request_deserializer=_lenient(pb.TranscribeStreamRequest),
+            response_serializer=pb.TranscribeStreamResponse.SerializeToString),
+        "StreamingTranscribe": grpc.stream_stream_rpc_method_handler(
+            servicer.StreamingTranscribe, request_deserializer=_lenient(pb.StreamingTranscribeRequest),
+            response_serializer=pb.StreamingTranscribeResponse.SerializeToString),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    if hasattr(server, "add_registered_method_handlers"):
+        server.add_registered_method_handlers(SERVICE_NAME, handlers)
