@@ -6,8 +6,8 @@ wav2vec2-base size by default, --tiny for the 2-layer test model); a client send
 speech as 16 kHz int16 packets paced in real time (--packet-ms) and records when each
 response arrives. Each response carries audio_received_s, the audio the server had when it
 produced it; its latency is the arrival time minus the time the packet completing that audio
-was sent. Reports the interim and final latencies (median, p90, max) and the time from the
-first packet to the first text.
+was sent. Reports the interim and final latencies (median, p90, max), per packet the wait until a
+result covering its audio arrived, and the time from the first packet to the first text.
 
     PYTHONPATH=service:tests:clients/python python bench/asr/bench_wav2vec2_streaming.py --seconds 20
 """
@@ -57,6 +57,7 @@ def stream_latency(address_channel, model: str, audio, *, packet_ms: float, inte
             yield pb.StreamingTranscribeRequest(audio=pb.AudioChunk(samples=packet))
 
     interim, final, first_text, done_text = [], [], None, ""
+    covered: list[tuple[float, float]] = []  # (audio seconds a response covers, arrival time)
     t0 = None
     for response in stub.StreamingTranscribe(requests(), timeout=600):
         now = time.perf_counter()
@@ -69,9 +70,18 @@ def stream_latency(address_channel, model: str, audio, *, packet_ms: float, inte
         i = min(bisect.bisect_left([s for s, _ in sent], received - 1e-6), len(sent) - 1)
         latency = now - sent[i][1]
         (final if response.segment.is_final else interim).append(latency)
+        covered.append((received, now))
         if first_text is None and response.segment.text.strip():
             first_text = now - t0
-    return {"interim": _stats(interim), "final": _stats(final), "first_text_s": first_text,
+    # Per packet: how long after it was sent did the first result covering its audio arrive
+    # (what a user waits for text to move past a given moment of speech).
+    waits = []
+    for audio_s, send_time in sent:
+        arrival = next((t for s, t in covered if s >= audio_s - 1e-6), None)
+        if arrival is not None:
+            waits.append(arrival - send_time)
+    return {"interim": _stats(interim), "final": _stats(final), "packet_to_text": _stats(waits),
+            "first_text_s": first_text,
             "text": done_text}
 
 

@@ -16,6 +16,7 @@ never straddle segments; the concatenated segment chars / words are exactly the 
 from __future__ import annotations
 
 import math
+import time
 from typing import Any, Callable, ClassVar, Iterator
 
 import torch
@@ -300,6 +301,8 @@ class CTCLiveStream:
     decoded and returned as one interim segment (is_final False) carrying the id the next
     final segment will have. Only the audio of the current chunk is kept."""
 
+    INTERIM_COST_FACTOR = 2.0
+
     def __init__(self, pipeline: CTCASRPipeline, options: dict[str, Any]):
         self.pipeline = pipeline
         self.options = options
@@ -311,6 +314,7 @@ class CTCLiveStream:
         self.offset = 0  # absolute sample index of buffer[0] (the current chunk's start)
         self.received = 0
         self.last_interim = 0
+        self.interim_cost = 0.0  # seconds the last interim decode took
         self.closed = False
 
     @property
@@ -342,9 +346,14 @@ class CTCLiveStream:
                 out.append(segment)
             self.buffer = self.buffer[self.step:]
             self.offset += self.step
-        if self.received - self.last_interim >= self.interval:
+        # Interim decodes are spaced by at least twice their own cost in audio time, so that on
+        # a slow machine they take at most half of real time instead of falling behind.
+        spacing = max(self.interval, int(self.INTERIM_COST_FACTOR * self.interim_cost * self.pipeline.sampling_rate))
+        if self.received - self.last_interim >= spacing:
             self.last_interim = self.received
+            started = time.perf_counter()
             interim = self._interim()
+            self.interim_cost = time.perf_counter() - started
             if interim is not None:
                 out.append(interim)
         return out
