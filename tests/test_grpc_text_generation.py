@@ -99,6 +99,7 @@ def test_stop_sequence_over_grpc(grpc_server, gpt2):
 BAD = [
     ("empty prompt", "", {}, "INVALID_INPUT"),
     ("prompt longer than the context", "word " * 400, {}, "INPUT_TOO_LARGE"),
+    ("huge prompt", "x" * 2_000_000, {}, "INPUT_TOO_LARGE"),
     ("max_new_tokens 0", "Hi", {"max_new_tokens": 0}, "INVALID_PARAMETER"),
     ("max_new_tokens 10^9", "Hi", {"max_new_tokens": 10 ** 9}, "INVALID_PARAMETER"),
     ("temperature < 0", "Hi", {"temperature": -0.5, "do_sample": True}, "INVALID_PARAMETER"),

@@ -204,10 +204,15 @@ class GenerationEngine:
                         self._cond.wait()
                     if self._closed:
                         break
-                self._drop_cancelled()
-                self._admit()
-                if self._active:
-                    self._step()
+                try:
+                    self._drop_cancelled()
+                    self._admit()
+                    if self._active:
+                        self._step()
+                except Exception as exc:  # a bug here must not leave callers waiting forever
+                    log.exception("generation engine step failed")
+                    for handle in {s.handle for s in self._active}:
+                        self._fail([s for s in self._active if s.handle is handle], handle, exc)
         for seq in list(self._active):
             self._finish(seq, FINISH_CANCELLED)
         while self._waiting:

@@ -20,6 +20,10 @@ from ..registry import family_module
 from ..tasks import Task
 from .base import LoadOptions, Pipeline, replace_options
 
+# A prompt longer than this many characters per context token cannot fit (tokens average ~4
+# characters); refusing it before tokenizing keeps a huge prompt from stalling the event loop.
+_MAX_CHARS_PER_TOKEN = 64
+
 # generation_config.json fields that are request options under the same name.
 _GENERATION_CONFIG_FIELDS = ("max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p",
                              "typical_p", "repetition_penalty", "no_repeat_ngram_size", "num_return_sequences")
@@ -106,6 +110,9 @@ class TextGenerationPipeline(Pipeline):
     def encode(self, prompt: str) -> list[int]:
         if not isinstance(prompt, str) or not prompt:
             raise InvalidInput("the prompt is empty")
+        if len(prompt) > self.model.max_positions * _MAX_CHARS_PER_TOKEN:
+            raise InputTooLarge(f"the prompt has {len(prompt)} characters, far more than this model's context of "
+                                f"{self.model.max_positions} tokens holds")
         ids = self.tokenizer.encode(prompt, add_special_tokens=False).ids
         if not ids:
             raise InvalidInput("the prompt has no tokens")
