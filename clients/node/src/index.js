@@ -344,6 +344,55 @@ export class PipeserveClient {
   }
 
   /**
+   * Live audio (bidirectional): sends the configuration, then one chunk per item of `chunks`
+   * as it arrives, and yields interim and final segments as the server decodes them, then
+   * `done` after the last chunk. Never retried (the audio cannot be replayed).
+   * @param {Iterable<Float32Array|Int16Array>|AsyncIterable<Float32Array|Int16Array>} chunks
+   *   samples (float -1..1 or int16), interleaved when there are several channels
+   * @param {CallOptions & {sampleRate: number, channels?: number, interimIntervalS?: number} & object} options
+   *   plus the options of transcribe()
+   * @returns {AsyncGenerator<any>}
+   */
+  async *transcribeLive(chunks, options) {
+    await this._ready;
+    const { sampleRate, channels = 1, interimIntervalS, ...rest } = options ?? {};
+    if (!(sampleRate > 0)) throw new InputError('live audio needs sampleRate (in hertz)');
+    const end = this._deadlineAt(rest);
+    const call = this._stubs.speech.StreamingTranscribe(this._metadata(), end === undefined ? {} : { deadline: new Date(end) });
+    const config = {
+      model: rest.model ?? '', request_id: rest.requestId ?? '', options: fields(rest, CALL_KEYS),
+      sample_rate: sampleRate, channels, format: 'SAMPLE_FORMAT_FLOAT32_LE',
+    };
+    if (interimIntervalS !== undefined) config.interim_interval_s = interimIntervalS;
+    const send = (async () => {
+      let first = true;
+      for await (const samples of chunks) {
+        const { raw } = await audioInput({ samples, sampleRate, channels });
+        if (first) {
+          call.write({ config: { ...config, format: raw.format } });
+          first = false;
+        }
+        call.write({ audio: { samples: raw.samples } });
+      }
+      if (first) call.write({ config });
+      call.end();
+    })();
+    send.catch((error) => call.cancel(String(error)));
+    let received = 0;
+    try {
+      for await (const message of call) {
+        received += 1;
+        yield message;
+      }
+      await send;
+    } catch (raw) {
+      throw errorFromStatus(raw, 'StreamingTranscribe', received);
+    } finally {
+      call.cancel();
+    }
+  }
+
+  /**
    * Prompt -> text (pipeline("text-generation")).
    * @param {string} prompt
    * @param {CallOptions & {maxNewTokens?: number, minNewTokens?: number, doSample?: boolean, temperature?: number,

@@ -18,7 +18,7 @@ const running = [];
 /** Starts the scripted server with the given arguments; resolves to its address. */
 async function fake(...args) {
   const child = spawn(python(), [path.join(ROOT, 'tests', 'client_fakes.py'), ...args], {
-    env: { ...process.env, PYTHONPATH }, stdio: ['ignore', 'pipe', 'inherit'],
+    env: { ...process.env, PYTHONPATH, GRPC_VERBOSITY: 'ERROR' }, stdio: ['ignore', 'pipe', 'inherit'],
   });
   running.push(child);
   return new Promise((resolve, reject) => {
@@ -65,6 +65,25 @@ describe('Node client resilience', () => {
       for await (const m of client.generateStream('x')) received.push(m.token.text);
     }, (e) => e instanceof StreamInterruptedError && e.received === 2 && !e.retryable);
     assert.deepEqual(received, ['Once', ' upon']);
+    client.close();
+  });
+
+  test('transcribeLive sends the configuration, then each chunk, and streams replies', async () => {
+    const address = await fake();
+    const client = new PipeserveClient(address, { timeoutMs: 10_000 });
+    async function* microphone() {
+      for (let i = 0; i < 4; i += 1) {
+        await new Promise((r) => setTimeout(r, 5));
+        yield new Float32Array(1600).fill(0.1 * i); // 0.1 s at 16 kHz
+      }
+    }
+    const messages = [];
+    for await (const m of client.transcribeLive(microphone(), { sampleRate: 16000, language: 'en', requestId: 'live' })) {
+      messages.push(m);
+    }
+    assert.deepEqual(messages.slice(0, -1).map((m) => m.segment.is_final), [false, true, false, true]);
+    assert.ok(messages.every((m) => m.request_id === 'live'));
+    assert.ok(Math.abs(messages.at(-1).done.transcription.duration_s - 0.4) < 1e-6);
     client.close();
   });
 
