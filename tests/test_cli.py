@@ -385,7 +385,8 @@ def test_transcribe_command_streams_segments_with_progress(capsys, server, loade
                          "--timestamps", "char")
     assert code == 0
     lines = out.splitlines()
-    assert lines and all(line.startswith("[") and "->" in line for line in lines)
+    assert lines and all(line.lstrip().startswith("[") and "->" in line for line in lines)
+    assert any(line.startswith("    [") for line in lines), "character timings print under their segment"
     assert "%" in err and "00:02.00" in err  # progress against the file's known duration
     messages = [json.loads(line) for line in run(capsys, "--server", server, "--json", "transcribe", str(path),
                                                  "--model", model)[1].splitlines()]

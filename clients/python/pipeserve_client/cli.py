@@ -344,8 +344,12 @@ class _Progress:
 
 
 def _segment_line(segment: Any) -> str:
+    """A segment, then its words (or characters) with their timings when the server sent them."""
     end = _clock(segment.end_s) if segment.HasField("end_s") else "..."
-    return f"[{_clock(segment.start_s)} -> {end}] {segment.text.strip()}"
+    lines = [f"[{_clock(segment.start_s)} -> {end}] {segment.text.strip()}"]
+    for unit in list(segment.words) or list(segment.chars):
+        lines.append(f"    [{_clock(unit.start_s)} -> {_clock(unit.end_s)}] {unit.text.strip()}")
+    return "\n".join(lines)
 
 
 def cmd_transcribe(client: Any, args: argparse.Namespace) -> None:
