@@ -129,6 +129,7 @@ class _Generation(_servicer_base("text_generation", "TextGenerationServiceServic
             if outcome in ("fail_after", "exit_after") and i == 2:
                 if outcome == "exit_after":
                     import os
+                    time.sleep(0.3)  # let the two tokens already yielded reach the client
                     os._exit(1)  # the whole server process disappears mid-stream
                 abort(context, grpc.StatusCode.UNAVAILABLE, "connection reset")
             if outcome == "slow":
