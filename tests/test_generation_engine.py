@@ -1,7 +1,6 @@
 """The continuous-batching engine: joining between steps, leaving at once, bounds, EOS."""
 from __future__ import annotations
 
-import threading
 import time
 
 import pytest

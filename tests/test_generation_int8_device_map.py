@@ -11,7 +11,7 @@ from harness import load_pipeline
 
 from pipeserve.device_map import dispatch, plan_device_map
 from pipeserve.errors import ModelLoadFailed
-from pipeserve.quantization import Int8Linear, quantize_int8, quantize_per_channel
+from pipeserve.quantization import Int8Linear, quantize_per_channel
 
 GB = 1 << 30
 

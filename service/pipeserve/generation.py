@@ -8,6 +8,15 @@
   typical-p. Sampling is torch.multinomial on softmax(scores) with a per-sequence
   torch.Generator, which draws exactly as transformers' global-RNG draw does after
   torch.manual_seed(seed) for one sequence.
+  Where the rule differs from transformers (documented, tested where equal):
+  * num_return_sequences > 1: transformers draws every row from the one global generator in a
+    single multinomial call; we seed sequence i with seed + i, so that each sequence is
+    reproducible on its own and independent of which other requests share its decoding steps.
+    A sequence equals transformers' only for num_return_sequences = 1 (and for one prompt).
+  * stop sequences: transformers' `stop_strings` keeps the stop string in the output; our
+    contract ends the text before it.
+  * logprobs report the model's distribution (log_softmax of the raw logits), not the
+    penalised/warped scores that were sampled from.
 - `TextStream`: incremental detokenization (never half a UTF-8 character, never text that a
   later token changes), tokenizer clean-up, and stop sequences that may span tokens (text that
   could still become a stop sequence is held back; the stop sequence itself is never emitted).

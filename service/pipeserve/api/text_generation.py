@@ -15,7 +15,7 @@ from ..errors import InvalidInput
 from ..generation_engine import DoneEvent, TokenEvent
 from ..tasks import Task
 from ..v1 import text_generation_pb2 as pb, text_generation_pb2_grpc as pb_grpc
-from .common import App, Timer, optional_fields, request_id, run_info
+from .common import App, optional_fields, request_id, run_info
 
 TASK = Task.TEXT_GENERATION
 SERVICE_NAME = "pipeserve.v1.TextGenerationService"
