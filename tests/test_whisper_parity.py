@@ -172,3 +172,28 @@ def test_initial_prompt_parity(en):
     ref = hf(audio.copy(), return_timestamps=True, generate_kwargs={**GEN, "prompt_ids": prompt_ids})
     got = _ours(ours, audio, return_timestamps="segment", initial_prompt="Glossary: pipeserve, Whisper.")
     assert (got.text, _segments(got)) == (ref["text"], _chunks(ref))
+
+
+@pytest.mark.parametrize("timestamps", [True, False])
+def test_beam_search_parity(en, timestamps):
+    _, ours, hf = en
+    audio = _audio(6.0, 9)
+    ref = hf(audio.copy(), return_timestamps=timestamps, generate_kwargs={"num_beams": 3, "max_new_tokens": 30})
+    got = _ours(ours, audio, return_timestamps="segment" if timestamps else "none", num_beams=3, max_new_tokens=30)
+    assert got.text == ref["text"]
+    if timestamps:
+        assert _segments(got) == _chunks(ref)
+
+
+def test_temperature_fallback_and_no_speech_skip(en):
+    _, ours, _ = en
+    audio = _audio(4.0, 10)
+    # A compression-ratio threshold every window fails: each fallback temperature is tried,
+    # and the last one's result is kept (generate_with_fallback).
+    got = _ours(ours, audio, temperature=0.0, temperature_fallback=[0.4, 0.8], compression_ratio_threshold=0.01)
+    assert got.segments and {s.temperature for s in got.segments} == {0.8}
+    greedy = _ours(ours, audio)
+    assert {s.temperature for s in greedy.segments} == {0.0}
+    # Below the log-prob threshold and above the no-speech threshold: the window is silence.
+    skipped = _ours(ours, audio, logprob_threshold=0.0, no_speech_threshold=0.0)
+    assert skipped.text == "" and skipped.segments == []

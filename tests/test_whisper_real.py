@@ -76,3 +76,14 @@ def test_long_form_sequential_matches_transformers(tiny_en, oracle, speech):
     got = tiny_en.transcribe([audio], {"return_timestamps": "segment"})[0]
     assert got.text == ref["text"]
     assert [(s.start_s, s.end_s) for s in got.segments] == [tuple(c["timestamp"]) for c in ref["chunks"] if c["text"].strip()]
+
+
+def test_default_beam_search_equals_transformers_pipeline_defaults(tiny_en, oracle, tmp_path):
+    """transformers' ASR pipeline decodes with 5 beams by default; ours with num_beams=5 matches."""
+    from pipeserve.audio import load_audio_input
+
+    audio = load_audio_input(data=wc.speak(" ".join(wc.SENTENCES[2:4]), tmp_path / "b.wav"))
+    ref = oracle(audio.numpy().copy(), return_timestamps=True)
+    got = tiny_en.transcribe([audio], {"return_timestamps": "segment", "num_beams": 5})[0]
+    assert got.text == ref["text"]
+    assert [(s.start_s, s.end_s) for s in got.segments] == [tuple(c["timestamp"]) for c in ref["chunks"] if c["text"].strip()]

@@ -211,52 +211,64 @@ def decode_greedy(model, encoder_out: torch.Tensor, prompt: torch.Tensor, s: Gen
 def decode_beam(model, encoder_out: torch.Tensor, prompt: torch.Tensor, s: GenerationSettings,
                 rules: LogitRules, max_new: int, sot_index: int, num_beams: int,
                 length_penalty: float = 1.0, should_stop: Callable[[], bool] | None = None) -> list[WindowResult]:
-    """Beam search per row, scored as transformers' beam search scores finished hypotheses:
-    sum of log-probabilities / generated_length ** length_penalty (early_stopping=False)."""
+    """Beam search per row, as transformers' GenerationMixin._beam_search does it (early_stopping
+    False): processors act on log-probabilities (not renormalised), 2 x beams candidates per
+    step, a candidate ending in eos (or at max length) among the top `num_beams` becomes a
+    finished hypothesis scored sum / generated_length ** length_penalty, and the search stops
+    once no running beam can beat the worst of `num_beams` finished ones."""
     results = []
+    decoder = model.decoder
+    device = prompt.device
+    keep = 2 * num_beams
+    top_mask = torch.arange(keep, device=device) < num_beams
     for r in range(prompt.shape[0]):
         enc = encoder_out[r:r + 1].expand(num_beams, -1, -1)
-        decoder = model.decoder
-        cache = decoder.new_cache(enc, prompt.shape[1] + max_new)
-        logits = decoder(prompt[r:r + 1].expand(num_beams, -1), cache)
+        plen = prompt.shape[1]
+        cache = decoder.new_cache(enc, plen + max_new)
+        logits = decoder(prompt[r:r + 1].expand(num_beams, -1).contiguous(), cache)
         no_speech = _no_speech_prob(logits[:1, sot_index], s)[0]
         logits = logits[:, -1]
-        beams: list[list[int]] = [[] for _ in range(num_beams)]
-        beam_lps: list[list[float]] = [[] for _ in range(num_beams)]
-        beam_scores = torch.zeros(num_beams, device=prompt.device)
-        beam_scores[1:] = -1e9  # all beams start identical: expand only the first
-        finished: list[tuple[float, list[int], list[float]]] = []
-        for step in range(max_new):
-            lp = F.log_softmax(rules(logits.float(), beams), dim=-1)
-            total = (beam_scores[:, None] + lp).view(-1)
-            top_scores, top_idx = total.topk(2 * num_beams)
-            new_beams, new_lps, new_scores, origin = [], [], [], []
-            for score, idx in zip(top_scores.tolist(), top_idx.tolist()):
-                b, token = divmod(idx, lp.shape[-1])
-                seq, seq_lp = beams[b] + [token], beam_lps[b] + [lp[b, token].item()]
-                if token == s.eos_token_id:
-                    if len(new_beams) < num_beams:  # only hypotheses ranked within the beam width count
-                        finished.append((score / (len(seq)) ** length_penalty, seq, seq_lp))
-                    continue
-                new_beams.append(seq)
-                new_lps.append(seq_lp)
-                new_scores.append(score)
-                origin.append(b)
-                if len(new_beams) == num_beams:
-                    break
-            best_running = max(new_scores) / (step + 1) ** length_penalty if new_scores else -math.inf
-            if len(finished) >= num_beams and max(f[0] for f in finished) >= best_running:
+        running: list[list[int]] = [[] for _ in range(num_beams)]
+        running_lps: list[list[float]] = [[] for _ in range(num_beams)]
+        running_scores = torch.full((num_beams,), -1e9, device=device)
+        running_scores[0] = 0.0
+        fin_scores = torch.full((num_beams,), -1e9, device=device)
+        fin_seqs: list[tuple[list[int], list[float]]] = [([], []) for _ in range(num_beams)]
+        fin_done = torch.zeros(num_beams, dtype=torch.bool, device=device)
+        unsatisfied = True
+        step = 0
+        while True:
+            lp = rules(F.log_softmax(logits.float(), dim=-1), running)
+            vocab = lp.shape[-1]
+            top_scores, top_idx = (lp + running_scores[:, None]).view(-1).topk(keep)
+            origin, tokens = top_idx // vocab, top_idx % vocab
+            hits = (tokens == s.eos_token_id) | (step + 1 >= max_new)
+            cand = [(running[b] + [t], running_lps[b] + [lp[b, t].item()])
+                    for b, t in zip(origin.tolist(), tokens.tolist())]
+            run_scores = top_scores + hits.float() * -1e9
+            nxt = run_scores.topk(num_beams).indices
+            norm = top_scores / ((step + 1) ** length_penalty)
+            norm = norm + (0.0 if unsatisfied else -1e9) + (~(hits & top_mask)).float() * -1e9
+            merged = torch.cat([fin_scores, norm])
+            best = merged.topk(num_beams).indices
+            fin_seqs = [fin_seqs[i] if i < num_beams else cand[i - num_beams] for i in best.tolist()]
+            fin_done = torch.cat([fin_done, hits & top_mask])[best]
+            fin_scores = merged[best]
+            running = [cand[i][0] for i in nxt.tolist()]
+            running_lps = [cand[i][1] for i in nxt.tolist()]
+            running_scores = run_scores[nxt]
+            step += 1
+            best_running = running_scores[0] / (step ** length_penalty)
+            worst = torch.where(fin_done, fin_scores.min(), torch.tensor(-1e9, device=device))
+            unsatisfied = unsatisfied and bool((best_running > worst).any())
+            if not unsatisfied or bool(hits.all()) or (should_stop is not None and should_stop()):
                 break
-            if (should_stop is not None and should_stop()) or step == max_new - 1 or not new_beams:
-                break
-            beams, beam_lps = new_beams, new_lps
-            beam_scores = torch.tensor(new_scores, device=prompt.device)
-            cache.reorder(torch.tensor(origin, device=prompt.device))
-            logits = decoder(torch.tensor([b[-1] for b in beams], device=prompt.device)[:, None], cache)[:, -1]
-        if not finished:  # nothing ended: the best running beam, as at max length
-            finished = [(sc / max(1, len(b)) ** length_penalty, b, l) for sc, b, l in zip(new_scores, new_beams, new_lps)]
-        score, seq, seq_lp = max(finished, key=lambda f: f[0])
-        results.append(WindowResult(seq, seq_lp, no_speech, sum_logprob=score))
+            cache.reorder(origin[nxt])
+            logits = decoder(torch.tensor([seq[-1] for seq in running], device=device)[:, None], cache)[:, -1]
+        seq, seq_lp = fin_seqs[0]
+        if not seq:  # nothing finished (stopped early): the best running beam
+            seq, seq_lp = running[0], running_lps[0]
+        results.append(WindowResult(seq, seq_lp, no_speech, sum_logprob=float(fin_scores[0])))
     return results
 
 
