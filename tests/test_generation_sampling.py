@@ -236,3 +236,18 @@ def test_byte_fallback_runs_are_held_until_they_end(llama):
     released += stream.finish()
     assert released == expected
     assert "Q" not in expected  # the run turned it into replacement characters
+
+
+def test_batched_prompts_equal_transformers_batched_pipeline(gpt2):
+    """Several prompts in one call (different lengths) give transformers.pipeline's results
+    for the same list with batch_size and left padding."""
+    import transformers
+
+    model, tokenizer, pipe = gpt2
+    tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    prompts = ["The quick brown fox", "Hello", "Numbers 0123456789 and punctuation"]
+    reference = transformers.pipeline("text-generation", model=model, tokenizer=tokenizer)
+    expected = reference(prompts, batch_size=3, max_new_tokens=15, min_new_tokens=15, do_sample=False)
+    ours = pipe.generate(prompts, {"max_new_tokens": 15, "min_new_tokens": 15})
+    assert [r.sequences[0].text for r in ours] == [e[0]["generated_text"] for e in expected]
