@@ -16,11 +16,9 @@ from __future__ import annotations
 import argparse
 import bisect
 import json
-import queue
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
