@@ -134,3 +134,26 @@ def test_half_precision_loads_and_generates(tmp_path, dtype):
         assert result.sequences[0].generated_tokens == 6
     finally:
         pipe.close()
+
+
+@pytest.mark.parametrize("family", ["gpt2", "opt"])
+def test_hub_checkpoint_layouts(tmp_path, family):
+    """openai-community/gpt2 stores GPT2Model keys (no "transformer." prefix) with causal-mask
+    buffers and no lm_head; early OPT checkpoints store "decoder.*" without "model."."""
+    from safetensors.torch import load_file, save_file
+
+    model, _ = build(family, tmp_path)
+    state = load_file(str(tmp_path / "model.safetensors"))
+    prefix = "transformer." if family == "gpt2" else "model."
+    hub = {k.removeprefix(prefix): v for k, v in state.items() if not k.startswith("lm_head")}
+    if family == "gpt2":
+        for i in range(model.config.n_layer):
+            hub[f"h.{i}.attn.bias"] = torch.tril(torch.ones(1, 1, 128, 128))
+    save_file(hub, str(tmp_path / "model.safetensors"))
+    pipe = load_pipeline(tmp_path)
+    try:
+        ids = torch.randint(3, model.config.vocab_size, (1, 12))
+        with torch.no_grad():
+            assert_close(pipe.model(ids), model(ids).logits)
+    finally:
+        pipe.close()
