@@ -94,6 +94,9 @@ class TelemetryInterceptor(grpc.aio.ServerInterceptor):
 
             def __init__(self, request: Any, context: grpc.aio.ServicerContext) -> None:
                 self.context = context
+                # Read now: context.peer() on a call that was already cancelled crashes grpc's
+                # Cython layer (it reads the freed call), so never call it at the end.
+                self.peer = context.peer()
                 self.started = time.perf_counter()
                 self.first_at: float | None = None
                 self.model = ""
@@ -125,7 +128,7 @@ class TelemetryInterceptor(grpc.aio.ServerInterceptor):
                     if code is not grpc.StatusCode.OK:
                         m.errors.labels(service, name, code_name, reason).inc()
                     if not quiet:
-                        model = m.model_label(self.model or (this.default_model(task) or "") if task else self.model)
+                        model = m.model_label(self.model or (this.default_model(task) or "" if task else ""))
                         m.latency.labels(task, model, name).observe(elapsed)
                         if self.first_at is not None:
                             m.first_result.labels(task, model, name).observe(self.first_at - self.started)
@@ -134,7 +137,7 @@ class TelemetryInterceptor(grpc.aio.ServerInterceptor):
                 level = logging.DEBUG if quiet or code is grpc.StatusCode.OK else logging.INFO
                 log.log(level, "%s %s %.1fms", method, code_name, elapsed * 1000,
                         extra={"grpc_method": method, "grpc_code": code_name, "duration_ms": round(elapsed * 1000, 3),
-                               "model": self.model, "reason": reason, "peer": self.context.peer()})
+                               "model": self.model, "reason": reason, "peer": self.peer})
 
         def outcome(context: grpc.aio.ServicerContext, exc: BaseException | None) -> grpc.StatusCode:
             if exc is None or isinstance(exc, grpc.aio.AbortError):
