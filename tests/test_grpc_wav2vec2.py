@@ -190,3 +190,19 @@ def test_silence_and_tiny_audio_give_sensible_results(served):
     tiny = stub.Transcribe(pb.TranscribeRequest(model=model, audio=_raw(np.full(8, 0.1, np.float32))), timeout=30)
     assert isinstance(silent.transcription.text, str)
     assert tiny.transcription.text == "" and len(tiny.transcription.segments) == 0
+
+
+def test_hubert_checkpoint_through_grpc(grpc_server, tmp_path):
+    """HubertForCTC is served by the same pipeline (registry: model_type hubert)."""
+    from transformers import pipeline
+
+    directory, _ = ck.build("hubert", tmp_path)
+    info = load_model(grpc_server, directory)
+    from pipeserve.v1 import model_pb2
+
+    assert info.task == model_pb2.TASK_AUTOMATIC_SPEECH_RECOGNITION
+    stub = pb_grpc.SpeechRecognitionServiceStub(grpc_server.channel)
+    audio = ck.audio(3.0, seed=16)
+    response = stub.Transcribe(pb.TranscribeRequest(model=str(directory), audio=_raw(audio)), timeout=60)
+    expected = _reference(pipeline("automatic-speech-recognition", model=str(directory), device="cpu"), audio)
+    assert response.transcription.text == expected["text"] and expected["text"]

@@ -274,3 +274,21 @@ def test_should_stop_ends_decoding(pair):
     full = ours.transcribe([audio], {"chunk_length_s": 1.5})[0]
     assert isinstance(events[-1], Transcription)
     assert len(events[-1].text) < len(full.text)
+
+
+def test_do_normalize_false_and_preprocessor_config_file(tmp_path):
+    """A checkpoint whose feature extractor does not normalise, saved the Hub way
+    (preprocessor_config.json beside the tokenizer files)."""
+    from transformers import pipeline
+
+    directory, _ = ck.build("large", tmp_path)
+    processor = json.loads((directory / "processor_config.json").read_text())
+    (directory / "processor_config.json").unlink()
+    (directory / "preprocessor_config.json").write_text(json.dumps({**processor["feature_extractor"],
+                                                                     "do_normalize": False}))
+    ours = load_pipeline(directory)
+    assert ours.do_normalize is False
+    reference = pipeline("automatic-speech-recognition", model=str(directory), device="cpu")
+    audio = ck.audio(3.0, seed=21) * 3.0  # not unit variance, so normalising would matter
+    expected = _reference(reference, audio, return_timestamps="char")
+    assert _as_reference(ours.transcribe([torch.from_numpy(audio)], {"return_timestamps": "char"})[0], "char") == expected
