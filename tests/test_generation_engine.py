@@ -128,3 +128,25 @@ def test_prompts_of_equal_length_share_one_prompt_pass(pipe):
         assert all(h.max_batch == 3 for h in early + [last])
     finally:
         engine.close()
+
+
+def test_long_prompts_are_passed_in_chunks_between_decoding_steps(pipe):
+    engine = GenerationEngine(pipe.model, pipe.tokenizer, special_ids=set(), prefill_chunk=3)
+    try:
+        long_prompt = pipe.encode("Pipelines serve models; models generate text one token at a time.")
+        assert len(long_prompt) > 12
+        params = _params(pipe, max_new_tokens=10, min_new_tokens=10)
+        assert _tokens(engine.submit(long_prompt, params))[0] == _tokens(pipe.engine.submit(long_prompt, params))[0]
+
+        running = engine.submit(pipe.encode("Hello"), _params(pipe, max_new_tokens=60, min_new_tokens=60))
+        iterator = iter(running)
+        next(iterator)
+        steps = engine.steps
+        joining = iter(engine.submit(long_prompt, params))
+        next(joining)  # its first token comes after all its prompt chunks...
+        chunks = -(-len(long_prompt) // 3)
+        assert engine.steps - steps >= chunks - 2, "...each followed by a decoding step of the running stream"
+        list(joining)
+        list(iterator)
+    finally:
+        engine.close()

@@ -134,17 +134,23 @@ class _Sequence:
     generated: int = 0
     reserved: int = 0
     tokens: list[TokenEvent] = field(default_factory=list)
+    decoding: bool = False  # False while its prompt is still being passed through the model
 
 
 class GenerationEngine:
     def __init__(self, model, tokenizer, *, special_ids: set[int], clean_up_spaces: bool = False,
-                 max_batch_size: int = 32, max_batch_tokens: int = 65536, max_queued: int = 256):
+                 max_batch_size: int = 32, max_batch_tokens: int = 65536, max_queued: int = 256,
+                 prefill_chunk: int = 512):
         self.model = model
         self.tokenizer = tokenizer
         self.special_ids = special_ids
         self.clean_up_spaces = clean_up_spaces
         self.byte_tokens = byte_fallback_tokens(tokenizer) if hasattr(tokenizer, "to_str") else frozenset()
         self.max_batch_size, self.max_batch_tokens, self.max_queued = max_batch_size, max_batch_tokens, max_queued
+        # Prompt tokens per row passed in one engine iteration: a long prompt is passed in
+        # chunks between decoding steps, so running streams are not stalled by it.
+        self.prefill_chunk = prefill_chunk
+        self._prefilling: list[list[list[_Sequence]]] = []  # groups of requests, equal prompt length
         self.device = next(model.parameters()).device
         self.cache = KVCache(model.num_layers, model.kv_heads, model.head_dim, model.max_positions,
                              dtype=model.cache_dtype(), devices=model.cache_devices(), max_slots=max_batch_size)
@@ -207,7 +213,9 @@ class GenerationEngine:
                 try:
                     self._drop_cancelled()
                     self._admit()
-                    if self._active:
+                    if self._prefilling:
+                        self._prefill_chunk()
+                    if any(s.decoding for s in self._active):
                         self._step()
                 except Exception as exc:  # a bug here must not leave callers waiting forever
                     log.exception("generation engine step failed")
@@ -250,12 +258,7 @@ class GenerationEngine:
         groups: dict[int, list[list[_Sequence]]] = {}
         for seqs in joined:
             groups.setdefault(len(seqs[0].handle.prompt_ids), []).append(seqs)
-        for group in groups.values():
-            try:
-                self._prefill(group)
-            except Exception as exc:
-                for seqs in group:
-                    self._fail([s for s in self._active if s.handle is seqs[0].handle], seqs[0].handle, exc)
+        self._prefilling.extend(groups.values())
 
     def _join(self, handle: RequestHandle) -> list[_Sequence]:
         """Cache slots and decoding state for each of the request's sequences."""
@@ -273,26 +276,46 @@ class GenerationEngine:
             self._reserved += reserve
         return seqs
 
-    def _prefill(self, group: list[list[_Sequence]]) -> None:
-        """One prompt pass for requests with prompts of equal length; a request's extra
-        sequences (num_return_sequences) copy its first sequence's cache."""
-        started = time.perf_counter()
+    def _prefill_chunk(self) -> None:
+        """Passes the next chunk of the first waiting group's prompts (one row per request;
+        a request's extra sequences copy its first sequence's cache at the end)."""
+        group = [seqs for seqs in self._prefilling[0] if seqs[0] in self._active]  # cancelled ones left
+        if not group:
+            self._prefilling.pop(0)
+            return
+        self._prefilling[0] = group
         firsts = [seqs[0] for seqs in group]
-        ids = torch.tensor([s.handle.prompt_ids for s in firsts], device=self.device)
-        view = self.cache.view([s.slot for s in firsts], ids.shape[1])
-        logits = self.model(ids, view, last_only=True)[:, -1]  # [B, V]
-        view.commit()
+        done = self.cache.lengths[firsts[0].slot]
+        prompt_len = len(firsts[0].handle.prompt_ids)
+        end = min(prompt_len, done + self.prefill_chunk)
+        started = time.perf_counter()
+        try:
+            ids = torch.tensor([s.handle.prompt_ids[done:end] for s in firsts], device=self.device)
+            view = self.cache.view([s.slot for s in firsts], end - done)
+            logits = self.model(ids, view, last_only=True)[:, -1]  # [B, V]
+            view.commit()
+        except Exception as exc:
+            self._prefilling.pop(0)
+            for seqs in group:
+                self._fail([s for s in self._active if s.handle is seqs[0].handle], seqs[0].handle, exc)
+            return
         elapsed = time.perf_counter() - started
+        for seqs in group:
+            seqs[0].handle.compute_s += elapsed
+            seqs[0].handle.max_batch = max(seqs[0].handle.max_batch, len(group))
+        if end < prompt_len:
+            return
+        self._prefilling.pop(0)
         for row, seqs in enumerate(group):
             for seq in seqs[1:]:
                 self.cache.copy_slot(seqs[0].slot, seq.slot)
-            seqs[0].handle.compute_s += elapsed
-            seqs[0].handle.max_batch = max(seqs[0].handle.max_batch, len(group))
             for seq in seqs:
+                seq.decoding = True
                 self._advance(seq, logits[row:row + 1])
 
     def _step(self) -> None:
-        seqs = sorted(self._active, key=lambda s: s.slot)  # contiguous slots read without a gather
+        # contiguous slots are read without a gather
+        seqs = sorted((s for s in self._active if s.decoding), key=lambda s: s.slot)
         started = time.perf_counter()
         try:
             ids = torch.tensor([[s.last] for s in seqs], device=self.device)
