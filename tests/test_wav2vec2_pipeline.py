@@ -292,3 +292,19 @@ def test_do_normalize_false_and_preprocessor_config_file(tmp_path):
     audio = ck.audio(3.0, seed=21) * 3.0  # not unit variance, so normalising would matter
     expected = _reference(reference, audio, return_timestamps="char")
     assert _as_reference(ours.transcribe([torch.from_numpy(audio)], {"return_timestamps": "char"})[0], "char") == expected
+
+
+def test_live_stream_memory_stays_bounded(pair):
+    """An hour-long stream must not keep every frame: audio beyond the current window and
+    CTC runs already reported are dropped."""
+    variant, ours, _ = pair
+    stream = ours.open_stream({"chunk_length_s": 2.0, "interim_interval_s": 5.0})
+    audio = torch.from_numpy(ck.audio(30.0, seed=22))
+    for k in range(0, audio.shape[0], 8000):
+        stream.push(audio[k:k + 8000])
+        assert stream.buffer.shape[0] <= stream.chunk_len + 8000
+    frames_per_chunk = stream.chunk_len // ours.align_to
+    assert len(stream.segmenter.segments) > 5
+    assert len(stream.segmenter.decoder.groups) < 3 * frames_per_chunk
+    _, done = stream.finish()
+    assert done.text == ours.transcribe([audio], {"chunk_length_s": 2.0})[0].text

@@ -173,6 +173,7 @@ class CTCStreamDecoder:
         self.groups: list[_Group] = []
         self.frames = 0  # frames pushed so far
         self.logprob_sum: list[float] = []  # per group: sum of the chosen frames' log probabilities
+        self.dropped_text = ""  # raw chars of runs dropped by `drop` (bounded memory for long streams)
 
     def push(self, ids: Sequence[int], logprobs: Sequence[float] | None = None) -> None:
         for k, index in enumerate(ids):
@@ -199,6 +200,12 @@ class CTCStreamDecoder:
             out.append((CharOffset(char, g.start, g.start + g.frames), g.id, lp))
         return out
 
+    def drop(self, n_groups: int) -> None:
+        """Forgets the first `n_groups` runs (already reported), keeping their text for `text()`.
+        Offsets of the remaining runs stay absolute."""
+        self.dropped_text += "".join(c.char for c, _, _ in self.chars(0, n_groups))
+        del self.groups[:n_groups], self.logprob_sum[:n_groups]
+
     def tail(self, first_group: int) -> "CTCStreamDecoder":
         """A new decoder holding runs from `first_group` on, re-based to frame 0."""
         out = CTCStreamDecoder(self.vocab)
@@ -210,7 +217,7 @@ class CTCStreamDecoder:
 
     def text(self) -> str:
         """The decoded text of everything pushed (CTCVocabulary.decode(...).text)."""
-        text = "".join(c.char for c, _, _ in self.chars()).strip()
+        text = (self.dropped_text + "".join(c.char for c, _, _ in self.chars())).strip()
         if self.vocab.do_lower_case:
             text = text.lower()
         if self.vocab.clean_up_tokenization_spaces:

@@ -111,7 +111,7 @@ class CTCLiveStream:
             return None
         probe = Segmenter(self.pipeline, self.options["return_timestamps"])
         main = self.segmenter.decoder
-        probe.decoder = main.tail(self.segmenter.next_group)
+        probe.decoder = main.tail(0)
         base = main.frames - probe.decoder.frames
         (ids, lps), = self.pipeline._run_chunks(
             [(self.pipeline.normalize(self.buffer), (self.buffer.shape[0], left, 0))])
@@ -130,7 +130,6 @@ class Segmenter:
         self.seconds = pipeline.align_to / pipeline.sampling_rate
         self.align_to, self.rate = pipeline.align_to, pipeline.sampling_rate
         self.level = level
-        self.next_group = 0  # first run not yet in a final segment
         self.next_id = 0
         self.segments: list[Segment] = []
 
@@ -142,21 +141,21 @@ class Segmenter:
         end = len(groups) if final else len(groups) - 1
         if not final:  # cut before the last word delimiter among the stable runs
             delimiter = self.decoder.vocab.word_delimiter_token
-            cut = next((i for i in range(end - 1, self.next_group, -1) if groups[i].token == delimiter), None)
+            cut = next((i for i in range(end - 1, 0, -1) if groups[i].token == delimiter), None)
             if cut is None:
                 return None
             end = cut
-        if end <= self.next_group:
+        if end <= 0:
             return None
-        chars = self.decoder.chars(self.next_group, end)
+        chars = self.decoder.chars(0, end)
         blank = not "".join(c.char for c, _, _ in chars).strip()
         # Whitespace-only text waits for the next words; at the end it is kept only where
         # char timestamps must list every char (the reference lists the spaces too).
         if not chars or (blank and (not final or self.level != "char")):
             return None
-        frames = sum(g.frames for g in groups[self.next_group:end])
-        logprob = sum(self.decoder.logprob_sum[self.next_group:end])
-        self.next_group = end
+        frames = sum(g.frames for g in groups[:end])
+        logprob = sum(self.decoder.logprob_sum[:end])
+        self.decoder.drop(end)  # reported runs are not needed again: memory stays bounded
         segment = self._segment(chars, str(self.next_id), frames, logprob, final=True)
         self.next_id += 1
         self.segments.append(segment)
