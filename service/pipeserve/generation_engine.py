@@ -1,8 +1,10 @@
 """Continuous batching for one causal LM: a thread that owns the model's KV cache and runs
 decoding steps for every active sequence in one forward pass.
 
-Between steps, queued requests join (one prompt pass each, then they decode with the rest)
-and finished or cancelled sequences leave at once, freeing their cache slot. Bounds: at most
+Between steps, queued requests join and finished or cancelled sequences leave at once,
+freeing their cache slot. A joining request's prompt is passed through the model in chunks of
+`prefill_chunk` tokens, one chunk per iteration between decoding steps (requests with prompts of
+equal length that join together share those passes), then it decodes with the rest. Bounds: at most
 `max_batch_size` sequences decode together, their reserved tokens (prompt + max_new_tokens)
 stay under `max_batch_tokens`, and at most `max_queued` requests wait (QueueFull past that).
 A cancelled request (client gone, deadline passed) is dropped before the next step.

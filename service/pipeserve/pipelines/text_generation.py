@@ -164,6 +164,10 @@ class TextGenerationPipeline(Pipeline):
                 s.handle.cancel()
         return results
 
+    def memory_bytes(self) -> int:
+        """Weights plus the KV cache the engine holds right now (none when idle)."""
+        return super().memory_bytes() + self.engine.cache.memory_bytes()
+
     def token_text(self, token: int) -> str:
         """One token's text on its own (for top-alternative listings)."""
         return self.tokenizer.decode([token], skip_special_tokens=False)
