@@ -111,13 +111,14 @@ class CTCASRPipeline(Pipeline):
             raise InvalidParameter(f"chunk_length_s must be a positive number, got {chunk!r}",
                                    metadata={"field": "chunk_length_s"})
         stride = options.get("stride_length_s")
-        strides = stride if isinstance(stride, (list, tuple)) else [stride]
-        if stride is not None and (len(strides) != 2 if isinstance(stride, (list, tuple)) else False):
-            raise InvalidParameter("stride_length_s is one number or a (left, right) pair",
-                                   metadata={"field": "stride_length_s"})
-        if stride is not None and any(not _finite(s) or s < 0 for s in strides):
-            raise InvalidParameter(f"stride_length_s must be non-negative, got {stride!r}",
-                                   metadata={"field": "stride_length_s"})
+        if stride is not None:
+            pair = isinstance(stride, (list, tuple))
+            if pair and len(stride) != 2:
+                raise InvalidParameter("stride_length_s is one number or a (left, right) pair",
+                                       metadata={"field": "stride_length_s"})
+            if any(not _finite(s) or s < 0 for s in (stride if pair else [stride])):
+                raise InvalidParameter(f"stride_length_s must be non-negative, got {stride!r}",
+                                       metadata={"field": "stride_length_s"})
         batch = options.get("batch_size")
         if batch is None:
             options["batch_size"] = 1
