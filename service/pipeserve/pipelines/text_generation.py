@@ -174,4 +174,5 @@ class TextGenerationPipeline(Pipeline):
 
     def close(self) -> None:
         self.engine.close()
+        self.engine.model = None  # the engine's reference must not keep the weights alive
         super().close()
