@@ -95,3 +95,17 @@ def test_missing_weights_and_dtype(vit, tmp_path):
     half = load_pipeline(path, dtype="bfloat16")
     assert next(half.model.parameters()).dtype == torch.bfloat16
     assert half.describe()["dtype"] == "bfloat16"
+
+
+def test_safetensors_are_read_lazily_and_cast(vit):
+    from pipeserve.weights import LazyStateDict, load_state_dict
+
+    _, _, path = vit
+    state = load_state_dict(path, dtype=torch.float16)
+    assert isinstance(state, LazyStateDict)
+    name = next(iter(state))
+    assert state[name].dtype == torch.float16
+    state["alias"] = state[name]
+    assert "alias" in state and len(state) == len(list(state))
+    del state["alias"]
+    assert "alias" not in state

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Callable, Iterable, Mapping
+from collections.abc import MutableMapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -55,20 +56,63 @@ def weight_files(path: Path, *, prefix: str = "model", allow_pickle: bool = Fals
         + (" and pytorch_model*.bin" if allow_pickle else ""), reason="WEIGHTS_MISSING")
 
 
-def load_state_dict(path: Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-                    allow_pickle: bool = False, prefix: str = "model") -> dict[str, torch.Tensor]:
-    """All tensors of a checkpoint, floating ones cast to `dtype`, on `device`."""
-    from safetensors.torch import load_file
+class LazyStateDict(MutableMapping):
+    """A checkpoint's tensors, read from safetensors one at a time when asked for.
 
+    `assign` copies each tensor into the module and drops it, so loading peaks at the
+    model's size plus its largest tensor instead of twice the model. Entries set by a
+    family's loader (aliases, split tensors) live in an overlay.
+    """
+
+    def __init__(self, files: list[Path], device: str | torch.device, dtype: torch.dtype | None):
+        from safetensors import safe_open
+
+        self._dtype = dtype
+        self._where: dict[str, Any] = {}
+        self._overlay: dict[str, torch.Tensor] = {}
+        for file in files:
+            handle = safe_open(str(file), framework="pt", device=str(device))
+            for name in handle.keys():
+                self._where[name] = handle
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name in self._overlay:
+            return self._overlay[name]
+        tensor = self._where[name].get_tensor(name)
+        return _cast(tensor, self._dtype)
+
+    def __setitem__(self, name: str, tensor: torch.Tensor) -> None:
+        self._overlay[name] = tensor
+
+    def __delitem__(self, name: str) -> None:
+        if name not in self._overlay and name not in self._where:
+            raise KeyError(name)
+        self._overlay.pop(name, None)
+        self._where.pop(name, None)
+
+    def __iter__(self) -> Iterator[str]:
+        yield from self._where
+        yield from (name for name in self._overlay if name not in self._where)
+
+    def __len__(self) -> int:
+        return len(self._where.keys() | self._overlay.keys())
+
+
+def _cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+
+
+def load_state_dict(path: Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                    allow_pickle: bool = False, prefix: str = "model") -> MutableMapping[str, torch.Tensor]:
+    """All tensors of a checkpoint, floating ones cast to `dtype`, on `device`. Safetensors
+    are read lazily (see LazyStateDict); pickles (only when allowed) are read whole."""
+    files = weight_files(path, prefix=prefix, allow_pickle=allow_pickle)
+    if files[0].suffix == ".safetensors":
+        return LazyStateDict(files, device, dtype)
     state: dict[str, torch.Tensor] = {}
-    for file in weight_files(path, prefix=prefix, allow_pickle=allow_pickle):
-        if file.suffix == ".safetensors":
-            part = load_file(str(file), device=str(device))
-        else:
-            part = torch.load(file, map_location=device, weights_only=True)
-        state.update(part)
-    if dtype is not None:
-        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    for file in files:
+        part = torch.load(file, map_location=device, weights_only=True)
+        state.update({k: _cast(v, dtype) for k, v in part.items()})
     return state
 
 
