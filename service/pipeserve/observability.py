@@ -24,10 +24,12 @@ log = logging.getLogger("pipeserve.access")
 OPEN_PREFIXES = ("/grpc.health.", "/grpc.reflection.")
 
 
-def wrap_handler(handler: grpc.RpcMethodHandler, unary: Callable, stream: Callable) -> grpc.RpcMethodHandler:
+def wrap_handler(handler: grpc.RpcMethodHandler, unary: Callable, stream: Callable,
+                 request_deserializer: Callable | None = None) -> grpc.RpcMethodHandler:
     """The same handler with its behaviour wrapped: `unary(behavior)` for single-response
-    methods, `stream(behavior)` for server-streaming ones."""
-    ser = dict(request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+    methods, `stream(behavior)` for server-streaming ones (and, if given, another deserializer)."""
+    ser = dict(request_deserializer=request_deserializer or handler.request_deserializer,
+               response_serializer=handler.response_serializer)
     if handler.unary_unary:
         return grpc.unary_unary_rpc_method_handler(unary(handler.unary_unary), **ser)
     if handler.stream_unary:

@@ -10,6 +10,9 @@
   is hashed and compared with every known hash, so neither the match position nor a
   common prefix shows in the timing. An entry "file:PATH" reads tokens from a file (one per
   line, `#` comments), which is how a Kubernetes Secret mounts them.
+- Malformed requests: bytes that do not parse as the method's request message get
+  INVALID_ARGUMENT (reason MALFORMED_REQUEST), not grpc's UNKNOWN with a parser traceback;
+  enum numbers the contract does not define get INVALID_ARGUMENT (INVALID_ENUM_VALUE).
 - Concurrent streams: one client (its token, else its address) may hold at most
   `max_streams_per_client` streaming calls at once; one more gets RESOURCE_EXHAUSTED
   (reason TOO_MANY_STREAMS), so one client cannot pin every worker with open streams.
@@ -25,7 +28,7 @@ from typing import Iterable
 import grpc
 
 from .config import Settings
-from .errors import PermissionDenied, PipeserveError, Unauthenticated
+from .errors import InvalidInput, PermissionDenied, PipeserveError, Unauthenticated
 from .observability import OPEN_PREFIXES, metadata_value, wrap_handler
 
 log = logging.getLogger("pipeserve.security")
@@ -104,6 +107,76 @@ def bearer_token(metadata) -> str:
     return token.strip() if scheme.lower() == "bearer" else ""
 
 
+# ---- malformed requests -------------------------------------------------------------------
+class _Undecodable:
+    """Stands in for a request message whose bytes did not parse."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+class _UnknownEnum(ValueError):
+    pass
+
+
+def _check_enums(message, path: str = "") -> None:
+    """Proto3 enums are open: the wire may carry numbers the contract does not define, which
+    Python keeps as plain ints. Refuse them here, naming the field, so that no servicer has to
+    guard every enum lookup."""
+    for field, value in message.ListFields():
+        name = f"{path}{field.name}"
+        if field.enum_type is not None:
+            for number in (value if _is_repeated(field) else (value,)):
+                if number not in field.enum_type.values_by_number:
+                    raise _UnknownEnum(f"{name} = {number} is not a value of {field.enum_type.full_name}")
+        elif field.message_type is not None and not field.message_type.GetOptions().map_entry:
+            for item in (value if _is_repeated(field) else (value,)):
+                _check_enums(item, name + ".")
+
+
+def _is_repeated(field) -> bool:
+    if hasattr(field, "is_repeated"):
+        return field.is_repeated
+    return field.label == field.LABEL_REPEATED
+
+
+def _lenient(deserializer):
+    """grpc answers UNKNOWN (with the parser's message) when deserialization raises; this
+    deserializer hands the handler a marker instead, which becomes INVALID_ARGUMENT. It also
+    refuses enum numbers the contract does not define."""
+    if deserializer is None:
+        return None
+
+    def parse(data: bytes):
+        try:
+            request = deserializer(data)
+            if hasattr(request, "ListFields"):
+                _check_enums(request)
+            return request
+        except Exception as exc:  # noqa: BLE001 - DecodeError, or a custom parser's own error
+            return _Undecodable(exc)
+    return parse
+
+
+def _malformed(method: str, marker: _Undecodable) -> InvalidInput:
+    if isinstance(marker.error, _UnknownEnum):
+        return InvalidInput(f"unknown enum value: {marker.error}", reason="INVALID_ENUM_VALUE")
+    return InvalidInput(f"the request is not a valid {method.rsplit('/', 1)[-1]} request message: "
+                        f"{type(marker.error).__name__} (string fields must be valid UTF-8)",
+                        reason="MALFORMED_REQUEST")
+
+
+def _checked(request, method: str):
+    if isinstance(request, _Undecodable):
+        raise _malformed(method, request)
+    return request
+
+
+async def _checked_stream(requests, method: str):
+    async for request in requests:
+        yield _checked(request, method)
+
+
 # ---- the interceptor ----------------------------------------------------------------------
 class SecurityInterceptor(grpc.aio.ServerInterceptor):
     """Authentication, admin-only model writes and per-client stream limits. Installed inside
@@ -141,24 +214,29 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):
         streaming = bool(handler.request_streaming or handler.response_streaming)
         this = self
 
+        def checked(request):
+            if handler.request_streaming:
+                return _checked_stream(request, method)
+            return _checked(request, method)
+
         def unary(behavior):
             async def wrapped(request, context):
                 client = this._check(method, context)
                 if not streaming:
-                    return await behavior(request, context)
+                    return await behavior(checked(request), context)
                 with this._stream_slot(client):
-                    return await behavior(request, context)
+                    return await behavior(checked(request), context)
             return wrapped
 
         def stream(behavior):
             async def wrapped(request, context):
                 client = this._check(method, context)
                 with this._stream_slot(client):
-                    async for item in behavior(request, context):
+                    async for item in behavior(checked(request), context):
                         yield item
             return wrapped
 
-        return wrap_handler(handler, unary, stream)
+        return wrap_handler(handler, unary, stream, _lenient(handler.request_deserializer))
 
     def _stream_slot(self, client: str):
         this = self

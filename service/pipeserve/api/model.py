@@ -67,7 +67,10 @@ def model_info(entry: ModelEntry, is_default: bool) -> pb.ModelInfo:
 def _struct_options(request: pb.LoadModelRequest) -> dict:
     """google.protobuf.Struct carries every number as a double; whole ones become ints so that
     options such as top_k keep their integer meaning."""
-    values = json_format.MessageToDict(request.default_options)
+    try:
+        values = json_format.MessageToDict(request.default_options)
+    except ValueError as exc:  # NaN / Infinity: JSON (and so Struct) has no such numbers
+        raise InvalidParameter(f"default_options: {exc}") from None
     return {k: int(v) if isinstance(v, float) and v.is_integer() else v for k, v in values.items()}
 
 
