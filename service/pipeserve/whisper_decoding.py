@@ -123,24 +123,22 @@ class LogitRules:
     def __init__(self, s: GenerationSettings, vocab: int, device, timestamps: bool):
         self.s, self.timestamps = s, timestamps
         self.ts_begin = s.no_timestamps_token_id + 1
-        self.suppress = torch.zeros(vocab, dtype=torch.bool, device=device)
-        self.suppress[[t for t in s.suppress_tokens if t < vocab]] = True
-        self.begin = torch.zeros(vocab, dtype=torch.bool, device=device)
-        self.begin[[t for t in s.begin_suppress_tokens if t < vocab]] = True
-        self.vocab_ids = torch.arange(vocab, device=device)
+        # Index lists, not vocabulary-sized masks: a scatter of ~100 ids costs far less per step.
+        self.suppress = torch.tensor(sorted({t for t in s.suppress_tokens if t < vocab}), dtype=torch.long, device=device)
+        self.begin = torch.tensor(sorted({t for t in s.begin_suppress_tokens if t < vocab}), dtype=torch.long, device=device)
 
     def __call__(self, scores: torch.Tensor, generated: list[list[int]]) -> torch.Tensor:
         step = len(generated[0])
-        if step == 0:
-            scores = scores.masked_fill(self.begin, -math.inf)
-        scores = scores.masked_fill(self.suppress, -math.inf)
+        if step == 0 and self.begin.numel():
+            scores[:, self.begin] = -math.inf
+        if self.suppress.numel():
+            scores[:, self.suppress] = -math.inf
         return self._timestamp_rules(scores, generated, step) if self.timestamps else scores
 
     def _timestamp_rules(self, scores, generated, step):
-        # logits_process.WhisperTimeStampLogitsProcessor.__call__
+        # logits_process.WhisperTimeStampLogitsProcessor.__call__ (in place on `scores`)
         tb, eos = self.ts_begin, self.s.eos_token_id
         scores[:, self.s.no_timestamps_token_id] = -math.inf
-        lasts = []
         for k, seq in enumerate(generated):
             last_ts = len(seq) >= 1 and seq[-1] >= tb
             penultimate_ts = len(seq) < 2 or seq[-2] >= tb
@@ -153,9 +151,8 @@ class LogitRules:
             stamps = [t for t in seq if t >= tb]
             if stamps:
                 limit = stamps[-1] if (last_ts and not penultimate_ts) else stamps[-1] + 1
-            lasts.append(limit)
-        limits = torch.tensor(lasts, device=scores.device)[:, None]
-        scores = scores.masked_fill((self.vocab_ids >= tb) & (self.vocab_ids < limits), -math.inf)
+            if limit > tb:  # timestamps never go back
+                scores[k, tb:limit] = -math.inf
         if step == 0:
             scores[:, :tb] = -math.inf
             if self.s.max_initial_timestamp_index is not None:
@@ -163,7 +160,9 @@ class LogitRules:
         logprobs = F.log_softmax(scores.float(), dim=-1)
         ts_logprob = logprobs[:, tb:].logsumexp(dim=-1)
         text_max = logprobs[:, :tb].max(dim=-1).values
-        scores[:, :tb] = scores[:, :tb].masked_fill((ts_logprob > text_max)[:, None], -math.inf)
+        rows = (ts_logprob > text_max).nonzero().flatten().tolist()
+        for k in rows:
+            scores[k, :tb] = -math.inf
         return scores
 
 
@@ -193,7 +192,7 @@ def decode_greedy(model, encoder_out: torch.Tensor, prompt: torch.Tensor, s: Gen
             next_tokens = torch.multinomial(probs, 1, generator=generator)[:, 0]
         else:
             next_tokens = scores.argmax(-1)
-        chosen = F.log_softmax(scores, dim=-1).gather(-1, next_tokens[:, None])[:, 0].tolist()
+        chosen = (scores.gather(-1, next_tokens[:, None])[:, 0] - scores.logsumexp(-1)).tolist()
         ids = next_tokens.tolist()
         for r in range(rows):
             if done[r]:

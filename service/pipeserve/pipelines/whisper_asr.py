@@ -191,6 +191,7 @@ class _Run:
         self.language = "en" if not pipe.settings.is_multilingual else (o.get("language") or "")
         self.language_probs: dict[str, float] = {}
         self.stats: dict[str, float] = {}
+        self._consumed = 0  # chunks of the replayed merger already turned into segments
 
     def _on_language(self, found: list[int | None], probs: torch.Tensor | None) -> None:
         if found and found[0] is not None and not self.language:
@@ -255,9 +256,9 @@ class _Run:
         return merger
 
     def _feed_prefix(self, tokens, times) -> list[Segment]:
-        done = len(self.segments)
-        merger = self._replay(tokens, times)
-        self.merger = merger
+        done = self._consumed
+        self.merger = self._replay(tokens, times)
+        self._consumed = len(self._closed)
         return self._segments(self._closed[done:])
 
     def chunked(self, waveform: torch.Tensor, should_stop) -> Iterator[Segment]:
