@@ -99,3 +99,33 @@ def test_task_without_implementation_is_unimplemented(grpc_server):
             call(b"", timeout=10)
         assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
         assert "not implemented" in info.value.details()
+
+
+def test_embedded_defaults_preload_under_friendly_names():
+    """The serve command's defaults: packaged Whisper tiny.en and all-MiniLM-L6-v2, listed as
+    embedded/..., SERVING in health, addressed by an empty model name."""
+    from grpc_testing import make_server
+    from pipeserve.embedded import embedded_models
+    from pipeserve.server import preload
+    from pipeserve.v1 import feature_extraction_pb2, feature_extraction_pb2_grpc, model_pb2, model_pb2_grpc
+
+    expected = embedded_models()
+    assert set(expected) == {"automatic-speech-recognition", "feature-extraction"}, \
+        "scripts/setup installs both embedded model packages"
+    server = make_server(embedded_defaults=True)
+    try:
+        server.call(preload(server.running))
+        models = model_pb2_grpc.ModelServiceStub(server.channel).ListModels(model_pb2.ListModelsRequest(), timeout=30)
+        assert sorted((m.name, m.state, m.is_default) for m in models.models) == [
+            ("embedded/all-MiniLM-L6-v2", model_pb2.MODEL_STATE_READY, True),
+            ("embedded/whisper-tiny.en", model_pb2.MODEL_STATE_READY, True),
+        ]
+        health = health_pb2_grpc.HealthStub(server.channel)
+        for service in ("pipeserve.v1.SpeechRecognitionService", "pipeserve.v1.FeatureExtractionService"):
+            assert health.Check(health_pb2.HealthCheckRequest(service=service)).status == \
+                health_pb2.HealthCheckResponse.SERVING
+        embedding = feature_extraction_pb2_grpc.FeatureExtractionServiceStub(server.channel).ExtractFeatures(
+            feature_extraction_pb2.ExtractFeaturesRequest(text="pipeserve serves pipelines"), timeout=60)
+        assert embedding.dimensions == 384 and embedding.run.model == "embedded/all-MiniLM-L6-v2"
+    finally:
+        server.stop()

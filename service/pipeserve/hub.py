@@ -67,6 +67,14 @@ def resolve(reference: str, revision: str | None = None, *, offline: bool | None
     if not reference:
         raise InvalidParameter("model reference is empty")
     attempts: list[str] = []
+    if reference.startswith("embedded/"):
+        from .embedded import NAMES, resolve_name
+
+        path = resolve_name(reference)
+        if path is None:
+            raise ModelNotFound(f"embedded model {reference!r} is not installed; known: {sorted(NAMES)} "
+                                "(scripts/setup installs them)")
+        return ModelFiles(reference, path, _read_config(path), revision)
     local = Path(reference).expanduser()
     if local.is_dir():
         return ModelFiles(reference, local.resolve(), _read_config(local), revision)

@@ -198,8 +198,8 @@ def preload_specs(settings: Settings) -> list[ModelSpec]:
             from .embedded import embedded_models
         except ModuleNotFoundError:
             embedded_models = dict
-        for task, path in embedded_models().items():
-            specs.setdefault(task, ModelSpec(model=str(path), task=task))
+        for task, name in embedded_models().items():
+            specs.setdefault(task, ModelSpec(model=name, task=task))
     return list(specs.values())
 
 
