@@ -129,3 +129,17 @@ def test_embedded_defaults_preload_under_friendly_names():
         assert embedding.dimensions == 384 and embedding.run.model == "embedded/all-MiniLM-L6-v2"
     finally:
         server.stop()
+
+
+def test_undecodable_request_is_invalid_argument_in_every_service(grpc_server):
+    """A string field holding invalid UTF-8: INVALID_ARGUMENT / MALFORMED_REQUEST, not UNKNOWN."""
+    # Field 1 (`model` in every request), wire type 2, 2 bytes that are not UTF-8.
+    payload = b"\x0a\x02\xff\xfe"
+    for method in ("/pipeserve.v1.ImageClassificationService/ClassifyImage",
+                   "/pipeserve.v1.ModelService/GetModel",
+                   "/pipeserve.v1.FillMaskService/FillMask"):
+        call = grpc_server.channel.unary_unary(method, request_serializer=lambda b: b, response_deserializer=lambda b: b)
+        with pytest.raises(grpc.RpcError) as info:
+            call(payload, timeout=10)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, method
+        assert error_reason(info.value) == "MALFORMED_REQUEST"

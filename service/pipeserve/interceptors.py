@@ -9,7 +9,9 @@ import logging
 import grpc
 from grpc_status import rpc_status
 
-from .errors import Draining, OutOfMemory, PipeserveError, to_rpc_status
+from google.protobuf.message import DecodeError
+
+from .errors import Draining, InvalidInput, OutOfMemory, PipeserveError, to_rpc_status
 
 log = logging.getLogger("pipeserve.errors")
 
@@ -35,6 +37,39 @@ async def _abort(context: grpc.aio.ServicerContext, exc: BaseException, method: 
 _PASS_THROUGH = (asyncio.CancelledError, grpc.aio.AbortError)
 
 
+class _Undecodable:
+    """Bytes the request type could not parse (most often a string field that is not valid
+    UTF-8). grpc would answer UNKNOWN from inside its own deserializer; the handler answers
+    INVALID_ARGUMENT instead."""
+
+    def __init__(self, error: DecodeError):
+        self.error = error
+
+
+def _lenient(deserialize):
+    if deserialize is None:
+        return None
+
+    def parse(data: bytes):
+        try:
+            return deserialize(data)
+        except DecodeError as exc:
+            return _Undecodable(exc)
+    return parse
+
+
+def _checked(request):
+    if isinstance(request, _Undecodable):
+        raise InvalidInput(f"the request is not a valid protobuf message ({request.error}); "
+                           "string fields must be valid UTF-8", reason="MALFORMED_REQUEST")
+    return request
+
+
+async def _checked_stream(requests):
+    async for request in requests:
+        yield _checked(request)
+
+
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, is_draining=lambda: False):
         self._is_draining = is_draining
@@ -47,11 +82,12 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         is_draining = self._is_draining
         health = method.startswith("/grpc.health") or method.startswith("/grpc.reflection")
 
-        def unary_response(behavior):
+        def unary_response(behavior, streaming_request):
             async def wrapped(request, context):
                 try:
                     if is_draining() and not health:
                         raise Draining("the server is shutting down; retry on another replica")
+                    request = _checked_stream(request) if streaming_request else _checked(request)
                     return await behavior(request, context)
                 except _PASS_THROUGH:
                     raise
@@ -59,11 +95,12 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                     await _abort(context, exc, method)
             return wrapped
 
-        def stream_response(behavior):
+        def stream_response(behavior, streaming_request):
             async def wrapped(request, context):
                 try:
                     if is_draining() and not health:
                         raise Draining("the server is shutting down; retry on another replica")
+                    request = _checked_stream(request) if streaming_request else _checked(request)
                     async for item in behavior(request, context):
                         yield item
                 except _PASS_THROUGH:
@@ -72,14 +109,15 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                     await _abort(context, exc, method)
             return wrapped
 
+        deserialize = _lenient(handler.request_deserializer)
         if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(unary_response(handler.unary_unary),
-                                                       handler.request_deserializer, handler.response_serializer)
+            return grpc.unary_unary_rpc_method_handler(unary_response(handler.unary_unary, False),
+                                                       deserialize, handler.response_serializer)
         if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(unary_response(handler.stream_unary),
-                                                        handler.request_deserializer, handler.response_serializer)
+            return grpc.stream_unary_rpc_method_handler(unary_response(handler.stream_unary, True),
+                                                        deserialize, handler.response_serializer)
         if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(stream_response(handler.unary_stream),
-                                                        handler.request_deserializer, handler.response_serializer)
-        return grpc.stream_stream_rpc_method_handler(stream_response(handler.stream_stream),
-                                                     handler.request_deserializer, handler.response_serializer)
+            return grpc.unary_stream_rpc_method_handler(stream_response(handler.unary_stream, False),
+                                                        deserialize, handler.response_serializer)
+        return grpc.stream_stream_rpc_method_handler(stream_response(handler.stream_stream, True),
+                                                     deserialize, handler.response_serializer)

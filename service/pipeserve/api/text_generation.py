@@ -8,10 +8,6 @@ decoding step. No torch here.
 """
 from __future__ import annotations
 
-import grpc
-from google.protobuf.message import DecodeError
-
-from ..errors import InvalidInput
 from ..generation_engine import DoneEvent, TokenEvent
 from ..tasks import Task
 from ..v1 import text_generation_pb2 as pb, text_generation_pb2_grpc as pb_grpc
@@ -53,37 +49,12 @@ def _run(entry, started, batch_size_floor: int = 1):
                     batch_size=max(handle.max_batch, batch_size_floor))
 
 
-class _Undecodable:
-    """A request protobuf could not parse (e.g. a stop string that is not valid UTF-8)."""
-
-    def __init__(self, error: DecodeError):
-        self.error = error
-
-
-def _lenient(message_class):
-    """A deserializer that lets the servicer answer INVALID_ARGUMENT for malformed bytes
-    (grpc would answer UNKNOWN from inside its own deserialization)."""
-    def parse(data: bytes):
-        try:
-            return message_class.FromString(data)
-        except DecodeError as exc:
-            return _Undecodable(exc)
-    return parse
-
-
-def _check(request):
-    if isinstance(request, _Undecodable):
-        raise InvalidInput(f"the request is not a valid protobuf message ({request.error}); string fields such as "
-                           "the prompt and stop sequences must be valid UTF-8")
-    return request
-
-
 class TextGenerationServicer(pb_grpc.TextGenerationServiceServicer):
     def __init__(self, app: App):
         self.app = app
 
     async def Generate(self, request: pb.GenerateRequest, context) -> pb.GenerateResponse:
-        rid = request_id(_check(request))
+        rid = request_id(request)
         async with self.app.manager.use(request.model, TASK) as entry:
             pipeline = entry.pipeline
             started = pipeline.start(request.prompt, _options(request))
@@ -104,7 +75,7 @@ class TextGenerationServicer(pb_grpc.TextGenerationServiceServicer):
                                        seed=started.params.seed, run=_run(entry, started))
 
     async def GenerateStream(self, request: pb.GenerateStreamRequest, context):
-        rid = request_id(_check(request))
+        rid = request_id(request)
         async with self.app.manager.use(request.model, TASK) as entry:
             pipeline = entry.pipeline
             started = pipeline.start(request.prompt, _options(request))
@@ -124,16 +95,4 @@ class TextGenerationServicer(pb_grpc.TextGenerationServiceServicer):
 
 
 def register(server, app: App) -> None:
-    """As pb_grpc.add_TextGenerationServiceServicer_to_server, with lenient request parsing."""
-    servicer = TextGenerationServicer(app)
-    handlers = {
-        "Generate": grpc.unary_unary_rpc_method_handler(
-            servicer.Generate, request_deserializer=_lenient(pb.GenerateRequest),
-            response_serializer=pb.GenerateResponse.SerializeToString),
-        "GenerateStream": grpc.unary_stream_rpc_method_handler(
-            servicer.GenerateStream, request_deserializer=_lenient(pb.GenerateStreamRequest),
-            response_serializer=pb.GenerateStreamResponse.SerializeToString),
-    }
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
-    if hasattr(server, "add_registered_method_handlers"):
-        server.add_registered_method_handlers(SERVICE_NAME, handlers)
+    pb_grpc.add_TextGenerationServiceServicer_to_server(TextGenerationServicer(app), server)

@@ -31,6 +31,10 @@ class LoadOptions:
 
     @property
     def torch_device(self) -> torch.device:
+        """The device the pipeline's inputs go to; with device "auto" (layers spread over the
+        visible GPUs, then CPU) that is the first GPU, or the CPU when there is none."""
+        if self.device == "auto":
+            return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)
 
     @property
