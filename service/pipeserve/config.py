@@ -51,6 +51,10 @@ class Settings:
     max_queue: int = 256
     max_batch_size: int = 8
     max_batch_wait_ms: float = 5.0
+    # Continuous batching for text generation: sequences decoding together, and the tokens
+    # (prompt + max_new_tokens) they may reserve in the key/value cache.
+    generation_max_batch_size: int = 32
+    generation_max_batch_tokens: int = 65536
     hub_offline: bool = False
     # Observability (pipeserve.metrics / observability): Prometheus HTTP endpoint ("host:port";
     # empty = off), log format ("text" or "json") and level ("debug" logs every call, "info"

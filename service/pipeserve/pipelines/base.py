@@ -28,6 +28,10 @@ class LoadOptions:
     # Server-wide input limits (Settings), enforced by the pipelines' decoders.
     max_image_pixels: int = 89_478_485
     max_audio_seconds: float = 4 * 3600.0
+    # Server-wide queue and continuous-batching bounds (Settings).
+    max_queue: int = 256
+    generation_max_batch_size: int = 32
+    generation_max_batch_tokens: int = 65536
 
     @property
     def torch_device(self) -> torch.device:

@@ -65,11 +65,6 @@ class TextGenerationPipeline(Pipeline):
         "ignore_eos": False, "seed": None, "num_return_sequences": 1, "return_full_text": True, "logprobs": 0,
         "return_logprobs": False,
     }
-    # Engine bounds; the server may override them per model (settings) before the first request.
-    max_batch_size = 32
-    max_batch_tokens = 65536
-    max_queued = 256
-
     def __init__(self, files: ModelFiles, options: LoadOptions, model, tokenizer, *, eos_ids: list[int],
                  clean_up_spaces: bool, generation_defaults: dict[str, Any]):
         if options.device == "auto":
@@ -84,8 +79,9 @@ class TextGenerationPipeline(Pipeline):
         self.modules_.append(model)
         special = {i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special}
         self.engine = GenerationEngine(model, tokenizer, special_ids=special, clean_up_spaces=clean_up_spaces,
-                                       max_batch_size=self.max_batch_size, max_batch_tokens=self.max_batch_tokens,
-                                       max_queued=self.max_queued)
+                                       max_batch_size=options.generation_max_batch_size,
+                                       max_batch_tokens=options.generation_max_batch_tokens,
+                                       max_queued=options.max_queue)
 
     @classmethod
     def from_files(cls, files: ModelFiles, options: LoadOptions) -> "TextGenerationPipeline":
