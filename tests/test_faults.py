@@ -168,6 +168,35 @@ def test_streams_cancelled_or_expired_mid_stream_stop_generating(server, llama_d
     _models(server.channel).UnloadModel(model_pb2.UnloadModelRequest(model=name), timeout=60)
 
 
+@needs_generation
+def test_one_client_cannot_hold_more_streams_than_its_limit(vit_dir, llama_dir):
+    """Through a real channel and the real GenerateStream: the third concurrent stream of one
+    client is refused with RESOURCE_EXHAUSTED / TOO_MANY_STREAMS; closing one frees its slot."""
+    from pipeserve.v1 import text_generation_pb2 as pb, text_generation_pb2_grpc
+
+    handle = make_server(max_streams_per_client=2)
+    try:
+        load_model(handle, llama_dir)
+        stub = text_generation_pb2_grpc.TextGenerationServiceStub(handle.channel)
+        request = pb.GenerateStreamRequest(prompt="Hi", options=pb.GenerationOptions(max_new_tokens=4000,
+                                                                                     ignore_eos=True))
+        first, second = stub.GenerateStream(request, timeout=60), stub.GenerateStream(request, timeout=60)
+        assert next(first).WhichOneof("event") == "token" and next(second).WhichOneof("event") == "token"
+        with pytest.raises(grpc.RpcError) as refused:
+            next(stub.GenerateStream(request, timeout=60))
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert error_reason(refused.value) == "TOO_MANY_STREAMS"
+        first.cancel()
+        _eventually(lambda: handle.running.security.streams_open("peer:127.0.0.1") == 1, what="slot freed")
+        third = stub.GenerateStream(request, timeout=60)
+        assert next(third).WhichOneof("event") == "token"
+        second.cancel()
+        third.cancel()
+        _eventually(lambda: handle.running.security.streams_open("peer:127.0.0.1") == 0, what="all slots freed")
+    finally:
+        handle.stop()
+
+
 # ---- model lifecycle faults -----------------------------------------------------------------------
 def test_a_model_that_fails_to_load_is_reported_and_the_server_keeps_serving(server, vit_dir, tmp_path):
     from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -260,14 +289,15 @@ def test_sigterm_lets_queued_calls_finish_and_refuses_new_ones(vit_dir):
 def test_sigterm_during_streams_lets_them_finish(vit_dir, llama_dir):
     from pipeserve.v1 import text_generation_pb2 as pb, text_generation_pb2_grpc
 
-    process = ServerProcess(*_preload_args(text_generation=llama_dir), "--grace-period-s", "30")
+    process = ServerProcess(*_preload_args(text_generation=llama_dir), "--grace-period-s", "120")
     try:
         process.wait_serving("pipeserve.v1.TextGenerationService")
         channel = grpc.insecure_channel(process.address)
         stub = text_generation_pb2_grpc.TextGenerationServiceStub(channel)
+        # 3000 tokens each: seconds of work still ahead when SIGTERM arrives.
         request = pb.GenerateStreamRequest(prompt="Once", options=pb.GenerationOptions(
-            max_new_tokens=700, ignore_eos=True))
-        streams = [stub.GenerateStream(request, timeout=60) for _ in range(3)]
+            max_new_tokens=3000, ignore_eos=True))
+        streams = [stub.GenerateStream(request, timeout=180) for _ in range(3)]
         firsts = [next(s) for s in streams]  # every stream is generating
         assert all(m.WhichOneof("event") == "token" for m in firsts)
         process.terminate()
@@ -275,10 +305,11 @@ def test_sigterm_during_streams_lets_them_finish(vit_dir, llama_dir):
         with pytest.raises(grpc.RpcError) as refused:
             next(stub.GenerateStream(request, timeout=10))
         assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert process.process.poll() is None  # still draining the streams
         for stream in streams:
             rest = list(stream)
             assert rest[-1].WhichOneof("event") == "done"
-            assert rest[-1].done.generated_tokens == 700
+            assert rest[-1].done.generated_tokens == 3000
             assert rest[-1].done.finish_reason == pb.FINISH_REASON_LENGTH
         assert process.process.wait(30) == 0
         channel.close()
