@@ -1,8 +1,10 @@
-"""Faults, through real channels: clients that cancel (queued unary calls and token streams
-mid-flight), deadlines that expire (queued and mid-stream), a model that fails to load, a model
-unloaded while requests wait for it, SIGTERM while calls and streams are in flight (they finish
-within the grace period, new ones get UNAVAILABLE), and a replica that dies behind client-side
-round robin (three server processes; the client's calls carry on through the others).
+"""Faults, through real channels: clients that cancel (queued unary calls, token streams and
+live transcriptions mid-flight), deadlines that expire (queued and mid-stream), a model that
+fails to load, a model unloaded while requests wait for it, SIGTERM while calls and streams
+are in flight (they finish within the grace period, new ones get UNAVAILABLE; a live
+transcription keeps receiving audio until its client closes it), a client holding more
+streams than its limit, and a replica that dies behind client-side round robin (three server
+processes; the client's calls carry on through the others).
 
 After each fault the server is checked to have let go: no call in flight, no queued item, no
 active generation, and the next call works."""
@@ -35,6 +37,17 @@ needs_generation = pytest.mark.skipif(not _generation_available(),
                                       reason="pipeserve.api.text_generation is not importable yet")
 
 
+def _asr_available() -> bool:
+    try:
+        import pipeserve.api.speech_recognition  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+needs_asr = pytest.mark.skipif(not _asr_available(), reason="pipeserve.api.speech_recognition is not importable yet")
+
+
 @pytest.fixture(scope="module")
 def vit_dir(tmp_path_factory):
     return build_tiny_vit(tmp_path_factory.mktemp("faults_vit"))
@@ -49,6 +62,33 @@ def llama_dir(tmp_path_factory):
     directory = tmp_path_factory.mktemp("faults_llama")
     build("llama", directory, max_position_embeddings=4096)
     return directory
+
+
+@pytest.fixture(scope="module")
+def w2v_dir(tmp_path_factory):
+    """A tiny random wav2vec2 CTC checkpoint for live (bidirectional) transcription."""
+    import wav2vec2_checkpoints
+
+    directory, _ = wav2vec2_checkpoints.build("large", tmp_path_factory.mktemp("faults_w2v"))
+    return directory
+
+
+def _live_requests(model: str, seconds: float, sent: list, stop: threading.Event | None = None):
+    """Live audio: a config, then 100 ms int16 packets paced in real time (until `stop`)."""
+    import numpy as np
+    import wav2vec2_checkpoints
+    from pipeserve.v1 import common_pb2, speech_recognition_pb2 as pb
+
+    yield pb.StreamingTranscribeRequest(config=pb.StreamingConfig(
+        model=model, options=pb.TranscriptionOptions(chunk_length_s=2.0), format=common_pb2.SAMPLE_FORMAT_INT16_LE,
+        sample_rate=16000, channels=1, interim_interval_s=0.2))
+    pcm = (np.clip(wav2vec2_checkpoints.audio(seconds, seed=3), -1, 1) * 32767).astype("<i2")
+    for k in range(0, len(pcm), 1600):
+        if stop is not None and stop.is_set():
+            return
+        time.sleep(0.1)
+        sent.append(k)
+        yield pb.StreamingTranscribeRequest(audio=pb.AudioChunk(samples=pcm[k:k + 1600].tobytes()))
 
 
 @pytest.fixture(scope="module")
@@ -166,6 +206,54 @@ def test_streams_cancelled_or_expired_mid_stream_stop_generating(server, llama_d
         max_new_tokens=3, ignore_eos=True)), timeout=60))
     assert short[-1].WhichOneof("event") == "done" and short[-1].done.generated_tokens == 3
     _models(server.channel).UnloadModel(model_pb2.UnloadModelRequest(model=name), timeout=60)
+
+
+@needs_asr
+def test_live_transcription_cancelled_mid_stream_lets_go(server, w2v_dir):
+    from pipeserve.v1 import model_pb2, speech_recognition_pb2_grpc
+
+    name = str(w2v_dir)
+    load_model(server, w2v_dir)
+    stub = speech_recognition_pb2_grpc.SpeechRecognitionServiceStub(server.channel)
+    sent: list = []
+    stop = threading.Event()
+    call = stub.StreamingTranscribe(_live_requests(name, 20.0, sent, stop), timeout=60)
+    first = next(call)
+    assert not first.HasField("done")
+    assert server.manager.get(name).in_flight == 1
+    call.cancel()
+    stop.set()
+    _settled(server, name)
+    assert len(sent) < 100  # the client stopped long before its 20 s of audio
+    _eventually(lambda: _codes(server).get(("StreamingTranscribe", "CANCELLED"), 0) >= 1, what="CANCELLED counted")
+    done = list(stub.StreamingTranscribe(_live_requests(name, 1.0, []), timeout=60))[-1]
+    assert done.HasField("done")
+    _models(server.channel).UnloadModel(model_pb2.UnloadModelRequest(model=name), timeout=60)
+
+
+@needs_asr
+def test_sigterm_during_a_live_transcription_lets_it_finish(w2v_dir):
+    from pipeserve.v1 import speech_recognition_pb2_grpc
+
+    process = ServerProcess(*_preload_args(automatic_speech_recognition=w2v_dir), "--grace-period-s", "60")
+    try:
+        process.wait_serving("pipeserve.v1.SpeechRecognitionService")
+        channel = grpc.insecure_channel(process.address)
+        stub = speech_recognition_pb2_grpc.SpeechRecognitionServiceStub(channel)
+        sent: list = []
+        # 4 s of audio paced in real time: the client is still talking when SIGTERM arrives.
+        call = stub.StreamingTranscribe(_live_requests("", 4.0, sent), timeout=120)
+        assert not next(call).HasField("done")
+        process.terminate()
+        sent_at_sigterm = len(sent)
+        responses = list(call)
+        assert responses[-1].HasField("done")
+        assert responses[-1].audio_received_s == pytest.approx(4.0)
+        assert len(sent) > sent_at_sigterm  # audio kept flowing into the draining server
+        assert process.process.wait(30) == 0
+        channel.close()
+    finally:
+        process.kill()
 
 
 @needs_generation
