@@ -72,34 +72,29 @@ def test_broken_checkpoint_fails_load_but_server_keeps_serving(grpc_server, tmp_
     stub.UnloadModel(model_pb2.UnloadModelRequest(model=str(tmp_path)), timeout=30)
 
 
-def test_task_without_implementation_is_unimplemented(grpc_server):
-    """Each service with no servicer module answers UNIMPLEMENTED with its name."""
-    import importlib
+def test_task_without_implementation_is_unimplemented(monkeypatch):
+    """A service whose servicer module is missing from a build answers UNIMPLEMENTED with a
+    clear message, on unary and streaming methods, and is still listed by reflection."""
+    from grpc_testing import make_server
+    from pipeserve import server as server_module
 
-    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
-
-    missing = []
-    for name, (module, _) in SERVICES.items():
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError:
-            missing.append(name)
-    if not missing:
-        pytest.skip("every service has an implementation")
-    database = ProtoReflectionDescriptorDatabase(grpc_server.channel)
-    for service in missing:
-        descriptor = database.FindFileContainingSymbol(service)
-        assert descriptor is not None
-        method = [m for s in descriptor.service for m in s.method if s.name == service.rsplit(".", 1)[1]][0]
-        call = grpc_server.channel.unary_unary(f"/{service}/{method.name}", request_serializer=lambda b: b,
-                                               response_deserializer=lambda b: b)
-        if method.server_streaming or method.client_streaming:
-            continue
-        with pytest.raises(grpc.RpcError) as info:
-            call(b"", timeout=10)
-        assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
-        assert "not implemented" in info.value.details()
-
+    monkeypatch.setitem(server_module.SERVICES, "pipeserve.v1.TextGenerationService",
+                        ("pipeserve.api.not_in_this_build", None))
+    server = make_server()
+    try:
+        for method, streaming in (("Generate", False), ("GenerateStream", True)):
+            path = f"/pipeserve.v1.TextGenerationService/{method}"
+            make = server.channel.unary_stream if streaming else server.channel.unary_unary
+            call = make(path, request_serializer=lambda b: b, response_deserializer=lambda b: b)
+            with pytest.raises(grpc.RpcError) as info:
+                result = call(b"", timeout=10)
+                if streaming:
+                    list(result)
+            assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+            assert "TextGenerationService" in info.value.details() and "not implemented" in info.value.details()
+            assert error_reason(info.value) == "TASK_NOT_IMPLEMENTED"
+    finally:
+        server.stop()
 
 def test_embedded_defaults_preload_under_friendly_names():
     """The serve command's defaults: packaged Whisper tiny.en and all-MiniLM-L6-v2, listed as
