@@ -10,9 +10,9 @@
   is hashed and compared with every known hash, so neither the match position nor a
   common prefix shows in the timing. An entry "file:PATH" reads tokens from a file (one per
   line, `#` comments), which is how a Kubernetes Secret mounts them.
-- Malformed requests: bytes that do not parse as the method's request message get
-  INVALID_ARGUMENT (reason MALFORMED_REQUEST), not grpc's UNKNOWN with a parser traceback;
-  enum numbers the contract does not define get INVALID_ARGUMENT (INVALID_ENUM_VALUE).
+- Undefined enum numbers: a request holding an enum number the contract does not define gets
+  INVALID_ARGUMENT (reason INVALID_ENUM_VALUE) before any servicer runs. (Bytes that do not
+  parse at all are the error interceptor's: INVALID_ARGUMENT / MALFORMED_REQUEST.)
 - Concurrent streams: one client (its token, else its address) may hold at most
   `max_streams_per_client` streaming calls at once; one more gets RESOURCE_EXHAUSTED
   (reason TOO_MANY_STREAMS), so one client cannot pin every worker with open streams.
@@ -107,19 +107,15 @@ def bearer_token(metadata) -> str:
     return token.strip() if scheme.lower() == "bearer" else ""
 
 
-# ---- malformed requests -------------------------------------------------------------------
-class _Undecodable:
-    """Stands in for a request message whose bytes did not parse."""
+# ---- enum values the contract does not define ---------------------------------------------
+class _UnknownEnum:
+    """Stands in for a request that parsed but holds an undefined enum number."""
 
-    def __init__(self, error: Exception) -> None:
-        self.error = error
-
-
-class _UnknownEnum(ValueError):
-    pass
+    def __init__(self, message: str) -> None:
+        self.message = message
 
 
-def _check_enums(message, path: str = "") -> None:
+def _unknown_enum(message, path: str = "") -> str | None:
     """Proto3 enums are open: the wire may carry numbers the contract does not define, which
     Python keeps as plain ints. Refuse them here, naming the field, so that no servicer has to
     guard every enum lookup."""
@@ -128,10 +124,13 @@ def _check_enums(message, path: str = "") -> None:
         if field.enum_type is not None:
             for number in (value if _is_repeated(field) else (value,)):
                 if number not in field.enum_type.values_by_number:
-                    raise _UnknownEnum(f"{name} = {number} is not a value of {field.enum_type.full_name}")
+                    return f"{name} = {number} is not a value of {field.enum_type.full_name}"
         elif field.message_type is not None and not field.message_type.GetOptions().map_entry:
             for item in (value if _is_repeated(field) else (value,)):
-                _check_enums(item, name + ".")
+                found = _unknown_enum(item, name + ".")
+                if found:
+                    return found
+    return None
 
 
 def _is_repeated(field) -> bool:
@@ -140,41 +139,29 @@ def _is_repeated(field) -> bool:
     return field.label == field.LABEL_REPEATED
 
 
-def _lenient(deserializer):
-    """grpc answers UNKNOWN (with the parser's message) when deserialization raises; this
-    deserializer hands the handler a marker instead, which becomes INVALID_ARGUMENT. It also
-    refuses enum numbers the contract does not define."""
+def _enum_checked(deserializer):
+    """The handler's deserializer plus the enum check. Bytes that do not parse still raise
+    here; the error interceptor's own lenient deserializer (around this one) turns them into
+    INVALID_ARGUMENT / MALFORMED_REQUEST."""
     if deserializer is None:
         return None
 
     def parse(data: bytes):
-        try:
-            request = deserializer(data)
-            if hasattr(request, "ListFields"):
-                _check_enums(request)
-            return request
-        except Exception as exc:  # noqa: BLE001 - DecodeError, or a custom parser's own error
-            return _Undecodable(exc)
+        request = deserializer(data)
+        problem = _unknown_enum(request) if hasattr(request, "ListFields") else None
+        return _UnknownEnum(problem) if problem else request
     return parse
 
 
-def _malformed(method: str, marker: _Undecodable) -> InvalidInput:
-    if isinstance(marker.error, _UnknownEnum):
-        return InvalidInput(f"unknown enum value: {marker.error}", reason="INVALID_ENUM_VALUE")
-    return InvalidInput(f"the request is not a valid {method.rsplit('/', 1)[-1]} request message: "
-                        f"{type(marker.error).__name__} (string fields must be valid UTF-8)",
-                        reason="MALFORMED_REQUEST")
-
-
-def _checked(request, method: str):
-    if isinstance(request, _Undecodable):
-        raise _malformed(method, request)
+def _checked(request):
+    if isinstance(request, _UnknownEnum):
+        raise InvalidInput(f"unknown enum value: {request.message}", reason="INVALID_ENUM_VALUE")
     return request
 
 
-async def _checked_stream(requests, method: str):
+async def _checked_stream(requests):
     async for request in requests:
-        yield _checked(request, method)
+        yield _checked(request)
 
 
 # ---- the interceptor ----------------------------------------------------------------------
@@ -215,9 +202,7 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):
         this = self
 
         def checked(request):
-            if handler.request_streaming:
-                return _checked_stream(request, method)
-            return _checked(request, method)
+            return _checked_stream(request) if handler.request_streaming else _checked(request)
 
         def unary(behavior):
             async def wrapped(request, context):
@@ -236,7 +221,7 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):
                         yield item
             return wrapped
 
-        return wrap_handler(handler, unary, stream, _lenient(handler.request_deserializer))
+        return wrap_handler(handler, unary, stream, _enum_checked(handler.request_deserializer))
 
     def _stream_slot(self, client: str):
         this = self
