@@ -13,6 +13,7 @@ Either way segments are yielded as soon as they close, then the Transcription.
 from __future__ import annotations
 
 import math
+import time
 from typing import Any, Callable, ClassVar, Iterator
 
 import torch
@@ -332,6 +333,7 @@ class WhisperLiveStream:
         self.received = 0
         self.since_decode = 0
         self.finals: list[Segment] = []
+        self.last_cost_s = 0.0
         self.language = ""
         self.language_probs: dict[str, float] = {}
         self.closed = False
@@ -354,17 +356,21 @@ class WhisperLiveStream:
         out: list[Segment] = []
         while self.buffer.shape[0] > self.window:  # a full window is always decided
             out += self._decode(self.buffer[: self.window], commit=True, should_stop=should_stop)
-        if self.since_decode >= self.interval and self.buffer.shape[0] > 0:
+        # Interim decodes are spaced by at least twice their cost, so a slow machine keeps up
+        # with real time instead of falling behind.
+        if self.since_decode >= max(self.interval, 2 * self.last_cost_s * MODEL_SAMPLE_RATE) and self.buffer.shape[0] > 0:
             out += self._decode(self.buffer, commit=self.buffer.shape[0] > self.window // 2, should_stop=should_stop)
         return out
 
     def _decode(self, audio: torch.Tensor, *, commit: bool, final: bool = False, should_stop=None) -> list[Segment]:
         self.since_decode = 0
+        started = time.perf_counter()
         run = _Run(self.pipe, dict(self.o, chunk_length_s=None, long_form_sequential=False),
                    offset_s=self.offset / MODEL_SAMPLE_RATE, first_id=len(self.finals))
         with torch.inference_mode():
             for _ in run.sequential(audio, should_stop):
                 pass
+        self.last_cost_s = time.perf_counter() - started
         self.language = self.language or run.language
         self.language_probs = self.language_probs or run.language_probs
         segs = run.segments
