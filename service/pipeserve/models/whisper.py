@@ -101,9 +101,23 @@ class WhisperAttention(nn.Module):
     def kv(self, source: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.split(self.k_proj(source)), self.split(self.v_proj(source))
 
+    def fuse(self) -> None:
+        """Caches q, k, v stacked into one matrix (k has no bias: zeros) so self-attention
+        projects with one matmul instead of three; called once the weights are loaded."""
+        with torch.no_grad():
+            self._qkv_weight = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
+            self._qkv_bias = torch.cat([self.q_proj.bias, torch.zeros_like(self.q_proj.bias), self.v_proj.bias])
+
+    def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if getattr(self, "_qkv_weight", None) is None:
+            return self.split(self.q_proj(x)), *self.kv(x)
+        q, k, v = F.linear(x, self._qkv_weight, self._qkv_bias).chunk(3, dim=-1)
+        return self.split(q), self.split(k), self.split(v)
+
     def forward(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal_offset: int | None = None,
-                return_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        q = self.split(self.q_proj(x))
+                return_weights: bool = False, q: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if q is None:
+            q = self.split(self.q_proj(x))
         mask = None
         if causal_offset is not None and q.shape[2] > 1:
             # query i (absolute position offset+i) sees keys 0..offset+i.
@@ -134,8 +148,8 @@ class WhisperEncoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.self_attn_layer_norm(x)
-        k, v = self.self_attn.kv(h)
-        x = x + self.self_attn(h, k, v)[0]
+        q, k, v = self.self_attn.qkv(h)
+        x = x + self.self_attn(h, k, v, q=q)[0]
         return x + self.fc2(self.act(self.fc1(self.final_layer_norm(x))))
 
 
@@ -211,11 +225,11 @@ class WhisperDecoder(nn.Module):
         x = self.embed_tokens(tokens) * self.embed_scale + self.embed_positions.weight[start:start + steps]
         for i, layer in enumerate(self.layers):
             h = layer.self_attn_layer_norm(x)
-            k, v = layer.self_attn.kv(h)
+            q, k, v = layer.self_attn.qkv(h)
             cache.k[i][:, :, start:start + steps] = k
             cache.v[i][:, :, start:start + steps] = v
             keys, values = cache.k[i][:, :, :start + steps], cache.v[i][:, :, :start + steps]
-            x = x + layer.self_attn(h, keys, values, causal_offset=start)[0]
+            x = x + layer.self_attn(h, keys, values, causal_offset=start, q=q)[0]
             ck, cv = cache.cross[i]
             x = x + layer.encoder_attn(layer.encoder_attn_layer_norm(x), ck, cv)[0]
             x = x + layer.fc2(layer.act(layer.fc1(layer.final_layer_norm(x))))
@@ -280,6 +294,8 @@ def build(config: WhisperConfig, state: dict[str, torch.Tensor], device, dtype) 
     model = weights.empty_module(lambda: WhisperForConditionalGeneration(config), device=device, dtype=dtype)
     state = {k: v.to(device=device, dtype=dtype) if v.is_floating_point() else v for k, v in state.items()}
     weights.assign(model, state, rename=_rename, ignore_missing=["model.encoder.embed_positions.weight"])
+    for layer in [*model.encoder.layers, *model.decoder.layers]:
+        layer.self_attn.fuse()
     return model.eval()
 
 
