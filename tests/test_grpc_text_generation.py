@@ -215,3 +215,24 @@ def test_vanishing_clients_stop_costing(grpc_server, gpt2):
     assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert _wait_idle(pipe), "cancelled sequences leave the batch"
     assert pipe.engine.cache.memory_bytes() == 0, "and free their cache"
+
+
+def test_server_prompt_token_limit(gpt2):
+    path = gpt2[0]
+    """max_prompt_tokens bounds prompts below the model's context: INVALID_ARGUMENT / INPUT_TOO_LARGE."""
+    from grpc_testing import make_server
+    from pipeserve.v1 import text_generation_pb2 as pb
+
+    server = make_server(max_prompt_tokens=4)
+    try:
+        load_model(server, path)
+        stub = _stub(server)
+        assert stub.Generate(pb.GenerateRequest(model=path, prompt="hello",
+                                                options=pb.GenerationOptions(max_new_tokens=2)), timeout=60).sequences
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Generate(pb.GenerateRequest(model=path, prompt="hello " * 20,
+                                             options=pb.GenerationOptions(max_new_tokens=2)), timeout=60)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert error_reason(info.value) == "INPUT_TOO_LARGE" and "at most 4" in info.value.details()
+    finally:
+        server.stop()

@@ -48,6 +48,8 @@ class Settings:
     uri_file_root: str | None = None
     max_image_pixels: int = 89_478_485  # Pillow's own decompression-bomb threshold (0.25 GiB of RGBA / 3).
     max_audio_seconds: float = 4 * 3600.0
+    # Longest text-generation prompt in tokens; 0 = each model's context is the bound.
+    max_prompt_tokens: int = 0
     max_queue: int = 256
     max_batch_size: int = 8
     max_batch_wait_ms: float = 5.0

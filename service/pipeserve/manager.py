@@ -112,6 +112,7 @@ class ModelManager:
             "defaults": dict(spec.options),
             "max_image_pixels": self.settings.max_image_pixels,
             "max_audio_seconds": self.settings.max_audio_seconds,
+            "max_prompt_tokens": self.settings.max_prompt_tokens,
             "max_queue": self.settings.max_queue,
             "generation_max_batch_size": self.settings.generation_max_batch_size,
             "generation_max_batch_tokens": self.settings.generation_max_batch_tokens,

@@ -28,6 +28,7 @@ class LoadOptions:
     # Server-wide input limits (Settings), enforced by the pipelines' decoders.
     max_image_pixels: int = 89_478_485
     max_audio_seconds: float = 4 * 3600.0
+    max_prompt_tokens: int = 0  # 0 = the model's context is the only bound
     # Server-wide queue and continuous-batching bounds (Settings).
     max_queue: int = 256
     generation_max_batch_size: int = 32

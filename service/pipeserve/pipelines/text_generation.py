@@ -116,6 +116,10 @@ class TextGenerationPipeline(Pipeline):
         if len(ids) > limit:
             raise InputTooLarge(f"the prompt has {len(ids)} tokens; this model's context holds {limit} prompt "
                                 f"tokens plus at least one new token", metadata={"limit": limit})
+        server_limit = self.load_options.max_prompt_tokens
+        if server_limit and len(ids) > server_limit:
+            raise InputTooLarge(f"the prompt has {len(ids)} tokens; this server accepts at most {server_limit}",
+                                metadata={"limit": server_limit})
         return ids
 
     def parameters(self, options: dict[str, Any]) -> GenerationParams:
