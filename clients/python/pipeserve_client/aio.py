@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from collections import deque
 from typing import (Any, AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Literal, Mapping, Sequence,
                     TypeVar, Unpack, overload)
@@ -25,9 +24,7 @@ from pipeserve.v1 import (
 )
 
 from . import _requests as build
-from ._channel import Connection, RetryPolicy
-from ._services import StubCache
-from .client import _Deadline
+from .client import _ClientBase, _Deadline
 from .errors import PipeserveError, UnavailableError, from_rpc_error
 from .inputs import AudioLike, ImageLike
 
@@ -62,7 +59,7 @@ class AsyncModels:
         return (await self._client._unary("models", "UnloadModel", request, timeout)).model
 
 
-class AsyncClient:
+class AsyncClient(_ClientBase):
     """A grpc.aio connection to one pipeserve server; arguments as for Client.
 
         async with AsyncClient("127.0.0.1:50051") as client:
@@ -70,22 +67,10 @@ class AsyncClient:
                 ...
     """
 
-    def __init__(self, target: str | None = None, *, timeout: float | None = None, tls: bool | None = None,
-                 root_certificates: bytes | str | None = None, client_certificate: bytes | str | None = None,
-                 client_key: bytes | str | None = None, server_name: str | None = None, token: str | None = None,
-                 retry: RetryPolicy | None = None, max_message_bytes: int | None = None,
-                 channel_options: Sequence[tuple[str, Any]] = ()) -> None:
-        self.connection = Connection.create(target, tls=tls, root_certificates=root_certificates,
-                                            client_certificate=client_certificate, client_key=client_key,
-                                            server_name=server_name, token=token,
-                                            max_message_bytes=max_message_bytes)
-        self.target = self.connection.target
-        self.timeout = timeout
-        self.retry = retry or RetryPolicy()
-        self._channel = self.connection.aio_channel(tuple(channel_options))
-        self._stubs = StubCache(self._channel)
-        self._metadata = self.connection.metadata()
-        self.models = AsyncModels(self)
+    _models = AsyncModels
+
+    def _open_channel(self, options: tuple[tuple[str, Any], ...]) -> grpc.aio.Channel:
+        return self.connection.aio_channel(options)
 
     async def close(self) -> None:
         await self._channel.close()
@@ -105,9 +90,6 @@ class AsyncClient:
 
     # --- call machinery -------------------------------------------------------------------
 
-    def _timeout(self, timeout: float | None) -> float | None:
-        return self.timeout if timeout is None else timeout
-
     async def _unary(self, service: str, method: str, request: Any, timeout: float | None) -> Any:
         call = self._stubs.method(service, method)
         deadline = _Deadline(self._timeout(timeout))
@@ -118,8 +100,8 @@ class AsyncClient:
                 return await call(request, timeout=deadline.remaining(), metadata=self._metadata)
             except grpc.RpcError as exc:
                 error = from_rpc_error(exc, method)
-            delay = self.retry.backoff_s(attempt - 1, error)
-            if not self.retry.should_retry(error, attempt) or not deadline.allows(delay):
+            delay = self._retry_delay(error, attempt, deadline)
+            if delay is None:
                 raise error
             await asyncio.sleep(delay)
 
@@ -140,8 +122,8 @@ class AsyncClient:
                 error = from_rpc_error(exc, method, received=received)
             finally:
                 call.cancel()
-            delay = self.retry.backoff_s(attempt - 1, error)
-            if received or not self.retry.should_retry(error, attempt) or not deadline.allows(delay):
+            delay = self._retry_delay(error, attempt, deadline, received)
+            if delay is None:
                 raise error
             await asyncio.sleep(delay)
 

@@ -47,6 +47,45 @@ class _Deadline:
         return self.end is None or time.monotonic() + delay < self.end
 
 
+class _ClientBase:
+    """What Client and AsyncClient share: the connection, default deadline, retry policy and
+    stubs. A subclass names its channel (sync or asyncio) and its ModelService wrapper."""
+
+    _models: type
+
+    def __init__(self, target: str | None = None, *, timeout: float | None = None, tls: bool | None = None,
+                 root_certificates: bytes | str | None = None, client_certificate: bytes | str | None = None,
+                 client_key: bytes | str | None = None, server_name: str | None = None, token: str | None = None,
+                 retry: RetryPolicy | None = None, max_message_bytes: int | None = None,
+                 channel_options: Sequence[tuple[str, Any]] = ()) -> None:
+        self.connection = Connection.create(target, tls=tls, root_certificates=root_certificates,
+                                            client_certificate=client_certificate, client_key=client_key,
+                                            server_name=server_name, token=token,
+                                            max_message_bytes=max_message_bytes)
+        self.target = self.connection.target
+        self.timeout = timeout
+        self.retry = retry or RetryPolicy()
+        self._channel = self._open_channel(tuple(channel_options))
+        self._stubs = StubCache(self._channel)
+        self._metadata = self.connection.metadata()
+        self.models = self._models(self)
+
+    def _open_channel(self, options: tuple[tuple[str, Any], ...]) -> Any:
+        raise NotImplementedError
+
+    def _timeout(self, timeout: float | None) -> float | None:
+        return self.timeout if timeout is None else timeout
+
+    def _retry_delay(self, error: PipeserveError, attempt: int, deadline: _Deadline, received: int = 0) -> float | None:
+        """The wait before the next attempt, or None when the call fails with `error`: not
+        retryable, out of attempts, a stream that already delivered messages (never delivered
+        twice), or no time left before the deadline."""
+        delay = self.retry.backoff_s(attempt - 1, error)
+        if received or not self.retry.should_retry(error, attempt) or not deadline.allows(delay):
+            return None
+        return delay
+
+
 class Models:
     """ModelService: client.models.list() / get(name) / load(path_or_hub_id, ...) / unload(name)."""
 
@@ -74,7 +113,7 @@ class Models:
         return self._client._unary("models", "UnloadModel", model_pb2.UnloadModelRequest(model=model), timeout).model
 
 
-class Client:
+class Client(_ClientBase):
     """A connection to one pipeserve server.
 
         with Client("127.0.0.1:50051") as client:
@@ -90,22 +129,10 @@ class Client:
     retry: the RetryPolicy; RetryPolicy(max_attempts=1) disables retries.
     """
 
-    def __init__(self, target: str | None = None, *, timeout: float | None = None, tls: bool | None = None,
-                 root_certificates: bytes | str | None = None, client_certificate: bytes | str | None = None,
-                 client_key: bytes | str | None = None, server_name: str | None = None, token: str | None = None,
-                 retry: RetryPolicy | None = None, max_message_bytes: int | None = None,
-                 channel_options: Sequence[tuple[str, Any]] = ()) -> None:
-        self.connection = Connection.create(target, tls=tls, root_certificates=root_certificates,
-                                            client_certificate=client_certificate, client_key=client_key,
-                                            server_name=server_name, token=token,
-                                            max_message_bytes=max_message_bytes)
-        self.target = self.connection.target
-        self.timeout = timeout
-        self.retry = retry or RetryPolicy()
-        self._channel = self.connection.sync_channel(tuple(channel_options))
-        self._stubs = StubCache(self._channel)
-        self._metadata = self.connection.metadata()
-        self.models = Models(self)
+    _models = Models
+
+    def _open_channel(self, options: tuple[tuple[str, Any], ...]) -> grpc.Channel:
+        return self.connection.sync_channel(options)
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -128,9 +155,6 @@ class Client:
 
     # --- call machinery -------------------------------------------------------------------
 
-    def _timeout(self, timeout: float | None) -> float | None:
-        return self.timeout if timeout is None else timeout
-
     def _unary(self, service: str, method: str, request: Any, timeout: float | None) -> Any:
         call = self._stubs.method(service, method)
         deadline = _Deadline(self._timeout(timeout))
@@ -141,8 +165,8 @@ class Client:
                 return call(request, timeout=deadline.remaining(), metadata=self._metadata)
             except grpc.RpcError as exc:
                 error = from_rpc_error(exc, method)
-            delay = self.retry.backoff_s(attempt - 1, error)
-            if not self.retry.should_retry(error, attempt) or not deadline.allows(delay):
+            delay = self._retry_delay(error, attempt, deadline)
+            if delay is None:
                 raise error
             time.sleep(delay)
 
@@ -165,8 +189,8 @@ class Client:
                 error = from_rpc_error(exc, method, received=received)
             finally:
                 call.cancel()  # no-op when the stream completed; stops the server's work otherwise
-            delay = self.retry.backoff_s(attempt - 1, error)
-            if received or not self.retry.should_retry(error, attempt) or not deadline.allows(delay):
+            delay = self._retry_delay(error, attempt, deadline, received)
+            if delay is None:
                 raise error
             time.sleep(delay)
 
