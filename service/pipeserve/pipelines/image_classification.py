@@ -24,8 +24,7 @@ from ..image_processing import ImageProcessor
 from ..registry import family_module
 from ..tasks import Task
 from .base import LoadOptions, Pipeline
-
-FUNCTIONS = ("sigmoid", "softmax", "none")
+from .classification import check_function, default_function, ranked_labels
 
 Result = list[tuple[str, float]]
 
@@ -79,25 +78,11 @@ class ImageClassificationPipeline(Pipeline):
                 raise InvalidParameter(f"top_k must be at least 1, got {top_k}",
                                        metadata={"field": "top_k"})
             options["top_k"] = int(top_k)
-        function = options.get("function_to_apply")
-        if function is not None:
-            name = str(function).strip().lower()
-            if name in ("", "default", "unspecified"):
-                name = None
-            elif name not in FUNCTIONS:
-                raise InvalidParameter(f"function_to_apply must be one of {', '.join(FUNCTIONS)} "
-                                       f"(or unset for the model's default), got {function!r}",
-                                       metadata={"field": "function_to_apply"})
-            options["function_to_apply"] = name
+        check_function(options)
         return options
 
     def default_function(self) -> str:
-        """transformers' rule: regression -> none; multi-label or one label -> sigmoid; else softmax."""
-        if self.problem_type == "regression":
-            return "none"
-        if self.problem_type == "multi_label_classification" or self.num_labels == 1:
-            return "sigmoid"
-        return "softmax"
+        return default_function(self.problem_type, self.num_labels)
 
     # -- steps -----------------------------------------------------------------------------
 
@@ -122,17 +107,7 @@ class ImageClassificationPipeline(Pipeline):
         """One image's logits (num_labels,) -> [(label, score)] best first, top_k long."""
         function = options.get("function_to_apply") or self.default_function()
         top_k = min(options.get("top_k") or self.num_labels, self.num_labels)
-        outputs = logits.numpy()  # float32, as transformers' postprocess
-        if function == "sigmoid":
-            scores = 1.0 / (1.0 + np.exp(-outputs))
-        elif function == "softmax":
-            shifted = np.exp(outputs - np.max(outputs, axis=-1, keepdims=True))
-            scores = shifted / shifted.sum(axis=-1, keepdims=True)
-        else:
-            scores = outputs
-        pairs = [(self.id2label[i], score.item()) for i, score in enumerate(scores)]
-        pairs.sort(key=lambda pair: pair[1], reverse=True)  # stable: ties keep label order
-        return pairs[:top_k]
+        return ranked_labels(logits, function, self.id2label)[:top_k]
 
     # -- call ------------------------------------------------------------------------------
 

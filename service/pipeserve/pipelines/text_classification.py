@@ -18,14 +18,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-import numpy as np
 import torch
 
-from ..errors import InvalidParameter
 from ..tasks import Task
+from .classification import check_function, default_function, ranked_labels
 from .encoder_base import EncoderPipeline, check_positive, check_text
-
-FUNCTIONS = ("sigmoid", "softmax", "none")
 
 Result = list[tuple[str, float]]
 
@@ -53,25 +50,12 @@ class TextClassificationPipeline(EncoderPipeline):
     def validate_options(self, options: dict[str, Any]) -> dict[str, Any]:
         options = dict(options)
         check_positive(options, "top_k")
-        function = options.get("function_to_apply")
-        if function is not None:
-            name = str(function).strip().lower()
-            if name in ("", "default", "unspecified"):
-                name = None
-            elif name not in FUNCTIONS:
-                raise InvalidParameter(f"function_to_apply must be one of {', '.join(FUNCTIONS)} "
-                                       f"(or unset for the model's default), got {function!r}",
-                                       metadata={"field": "function_to_apply"})
-            options["function_to_apply"] = name
+        check_function(options)
         options["truncation"] = bool(options.get("truncation"))
         return options
 
     def default_function(self) -> str:
-        if self.problem_type == "regression":
-            return "none"
-        if self.problem_type == "multi_label_classification" or self.num_labels == 1:
-            return "sigmoid"
-        return "softmax"
+        return default_function(self.problem_type, self.num_labels)
 
     def encode(self, inputs: list[TextInput], options: dict[str, Any]):
         texts = [check_text(i.text) for i in inputs]
@@ -88,17 +72,7 @@ class TextClassificationPipeline(EncoderPipeline):
 
     def postprocess(self, logits: torch.Tensor, options: dict[str, Any]) -> Result:
         function = options.get("function_to_apply") or self.default_function()
-        outputs = logits.numpy()  # float32, as transformers' postprocess
-        if function == "sigmoid":
-            scores = 1.0 / (1.0 + np.exp(-outputs))
-        elif function == "softmax":
-            shifted = np.exp(outputs - np.max(outputs, axis=-1, keepdims=True))
-            scores = shifted / shifted.sum(axis=-1, keepdims=True)
-        else:
-            scores = outputs
-        pairs = [(self.id2label[i], score.item()) for i, score in enumerate(scores)]
-        pairs.sort(key=lambda pair: pair[1], reverse=True)  # stable: ties keep label order, as argmax
-        return pairs[:options.get("top_k") or 1]
+        return ranked_labels(logits, function, self.id2label)[:options.get("top_k") or 1]
 
     def classify(self, inputs: list[TextInput | str], options: dict[str, Any] | None = None) -> list[Result]:
         """One result per input, in order; batched rows give the same results as one at a time."""
