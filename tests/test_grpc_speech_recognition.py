@@ -252,3 +252,23 @@ def test_bad_live_streams(server, model, case, reason):
         list(_stub(server).StreamingTranscribe(iter(messages), timeout=60))
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
     assert error_reason(info.value) == reason, info.value.details()
+
+
+def test_deadline_stops_a_long_transcription(server, model, speech, tmp_path):
+    """A deadline far shorter than the work: DEADLINE_EXCEEDED, decoding stops (the next call
+    is not stuck behind it) and the server keeps serving."""
+    from pipeserve.audio import load_audio_input
+
+    one = load_audio_input(data=speech[0]).numpy()
+    long_audio = np.tile(one, 12)  # about 2.5 minutes
+    raw = _raw(long_audio.astype("<f4").tobytes())
+    stub = _stub(server)
+    started = time.monotonic()
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Transcribe(_request(model, raw=raw, num_beams=4), timeout=1.0)
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    short = time.monotonic()
+    assert stub.Transcribe(_request(model, data=speech[0]), timeout=120).transcription.text
+    # The abandoned request stopped at its next decoding step instead of finishing its minutes of audio.
+    assert time.monotonic() - short < 30
+    assert time.monotonic() - started < 40

@@ -35,6 +35,11 @@ for extra in (ROOT / "service", ROOT / "tests", ROOT / "clients" / "python"):
 CONFIGS = {
     "pipeserve chunked (30 s, batch 8, greedy)": ("pipeserve", {"chunk_length_s": 30.0, "batch_size": 8}),
     "pipeserve sequential long-form (greedy)": ("pipeserve", {}),
+    # openai-whisper / faster-whisper transcribe() defaults: previous text as prompt, temperature
+    # fallback on compression ratio (transformers' token-level 1.35 ~ gzip-of-text 2.4) and log-prob.
+    "pipeserve sequential long-form (greedy + fallback, conditioned)": ("pipeserve", {
+        "condition_on_previous_text": True, "temperature_fallback": [0.2, 0.4, 0.6, 0.8, 1.0],
+        "compression_ratio_threshold": 1.35, "logprob_threshold": -1.0, "no_speech_threshold": 0.6}),
     "transformers chunk 30 s (greedy, timestamps)": ("transformers", {"num_beams": 1, "return_timestamps": True}),
     "transformers chunk 30 s (greedy, no timestamps)": ("transformers", {"num_beams": 1}),
     "transformers chunk 30 s (default: 5 beams, no timestamps)": ("transformers", {}),

@@ -26,6 +26,7 @@ from .whisper_tokenizer import WhisperTokenizer
 TIME_PRECISION = 0.02  # seconds per timestamp token: 30 s / 1500 encoder positions
 INPUT_STRIDE = 2  # mel frames per encoder position (conv2 stride)
 FRAME_SECONDS = 0.01  # seconds per mel frame (hop 160 at 16 kHz)
+ENCODER_BATCH = 2  # windows encoded together (see generate)
 
 
 @dataclass(frozen=True)
@@ -418,7 +419,11 @@ def generate(model, features: torch.Tensor, num_frames: list[int], s: Generation
             n = min(max_frames[r] - seek[r], N_FRAMES)
             part = features[r:r + 1, :, seek[r]:seek[r] + n]
             windows.append(F.pad(part, (0, N_FRAMES - part.shape[-1])))
-        encoder_out = model.encoder(torch.cat(windows).to(next(model.parameters()).dtype))
+        dtype = next(model.parameters()).dtype
+        # Windows go through the encoder a few at a time: its 1500x1500 attention maps are
+        # the largest activations (B x heads x 9 MB), and bigger batches do not run faster.
+        encoder_out = torch.cat([model.encoder(torch.cat(windows[k:k + ENCODER_BATCH]).to(dtype))
+                                 for k in range(0, len(windows), ENCODER_BATCH)])
         if starts is None:  # language detection on the first window, as generate() does
             probs = language_probabilities(model, encoder_out, s) if s.lang_to_id and opts.language is None \
                 and s.is_multilingual else None

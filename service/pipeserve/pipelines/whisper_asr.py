@@ -307,9 +307,9 @@ class _Run:
 
     def transcription(self, duration_s: float) -> Transcription:
         segments = self.segments
-        if self.level == "none":
-            for seg in segments:
-                seg.start_s, seg.end_s = self.offset_s, self.offset_s + duration_s
+        for seg in segments:  # without timestamps a segment ends where the audio does
+            if seg.end_s is None and self.level == "none":
+                seg.end_s = self.offset_s + duration_s
         return Transcription(text="".join(s.text for s in segments), segments=segments, language=self.language,
                              language_probabilities=self.language_probs, duration_s=duration_s)
 
