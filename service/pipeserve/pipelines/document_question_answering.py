@@ -29,7 +29,8 @@ from ..ocr import Word, check_words, run_tesseract
 from ..registry import family_module
 from ..tasks import Task
 from ..text import TextTokenizer
-from .base import LoadOptions, Pipeline
+from .base import LoadOptions
+from .encoder_base import TextModelPipeline
 
 # A page has a few hundred words; this bounds the windows (forward passes) one request can ask for.
 MAX_WORDS = 10_000
@@ -116,8 +117,9 @@ def select_starts_ends(start: np.ndarray, end: np.ndarray, p_mask: list[bool], a
     return starts, ends, scores, min_null_score
 
 
-class DocumentQuestionAnsweringPipeline(Pipeline):
+class DocumentQuestionAnsweringPipeline(TextModelPipeline):
     task: ClassVar[Task] = Task.DOCUMENT_QUESTION_ANSWERING
+    head: ClassVar[str] = "question_answering"
     # transformers' defaults; max_seq_len None = the tokenizer's model_max_length, doc_stride
     # None = min(max_seq_len // 2, 256), ocr_lang "eng" = Tesseract's default language.
     option_defaults: ClassVar[dict[str, Any]] = {
@@ -129,12 +131,8 @@ class DocumentQuestionAnsweringPipeline(Pipeline):
     max_batch_size: int = 16
 
     def __init__(self, files: ModelFiles, options: LoadOptions, model: torch.nn.Module, tokenizer):
+        super().__init__(files, options, model, tokenizer)
         config = files.config
-        super().__init__(files, options, family=config.get("model_type", ""),
-                         architecture=(config.get("architectures") or [""])[0])
-        self.model = model
-        self.modules_.append(model)
-        self.tokenizer = tokenizer
         # Longest input the position table allows; the tokenizer's own limit when smaller.
         self.max_tokens = tokenizer.limit(int(config.get("max_position_embeddings", 512)))
         self.cls_token_id = tokenizer.token_id("cls_token")
@@ -154,7 +152,7 @@ class DocumentQuestionAnsweringPipeline(Pipeline):
         if tokenizer.token_id("sep_token") is None:
             raise ModelLoadFailed("document question answering needs a tokenizer with a sep token",
                                   reason="BAD_TOKENIZER")
-        model = family_module(model_type).load_model(files, options, head="question_answering")
+        model = family_module(model_type).load_model(files, options, head=cls.head)
         return cls(files, options, model, tokenizer)
 
     # -- options ---------------------------------------------------------------------------

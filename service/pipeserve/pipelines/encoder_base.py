@@ -40,7 +40,35 @@ def too_long(tokens: int, limit: int, hint: str) -> InputTooLarge:
                          metadata={"limit": str(limit), "tokens": str(tokens)})
 
 
-class EncoderPipeline(Pipeline):
+def load_text_model(files: ModelFiles, options: LoadOptions, head: str) -> tuple[torch.nn.Module, TextTokenizer]:
+    """The family's `head` module and the checkpoint's tokenizer. The tokenizer is read first,
+    so a missing or bad tokenizer fails before any weights load."""
+    tokenizer = TextTokenizer.from_files(files)
+    model = family_module(files.config.get("model_type", "")).load_model(files, options, head=head)
+    return model, tokenizer
+
+
+class TextModelPipeline(Pipeline):
+    """A pipeline over one family head (`head`) and the checkpoint's text tokenizer: the
+    encoder pipelines below, zero-shot classification and document question answering."""
+
+    head: ClassVar[str] = "base"
+
+    def __init__(self, files: ModelFiles, options: LoadOptions, model: torch.nn.Module, tokenizer: TextTokenizer):
+        config = files.config
+        super().__init__(files, options, family=config.get("model_type", ""),
+                         architecture=(config.get("architectures") or [""])[0])
+        self.model = model
+        self.modules_.append(model)
+        self.tokenizer = tokenizer
+
+    @classmethod
+    def from_files(cls, files: ModelFiles, options: LoadOptions):
+        model, tokenizer = load_text_model(files, options, cls.head)
+        return cls(files, options, model, tokenizer)
+
+
+class EncoderPipeline(TextModelPipeline):
     """Base of the encoder pipelines: `head` names the family head to load."""
 
     head: ClassVar[str] = "base"
@@ -50,21 +78,10 @@ class EncoderPipeline(Pipeline):
     max_batch_size: int = 32
 
     def __init__(self, files: ModelFiles, options: LoadOptions, model: torch.nn.Module, tokenizer: TextTokenizer):
-        config = files.config
-        super().__init__(files, options, family=config.get("model_type", ""),
-                         architecture=(config.get("architectures") or [""])[0])
-        self.model = model
-        self.modules_.append(model)
-        self.tokenizer = tokenizer
+        super().__init__(files, options, model, tokenizer)
         self.config = model.config
         # The longest input the tokenizer's model_max_length and the position table allow.
         self.max_length = tokenizer.limit(model.config.max_tokens)
-
-    @classmethod
-    def from_files(cls, files: ModelFiles, options: LoadOptions):
-        tokenizer = TextTokenizer.from_files(files)
-        model = family_module(files.config.get("model_type", "")).load_model(files, options, head=cls.head)
-        return cls(files, options, model, tokenizer)
 
     @torch.inference_mode()
     def run_rows(self, rows: Sequence[Row]) -> list[tuple[torch.Tensor | None, ...]]:

@@ -22,11 +22,9 @@ import torch
 
 from ..errors import InvalidParameter, ModelLoadFailed
 from ..hub import ModelFiles
-from ..registry import family_module
 from ..tasks import Task
-from ..text import TextTokenizer
 from .base import LoadOptions
-from .encoder_base import EncoderPipeline, check_text
+from .encoder_base import EncoderPipeline, check_text, load_text_model
 
 POOLINGS = ("none", "mean", "cls", "max")
 # sentence-transformers Pooling's concatenation order.
@@ -111,8 +109,7 @@ class FeatureExtractionPipeline(EncoderPipeline):
     @classmethod
     def from_files(cls, files: ModelFiles, options: LoadOptions):
         recipe = SentenceTransformerRecipe.read(files)  # bad module lists fail before weights load
-        tokenizer = TextTokenizer.from_files(files)
-        model = family_module(files.config.get("model_type", "")).load_model(files, options, head=cls.head)
+        model, tokenizer = load_text_model(files, options, cls.head)
         return cls(files, options, model, tokenizer, recipe)
 
     def validate_options(self, options: dict[str, Any]) -> dict[str, Any]:

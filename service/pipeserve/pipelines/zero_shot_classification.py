@@ -28,10 +28,10 @@ import torch
 
 from ..errors import InputTooLarge, InvalidInput, InvalidParameter, PipeserveError
 from ..hub import ModelFiles
-from ..registry import family_module
 from ..tasks import Task
 from ..text import Row, TextTokenizer, model_max_tokens
-from .base import LoadOptions, Pipeline
+from .base import LoadOptions
+from .encoder_base import TextModelPipeline
 
 # Each label costs one forward pass of the whole text: 128 labels of a 1,000-token text on
 # bart-large-mnli is already ~0.1 TFLOP. More is refused rather than queued for minutes.
@@ -52,8 +52,9 @@ class ZeroShotResult:
     labels: list[tuple[str, float]]  # best first
 
 
-class ZeroShotClassificationPipeline(Pipeline):
+class ZeroShotClassificationPipeline(TextModelPipeline):
     task: ClassVar[Task] = Task.ZERO_SHOT_CLASSIFICATION
+    head: ClassVar[str] = "sequence_classification"  # the NLI classifier
     # transformers' defaults; truncation is ours (transformers always truncates the premise).
     option_defaults: ClassVar[dict[str, Any]] = {
         "hypothesis_template": "This example is {}.", "multi_label": False, "truncation": True,
@@ -63,25 +64,14 @@ class ZeroShotClassificationPipeline(Pipeline):
     max_batch_size: int = 32
 
     def __init__(self, files: ModelFiles, options: LoadOptions, model: torch.nn.Module, tokenizer: TextTokenizer):
+        super().__init__(files, options, model, tokenizer)
         config = files.config
-        super().__init__(files, options, family=config.get("model_type", ""),
-                         architecture=(config.get("architectures") or [""])[0])
-        self.model = model
-        self.modules_.append(model)
-        self.tokenizer = tokenizer
         self.max_tokens = tokenizer.limit(model_max_tokens(config))
         self.entailment_id = entailment_id(config.get("label2id") or {})
         self.contradiction_id = -1 if self.entailment_id == 0 else 0
         # Only the inputs the model's forward takes (BART has no token types).
         self._takes_token_types = "token_type_ids" in inspect.signature(model.forward).parameters
         self.defaults = self.validate_options(self.defaults)
-
-    @classmethod
-    def from_files(cls, files: ModelFiles, options: LoadOptions) -> "ZeroShotClassificationPipeline":
-        tokenizer = TextTokenizer.from_files(files)
-        model = family_module(files.config.get("model_type", "")).load_model(
-            files, options, head="sequence_classification")
-        return cls(files, options, model, tokenizer)
 
     # -- options ---------------------------------------------------------------------------
 
