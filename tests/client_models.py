@@ -22,19 +22,8 @@ def require_servicer(module: str) -> None:
 def build(kind: str, directory: Path) -> tuple[Path, str | None]:
     """Saves a tiny checkpoint of `kind`; returns (directory, task to load it as or None)."""
     if kind == "vit":
-        import torch
-        import transformers
-        from transformers.models.vit.image_processing_pil_vit import ViTImageProcessorPil
-
-        from harness import save_checkpoint
-
-        torch.manual_seed(0)
-        config = transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                        intermediate_size=37, image_size=32, patch_size=8, num_labels=6,
-                                        id2label={i: f"class_{i}" for i in range(6)},
-                                        label2id={f"class_{i}": i for i in range(6)})
-        model = transformers.ViTForImageClassification(config).eval()
-        save_checkpoint(model, directory, ViTImageProcessorPil(size={"height": 32, "width": 32}))
+        from ops_testing import build_tiny_vit
+        build_tiny_vit(directory)
         return directory, None
     if kind == "ctc":
         from wav2vec2_checkpoints import build as build_ctc
@@ -77,3 +66,17 @@ class ModelLoader:
         for name in self.names.values():
             self.client.models.unload(name)
         self.client.close()
+
+
+def loader_fixture():
+    """The module-scoped `loaded` fixture of the client tests (`loaded = loader_fixture()`):
+    loaded(kind) -> model name; builds a tiny checkpoint of that kind once, loads it, and
+    unloads everything it loaded when the module's tests are done."""
+
+    @pytest.fixture(scope="module")
+    def loaded(grpc_server, tmp_path_factory):
+        loader = ModelLoader(grpc_server.address, tmp_path_factory)
+        yield loader
+        loader.close()
+
+    return loaded

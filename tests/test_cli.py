@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from client_fakes import TLS_DIR, FakeServer
-from client_models import ModelLoader, require_servicer
+from client_models import loader_fixture, require_servicer
 from pipeserve_client import cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,11 +41,7 @@ def run_process(*argv: str, timeout: float = 60, **kwargs) -> subprocess.Complet
                           env=ENV, timeout=timeout, **kwargs)
 
 
-@pytest.fixture(scope="module")
-def loaded(grpc_server, tmp_path_factory):
-    loader = ModelLoader(grpc_server.address, tmp_path_factory)
-    yield loader
-    loader.close()
+loaded = loader_fixture()  # loaded(kind) -> model name
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
-from client_models import ModelLoader, require_servicer
+from client_models import loader_fixture, require_servicer
 from pipeserve_client import (AsyncClient, Client, FailedPreconditionError, InputError, InputFileError,
                               InvalidArgumentError, NotFoundError, UnimplementedError, to_dict)
 
@@ -32,12 +32,7 @@ def client(grpc_server):
         yield c
 
 
-@pytest.fixture(scope="module")
-def loaded(grpc_server, tmp_path_factory):
-    """loaded(kind) -> model name: builds a tiny checkpoint of that kind once and loads it."""
-    loader = ModelLoader(grpc_server.address, tmp_path_factory)
-    yield loader
-    loader.close()
+loaded = loader_fixture()  # loaded(kind) -> model name
 
 
 @pytest.fixture(scope="module")

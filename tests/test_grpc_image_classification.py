@@ -13,6 +13,7 @@ from PIL import Image
 
 from grpc_testing import error_reason, load_model
 from harness import save_checkpoint
+from ops_testing import build_tiny_vit
 
 transformers = pytest.importorskip("transformers")
 
@@ -21,16 +22,7 @@ SERVICE = "pipeserve.v1.ImageClassificationService"
 
 @pytest.fixture(scope="module")
 def vit_dir(tmp_path_factory):
-    from transformers.models.vit.image_processing_pil_vit import ViTImageProcessorPil
-
-    torch.manual_seed(0)
-    config = transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                    intermediate_size=37, image_size=32, patch_size=8, num_labels=6,
-                                    id2label={i: f"class_{i}" for i in range(6)},
-                                    label2id={f"class_{i}": i for i in range(6)})
-    model = transformers.ViTForImageClassification(config).eval()
-    return save_checkpoint(model, tmp_path_factory.mktemp("grpc_vit"),
-                           ViTImageProcessorPil(size={"height": 32, "width": 32}))
+    return build_tiny_vit(tmp_path_factory.mktemp("grpc_vit"))
 
 
 def _png(seed: int, size=(64, 48)) -> bytes:

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from client_models import ModelLoader, require_servicer
+from client_models import loader_fixture, require_servicer
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "clients" / "web"))
@@ -26,11 +26,7 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 
 
-@pytest.fixture(scope="module")
-def loaded(grpc_server, tmp_path_factory):
-    loader = ModelLoader(grpc_server.address, tmp_path_factory)
-    yield loader
-    loader.close()
+loaded = loader_fixture()  # loaded(kind) -> model name
 
 
 @pytest.fixture(scope="module")
