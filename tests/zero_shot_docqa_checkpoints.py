@@ -30,6 +30,17 @@ def _sharpen(model) -> None:
                 p.mul_(3.0)
 
 
+def _save_sharpened(model_class, config, tokenizer, directory: Path, seed: int) -> Path:
+    """A seeded random model_class(config), sharpened, saved with its tokenizer."""
+    torch.manual_seed(seed)
+    model = model_class(config).eval()
+    _sharpen(model)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
 def build_bart_nli(directory: Path, *, model_max_length: int = 48, seed: int = 0,
                    label2id: dict[str, int] | None = None) -> Path:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -51,13 +62,7 @@ def build_bart_nli(directory: Path, *, model_max_length: int = 48, seed: int = 0
                         encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=37,
                         decoder_ffn_dim=37, max_position_embeddings=64,
                         id2label={i: l for l, i in label2id.items()}, label2id=label2id)
-    torch.manual_seed(seed)
-    model = BartForSequenceClassification(config).eval()
-    _sharpen(model)
-    directory.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
+    return _save_sharpened(BartForSequenceClassification, config, tokenizer, directory, seed)
 
 
 def build_encoder_nli(family: str, directory: Path, *, seed: int = 0) -> Path:
@@ -88,13 +93,7 @@ def build_layoutlm_qa(directory: Path, *, model_max_length: int = 64, seed: int 
     config = LayoutLMConfig(vocab_size=tok.get_vocab_size(), hidden_size=32, num_hidden_layers=2,
                             num_attention_heads=4, intermediate_size=37, max_position_embeddings=model_max_length,
                             max_2d_position_embeddings=1024)
-    torch.manual_seed(seed)
-    model = LayoutLMForQuestionAnswering(config).eval()
-    _sharpen(model)
-    directory.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
+    return _save_sharpened(LayoutLMForQuestionAnswering, config, tokenizer, directory, seed)
 
 
 def render_invoice(lines: list[str] = INVOICE_LINES, size: tuple[int, int] = (800, 400), font_size: int = 36):
