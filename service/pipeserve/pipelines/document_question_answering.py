@@ -31,6 +31,7 @@ from ..tasks import Task
 from ..text import TextTokenizer
 from .base import LoadOptions
 from .encoder_base import TextModelPipeline
+from .span_selection import select_starts_ends
 
 # A page has a few hundred words; this bounds the windows (forward passes) one request can ask for.
 MAX_WORDS = 10_000
@@ -72,49 +73,6 @@ class _Window:
     bbox: list[list[int]]
     p_mask: list[bool]
     word_ids: list[int | None]
-
-
-def decode_spans(start: np.ndarray, end: np.ndarray, topk: int, max_answer_len: int,
-                 undesired_tokens: np.ndarray) -> tuple:
-    """transformers/pipelines/document_question_answering.py decode_spans, verbatim in effect."""
-    if start.ndim == 1:
-        start = start[None]
-    if end.ndim == 1:
-        end = end[None]
-    # Score of each (start, end) pair; drop end < start and spans longer than max_answer_len.
-    outer = np.matmul(np.expand_dims(start, -1), np.expand_dims(end, 1))
-    candidates = np.tril(np.triu(outer), max_answer_len - 1)
-    scores_flat = candidates.flatten()
-    if topk == 1:
-        idx_sort = [np.argmax(scores_flat)]
-    elif len(scores_flat) <= topk:
-        idx_sort = np.argsort(-scores_flat)
-    else:
-        idx = np.argpartition(-scores_flat, topk)[0:topk]
-        idx_sort = idx[np.argsort(-scores_flat[idx])]
-    starts, ends = np.unravel_index(idx_sort, candidates.shape)[1:]
-    desired = np.isin(starts, undesired_tokens.nonzero()) & np.isin(ends, undesired_tokens.nonzero())
-    starts, ends = starts[desired], ends[desired]
-    return starts, ends, candidates[0, starts, ends]
-
-
-def select_starts_ends(start: np.ndarray, end: np.ndarray, p_mask: list[bool], attention_mask: np.ndarray,
-                       min_null_score: float, top_k: int, handle_impossible_answer: bool, max_answer_len: int):
-    """transformers/pipelines/document_question_answering.py select_starts_ends: softmax over
-    context tokens only, the null ([CLS]) score, then decode_spans."""
-    undesired_tokens = np.abs(np.array(p_mask) - 1) & attention_mask
-    undesired_tokens_mask = undesired_tokens == 0.0
-    start = np.where(undesired_tokens_mask, -10000.0, start)
-    end = np.where(undesired_tokens_mask, -10000.0, end)
-    start = np.exp(start - start.max(axis=-1, keepdims=True))
-    start = start / start.sum()
-    end = np.exp(end - end.max(axis=-1, keepdims=True))
-    end = end / end.sum()
-    if handle_impossible_answer:
-        min_null_score = min(min_null_score, (start[0, 0] * end[0, 0]).item())
-    start[0, 0] = end[0, 0] = 0.0  # [CLS] is never a span
-    starts, ends, scores = decode_spans(start, end, top_k, max_answer_len, undesired_tokens)
-    return starts, ends, scores, min_null_score
 
 
 class DocumentQuestionAnsweringPipeline(TextModelPipeline):
