@@ -355,7 +355,7 @@ def _renamer(config: BertConfig, head: str, state: dict[str, torch.Tensor]):
 def load_model(files: ModelFiles, options, head: str = "base") -> nn.Module:
     """Builds the `head` model of a bert / roberta / xlm-roberta checkpoint (see module doc)."""
     if head not in HEADS:
-        raise ModelLoadFailed(f"the bert family has no {head!r} head; heads: {', '.join(HEADS)}", reason="BAD_HEAD")
+        raise ModelLoadFailed(f"the bert family has no {head!r} head; heads: {', '.join(HEADS)}", reason="UNSUPPORTED_HEAD")
     config = BertConfig.from_dict(files.config)
     state = load_state_dict(files.path, device=options.torch_device, dtype=options.torch_dtype,
                             allow_pickle=options.allow_pickle)

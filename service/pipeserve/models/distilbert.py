@@ -185,7 +185,7 @@ _SKIP_SUFFIXES = ("embeddings.position_ids",)
 def load_model(files: ModelFiles, options, head: str = "base") -> nn.Module:
     """Builds the `head` model of a distilbert checkpoint (heads and outputs as in models/bert.py)."""
     if head not in HEADS:
-        raise ModelLoadFailed(f"distilbert has no {head!r} head; heads: {', '.join(HEADS)}", reason="BAD_HEAD")
+        raise ModelLoadFailed(f"distilbert has no {head!r} head; heads: {', '.join(HEADS)}", reason="UNSUPPORTED_HEAD")
     config = DistilBertConfig.from_dict(files.config)
     state = load_state_dict(files.path, device=options.torch_device, dtype=options.torch_dtype,
                             allow_pickle=options.allow_pickle)

@@ -121,7 +121,7 @@ def _renamer(head: str, state: dict[str, torch.Tensor]):
 def load_model(files: ModelFiles, options, head: str = "question_answering") -> nn.Module:
     """Builds LayoutLM with `head` on options' device and dtype and loads its weights."""
     if head not in HEADS:
-        raise ModelLoadFailed(f"layoutlm has no {head!r} head; heads: {', '.join(HEADS)}", reason="BAD_HEAD")
+        raise ModelLoadFailed(f"layoutlm has no {head!r} head; heads: {', '.join(HEADS)}", reason="UNSUPPORTED_HEAD")
     config = LayoutLMConfig.from_dict(files.config)
     if head == "question_answering" and config.num_labels != 2:
         raise ModelLoadFailed(f"a question-answering head needs 2 labels (start, end), this config has "
