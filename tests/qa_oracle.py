@@ -1,9 +1,11 @@
 """The question-answering oracle: transformers 5 removed the question-answering pipeline, so
 the reference is transformers 4.57.6's `pipeline("question-answering")`, run in a subprocess
-from a side install that does not touch the main environment:
+from a side install inside .venv that does not touch the main environment (scripts/setup
+--test makes it):
 
-    pip install --no-deps --target ~/.cache/pipeserve-oracle/transformers4 \
-        transformers==4.57.6 tokenizers==0.22.1 huggingface_hub==0.36.0
+    pip install --no-deps --target .venv/oracles/transformers4 \
+        transformers==4.57.6 tokenizers==0.22.1 huggingface_hub==0.36.0 \
+        requests charset_normalizer idna urllib3 certifi
 
 (PIPESERVE_TRANSFORMERS4 overrides the folder.) The checkpoint and tokenizer are the same
 files pipeserve loads; the tokenizer is read as PreTrainedTokenizerFast because 4.57 does not
@@ -17,7 +19,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-ORACLE = Path(os.environ.get("PIPESERVE_TRANSFORMERS4", Path.home() / ".cache/pipeserve-oracle/transformers4"))
+ORACLE = Path(os.environ.get("PIPESERVE_TRANSFORMERS4",
+                             Path(__file__).resolve().parents[1] / ".venv" / "oracles" / "transformers4"))
 
 _SCRIPT = r"""
 import json, sys, warnings

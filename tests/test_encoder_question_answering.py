@@ -26,8 +26,6 @@ CASES = [
          kwargs=dict(top_k=3, align_to_words=False)),
 ]
 
-pytestmark = pytest.mark.skipif(not qa_oracle.available(), reason="needs the transformers 4.57.6 oracle "
-                                "(see tests/qa_oracle.py for the one pip command)")
 
 
 @pytest.fixture(scope="module", params=FAMILIES)

@@ -95,7 +95,6 @@ def test_token_classification(grpc_server, checkpoints):
              "INVALID_PARAMETER", "aggregation_strategy")
 
 
-@pytest.mark.skipif(not qa_oracle.available(), reason="needs the transformers 4.57.6 oracle (tests/qa_oracle.py)")
 def test_question_answering(grpc_server, checkpoints):
     from pipeserve.v1 import question_answering_pb2 as pb, question_answering_pb2_grpc as pb_grpc
 
