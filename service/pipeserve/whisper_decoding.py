@@ -180,9 +180,9 @@ def decode_greedy(model, encoder_out: torch.Tensor, prompt: torch.Tensor, s: Gen
     decoder = model.decoder
     rows = prompt.shape[0]
     cache = decoder.new_cache(encoder_out, prompt.shape[1] + max_new)
-    logits = decoder(prompt, cache)
-    no_speech = _no_speech_prob(logits[:, sot_index], s)
-    logits = logits[:, -1]
+    logits = decoder(prompt, cache, logits_at=[sot_index, -1])
+    no_speech = _no_speech_prob(logits[:, 0], s)
+    logits = logits[:, 1]
     generated: list[list[int]] = [[] for _ in range(rows)]
     logprobs: list[list[float]] = [[] for _ in range(rows)]
     done = [False] * rows
@@ -193,7 +193,9 @@ def decode_greedy(model, encoder_out: torch.Tensor, prompt: torch.Tensor, s: Gen
             next_tokens = torch.multinomial(probs, 1, generator=generator)[:, 0]
         else:
             next_tokens = scores.argmax(-1)
-        chosen = (scores.gather(-1, next_tokens[:, None])[:, 0] - scores.logsumexp(-1)).tolist()
+        # log_softmax, as transformers' _retrieve_avg_logprobs does; torch.logsumexp over the
+        # vocabulary is several unfused passes, much slower than the fused log_softmax kernel.
+        chosen = F.log_softmax(scores, dim=-1).gather(-1, next_tokens[:, None])[:, 0].tolist()
         ids = next_tokens.tolist()
         for r in range(rows):
             if done[r]:
@@ -225,9 +227,9 @@ def decode_beam(model, encoder_out: torch.Tensor, prompt: torch.Tensor, s: Gener
         enc = encoder_out[r:r + 1].expand(num_beams, -1, -1)
         plen = prompt.shape[1]
         cache = decoder.new_cache(enc, plen + max_new)
-        logits = decoder(prompt[r:r + 1].expand(num_beams, -1).contiguous(), cache)
-        no_speech = _no_speech_prob(logits[:1, sot_index], s)[0]
-        logits = logits[:, -1]
+        logits = decoder(prompt[r:r + 1].expand(num_beams, -1).contiguous(), cache, logits_at=[sot_index, -1])
+        no_speech = _no_speech_prob(logits[:1, 0], s)[0]
+        logits = logits[:, 1]
         running: list[list[int]] = [[] for _ in range(num_beams)]
         running_lps: list[list[float]] = [[] for _ in range(num_beams)]
         running_scores = torch.full((num_beams,), -1e9, device=device)

@@ -217,8 +217,11 @@ class WhisperDecoder(nn.Module):
         return KVCache(c.decoder_layers, encoder_out.shape[0], heads, max_len or c.max_target_positions,
                        c.d_model // heads, self.cross_kv(encoder_out), encoder_out.device, encoder_out.dtype)
 
-    def forward(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """tokens [B, T] following the cache's contents -> logits [B, T, vocab]; the cache grows by T."""
+    def forward(self, tokens: torch.Tensor, cache: KVCache, logits_at: list[int] | None = None) -> torch.Tensor:
+        """tokens [B, T] following the cache's contents -> logits [B, T, vocab]; the cache grows by T.
+        `logits_at` (positions in 0..T-1, negatives count from the end) projects only those
+        positions -> [B, len(logits_at), vocab]: the vocabulary projection is the largest matmul,
+        and a long prompt needs logits at two positions only."""
         start, steps = cache.length, tokens.shape[1]
         if start + steps > cache.k[0].shape[2]:
             raise ValueError(f"decoder length {start + steps} exceeds {cache.k[0].shape[2]} positions")
@@ -234,6 +237,8 @@ class WhisperDecoder(nn.Module):
             x = x + layer.encoder_attn(layer.encoder_attn_layer_norm(x), ck, cv)[0]
             x = x + layer.fc2(layer.act(layer.fc1(layer.final_layer_norm(x))))
         cache.length = start + steps
+        if logits_at is not None:
+            x = x[:, [p % steps for p in logits_at]]
         return F.linear(self.layer_norm(x), self.embed_tokens.weight)  # proj_out is tied
 
     def cross_attentions(self, tokens: torch.Tensor, encoder_out: torch.Tensor) -> list[torch.Tensor]:
