@@ -5,9 +5,18 @@ from __future__ import annotations
 import asyncio
 import importlib
 import logging
+import os
 import signal
 import sys
 from dataclasses import dataclass
+
+# Before anything imports torch (its OpenMP runtime reads this once, when it loads): idle
+# OpenMP workers sleep instead of spinning. The server's threads (event loop, executor
+# workers, the generation engine) share the cores with each other and often with other
+# processes; spinning workers take CPU from the threads doing the work, and on a loaded
+# 2-core machine token generation ran ~10-50x slower, too slow to finish in-flight streams
+# within the shutdown grace period. An operator's own OMP_WAIT_POLICY wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
