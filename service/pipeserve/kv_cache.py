@@ -172,6 +172,7 @@ class CacheView:
         self.key_len = max(self.start_list) + new_tokens
         self._placements: dict[torch.device, _Placement] = {}
         self._masks: dict[tuple, torch.Tensor | None] = {}
+        self._uniform_start = self.start_list[0] if len(set(self.start_list)) == 1 else None
         first = slots[0]
         self._contiguous = slice(first, first + len(slots)) if slots == list(range(first, first + len(slots))) else None
         self.positions = (torch.tensor(self.start_list)[:, None] + torch.arange(new_tokens)[None, :])  # [B, T]
@@ -199,7 +200,11 @@ class CacheView:
         cache_k, cache_v = self.cache.keys[layer], self.cache.values[layer]
         p = self._placement(cache_k.device)
         T = self.new_tokens
-        if T == 1:
+        if T == 1 and p.contiguous is not None and self._uniform_start is not None:
+            # sequences that joined together: one strided copy instead of an index_put
+            cache_k[p.contiguous, :, self._uniform_start] = k[:, :, 0].to(cache_k.dtype)
+            cache_v[p.contiguous, :, self._uniform_start] = v[:, :, 0].to(cache_v.dtype)
+        elif T == 1:
             cache_k[p.slots, :, p.starts] = k[:, :, 0].to(cache_k.dtype)
             cache_v[p.slots, :, p.starts] = v[:, :, 0].to(cache_v.dtype)
         else:
