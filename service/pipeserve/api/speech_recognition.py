@@ -12,9 +12,6 @@ import inspect
 import threading
 from typing import Any
 
-import grpc
-from google.protobuf.message import DecodeError
-
 from .. import audio as audio_io
 from ..errors import InputTooLarge, InvalidInput
 from ..tasks import Task
@@ -69,28 +66,6 @@ def _accepts_stop(fn) -> bool:
         return False
 
 
-class _Undecodable:
-    def __init__(self, error: DecodeError):
-        self.error = error
-
-
-def _lenient(message_class):
-    """Malformed request bytes (e.g. a language string that is not UTF-8) -> INVALID_ARGUMENT
-    from the servicer instead of grpc's UNKNOWN."""
-    def parse(data: bytes):
-        try:
-            return message_class.FromString(data)
-        except DecodeError as exc:
-            return _Undecodable(exc)
-    return parse
-
-
-def _check(request):
-    if isinstance(request, _Undecodable):
-        raise InvalidInput(f"the request is not a valid protobuf message ({request.error})")
-    return request
-
-
 class SpeechRecognitionServicer(pb_grpc.SpeechRecognitionServiceServicer):
     def __init__(self, app: App):
         self.app = app
@@ -129,7 +104,6 @@ class SpeechRecognitionServicer(pb_grpc.SpeechRecognitionServiceServicer):
             stop.set()
 
     async def Transcribe(self, request, context) -> pb.TranscribeResponse:
-        request = _check(request)
         rid = request_id(request)
         waveform = await self._waveform(request)
         options = _options(request.options)
@@ -142,7 +116,6 @@ class SpeechRecognitionServicer(pb_grpc.SpeechRecognitionServiceServicer):
                                          run=run_info(entry, compute_ms=timer.ms()))
 
     async def TranscribeStream(self, request, context):
-        request = _check(request)
         rid = request_id(request)
         waveform = await self._waveform(request)
         options = _options(request.options)
@@ -158,7 +131,7 @@ class SpeechRecognitionServicer(pb_grpc.SpeechRecognitionServiceServicer):
     async def StreamingTranscribe(self, request_iterator, context):
         first = None
         async for message in request_iterator:
-            first = _check(message)
+            first = message
             break
         if first is None:
             raise InvalidInput("the stream ended before its StreamingConfig message")
@@ -183,7 +156,6 @@ class SpeechRecognitionServicer(pb_grpc.SpeechRecognitionServiceServicer):
             pending = []  # raw audio not yet resampled (other rates), as [channels, frames] blocks
             try:
                 async for message in request_iterator:
-                    message = _check(message)
                     if message.WhichOneof("message") != "audio":
                         raise InvalidInput("only the first message of a stream may be a StreamingConfig",
                                            metadata={"field": "config"})
@@ -232,19 +204,4 @@ def _to_16k(blocks, rate: int):
 
 
 def register(server, app: App) -> None:
-    """As pb_grpc.add_SpeechRecognitionServiceServicer_to_server, with lenient request parsing."""
-    servicer = SpeechRecognitionServicer(app)
-    handlers = {
-        "Transcribe": grpc.unary_unary_rpc_method_handler(
-            servicer.Transcribe, request_deserializer=_lenient(pb.TranscribeRequest),
-            response_serializer=pb.TranscribeResponse.SerializeToString),
-        "TranscribeStream": grpc.unary_stream_rpc_method_handler(
-            servicer.TranscribeStream, request_deserializer=_lenient(pb.TranscribeStreamRequest),
-            response_serializer=pb.TranscribeStreamResponse.SerializeToString),
-        "StreamingTranscribe": grpc.stream_stream_rpc_method_handler(
-            servicer.StreamingTranscribe, request_deserializer=_lenient(pb.StreamingTranscribeRequest),
-            response_serializer=pb.StreamingTranscribeResponse.SerializeToString),
-    }
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
-    if hasattr(server, "add_registered_method_handlers"):
-        server.add_registered_method_handlers(SERVICE_NAME, handlers)
+    pb_grpc.add_SpeechRecognitionServiceServicer_to_server(SpeechRecognitionServicer(app), server)
