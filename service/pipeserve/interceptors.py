@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Callable
 
 import grpc
 from grpc_status import rpc_status
@@ -35,6 +36,21 @@ async def _abort(context: grpc.aio.ServicerContext, exc: BaseException, method: 
 
 
 _PASS_THROUGH = (asyncio.CancelledError, grpc.aio.AbortError)
+
+
+def wrap_handler(handler: grpc.RpcMethodHandler, unary: Callable, stream: Callable,
+                 request_deserializer: Callable | None = None) -> grpc.RpcMethodHandler:
+    """The same handler with its behaviour wrapped: `unary(behavior)` for single-response
+    methods, `stream(behavior)` for server-streaming ones (and, if given, another deserializer)."""
+    ser = dict(request_deserializer=request_deserializer or handler.request_deserializer,
+               response_serializer=handler.response_serializer)
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(unary(handler.unary_unary), **ser)
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(unary(handler.stream_unary), **ser)
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(stream(handler.unary_stream), **ser)
+    return grpc.stream_stream_rpc_method_handler(stream(handler.stream_stream), **ser)
 
 
 class _Undecodable:
@@ -82,26 +98,25 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         is_draining = self._is_draining
         health = method.startswith("/grpc.health") or method.startswith("/grpc.reflection")
 
-        def unary_response(behavior, streaming_request):
+        def checked(request):
+            if is_draining() and not health:
+                raise Draining("the server is shutting down; retry on another replica")
+            return _checked_stream(request) if hasattr(request, "__aiter__") else _checked(request)
+
+        def unary_response(behavior):
             async def wrapped(request, context):
                 try:
-                    if is_draining() and not health:
-                        raise Draining("the server is shutting down; retry on another replica")
-                    request = _checked_stream(request) if streaming_request else _checked(request)
-                    return await behavior(request, context)
+                    return await behavior(checked(request), context)
                 except _PASS_THROUGH:
                     raise
                 except Exception as exc:
                     await _abort(context, exc, method)
             return wrapped
 
-        def stream_response(behavior, streaming_request):
+        def stream_response(behavior):
             async def wrapped(request, context):
                 try:
-                    if is_draining() and not health:
-                        raise Draining("the server is shutting down; retry on another replica")
-                    request = _checked_stream(request) if streaming_request else _checked(request)
-                    async for item in behavior(request, context):
+                    async for item in behavior(checked(request), context):
                         yield item
                 except _PASS_THROUGH:
                     raise
@@ -109,15 +124,4 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                     await _abort(context, exc, method)
             return wrapped
 
-        deserialize = _lenient(handler.request_deserializer)
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(unary_response(handler.unary_unary, False),
-                                                       deserialize, handler.response_serializer)
-        if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(unary_response(handler.stream_unary, True),
-                                                        deserialize, handler.response_serializer)
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(stream_response(handler.unary_stream, False),
-                                                        deserialize, handler.response_serializer)
-        return grpc.stream_stream_rpc_method_handler(stream_response(handler.stream_stream, True),
-                                                     deserialize, handler.response_serializer)
+        return wrap_handler(handler, unary_response, stream_response, _lenient(handler.request_deserializer))

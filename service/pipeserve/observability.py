@@ -18,25 +18,12 @@ from .logs import request_id_var
 from .metrics import Metrics
 from .tracing import finish_span, rpc_span
 
+from .interceptors import wrap_handler  # noqa: E402,F401 - re-exported for security.py
+
 log = logging.getLogger("pipeserve.access")
 
 # Probes and discovery: always open, logged at DEBUG only (kubelet checks every few seconds).
 OPEN_PREFIXES = ("/grpc.health.", "/grpc.reflection.")
-
-
-def wrap_handler(handler: grpc.RpcMethodHandler, unary: Callable, stream: Callable,
-                 request_deserializer: Callable | None = None) -> grpc.RpcMethodHandler:
-    """The same handler with its behaviour wrapped: `unary(behavior)` for single-response
-    methods, `stream(behavior)` for server-streaming ones (and, if given, another deserializer)."""
-    ser = dict(request_deserializer=request_deserializer or handler.request_deserializer,
-               response_serializer=handler.response_serializer)
-    if handler.unary_unary:
-        return grpc.unary_unary_rpc_method_handler(unary(handler.unary_unary), **ser)
-    if handler.stream_unary:
-        return grpc.stream_unary_rpc_method_handler(unary(handler.stream_unary), **ser)
-    if handler.unary_stream:
-        return grpc.unary_stream_rpc_method_handler(stream(handler.unary_stream), **ser)
-    return grpc.stream_stream_rpc_method_handler(stream(handler.stream_stream), **ser)
 
 
 def metadata_value(metadata: Any, key: str) -> str:
