@@ -137,7 +137,7 @@ class ModelManager:
                 raise entry.exception
             raise ModelLoadFailed(f"model {name!r} failed to load: {entry.error}",
                                   reason=entry.error_reason or "MODEL_LOAD_FAILED")
-        if wanted and entry.task is not wanted and not _serves(entry, wanted):
+        if wanted and entry.task is not wanted:
             raise WrongTask(f"model {name!r} serves {entry.task.value}, not {wanted.value}")
         if set_default or (entry.task and entry.task not in self._defaults):
             self._defaults[entry.task] = name
@@ -242,7 +242,7 @@ class ModelManager:
             await entry.loaded.wait()
         if entry.state is not ModelState.READY:
             raise ModelNotFound(f"model {name!r} is {entry.state.value}", reason="MODEL_NOT_READY")
-        if entry.task is not task and not _serves(entry, task):
+        if entry.task is not task:
             raise WrongTask(f"model {name!r} serves {entry.task.value}, not {task.value}")
         return entry
 
@@ -270,9 +270,3 @@ class ModelManager:
 
 
 _NOT_A_MODEL = (ModelNotFound, WrongTask, InvalidParameter, MemoryBudgetExceeded, TaskNotImplemented)
-
-
-def _serves(entry: ModelEntry, task: Task) -> bool:
-    """A loaded pipeline serves exactly its own task; a checkpoint for another task is loaded
-    again under that task's name only through LoadModel with an explicit task."""
-    return entry.pipeline is not None and entry.pipeline.task is task
