@@ -28,6 +28,7 @@ import torch
 from .errors import InvalidInput, PipeserveError, QueueFull
 from .generation import GenerationParams, TextStream, TokenChooser, byte_fallback_tokens
 from .kv_cache import KVCache
+from .weights import module_device
 
 log = logging.getLogger(__name__)
 
@@ -350,7 +351,7 @@ class GenerationEngine:
                 self._advance(seq, logits[i:i + 1])
 
     def _logits_device(self):
-        return self.model.lm_head.weight.device
+        return module_device(self.model.lm_head)
 
     def _advance(self, seq: _Sequence, logits: torch.Tensor) -> None:
         """Chooses the sequence's next token from its logits [1, V] and emits it."""

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from .hub import ModelFiles
+from .packed_linear import pack_linears
 from .pipelines.base import LoadOptions, Pipeline
 from .registry import infer_task, pipeline_class
 from .tasks import Task
@@ -34,7 +35,11 @@ def load_pipeline(files: ModelFiles, options: LoadOptions, task: Task | str | No
     if wanted is not inferred and not _compatible(wanted, inferred):
         raise WrongTask(f"{files.name} is a {inferred.value} model, not {wanted.value}")
     cls = pipeline_class(wanted, model_type)
-    return cls.from_files(files, options)
+    pipeline = cls.from_files(files, options)
+    if options.packed_linear:
+        for module in pipeline.modules_:
+            pack_linears(module)
+    return pipeline
 
 
 # Checkpoints that serve a task other than the one their architecture suggests, as

@@ -4,6 +4,8 @@ with a short table of renames so that family modules keep checkpoint names.
 """
 from __future__ import annotations
 
+import itertools
+
 import json
 from pathlib import Path
 from collections.abc import MutableMapping
@@ -160,12 +162,20 @@ def module_bytes(module: nn.Module) -> int:
     seen: set[int] = set()
     total = 0
     for tensor in list(module.parameters()) + list(module.buffers()):
+        if tensor.is_mkldnn:  # a prepacked weight (packed_linear.py) has no storage to ask
+            total += tensor.numel() * tensor.element_size()
+            continue
         key = tensor.untyped_storage().data_ptr()
         if key in seen:
             continue
         seen.add(key)
         total += tensor.untyped_storage().nbytes()
     return total
+
+
+def module_device(module: nn.Module) -> torch.device:
+    """Where a module's first parameter or buffer lives (a packed linear has only a buffer)."""
+    return next(itertools.chain(module.parameters(), module.buffers())).device
 
 
 def empty_module(factory: Callable[[], nn.Module], *, device: str | torch.device = "cpu",

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..weights import module_device
 from .causal_lm import CausalLM, activation, config_from_dict, load_causal_lm, run_layers
 
 
@@ -140,7 +141,7 @@ class GPT2LMHeadModel(CausalLM):
         if last_only:
             x = x[:, -1:]
         x = t.ln_f(x.to(t.ln_f.weight.device))
-        return self.lm_head(x.to(self.lm_head.weight.device)).float()
+        return self.lm_head(x.to(module_device(self.lm_head))).float()
 
 
 def _rename(name: str) -> str | None:

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..errors import ModelLoadFailed
+from ..weights import module_device
 from .causal_lm import CausalLM, activation, config_from_dict, load_causal_lm, run_layers
 
 
@@ -292,7 +293,7 @@ class LlamaForCausalLM(CausalLM):
         if last_only:
             x = x[:, -1:]
         x = m.norm(x.to(m.norm.weight.device))
-        return self.lm_head(x.to(self.lm_head.weight.device)).float()
+        return self.lm_head(x.to(module_device(self.lm_head))).float()
 
 
 def _rename(name: str) -> str | None:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..weights import module_device
 from .causal_lm import CausalLM, activation, config_from_dict, load_causal_lm, run_layers
 
 # OPTLearnedPositionalEmbedding: "OPT is set up so that if padding_idx is specified then offset
@@ -131,7 +132,7 @@ class OPTForCausalLM(CausalLM):
         x = run_layers(d.layers, x, lambda layer, h: layer(h, view), self.layer_devices)
         if last_only:
             x = x[:, -1:]
-        x = x.to(self.lm_head.weight.device)
+        x = x.to(module_device(self.lm_head))
         if d.final_layer_norm is not None:
             x = d.final_layer_norm(x)
         if d.project_out is not None:

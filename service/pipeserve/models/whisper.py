@@ -102,16 +102,20 @@ class WhisperAttention(nn.Module):
         return self.split(self.k_proj(source)), self.split(self.v_proj(source))
 
     def fuse(self) -> None:
-        """Caches q, k, v stacked into one matrix (k has no bias: zeros) so self-attention
-        projects with one matmul instead of three; called once the weights are loaded."""
+        """Self-attention only: replaces q, k, v by one projection (k has no bias: zeros), so
+        they take one matmul instead of three; called once the weights are loaded."""
+        fused = nn.Linear(self.q_proj.in_features, 3 * self.q_proj.out_features,
+                          device=self.q_proj.weight.device, dtype=self.q_proj.weight.dtype)
         with torch.no_grad():
-            self._qkv_weight = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
-            self._qkv_bias = torch.cat([self.q_proj.bias, torch.zeros_like(self.q_proj.bias), self.v_proj.bias])
+            fused.weight.copy_(torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight]))
+            fused.bias.copy_(torch.cat([self.q_proj.bias, torch.zeros_like(self.q_proj.bias), self.v_proj.bias]))
+        self.qkv_proj = fused
+        del self.q_proj, self.k_proj, self.v_proj
 
     def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if getattr(self, "_qkv_weight", None) is None:
+        if not hasattr(self, "qkv_proj"):
             return self.split(self.q_proj(x)), *self.kv(x)
-        q, k, v = F.linear(x, self._qkv_weight, self._qkv_bias).chunk(3, dim=-1)
+        q, k, v = self.qkv_proj(x).chunk(3, dim=-1)
         return self.split(q), self.split(k), self.split(v)
 
     def forward(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal_offset: int | None = None,
@@ -207,6 +211,11 @@ class WhisperDecoder(nn.Module):
         self.layers = nn.ModuleList(WhisperDecoderLayer(c) for _ in range(c.decoder_layers))
         self.layer_norm = nn.LayerNorm(c.d_model)
         self.embed_scale = math.sqrt(c.d_model) if c.scale_embedding else 1.0
+        # WhisperForConditionalGeneration.proj_out, always tied to embed_tokens (tie_weights).
+        self.proj_out = nn.Linear(c.d_model, c.vocab_size, bias=False)
+
+    def tie_weights(self) -> None:
+        self.proj_out.weight = self.embed_tokens.weight
 
     def cross_kv(self, encoder_out: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         return [layer.encoder_attn.kv(encoder_out) for layer in self.layers]
@@ -239,7 +248,7 @@ class WhisperDecoder(nn.Module):
         cache.length = start + steps
         if logits_at is not None:
             x = x[:, [p % steps for p in logits_at]]
-        return F.linear(self.layer_norm(x), self.embed_tokens.weight)  # proj_out is tied
+        return self.proj_out(self.layer_norm(x))
 
     def cross_attentions(self, tokens: torch.Tensor, encoder_out: torch.Tensor) -> list[torch.Tensor]:
         """Full (uncached) pass returning each layer's cross-attention weights [B, H, T, frames],
@@ -248,8 +257,8 @@ class WhisperDecoder(nn.Module):
         out = []
         for layer in self.layers:
             h = layer.self_attn_layer_norm(x)
-            k, v = layer.self_attn.kv(h)
-            x = x + layer.self_attn(h, k, v, causal_offset=0)[0]
+            q, k, v = layer.self_attn.qkv(h)
+            x = x + layer.self_attn(h, k, v, causal_offset=0, q=q)[0]
             ck, cv = layer.encoder_attn.kv(encoder_out)
             h, w = layer.encoder_attn(layer.encoder_attn_layer_norm(x), ck, cv, return_weights=True)
             x = x + h
@@ -297,8 +306,10 @@ def _rename(name: str) -> str | None:
 
 def build(config: WhisperConfig, state: dict[str, torch.Tensor], device, dtype) -> WhisperForConditionalGeneration:
     model = weights.empty_module(lambda: WhisperForConditionalGeneration(config), device=device, dtype=dtype)
+    model.decoder.tie_weights()
     state = {k: v.to(device=device, dtype=dtype) if v.is_floating_point() else v for k, v in state.items()}
-    weights.assign(model, state, rename=_rename, ignore_missing=["model.encoder.embed_positions.weight"])
+    weights.assign(model, state, rename=_rename, ignore_missing=["model.encoder.embed_positions.weight"],
+                   tied={"model.decoder.proj_out.weight": "model.decoder.embed_tokens.weight"})
     for layer in [*model.encoder.layers, *model.decoder.layers]:
         layer.self_attn.fuse()
     return model.eval()

@@ -23,6 +23,9 @@ class LoadOptions:
     dtype: str = "float32"
     load_in_8bit: bool = False
     allow_pickle: bool = False
+    # CPU float32/bfloat16 linear layers run on oneDNN-prepacked weights (packed_linear.py):
+    # 2-4x faster at inference batch sizes, same arithmetic up to summation order.
+    packed_linear: bool = True
     # Per-call option defaults for this model, named as the request fields are.
     defaults: dict[str, Any] = field(default_factory=dict)
     # Server-wide input limits (Settings), enforced by the pipelines' decoders.
