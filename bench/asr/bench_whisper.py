@@ -49,6 +49,10 @@ CONFIGS = {
 
 
 def run_engine(engine: str, options: dict, work: Path, threads: int, runs: int = 1) -> dict:
+    if engine == "pipeserve":  # the server's OpenMP settings, before torch loads
+        from pipeserve.openmp_defaults import apply_openmp_defaults
+
+        apply_openmp_defaults()
     import numpy as np
     import torch
 

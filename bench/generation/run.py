@@ -25,6 +25,11 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "service"))
+from pipeserve.openmp_defaults import apply_openmp_defaults  # noqa: E402
+
+apply_openmp_defaults()  # the server's OpenMP settings, before torch loads (both sides share them)
+
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -229,9 +234,11 @@ def main() -> None:
     prompt_text = float32.tokenizer.decode(prompt)
     assert float32.encode(prompt_text) == prompt
 
-    weight_bytes = float32.memory_bytes()
+    dense = load_pipeline(directory, device=args.device, packed_linear=False)
+    parameters = sum(p.numel() for p in dense.model.parameters())
+    dense.close()
     results: dict = {
-        "model": "GPT-2 small shape, random weights", "parameters": sum(p.numel() for p in float32.model.parameters()),
+        "model": "GPT-2 small shape, random weights", "parameters": parameters,
         "device": args.device, "torch": torch.__version__, "threads": torch.get_num_threads(),
         "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
         "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
@@ -249,10 +256,11 @@ def main() -> None:
     results["ours_grpc_concurrent"] = ours_concurrent_grpc(directory, prompt_text, args.new_tokens, args.streams,
                                                            args.device)
     bandwidth = memory_bandwidth(args.device)
-    # Bytes read per decoded token at batch 1: every weight once. GPT-2's embedding is read as
-    # the (tied) output projection, so the float32 model's bytes are all read; for int8 the
-    # float embedding is only gathered (one row) and the int8 copy of the projection is read.
+    # Bytes read per decoded token at batch 1: every weight once, the (tied) output projection
+    # included; the float embedding itself is only gathered (one row): on CPU both float32
+    # (packed_linear.py) and int8 give the projection its own copy, so its bytes count once.
     embedding = GPT2_SMALL["vocab_size"] * GPT2_SMALL["n_embd"] * 4
+    weight_bytes = parameters * 4
     results["memory_bandwidth_gb_s"] = bandwidth / 1e9
     results["weight_bytes_float32"] = weight_bytes
     results["weight_bytes_int8_read_per_token"] = int8_bytes - embedding

@@ -23,6 +23,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "service"))
+from pipeserve.openmp_defaults import apply_openmp_defaults  # noqa: E402
+
+apply_openmp_defaults()  # the server's OpenMP settings, before torch loads (both sides share them)
+
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]

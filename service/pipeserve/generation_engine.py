@@ -27,6 +27,7 @@ import torch
 
 from .errors import InvalidInput, PipeserveError, QueueFull
 from .generation import GenerationParams, TextStream, TokenChooser, byte_fallback_tokens
+from . import compute
 from .kv_cache import KVCache
 from .weights import module_device
 
@@ -202,6 +203,15 @@ class GenerationEngine:
         return len(self._active)
 
     # ---- engine thread ----------------------------------------------------------------
+    def _iteration(self) -> None:
+        """Admits waiting requests, runs a prefill chunk and one decoding step."""
+        self._drop_cancelled()
+        self._admit()
+        if self._prefilling:
+            self._prefill_chunk()
+        if any(s.decoding for s in self._active):
+            self._step()
+
     def _reservation(self, prompt_len: int, params: GenerationParams) -> int:
         return min(prompt_len + params.max_new_tokens, self.model.max_positions)
 
@@ -214,12 +224,7 @@ class GenerationEngine:
                     if self._closed:
                         break
                 try:
-                    self._drop_cancelled()
-                    self._admit()
-                    if self._prefilling:
-                        self._prefill_chunk()
-                    if any(s.decoding for s in self._active):
-                        self._step()
+                    compute.call(self._iteration)  # one compute-lane task per iteration
                 except Exception as exc:  # a bug here must not leave callers waiting forever
                     log.exception("generation engine step failed")
                     for handle in {s.handle for s in self._active}:
@@ -320,15 +325,7 @@ class GenerationEngine:
         # contiguous slots are read without a gather
         seqs = sorted((s for s in self._active if s.decoding), key=lambda s: s.slot)
         started = time.perf_counter()
-        # A lone sequence's step is GEMVs, which MKL runs on one thread anyway, and tiny ops
-        # (attention per head, softmax, layer norm) whose two-thread parallel sections cost
-        # more than they save: measured 36.5 -> 39 tokens/s on our 2-core CPUs, same values
-        # (no reduction is split across threads in either case).
-        threads = torch.get_num_threads()
-        serial = len(seqs) == 1 and threads > 1 and self.device.type == "cpu"
         try:
-            if serial:
-                torch.set_num_threads(1)
             ids = torch.tensor([[s.last] for s in seqs], device=self.device)
             view = self.cache.view([s.slot for s in seqs], 1)
             logits = self.model(ids, view)[:, -1]  # [B, V]
@@ -337,9 +334,6 @@ class GenerationEngine:
             for handle in {s.handle for s in seqs}:
                 self._fail([s for s in seqs if s.handle is handle], handle, exc)
             return
-        finally:
-            if serial:
-                torch.set_num_threads(threads)
         elapsed = time.perf_counter() - started
         self.steps += 1
         self.batch_sizes = (self.batch_sizes + [len(seqs)])[-256:]

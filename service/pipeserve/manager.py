@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, AsyncIterator, Callable
 
+from . import compute
 from .config import ModelSpec, Settings
 from .errors import (InvalidParameter, MemoryBudgetExceeded, ModelLoadFailed, ModelNotFound, TaskNotImplemented,
                      PipeserveError, WrongTask)
@@ -260,8 +261,8 @@ class ModelManager:
                 entry.idle.set()
 
     async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """Runs blocking model work on the worker pool."""
-        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+        """Runs blocking model work on the compute lane, or the worker pool when there is none."""
+        return await compute.run(fn, *args, executor=self.executor)
 
     async def close(self) -> None:
         for entry in list(self._models.values()):

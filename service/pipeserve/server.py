@@ -10,18 +10,16 @@ import signal
 import sys
 from dataclasses import dataclass
 
-# Before anything imports torch (its OpenMP runtime reads this once, when it loads): idle
-# OpenMP workers sleep instead of spinning. The server's threads (event loop, executor
-# workers, the generation engine) share the cores with each other and often with other
-# processes; spinning workers take CPU from the threads doing the work, and on a loaded
-# 2-core machine token generation ran ~10-50x slower, too slow to finish in-flight streams
-# within the shutdown grace period. An operator's own OMP_WAIT_POLICY wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Before anything imports torch: OpenMP reads its settings once, when it loads.
+from .openmp_defaults import apply_openmp_defaults  # imports nothing heavy
+
+apply_openmp_defaults()
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from . import compute
 from .api.common import App
 from .batching import DynamicBatcher
 from .config import ModelSpec, Settings, load_settings
@@ -142,6 +140,8 @@ async def start(settings: Settings) -> RunningServer:
         if running is not None and not running.draining:
             loop.create_task(health_state.refresh(running.app.manager))
 
+    if settings.compute_lane:
+        compute.install()
     manager = ModelManager(settings, on_change=on_change)
     batcher = DynamicBatcher(manager, max_batch_size=settings.max_batch_size,
                              max_wait_ms=settings.max_batch_wait_ms, max_queue=settings.max_queue)

@@ -12,6 +12,7 @@ from typing import Any, AsyncIterator, Callable, Iterator
 
 from google.protobuf.message import Message
 
+from .. import compute
 from ..batching import BatchResult, DynamicBatcher
 from ..config import Settings
 from ..errors import InvalidInput
@@ -98,10 +99,13 @@ async def iterate_in_thread(make_iterator: Callable[[], Iterator[Any]], executor
         future.cancel()
 
     def produce() -> None:
-        iterator = make_iterator()
+        # Each step of the generator is one compute-lane task, so concurrent calls interleave.
+        iterator = None
         try:
-            for item in iterator:
-                if stop.is_set():
+            iterator = compute.call(make_iterator)
+            while not stop.is_set():
+                item = compute.call(next, iterator, done)
+                if item is done:
                     break
                 put(("item", item))
         except BaseException as exc:  # delivered to the consumer, which re-raises it
@@ -109,7 +113,7 @@ async def iterate_in_thread(make_iterator: Callable[[], Iterator[Any]], executor
         finally:
             close = getattr(iterator, "close", None)
             if close:
-                close()
+                compute.call(close)
             put(("end", done))
 
     worker = loop.run_in_executor(executor, produce)

@@ -1,0 +1,97 @@
+"""The compute lane: the server's model work runs on one thread, the only one whose torch ops
+start OpenMP teams.
+
+Why: torch's OpenMP runtime (libgomp) gives every thread that runs a parallel operator its own
+team of worker threads, and once the teams together hold more threads than there are cores
+it stops letting idle workers spin: each of the ~40 parallel operators of a Whisper decoding
+step then waits for sleeping workers to wake. Measured on our 2-core machine: a step takes
+3.3 ms when one thread does all the work and 5.5 ms as soon as a second thread has run any
+parallel operator (a whole transcription 3.7 s -> 5.5 s). A server runs model work from
+several threads (executor workers, per-model batchers, generation engines), so it hit this
+all the time.
+
+How: one worker thread keeps torch's intra-op thread count; every other thread is set to one
+thread (torch.set_num_threads(1) is also the default of threads started later), so stray
+operators elsewhere never start a team. Work comes as short tasks (a batch's forward pass,
+one generation-engine iteration, one item of a streaming generator), so callers interleave
+at that granularity; on a CPU they would share the same cores anyway. Every task runs in
+inference mode: generators suspended inside their own inference_mode blocks interleave on
+this one thread, and the outer guard keeps each task's mode independent of that order.
+
+Without `install()` (library use, most tests) `call` and `run` just run the work where they
+are called, as before.
+"""
+from __future__ import annotations
+
+import asyncio
+import threading
+from concurrent.futures import Executor, ThreadPoolExecutor
+from typing import Any, Callable, TypeVar
+
+import torch
+
+T = TypeVar("T")
+
+_lane: "ComputeLane | None" = None
+_install_lock = threading.Lock()
+
+
+def _init_lane_thread(threads: int) -> None:
+    torch.set_num_threads(threads)
+    # torch reads its thread count into each thread's OpenMP settings at the thread's first
+    # parallel operator; run one now, before the default becomes 1 for everyone else.
+    torch.ones(1 << 17).add_(1)
+
+
+class ComputeLane:
+    def __init__(self, threads: int | None = None):
+        self.threads = threads or torch.get_num_threads()
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="pipeserve-compute",
+                                            initializer=_init_lane_thread, initargs=(self.threads,))
+        self._ident = self._executor.submit(threading.get_ident).result()
+        torch.set_num_threads(1)  # this thread, and the default of every thread started from now
+
+    def on_lane(self) -> bool:
+        return threading.get_ident() == self._ident
+
+    @staticmethod
+    def _task(fn: Callable[..., T], args: tuple, kwargs: dict) -> T:
+        with torch.inference_mode():
+            return fn(*args, **kwargs)
+
+    def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Runs `fn` on the lane and waits for it (inline when already there)."""
+        if self.on_lane():
+            return fn(*args, **kwargs)
+        return self._executor.submit(self._task, fn, args, kwargs).result()
+
+    async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """`call` for the event loop: awaits the lane without blocking the loop."""
+        return await asyncio.wrap_future(self._executor.submit(self._task, fn, args, kwargs))
+
+
+def install(threads: int | None = None) -> ComputeLane:
+    """The process's lane, created on first use (servers call this; idempotent)."""
+    global _lane
+    with _install_lock:
+        if _lane is None:
+            _lane = ComputeLane(threads)
+        return _lane
+
+
+def current() -> ComputeLane | None:
+    return _lane
+
+
+def call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Runs blocking model work on the lane when one is installed, else right here."""
+    lane = _lane
+    return fn(*args, **kwargs) if lane is None else lane.call(fn, *args, **kwargs)
+
+
+async def run(fn: Callable[..., T], *args: Any, executor: Executor | None = None) -> T:
+    """Awaits blocking model work: on the lane when one is installed, else on `executor`."""
+    lane = _lane
+    if lane is not None:
+        return await lane.run(fn, *args)
+    return await asyncio.get_running_loop().run_in_executor(executor, fn, *args)

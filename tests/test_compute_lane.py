@@ -1,0 +1,93 @@
+"""The compute lane (compute.py): model work runs on one thread that alone keeps torch's
+intra-op threads; other threads compute single-threaded, so they never start OpenMP teams."""
+import asyncio
+import os
+import threading
+
+import pytest
+import torch
+
+from pipeserve import compute
+
+
+@pytest.fixture(scope="module")
+def lane():
+    threads = max(2, torch.get_num_threads())
+    return compute.install(threads)
+
+
+def _task_count() -> int:
+    return len(os.listdir(f"/proc/{os.getpid()}/task"))
+
+
+def test_lane_keeps_the_intra_op_threads_and_other_threads_get_one(lane):
+    assert compute.install() is lane  # one per process
+    assert lane.call(torch.get_num_threads) == lane.threads >= 2
+    assert lane.call(threading.get_ident) != threading.get_ident()
+    seen = {}
+    worker = threading.Thread(target=lambda: seen.update(n=torch.get_num_threads()))
+    worker.start()
+    worker.join()
+    assert seen["n"] == 1
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="needs Linux /proc")
+def test_a_parallel_sized_operator_off_the_lane_starts_no_worker_threads(lane):
+    big = torch.ones(1 << 22)
+    counts = {}
+
+    def work():
+        counts["before"] = _task_count()
+        (big * 2).sum()  # 4M elements: parallel in a multi-threaded thread
+        counts["after"] = _task_count()
+
+    worker = threading.Thread(target=work)
+    worker.start()
+    worker.join()
+    assert counts["after"] == counts["before"]
+
+
+def test_call_runs_on_the_lane_in_inference_mode_and_propagates_errors(lane):
+    assert lane.call(torch.is_inference_mode_enabled)
+    assert lane.call(lambda: lane.call(threading.get_ident)) == lane.call(threading.get_ident)  # re-entrant
+
+    def boom():
+        raise ValueError("bad input")
+
+    with pytest.raises(ValueError, match="bad input"):
+        compute.call(boom)
+    assert asyncio.run(compute.run(lambda a, b: a + b, 2, 3)) == 5
+
+
+def test_generators_advanced_step_by_step_interleave_on_the_lane(lane):
+    """iterate_in_thread advances each stream one item per lane task; two streams whose
+    generators sit inside their own inference_mode blocks interleave without disturbing
+    each other's results."""
+    def stream(scale):
+        with torch.inference_mode():
+            cache = torch.zeros(3)
+            for i in range(3):
+                cache[i] = scale * (i + 1)  # in-place on an inference tensor: needs inference mode
+                yield cache.sum().item()
+
+    a, b = compute.call(stream, 1.0), compute.call(stream, 10.0)
+    out_a, out_b = [], []
+    for _ in range(3):
+        out_a.append(compute.call(next, a))
+        out_b.append(compute.call(next, b))
+    assert out_a == [1.0, 3.0, 6.0] and out_b == [10.0, 30.0, 60.0]
+
+
+def test_grpc_stream_runs_on_the_lane(lane):
+    """iterate_in_thread (every streaming RPC) runs its generator's steps on the lane."""
+    from pipeserve.api.common import iterate_in_thread
+
+    def stream():
+        for _ in range(3):
+            yield threading.get_ident()
+
+    async def collect():
+        return [x async for x in iterate_in_thread(stream, None)]
+
+    idents = asyncio.run(collect())
+    assert set(idents) == {lane.call(threading.get_ident)}
