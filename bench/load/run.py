@@ -238,6 +238,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--max-batch-size", type=int, default=8)
     parser.add_argument("--max-batch-wait-ms", type=float, default=5.0)
     parser.add_argument("--max-queue", type=int, default=256)
+    parser.add_argument("--compute-lanes", type=int, default=1, help="the server's compute_lanes setting")
     parser.add_argument("--warmup-calls", type=int, default=3, help="per client and task, before the baseline")
     parser.add_argument("--settle", type=float, default=5.0, help="idle seconds before the last RSS reading")
     parser.add_argument("--timeout", type=float, default=60.0, help="deadline of each call")
@@ -257,7 +258,8 @@ def main(argv: list[str] | None = None) -> dict:
         models.update(build_models([t for t in tasks if t not in models], Path(tmp)))
         process, port, metrics_port = start_server(
             models, ["--max-batch-size", str(args.max_batch_size), "--max-batch-wait-ms", str(args.max_batch_wait_ms),
-                     "--max-queue", str(args.max_queue)], Path(tmp) / "server.log")
+                     "--max-queue", str(args.max_queue),
+                     "--compute-lanes", str(args.compute_lanes)], Path(tmp) / "server.log")
         try:
             services = {"image-classification": "pipeserve.v1.ImageClassificationService",
                         "text-generation": "pipeserve.v1.TextGenerationService",

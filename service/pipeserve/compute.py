@@ -1,5 +1,5 @@
-"""The compute lane: the server's model work runs on one thread, the only one whose torch ops
-start OpenMP teams.
+"""The compute lane: the server's model work runs on one thread (or a few, `lanes`), the only
+ones whose torch ops start OpenMP teams.
 
 Why: torch's OpenMP runtime (libgomp) gives every thread that runs a parallel operator its own
 team of worker threads, and once the teams together hold more threads than there are cores
@@ -33,6 +33,10 @@ import torch
 T = TypeVar("T")
 
 _lane: "ComputeLane | None" = None
+# torch's intra-op thread count when this module is first imported (OMP_NUM_THREADS, else the
+# cores): later torch.set_num_threads calls are per thread, and the lane is usually installed
+# from a thread that has not computed yet.
+DEFAULT_THREADS = torch.get_num_threads()
 _install_lock = threading.Lock()
 
 
@@ -44,15 +48,31 @@ def _init_lane_thread(threads: int) -> None:
 
 
 class ComputeLane:
-    def __init__(self, threads: int | None = None):
-        self.threads = threads or torch.get_num_threads()
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="pipeserve-compute",
+    """`lanes` compute threads with `threads` intra-op threads each (together the cores):
+    one lane (the default) gives each operator every core, which suits models whose
+    operators are large (memory- or compute-bound decoding); several single-thread lanes run
+    that many calls at once, which suits small models whose time is Python and dispatch."""
+
+    def __init__(self, threads: int | None = None, lanes: int = 1):
+        total = threads or DEFAULT_THREADS
+        self.lanes = max(1, lanes)
+        self.threads = max(1, total // self.lanes)
+        self._idents: set[int] = set()
+        self._executor = ThreadPoolExecutor(self.lanes, thread_name_prefix="pipeserve-compute",
                                             initializer=_init_lane_thread, initargs=(self.threads,))
-        self._ident = self._executor.submit(threading.get_ident).result()
+        # Start every lane thread now, before the default drops to 1: each task waits at the
+        # barrier until all lanes hold one, so the pool has to spawn them all.
+        barrier = threading.Barrier(self.lanes)
+        for future in [self._executor.submit(self._register, barrier) for _ in range(self.lanes)]:
+            future.result()
         torch.set_num_threads(1)  # this thread, and the default of every thread started from now
 
+    def _register(self, barrier: threading.Barrier) -> None:
+        self._idents.add(threading.get_ident())
+        barrier.wait()
+
     def on_lane(self) -> bool:
-        return threading.get_ident() == self._ident
+        return threading.get_ident() in self._idents
 
     @staticmethod
     def _task(fn: Callable[..., T], args: tuple, kwargs: dict) -> T:
@@ -70,12 +90,13 @@ class ComputeLane:
         return await asyncio.wrap_future(self._executor.submit(self._task, fn, args, kwargs))
 
 
-def install(threads: int | None = None) -> ComputeLane:
-    """The process's lane, created on first use (servers call this; idempotent)."""
+def install(threads: int | None = None, lanes: int = 1) -> ComputeLane:
+    """The process's lanes, created on first use (servers call this; later calls return the
+    existing ones: OpenMP settings are per process)."""
     global _lane
     with _install_lock:
         if _lane is None:
-            _lane = ComputeLane(threads)
+            _lane = ComputeLane(threads, lanes)
         return _lane
 
 

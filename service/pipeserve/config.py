@@ -53,9 +53,12 @@ class Settings:
     max_queue: int = 256
     max_batch_size: int = 8
     max_batch_wait_ms: float = 5.0
-    # Model work on one compute thread (pipeserve.compute): torch's OpenMP runtime slows every
-    # operator once several threads run parallel ones. Off: each caller's thread computes.
+    # CPU model work on compute lanes (pipeserve.compute): torch's OpenMP runtime slows every
+    # operator once several threads run parallel ones. One lane gives each operator all cores
+    # (large models); N lanes run N calls at once on cores/N threads each (small models).
+    # Off: each caller's thread computes. Only when the default device is the CPU.
     compute_lane: bool = True
+    compute_lanes: int = 1
     # Continuous batching for text generation: sequences decoding together, and the tokens
     # (prompt + max_new_tokens) they may reserve in the key/value cache.
     generation_max_batch_size: int = 32

@@ -140,8 +140,8 @@ async def start(settings: Settings) -> RunningServer:
         if running is not None and not running.draining:
             loop.create_task(health_state.refresh(running.app.manager))
 
-    if settings.compute_lane:
-        compute.install()
+    if settings.compute_lane and settings.device == "cpu":
+        compute.install(lanes=settings.compute_lanes)
     manager = ModelManager(settings, on_change=on_change)
     batcher = DynamicBatcher(manager, max_batch_size=settings.max_batch_size,
                              max_wait_ms=settings.max_batch_wait_ms, max_queue=settings.max_queue)
