@@ -28,15 +28,14 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "service"))
+ROOT = Path(__file__).resolve().parents[2]
+sys.path[:0] = [str(ROOT / "service"), str(ROOT / "tests")]
+
 from pipeserve.openmp_defaults import apply_openmp_defaults  # noqa: E402
 
 apply_openmp_defaults()  # the server's OpenMP settings, before torch loads (both sides share them)
 
-import torch
-
-ROOT = Path(__file__).resolve().parents[2]
-sys.path[:0] = [str(ROOT / "service"), str(ROOT / "tests")]
+import torch  # noqa: E402
 
 WORDS = ("the model reads whole sentences at once and the server batches concurrent callers so that "
          "throughput grows while each caller still sees its own answer quickly paris berlin new york "

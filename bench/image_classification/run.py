@@ -23,15 +23,14 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "service"))
+ROOT = Path(__file__).resolve().parents[2]
+sys.path[:0] = [str(ROOT / "service"), str(ROOT / "tests")]
+
 from pipeserve.openmp_defaults import apply_openmp_defaults  # noqa: E402
 
 apply_openmp_defaults()  # the server's OpenMP settings, before torch loads (both sides share them)
 
-import torch
-
-ROOT = Path(__file__).resolve().parents[2]
-sys.path[:0] = [str(ROOT / "service"), str(ROOT / "tests")]
+import torch  # noqa: E402
 
 # ViT shapes: tiny is the test size; small = ViT-Tiny/16 (DeiT-tiny, 5.7M params); base = ViT-B/16.
 SIZES = {

@@ -100,10 +100,6 @@ def install(threads: int | None = None, lanes: int = 1) -> ComputeLane:
         return _lane
 
 
-def current() -> ComputeLane | None:
-    return _lane
-
-
 def call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """Runs blocking model work on the lane when one is installed, else right here."""
     lane = _lane

@@ -25,6 +25,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .models.gpt2 import Conv1D
+
 _DTYPES = (torch.float32, torch.bfloat16)
 
 
@@ -40,7 +42,6 @@ class PackedLinear(nn.Module):
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
         self.out_features, self.in_features = weight.shape
-        self.dtype = weight.dtype
         # No batch-size hint: measured fastest from 1 row to hundreds (a hint of 1 is 1.5-2x
         # slower at 5+ rows).
         self.register_buffer("packed", torch.ops.mkldnn._reorder_linear_weight(weight.detach()), persistent=False)
@@ -57,7 +58,7 @@ def _dense_weight(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]
     """(weight [out, in], bias) of a module computing x @ W^T + b, or None for other modules."""
     if type(module) is nn.Linear:
         return module.weight, module.bias
-    if type(module).__name__ == "Conv1D" and hasattr(module, "to_linear"):  # GPT-2: weight [in, out]
+    if type(module) is Conv1D:  # GPT-2: weight [in, out]
         return module.weight.t(), module.bias
     return None
 

@@ -5,7 +5,6 @@ with a short table of renames so that family modules keep checkpoint names.
 from __future__ import annotations
 
 import itertools
-
 import json
 from pathlib import Path
 from collections.abc import MutableMapping
