@@ -45,3 +45,30 @@ def test_sigterm_drains_and_exits():
         assert "stopped" in server.output()
     finally:
         server.kill()
+
+
+def test_drain_waits_for_a_quiet_moment_within_its_limit():
+    import asyncio
+
+    from pipeserve.drain import Drain
+
+    async def scenario():
+        drain = Drain()
+        assert await drain.wait_for_quiet(0.0) < 0.01  # no grace: stop at once
+        quiet = await drain.wait_for_quiet(5.0, quiet_s=0.05)
+        assert 0.05 <= quiet < 1.0  # waits the quiet time even when the last call is old
+
+        async def steady_traffic():
+            while True:
+                drain.note_arrival()
+                await asyncio.sleep(0.01)
+
+        traffic = asyncio.get_running_loop().create_task(steady_traffic())
+        try:
+            busy = await drain.wait_for_quiet(0.3, quiet_s=0.05)
+        finally:
+            traffic.cancel()
+        assert 0.3 <= busy < 1.0  # never quiet: bounded by the limit
+        assert await drain.wait_for_quiet(5.0, quiet_s=0.05) < 1.0  # traffic gone: quiet again
+
+    asyncio.run(scenario())

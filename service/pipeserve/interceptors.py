@@ -12,6 +12,7 @@ from grpc_status import rpc_status
 
 from google.protobuf.message import DecodeError
 
+from .drain import Drain
 from .errors import Draining, InvalidInput, OutOfMemory, PipeserveError, to_rpc_status
 
 log = logging.getLogger("pipeserve.errors")
@@ -87,19 +88,20 @@ async def _checked_stream(requests):
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, is_draining=lambda: False):
-        self._is_draining = is_draining
+    def __init__(self, drain: Drain | None = None):
+        self._drain = drain or Drain()
 
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
         if handler is None:
             return None
         method = details.method
-        is_draining = self._is_draining
+        drain = self._drain
         health = method.startswith("/grpc.health") or method.startswith("/grpc.reflection")
 
         def checked(request):
-            if is_draining() and not health:
+            drain.note_arrival()
+            if drain.active and not health:
                 raise Draining("the server is shutting down; retry on another replica")
             return _checked_stream(request) if hasattr(request, "__aiter__") else _checked(request)
 

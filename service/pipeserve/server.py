@@ -8,7 +8,7 @@ import logging
 import os
 import signal
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 # Before anything imports torch: OpenMP reads its settings once, when it loads.
 from .openmp_defaults import apply_openmp_defaults  # imports nothing heavy
@@ -23,6 +23,7 @@ from . import compute
 from .api.common import App
 from .batching import DynamicBatcher
 from .config import ModelSpec, Settings, load_settings
+from .drain import MAX_WAIT_S, Drain
 from .errors import TaskNotImplemented
 from .interceptors import ErrorInterceptor
 from .logs import configure_logging
@@ -97,16 +98,19 @@ class RunningServer:
     app: App
     port: int
     health: health.aio.HealthServicer if hasattr(health, "aio") else object
-    draining: bool = False
+    drain: Drain = field(default_factory=Drain)
     # Prometheus metrics (None when `metrics_listen` is empty); `metrics.port` is the HTTP port.
     metrics: Metrics | None = None
     security: SecurityInterceptor | None = None
 
     async def drain_and_stop(self, grace_s: float | None = None) -> None:
-        """New calls get UNAVAILABLE at once; in-flight calls get `grace_s` to finish."""
-        self.draining = True
+        """New calls get UNAVAILABLE at once; in-flight calls get `grace_s` to finish. The
+        transport stops in a quiet moment within the grace (see drain.py)."""
+        grace_s = self.app.settings.grace_period_s if grace_s is None else grace_s
+        self.drain.active = True
         await self.health.enter_graceful_shutdown()
-        await self.server.stop(self.app.settings.grace_period_s if grace_s is None else grace_s)
+        grace_s -= await self.drain.wait_for_quiet(min(grace_s, MAX_WAIT_S))
+        await self.server.stop(max(0.0, grace_s))
         await self.app.manager.close()
         if self.metrics is not None:
             self.metrics.close()
@@ -132,12 +136,13 @@ async def start(settings: Settings) -> RunningServer:
     _import_generated()
     holder: dict[str, RunningServer] = {}
     health_servicer = health.aio.HealthServicer()
+    drain = Drain()
     health_state = _Health(health_servicer)
     loop = asyncio.get_running_loop()
 
     def on_change() -> None:
         running = holder.get("server")
-        if running is not None and not running.draining:
+        if running is not None and not drain.active:
             loop.create_task(health_state.refresh(running.app.manager))
 
     if settings.compute_lane and settings.device == "cpu":
@@ -166,7 +171,7 @@ async def start(settings: Settings) -> RunningServer:
     # become statuses with ErrorInfo in the error interceptor around them.
     server = grpc.aio.server(
         interceptors=[telemetry,
-                      ErrorInterceptor(lambda: holder["server"].draining if "server" in holder else False),
+                      ErrorInterceptor(drain),
                       security],
         options=options)
     for service_name, (module_name, _task) in SERVICES.items():
@@ -190,8 +195,8 @@ async def start(settings: Settings) -> RunningServer:
     await server.start()
     if metrics is not None:
         metrics.serve(settings.metrics_listen)
-    running = RunningServer(server=server, app=app, port=port, health=health_servicer, metrics=metrics,
-                            security=security)
+    running = RunningServer(server=server, app=app, port=port, health=health_servicer, drain=drain,
+                            metrics=metrics, security=security)
     holder["server"] = running
     await health_state.refresh(manager)
     log.info("pipeserve listening on %s (port %d)", settings.listen, port)
