@@ -129,15 +129,22 @@ class LogitRules:
         self.begin = torch.tensor(sorted({t for t in s.begin_suppress_tokens if t < vocab}), dtype=torch.long, device=device)
 
     def __call__(self, scores: torch.Tensor, generated: list[list[int]]) -> torch.Tensor:
+        self.mask(scores, generated)
+        return self.timestamp_choice(scores)
+
+    def mask(self, scores: torch.Tensor, generated: list[list[int]]) -> None:
+        """The rules that depend on the tokens so far only (in place): suppressed tokens and the
+        timestamp ordering rules. `timestamp_choice` is the one that reads the scores."""
         step = len(generated[0])
         if step == 0 and self.begin.numel():
             scores[:, self.begin] = -math.inf
         if self.suppress.numel():
             scores[:, self.suppress] = -math.inf
-        return self._timestamp_rules(scores, generated, step) if self.timestamps else scores
+        if self.timestamps:
+            self._timestamp_masks(scores, generated, step)
 
-    def _timestamp_rules(self, scores, generated, step):
-        # logits_process.WhisperTimeStampLogitsProcessor.__call__ (in place on `scores`)
+    def _timestamp_masks(self, scores, generated, step):
+        # logits_process.WhisperTimeStampLogitsProcessor.__call__ up to its log-softmax
         tb, eos = self.ts_begin, self.s.eos_token_id
         scores[:, self.s.no_timestamps_token_id] = -math.inf
         for k, seq in enumerate(generated):
@@ -158,10 +165,19 @@ class LogitRules:
             scores[:, :tb] = -math.inf
             if self.s.max_initial_timestamp_index is not None:
                 scores[:, tb + self.s.max_initial_timestamp_index + 1:] = -math.inf
-        logprobs = F.log_softmax(scores.float(), dim=-1)
-        ts_logprob = logprobs[:, tb:].logsumexp(dim=-1)
-        text_max = logprobs[:, :tb].max(dim=-1).values
-        rows = (ts_logprob > text_max).nonzero().flatten().tolist()
+
+    def timestamp_choice(self, scores: torch.Tensor) -> torch.Tensor:
+        """WhisperTimeStampLogitsProcessor's last rule: where the timestamps together are more
+        likely than the best text token, only timestamps remain (in place)."""
+        if not self.timestamps:
+            return scores
+        tb = self.ts_begin
+        # transformers compares log-probabilities; the log-softmax shifts both sides by the
+        # same normaliser, so the raw scores decide the same (up to rounding) without a pass
+        # over the vocabulary.
+        ts_mass = scores[:, tb:].float().logsumexp(dim=-1)
+        text_max = scores[:, :tb].amax(dim=-1)
+        rows = (ts_mass > text_max).nonzero().flatten().tolist()
         for k in rows:
             scores[k, :tb] = -math.inf
         return scores
@@ -182,12 +198,14 @@ def decode_greedy(model, encoder_out: torch.Tensor, prompt: torch.Tensor, s: Gen
     cache = decoder.new_cache(encoder_out, prompt.shape[1] + max_new)
     logits = decoder(prompt, cache, logits_at=[sot_index, -1])
     no_speech = _no_speech_prob(logits[:, 0], s)
-    logits = logits[:, 1]
     generated: list[list[int]] = [[] for _ in range(rows)]
     logprobs: list[list[float]] = [[] for _ in range(rows)]
     done = [False] * rows
+    # Greedy steps after the first read the projection through the verified head: the same
+    # choices and log-probabilities as float32 logits at half the bytes.
+    verified = decoder.verified_head if temperature == 0 else None
+    scores = rules(logits[:, 1].float(), generated)
     for _ in range(max_new):
-        scores = rules(logits.float(), generated)
         if temperature > 0:
             probs = F.softmax(scores / temperature, dim=-1)
             next_tokens = torch.multinomial(probs, 1, generator=generator)[:, 0]
@@ -206,7 +224,12 @@ def decode_greedy(model, encoder_out: torch.Tensor, prompt: torch.Tensor, s: Gen
             done[r] = ids[r] == s.eos_token_id
         if all(done) or (should_stop is not None and should_stop()):
             break
-        logits = decoder(torch.tensor(ids, device=prompt.device)[:, None], cache)[:, -1]
+        h = decoder.hidden(torch.tensor(ids, device=prompt.device)[:, None], cache)[:, -1]
+        if verified is not None:
+            scores = rules.timestamp_choice(
+                verified.scores(h, lambda x: rules.mask(x, generated), decoder.proj_out))
+        else:
+            scores = rules(decoder.proj_out(h).float(), generated)
     return [WindowResult(generated[r], logprobs[r], no_speech[r]) for r in range(rows)]
 
 

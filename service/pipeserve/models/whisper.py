@@ -140,6 +140,20 @@ class WhisperAttention(nn.Module):
         return self.out_proj(out), w
 
 
+    def attend_encoder(self, x: torch.Tensor, keys_t: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """Cross-attention of the decoder on cached encoder keys stored transposed
+        [B, H, head_dim, frames] and values [B, H, frames, head_dim], both contiguous. Decoding
+        reads 1500 keys and values per layer per token; two plain matmuls over contiguous
+        memory stream them faster than attention over the head-split views of the projections
+        (measured per layer and step, cache cold: 194 us for SDPA on views, 140 us on
+        contiguous copies, 117 us here)."""
+        q = self.split(self.q_proj(x)) * self.head_dim ** -0.5
+        scores = q @ keys_t
+        w = scores.softmax(-1) if scores.dtype == torch.float32 else scores.float().softmax(-1).to(scores.dtype)
+        out = (w @ values).transpose(1, 2).reshape(x.shape[0], x.shape[1], -1)
+        return self.out_proj(out)
+
+
 class WhisperEncoderLayer(nn.Module):
     def __init__(self, c: WhisperConfig):
         super().__init__()
@@ -213,12 +227,20 @@ class WhisperDecoder(nn.Module):
         self.embed_scale = math.sqrt(c.d_model) if c.scale_embedding else 1.0
         # WhisperForConditionalGeneration.proj_out, always tied to embed_tokens (tie_weights).
         self.proj_out = nn.Linear(c.d_model, c.vocab_size, bias=False)
+        # Set by the pipeline on CPUs where it pays (verified_head.py): greedy steps' projection.
+        self.verified_head: nn.Module | None = None
 
     def tie_weights(self) -> None:
         self.proj_out.weight = self.embed_tokens.weight
 
     def cross_kv(self, encoder_out: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        return [layer.encoder_attn.kv(encoder_out) for layer in self.layers]
+        """Per layer: keys transposed [B, H, head_dim, frames] and values [B, H, frames, head_dim],
+        both contiguous (see WhisperAttention.attend_encoder)."""
+        out = []
+        for layer in self.layers:
+            k, v = layer.encoder_attn.kv(encoder_out)
+            out.append((k.transpose(-1, -2).contiguous(), v.contiguous()))
+        return out
 
     def new_cache(self, encoder_out: torch.Tensor, max_len: int | None = None) -> KVCache:
         c = self.config
@@ -231,6 +253,10 @@ class WhisperDecoder(nn.Module):
         `logits_at` (positions in 0..T-1, negatives count from the end) projects only those
         positions -> [B, len(logits_at), vocab]: the vocabulary projection is the largest matmul,
         and a long prompt needs logits at two positions only."""
+        return self.proj_out(self.hidden(tokens, cache, logits_at))
+
+    def hidden(self, tokens: torch.Tensor, cache: KVCache, logits_at: list[int] | None = None) -> torch.Tensor:
+        """`forward` up to the vocabulary projection: the final layer norm's output [B, T, d_model]."""
         start, steps = cache.length, tokens.shape[1]
         if start + steps > cache.k[0].shape[2]:
             raise ValueError(f"decoder length {start + steps} exceeds {cache.k[0].shape[2]} positions")
@@ -242,13 +268,13 @@ class WhisperDecoder(nn.Module):
             cache.v[i][:, :, start:start + steps] = v
             keys, values = cache.k[i][:, :, :start + steps], cache.v[i][:, :, :start + steps]
             x = x + layer.self_attn(h, keys, values, causal_offset=start, q=q)[0]
-            ck, cv = cache.cross[i]
-            x = x + layer.encoder_attn(layer.encoder_attn_layer_norm(x), ck, cv)[0]
+            keys_t, values = cache.cross[i]
+            x = x + layer.encoder_attn.attend_encoder(layer.encoder_attn_layer_norm(x), keys_t, values)
             x = x + layer.fc2(layer.act(layer.fc1(layer.final_layer_norm(x))))
         cache.length = start + steps
         if logits_at is not None:
             x = x[:, [p % steps for p in logits_at]]
-        return self.proj_out(self.layer_norm(x))
+        return self.layer_norm(x)
 
     def cross_attentions(self, tokens: torch.Tensor, encoder_out: torch.Tensor) -> list[torch.Tensor]:
         """Full (uncached) pass returning each layer's cross-attention weights [B, H, T, frames],

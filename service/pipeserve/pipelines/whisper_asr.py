@@ -18,6 +18,7 @@ from typing import Any, Callable, ClassVar, Iterator
 
 import torch
 
+from .. import verified_head
 from ..audio import MODEL_SAMPLE_RATE, validate_waveform
 from ..errors import InvalidInput, InvalidParameter, InputTooLarge
 from ..hub import ModelFiles
@@ -70,6 +71,10 @@ class WhisperASRPipeline(Pipeline):
             settings = GenerationSettings.from_config(files.read_json("generation_config.json"), tok, files.config)
         else:  # CTranslate2 directory: its config.json holds alignment heads and suppressed ids
             settings = GenerationSettings.from_config(None, tok, ct2_config=files.config or {})
+        embedding = model.decoder.embed_tokens.weight
+        timestamps_from = settings.no_timestamps_token_id + 1
+        if options.packed_linear and verified_head.available(embedding) and 0 < timestamps_from < embedding.shape[0]:
+            model.decoder.verified_head = verified_head.VerifiedHead(embedding, timestamps_from)
         return cls(files, options, model, tok, settings)
 
     # -- options ---------------------------------------------------------------------------
