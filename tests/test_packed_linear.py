@@ -2,6 +2,7 @@
 float rounding, any leading shape and row count, tied embeddings untouched, memory counted."""
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from pipeserve.models.gpt2 import Conv1D
@@ -77,3 +78,17 @@ def test_pipelines_pack_unless_asked_not_to(tmp_path):
     pixels = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(packed(pixels), dense(pixels), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("activation", ["gelu", "gelu_new", "relu"])
+def test_fused_activation_equals_the_separate_op(activation):
+    from pipeserve.packed_linear import PackedLinear, linear_activation
+
+    torch.manual_seed(0)
+    dense = nn.Linear(48, 96)
+    packed = PackedLinear(dense.weight, dense.bias)
+    x = torch.randn(3, 7, 48)
+    separate = {"gelu": F.gelu, "gelu_new": lambda y: F.gelu(y, approximate="tanh"), "relu": F.relu}[activation]
+    with torch.inference_mode():
+        torch.testing.assert_close(linear_activation(packed, x, activation), separate(dense(x)), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(linear_activation(dense, x, activation), separate(dense(x)))

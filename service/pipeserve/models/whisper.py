@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import weights
+from ..packed_linear import linear_activation
 from ..errors import ModelLoadFailed
 
 
@@ -53,7 +54,7 @@ class WhisperConfig:
         return cls(**values)
 
 
-_ACTIVATIONS = {"gelu": F.gelu, "gelu_new": lambda x: F.gelu(x, approximate="tanh"), "relu": F.relu}
+_ACTIVATIONS = ("gelu", "gelu_new", "relu")
 
 
 def sinusoids(length: int, channels: int, max_timescale: float = 10000.0) -> torch.Tensor:
@@ -162,13 +163,15 @@ class WhisperEncoderLayer(nn.Module):
         self.fc1 = nn.Linear(c.d_model, c.encoder_ffn_dim)
         self.fc2 = nn.Linear(c.encoder_ffn_dim, c.d_model)
         self.final_layer_norm = nn.LayerNorm(c.d_model)
-        self.act = _ACTIVATIONS[c.activation_function]
+        if c.activation_function not in _ACTIVATIONS:
+            raise ModelLoadFailed(f"unsupported Whisper activation {c.activation_function!r}", reason="BAD_CONFIG")
+        self.act = c.activation_function
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.self_attn_layer_norm(x)
         q, k, v = self.self_attn.qkv(h)
         x = x + self.self_attn(h, k, v, q=q)[0]
-        return x + self.fc2(self.act(self.fc1(self.final_layer_norm(x))))
+        return x + self.fc2(linear_activation(self.fc1, self.final_layer_norm(x), self.act))
 
 
 class WhisperEncoder(nn.Module):
@@ -211,7 +214,9 @@ class WhisperDecoderLayer(nn.Module):
         self.fc1 = nn.Linear(c.d_model, c.decoder_ffn_dim)
         self.fc2 = nn.Linear(c.decoder_ffn_dim, c.d_model)
         self.final_layer_norm = nn.LayerNorm(c.d_model)
-        self.act = _ACTIVATIONS[c.activation_function]
+        if c.activation_function not in _ACTIVATIONS:
+            raise ModelLoadFailed(f"unsupported Whisper activation {c.activation_function!r}", reason="BAD_CONFIG")
+        self.act = c.activation_function
 
 
 class WhisperDecoder(nn.Module):
@@ -270,7 +275,7 @@ class WhisperDecoder(nn.Module):
             x = x + layer.self_attn(h, keys, values, causal_offset=start, q=q)[0]
             keys_t, values = cache.cross[i]
             x = x + layer.encoder_attn.attend_encoder(layer.encoder_attn_layer_norm(x), keys_t, values)
-            x = x + layer.fc2(layer.act(layer.fc1(layer.final_layer_norm(x))))
+            x = x + layer.fc2(linear_activation(layer.fc1, layer.final_layer_norm(x), layer.act))
         cache.length = start + steps
         if logits_at is not None:
             x = x[:, [p % steps for p in logits_at]]
@@ -288,7 +293,7 @@ class WhisperDecoder(nn.Module):
             ck, cv = layer.encoder_attn.kv(encoder_out)
             h, w = layer.encoder_attn(layer.encoder_attn_layer_norm(x), ck, cv, return_weights=True)
             x = x + h
-            x = x + layer.fc2(layer.act(layer.fc1(layer.final_layer_norm(x))))
+            x = x + layer.fc2(linear_activation(layer.fc1, layer.final_layer_norm(x), layer.act))
             out.append(w)
         return out
 
