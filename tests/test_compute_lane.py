@@ -108,3 +108,63 @@ def test_several_lanes_split_the_threads_and_run_calls_at_once(lane):
     (a, threads_a), (b, threads_b) = asyncio.run(together())
     assert a != b and threads_a == threads_b == 1
     assert lanes.call(lambda: lanes.on_lane()) and not lanes.on_lane()
+
+
+def test_a_long_task_lets_waiting_calls_through_at_its_yield_points(lane):
+    import time
+
+    order = []
+    started = threading.Event()
+
+    def long_task():
+        started.set()
+        end = time.monotonic() + 0.6
+        while time.monotonic() < end:
+            torch.ones(64).add_(1)  # a "decoding step"
+            compute.yield_point()
+        order.append("long")
+        return torch.is_inference_mode_enabled()
+
+    def short_task():
+        order.append("short")
+        return threading.get_ident(), torch.is_inference_mode_enabled()
+
+    results = {}
+    long_thread = threading.Thread(target=lambda: results.update(long=lane.call(long_task)))
+    long_thread.start()
+    started.wait(5)
+    time.sleep(0.05)
+    t0 = time.monotonic()
+    ident, mode = lane.call(short_task)
+    waited = time.monotonic() - t0
+    long_thread.join(5)
+    assert order == ["short", "long"]  # ran inside the long task, not after it
+    assert waited < 0.3, waited
+    assert mode and results["long"]  # both in inference mode
+    assert lane.on_lane() is False and ident in lane._idents
+
+
+def test_yield_point_off_the_lane_and_errors_inside_nested_tasks(lane):
+    compute.yield_point()  # not on a lane: nothing happens
+
+    def failing():
+        raise ValueError("nested failure")
+
+    def long_task():
+        import time
+
+        end = time.monotonic() + 0.3
+        while time.monotonic() < end:
+            compute.yield_point()
+        return "done"
+
+    results = {}
+    worker = threading.Thread(target=lambda: results.update(long=lane.call(long_task)))
+    worker.start()
+    import time
+
+    time.sleep(0.05)
+    with pytest.raises(ValueError, match="nested failure"):
+        lane.call(failing)
+    worker.join(5)
+    assert results["long"] == "done"  # the nested error stayed with its caller

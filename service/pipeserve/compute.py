@@ -24,8 +24,10 @@ are called, as before.
 from __future__ import annotations
 
 import asyncio
+import queue
 import threading
-from concurrent.futures import Executor, ThreadPoolExecutor
+import time
+from concurrent.futures import Executor, Future
 from typing import Any, Callable, TypeVar
 
 import torch
@@ -51,43 +53,86 @@ class ComputeLane:
     """`lanes` compute threads with `threads` intra-op threads each (together the cores):
     one lane (the default) gives each operator every core, which suits models whose
     operators are large (memory- or compute-bound decoding); several single-thread lanes run
-    that many calls at once, which suits small models whose time is Python and dispatch."""
+    that many calls at once, which suits small models whose time is Python and dispatch.
+
+    Long tasks (a Whisper window decodes for a few hundred milliseconds) call `yield_point()`
+    between steps: once a task has held its lane for `slice_s`, the tasks waiting for the
+    lanes run there and then, nested on the same thread, so a short call arriving meanwhile
+    waits milliseconds instead of the whole window."""
+
+    slice_s = 0.02
+    max_nesting = 4
 
     def __init__(self, threads: int | None = None, lanes: int = 1):
         total = threads or DEFAULT_THREADS
         self.lanes = max(1, lanes)
         self.threads = max(1, total // self.lanes)
+        self._queue: queue.SimpleQueue[tuple[Future, Callable, tuple, dict]] = queue.SimpleQueue()
+        self._local = threading.local()
         self._idents: set[int] = set()
-        self._executor = ThreadPoolExecutor(self.lanes, thread_name_prefix="pipeserve-compute",
-                                            initializer=_init_lane_thread, initargs=(self.threads,))
-        # Start every lane thread now, before the default drops to 1: each task waits at the
-        # barrier until all lanes hold one, so the pool has to spawn them all.
-        barrier = threading.Barrier(self.lanes)
-        for future in [self._executor.submit(self._register, barrier) for _ in range(self.lanes)]:
-            future.result()
+        ready = threading.Barrier(self.lanes + 1)
+        for i in range(self.lanes):
+            threading.Thread(target=self._worker, args=(ready,), name=f"pipeserve-compute_{i}", daemon=True).start()
+        # Every lane thread has set its thread count before the default drops to 1.
+        ready.wait()
         torch.set_num_threads(1)  # this thread, and the default of every thread started from now
 
-    def _register(self, barrier: threading.Barrier) -> None:
+    def _worker(self, ready: threading.Barrier) -> None:
+        _init_lane_thread(self.threads)
         self._idents.add(threading.get_ident())
-        barrier.wait()
+        self._local.depth = 0
+        ready.wait()
+        while True:
+            self._run(self._queue.get())
+
+    def _run(self, item: tuple[Future, Callable, tuple, dict]) -> None:
+        future, fn, args, kwargs = item
+        if not future.set_running_or_notify_cancel():
+            return
+        local = self._local
+        local.depth += 1
+        local.slice_start = time.monotonic()
+        try:
+            with torch.inference_mode():
+                result = fn(*args, **kwargs)
+        except BaseException as exc:  # the caller gets it, the lane goes on
+            future.set_exception(exc)
+        else:
+            future.set_result(result)
+        finally:
+            local.depth -= 1
+            local.slice_start = time.monotonic()
+
+    def _submit(self, fn: Callable[..., T], args: tuple, kwargs: dict) -> Future:
+        future: Future = Future()
+        self._queue.put((future, fn, args, kwargs))
+        return future
 
     def on_lane(self) -> bool:
         return threading.get_ident() in self._idents
 
-    @staticmethod
-    def _task(fn: Callable[..., T], args: tuple, kwargs: dict) -> T:
-        with torch.inference_mode():
-            return fn(*args, **kwargs)
+    def yield_point(self) -> None:
+        """Runs the tasks waiting for the lanes when the current task's slice is used up."""
+        local = self._local
+        if not self.on_lane() or time.monotonic() - local.slice_start < self.slice_s \
+                or local.depth >= self.max_nesting:
+            return
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            self._run(item)  # restarts this task's slice when it returns
 
     def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Runs `fn` on the lane and waits for it (inline when already there)."""
         if self.on_lane():
             return fn(*args, **kwargs)
-        return self._executor.submit(self._task, fn, args, kwargs).result()
+        return self._submit(fn, args, kwargs).result()
 
     async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """`call` for the event loop: awaits the lane without blocking the loop."""
-        return await asyncio.wrap_future(self._executor.submit(self._task, fn, args, kwargs))
+        return await asyncio.wrap_future(self._submit(fn, args, kwargs))
 
 
 def install(threads: int | None = None, lanes: int = 1) -> ComputeLane:
@@ -112,3 +157,10 @@ async def run(fn: Callable[..., T], *args: Any, executor: Executor | None = None
     if lane is not None:
         return await lane.run(fn, *args)
     return await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
+
+
+def yield_point() -> None:
+    """Long model work calls this between steps (see ComputeLane); free off the lane."""
+    lane = _lane
+    if lane is not None:
+        lane.yield_point()

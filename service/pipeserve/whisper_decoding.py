@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import compute
 from .errors import InvalidParameter
 from .whisper_features import N_FRAMES
 from .whisper_tokenizer import WhisperTokenizer
@@ -224,6 +225,7 @@ def decode_greedy(model, encoder_out: torch.Tensor, prompt: torch.Tensor, s: Gen
             done[r] = ids[r] == s.eos_token_id
         if all(done) or (should_stop is not None and should_stop()):
             break
+        compute.yield_point()  # a window holds the lane for ~0.3 s: let short calls through
         h = decoder.hidden(torch.tensor(ids, device=prompt.device)[:, None], cache)[:, -1]
         if verified is not None:
             scores = rules.timestamp_choice(
@@ -289,6 +291,7 @@ def decode_beam(model, encoder_out: torch.Tensor, prompt: torch.Tensor, s: Gener
             if not unsatisfied or bool(hits.all()) or (should_stop is not None and should_stop()):
                 break
             cache.reorder(origin[nxt])
+            compute.yield_point()
             logits = decoder(torch.tensor([seq[-1] for seq in running], device=device)[:, None], cache)[:, -1]
         seq, seq_lp = fin_seqs[0]
         if not seq:  # nothing finished (stopped early): the best running beam
