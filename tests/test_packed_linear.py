@@ -90,5 +90,9 @@ def test_fused_activation_equals_the_separate_op(activation):
     x = torch.randn(3, 7, 48)
     separate = {"gelu": F.gelu, "gelu_new": lambda y: F.gelu(y, approximate="tanh"), "relu": F.relu}[activation]
     with torch.inference_mode():
-        torch.testing.assert_close(linear_activation(packed, x, activation), separate(dense(x)), rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(linear_activation(dense, x, activation), separate(dense(x)))
+        torch.testing.assert_close(linear_activation(packed, x, activation, separate), separate(dense(x)),
+                                   rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(linear_activation(dense, x, activation, separate), separate(dense(x)))
+        # no post-op for this name: the function after the packed kernel
+        swish = torch.nn.functional.silu
+        torch.testing.assert_close(linear_activation(packed, x, "silu", swish), swish(dense(x)), rtol=1e-5, atol=1e-6)

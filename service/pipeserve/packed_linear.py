@@ -22,8 +22,9 @@ gathering rows from the dense copy and the head gets its own packed one.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .models.gpt2 import Conv1D
@@ -60,16 +61,16 @@ class PackedLinear(nn.Module):
 
 # activation name (transformers' ACT2FN keys) -> oneDNN post-op (name, algorithm)
 _POST_OPS = {"gelu": ("gelu", "none"), "gelu_new": ("gelu", "tanh"), "gelu_pytorch_tanh": ("gelu", "tanh"),
-             "relu": ("relu", "")}
-_TORCH_ACTIVATIONS = {"gelu": F.gelu, "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
-                      "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"), "relu": F.relu}
+             "gelu_fast": ("gelu", "tanh"), "relu": ("relu", "")}
 
 
-def linear_activation(linear: nn.Module, x: torch.Tensor, activation: str) -> torch.Tensor:
-    """activation(linear(x)), fused into the packed kernel when `linear` is packed."""
-    if isinstance(linear, PackedLinear):
-        return linear(x, *_POST_OPS[activation])
-    return _TORCH_ACTIVATIONS[activation](linear(x))
+def linear_activation(linear: nn.Module, x: torch.Tensor, name: str,
+                      fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """fn(linear(x)) where `fn` is the activation called `name` (transformers' config name);
+    one kernel when `linear` is packed and oneDNN has that activation as a post-op."""
+    if isinstance(linear, PackedLinear) and name in _POST_OPS:
+        return linear(x, *_POST_OPS[name])
+    return fn(linear(x))
 
 
 def _dense_weight(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:

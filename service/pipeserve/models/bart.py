@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ModelLoadFailed
+from ..packed_linear import linear_activation
 from ..hub import ModelFiles
 from ..weights import assign, empty_module, load_state_dict
 
@@ -103,7 +104,7 @@ class BartEncoderLayer(nn.Module):
 
     def __init__(self, cfg: BartConfig):
         super().__init__()
-        self.act = ACTIVATIONS[cfg.activation_function]
+        self.act_name, self.act = cfg.activation_function, ACTIVATIONS[cfg.activation_function]
         self.self_attn = BartAttention(cfg.d_model, cfg.encoder_attention_heads)
         self.self_attn_layer_norm = nn.LayerNorm(cfg.d_model)
         self.fc1 = nn.Linear(cfg.d_model, cfg.encoder_ffn_dim)
@@ -112,7 +113,7 @@ class BartEncoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         x = self.self_attn_layer_norm(x + self.self_attn(x, mask=mask))
-        x = self.final_layer_norm(x + self.fc2(self.act(self.fc1(x))))
+        x = self.final_layer_norm(x + self.fc2(linear_activation(self.fc1, x, self.act_name, self.act)))
         if x.dtype == torch.float16 and not torch.isfinite(x).all():
             # As transformers does: keep float16 activations finite instead of propagating inf.
             limit = torch.finfo(x.dtype).max - 1000
@@ -125,7 +126,7 @@ class BartDecoderLayer(nn.Module):
 
     def __init__(self, cfg: BartConfig):
         super().__init__()
-        self.act = ACTIVATIONS[cfg.activation_function]
+        self.act_name, self.act = cfg.activation_function, ACTIVATIONS[cfg.activation_function]
         self.self_attn = BartAttention(cfg.d_model, cfg.decoder_attention_heads)
         self.self_attn_layer_norm = nn.LayerNorm(cfg.d_model)
         self.encoder_attn = BartAttention(cfg.d_model, cfg.decoder_attention_heads)
@@ -137,7 +138,7 @@ class BartDecoderLayer(nn.Module):
     def forward(self, x: torch.Tensor, memory: torch.Tensor, memory_mask: torch.Tensor | None) -> torch.Tensor:
         x = self.self_attn_layer_norm(x + self.self_attn(x, causal=True))
         x = self.encoder_attn_layer_norm(x + self.encoder_attn(x, kv=memory, mask=memory_mask))
-        return self.final_layer_norm(x + self.fc2(self.act(self.fc1(x))))
+        return self.final_layer_norm(x + self.fc2(linear_activation(self.fc1, x, self.act_name, self.act)))
 
 
 class BartStack(nn.Module):

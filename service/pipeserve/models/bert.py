@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ModelLoadFailed
+from ..packed_linear import linear_activation
 from ..hub import ModelFiles
 from ..weights import assign, empty_module, load_state_dict
 
@@ -177,10 +178,10 @@ class BertIntermediate(nn.Module):
     def __init__(self, c: BertConfig):
         super().__init__()
         self.dense = nn.Linear(c.hidden_size, c.intermediate_size)
-        self.act = activation(c.hidden_act)
+        self.act_name, self.act = c.hidden_act, activation(c.hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.dense(x))
+        return linear_activation(self.dense, x, self.act_name, self.act)
 
 
 class BertLayer(nn.Module):

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..errors import ModelLoadFailed
+from ..packed_linear import linear_activation
 from ..hub import ModelFiles
 from ..weights import assign, empty_module, load_state_dict
 from .bert import HEADS, activation, attention_bias, labels_of
@@ -94,10 +95,10 @@ class FFN(nn.Module):
         super().__init__()
         self.lin1 = nn.Linear(c.dim, c.hidden_dim)
         self.lin2 = nn.Linear(c.hidden_dim, c.dim)
-        self.act = activation(c.activation)
+        self.act_name, self.act = c.activation, activation(c.activation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lin2(self.act(self.lin1(x)))
+        return self.lin2(linear_activation(self.lin1, x, self.act_name, self.act))
 
 
 class TransformerBlock(nn.Module):

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ModelLoadFailed
+from ..packed_linear import linear_activation
 from ..hub import ModelFiles
 from ..weights import assign, empty_module, load_state_dict
 
@@ -198,7 +199,7 @@ class ViTLayer(nn.Module):
 
     def __init__(self, config: ViTConfig):
         super().__init__()
-        self.act = activation(config.hidden_act)
+        self.act_name, self.act = config.hidden_act, activation(config.hidden_act)
         self.attention = ViTAttention(config)
         self.intermediate = ViTIntermediate(config)
         self.output = ViTOutput(config)
@@ -207,7 +208,8 @@ class ViTLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attention(self.layernorm_before(x))
-        return x + self.output.dense(self.act(self.intermediate.dense(self.layernorm_after(x))))
+        return x + self.output.dense(linear_activation(self.intermediate.dense, self.layernorm_after(x),
+                                                       self.act_name, self.act))
 
 
 class ViTEncoder(nn.Module):

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ModelLoadFailed
+from ..packed_linear import linear_activation
 from ..weights import assign, empty_module, load_state_dict
 
 # config.json hidden_act / feat_extract_activation names -> functions (transformers ACT2FN).
@@ -216,10 +217,10 @@ class FeedForward(nn.Module):
         super().__init__()
         self.intermediate_dense = nn.Linear(config.hidden_size, config.intermediate_size)
         self.output_dense = nn.Linear(config.intermediate_size, config.hidden_size)
-        self.act = _activation(config.hidden_act)
+        self.act_name, self.act = config.hidden_act, _activation(config.hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.output_dense(self.act(self.intermediate_dense(x)))
+        return self.output_dense(linear_activation(self.intermediate_dense, x, self.act_name, self.act))
 
 
 class EncoderLayer(nn.Module):

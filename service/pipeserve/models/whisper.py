@@ -54,7 +54,7 @@ class WhisperConfig:
         return cls(**values)
 
 
-_ACTIVATIONS = ("gelu", "gelu_new", "relu")
+_ACTIVATIONS = {"gelu": F.gelu, "gelu_new": lambda x: F.gelu(x, approximate="tanh"), "relu": F.relu}
 
 
 def sinusoids(length: int, channels: int, max_timescale: float = 10000.0) -> torch.Tensor:
@@ -165,13 +165,13 @@ class WhisperEncoderLayer(nn.Module):
         self.final_layer_norm = nn.LayerNorm(c.d_model)
         if c.activation_function not in _ACTIVATIONS:
             raise ModelLoadFailed(f"unsupported Whisper activation {c.activation_function!r}", reason="BAD_CONFIG")
-        self.act = c.activation_function
+        self.act_name, self.act = c.activation_function, _ACTIVATIONS[c.activation_function]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.self_attn_layer_norm(x)
         q, k, v = self.self_attn.qkv(h)
         x = x + self.self_attn(h, k, v, q=q)[0]
-        return x + self.fc2(linear_activation(self.fc1, self.final_layer_norm(x), self.act))
+        return x + self.fc2(linear_activation(self.fc1, self.final_layer_norm(x), self.act_name, self.act))
 
 
 class WhisperEncoder(nn.Module):
@@ -216,7 +216,7 @@ class WhisperDecoderLayer(nn.Module):
         self.final_layer_norm = nn.LayerNorm(c.d_model)
         if c.activation_function not in _ACTIVATIONS:
             raise ModelLoadFailed(f"unsupported Whisper activation {c.activation_function!r}", reason="BAD_CONFIG")
-        self.act = c.activation_function
+        self.act_name, self.act = c.activation_function, _ACTIVATIONS[c.activation_function]
 
 
 class WhisperDecoder(nn.Module):
@@ -275,7 +275,7 @@ class WhisperDecoder(nn.Module):
             x = x + layer.self_attn(h, keys, values, causal_offset=start, q=q)[0]
             keys_t, values = cache.cross[i]
             x = x + layer.encoder_attn.attend_encoder(layer.encoder_attn_layer_norm(x), keys_t, values)
-            x = x + layer.fc2(linear_activation(layer.fc1, layer.final_layer_norm(x), layer.act))
+            x = x + layer.fc2(linear_activation(layer.fc1, layer.final_layer_norm(x), layer.act_name, layer.act))
         cache.length = start + steps
         if logits_at is not None:
             x = x[:, [p % steps for p in logits_at]]
@@ -293,7 +293,7 @@ class WhisperDecoder(nn.Module):
             ck, cv = layer.encoder_attn.kv(encoder_out)
             h, w = layer.encoder_attn(layer.encoder_attn_layer_norm(x), ck, cv, return_weights=True)
             x = x + h
-            x = x + layer.fc2(linear_activation(layer.fc1, layer.final_layer_norm(x), layer.act))
+            x = x + layer.fc2(linear_activation(layer.fc1, layer.final_layer_norm(x), layer.act_name, layer.act))
             out.append(w)
         return out
 
