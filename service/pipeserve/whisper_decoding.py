@@ -450,7 +450,8 @@ def generate(model, features: torch.Tensor, num_frames: list[int], s: Generation
         dtype = next(model.parameters()).dtype
         # Windows go through the encoder a few at a time: its 1500x1500 attention maps are
         # the largest activations (B x heads x 9 MB), and bigger batches do not run faster.
-        encoder_out = torch.cat([model.encoder(torch.cat(windows[k:k + ENCODER_BATCH]).to(dtype))
+        encoder_out = torch.cat([model.encoder(torch.cat(windows[k:k + ENCODER_BATCH]).to(dtype),
+                                               after_layer=compute.yield_point)
                                  for k in range(0, len(windows), ENCODER_BATCH)])
         if starts is None:  # language detection on the first window, as generate() does
             probs = language_probabilities(model, encoder_out, s) if s.lang_to_id and opts.language is None \

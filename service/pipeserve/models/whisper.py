@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -191,8 +191,9 @@ class WhisperEncoder(nn.Module):
         with torch.no_grad():
             self.embed_positions.weight.copy_(sinusoids(*self.embed_positions.weight.shape))
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        """[B, n_mels, 3000] -> [B, 1500, d_model]"""
+    def forward(self, features: torch.Tensor, after_layer: Callable[[], None] | None = None) -> torch.Tensor:
+        """[B, n_mels, 3000] -> [B, 1500, d_model]; `after_layer` is called between layers
+        (the server's compute lane lets waiting calls through there)."""
         expected = 2 * self.config.max_source_positions
         if features.shape[-1] != expected:
             raise ValueError(f"Whisper expects {expected} mel frames, got {features.shape[-1]}")
@@ -201,6 +202,8 @@ class WhisperEncoder(nn.Module):
         x = x + self.embed_positions.weight
         for layer in self.layers:
             x = layer(x)
+            if after_layer is not None:
+                after_layer()
         return self.layer_norm(x)
 
 
