@@ -150,3 +150,49 @@ def test_long_prompts_are_passed_in_chunks_between_decoding_steps(pipe):
         list(iterator)
     finally:
         engine.close()
+
+
+def test_plain_greedy_rows_take_the_verified_head_and_choose_as_float32(pipe):
+    import torch
+
+    from pipeserve import verified_head
+
+    if not verified_head.available(torch.ones(1, 1)):
+        pytest.skip("oneDNN has no native bfloat16 on this CPU: the head is not installed")
+    head = pipe.model.verified_head
+    assert head is not None  # GPT-2's head is tied to wte: installed at load
+    seen = []
+    screen = head.scores
+
+    def spy(hidden, mask, exact):
+        out = screen(hidden, mask, exact)
+        full = exact(hidden).float()
+        mask(full)
+        seen.append((torch.equal(out.argmax(-1), full.argmax(-1)), bool((out != full).any()), hidden.shape[0]))
+        return out
+
+    ids = pipe.encode("Hello world")
+    greedy = _params(pipe, max_new_tokens=12)
+    at_least = _params(pipe, max_new_tokens=12, min_new_tokens=12)  # end-of-sequence masked throughout
+    sampled = _params(pipe, max_new_tokens=12, do_sample=True, seed=3, top_k=0)
+
+    def run_mixed():
+        handles = [pipe.engine.submit(ids, p) for p in (sampled, greedy, greedy, at_least)]
+        return [_tokens(h)[0] for h in handles]
+
+    head.scores = spy
+    try:
+        with_head = run_mixed()
+    finally:
+        del head.scores
+    del pipe.model.verified_head
+    try:
+        without = run_mixed()
+    finally:
+        pipe.model.verified_head = head
+    assert with_head == without  # the sampled row's draws and the greedy rows' choices alike
+    assert with_head[1] == with_head[2]
+    assert seen and all(same for same, _, _ in seen)
+    assert any(screened for _, screened, _ in seen)  # logits far from the top kept screened values
+    assert max(rows for _, _, rows in seen) <= 3  # the sampled row never went through the screen
+    assert len(with_head[3]) == 12

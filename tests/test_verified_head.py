@@ -126,3 +126,25 @@ def test_real_speech_decodes_the_same_with_and_without_the_verified_head(tmp_pat
         [(s.start_s, s.end_s, s.temperature) for s in plain.segments]
     for a, b in zip(verified.segments, plain.segments):
         assert a.avg_logprob == pytest.approx(b.avg_logprob, abs=1e-4)
+
+
+def test_a_head_that_keeps_falling_back_mostly_skips_the_screen():
+    weight = _weight()
+    head = verified_head.VerifiedHead(weight, VOCAB - TAIL, max_rescored=10)
+    flat = _hidden(1, 0.1)
+    calls = []
+
+    def exact(x):
+        calls.append(1)
+        return x @ weight.T
+
+    for _ in range(64):
+        torch.testing.assert_close(head.scores(flat, _no_mask, exact), flat @ weight.T)
+    assert len(calls) == 64  # always the float32 answer
+    assert head._fallback_rate > 0.5
+    # peaked logits again: the next probe screens successfully and screening resumes
+    head.max_rescored = VOCAB
+    peaked = _hidden(1, 300.0)
+    for _ in range(5 * head.PROBE_EVERY):  # each successful probe lowers the rate by a fifth
+        head.scores(peaked, _no_mask, exact)
+    assert head._fallback_rate <= 0.5

@@ -15,13 +15,14 @@ Callers get a `RequestHandle`: iterate it synchronously (worker threads) or with
 from __future__ import annotations
 
 import asyncio
+import math
 import logging
 import queue
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -139,6 +140,30 @@ class _Sequence:
     reserved: int = 0
     tokens: list[TokenEvent] = field(default_factory=list)
     decoding: bool = False  # False while its prompt is still being passed through the model
+
+
+def _argmax_only(seq: "_Sequence") -> bool:
+    """The sequence's next token is the argmax of its logits, with at most the end-of-sequence
+    tokens masked (min_new_tokens), and nothing else reads them: greedy, no penalty or n-gram
+    rule, no log-probabilities."""
+    p = seq.handle.params
+    return (not p.do_sample and p.repetition_penalty == 1.0 and p.no_repeat_ngram_size == 0
+            and not p.return_logprobs)
+
+
+def _eos_masks(seqs: list["_Sequence"], vocab: int) -> Callable[[torch.Tensor], None]:
+    """The min_new_tokens rule of these rows, applied to screened scores before the verified
+    head picks the tokens to recompute (the chooser applies it again: idempotent)."""
+    rows = []
+    for k, seq in enumerate(seqs):
+        p = seq.handle.params
+        if p.min_new_tokens > 0 and not p.ignore_eos and seq.generated < p.min_new_tokens:
+            rows.append((k, [i for i in p.eos_token_ids if i < vocab]))
+
+    def mask(scores: torch.Tensor) -> None:
+        for k, ids in rows:
+            scores[k, ids] = -math.inf
+    return mask
 
 
 class GenerationEngine:
@@ -328,7 +353,7 @@ class GenerationEngine:
         try:
             ids = torch.tensor([[s.last] for s in seqs], device=self.device)
             view = self.cache.view([s.slot for s in seqs], 1)
-            logits = self.model(ids, view)[:, -1]  # [B, V]
+            logits = self._logits(self.model.hidden(ids, view)[:, -1], seqs)  # [B, V]
             view.commit()
         except Exception as exc:
             for handle in {s.handle for s in seqs}:
@@ -343,6 +368,25 @@ class GenerationEngine:
         for i, seq in enumerate(seqs):
             if seq in self._active:
                 self._advance(seq, logits[i:i + 1])
+
+    def _logits(self, hidden: torch.Tensor, seqs: list[_Sequence]) -> torch.Tensor:
+        """The step's scores [B, V] float32 from the final hidden states [B, C]: rows whose
+        next token is a plain argmax go through the model's verified head when it has one
+        (the float32 argmax at half the head's bytes; verified_head.py), the others through
+        the float32 head."""
+        head = getattr(self.model, "verified_head", None)
+        screened = [i for i, seq in enumerate(seqs) if head is not None and _argmax_only(seq)]
+        if not screened:
+            return self.model.lm_head(hidden).float()
+        vocab = head.weight.shape[0]
+        exact = [i for i in range(len(seqs)) if i not in set(screened)]
+        if not exact:
+            return head.scores(hidden, _eos_masks(seqs, vocab), self.model.lm_head)
+        logits = torch.empty(len(seqs), vocab, device=hidden.device)
+        logits[screened] = head.scores(hidden[screened], _eos_masks([seqs[i] for i in screened], vocab),
+                                       self.model.lm_head)
+        logits[exact] = self.model.lm_head(hidden[exact]).float()
+        return logits
 
     def _logits_device(self):
         return module_device(self.model.lm_head)

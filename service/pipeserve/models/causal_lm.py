@@ -44,8 +44,10 @@ class CausalLM(nn.Module):
 
     forward(input_ids [B, T], cache_view=None, last_only=False) -> logits [B, T or 1, V] (float32).
     `cache_view` is a kv_cache.CacheView (positions come from it) or None for one uncached causal
-    pass from position 0. Attributes the engine reads: num_layers, kv_heads, head_dim,
-    max_positions, and `layer_devices` (set by device_map; else all on the embedding's device).
+    pass from position 0. Families implement `hidden` (the same arguments -> the input of
+    `lm_head`, on its device). Attributes the engine reads: num_layers, kv_heads, head_dim,
+    max_positions, `layer_devices` (set by device_map; else all on the embedding's device) and,
+    when the pipeline installed one, `verified_head` (a submodule: verified_head.py).
     """
 
     num_layers: int
@@ -53,6 +55,9 @@ class CausalLM(nn.Module):
     head_dim: int
     max_positions: int
     layer_devices: list[torch.device] | None = None
+
+    def forward(self, input_ids: torch.Tensor, cache_view=None, last_only: bool = False) -> torch.Tensor:
+        return self.lm_head(self.hidden(input_ids, cache_view, last_only)).float()
 
     def view_or_full(self, input_ids: torch.Tensor, cache_view):
         if cache_view is None:

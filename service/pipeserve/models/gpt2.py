@@ -132,7 +132,7 @@ class GPT2LMHeadModel(CausalLM):
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.transformer.wte.weight
 
-    def forward(self, input_ids: torch.Tensor, cache_view=None, last_only: bool = False) -> torch.Tensor:
+    def hidden(self, input_ids: torch.Tensor, cache_view=None, last_only: bool = False) -> torch.Tensor:
         view = self.view_or_full(input_ids, cache_view)
         t = self.transformer
         positions = view.positions.to(input_ids.device)
@@ -141,7 +141,7 @@ class GPT2LMHeadModel(CausalLM):
         if last_only:
             x = x[:, -1:]
         x = t.ln_f(x.to(t.ln_f.weight.device))
-        return self.lm_head(x.to(module_device(self.lm_head))).float()
+        return x.to(module_device(self.lm_head))
 
 
 def _rename(name: str) -> str | None:

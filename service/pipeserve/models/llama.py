@@ -284,7 +284,7 @@ class LlamaForCausalLM(CausalLM):
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def forward(self, input_ids: torch.Tensor, cache_view=None, last_only: bool = False) -> torch.Tensor:
+    def hidden(self, input_ids: torch.Tensor, cache_view=None, last_only: bool = False) -> torch.Tensor:
         view = self.view_or_full(input_ids, cache_view)
         m = self.model
         x = m.embed_tokens(input_ids)
@@ -293,7 +293,7 @@ class LlamaForCausalLM(CausalLM):
         if last_only:
             x = x[:, -1:]
         x = m.norm(x.to(m.norm.weight.device))
-        return self.lm_head(x.to(module_device(self.lm_head))).float()
+        return x.to(module_device(self.lm_head))
 
 
 def _rename(name: str) -> str | None:

@@ -122,7 +122,7 @@ class OPTForCausalLM(CausalLM):
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.decoder.embed_tokens.weight
 
-    def forward(self, input_ids: torch.Tensor, cache_view=None, last_only: bool = False) -> torch.Tensor:
+    def hidden(self, input_ids: torch.Tensor, cache_view=None, last_only: bool = False) -> torch.Tensor:
         view = self.view_or_full(input_ids, cache_view)
         d = self.model.decoder
         x = d.embed_tokens(input_ids)
@@ -137,7 +137,7 @@ class OPTForCausalLM(CausalLM):
             x = d.final_layer_norm(x)
         if d.project_out is not None:
             x = d.project_out(x)
-        return self.lm_head(x).float()
+        return x
 
 
 def _rename(name: str) -> str | None:

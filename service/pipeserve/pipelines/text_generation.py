@@ -12,6 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
+from torch import nn
+
+from .. import verified_head
 from ..errors import InputTooLarge, InvalidInput, ModelLoadFailed
 from ..generation import GenerationParams
 from ..generation_engine import DoneEvent, GenerationEngine, RequestHandle, TokenEvent
@@ -57,6 +60,19 @@ class Started:
         return self.prompt + text if self.params.return_full_text else text
 
 
+def _install_verified_head(model, options: LoadOptions) -> None:
+    """Plain greedy steps read the output projection through a bfloat16 screen (verified_head.py)
+    where it pays: CPU float32 with native bfloat16, the float32 head (not int8), and a head
+    tied to the input embedding, whose dense weight stays for the float32 rescoring (an untied
+    head keeps only its packed copy)."""
+    head = getattr(model, "lm_head", None)
+    if not (options.packed_linear and not options.load_in_8bit and type(head) is nn.Linear
+            and verified_head.available(head.weight)):
+        return
+    if any(isinstance(m, nn.Embedding) and m.weight is head.weight for m in model.modules()):
+        model.verified_head = verified_head.VerifiedHead(head.weight)
+
+
 class TextGenerationPipeline(Pipeline):
     task = Task.TEXT_GENERATION
     option_defaults = {
@@ -93,6 +109,7 @@ class TextGenerationPipeline(Pipeline):
         tokenizer.no_padding()
         tokenizer.no_truncation()
         model = family_module(files.config.get("model_type", "")).load_model(files, options, "causal_lm")
+        _install_verified_head(model, options)
         generation = files.read_json("generation_config.json") or {}
         tok_config = files.read_json("tokenizer_config.json") or {}
         eos = generation.get("eos_token_id", files.config.get("eos_token_id"))
