@@ -379,7 +379,7 @@ class GenerationEngine:
         if not screened:
             return self.model.lm_head(hidden).float()
         vocab = head.weight.shape[0]
-        exact = [i for i in range(len(seqs)) if i not in set(screened)]
+        exact = sorted(set(range(len(seqs))) - set(screened))
         if not exact:
             return head.scores(hidden, _eos_masks(seqs, vocab), self.model.lm_head)
         logits = torch.empty(len(seqs), vocab, device=hidden.device)

@@ -14,11 +14,10 @@ from typing import Any, Callable
 
 import grpc
 
+from .interceptors import wrap_handler
 from .logs import request_id_var
 from .metrics import Metrics
 from .tracing import finish_span, rpc_span
-
-from .interceptors import wrap_handler  # noqa: E402,F401 - re-exported for security.py
 
 log = logging.getLogger("pipeserve.access")
 

@@ -29,7 +29,8 @@ import grpc
 
 from .config import Settings
 from .errors import InvalidInput, PermissionDenied, PipeserveError, Unauthenticated
-from .observability import OPEN_PREFIXES, metadata_value, wrap_handler
+from .interceptors import wrap_handler
+from .observability import OPEN_PREFIXES, metadata_value
 
 log = logging.getLogger("pipeserve.security")
 

@@ -53,6 +53,12 @@ def available(weight: torch.Tensor) -> bool:
             and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
+def enabled(weight: torch.Tensor, options) -> bool:
+    """A pipeline loaded with `options` (LoadOptions) screens a projection with this weight: the
+    CPU fast paths are on (`packed_linear`), the head stays float32 (not int8) and `available`."""
+    return options.packed_linear and not options.load_in_8bit and available(weight)
+
+
 class VerifiedHead(nn.Module):
     """x @ weight.T for greedy decoding: screened rows [0, exact_from), exact rows [exact_from, V).
     `weight` (the tied embedding) is shared, not copied; the derived tensors are buffers outside

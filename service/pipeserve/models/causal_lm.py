@@ -116,7 +116,13 @@ def load_causal_lm(files, options, build: Callable[[], nn.Module], *,
         from ..device_map import dispatch
 
         dispatch(model)
-    column_major_head(model)
+    from ..packed_linear import supported  # imports gpt2, which imports this module
+
+    head = getattr(model, "lm_head", None)
+    if not (options.packed_linear and isinstance(head, nn.Linear) and supported(head.weight)):
+        # A head about to be packed (loading.py) gets oneDNN's own layout: a column-major copy
+        # would be thrown away and leave the tied embedding strided.
+        column_major_head(model)
     return model.eval()
 
 

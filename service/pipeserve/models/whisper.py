@@ -57,6 +57,12 @@ class WhisperConfig:
 _ACTIVATIONS = {"gelu": F.gelu, "gelu_new": lambda x: F.gelu(x, approximate="tanh"), "relu": F.relu}
 
 
+def _activation(name: str):
+    if name not in _ACTIVATIONS:
+        raise ModelLoadFailed(f"unsupported Whisper activation {name!r}", reason="BAD_CONFIG")
+    return _ACTIVATIONS[name]
+
+
 def sinusoids(length: int, channels: int, max_timescale: float = 10000.0) -> torch.Tensor:
     """modeling_whisper.sinusoids: the encoder's fixed position table."""
     log_timescale_increment = math.log(max_timescale) / (channels // 2 - 1)
@@ -163,9 +169,7 @@ class WhisperEncoderLayer(nn.Module):
         self.fc1 = nn.Linear(c.d_model, c.encoder_ffn_dim)
         self.fc2 = nn.Linear(c.encoder_ffn_dim, c.d_model)
         self.final_layer_norm = nn.LayerNorm(c.d_model)
-        if c.activation_function not in _ACTIVATIONS:
-            raise ModelLoadFailed(f"unsupported Whisper activation {c.activation_function!r}", reason="BAD_CONFIG")
-        self.act_name, self.act = c.activation_function, _ACTIVATIONS[c.activation_function]
+        self.act_name, self.act = c.activation_function, _activation(c.activation_function)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.self_attn_layer_norm(x)
@@ -217,9 +221,7 @@ class WhisperDecoderLayer(nn.Module):
         self.fc1 = nn.Linear(c.d_model, c.decoder_ffn_dim)
         self.fc2 = nn.Linear(c.decoder_ffn_dim, c.d_model)
         self.final_layer_norm = nn.LayerNorm(c.d_model)
-        if c.activation_function not in _ACTIVATIONS:
-            raise ModelLoadFailed(f"unsupported Whisper activation {c.activation_function!r}", reason="BAD_CONFIG")
-        self.act_name, self.act = c.activation_function, _ACTIVATIONS[c.activation_function]
+        self.act_name, self.act = c.activation_function, _activation(c.activation_function)
 
 
 class WhisperDecoder(nn.Module):

@@ -66,8 +66,7 @@ def _install_verified_head(model, options: LoadOptions) -> None:
     tied to the input embedding, whose dense weight stays for the float32 rescoring (an untied
     head keeps only its packed copy)."""
     head = getattr(model, "lm_head", None)
-    if not (options.packed_linear and not options.load_in_8bit and type(head) is nn.Linear
-            and verified_head.available(head.weight)):
+    if type(head) is not nn.Linear or not verified_head.enabled(head.weight, options):
         return
     if any(isinstance(m, nn.Embedding) and m.weight is head.weight for m in model.modules()):
         model.verified_head = verified_head.VerifiedHead(head.weight)

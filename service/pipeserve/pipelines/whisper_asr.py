@@ -73,7 +73,7 @@ class WhisperASRPipeline(Pipeline):
             settings = GenerationSettings.from_config(None, tok, ct2_config=files.config or {})
         embedding = model.decoder.embed_tokens.weight
         timestamps_from = settings.no_timestamps_token_id + 1
-        if options.packed_linear and verified_head.available(embedding) and 0 < timestamps_from < embedding.shape[0]:
+        if verified_head.enabled(embedding, options) and 0 < timestamps_from < embedding.shape[0]:
             model.decoder.verified_head = verified_head.VerifiedHead(embedding, timestamps_from)
         return cls(files, options, model, tok, settings)
 
