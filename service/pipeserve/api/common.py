@@ -67,10 +67,11 @@ class Timer:
 
 
 async def input_bytes(app: App, *, data: bytes, uri: str, which: str, max_bytes: int) -> bytes:
-    """Bytes of an ImageInput/AudioInput-style oneof: inline data, or a URI the allowlist permits."""
+    """Bytes of an ImageInput/AudioInput-style oneof: inline data, or a URI the allowlist permits.
+    A URI is fetched on its own bounded pool; when the call's deadline passes (grpc.aio cancels
+    the handler), the fetch is aborted and its worker freed."""
     if uri:
-        return await asyncio.get_running_loop().run_in_executor(
-            None, uri_inputs.fetch, uri, app.settings, max_bytes)
+        return await uri_inputs.fetch_async(uri, app.settings, max_bytes)
     if not data:
         raise InvalidInput(f"{which} is empty: send its bytes or a URI")
     return data
