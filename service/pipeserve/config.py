@@ -1,13 +1,28 @@
-"""Server settings: defaults < config file (TOML) < environment (PIPESERVE_*) < command-line flags."""
+"""Server settings: defaults < config file (TOML) < environment (PIPESERVE_*) < command-line flags.
+
+Each setting is a typed field of `Settings`. The field's type decides how text from a flag or
+an environment variable is read (and which TOML values are accepted); `RULES` gives each field
+its --help description and, where needed, one constraint (a range, a set of choices). Fields
+without a rule still get their type checked, and numbers must be >= 0. A value that cannot be
+read, or breaks its rule, is a `ConfigError` naming the setting and where it came from (flag,
+environment variable, TOML key); the server prints it as one line and exits with status 2.
+Unknown TOML keys and unknown flags are errors; unknown PIPESERVE_* variables are warnings
+(the same environment often carries the client's PIPESERVE_TOKEN, the image's healthcheck
+variables, or Kubernetes' PIPESERVE_PORT for a Service named pipeserve)."""
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
+import math
 import os
+import sys
 import tomllib
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .tasks import Task
 
@@ -46,6 +61,10 @@ class Settings:
     # URI inputs: both off by default (no SSRF, no path traversal).
     uri_http_hosts: tuple[str, ...] = ()
     uri_file_root: str | None = None
+    # Every URI fetch ends within this many seconds (or the call's deadline, if sooner), and at
+    # most this many run at once on their own workers; more are refused with QUEUE_FULL.
+    uri_fetch_timeout_s: float = 30.0
+    uri_fetch_concurrency: int = 16
     max_image_pixels: int = 89_478_485  # Pillow's own decompression-bomb threshold (0.25 GiB of RGBA / 3).
     max_audio_seconds: float = 4 * 3600.0
     # Longest text-generation prompt in tokens; 0 = each model's context is the bound.
@@ -86,73 +105,372 @@ class Settings:
         return dataclasses.replace(self, **changes)
 
 
-def _coerce(name: str, raw: Any) -> Any:
-    """Turns strings from env/flags into the field's type."""
-    default = getattr(Settings(), name)
-    if isinstance(raw, str):
-        if isinstance(default, bool):
-            return raw.strip().lower() in ("1", "true", "yes", "on")
-        if isinstance(default, int):
-            return int(raw)
-        if isinstance(default, float):
-            return float(raw)
-        if isinstance(default, tuple):
+class ConfigError(ValueError):
+    """A setting that cannot be used: one line naming the setting and where it came from."""
+
+
+# ---- rules: a description (the --help text) and at most one constraint per setting ------------
+
+# What a constraint returns: what is wrong with a value, or None.
+Check = Callable[[Any], "str | None"]
+
+
+@dataclass(frozen=True)
+class Rule:
+    help: str
+    check: Check | None = None
+
+
+def one_of(*allowed: str) -> Check:
+    return lambda value: None if value in allowed else f"must be one of {', '.join(allowed)}"
+
+
+def at_least(minimum: float) -> Check:
+    return lambda value: None if value >= minimum else f"must be >= {minimum}"
+
+
+def above(minimum: float) -> Check:
+    return lambda value: None if value > minimum else f"must be > {minimum}"
+
+
+def between(low: float, high: float) -> Check:
+    return lambda value: None if low <= value <= high else f"must be between {low} and {high}"
+
+
+def address(allow_empty: bool = False) -> Check:
+    """HOST:PORT (IPv6 as [::]:PORT; port 0 asks for a free one), or unix:PATH."""
+    def check(value: str) -> str | None:
+        if (allow_empty and value == "") or value.startswith(("unix:", "unix-abstract:")):
+            return None
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            return "must be HOST:PORT with a port from 0 to 65535"
+        return None
+    return check
+
+
+def device() -> Check:
+    def check(value: str) -> str | None:
+        from .devices import device_problem  # imports torch only for non-CPU names
+
+        return device_problem(value)
+    return check
+
+
+DTYPE_NAMES = ("float32", "float16", "bfloat16", "fp32", "fp16", "half", "bf16")
+
+RULES: dict[str, Rule] = {
+    "listen": Rule("address the gRPC server listens on, HOST:PORT (port 0: a free port)", address()),
+    "embedded_defaults": Rule("load the packaged real-weight default models for tasks that --preload does not name"),
+    "device": Rule("default device for models: cpu, cuda, cuda:N, mps, or auto (text generation spreads layers "
+                   "over the GPUs, then CPU)", device()),
+    "dtype": Rule("default weight dtype: float32, float16 or bfloat16", one_of(*DTYPE_NAMES)),
+    "memory_budget_bytes": Rule("bytes of model weights allowed resident per device (idle models are evicted "
+                                "to make room); 0 = unlimited"),
+    "max_message_bytes": Rule("largest gRPC message received or sent, in bytes; also the URI fetch size limit",
+                              at_least(1024)),
+    "keepalive_time_s": Rule("seconds between keepalive pings on idle connections", above(0)),
+    "keepalive_timeout_s": Rule("seconds to wait for a keepalive ping's answer before closing", above(0)),
+    "grace_period_s": Rule("seconds calls in flight get to finish after SIGTERM"),
+    "allow_pickle": Rule("allow pickle checkpoints (.bin/.pt; weights-only unpickling); a ceiling no request "
+                         "can raise"),
+    "uri_http_hosts": Rule("comma-separated hosts that http(s) URI inputs may come from: 'host' allows the "
+                           "scheme's default port only, 'host:port' that port only; empty = off"),
+    "uri_file_root": Rule("directory that file:// URI inputs may read under; empty = off"),
+    "uri_fetch_timeout_s": Rule("seconds a URI fetch may take in all (connect, headers, body); a call's sooner "
+                                "deadline wins", above(0)),
+    "uri_fetch_concurrency": Rule("URI fetches running at once, on their own workers; more are refused with "
+                                  "QUEUE_FULL", between(1, 1024)),
+    "max_image_pixels": Rule("largest decoded image, in pixels (decompression-bomb guard)", at_least(1)),
+    "max_audio_seconds": Rule("longest decoded audio input, in seconds", above(0)),
+    "max_prompt_tokens": Rule("longest text-generation prompt, in tokens; 0 = each model's context"),
+    "max_queue": Rule("calls waiting per task before new ones are refused with QUEUE_FULL", at_least(1)),
+    "max_batch_size": Rule("most requests the batcher runs in one forward pass", at_least(1)),
+    "max_batch_wait_ms": Rule("milliseconds the batcher waits for more requests to join a batch"),
+    "compute_lane": Rule("run CPU model work on compute lanes (one OpenMP team per lane) instead of each "
+                         "caller's thread"),
+    "compute_lanes": Rule("CPU compute lanes; N lanes run N calls at once on cores/N threads each", between(1, 256)),
+    "generation_max_batch_size": Rule("text-generation sequences decoding together", at_least(1)),
+    "generation_max_batch_tokens": Rule("tokens (prompt + max_new_tokens) the sequences decoding together may "
+                                        "reserve in the key/value cache", at_least(1)),
+    "hub_offline": Rule("never contact the Hugging Face Hub: Hub ids resolve from the local cache only"),
+    "metrics_listen": Rule("Prometheus /metrics HTTP address, HOST:PORT; empty = off", address(allow_empty=True)),
+    "log_format": Rule("log format: text or json", one_of("text", "json")),
+    "log_level": Rule("log level: debug (every call), info (failed calls), warning, error or critical",
+                      one_of("debug", "info", "warning", "error", "critical")),
+    "tracing": Rule("one OpenTelemetry span per call (needs opentelemetry installed)"),
+    "tls_cert": Rule("PEM certificate chain for TLS; with tls_key turns TLS on"),
+    "tls_key": Rule("PEM private key for TLS"),
+    "tls_client_ca": Rule("PEM CA that client certificates must chain to (mutual TLS)"),
+    "auth_tokens": Rule("comma-separated bearer tokens that may call tasks and read models ('file:PATH' reads "
+                        "one per line); empty with admin_tokens empty = no auth"),
+    "admin_tokens": Rule("comma-separated bearer tokens that may also load and unload models ('file:PATH' reads "
+                         "one per line)"),
+    "max_streams_per_client": Rule("concurrent streaming calls one client (token, else address) may hold; "
+                                   "0 = no limit"),
+    # Apply once the model-loading policy's fields exist; rules for absent fields are ignored.
+    "on_demand_loading": Rule("which models an ordinary call may load by naming them: off, local (directories "
+                              "under model_root) or any (also Hub ids); with auth on, only admin tokens may",
+                              one_of("off", "local", "any")),
+    "model_root": Rule("directory that on-demand loading may load local models from"),
+}
+
+
+# ---- reading values by the field's type -------------------------------------------------------
+
+_TRUE = ("true", "1", "yes", "on")
+_FALSE = ("false", "0", "no", "off")
+_NOT_SETTINGS = ("CONFIG", "PRELOAD", "TOKEN", "SERVER", "TESSERACT", "PYTHON")  # read elsewhere
+_NOT_SETTING_PREFIXES = ("HEALTHCHECK_",)
+
+
+def _fields() -> dict[str, Any]:
+    """Setting name -> its type, for every field read from flags, env and TOML."""
+    hints = typing.get_type_hints(Settings)
+    return {f.name: hints[f.name] for f in dataclasses.fields(Settings) if f.name != "preload"}
+
+
+def _optional_inner(tp: Any) -> Any | None:
+    """X for `X | None`, else None."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1 and len(typing.get_args(tp)) == 2:
+            return args[0]
+    return None
+
+
+def _shown(raw: Any) -> str:
+    text = repr(raw)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def read_value(tp: Any, raw: Any, from_text: bool) -> Any:
+    """`raw` (text from a flag/env var, or a TOML value) as type `tp`; ValueError says why not."""
+    inner = _optional_inner(tp)
+    if inner is not None:
+        return None if raw == "" else read_value(inner, raw, from_text)
+    origin = typing.get_origin(tp)
+    if origin is typing.Literal:
+        allowed = typing.get_args(tp)
+        if raw not in allowed:
+            raise ValueError(f"{_shown(raw)} must be one of {', '.join(map(str, allowed))}")
+        return raw
+    if tp is bool:
+        if isinstance(raw, bool):
+            return raw
+        if from_text and raw.strip().lower() in _TRUE + _FALSE:
+            return raw.strip().lower() in _TRUE
+        raise ValueError(f"{_shown(raw)} is not a boolean (use true/false, 1/0, yes/no or on/off)")
+    if tp is int:
+        if isinstance(raw, int) and not isinstance(raw, bool):
+            return raw
+        if from_text:
+            try:
+                return int(raw.strip())
+            except ValueError:
+                pass
+        raise ValueError(f"{_shown(raw)} is not an integer")
+    if tp is float:
+        value: float | None = None
+        if isinstance(raw, (int, float)) and not isinstance(raw, bool):
+            value = float(raw)
+        elif from_text:
+            try:
+                value = float(raw.strip())
+            except ValueError:
+                pass
+        if value is None or not math.isfinite(value):
+            raise ValueError(f"{_shown(raw)} is not a finite number")
+        return value
+    if tp is str:
+        if isinstance(raw, str):
+            return raw
+        raise ValueError(f"{_shown(raw)} is not a string")
+    if origin is tuple:
+        if isinstance(raw, str):
             return tuple(x.strip() for x in raw.split(",") if x.strip())
-    if isinstance(default, tuple) and isinstance(raw, list):
-        return tuple(raw)
-    return raw
+        if isinstance(raw, list) and all(isinstance(x, str) for x in raw):
+            return tuple(x.strip() for x in raw if x.strip())
+        raise ValueError(f"{_shown(raw)} is not a list of strings")
+    raise ValueError(f"settings of type {tp} cannot be given here")
 
 
-def _parse_preload(entries: dict[str, Any]) -> dict[str, ModelSpec]:
+def _problem(name: str, tp: Any, value: Any) -> str | None:
+    """What breaks the setting's rule (or, without one, the >= 0 every number must meet)."""
+    rule = RULES.get(name)
+    if rule is not None and rule.check is not None:
+        return rule.check(value) if value is not None else None
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
+        return "must be >= 0"
+    return None
+
+
+def _did_you_mean(name: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(name, known, n=1)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+# ---- preloads ---------------------------------------------------------------------------------
+
+_SPEC_KEYS = {"model": str, "revision": str, "device": str, "dtype": str, "load_in_8bit": bool, "options": dict}
+
+
+def _parse_preload(entries: dict[str, tuple[Any, str]]) -> dict[str, ModelSpec]:
+    """task -> (model name or spec table, where it came from) -> validated specs."""
     specs = {}
-    for task_name, value in entries.items():
-        task = Task.parse(task_name).value
-        spec = ModelSpec(model=value) if isinstance(value, str) else ModelSpec(**value)
-        specs[task] = dataclasses.replace(spec, task=task)
+    for task_name, (value, source) in entries.items():
+        label = f"{source} [preload] {task_name}" if source.startswith("config") else source
+        try:
+            task = Task.parse(task_name).value
+        except ValueError as exc:
+            raise ConfigError(f"{label}: {exc}") from None
+        if isinstance(value, str):
+            value = {"model": value}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{label}: expected a model name or a table with model, revision, device, dtype, "
+                              f"load_in_8bit, options")
+        for key, item in value.items():
+            if key not in _SPEC_KEYS:
+                raise ConfigError(f"{label}: unknown key {key!r}{_did_you_mean(key, list(_SPEC_KEYS))}; "
+                                  f"known: {', '.join(_SPEC_KEYS)}")
+            if not isinstance(item, _SPEC_KEYS[key]):
+                raise ConfigError(f"{label}.{key}: {_shown(item)} is not a {_SPEC_KEYS[key].__name__}")
+        if not value.get("model", "").strip():
+            raise ConfigError(f"{label}: needs a model (a local directory or a Hub id)")
+        for key, check in (("device", device()), ("dtype", one_of(*DTYPE_NAMES))):
+            problem = check(value[key]) if key in value else None
+            if problem:
+                raise ConfigError(f"{label}.{key}: {_shown(value[key])} {problem}")
+        specs[task] = ModelSpec(**{**value, "task": task})
     return specs
 
 
-def _parse_preload_flag(items: list[str]) -> dict[str, Any]:
-    """`--preload task=model` pairs."""
+def _preload_pairs(items: list[str], source: str) -> dict[str, tuple[str, str]]:
+    """`TASK=MODEL` pairs (flags, or PIPESERVE_PRELOAD separated by ';')."""
     out = {}
     for item in items:
         task, sep, model = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--preload expects TASK=MODEL, got {item!r}")
-        out[task] = model
+        if not sep or not task.strip() or not model.strip():
+            raise ConfigError(f"{source}: expected TASK=MODEL, got {_shown(item)}")
+        out[task.strip()] = (model.strip(), source)
     return out
 
 
-def load_settings(argv: list[str] | None = None, environ: dict[str, str] | None = None) -> Settings:
+# ---- the command line -------------------------------------------------------------------------
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> typing.NoReturn:
+        raise ConfigError(f"{message} (see --help)")
+
+
+def _default_text(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, tuple):
+        return ",".join(value) or "none"
+    if value is None or value == "":
+        return "empty"
+    return str(value)
+
+
+def _metavar(tp: Any) -> str:
+    tp = _optional_inner(tp) or tp
+    if tp is bool:
+        return "BOOL"
+    if tp is int:
+        return "INT"
+    if tp is float:
+        return "NUMBER"
+    if typing.get_origin(tp) is tuple:
+        return "LIST"
+    return "TEXT"
+
+
+def build_parser(environ: dict[str, str] | None = None) -> argparse.ArgumentParser:
+    from . import __version__
+
+    environ = os.environ if environ is None else environ
+    parser = _Parser(prog="pipeserve-server", allow_abbrev=False,
+                     description="pipeserve gRPC server. Settings come from defaults < a TOML file (--config) < "
+                                 "PIPESERVE_<NAME> environment variables < these flags.")
+    parser.add_argument("--version", action="version", version=f"pipeserve {__version__}")
+    parser.add_argument("--config", default=environ.get("PIPESERVE_CONFIG"), metavar="FILE",
+                        help="TOML settings file: keys are the setting names with underscores; a [preload] table "
+                             "maps task = \"model\" or task = {model, revision, device, dtype, load_in_8bit, "
+                             "options} [env PIPESERVE_CONFIG]")
+    parser.add_argument("--preload", action="append", default=[], metavar="TASK=MODEL",
+                        help="preload MODEL (local directory or Hub id) as TASK's default; repeatable "
+                             "[env PIPESERVE_PRELOAD, pairs separated by ';']")
+    defaults = Settings()
+    for name, tp in _fields().items():
+        rule = RULES.get(name, Rule("(no description)"))
+        text = (f"{rule.help} [default: {_default_text(getattr(defaults, name))}; "
+                f"env PIPESERVE_{name.upper()}]").replace("%", "%%")
+        extra: dict[str, Any] = {"nargs": "?", "const": "true"} if tp is bool else {}
+        parser.add_argument("--" + name.replace("_", "-"), dest=name, default=None, metavar=_metavar(tp),
+                            help=text, **extra)
+    return parser
+
+
+def load_settings(argv: list[str] | None = None, environ: dict[str, str] | None = None,
+                  warn: Callable[[str], None] | None = None) -> Settings:
+    """Settings from defaults, the TOML file, PIPESERVE_* variables and flags. Raises
+    ConfigError (one line naming the setting and its source) for anything it cannot use."""
     environ = dict(os.environ if environ is None else environ)
-    parser = argparse.ArgumentParser(prog="pipeserve-server", description="pipeserve gRPC server")
-    parser.add_argument("--config", help="TOML settings file", default=environ.get("PIPESERVE_CONFIG"))
-    parser.add_argument("--preload", action="append", default=[], metavar="TASK=MODEL")
-    for f in dataclasses.fields(Settings):
-        if f.name == "preload":
-            continue
-        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None)
-    args = parser.parse_args(argv)
+    warn = warn or (lambda message: print(f"pipeserve-server: warning: {message}", file=sys.stderr))
+    fields = _fields()
+    args = build_parser(environ).parse_args(argv)
 
     values: dict[str, Any] = {}
-    preload: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    preload: dict[str, tuple[Any, str]] = {}
+
+    def put(name: str, raw: Any, source: str, from_text: bool) -> None:
+        try:
+            values[name] = read_value(fields[name], raw, from_text)
+        except ValueError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
+        sources[name] = source
+
     if args.config:
-        data = tomllib.loads(Path(args.config).read_text())
-        preload.update(data.pop("preload", {}))
-        values.update({k: _coerce(k, v) for k, v in data.items()})
-    names = {f.name for f in dataclasses.fields(Settings)} - {"preload"}
-    for name in names:
-        env = environ.get("PIPESERVE_" + name.upper())
-        if env is not None:
-            values[name] = _coerce(name, env)
+        where = f"config file {args.config}"
+        try:
+            data = tomllib.loads(Path(args.config).read_text())
+        except OSError as exc:
+            raise ConfigError(f"{where}: cannot read it: {exc.strerror}") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{where}: not valid TOML: {exc}") from None
+        table = data.pop("preload", {})
+        if not isinstance(table, dict):
+            raise ConfigError(f"{where}: preload must be a table of task = model")
+        preload.update({task: (spec, where) for task, spec in table.items()})
+        for key, raw in data.items():
+            if key not in fields:
+                raise ConfigError(f"{where}: unknown setting {key!r}{_did_you_mean(key, list(fields))}")
+            put(key, raw, f"{where}: {key}", from_text=False)
+
+    env_names = {"PIPESERVE_" + name.upper(): name for name in fields}
+    for variable, raw in sorted(environ.items()):
+        if not variable.startswith("PIPESERVE_"):
+            continue
+        if variable in env_names:
+            put(env_names[variable], raw, variable, from_text=True)
+            continue
+        rest = variable.removeprefix("PIPESERVE_")
+        if rest not in _NOT_SETTINGS and not rest.startswith(_NOT_SETTING_PREFIXES):
+            warn(f"{variable} is not a setting, ignored{_did_you_mean(variable, list(env_names))}")
     if environ.get("PIPESERVE_PRELOAD"):
-        preload.update(_parse_preload_flag(environ["PIPESERVE_PRELOAD"].split(";")))
-    for name in names:
-        flag = getattr(args, name)
-        if flag is not None:
-            values[name] = _coerce(name, flag)
-    preload.update(_parse_preload_flag(args.preload))
-    unknown = set(values) - names
-    if unknown:
-        raise SystemExit(f"unknown settings: {sorted(unknown)}")
+        preload.update(_preload_pairs([p for p in environ["PIPESERVE_PRELOAD"].split(";") if p.strip()],
+                                      "PIPESERVE_PRELOAD"))
+
+    for name in fields:
+        raw = getattr(args, name)
+        if raw is not None:
+            put(name, raw, "--" + name.replace("_", "-"), from_text=True)
+    preload.update(_preload_pairs(args.preload, "--preload"))
+
+    for name, value in values.items():
+        problem = _problem(name, fields[name], value)
+        if problem:
+            raise ConfigError(f"{sources[name]}: {_shown(value)} {problem}")
     return Settings(preload=_parse_preload(preload), **values)

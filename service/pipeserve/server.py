@@ -21,7 +21,7 @@ from grpc_reflection.v1alpha import reflection
 from . import compute
 from .api.common import App
 from .batching import DynamicBatcher
-from .config import ModelSpec, Settings, load_settings
+from .config import ConfigError, ModelSpec, Settings, load_settings
 from .drain import MAX_WAIT_S, Drain
 from .errors import TaskNotImplemented
 from .interceptors import ErrorInterceptor
@@ -241,7 +241,12 @@ async def serve(settings: Settings) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    settings = load_settings(argv)
+    try:
+        settings = load_settings(argv)  # --help and --version print and exit here
+    except ConfigError as error:
+        # argparse's convention: one line on stderr, exit status 2, no traceback.
+        print(f"pipeserve-server: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
     configure_logging(settings.log_format, settings.log_level.upper(), sys.stderr)
     asyncio.run(serve(settings))
 

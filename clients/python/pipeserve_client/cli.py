@@ -74,12 +74,25 @@ def _connection_options() -> argparse.ArgumentParser:
     return parent
 
 
+def _version() -> str:
+    """The installed distribution's version (the client ships standalone or with the server)."""
+    from importlib import metadata
+
+    for distribution in ("pipeserve-client", "pipeserve"):
+        try:
+            return metadata.version(distribution)
+        except metadata.PackageNotFoundError:
+            continue
+    return "unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = _connection_options()
     parser = argparse.ArgumentParser(prog="pipeserve", parents=[common],
                                      description="Client for the pipeserve gRPC inference server.",
                                      epilog="Exit codes" + __doc__.split("Exit codes", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"pipeserve {_version()}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
 

@@ -9,6 +9,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from ..devices import require_device
 from ..errors import InvalidParameter
 from ..hub import ModelFiles
 from ..tasks import Task
@@ -36,6 +37,11 @@ class LoadOptions:
     max_queue: int = 256
     generation_max_batch_size: int = 32
     generation_max_batch_tokens: int = 65536
+
+    def __post_init__(self) -> None:
+        # Before anything is built: torch's own error for a device that is not there is a bare
+        # AssertionError from its CUDA initialisation.
+        require_device(self.device)
 
     @property
     def torch_device(self) -> torch.device:
