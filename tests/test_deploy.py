@@ -138,8 +138,12 @@ def test_hpa_and_pdb_target_the_deployments():
         assert len(matching) == 1, pdb["metadata"]["name"]
 
 
-def test_configmap_toml_is_a_valid_pipeserve_config(tmp_path):
+def test_configmap_toml_is_a_valid_pipeserve_config(tmp_path, monkeypatch):
+    from pipeserve import devices
     from pipeserve.config import load_settings
+
+    # Settings check devices against the machine's: read the CUDA variant as a GPU node would.
+    monkeypatch.setattr(devices, "available_devices", lambda: ["cpu", "cuda:0", "auto"])
 
     [configmap] = _kind("ConfigMap")
     path = tmp_path / "config.toml"

@@ -50,6 +50,7 @@ def _malformed(web, tmp_path) -> list[str]:
         "http:///file",                               # no host
         base + "/" + "a" * 10_000,                    # absurdly long
         f"file://{tmp_path}/a\x00b",
+        f"file://{tmp_path}/a%00b",                   # NUL once decoded
         "file://" + str(tmp_path) + "/a\r\nb",
     ]
 
