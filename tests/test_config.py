@@ -123,6 +123,9 @@ def test_flag_env_and_toml_errors_name_their_source(tmp_path):
     (["--log-level", "verbose"], "--log-level", "debug, info"),
     (["--dtype", "float8"], "--dtype", "float32"),
     (["--device", "tpu"], "--device", "not a device name"),
+    (["--uri-http-hosts", "a.example,http://b.example"], "--uri-http-hosts", "not URLs"),
+    (["--uri-http-hosts", "a.example:0"], "--uri-http-hosts", "port 1-65535"),
+    (["--uri-fetch-concurrency", "0"], "--uri-fetch-concurrency", "between 1 and 1024"),
 ])
 def test_ranges_and_choices(argv, naming, why):
     message = _error(argv)

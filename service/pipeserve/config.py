@@ -149,6 +149,25 @@ def address(allow_empty: bool = False) -> Check:
     return check
 
 
+def host_entries() -> Check:
+    """Allowlist entries: "host", "host:port" or "[IPv6]:port"; not URLs, not wildcards."""
+    def check(entries: tuple[str, ...]) -> str | None:
+        for entry in entries:
+            host, port = entry, ""
+            if entry.startswith("["):
+                host, _, rest = entry[1:].partition("]")
+                if rest and not rest.startswith(":"):
+                    host = ""
+                port = rest[1:]
+            elif entry.count(":") == 1:
+                host, _, port = entry.partition(":")
+            bad_port = (entry.count(":") == 1 or port) and not (port.isdigit() and 1 <= int(port) <= 65535)
+            if not host or any(c in host for c in "/@*?# ") or bad_port:
+                return f"has {entry!r}: entries are host or host:port (port 1-65535), not URLs or patterns"
+        return None
+    return check
+
+
 def device() -> Check:
     def check(value: str) -> str | None:
         from .devices import device_problem  # imports torch only for non-CPU names
@@ -175,7 +194,8 @@ RULES: dict[str, Rule] = {
     "allow_pickle": Rule("allow pickle checkpoints (.bin/.pt; weights-only unpickling); a ceiling no request "
                          "can raise"),
     "uri_http_hosts": Rule("comma-separated hosts that http(s) URI inputs may come from: 'host' allows the "
-                           "scheme's default port only, 'host:port' that port only; empty = off"),
+                           "scheme's default port only, 'host:port' that port only; empty = off",
+                           host_entries()),
     "uri_file_root": Rule("directory that file:// URI inputs may read under; empty = off"),
     "uri_fetch_timeout_s": Rule("seconds a URI fetch may take in all (connect, headers, body); a call's sooner "
                                 "deadline wins", above(0)),
