@@ -41,12 +41,22 @@ def vit_dir(tmp_path_factory):
     return build_tiny_vit(tmp_path_factory.mktemp("devices_vit"))
 
 
-def test_load_model_on_a_missing_device_is_invalid_argument(grpc_server, vit_dir):
+@pytest.fixture
+def own_server():
+    """Not the shared session server: the model loaded here must not change other tests' health."""
+    from grpc_testing import make_server
+
+    server = make_server()
+    yield server
+    server.stop()
+
+
+def test_load_model_on_a_missing_device_is_invalid_argument(own_server, vit_dir):
     for device in (MISSING_GPU, "tpu"):
         with pytest.raises(grpc.RpcError) as info:
-            load_model(grpc_server, vit_dir, device=device)
+            load_model(own_server, vit_dir, device=device)
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
         assert error_reason(info.value) == "DEVICE_NOT_AVAILABLE"
         assert "devices here: cpu" in info.value.details()
-    # Nothing was left behind, and the same model still loads where it can.
-    assert load_model(grpc_server, vit_dir, device="cpu").device == "cpu"
+    assert own_server.manager.entries() == []  # nothing was left behind
+    assert load_model(own_server, vit_dir, device="cpu").device == "cpu"
