@@ -27,6 +27,7 @@ from typing import Iterable
 
 import grpc
 
+from . import caller as callers
 from .config import Settings
 from .errors import InvalidInput, PermissionDenied, PipeserveError, Unauthenticated
 from .interceptors import wrap_handler
@@ -182,17 +183,24 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):
         return self._streams.get(client, 0)
 
     def _check(self, method: str, context: grpc.aio.ServicerContext) -> str:
-        """Authenticates the call; returns the client identity used for stream limits."""
+        """Authenticates the call and records the caller for it (pipeserve.caller: the model
+        manager asks whether a task call may load on demand); returns the client identity
+        used for stream limits."""
         token = bearer_token(context.invocation_metadata())
         if self.enabled:
             if not token:
                 raise Unauthenticated("this server needs a bearer token: send `authorization: Bearer <token>` metadata")
             if token not in self.users:
                 raise Unauthenticated("the bearer token is not valid for this server")
-            if method in ADMIN_METHODS and token not in self.admins:
+            is_admin = token in self.admins
+            if method in ADMIN_METHODS and not is_admin:
                 raise PermissionDenied(f"{method.rsplit('/', 1)[-1]} needs an admin token")
-            return "token:" + _digest(token).hex()[:16]
-        return "peer:" + _peer_host(context.peer())
+            client = "token:" + _digest(token).hex()[:16]
+        else:
+            is_admin, client = False, "peer:" + _peer_host(context.peer())
+        # Each call runs in its own asyncio task (a copy of the context): no reset needed.
+        callers.set_current(callers.Caller(identity=client, is_admin=is_admin, auth_enabled=self.enabled))
+        return client
 
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
