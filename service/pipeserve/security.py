@@ -6,7 +6,9 @@
 - Bearer tokens (`authorization: Bearer <token>` metadata): when `auth_tokens` or
   `admin_tokens` is set, every call except health and reflection needs a known token
   (UNAUTHENTICATED otherwise); ModelService.LoadModel / UnloadModel need an admin token
-  (PERMISSION_DENIED for others). Tokens are compared in constant time: each presented token
+  (PERMISSION_DENIED for others). The interceptor records each call's caller
+  (pipeserve.caller): the model manager lets a task call load a model on demand only for an
+  admin token, exactly as LoadModel (see manager.py). Tokens are compared in constant time: each presented token
   is hashed and compared with every known hash, so neither the match position nor a
   common prefix shows in the timing. An entry "file:PATH" reads tokens from a file (one per
   line, `#` comments), which is how a Kubernetes Secret mounts them.
