@@ -355,3 +355,28 @@ async def test_allow_pickle_is_a_ceiling():
     assert strict.load_options(allow_pickle=False).allow_pickle is False
     assert lenient.load_options(allow_pickle=False).allow_pickle is False  # a request may narrow
     assert lenient.load_options().allow_pickle is True
+
+
+async def test_a_call_waiting_on_a_model_evicted_meanwhile_loads_it_again(tmp_path):
+    """Another load may evict a model between its load finishing and a waiting call resuming
+    (on_change runs in that gap, so the test evicts there): the calls load it again instead of
+    getting an entry without a pipeline."""
+    calls: list[str] = []
+    manager = _manager(delay=0.1, calls=calls)
+    name = _checkpoint(tmp_path, "a")
+    first = await manager.load(name, task="text-classification", set_default=True)
+    manager._drop(first)  # evicted: the default is loaded again by the next call
+    evicted: list = []
+
+    def evict_once() -> None:
+        entry = manager._models.get(name)
+        if entry is not None and entry.state is ModelState.READY and not evicted:
+            evicted.append(entry)
+            manager._drop(entry)  # as _evict_for does
+
+    manager._on_change = evict_once
+    calls_waiting = [asyncio.create_task(manager.acquire("", Task.TEXT_CLASSIFICATION)) for _ in range(2)]
+    entries = await asyncio.gather(*calls_waiting)
+    assert evicted and evicted[0].pipeline is None and evicted[0].state is ModelState.UNLOADING
+    assert all(e.state is ModelState.READY and e.pipeline is not None and e is not evicted[0] for e in entries)
+    assert calls == [name, name, name]

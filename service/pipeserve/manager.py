@@ -79,6 +79,7 @@ class ModelEntry:
     loaded_at: float = 0.0
     last_used_at: float = 0.0
     failed_at: float = 0.0  # time.monotonic() of a failed load, for expiry
+    evicted: bool = False  # dropped to make room (not unloaded): a caller waiting on it loads again
     loaded: asyncio.Event = field(default_factory=asyncio.Event)
     idle: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -364,6 +365,9 @@ class ModelManager:
         an unloaded one (forget_default) does not."""
         if self._models.get(entry.name) is entry:
             del self._models[entry.name]
+        if entry.state in (ModelState.LOADING, ModelState.READY):
+            entry.state = ModelState.UNLOADING  # a caller still holding it must not use it
+        entry.evicted = not forget_default
         if forget_default and entry.task and self.default_name(entry.task) == entry.name:
             del self._defaults[entry.task]
         if entry.pipeline is not None:
@@ -412,11 +416,14 @@ class ModelManager:
                 raise ModelNotFound(f"no model is loaded for {task.value} and the request names none; "
                                     "load one with ModelService.LoadModel", reason="NO_DEFAULT_MODEL")
             name = key = default.name
-        entry = self._models.get(key)
-        if entry is None or entry.state is ModelState.FAILED:
-            entry = await self._load_for_call(name, key, task, entry)
-        else:
-            await entry.loaded.wait()
+        for _attempt in range(3):
+            entry = self._models.get(key)
+            if entry is None or entry.state is ModelState.FAILED:
+                entry = await self._load_for_call(name, key, task, entry)
+            else:
+                await entry.loaded.wait()
+            if not entry.evicted:  # evicted by another load while this call waited: load it again
+                break
         if entry.state is not ModelState.READY:
             raise ModelNotFound(f"model {name!r} is {entry.state.value}", reason="MODEL_NOT_READY")
         if entry.task is not task:
@@ -470,7 +477,7 @@ class ModelManager:
 
     async def close(self) -> None:
         for entry in list(self._models.values()):
-            self._drop(entry)
+            self._drop(entry, forget_default=True)
         self.executor.shutdown(wait=False, cancel_futures=True)
 
 
