@@ -160,6 +160,18 @@ def test_bad_names_cannot_grow_the_server(server_factory, tmp_path):
             error = _refusal(call, request, timeout=10)
             assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and error_reason(error) == reason
             assert len(error.details()) < 300
+    # Before anything else: not the URI allowlist's PERMISSION_DENIED, nor a streaming config's work.
+    from pipeserve.v1 import common_pb2, image_classification_pb2, speech_recognition_pb2 as asr
+    from pipeserve.v1 import speech_recognition_pb2_grpc as asr_grpc
+
+    request = image_classification_pb2.ClassifyImageRequest(
+        model=long, image=common_pb2.ImageInput(uri="http://169.254.169.254/latest/meta-data"))
+    error = _refusal(_images(server).ClassifyImage, request, timeout=10)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and error_reason(error) == "MODEL_NAME_TOO_LONG"
+    stream = asr_grpc.SpeechRecognitionServiceStub(server.channel).StreamingTranscribe(
+        iter([asr.StreamingTranscribeRequest(config=asr.StreamingConfig(model=nul))]), timeout=10)
+    error = _refusal(list, stream)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and error_reason(error) == "INVALID_MODEL_NAME"
 
 
 def test_allow_pickle_and_model_root_are_ceilings(server_factory, vit_dir, tmp_path):

@@ -33,6 +33,7 @@ from . import caller as callers
 from .config import Settings
 from .errors import InvalidInput, PermissionDenied, PipeserveError, Unauthenticated
 from .interceptors import wrap_handler
+from .model_names import check_model_name
 from .observability import OPEN_PREFIXES, metadata_value
 
 log = logging.getLogger("pipeserve.security")
@@ -153,13 +154,43 @@ def _enum_checked(deserializer):
     def parse(data: bytes):
         request = deserializer(data)
         problem = _unknown_enum(request) if hasattr(request, "ListFields") else None
-        return _UnknownEnum(problem) if problem else request
+        if problem:
+            return _UnknownEnum(problem)
+        bad_name = _bad_model_name(request) if hasattr(request, "ListFields") else None
+        return _BadModelName(bad_name) if bad_name else request
     return parse
+
+
+# ---- model names no model can have --------------------------------------------------------
+class _BadModelName:
+    """Stands in for a request whose `model` field is too long or holds control characters."""
+
+    def __init__(self, error: PipeserveError) -> None:
+        self.error = error
+
+
+def _bad_model_name(message) -> PipeserveError | None:
+    """Every request's `model` (top level, or in a config message such as StreamingTranscribe's)
+    is checked before any servicer runs: INVALID_ARGUMENT, before it can reach a URI fetch, a
+    path lookup, an error message, a log line or a metric label."""
+    for field, value in message.ListFields():
+        if field.name == "model" and field.type == field.TYPE_STRING:
+            try:
+                check_model_name(value)
+            except PipeserveError as exc:
+                return exc
+        elif field.message_type is not None and not _is_repeated(field):
+            found = _bad_model_name(value)
+            if found:
+                return found
+    return None
 
 
 def _checked(request):
     if isinstance(request, _UnknownEnum):
         raise InvalidInput(f"unknown enum value: {request.message}", reason="INVALID_ENUM_VALUE")
+    if isinstance(request, _BadModelName):
+        raise request.error
     return request
 
 
