@@ -112,9 +112,11 @@ def _placement(options: LoadOptions, revision: str | None) -> str:
 
 
 def _estimate_bytes(files: ModelFiles, options: LoadOptions) -> int:
-    """Weight bytes once loaded: file sizes, scaled from the stored element size to the target."""
+    """Weight bytes once loaded, before loading: file sizes, scaled from the stored element size
+    to the target. Only a first check (quantized GGUF blocks, for one, grow when dequantized):
+    _fit_resident checks the bytes the loaded model really holds."""
     total = 0
-    for pattern in ("*.safetensors", "model.bin", "pytorch_model*.bin"):
+    for pattern in ("*.safetensors", "model.bin", "pytorch_model*.bin", "*.gguf"):
         total += sum(p.stat().st_size for p in files.path.glob(pattern))
     stored = 2 if files.config.get("torch_dtype") in ("float16", "bfloat16") or files.has("model.bin") else 4
     target = 1 if options.load_in_8bit else options.torch_dtype.itemsize
