@@ -40,7 +40,10 @@ class ServerHandle:
 def make_server(**overrides) -> ServerHandle:
     from pipeserve.config import Settings
 
-    settings = Settings(listen="127.0.0.1:0", embedded_defaults=False).replace(**overrides)
+    # Many task tests name a checkpoint directory in their requests and rely on it loading on
+    # demand (with auth off): "any" keeps that; the security tests pass their own value.
+    settings = Settings(listen="127.0.0.1:0", embedded_defaults=False,
+                        on_demand_loading="any").replace(**overrides)
     return ServerHandle(settings)
 
 

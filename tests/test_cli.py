@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -199,7 +200,7 @@ def test_transcribe_prints_final_segments_and_progress(capsys, fake, tmp_path):
 
 # --- against the real server ----------------------------------------------------------------
 
-def test_models_commands(capsys, server, loaded):
+def test_models_commands(capsys, server, loaded, tmp_path):
     vit = loaded("vit")
     code, out, _ = run(capsys, "--server", server, "models", "list")
     assert code == 0 and out.splitlines()[0].split()[:3] == ["NAME", "TASK", "STATE"]
@@ -209,15 +210,17 @@ def test_models_commands(capsys, server, loaded):
     assert code == 0 and vit in [m["name"] for m in json.loads(out)["models"]]
     code, out, _ = run(capsys, "--server", server, "models", "get", vit)
     assert code == 0 and "image-classification, vit (ViTForImageClassification), ready" in out
-    source = str(Path(vit)) + "/"
+    # Another directory (one directory is one model, however it is spelled), with a trailing slash.
+    source = str(shutil.copytree(vit, tmp_path / "vit")) + "/"
+    canonical = source.rstrip("/")  # the name the server lists it under
     code, out, err = run(capsys, "--server", server, "models", "load", source, "--dtype", "float32",
                          "--option", "top_k=2")
-    assert code == 0 and out.startswith(f"loaded {source}") and "loading" in err
+    assert code == 0 and out.startswith(f"loaded {canonical}:") and "loading" in err
     code, out, _ = run(capsys, "--server", server, "--json", "classify-image", str(Path(vit) / "config.json"),
                        "--model", source)
     assert code == cli.EXIT_REJECTED
     code, out, _ = run(capsys, "--server", server, "models", "unload", source)
-    assert code == 0 and out.startswith(f"unloaded {source}")
+    assert code == 0 and out.startswith(f"unloaded {canonical}")
     code, _, err = run(capsys, "--server", server, "models", "get", source)
     assert code == cli.EXIT_REJECTED and "MODEL_NOT_FOUND" in err
     code, _, err = run(capsys, "--server", server, "models", "load", "/definitely/not/here")

@@ -11,6 +11,7 @@ import asyncio
 import importlib
 import importlib.util
 import io
+import shutil
 import threading
 import time
 
@@ -91,8 +92,9 @@ def test_load_with_options_and_unload(client, grpc_server, tmp_path_factory, vit
     """A second copy loaded with explicit options and default call options, then unloaded."""
     from pipeserve.v1 import model_pb2
 
-    source = client.models.get(vit).source_path
-    info = client.models.load(source + "/", task="image-classification", device="cpu", dtype="float32",
+    # Another directory: one directory is one model, however it is spelled.
+    source = shutil.copytree(client.models.get(vit).source_path, tmp_path_factory.mktemp("client_vit_copy") / "vit")
+    info = client.models.load(str(source) + "/", task="image-classification", device="cpu", dtype="float32",
                               default_options={"top_k": 2})
     try:
         assert info.state == model_pb2.MODEL_STATE_READY and info.dtype == model_pb2.D_TYPE_FLOAT32

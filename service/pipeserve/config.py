@@ -57,7 +57,16 @@ class Settings:
     keepalive_time_s: float = 30.0
     keepalive_timeout_s: float = 10.0
     grace_period_s: float = 10.0
+    # A ceiling: LoadModel may ask for pickle checkpoints only when this is on.
     allow_pickle: bool = False
+    # Whether a task call naming a model that is not resident loads it (as pipeline(model=...)
+    # does): "off" (only LoadModel and the preloads decide what is loaded), "local" (also
+    # directories under `model_root` and "embedded/..." names), "any" (also other local
+    # directories and Hub ids, which may download). With auth on, it also needs an admin token.
+    on_demand_loading: str = "off"
+    # Directory every local model path requested over the API (LoadModel, on-demand loading)
+    # must lie inside, after resolving symlinks; "" = no such bound. Preloads are exempt.
+    model_root: str = ""
     # URI inputs: both off by default (no SSRF, no path traversal).
     uri_http_hosts: tuple[str, ...] = ()
     uri_file_root: str | None = None

@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 
+from .errors import PipeserveError
+
 if TYPE_CHECKING:  # pragma: no cover
     from .api.common import App
 
@@ -67,7 +69,13 @@ class Metrics:
     def model_label(self, name: str) -> str:
         if self._app is None or not name:
             return name or UNKNOWN_MODEL
-        return name if any(e.name == name for e in self._app.manager.entries()) else UNKNOWN_MODEL
+        # Only models the server holds become labels, under their canonical name (any spelling
+        # of a loaded model counts as it); anything else is one "unknown" label.
+        try:
+            entry = self._app.manager.find(name)
+        except PipeserveError:  # a name no model can have (too long, control characters)
+            entry = None
+        return entry.name if entry is not None else UNKNOWN_MODEL
 
     def observe_batch(self, model: str, method: str, size: int, waits_s: list[float]) -> None:
         self.batch_size.labels(model, method).observe(size)

@@ -6,7 +6,9 @@
 - Bearer tokens (`authorization: Bearer <token>` metadata): when `auth_tokens` or
   `admin_tokens` is set, every call except health and reflection needs a known token
   (UNAUTHENTICATED otherwise); ModelService.LoadModel / UnloadModel need an admin token
-  (PERMISSION_DENIED for others). Tokens are compared in constant time: each presented token
+  (PERMISSION_DENIED for others). The interceptor records each call's caller
+  (pipeserve.caller): the model manager lets a task call load a model on demand only for an
+  admin token, exactly as LoadModel (see manager.py). Tokens are compared in constant time: each presented token
   is hashed and compared with every known hash, so neither the match position nor a
   common prefix shows in the timing. An entry "file:PATH" reads tokens from a file (one per
   line, `#` comments), which is how a Kubernetes Secret mounts them.
@@ -27,9 +29,11 @@ from typing import Iterable
 
 import grpc
 
+from . import caller as callers
 from .config import Settings
 from .errors import InvalidInput, PermissionDenied, PipeserveError, Unauthenticated
 from .interceptors import wrap_handler
+from .model_names import check_model_name
 from .observability import OPEN_PREFIXES, metadata_value
 
 log = logging.getLogger("pipeserve.security")
@@ -150,13 +154,43 @@ def _enum_checked(deserializer):
     def parse(data: bytes):
         request = deserializer(data)
         problem = _unknown_enum(request) if hasattr(request, "ListFields") else None
-        return _UnknownEnum(problem) if problem else request
+        if problem:
+            return _UnknownEnum(problem)
+        bad_name = _bad_model_name(request) if hasattr(request, "ListFields") else None
+        return _BadModelName(bad_name) if bad_name else request
     return parse
+
+
+# ---- model names no model can have --------------------------------------------------------
+class _BadModelName:
+    """Stands in for a request whose `model` field is too long or holds control characters."""
+
+    def __init__(self, error: PipeserveError) -> None:
+        self.error = error
+
+
+def _bad_model_name(message) -> PipeserveError | None:
+    """Every request's `model` (top level, or in a config message such as StreamingTranscribe's)
+    is checked before any servicer runs: INVALID_ARGUMENT, before it can reach a URI fetch, a
+    path lookup, an error message, a log line or a metric label."""
+    for field, value in message.ListFields():
+        if field.name == "model" and field.type == field.TYPE_STRING:
+            try:
+                check_model_name(value)
+            except PipeserveError as exc:
+                return exc
+        elif field.message_type is not None and not _is_repeated(field):
+            found = _bad_model_name(value)
+            if found:
+                return found
+    return None
 
 
 def _checked(request):
     if isinstance(request, _UnknownEnum):
         raise InvalidInput(f"unknown enum value: {request.message}", reason="INVALID_ENUM_VALUE")
+    if isinstance(request, _BadModelName):
+        raise request.error
     return request
 
 
@@ -182,17 +216,24 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):
         return self._streams.get(client, 0)
 
     def _check(self, method: str, context: grpc.aio.ServicerContext) -> str:
-        """Authenticates the call; returns the client identity used for stream limits."""
+        """Authenticates the call and records the caller for it (pipeserve.caller: the model
+        manager asks whether a task call may load on demand); returns the client identity
+        used for stream limits."""
         token = bearer_token(context.invocation_metadata())
         if self.enabled:
             if not token:
                 raise Unauthenticated("this server needs a bearer token: send `authorization: Bearer <token>` metadata")
             if token not in self.users:
                 raise Unauthenticated("the bearer token is not valid for this server")
-            if method in ADMIN_METHODS and token not in self.admins:
+            is_admin = token in self.admins
+            if method in ADMIN_METHODS and not is_admin:
                 raise PermissionDenied(f"{method.rsplit('/', 1)[-1]} needs an admin token")
-            return "token:" + _digest(token).hex()[:16]
-        return "peer:" + _peer_host(context.peer())
+            client = "token:" + _digest(token).hex()[:16]
+        else:
+            is_admin, client = False, "peer:" + _peer_host(context.peer())
+        # Each call runs in its own asyncio task (a copy of the context): no reset needed.
+        callers.set_current(callers.Caller(identity=client, is_admin=is_admin, auth_enabled=self.enabled))
+        return client
 
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)

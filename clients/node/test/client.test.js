@@ -3,7 +3,7 @@
 // retries on UNAVAILABLE, and the examples.
 import assert from 'node:assert/strict';
 import { execFile } from 'node:child_process';
-import { readFileSync, writeFileSync } from 'node:fs';
+import { cpSync, readFileSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { promisify } from 'node:util';
@@ -96,11 +96,16 @@ describe('pipeserve Node client', () => {
     assert.equal(info.family, 'vit');
     assert.ok(Number(info.bytes) > 0);
 
-    const copy = `${checkpoints.paths.vit}/`;
+    // Another directory (one directory is one model however it is spelled), named with a
+    // trailing slash; the server lists it under its canonical name.
+    const copyDir = path.join(checkpoints.dir, 'vit-copy');
+    cpSync(checkpoints.paths.vit, copyDir, { recursive: true });
+    const copy = `${copyDir}/`;
     const loaded = await client.models.load(copy, { dtype: 'float32', defaultOptions: { top_k: 2 } });
     assert.equal(loaded.dtype, 'D_TYPE_FLOAT32');
+    assert.equal(loaded.name, copyDir);
     assert.equal((await client.classifyImage(png(1), { model: copy })).labels.length, 2);
-    assert.equal((await client.models.unload(copy)).name, copy);
+    assert.equal((await client.models.unload(copy)).name, copyDir);
     await assert.rejects(client.models.get(copy), (e) => e instanceof NotFoundError && e.reason === 'MODEL_NOT_FOUND');
   });
 
@@ -125,8 +130,9 @@ describe('pipeserve Node client', () => {
       && e.codeName === 'INVALID_ARGUMENT' && !e.retryable);
     await assert.rejects(client.classifyImage(Buffer.from('not an image'), { model: names.vit }),
       (e) => e instanceof InvalidArgumentError && ['UNSUPPORTED_FORMAT', 'INVALID_INPUT'].includes(e.reason));
+    // Not loaded, and the server (default settings) loads nothing named in a task call.
     await assert.rejects(client.classifyImage(png(0), { model: 'never-loaded' }),
-      (e) => e instanceof NotFoundError && e.reason === 'MODEL_NOT_FOUND');
+      (e) => e instanceof NotFoundError && e.reason === 'MODEL_NOT_LOADED');
     await assert.rejects(client.classifyImage('https://example.com/cat.jpg', { model: names.vit }),
       (e) => e instanceof PermissionDeniedError && e.reason === 'URI_NOT_ALLOWED');
     await assert.rejects(client.classifyImage('/definitely/missing.jpg'),

@@ -6,6 +6,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from ..errors import InvalidParameter
 from ..manager import ModelEntry, ModelState
+from ..model_names import check_model_name
 from ..tasks import Task
 from ..v1 import model_pb2 as pb, model_pb2_grpc as pb_grpc
 from .common import App
@@ -89,12 +90,16 @@ class ModelServicer(pb_grpc.ModelServiceServicer):
         return pb.GetModelResponse(model=self._info(self.app.manager.get(request.model)))
 
     async def LoadModel(self, request: pb.LoadModelRequest, context) -> pb.LoadModelResponse:
+        check_model_name(request.model)
+        if request.HasField("revision"):
+            check_model_name(request.revision, field="revision")
         if not request.model.strip():
             raise InvalidParameter("LoadModel needs a model: a local directory or a Hub id")
         manager = self.app.manager
         dtype = None
         if request.HasField("dtype") and request.dtype != pb.D_TYPE_UNSPECIFIED:
             dtype = _DTYPE_NAMES[request.dtype]
+        # allow_pickle is a ceiling (load_options refuses raising it); the others are choices.
         options = manager.load_options(
             device=request.device if request.HasField("device") else None,
             dtype=dtype,
@@ -102,12 +107,19 @@ class ModelServicer(pb_grpc.ModelServiceServicer):
             allow_pickle=request.allow_pickle if request.HasField("allow_pickle") else None,
             defaults=_struct_options(request) if request.HasField("default_options") else None,
         )
+        chosen = [name for name, given in [("device", request.HasField("device")), ("dtype", dtype is not None),
+                                           ("load_in_8bit", request.HasField("load_in_8bit")),
+                                           ("revision", request.HasField("revision")),
+                                           ("defaults", request.HasField("default_options"))] if given]
         entry = await manager.load(
             request.model,
             revision=request.revision if request.HasField("revision") else None,
             task=task_from_proto(request.task) if request.HasField("task") else None,
             options=options,
-            set_default=request.set_default,
+            # Without set_default, the first model of a task still becomes its default.
+            set_default=True if request.set_default else None,
+            chosen=chosen,
+            within_root=True,
         )
         return pb.LoadModelResponse(model=self._info(entry))
 
