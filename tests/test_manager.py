@@ -288,7 +288,7 @@ async def test_loading_again_with_other_options_is_refused(tmp_path):
     first = await manager.load(name)
     same = manager.load_options()
     assert await manager.load(name + "/", options=same) is first
-    for change in [dict(dtype="bfloat16"), dict(device="meta"), dict(load_in_8bit=True)]:
+    for change in [dict(dtype="bfloat16"), dict(device="auto"), dict(load_in_8bit=True)]:
         with pytest.raises(ModelLoadFailed) as refused:
             await manager.load(name, options=manager.load_options(**change))
         assert refused.value.reason == "MODEL_LOADED_WITH_OTHER_OPTIONS"
