@@ -74,3 +74,14 @@ def test_carried_wheel_list_matches_pyproject_dependencies():
     names = {d.split(">")[0].split("=")[0].split("<")[0].strip().lower().replace("_", "-") for d in deps}
     carried = {w.dist.lower() for w in wheels.WHEELS}
     assert names - carried == {"torch", "numpy", "huggingface-hub", "tokenizers"}, names - carried
+
+
+def test_cuda_image_installs_the_checked_versions():
+    """deploy/Dockerfile.cuda pins pipeserve's dependencies to the GPU check's wheel versions."""
+    dockerfile = (ROOT / "deploy" / "Dockerfile.cuda").read_text()
+    assert "COPY bench/gpu/wheels.py" in dockerfile
+    assert "--constraints > /tmp/gpu-constraints.txt" in dockerfile
+    assert "pip install -c /tmp/gpu-constraints.txt ." in dockerfile
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu" / "wheels.py"), "--constraints"],
+                            capture_output=True, text=True, check=True)
+    assert result.stdout.splitlines() == [f"{w.dist}=={w.version}" for w in wheels.WHEELS]

@@ -10,7 +10,7 @@ Steps (each timed, each result in the report; a failed step does not stop the la
   5. benches      bench/gpu/benches.py: Whisper, text generation, image classification via gRPC
   6. report       report.json + report.md in --out
 
-    scripts/gpu-check --out "$OUT"            on the GPU machine (about 5 minutes)
+    scripts/gpu-check --out "$OUT"            on the GPU machine (about 5 minutes; README "GPU check")
     scripts/gpu-check --dry-run               anywhere: lists the steps, checks the carried files
     scripts/gpu-check --device cpu --out DIR  a CPU smoke run of the same steps (slow benches
                                               are cut short)

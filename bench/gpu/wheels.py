@@ -3,7 +3,9 @@
 The GPU machine this check targets has CUDA torch and transformers preinstalled (Python 3.12),
 no package index, and room for about 64 MiB of carried files. transformers already brings
 numpy, safetensors, tokenizers and huggingface_hub; the server's other imports (pyproject's
-dependencies) and the test runner usually are not there. So the carried folder holds exactly the
+dependencies) and the test runner may not be there. (The device image seen in 2026-11 has
+grpcio, protobuf, pillow, prometheus-client, pytest and pytest-timeout, and lacks grpcio-tools,
+the grpc health/reflection/status packages, soundfile, cffi and pytest-asyncio.) So the carried folder holds exactly the
 wheels below, pinned to the versions this repository is tested with, for CPython 3.12 on
 manylinux x86_64; `scripts/gpu-wheels` downloads them (and `download_command()` says how by hand).
 
@@ -24,7 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 PYTHON_VERSION = "3.12"
-PLATFORMS = ("manylinux2014_x86_64", "manylinux_2_17_x86_64", "manylinux_2_28_x86_64")
+PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64",
+             "manylinux1_x86_64")
 ABIS = ("cp312", "abi3", "none")
 # What one carried call may bring along (the device tool's limit), less room for the repo's
 # other untracked files.
@@ -166,3 +169,16 @@ def install(wheels: list[Path], target: Path) -> str:
         with zipfile.ZipFile(wheel) as archive:
             archive.extractall(target)
     return f"unpacked {len(wheels)} wheels into {target} (no pip in this image)"
+
+
+def constraints() -> str:
+    """pip constraints pinning every carried wheel's version: deploy/Dockerfile.cuda installs
+    pipeserve under them, so the CUDA image runs the versions the GPU check ran."""
+    return "".join(f"{w.dist}=={w.version}\n" for w in WHEELS)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["--constraints"]:
+        sys.stdout.write(constraints())
+    else:
+        print(" ".join(download_command()))
