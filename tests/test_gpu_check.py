@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench" / "gpu"))
 
@@ -85,3 +87,25 @@ def test_cuda_image_installs_the_checked_versions():
     result = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu" / "wheels.py"), "--constraints"],
                             capture_output=True, text=True, check=True)
     assert result.stdout.splitlines() == [f"{w.dist}=={w.version}" for w in wheels.WHEELS]
+
+
+def test_model_pieces_are_laid_out_per_call_and_joined_back(tmp_path):
+    import carry
+
+    big, small = tmp_path / "big-1.0-py3-none-any.whl", tmp_path / "small-1.0-py3-none-any.whl"
+    big.write_bytes(bytes(range(256)) * 10)  # 2560 bytes: 3 pieces of at most 1000
+    small.write_bytes(b"x" * 300)
+    root = tmp_path / "carry"
+    folders = carry.lay_out([big, small], root, piece=1000)
+    assert folders == 3
+    assert all(sum(p.stat().st_size for p in (root / str(i)).glob("*.part*")) <= 1000 for i in range(1, 4))
+    with pytest.raises(FileNotFoundError, match="big-1.0-py3-none-any.whl: 2 of 3 pieces"):
+        moved = next((root / "3").glob("big*.part*"))  # the last folder not carried yet
+        hidden = moved.rename(tmp_path / moved.name)
+        carry.reassemble(tmp_path / "joined", root)
+    hidden.rename(moved)
+    joined = carry.reassemble(tmp_path / "joined", root)
+    assert [p.read_bytes() for p in joined] == [big.read_bytes(), small.read_bytes()]
+    next((root / "1").glob("big*.part00")).write_bytes(b"\0" * 1000)  # a corrupted piece
+    with pytest.raises(FileNotFoundError, match="sha256 mismatch"):
+        carry.reassemble(tmp_path / "joined", root)

