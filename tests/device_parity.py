@@ -88,8 +88,9 @@ class Case:
     keep: Callable[[dict[str, Any]], torch.Tensor] | None = None  # which positions count (not padding)
 
 
-def load_ours(case: Case, directory: Path, device: str, dtype: torch.dtype) -> nn.Module:
-    """Our model as LoadModel builds it (the pipeline's model, or the family's head), on device."""
+def load_ours(case: Case, directory: Path, device: str, dtype: torch.dtype) -> tuple[nn.Module, Callable[[], None]]:
+    """Our model as LoadModel builds it (the pipeline's model, or the family's head), on device,
+    and what releases it (the pipeline's close: its engine and caches too)."""
     from harness import load_pipeline
     from pipeserve.hub import resolve
     from pipeserve.packed_linear import pack_linears
@@ -99,12 +100,12 @@ def load_ours(case: Case, directory: Path, device: str, dtype: torch.dtype) -> n
     dtype_name = str(dtype).removeprefix("torch.")
     if case.head is None:
         pipe = load_pipeline(directory, device=device, dtype=dtype_name)
-        return pipe.model
+        return pipe.model, pipe.close
     files = resolve(str(directory))
     model = importlib.import_module(FAMILIES[files.config["model_type"]]).load_model(
         files, LoadOptions(device=device, dtype=dtype_name), case.head)
     pack_linears(model)  # as loading.load_pipeline does (CPU only; a no-op on CUDA)
-    return model
+    return model, lambda: None
 
 
 def _encoder_case(family: str) -> Case:
@@ -285,7 +286,7 @@ class ParityResult:
 def logits_parity(case: Case, directory: Path, reference: nn.Module, device: str,
                   dtype: torch.dtype) -> ParityResult:
     """Loads ours on device in dtype, checks every weight landed there, and measures both errors."""
-    ours = load_ours(case, directory, device, dtype)
+    ours, release = load_ours(case, directory, device, dtype)
     target = torch.device(device)
     for name, tensor in list(ours.named_parameters()) + list(ours.named_buffers()):
         assert tensor.device.type == target.type, f"{case.name}: {name} is on {tensor.device}, not {device}"
@@ -293,10 +294,13 @@ def logits_parity(case: Case, directory: Path, reference: nn.Module, device: str
             raise AssertionError(f"{case.name}: {name} is {tensor.dtype}, loaded as {dtype}")
     inputs = case.inputs(reference, directory)
     peer = _peer(reference, device, dtype)
-    with torch.no_grad():
-        truth = case.reference(reference, inputs)
-        peer_out = case.reference(peer, to_device(inputs, device, dtype))
-        out = case.ours(ours, to_device(inputs, device, dtype))
+    try:
+        with torch.no_grad():
+            truth = case.reference(reference, inputs)
+            peer_out = case.reference(peer, to_device(inputs, device, dtype))
+            out = case.ours(ours, to_device(inputs, device, dtype))
+    finally:
+        release()
     if case.keep is not None:
         keep = case.keep(inputs)
         truth, peer_out, out = truth[keep], peer_out.cpu()[keep], out.cpu()[keep]

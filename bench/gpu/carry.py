@@ -57,21 +57,23 @@ def split_models(python: str) -> None:
 
 
 def lay_out(wheels: list[Path], root: Path, piece: int = PIECE) -> int:
-    """Cuts each wheel into pieces of at most `piece` bytes, filling root/1, root/2, ... up to
-    `piece` bytes each, with a manifest (sha256, piece count) per wheel in root/1; -> folders used."""
-    folder, used = 1, 0
+    """Cuts the wheels into root/1, root/2, ... of at most `piece` bytes each, every folder filled
+    before the next is started (a wheel may span folders), with a manifest (sha256, piece count)
+    per wheel in root/1; -> the number of folders."""
+    folder, room = 1, piece
     for wheel in wheels:
         data = wheel.read_bytes()
-        for index in range(0, len(data), piece):
-            chunk = data[index:index + piece]
-            if used + len(chunk) > piece:
-                folder, used = folder + 1, 0
+        offset, index = 0, 0
+        while offset < len(data):
+            if room == 0:
+                folder, room = folder + 1, piece
+            chunk = data[offset:offset + room]
             (root / str(folder)).mkdir(parents=True, exist_ok=True)
-            (root / str(folder) / f"{wheel.name}.part{index // piece:02d}").write_bytes(chunk)
-            used += len(chunk)
+            (root / str(folder) / f"{wheel.name}.part{index:02d}").write_bytes(chunk)
+            offset, index, room = offset + len(chunk), index + 1, room - len(chunk)
         (root / "1").mkdir(parents=True, exist_ok=True)
         (root / "1" / f"{wheel.name}.sha256").write_text(json.dumps(
-            {"sha256": hashlib.sha256(data).hexdigest(), "pieces": -(-len(data) // piece)}))
+            {"sha256": hashlib.sha256(data).hexdigest(), "pieces": index}))
     return folder
 
 
