@@ -232,7 +232,9 @@ def main() -> int:
     results: dict = {"device": args.device, "dtype": args.dtype if args.device.startswith("cuda") else "float32",
                      "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
                      "torch": torch.__version__}
-    server = make_server(max_message_bytes=256 << 20)
+    # The server's default device as a CUDA deployment sets it (deploy/Dockerfile.cuda): the
+    # compute lane is a CPU arrangement and stays off.
+    server = make_server(max_message_bytes=256 << 20, device=args.device, dtype=results["dtype"])
     try:
         if "whisper" in args.only:
             for name, directory in whisper_models(work).items():
