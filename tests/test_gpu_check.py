@@ -110,3 +110,21 @@ def test_model_pieces_are_laid_out_per_call_and_joined_back(tmp_path):
     next((root / "1").glob("big*.part00")).write_bytes(b"\0" * 1000)  # a corrupted piece
     with pytest.raises(FileNotFoundError, match="sha256 mismatch"):
         carry.reassemble(tmp_path / "joined", root)
+
+
+def test_install_puts_a_wheel_in_the_target_without_an_index(tmp_path):
+    import zipfile
+
+    wheel = tmp_path / "demo_pkg-1.0-py3-none-any.whl"
+    files = {"demo_pkg/__init__.py": "VALUE = 42\n",
+             "demo_pkg-1.0.dist-info/METADATA": "Metadata-Version: 2.1\nName: demo-pkg\nVersion: 1.0\n",
+             "demo_pkg-1.0.dist-info/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+    files["demo_pkg-1.0.dist-info/RECORD"] = "".join(f"{name},,\n" for name in files) + "demo_pkg-1.0.dist-info/RECORD,,\n"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        for name, text in files.items():
+            archive.writestr(name, text)
+    target = tmp_path / "site"
+    assert "1 wheels" in wheels.install([wheel], target)
+    result = subprocess.run([sys.executable, "-c", "import demo_pkg; print(demo_pkg.VALUE)"],
+                            env={"PYTHONPATH": str(target)}, capture_output=True, text=True)
+    assert result.stdout.strip() == "42", result.stderr

@@ -146,7 +146,8 @@ def check(folder: Path, wanted: list[Wheel] | None = None) -> WheelCheck:
     for wheel in wanted:
         path = find_wheel(folder, wheel)
         (present if path else missing).append(path or wheel)
-    total = sum(p.stat().st_size for p in folder.glob("*.whl")) if folder.is_dir() else 0
+    # everything in the folder travels: the wheels and the other carried files (bench/gpu/carry.py)
+    total = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else 0
     return WheelCheck(present, missing, total)
 
 
