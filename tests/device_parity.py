@@ -248,7 +248,7 @@ def _ctc_case(variant: str) -> Case:
         return {"input_values": torch.from_numpy(ck.audio(1.3, seed=3))[None]}
 
     # 7 convolutions of the feature encoder, then the transformer layers.
-    return Case(name=variant, depth=2 + 7, build=build, inputs=inputs, head="ctc",
+    return Case(name="wav2vec2-" + variant if not variant.startswith("hubert") else variant, depth=2 + 7, build=build, inputs=inputs, head="ctc",
                 ours=lambda m, x: m(x["input_values"]), reference=lambda m, x: m(**x).logits)
 
 
@@ -273,6 +273,11 @@ class ParityResult:
     vs_truth: float  # max |ours - transformers float32 CPU|
     vs_peer: float  # max |ours - transformers on device in dtype|
     peer_vs_truth: float  # transformers' own error in this dtype, for the report
+
+    def __str__(self) -> str:
+        return (f"{self.case:<20} {self.dtype:<8} {self.device}: |ours-truth| {self.vs_truth:.3g}, "
+                f"|ours-transformers| {self.vs_peer:.3g}, |transformers-truth| {self.peer_vs_truth:.3g}, "
+                f"tolerance {self.tol:.3g} (logit scale {self.scale:.3g})")
 
     def check(self) -> None:
         assert self.vs_truth <= self.tol, (

@@ -36,6 +36,7 @@ def built(tmp_path_factory):
 def test_bfloat16_parity_on_cpu(built, name):
     directory, reference = built(name)
     result = dp.logits_parity(dp.CASES[name], directory, reference, "cpu", torch.bfloat16)
+    print(f"\nPARITY {result}")  # scripts/gpu-check --device cpu collects these lines
     result.check()
     # ours really ran in bfloat16: not float32-exact, and about as far from the truth as
     # transformers' own bfloat16 run
