@@ -198,3 +198,43 @@ def test_the_limits_table_bounds_what_it_names():
     with pytest.raises(InvalidParameter) as error:
         limits.check(tg.GenerateRequest(options=tg.GenerationOptions(repetition_penalty=0.0)))
     assert error.value.metadata["field"] == "options.repetition_penalty" and "(0, 100]" in error.value.message
+
+
+def _encoded(samples, rate: int, fmt: str = "FLAC") -> bytes:
+    import io
+
+    import soundfile as sf
+
+    buffer = io.BytesIO()
+    sf.write(buffer, samples, rate, format=fmt)
+    return buffer.getvalue()
+
+
+def test_encoded_audio_that_decodes_to_far_more_than_its_bytes_is_refused_while_decoding(monkeypatch):
+    """FLAC of digital silence: 2.8 kB -> 60 s (345 samples per byte). Past the floor (lowered
+    here to 10 s so the test stays small) such a file is refused; real audio of the same
+    length (noise: ~1 sample per byte) decodes."""
+    import numpy as np
+
+    from pipeserve import audio
+    from pipeserve.errors import InputTooLarge
+
+    monkeypatch.setattr(audio, "DECODED_SAMPLES_FLOOR", 16000 * 10)
+    silence = _encoded(np.zeros(16000 * 60, "float32"), 16000)
+    with pytest.raises(InputTooLarge) as error:
+        audio.decode_audio(silence, max_seconds=3600)
+    assert error.value.metadata["field"] == "audio.data" and len(silence) < 10_000
+    noise = _encoded(np.random.default_rng(0).uniform(-0.5, 0.5, 16000 * 60).astype("float32"), 16000)
+    wave, rate = audio.decode_audio(noise, max_seconds=3600)
+    assert wave.shape == (1, 16000 * 60) and rate == 16000
+
+
+def test_encoded_audio_below_4_khz_is_refused_before_decoding():
+    import numpy as np
+
+    from pipeserve import audio
+    from pipeserve.errors import InvalidInput
+
+    with pytest.raises(InvalidInput) as error:
+        audio.decode_audio(_encoded(np.zeros(2000, "float32"), 1000, "WAV"))
+    assert error.value.metadata["field"] == "audio.data" and "4000" in error.value.message

@@ -31,12 +31,12 @@ MIN_SAMPLE_RATE = 4_000
 MAX_RAW_SAMPLE_RATE = 192_000
 MAX_SAMPLE_RATE = 768_000
 MAX_CHANNELS = 64
-# Work per request byte for encoded audio: decoded samples (frames x channels) may exceed
-# this many per input byte only within the floor below. Speech codecs reach ~100 (Opus at
-# 16 kb/s decodes to 48 kHz); only near-silent lossless files (FLAC of digital silence) go
-# beyond 1,000, and those are refused past the floor instead of being decoded.
-MAX_DECODED_SAMPLES_PER_BYTE = 1024
-DECODED_SAMPLES_FLOOR = 30 * 60 * 48_000  # 30 minutes of 48 kHz mono, whatever the file size
+# Work per request byte for encoded audio: past the floor, an input may decode to at most
+# this many samples (frames x channels) per byte. Real codecs stay far below: 16-bit FLAC
+# ~1, MP3 at 32 kb/s ~4, Opus at 16 kb/s (decoded at 48 kHz) ~24; FLAC of digital silence
+# reaches ~345, and such a file longer than the floor is refused instead of decoded.
+MAX_DECODED_SAMPLES_PER_BYTE = 256
+DECODED_SAMPLES_FLOOR = 1 << 24  # 64 MiB of float32 (17 min of 16 kHz mono), whatever the file size
 _DECODE_BLOCK_FRAMES = 1 << 16
 # torchaudio.functional.resample defaults.
 LOWPASS_FILTER_WIDTH = 6
