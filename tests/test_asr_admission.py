@@ -144,3 +144,68 @@ def test_many_concurrent_transcriptions_either_finish_or_are_refused_at_once(ser
     refused = [s for kind, s in outcomes if kind != "OK"]
     assert all(s < 10 for s in refused), outcomes
     _wait_for_depth(handle, model, (0, 0))
+
+
+# ---- the gate itself ------------------------------------------------------------------------------
+def test_gate_runs_n_queues_m_and_refuses_the_next_in_arrival_order():
+    from pipeserve.admission import Admission
+    from pipeserve.errors import QueueFull
+
+    async def scenario():
+        admission = Admission(running=1, max_waiting=2)
+        order: list[str] = []
+        first_in = asyncio.Event()
+        release_first = asyncio.Event()
+
+        async def call(name: str, hold: asyncio.Event | None = None):
+            async with admission.slot("m"):
+                order.append(name)
+                if hold is not None:
+                    first_in.set()
+                    await hold.wait()
+
+        first = asyncio.create_task(call("a", release_first))
+        await first_in.wait()
+        waiting = [asyncio.create_task(call(n)) for n in ("b", "c")]
+        await asyncio.sleep(0)
+        assert admission.depth_by_model() == {"m": (1, 2)}
+        with pytest.raises(QueueFull) as error:
+            async with admission.slot("m"):
+                pass
+        assert error.value.metadata["retry_after_ms"] and error.value.metadata["limit"] == "2"
+        release_first.set()
+        await asyncio.gather(first, *waiting)
+        assert order == ["a", "b", "c"] and admission.depth_by_model() == {}
+
+    asyncio.run(scenario())
+
+
+def test_a_waiter_that_leaves_frees_its_place_and_never_loses_a_slot():
+    from pipeserve.admission import Admission
+
+    async def scenario():
+        admission = Admission(running=1, max_waiting=2)
+        gate = admission.gate("m", 0)
+        await gate.acquire()                              # the running call
+        leaving = asyncio.create_task(gate.acquire())
+        staying = asyncio.create_task(gate.acquire())
+        await asyncio.sleep(0)
+        leaving.cancel()                                  # leaves while waiting
+        await asyncio.sleep(0)
+        assert gate.waiting == 1 and gate.active == 1
+        gate.release()                                    # the slot goes to the one still waiting
+        await staying
+        assert gate.active == 1 and gate.waiting == 0
+        # A waiter cancelled in the same loop turn as its slot arrives passes the slot on.
+        racing = asyncio.create_task(gate.acquire())
+        after = asyncio.create_task(gate.acquire())
+        await asyncio.sleep(0)
+        gate.release()                                    # granted to `racing`...
+        racing.cancel()                                   # ...which leaves before it runs
+        await asyncio.gather(racing, return_exceptions=True)
+        await asyncio.wait_for(after, 5)                  # so `after` gets it
+        assert gate.active == 1 and gate.waiting == 0
+        gate.release()
+        assert gate.idle
+
+    asyncio.run(scenario())
