@@ -663,6 +663,7 @@ def test_zz_server_memory_after_the_fuzz_stays_near_its_baseline(live):
     live, _ = live
     _still_serving(live)
     grown = rss_bytes(live.pid) - live.baseline_rss
+    print(f"server RSS: {live.baseline_rss / (1 << 20):.0f} MiB after warm-up, {grown / (1 << 20):+.0f} MiB after the fuzz")
     assert grown < RSS_SLACK, f"server RSS grew by {grown / (1 << 20):.0f} MiB during the fuzz"
 
 
