@@ -5,6 +5,10 @@ Transcribe and TranscribeStream run the pipeline's segment generator on a worker
 StreamingTranscribe feeds live chunks to the pipeline's live stream. Leaving early (client
 cancelled, deadline passed) sets a stop flag the decoding loop checks between steps, so work
 stops at once and the stream's buffers are dropped. No torch here.
+
+Every request's fields are checked against api/limits.py first; then each call takes one of its
+model's admission slots (pipeserve.admission: QUEUE_FULL at once when the model's queue is
+full) before it decodes audio or opens a live stream, which holds its slot while open.
 """
 from __future__ import annotations
 
