@@ -238,3 +238,43 @@ def test_encoded_audio_below_4_khz_is_refused_before_decoding():
     with pytest.raises(InvalidInput) as error:
         audio.decode_audio(_encoded(np.zeros(2000, "float32"), 1000, "WAV"))
     assert error.value.metadata["field"] == "audio.data" and "4000" in error.value.message
+
+
+def test_zero_shot_tokenizes_a_long_sequence_once_not_once_per_label(tmp_path):
+    """A 1 MB sequence with 32 labels took 81 s: each label re-tokenized the whole text. The
+    premise is now tokenized once and cut after the words the model can see; the scores are
+    those of the uncut computation."""
+    pytest.importorskip("transformers")
+    from harness import load_pipeline
+    from zero_shot_docqa_checkpoints import build_encoder_nli
+
+    from pipeserve.errors import InputTooLarge
+    from pipeserve.pipelines import zero_shot_classification as zs
+
+    pipe = load_pipeline(build_encoder_nli("bert", tmp_path / "nli"))
+    sequence = "The election results were announced today, said the quick brown fox. " * 600  # ~42k chars
+    request = zs.ZeroShotRequest(sequence, tuple(f"topic {i}" for i in range(8)))
+    options = pipe.resolve_options({"truncation": True})
+
+    seen: list[int] = []
+    encode = pipe.tokenizer.encode
+
+    def counting(texts, pairs=None, **kwargs):
+        seen.append(sum(len(t) for t in texts))
+        return encode(texts, pairs, **kwargs)
+
+    pipe.tokenizer.encode = counting
+    cut = pipe.classify([request], options)[0]
+    assert sum(seen) < 2 * len(sequence), f"{sum(seen)} premise characters tokenized for a {len(sequence)}-character text"
+    pipe.tokenizer.encode = encode
+    original = zs._CUT_BEYOND_CHARS_PER_TOKEN
+    try:
+        zs._CUT_BEYOND_CHARS_PER_TOKEN = 1 << 30  # the uncut computation, for reference
+        full = pipe.classify([request], options)[0]
+    finally:
+        zs._CUT_BEYOND_CHARS_PER_TOKEN = original
+    assert [label for label, _ in cut.labels] == [label for label, _ in full.labels]
+    assert all(abs(a - b) < 1e-6 for (_, a), (_, b) in zip(cut.labels, full.labels))
+    with pytest.raises(InputTooLarge) as error:
+        pipe.classify([request], pipe.resolve_options({"truncation": False}))
+    assert error.value.metadata["field"] == "sequence"
