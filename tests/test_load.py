@@ -31,3 +31,28 @@ def test_short_load_run_has_no_errors_and_memory_returns(tmp_path):
     # Six callers and one model: the image calls shared batches.
     assert max(report["mean_batch_size"].values()) > 1.0
     assert report["memory"]["returned_to_baseline"], report["memory"]
+
+
+def test_overload_past_max_queue_is_refused_only_with_queue_full_and_memory_returns(tmp_path):
+    """Every task, the three speech-recognition calls (unary, server-streamed, live) included,
+    past a queue bound of 2: the refusals are RESOURCE_EXHAUSTED / QUEUE_FULL only, answered at
+    once, every task still completes calls, and the server's RSS returns to its baseline.
+    (Before speech recognition was admitted through a bounded queue, its calls queued without
+    bound and it had no refusals at all: 16 callers, most of them inside 1-second
+    transcriptions, against 2 running + 2 waiting slots leave no room for that.)"""
+    sys.path.insert(0, str(ROOT / "bench" / "load"))
+    try:
+        import run as load_bench
+    finally:
+        sys.path.remove(str(ROOT / "bench" / "load"))
+    report = load_bench.main(["--clients", "16", "--duration", "5", "--max-queue", "2", "--max-batch-size", "2",
+                              "--max-new-tokens", "4", "--settle", "2", "--out", str(tmp_path)])
+    assert report["refusals"]["only_queue_full"], report["refusals"]
+    for task in load_bench.TASKS:
+        row = report["results"][task]
+        assert row["calls"] > 0, (task, row)
+        if row["refusal_p99_ms"] is not None:
+            assert row["refusal_p99_ms"] < 5000, (task, row)  # refused at once, not after queueing
+    speech_refusals = sum(report["results"][t]["errors"].get(load_bench.QUEUE_FULL, 0) for t in load_bench.SPEECH_TASKS)
+    assert speech_refusals > 0, report["results"]
+    assert report["memory"]["returned_to_baseline"], report["memory"]

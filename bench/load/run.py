@@ -2,16 +2,23 @@
 process started here on 127.0.0.1 (no other host is ever contacted).
 
 Each client loops over the tasks in turn (one call in flight per client), so the server sees N
-concurrent callers mixed across models. Reported per task and overall: calls, throughput,
-p50/p90/p99 latency, errors by status code (none are expected while the queue bound is not
-reached), the server's mean batch size per model (from its /metrics), and the server's resident
-memory (RSS) after warm-up, at the end of the load and after an idle settle period, to show
-that memory returns to its baseline instead of growing with the number of calls.
+concurrent callers mixed across models. Speech recognition is driven three ways: Transcribe,
+TranscribeStream (segments streamed) and StreamingTranscribe (live audio in chunks). Reported
+per task and overall: calls, throughput, p50/p90/p99 latency, errors by status code and
+ErrorInfo reason, the server's mean batch size per model (from its /metrics), and the server's
+resident memory (RSS) after warm-up, at the end of the load and after an idle settle period,
+to show that memory returns to its baseline instead of growing with the number of calls.
+
+Past the queue bound (more clients than --max-queue lets wait) the only refusals allowed are
+RESOURCE_EXHAUSTED / QUEUE_FULL, answered at once; a refused client backs off for the
+retry_after_ms the server suggests and tries again. The report says whether that held.
 
 Models: tiny random checkpoints built here with transformers (ViT image classification,
-GPT-2 text generation, BERT text classification), or your own with --model TASK=PATH.
+GPT-2 text generation, BERT text classification, Whisper speech recognition), or your own
+with --model TASK=PATH (the three speech tasks share the speech-recognition model).
 
     PYTHONPATH=service:tests python bench/load/run.py --clients 16 --duration 30
+    PYTHONPATH=service:tests python bench/load/run.py --clients 64 --max-queue 4 --duration 30
     PYTHONPATH=service:tests python bench/load/run.py --model image-classification=/models/vit --tasks image-classification
 """
 from __future__ import annotations
@@ -35,11 +42,21 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT / "service"), str(ROOT / "tests")]
 
 LOOPBACK = "127.0.0.1"
-TASKS = ("image-classification", "text-generation", "text-classification")
+TASKS = ("image-classification", "text-generation", "text-classification", "speech-recognition",
+         "speech-recognition-stream", "speech-recognition-live")
+SPEECH_TASKS = ("speech-recognition", "speech-recognition-stream", "speech-recognition-live")
+# The server task whose model each load task uses.
+MODEL_TASK = {**{t: t for t in TASKS}, **{t: "automatic-speech-recognition" for t in SPEECH_TASKS}}
+SERVICES = {"image-classification": "pipeserve.v1.ImageClassificationService",
+            "text-generation": "pipeserve.v1.TextGenerationService",
+            "text-classification": "pipeserve.v1.TextClassificationService",
+            "automatic-speech-recognition": "pipeserve.v1.SpeechRecognitionService"}
+QUEUE_FULL = "RESOURCE_EXHAUSTED/QUEUE_FULL"
 
 
 # ---- models ---------------------------------------------------------------------------------------
 def build_models(tasks: list[str], directory: Path) -> dict[str, str]:
+    """Server task -> a tiny random checkpoint for it."""
     out = {}
     if "image-classification" in tasks:
         from ops_testing import build_tiny_vit
@@ -55,17 +72,41 @@ def build_models(tasks: list[str], directory: Path) -> dict[str, str]:
 
         path, _, _ = build_checkpoint("bert", "sequence_classification", directory / "bert")
         out["text-classification"] = str(path)
+    if "automatic-speech-recognition" in tasks:
+        import whisper_checkpoints
+
+        out["automatic-speech-recognition"] = str(whisper_checkpoints.build(directory / "whisper", multilingual=False))
     return out
 
 
 # ---- requests -------------------------------------------------------------------------------------
 def request_makers(max_new_tokens: int):
-    """task -> (stub class path, method, request factory taking a counter)."""
+    """task -> (stub module, stub class, method, request factory taking a counter). The live
+    task's factory returns the list of messages the client streams."""
+    import numpy as np
+
     from ops_testing import png
-    from pipeserve.v1 import (common_pb2, image_classification_pb2 as image_pb, text_classification_pb2 as text_pb,
-                              text_generation_pb2 as gen_pb)
+    from pipeserve.v1 import (common_pb2, image_classification_pb2 as image_pb, speech_recognition_pb2 as asr_pb,
+                              text_classification_pb2 as text_pb, text_generation_pb2 as gen_pb)
 
     images = [png(seed, (64, 48)) for seed in range(16)]
+    # One second of a tone per request (a different pitch each), 16 kHz float32.
+    tones = [(0.2 * np.sin(np.arange(16000) * (0.02 + 0.01 * k))).astype("<f4").tobytes() for k in range(8)]
+    asr_options = asr_pb.TranscriptionOptions(max_new_tokens=max_new_tokens)
+
+    def audio(i: int):
+        return common_pb2.AudioInput(raw=common_pb2.RawAudio(samples=tones[i % len(tones)], sample_rate=16000,
+                                                             format=common_pb2.SAMPLE_FORMAT_FLOAT32_LE))
+
+    def live(i: int):
+        samples = tones[i % len(tones)]
+        config = asr_pb.StreamingConfig(format=common_pb2.SAMPLE_FORMAT_FLOAT32_LE, sample_rate=16000, channels=1,
+                                        options=asr_options)
+        half = len(samples) // 2
+        return [asr_pb.StreamingTranscribeRequest(config=config),
+                asr_pb.StreamingTranscribeRequest(audio=asr_pb.AudioChunk(samples=samples[:half])),
+                asr_pb.StreamingTranscribeRequest(audio=asr_pb.AudioChunk(samples=samples[half:]))]
+
     sentences = ["The quick brown fox jumps over the lazy dog.", "Hello world, how are you today?",
                  "Pipelines serve models over gRPC.", "Streaming text must equal the final text."]
     return {
@@ -78,6 +119,12 @@ def request_makers(max_new_tokens: int):
                                                                  max_new_tokens=max_new_tokens, ignore_eos=True))),
         "text-classification": ("text_classification_pb2_grpc", "TextClassificationServiceStub", "ClassifyText",
                                 lambda i: text_pb.ClassifyTextRequest(text=sentences[i % len(sentences)])),
+        "speech-recognition": ("speech_recognition_pb2_grpc", "SpeechRecognitionServiceStub", "Transcribe",
+                               lambda i: asr_pb.TranscribeRequest(audio=audio(i), options=asr_options)),
+        "speech-recognition-stream": ("speech_recognition_pb2_grpc", "SpeechRecognitionServiceStub", "TranscribeStream",
+                                      lambda i: asr_pb.TranscribeStreamRequest(audio=audio(i), options=asr_options)),
+        "speech-recognition-live": ("speech_recognition_pb2_grpc", "SpeechRecognitionServiceStub",
+                                    "StreamingTranscribe", live),
     }
 
 
@@ -143,37 +190,77 @@ def batch_sizes(metrics_port: int) -> dict[str, float]:
 
 
 # ---- the load -------------------------------------------------------------------------------------
+def _refusal(exc) -> tuple[str, float]:
+    """'CODE/REASON' of a failed call, and the backoff it suggests (seconds)."""
+    from grpc_testing import error_reason
+
+    reason = error_reason(exc)
+    kind = f"{exc.code().name}/{reason}" if reason else exc.code().name
+    retry_ms = 0.0
+    from google.rpc import error_details_pb2
+    from grpc_status import rpc_status
+
+    status = rpc_status.from_call(exc)
+    for detail in (status.details if status else []):
+        info = error_details_pb2.ErrorInfo()
+        if detail.Unpack(info) and "retry_after_ms" in info.metadata:
+            retry_ms = float(info.metadata["retry_after_ms"])
+    return kind, retry_ms / 1000.0
+
+
+async def _invoke(call, method: str, request, timeout: float) -> None:
+    if method == "StreamingTranscribe":
+        # Through the sync API on a thread: grpc.aio's client overwrites the server's status
+        # with INTERNAL "Internal error from Core" when a write races the server ending the
+        # call (a QUEUE_FULL refusal while audio is still being sent; grpc/grpc#36066).
+        await asyncio.get_running_loop().run_in_executor(None, lambda: list(call(iter(request), timeout=timeout)))
+    elif method == "TranscribeStream":
+        async for _ in call(request, timeout=timeout):
+            pass
+    else:
+        await call(request, timeout=timeout)
+
+
 async def run_load(port: int, tasks: list[str], clients: int, duration: float, max_new_tokens: int,
                    timeout: float) -> dict[str, dict]:
     import importlib
 
     import grpc
 
+    from concurrent.futures import ThreadPoolExecutor
+
     makers = request_makers(max_new_tokens)
-    results = {task: {"latencies": [], "errors": {}} for task in tasks}
+    results = {task: {"latencies": [], "errors": {}, "refusal_latencies": []} for task in tasks}
+    asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(max(4, clients)))
+    sync_channel = grpc.insecure_channel(f"{LOOPBACK}:{port}")
     async with grpc.aio.insecure_channel(f"{LOOPBACK}:{port}") as channel:
         calls = {}
         for task in tasks:
             module, stub_name, method, factory = makers[task]
-            stub = getattr(importlib.import_module(f"pipeserve.v1.{module}"), stub_name)(channel)
-            calls[task] = (getattr(stub, method), factory)
+            stub_class = getattr(importlib.import_module(f"pipeserve.v1.{module}"), stub_name)
+            stub = stub_class(sync_channel if method == "StreamingTranscribe" else channel)
+            calls[task] = (getattr(stub, method), method, factory)
         stop_at = time.perf_counter() + duration
 
         async def client(index: int) -> None:
             i = index
             while time.perf_counter() < stop_at:
                 task = tasks[i % len(tasks)]
-                call, factory = calls[task]
+                call, method, factory = calls[task]
                 started = time.perf_counter()
                 try:
-                    await call(factory(i), timeout=timeout)
+                    await _invoke(call, method, factory(i), timeout)
                     results[task]["latencies"].append(time.perf_counter() - started)
-                except grpc.aio.AioRpcError as exc:
+                except grpc.RpcError as exc:  # AioRpcError, and the sync API's errors
+                    kind, backoff = _refusal(exc)
                     errors = results[task]["errors"]
-                    errors[exc.code().name] = errors.get(exc.code().name, 0) + 1
+                    errors[kind] = errors.get(kind, 0) + 1
+                    results[task]["refusal_latencies"].append(time.perf_counter() - started)
+                    await asyncio.sleep(min(backoff, 1.0))
                 i += 1
 
         await asyncio.gather(*(client(i) for i in range(clients)))
+    sync_channel.close()
     return results
 
 
@@ -191,6 +278,8 @@ def summarize(raw: dict[str, dict], duration: float) -> dict:
         lat = r["latencies"]
         everything += lat
         rows[task] = {"calls": len(lat), "errors": r["errors"], "throughput_per_s": round(len(lat) / duration, 2),
+                      "refusal_p99_ms": round(percentile(r["refusal_latencies"], 99) * 1000, 2)
+                      if r["refusal_latencies"] else None,
                       "p50_ms": round(percentile(lat, 50) * 1000, 2), "p90_ms": round(percentile(lat, 90) * 1000, 2),
                       "p99_ms": round(percentile(lat, 99) * 1000, 2),
                       "mean_ms": round(statistics.fmean(lat) * 1000, 2) if lat else None}
@@ -210,11 +299,15 @@ def markdown(report: dict) -> str:
              f"Machine: {report['machine']}. Server on {LOOPBACK}, one call in flight per client, "
              f"max_batch_size {c['max_batch_size']}, max_batch_wait_ms {c['max_batch_wait_ms']}, "
              f"max_queue {c['max_queue']}.", "",
-             "| task | calls | errors | calls/s | p50 ms | p90 ms | p99 ms |", "| --- | ---: | --- | ---: | ---: | ---: | ---: |"]
+             "| task | calls | refused / errors | refusal p99 ms | calls/s | p50 ms | p90 ms | p99 ms |",
+             "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
     for task, row in report["results"].items():
         errors = ", ".join(f"{k} {v}" for k, v in row["errors"].items()) or "0"
-        lines.append(f"| {task} | {row['calls']} | {errors} | {row['throughput_per_s']} | {row['p50_ms']} | "
-                     f"{row['p90_ms']} | {row['p99_ms']} |")
+        lines.append(f"| {task} | {row['calls']} | {errors} | {row.get('refusal_p99_ms') or '-'} | "
+                     f"{row['throughput_per_s']} | {row['p50_ms']} | {row['p90_ms']} | {row['p99_ms']} |")
+    r = report["refusals"]
+    lines += ["", f"Refusals: {r['total']} ({', '.join(f'{k} {v}' for k, v in r['by_kind'].items()) or 'none'}); "
+              f"only QUEUE_FULL: {'yes' if r['only_queue_full'] else 'NO'}."]
     m = report["memory"]
     lines += ["", "Mean batch size per model (server /metrics): " +
               ", ".join(f"{Path(k).name} {v}" for k, v in report["mean_batch_size"].items()), "",
@@ -250,22 +343,20 @@ def main(argv: list[str] | None = None) -> dict:
     unknown = set(tasks) - set(TASKS)
     if unknown:
         raise SystemExit(f"unknown tasks {sorted(unknown)}; choose from {TASKS}")
+    model_tasks = sorted({MODEL_TASK[t] for t in tasks})
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
     with tempfile.TemporaryDirectory(prefix="pipeserve-load-") as tmp:
-        models = dict(m.split("=", 1) for m in args.model)
-        models.update(build_models([t for t in tasks if t not in models], Path(tmp)))
+        models = {MODEL_TASK.get(k, k): v for k, v in (m.split("=", 1) for m in args.model)}
+        models.update(build_models([t for t in model_tasks if t not in models], Path(tmp)))
         process, port, metrics_port = start_server(
             models, ["--max-batch-size", str(args.max_batch_size), "--max-batch-wait-ms", str(args.max_batch_wait_ms),
                      "--max-queue", str(args.max_queue),
                      "--compute-lanes", str(args.compute_lanes)], Path(tmp) / "server.log")
         try:
-            services = {"image-classification": "pipeserve.v1.ImageClassificationService",
-                        "text-generation": "pipeserve.v1.TextGenerationService",
-                        "text-classification": "pipeserve.v1.TextClassificationService"}
             try:
-                wait_serving(port, [services[t] for t in tasks], process)
+                wait_serving(port, [SERVICES[t] for t in model_tasks], process)
             except SystemExit:
                 print((Path(tmp) / "server.log").read_text()[-4000:], file=sys.stderr)
                 raise
@@ -288,13 +379,17 @@ def main(argv: list[str] | None = None) -> dict:
 
     mib = 1 << 20
     delta = (settled - baseline) / mib
+    results = summarize(raw, args.duration)
+    refusals = results["all"]["errors"]
     report = {
         "config": {"clients": args.clients, "duration_s": args.duration, "tasks": tasks,
                    "max_new_tokens": args.max_new_tokens, "max_batch_size": args.max_batch_size,
                    "max_batch_wait_ms": args.max_batch_wait_ms, "max_queue": args.max_queue,
                    "models": {t: Path(p).name for t, p in models.items()}},
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
-        "results": summarize(raw, args.duration),
+        "results": results,
+        "refusals": {"total": sum(refusals.values()), "by_kind": refusals,
+                     "only_queue_full": set(refusals) <= {QUEUE_FULL}},
         "mean_batch_size": mean_batch,
         "memory": {"baseline_mib": round(baseline / mib, 1), "end_of_load_mib": round(end_of_load / mib, 1),
                    "settled_mib": round(settled / mib, 1), "settle_s": args.settle,

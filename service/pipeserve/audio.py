@@ -23,9 +23,21 @@ from .errors import InputTooLarge, InvalidInput, UnsupportedFormat
 
 # Whisper / wav2vec2 models are trained on 16 kHz audio.
 MODEL_SAMPLE_RATE = 16_000
-# Beyond any real recording format (DXD is 352.8 kHz); keeps kernels and buffers bounded.
+# Sample rates accepted. Below 4 kHz no speech model has anything to hear, and resampling up
+# to 16 kHz multiplies the work per request byte (raw audio at 1 Hz: 6.4 kB would become
+# 1,600 s of audio). Raw PCM and live streams stop at 192 kHz (studio rates); encoded files
+# may go to 768 kHz (beyond DXD's 352.8 kHz), since their header is read before any sample.
+MIN_SAMPLE_RATE = 4_000
+MAX_RAW_SAMPLE_RATE = 192_000
 MAX_SAMPLE_RATE = 768_000
 MAX_CHANNELS = 64
+# Work per request byte for encoded audio: past the floor, an input may decode to at most
+# this many samples (frames x channels) per byte. Real codecs stay far below: 16-bit FLAC
+# ~1, MP3 at 32 kb/s ~4, Opus at 16 kb/s (decoded at 48 kHz) ~24; FLAC of digital silence
+# reaches ~345, and such a file longer than the floor is refused instead of decoded.
+MAX_DECODED_SAMPLES_PER_BYTE = 256
+DECODED_SAMPLES_FLOOR = 1 << 24  # 64 MiB of float32 (17 min of 16 kHz mono), whatever the file size
+_DECODE_BLOCK_FRAMES = 1 << 16
 # torchaudio.functional.resample defaults.
 LOWPASS_FILTER_WIDTH = 6
 ROLLOFF = 0.99
@@ -50,10 +62,13 @@ def decode_audio(data: bytes, *, max_seconds: float | None = None) -> tuple[torc
     try:
         with sf.SoundFile(io.BytesIO(data)) as f:
             rate, frames, channels = f.samplerate, f.frames, f.channels
-            _check_rate_channels(rate, channels)
+            _check_rate_channels(rate, channels, field="audio.data")
             if max_seconds is not None and frames > 0 and frames / rate > max_seconds:
                 raise _too_long(frames / rate, max_seconds)
-            samples = f.read(dtype="float32", always_2d=True)  # [frames, channels]
+            max_frames = _decodable_frames(len(data), rate, channels, max_seconds)
+            if frames > max_frames:
+                raise _too_much_per_byte(frames, channels, len(data), max_seconds, rate)
+            samples = _read_bounded(f, max_frames, len(data), max_seconds)  # [frames, channels]
     except sf.LibsndfileError as exc:
         text = (getattr(exc, "error_string", "") or str(exc)).strip()
         if "not recognised" in text.lower() or "unknown format" in text.lower():
@@ -69,22 +84,60 @@ def decode_audio(data: bytes, *, max_seconds: float | None = None) -> tuple[torc
     return waveform, rate
 
 
+def _decodable_frames(n_bytes: int, rate: int, channels: int, max_seconds: float | None) -> int:
+    """The most frames one encoded input of `n_bytes` may decode to."""
+    per_byte = max(DECODED_SAMPLES_FLOOR, MAX_DECODED_SAMPLES_PER_BYTE * n_bytes) // channels
+    by_length = math.floor(max_seconds * rate) if max_seconds is not None else per_byte
+    return min(per_byte, by_length)
+
+
+def _read_bounded(f, max_frames: int, n_bytes: int, max_seconds: float | None):
+    """Reads block by block and stops as soon as the input decodes to more frames than it
+    may: a header's frame count can be missing or wrong (streams, damaged files)."""
+    import numpy as np
+
+    blocks, total = [], 0
+    while True:
+        block = f.read(_DECODE_BLOCK_FRAMES, dtype="float32", always_2d=True)
+        if block.shape[0] == 0:
+            break
+        total += block.shape[0]
+        if total > max_frames:
+            if max_seconds is not None and total / f.samplerate > max_seconds:
+                raise _too_long(total / f.samplerate, max_seconds)
+            raise _too_much_per_byte(total, f.channels, n_bytes, max_seconds, f.samplerate)
+        blocks.append(block)
+    if not blocks:
+        return np.zeros((0, f.channels), dtype="float32")
+    return np.concatenate(blocks) if len(blocks) > 1 else blocks[0]
+
+
+def _too_much_per_byte(frames: int, channels: int, n_bytes: int, max_seconds, rate) -> InputTooLarge:
+    return InputTooLarge(
+        f"{n_bytes} bytes of encoded audio decode to more than {frames * channels:,} samples; at most "
+        f"{MAX_DECODED_SAMPLES_PER_BYTE} samples per input byte are decoded beyond the first "
+        f"{DECODED_SAMPLES_FLOOR:,} (refused while decoding)",
+        metadata={"field": "audio.data", "limit": MAX_DECODED_SAMPLES_PER_BYTE})
+
+
 def decode_raw_pcm(samples: bytes, fmt: SampleFormat | str, sample_rate: int, channels: int, *,
-                   max_seconds: float | None = None) -> tuple[torch.Tensor, int]:
+                   max_seconds: float | None = None, field: str = "audio.raw") -> tuple[torch.Tensor, int]:
     """Raw interleaved little-endian PCM -> (waveform [channels, frames] float32, sample_rate).
 
-    int16 is scaled by 1/32768 (as soundfile and transformers' ffmpeg_read do).
+    int16 is scaled by 1/32768 (as soundfile and transformers' ffmpeg_read do). `field` names
+    the message that carried it in errors ("audio.raw", or "config" for a live stream).
     """
     fmt = _parse_format(fmt)
     channels = int(channels) if channels else 1  # an unset channel count (0) means mono
-    _check_rate_channels(sample_rate, channels)
+    _check_rate_channels(sample_rate, channels, max_rate=MAX_RAW_SAMPLE_RATE, field=field)
+    samples_field = "audio.samples" if field == "config" else field + ".samples"
     if not samples:
-        raise InvalidInput("raw audio samples are empty", metadata={"field": "audio.raw.samples"})
+        raise InvalidInput("raw audio samples are empty", metadata={"field": samples_field})
     frame_bytes = _BYTES_PER_SAMPLE[fmt] * channels
     if len(samples) % frame_bytes:
         raise InvalidInput(
             f"raw audio is {len(samples)} bytes, not a whole number of {channels}-channel {fmt} frames "
-            f"({frame_bytes} bytes each)", metadata={"field": "audio.raw.samples"})
+            f"({frame_bytes} bytes each)", metadata={"field": samples_field})
     frames = len(samples) // frame_bytes
     if max_seconds is not None and frames / sample_rate > max_seconds:
         raise _too_long(frames / sample_rate, max_seconds)
@@ -197,7 +250,7 @@ def load_audio_input(*, data: bytes | None = None, samples: bytes | None = None,
     else:
         if sample_rate is None:
             raise InvalidInput("a waveform needs its sample rate", metadata={"field": "audio"})
-        _check_rate_channels(sample_rate, 1)
+        _check_rate_channels(sample_rate, 1, field="audio")
         wave, rate = torch.as_tensor(waveform, dtype=torch.float32), int(sample_rate)
     validate_waveform(wave, rate, max_seconds=max_seconds)
     mono = downmix(wave).to(torch.float32)
@@ -212,13 +265,23 @@ def _parse_format(fmt: str) -> str:
     return key
 
 
-def _check_rate_channels(sample_rate: int, channels: int) -> None:
-    if not sample_rate or sample_rate <= 0 or sample_rate > MAX_SAMPLE_RATE:
-        raise InvalidInput(f"sample rate must be between 1 and {MAX_SAMPLE_RATE} Hz, got {sample_rate}",
-                           metadata={"field": "sample_rate"})
+def check_rate_channels(sample_rate: int, channels: int, *, max_rate: int = MAX_RAW_SAMPLE_RATE,
+                        field: str = "audio.raw") -> None:
+    """Refuses a sample rate outside MIN_SAMPLE_RATE..max_rate or a channel count outside
+    1..MAX_CHANNELS, naming `field`.sample_rate / `field`.channels (for encoded files, `field`)."""
+    encoded = field.endswith(".data")
+    if not sample_rate or not MIN_SAMPLE_RATE <= sample_rate <= max_rate:
+        raise InvalidInput(f"sample rate must be between {MIN_SAMPLE_RATE} and {max_rate} Hz, got {sample_rate}",
+                           metadata={"field": field if encoded else field + ".sample_rate",
+                                     "min": MIN_SAMPLE_RATE, "max": max_rate})
     if channels <= 0 or channels > MAX_CHANNELS:
         raise InvalidInput(f"channel count must be between 1 and {MAX_CHANNELS}, got {channels}",
-                           metadata={"field": "channels"})
+                           metadata={"field": field if encoded else field + ".channels", "max": MAX_CHANNELS})
+
+
+def _check_rate_channels(sample_rate: int, channels: int, *, max_rate: int = MAX_SAMPLE_RATE,
+                         field: str = "audio.data") -> None:
+    check_rate_channels(sample_rate, channels, max_rate=max_rate, field=field)
 
 
 def _too_long(seconds: float, limit: float) -> InputTooLarge:

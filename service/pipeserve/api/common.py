@@ -13,6 +13,7 @@ from typing import Any, AsyncIterator, Callable, Iterator
 from google.protobuf.message import Message
 
 from .. import compute
+from ..admission import Admission
 from ..batching import BatchResult, DynamicBatcher
 from ..config import Settings
 from ..errors import InvalidInput
@@ -29,6 +30,18 @@ class App:
     manager: ModelManager
     batcher: "DynamicBatcher"
     extras: dict[str, Any] = field(default_factory=dict)
+    # Calls that neither the batcher nor the generation engine bounds (speech recognition)
+    # are admitted here: per model, max_batch_size running and max_queue waiting.
+    admission: Admission | None = None
+
+    def __post_init__(self) -> None:
+        if self.admission is None:
+            self.admission = Admission(running=self.settings.max_batch_size, max_waiting=self.settings.max_queue)
+
+    def admitted(self, entry: ModelEntry):
+        """`async with app.admitted(entry) as waited_s:` holds one of the model's slots, or
+        raises QueueFull at once when its queue is full."""
+        return self.admission.slot(entry.name, id(entry.pipeline))
 
     async def batched(self, entry: ModelEntry, method: str, item: Any, options: dict[str, Any]) -> "BatchResult":
         """Runs `entry.pipeline.<method>([item, ...others], options)` batched with concurrent callers."""

@@ -7,6 +7,7 @@ from ..ocr import Word
 from ..pipelines.document_question_answering import DocumentQuery
 from ..tasks import Task
 from ..v1 import document_question_answering_pb2 as pb, document_question_answering_pb2_grpc as pb_grpc
+from . import limits
 from .common import App, input_bytes, optional_fields, request_id, run_info
 
 TASK = Task.DOCUMENT_QUESTION_ANSWERING
@@ -26,6 +27,7 @@ class DocumentQuestionAnsweringServicer(pb_grpc.DocumentQuestionAnsweringService
     async def AnswerDocumentQuestion(self, request: pb.AnswerDocumentQuestionRequest,
                                      context) -> pb.AnswerDocumentQuestionResponse:
         rid = request_id(request)
+        limits.check(request)
         image = None
         if request.HasField("image") and request.image.WhichOneof("source"):
             image = await input_bytes(self.app, data=request.image.data, uri=request.image.uri,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ..tasks import Task
 from ..v1 import feature_extraction_pb2 as pb, feature_extraction_pb2_grpc as pb_grpc
+from . import limits
 from .common import App, enum_option, optional_fields, request_id, run_info
 
 TASK = Task.FEATURE_EXTRACTION
@@ -16,6 +17,7 @@ class FeatureExtractionServicer(pb_grpc.FeatureExtractionServiceServicer):
 
     async def ExtractFeatures(self, request: pb.ExtractFeaturesRequest, context) -> pb.ExtractFeaturesResponse:
         rid = request_id(request)
+        limits.check(request)
         options = optional_fields(request, ["normalize", "truncate"])
         options["pooling"] = enum_option(request, "pooling", "POOLING_")
         async with self.app.manager.use(request.model, TASK) as entry:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ..tasks import Task
 from ..v1 import fill_mask_pb2 as pb, fill_mask_pb2_grpc as pb_grpc
+from . import limits
 from .common import App, optional_fields, request_id, run_info
 
 TASK = Task.FILL_MASK
@@ -16,6 +17,7 @@ class FillMaskServicer(pb_grpc.FillMaskServiceServicer):
 
     async def FillMask(self, request: pb.FillMaskRequest, context) -> pb.FillMaskResponse:
         rid = request_id(request)
+        limits.check(request)
         options = optional_fields(request, ["top_k"])
         options["targets"] = list(request.targets) or None
         async with self.app.manager.use(request.model, TASK) as entry:

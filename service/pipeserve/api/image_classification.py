@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from ..tasks import Task
 from ..v1 import common_pb2, image_classification_pb2 as pb, image_classification_pb2_grpc as pb_grpc
+from . import limits
 from .common import App, enum_option, input_bytes, optional_fields, request_id, run_info
 
 TASK = Task.IMAGE_CLASSIFICATION
@@ -23,6 +24,7 @@ class ImageClassificationServicer(pb_grpc.ImageClassificationServiceServicer):
 
     async def ClassifyImage(self, request: pb.ClassifyImageRequest, context) -> pb.ClassifyImageResponse:
         rid = request_id(request)
+        limits.check(request)
         image = await input_bytes(self.app, data=request.image.data, uri=request.image.uri,
                                   which="image", max_bytes=self.app.settings.max_message_bytes)
         options = optional_fields(request, ["top_k"])

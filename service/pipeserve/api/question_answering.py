@@ -5,6 +5,7 @@ from __future__ import annotations
 from ..pipelines.question_answering import QAInput
 from ..tasks import Task
 from ..v1 import question_answering_pb2 as pb, question_answering_pb2_grpc as pb_grpc
+from . import limits
 from .common import App, optional_fields, request_id, run_info
 
 TASK = Task.QUESTION_ANSWERING
@@ -19,6 +20,7 @@ class QuestionAnsweringServicer(pb_grpc.QuestionAnsweringServiceServicer):
 
     async def AnswerQuestion(self, request: pb.AnswerQuestionRequest, context) -> pb.AnswerQuestionResponse:
         rid = request_id(request)
+        limits.check(request)
         options = optional_fields(request, OPTIONS)
         async with self.app.manager.use(request.model, TASK) as entry:
             result = await self.app.batched(entry, "answer", QAInput(request.question, request.context), options)

@@ -5,6 +5,10 @@ Transcribe and TranscribeStream run the pipeline's segment generator on a worker
 StreamingTranscribe feeds live chunks to the pipeline's live stream. Leaving early (client
 cancelled, deadline passed) sets a stop flag the decoding loop checks between steps, so work
 stops at once and the stream's buffers are dropped. No torch here.
+
+Every request's fields are checked against api/limits.py first; then each call takes one of its
+model's admission slots (pipeserve.admission: QUEUE_FULL at once when the model's queue is
+full) before it decodes audio or opens a live stream, which holds its slot while open.
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ from .. import audio as audio_io
 from ..errors import InputTooLarge, InvalidInput
 from ..tasks import Task
 from ..v1 import speech_recognition_pb2 as pb, speech_recognition_pb2_grpc as pb_grpc
+from . import limits
 from .common import App, Timer, enum_option, input_bytes, iterate_in_thread, optional_fields, request_id, run_info
 
 TASK = Task.AUTOMATIC_SPEECH_RECOGNITION
@@ -75,7 +80,9 @@ class SpeechRecognitionServicer(pb_grpc.SpeechRecognitionServiceServicer):
         return float(self.app.settings.max_audio_seconds)
 
     async def _waveform(self, source: pb.TranscribeRequest):
-        """AudioInput -> mono float32 16 kHz waveform, decoded and resampled on a worker."""
+        """AudioInput -> mono float32 16 kHz waveform, decoded and resampled on a worker.
+        Called with the model's admission slot held, so at most running + max_queue calls
+        per model ever hold decoded audio."""
         which = source.audio.WhichOneof("source")
         if which is None:
             raise InvalidInput("audio is empty: set audio.data, audio.raw or audio.uri", metadata={"field": "audio"})
@@ -105,26 +112,29 @@ class SpeechRecognitionServicer(pb_grpc.SpeechRecognitionServiceServicer):
 
     async def Transcribe(self, request, context) -> pb.TranscribeResponse:
         rid = request_id(request)
-        waveform = await self._waveform(request)
+        limits.check(request)
         options = _options(request.options)
-        async with self.app.manager.use(request.model, TASK) as entry:
+        async with self.app.manager.use(request.model, TASK) as entry, self.app.admitted(entry) as waited_s:
+            waveform = await self._waveform(request)
             timer = Timer()
             done = None
             async for item in self._events(entry, waveform, options):
                 done = item
             return pb.TranscribeResponse(request_id=rid, transcription=_transcription(done),
-                                         run=run_info(entry, compute_ms=timer.ms()))
+                                         run=run_info(entry, queue_ms=waited_s * 1000.0, compute_ms=timer.ms()))
 
     async def TranscribeStream(self, request, context):
         rid = request_id(request)
-        waveform = await self._waveform(request)
+        limits.check(request)
         options = _options(request.options)
-        async with self.app.manager.use(request.model, TASK) as entry:
+        async with self.app.manager.use(request.model, TASK) as entry, self.app.admitted(entry) as waited_s:
+            waveform = await self._waveform(request)
             timer = Timer()
             async for item in self._events(entry, waveform, options):
                 if hasattr(item, "segments"):
                     yield pb.TranscribeStreamResponse(request_id=rid, done=pb.TranscriptionDone(
-                        transcription=_transcription(item), run=run_info(entry, compute_ms=timer.ms())))
+                        transcription=_transcription(item),
+                        run=run_info(entry, queue_ms=waited_s * 1000.0, compute_ms=timer.ms())))
                 else:
                     yield pb.TranscribeStreamResponse(request_id=rid, segment=_segment(item))
 
@@ -138,16 +148,21 @@ class SpeechRecognitionServicer(pb_grpc.SpeechRecognitionServiceServicer):
         if first.WhichOneof("message") != "config":
             raise InvalidInput("the first message of a stream must be its StreamingConfig", metadata={"field": "config"})
         config = first.config
+        # Every field is checked before any of them sizes a buffer (a channel count of 2^31-1
+        # once made this handler allocate until the process was killed).
+        limits.check(config, "config.")
         if config.format not in _FORMATS:
             raise InvalidInput("config.format must be FLOAT32_LE or INT16_LE", metadata={"field": "config.format"})
         fmt, rate, channels = _FORMATS[config.format], config.sample_rate, config.channels or 1
-        audio_io.decode_raw_pcm(b"\0" * 4 * channels, fmt, rate, channels)  # validates rate and channels
+        audio_io.check_rate_channels(rate, channels, field="config")
         rid = config.request_id or request_id(config)
         extra = {"interim_interval_s": config.interim_interval_s} if config.HasField("interim_interval_s") else {}
         options = _options(config.options, extra)
         frame_bytes = (4 if fmt == "float32" else 2) * channels
         max_chunk = int(MAX_CHUNK_SECONDS * rate) * frame_bytes
-        async with self.app.manager.use(config.model, TASK) as entry:
+        # A live stream holds its model's admission slot while open: its state and its
+        # compute are those of a running call.
+        async with self.app.manager.use(config.model, TASK) as entry, self.app.admitted(entry):
             run = self.app.manager.run
             live = await run(lambda: entry.pipeline.open_stream(options))
             stop = threading.Event()
@@ -166,7 +181,7 @@ class SpeechRecognitionServicer(pb_grpc.SpeechRecognitionServiceServicer):
                                             metadata={"field": "audio.samples", "limit": f"{MAX_CHUNK_SECONDS:g}"})
                     if not data:
                         continue
-                    wave, _ = audio_io.decode_raw_pcm(data, fmt, rate, channels)
+                    wave, _ = audio_io.decode_raw_pcm(data, fmt, rate, channels, field="config")
                     pending.append(wave)
                     if rate != audio_io.MODEL_SAMPLE_RATE and sum(w.shape[-1] for w in pending) < _RESAMPLE_BLOCK_S * rate:
                         continue

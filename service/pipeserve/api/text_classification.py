@@ -6,6 +6,7 @@ from __future__ import annotations
 from ..pipelines.text_classification import TextInput
 from ..tasks import Task
 from ..v1 import common_pb2, text_classification_pb2 as pb, text_classification_pb2_grpc as pb_grpc
+from . import limits
 from .common import App, enum_option, optional_fields, request_id, run_info
 
 TASK = Task.TEXT_CLASSIFICATION
@@ -18,6 +19,7 @@ class TextClassificationServicer(pb_grpc.TextClassificationServiceServicer):
 
     async def ClassifyText(self, request: pb.ClassifyTextRequest, context) -> pb.ClassifyTextResponse:
         rid = request_id(request)
+        limits.check(request)
         item = TextInput(request.text, request.text_pair if request.HasField("text_pair") else None)
         options = optional_fields(request, ["top_k"])
         options["function_to_apply"] = enum_option(request, "function_to_apply", "FUNCTION_TO_APPLY_")

@@ -11,6 +11,7 @@ from __future__ import annotations
 from ..generation_engine import DoneEvent, TokenEvent
 from ..tasks import Task
 from ..v1 import text_generation_pb2 as pb, text_generation_pb2_grpc as pb_grpc
+from . import limits
 from .common import App, optional_fields, request_id, run_info
 
 TASK = Task.TEXT_GENERATION
@@ -55,6 +56,7 @@ class TextGenerationServicer(pb_grpc.TextGenerationServiceServicer):
 
     async def Generate(self, request: pb.GenerateRequest, context) -> pb.GenerateResponse:
         rid = request_id(request)
+        limits.check(request)
         async with self.app.manager.use(request.model, TASK) as entry:
             pipeline = entry.pipeline
             started = pipeline.start(request.prompt, _options(request))
@@ -76,6 +78,7 @@ class TextGenerationServicer(pb_grpc.TextGenerationServiceServicer):
 
     async def GenerateStream(self, request: pb.GenerateStreamRequest, context):
         rid = request_id(request)
+        limits.check(request)
         async with self.app.manager.use(request.model, TASK) as entry:
             pipeline = entry.pipeline
             started = pipeline.start(request.prompt, _options(request))

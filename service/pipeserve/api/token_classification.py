@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ..tasks import Task
 from ..v1 import token_classification_pb2 as pb, token_classification_pb2_grpc as pb_grpc
+from . import limits
 from .common import App, enum_option, optional_fields, request_id, run_info
 
 TASK = Task.TOKEN_CLASSIFICATION
@@ -16,6 +17,7 @@ class TokenClassificationServicer(pb_grpc.TokenClassificationServiceServicer):
 
     async def ClassifyTokens(self, request: pb.ClassifyTokensRequest, context) -> pb.ClassifyTokensResponse:
         rid = request_id(request)
+        limits.check(request)
         options = optional_fields(request, ["stride"])
         options["aggregation_strategy"] = enum_option(request, "aggregation_strategy", "AGGREGATION_STRATEGY_")
         options["ignore_labels"] = list(request.ignore_labels) or None

@@ -5,6 +5,7 @@ from __future__ import annotations
 from ..pipelines.zero_shot_classification import ZeroShotRequest
 from ..tasks import Task
 from ..v1 import common_pb2, zero_shot_classification_pb2 as pb, zero_shot_classification_pb2_grpc as pb_grpc
+from . import limits
 from .common import App, optional_fields, request_id, run_info
 
 TASK = Task.ZERO_SHOT_CLASSIFICATION
@@ -17,6 +18,7 @@ class ZeroShotClassificationServicer(pb_grpc.ZeroShotClassificationServiceServic
 
     async def ClassifyZeroShot(self, request: pb.ClassifyZeroShotRequest, context) -> pb.ClassifyZeroShotResponse:
         rid = request_id(request)
+        limits.check(request)
         item = ZeroShotRequest(request.sequence, tuple(request.candidate_labels))
         options = optional_fields(request, ["hypothesis_template", "multi_label", "truncation"])
         async with self.app.manager.use(request.model, TASK) as entry:
