@@ -4,6 +4,7 @@ anything unexpected becomes INTERNAL without a traceback leaking to the client."
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 from typing import Callable
 
@@ -42,7 +43,12 @@ _PASS_THROUGH = (asyncio.CancelledError, grpc.aio.AbortError)
 def wrap_handler(handler: grpc.RpcMethodHandler, unary: Callable, stream: Callable,
                  request_deserializer: Callable | None = None) -> grpc.RpcMethodHandler:
     """The same handler with its behaviour wrapped: `unary(behavior)` for single-response
-    methods, `stream(behavior)` for server-streaming ones (and, if given, another deserializer)."""
+    methods, `stream(behavior)` for server-streaming ones (and, if given, another deserializer).
+
+    A server-streaming behaviour may also be a coroutine function that sends with
+    `context.write` and returns None (grpc's reader/writer API; grpc_health's Watch is one):
+    grpc.aio tells the two apart by the function's kind, so such a behaviour is wrapped as a
+    coroutine (`unary`), which awaits it, and the wrapper keeps its kind."""
     ser = dict(request_deserializer=request_deserializer or handler.request_deserializer,
                response_serializer=handler.response_serializer)
     if handler.unary_unary:
@@ -50,8 +56,12 @@ def wrap_handler(handler: grpc.RpcMethodHandler, unary: Callable, stream: Callab
     if handler.stream_unary:
         return grpc.stream_unary_rpc_method_handler(unary(handler.stream_unary), **ser)
     if handler.unary_stream:
-        return grpc.unary_stream_rpc_method_handler(stream(handler.unary_stream), **ser)
-    return grpc.stream_stream_rpc_method_handler(stream(handler.stream_stream), **ser)
+        behavior = handler.unary_stream
+        wrap = unary if inspect.iscoroutinefunction(behavior) else stream
+        return grpc.unary_stream_rpc_method_handler(wrap(behavior), **ser)
+    behavior = handler.stream_stream
+    wrap = unary if inspect.iscoroutinefunction(behavior) else stream
+    return grpc.stream_stream_rpc_method_handler(wrap(behavior), **ser)
 
 
 class _Undecodable:
