@@ -4,6 +4,7 @@ anything unexpected becomes INTERNAL without a traceback leaking to the client."
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 from typing import Callable
@@ -14,7 +15,7 @@ from grpc_status import rpc_status
 from google.protobuf.message import DecodeError
 
 from .drain import Drain
-from .errors import Draining, InvalidInput, OutOfMemory, PipeserveError, to_rpc_status
+from .errors import InvalidInput, OutOfMemory, PipeserveError, to_rpc_status
 
 log = logging.getLogger("pipeserve.errors")
 
@@ -109,16 +110,17 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         drain = self._drain
         health = method.startswith("/grpc.health") or method.startswith("/grpc.reflection")
 
+        # Probes and discovery stay open while draining (and a Watch never holds a drain up).
+        admit = contextlib.nullcontext if health else drain.admit
+
         def checked(request):
-            drain.note_arrival()
-            if drain.active and not health:
-                raise Draining("the server is shutting down; retry on another replica")
             return _checked_stream(request) if hasattr(request, "__aiter__") else _checked(request)
 
         def unary_response(behavior):
             async def wrapped(request, context):
                 try:
-                    return await behavior(checked(request), context)
+                    with admit():
+                        return await behavior(checked(request), context)
                 except _PASS_THROUGH:
                     raise
                 except Exception as exc:
@@ -128,8 +130,9 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         def stream_response(behavior):
             async def wrapped(request, context):
                 try:
-                    async for item in behavior(checked(request), context):
-                        yield item
+                    with admit():
+                        async for item in behavior(checked(request), context):
+                            yield item
                 except _PASS_THROUGH:
                     raise
                 except Exception as exc:

@@ -22,7 +22,7 @@ from . import compute
 from .api.common import App
 from .batching import DynamicBatcher
 from .config import ModelSpec, Settings, load_settings
-from .drain import MAX_WAIT_S, Drain
+from .drain import Drain
 from .errors import TaskNotImplemented
 from .interceptors import ErrorInterceptor
 from .logs import configure_logging
@@ -102,17 +102,31 @@ class RunningServer:
     metrics: Metrics | None = None
     security: SecurityInterceptor | None = None
 
-    async def drain_and_stop(self, grace_s: float | None = None) -> None:
-        """New calls get UNAVAILABLE at once; in-flight calls get `grace_s` to finish. The
-        transport stops in a quiet moment within the grace (see drain.py)."""
+    async def drain_calls(self, grace_s: float | None = None) -> float:
+        """Health goes NOT_SERVING and new calls get UNAVAILABLE while the calls in flight
+        finish (at most `grace_s`, the settings' grace period by default); returns the grace
+        left. The transport stays open throughout (see drain.py)."""
         grace_s = self.app.settings.grace_period_s if grace_s is None else grace_s
         self.drain.active = True
         await self.health.enter_graceful_shutdown()
-        grace_s -= await self.drain.wait_for_quiet(min(grace_s, MAX_WAIT_S))
-        await self.server.stop(max(0.0, grace_s))
+        left = await self.drain.drain(grace_s)
+        if self.drain.in_flight:
+            log.warning("%d calls were still running when the grace period ended", self.drain.in_flight)
+        return left
+
+    async def release(self) -> None:
+        """Frees the models and closes the metrics endpoint."""
         await self.app.manager.close()
         if self.metrics is not None:
             self.metrics.close()
+
+    async def drain_and_stop(self, grace_s: float | None = None) -> None:
+        """In-process stop: drains, then stops the transport with what is left of the grace.
+        grpc's shutdown cancels calls that reach it at that moment, so the caller stops its
+        clients first; the server process exits instead (serve())."""
+        left = await self.drain_calls(grace_s)
+        await self.server.stop(left)
+        await self.release()
 
 
 class _Health:
@@ -236,8 +250,26 @@ async def serve(settings: Settings) -> None:
     await stop.wait()
     log.info("draining: in-flight calls have %.0fs to finish", settings.grace_period_s)
     preloading.cancel()
-    await running.drain_and_stop()
+    await running.drain_calls()
+    await running.release()
     log.info("stopped")
+    _exit_closing_the_transport()
+
+
+def _exit_closing_the_transport() -> None:
+    """Ends the process without grpc's server shutdown: the kernel closes the listening socket
+    and every connection, so a call still on its way gets UNAVAILABLE (connection closed),
+    which clients retry, where grpc's shutdown would answer CANCELLED (drain.py). Exit
+    handlers (log handlers, an OpenTelemetry SDK's span export) run first; grpc's own are
+    not needed by a process that is about to end."""
+    import atexit
+    import os
+
+    atexit._run_exitfuncs()
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(0)
 
 
 def main(argv: list[str] | None = None) -> None:
