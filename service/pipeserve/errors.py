@@ -89,6 +89,13 @@ class Draining(PipeserveError):
     reason = "DRAINING"
 
 
+class Starting(PipeserveError):
+    """The server is still loading its default models: retry shortly (or on another replica)."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+    reason = "STARTING"
+
+
 class TaskNotImplemented(PipeserveError):
     code = grpc.StatusCode.UNIMPLEMENTED
     reason = "TASK_NOT_IMPLEMENTED"

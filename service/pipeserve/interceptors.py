@@ -15,6 +15,7 @@ from grpc_status import rpc_status
 from google.protobuf.message import DecodeError
 
 from .drain import Drain
+from .startup import Startup
 from .errors import InvalidInput, OutOfMemory, PipeserveError, to_rpc_status
 
 log = logging.getLogger("pipeserve.errors")
@@ -99,8 +100,9 @@ async def _checked_stream(requests):
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, drain: Drain | None = None):
+    def __init__(self, drain: Drain | None = None, startup: Startup | None = None):
         self._drain = drain or Drain()
+        self._startup = startup or Startup((), starting=False)
 
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
@@ -110,8 +112,14 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         drain = self._drain
         health = method.startswith("/grpc.health") or method.startswith("/grpc.reflection")
 
+        startup = self._startup
+
         # Probes and discovery stay open while draining (and a Watch never holds a drain up).
-        admit = contextlib.nullcontext if health else drain.admit
+        def admit():
+            if health:
+                return contextlib.nullcontext()
+            startup.check(method)
+            return drain.admit()
 
         def checked(request):
             return _checked_stream(request) if hasattr(request, "__aiter__") else _checked(request)

@@ -30,6 +30,7 @@ from .manager import ModelManager
 from .metrics import Metrics
 from .observability import TelemetryInterceptor
 from .security import SecurityInterceptor, server_credentials
+from .startup import Startup
 from .tracing import make_tracer
 from .tasks import Task
 
@@ -101,6 +102,9 @@ class RunningServer:
     # Prometheus metrics (None when `metrics_listen` is empty); `metrics.port` is the HTTP port.
     metrics: Metrics | None = None
     security: SecurityInterceptor | None = None
+    startup: Startup = field(default_factory=lambda: Startup((), starting=False))
+    # The background load of the default models, when the server preloads them.
+    preloading: asyncio.Task | None = None
 
     async def drain_calls(self, grace_s: float | None = None) -> float:
         """Health goes NOT_SERVING and new calls get UNAVAILABLE while the calls in flight
@@ -108,6 +112,8 @@ class RunningServer:
         left. The transport stays open throughout (see drain.py)."""
         grace_s = self.app.settings.grace_period_s if grace_s is None else grace_s
         self.drain.active = True
+        if self.preloading is not None:
+            self.preloading.cancel()
         await self.health.enter_graceful_shutdown()
         left = await self.drain.drain(grace_s)
         if self.drain.in_flight:
@@ -130,27 +136,34 @@ class RunningServer:
 
 
 class _Health:
-    """grpc.health.v1 statuses: "" tracks the process; a task service is SERVING only while
-    a model for its task is ready."""
+    """grpc.health.v1 statuses: "" tracks the process (NOT_SERVING while it starts); a task
+    service is SERVING only once the server has started and while a model for its task is ready."""
 
-    def __init__(self, servicer) -> None:
+    def __init__(self, servicer, startup: Startup) -> None:
         self.servicer = servicer
+        self.startup = startup
 
     async def refresh(self, manager: ModelManager) -> None:
-        serving = manager.serving_tasks()
-        await self.servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+        serving = set() if self.startup.starting else manager.serving_tasks()
+        await self.servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING if self.startup.starting
+                                else health_pb2.HealthCheckResponse.SERVING)
         for name, (_, task) in SERVICES.items():
             ok = task is None or task in serving
             await self.servicer.set(name, health_pb2.HealthCheckResponse.SERVING if ok
                                     else health_pb2.HealthCheckResponse.NOT_SERVING)
 
 
-async def start(settings: Settings) -> RunningServer:
+async def start(settings: Settings, *, preload_defaults: bool = False) -> RunningServer:
+    """Starts serving. With `preload_defaults` the models of `preload_specs` load in the
+    background (`RunningServer.preloading`), and task services answer UNAVAILABLE/STARTING
+    until that ends, however it ends."""
     _import_generated()
     holder: dict[str, RunningServer] = {}
     health_servicer = health.aio.HealthServicer()
     drain = Drain()
-    health_state = _Health(health_servicer)
+    startup = Startup((name for name, (_, task) in SERVICES.items() if task is not None),
+                      starting=preload_defaults and bool(preload_specs(settings)))
+    health_state = _Health(health_servicer, startup)
     loop = asyncio.get_running_loop()
 
     def on_change() -> None:
@@ -184,7 +197,7 @@ async def start(settings: Settings) -> RunningServer:
     # become statuses with ErrorInfo in the error interceptor around them.
     server = grpc.aio.server(
         interceptors=[telemetry,
-                      ErrorInterceptor(drain),
+                      ErrorInterceptor(drain, startup),
                       security],
         options=options)
     for service_name, (module_name, _task) in SERVICES.items():
@@ -209,9 +222,19 @@ async def start(settings: Settings) -> RunningServer:
     if metrics is not None:
         metrics.serve(settings.metrics_listen)
     running = RunningServer(server=server, app=app, port=port, health=health_servicer, drain=drain,
-                            metrics=metrics, security=security)
+                            metrics=metrics, security=security, startup=startup)
     holder["server"] = running
     await health_state.refresh(manager)
+    if startup.starting:
+        async def preload_then_open() -> None:
+            try:
+                await preload(running)
+            finally:  # loaded, failed or cancelled: the server is no longer starting
+                startup.finish()
+                if not drain.active:
+                    await health_state.refresh(manager)
+
+        running.preloading = loop.create_task(preload_then_open())
     log.info("pipeserve listening on %s (port %d)", settings.listen, port)
     return running
 
@@ -241,15 +264,13 @@ async def preload(running: RunningServer) -> None:
 
 
 async def serve(settings: Settings) -> None:
-    running = await start(settings)
+    running = await start(settings, preload_defaults=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    preloading = loop.create_task(preload(running))
     await stop.wait()
     log.info("draining: in-flight calls have %.0fs to finish", settings.grace_period_s)
-    preloading.cancel()
     await running.drain_calls()
     await running.release()
     log.info("stopped")
