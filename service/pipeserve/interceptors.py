@@ -14,6 +14,7 @@ from grpc_status import rpc_status
 
 from google.protobuf.message import DecodeError
 
+from .bounds import request_id_problem
 from .drain import Drain
 from .startup import Startup
 from .errors import InvalidInput, OutOfMemory, PipeserveError, to_rpc_status
@@ -91,7 +92,20 @@ def _checked(request):
     if isinstance(request, _Undecodable):
         raise InvalidInput(f"the request is not a valid protobuf message ({request.error}); "
                            "string fields must be valid UTF-8", reason="MALFORMED_REQUEST")
+    _check_request_id(request)
     return request
+
+
+def _check_request_id(request) -> None:
+    """Refuses a request id that is too long or holds control characters, before the servicer
+    does any work (the telemetry interceptor may have copied it from x-request-id metadata)."""
+    descriptor = getattr(request, "DESCRIPTOR", None)
+    if descriptor is None or "request_id" not in descriptor.fields_by_name:
+        return
+    rid = request.request_id
+    problem = request_id_problem(rid) if isinstance(rid, str) else None
+    if problem:
+        raise InvalidInput(f"{problem}: send a short printable id, or none", reason="INVALID_REQUEST_ID")
 
 
 async def _checked_stream(requests):

@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 
+from .bounds import metric_label
+
 if TYPE_CHECKING:  # pragma: no cover
     from .api.common import App
 
@@ -65,11 +67,18 @@ class Metrics:
         app.batcher.observer = self.observe_batch
 
     def model_label(self, name: str) -> str:
-        if self._app is None or not name:
-            return name or UNKNOWN_MODEL
-        return name if any(e.name == name for e in self._app.manager.entries()) else UNKNOWN_MODEL
+        """A request's model as a label: the name of a model the manager holds ready (bounded),
+        else "unknown" — a client's string never becomes a label of its own. (Unbound metrics,
+        which have no manager to ask, label the name bounded.)"""
+        if not name:
+            return UNKNOWN_MODEL
+        if self._app is None:
+            return metric_label(name)
+        ready = any(e.name == name and e.state.value == "ready" for e in self._app.manager.entries())
+        return metric_label(name) if ready else UNKNOWN_MODEL
 
     def observe_batch(self, model: str, method: str, size: int, waits_s: list[float]) -> None:
+        model = metric_label(model)
         self.batch_size.labels(model, method).observe(size)
         for wait in waits_s:
             self.queue_wait.labels(model).observe(wait)
@@ -120,12 +129,13 @@ class _AppCollector:
         busy = GaugeMetricFamily("pipeserve_model_in_flight", "Calls currently using each model.", labels=["model"])
         if app is not None:
             for model, waiting in app.batcher.depth_by_model().items():
-                depth.add_metric([model], waiting)
+                depth.add_metric([metric_label(model)], waiting)
             for entry in app.manager.entries():
                 described = entry.pipeline.describe() if entry.pipeline else {}
-                resident.add_metric([entry.name, entry.task.value if entry.task else "",
+                name = metric_label(entry.name)
+                resident.add_metric([name, entry.task.value if entry.task else "",
                                      described.get("device") or entry.options.device,
                                      described.get("dtype") or entry.options.dtype], entry.bytes)
-                state.add_metric([entry.name, entry.state.value], 1)
-                busy.add_metric([entry.name], entry.in_flight)
+                state.add_metric([name, entry.state.value], 1)
+                busy.add_metric([name], entry.in_flight)
         yield from (depth, resident, state, busy)
