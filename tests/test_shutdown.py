@@ -1,5 +1,6 @@
 """The server as a process: it starts from the command line, serves, and on SIGTERM drains —
-in-flight calls finish or get UNAVAILABLE, never a hang — and exits 0 within the grace period."""
+in-flight calls finish, new ones get UNAVAILABLE, none gets CANCELLED, never a hang — and exits
+0 within the grace period."""
 from __future__ import annotations
 
 import threading

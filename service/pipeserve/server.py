@@ -142,15 +142,19 @@ class _Health:
     def __init__(self, servicer, startup: Startup) -> None:
         self.servicer = servicer
         self.startup = startup
+        # One refresh at a time: a set() waits while Watch streams read, and an older refresh
+        # must not finish after a newer one with the statuses it read before.
+        self._lock = asyncio.Lock()
 
     async def refresh(self, manager: ModelManager) -> None:
-        serving = set() if self.startup.starting else manager.serving_tasks()
-        await self.servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING if self.startup.starting
-                                else health_pb2.HealthCheckResponse.SERVING)
-        for name, (_, task) in SERVICES.items():
-            ok = task is None or task in serving
-            await self.servicer.set(name, health_pb2.HealthCheckResponse.SERVING if ok
-                                    else health_pb2.HealthCheckResponse.NOT_SERVING)
+        async with self._lock:
+            serving = set() if self.startup.starting else manager.serving_tasks()
+            await self.servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING if self.startup.starting
+                                    else health_pb2.HealthCheckResponse.SERVING)
+            for name, (_, task) in SERVICES.items():
+                ok = task is None or task in serving
+                await self.servicer.set(name, health_pb2.HealthCheckResponse.SERVING if ok
+                                        else health_pb2.HealthCheckResponse.NOT_SERVING)
 
 
 async def start(settings: Settings, *, preload_defaults: bool = False) -> RunningServer:
