@@ -151,3 +151,16 @@ def test_log_formatters_bound_messages_fields_and_tracebacks():
         if fmt == "json":
             records = [json.loads(line) for line in out.splitlines()]
             assert len(records) == 2 and records[0]["model"].startswith("x\nforged")
+
+
+def test_a_streamed_config_request_id_is_checked_before_any_audio(server):
+    """StreamingTranscribe carries its id in the first message's config."""
+    from pipeserve.v1 import speech_recognition_pb2 as pb, speech_recognition_pb2_grpc
+
+    first = pb.StreamingTranscribeRequest(config=pb.StreamingConfig(request_id="s" * 1000))
+    with grpc.insecure_channel(server.address) as channel:
+        stub = speech_recognition_pb2_grpc.SpeechRecognitionServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as info:
+            list(stub.StreamingTranscribe(iter([first]), timeout=60))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error_reason(info.value) == "INVALID_REQUEST_ID"

@@ -98,11 +98,26 @@ def _checked(request):
 
 def _check_request_id(request) -> None:
     """Refuses a request id that is too long or holds control characters, before the servicer
-    does any work (the telemetry interceptor may have copied it from x-request-id metadata)."""
+    does any work (the telemetry interceptor may have copied it from x-request-id metadata).
+    A streamed request carries its id in its first message's config: one level down counts."""
     descriptor = getattr(request, "DESCRIPTOR", None)
-    if descriptor is None or "request_id" not in descriptor.fields_by_name:
+    if descriptor is None:
         return
-    rid = request.request_id
+    if "request_id" in descriptor.fields_by_name:
+        _refuse_bad_request_id(request.request_id)
+    for field, value in request.ListFields():
+        if field.message_type is not None and "request_id" in field.message_type.fields_by_name \
+                and not _is_repeated(field):
+            _refuse_bad_request_id(value.request_id)
+
+
+def _is_repeated(field) -> bool:
+    if hasattr(field, "is_repeated"):  # protobuf >= 5.28; `label` is deprecated there
+        return field.is_repeated
+    return field.label == field.LABEL_REPEATED
+
+
+def _refuse_bad_request_id(rid) -> None:
     problem = request_id_problem(rid) if isinstance(rid, str) else None
     if problem:
         raise InvalidInput(f"{problem}: send a short printable id, or none", reason="INVALID_REQUEST_ID")
