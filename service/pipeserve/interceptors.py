@@ -16,8 +16,8 @@ from google.protobuf.message import DecodeError
 
 from .bounds import request_id_problem
 from .drain import Drain
-from .startup import Startup
 from .errors import InvalidInput, OutOfMemory, PipeserveError, to_rpc_status
+from .startup import Startup
 
 log = logging.getLogger("pipeserve.errors")
 
@@ -140,7 +140,6 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         method = details.method
         drain = self._drain
         health = method.startswith("/grpc.health") or method.startswith("/grpc.reflection")
-
         startup = self._startup
 
         # Probes and discovery stay open while draining (and a Watch never holds a drain up).
