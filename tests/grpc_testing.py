@@ -12,13 +12,13 @@ class ServerHandle:
     """A running server: its address, a sync channel to it, and a way to run coroutines on
     its loop (for tests that inspect the manager)."""
 
-    def __init__(self, settings):
+    def __init__(self, settings, preload_defaults: bool = False):
         from pipeserve import server as server_module
 
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True, name="pipeserve-test-server")
         self.thread.start()
-        self.running = self.call(server_module.start(settings))
+        self.running = self.call(server_module.start(settings, preload_defaults=preload_defaults))
         self.address = f"127.0.0.1:{self.running.port}"
         self.channel = grpc.insecure_channel(self.address, options=[
             ("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)])

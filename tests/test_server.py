@@ -138,3 +138,52 @@ def test_undecodable_request_is_invalid_argument_in_every_service(grpc_server):
             call(payload, timeout=10)
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, method
         assert error_reason(info.value) == "MALFORMED_REQUEST"
+
+
+def _watch(channel, service: str):
+    """Starts a health Watch; returns (the call, a queue that receives each status it streams)."""
+    import queue
+    import threading
+
+    statuses: queue.Queue = queue.Queue()
+    call = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=service), timeout=120)
+
+    def read():
+        try:
+            for response in call:
+                statuses.put(response.status)
+        except grpc.RpcError as exc:
+            statuses.put(exc.code())
+
+    threading.Thread(target=read, daemon=True).start()
+    return call, statuses
+
+
+def test_health_watch_streams_the_current_status_then_each_change(tmp_path):
+    """grpc.health.v1 Watch: the first message is the current status, then one per change;
+    an unknown service is SERVICE_UNKNOWN (not an error); a task service follows its models."""
+    from grpc_testing import load_model, make_server
+    from ops_testing import build_tiny_vit
+    from pipeserve.v1 import model_pb2, model_pb2_grpc
+
+    Status = health_pb2.HealthCheckResponse
+    server = make_server()
+    try:
+        whole, whole_statuses = _watch(server.channel, "")
+        assert whole_statuses.get(timeout=30) == Status.SERVING
+        unknown, unknown_statuses = _watch(server.channel, "no.such.Service")
+        assert unknown_statuses.get(timeout=30) == Status.SERVICE_UNKNOWN
+        images, image_statuses = _watch(server.channel, "pipeserve.v1.ImageClassificationService")
+        assert image_statuses.get(timeout=30) == Status.NOT_SERVING
+
+        vit = build_tiny_vit(tmp_path / "vit")
+        load_model(server, vit)
+        assert image_statuses.get(timeout=60) == Status.SERVING
+        model_pb2_grpc.ModelServiceStub(server.channel).UnloadModel(
+            model_pb2.UnloadModelRequest(model=str(vit)), timeout=60)
+        assert image_statuses.get(timeout=60) == Status.NOT_SERVING
+        for call in (whole, unknown, images):
+            call.cancel()
+        assert whole_statuses.get(timeout=30) == grpc.StatusCode.CANCELLED  # nothing else was sent
+    finally:
+        server.stop()

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import grpc
 
+from .bounds import MAX_ERROR_MESSAGE_BYTES, MAX_METADATA_BYTES, MAX_METADATA_VALUE_BYTES, shorten_utf8
+
 ERROR_DOMAIN = "pipeserve.dev"
 
 
@@ -18,11 +20,14 @@ class PipeserveError(Exception):
     reason: str = "INTERNAL_ERROR"
 
     def __init__(self, message: str, *, reason: str | None = None, metadata: dict[str, str] | None = None):
+        # Messages and metadata often quote what the client sent: bounded here, whatever the
+        # raiser checked, so every error reaches the client with its code and reason.
+        message = shorten_utf8(str(message), MAX_ERROR_MESSAGE_BYTES)
         super().__init__(message)
         self.message = message
         if reason is not None:
             self.reason = reason
-        self.metadata = {k: str(v) for k, v in (metadata or {}).items()}
+        self.metadata = bounded_metadata(metadata or {})
 
 
 class InvalidInput(PipeserveError):
@@ -89,6 +94,13 @@ class Draining(PipeserveError):
     reason = "DRAINING"
 
 
+class Starting(PipeserveError):
+    """The server is still loading its default models: retry shortly (or on another replica)."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+    reason = "STARTING"
+
+
 class TaskNotImplemented(PipeserveError):
     code = grpc.StatusCode.UNIMPLEMENTED
     reason = "TASK_NOT_IMPLEMENTED"
@@ -107,12 +119,31 @@ class PermissionDenied(PipeserveError):
 RETRYABLE = {(grpc.StatusCode.UNAVAILABLE, None), (grpc.StatusCode.RESOURCE_EXHAUSTED, "QUEUE_FULL")}
 
 
+def bounded_metadata(metadata: dict) -> dict[str, str]:
+    """ErrorInfo metadata with each value (and key) bounded, and entries past the total bound
+    left out: the trailer always fits."""
+    out: dict[str, str] = {}
+    total = 0
+    for key, value in metadata.items():
+        key = shorten_utf8(str(key), 64)
+        value = shorten_utf8(str(value), MAX_METADATA_VALUE_BYTES)
+        size = len(key.encode("utf-8", "surrogatepass")) + len(value.encode("utf-8", "surrogatepass"))
+        if total + size > MAX_METADATA_BYTES:
+            break
+        out[key] = value
+        total += size
+    return out
+
+
 def to_rpc_status(error: PipeserveError):
-    """A google.rpc.Status carrying ErrorInfo, ready for grpc_status.rpc_status.to_status."""
+    """A google.rpc.Status carrying ErrorInfo, ready for grpc_status.rpc_status.to_status.
+    Message and metadata are bounded again here: a raiser may have set them after __init__."""
     from google.protobuf import any_pb2
     from google.rpc import error_details_pb2, status_pb2
 
-    info = error_details_pb2.ErrorInfo(reason=error.reason, domain=ERROR_DOMAIN, metadata=error.metadata)
+    info = error_details_pb2.ErrorInfo(reason=shorten_utf8(error.reason, 64), domain=ERROR_DOMAIN,
+                                       metadata=bounded_metadata(error.metadata))
     detail = any_pb2.Any()
     detail.Pack(info)
-    return status_pb2.Status(code=error.code.value[0], message=error.message, details=[detail])
+    return status_pb2.Status(code=error.code.value[0], message=shorten_utf8(error.message, MAX_ERROR_MESSAGE_BYTES),
+                             details=[detail])

@@ -4,6 +4,8 @@ anything unexpected becomes INTERNAL without a traceback leaking to the client."
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import inspect
 import logging
 from typing import Callable
 
@@ -12,8 +14,10 @@ from grpc_status import rpc_status
 
 from google.protobuf.message import DecodeError
 
+from .bounds import request_id_problem
 from .drain import Drain
-from .errors import Draining, InvalidInput, OutOfMemory, PipeserveError, to_rpc_status
+from .errors import InvalidInput, OutOfMemory, PipeserveError, to_rpc_status
+from .startup import Startup
 
 log = logging.getLogger("pipeserve.errors")
 
@@ -42,7 +46,12 @@ _PASS_THROUGH = (asyncio.CancelledError, grpc.aio.AbortError)
 def wrap_handler(handler: grpc.RpcMethodHandler, unary: Callable, stream: Callable,
                  request_deserializer: Callable | None = None) -> grpc.RpcMethodHandler:
     """The same handler with its behaviour wrapped: `unary(behavior)` for single-response
-    methods, `stream(behavior)` for server-streaming ones (and, if given, another deserializer)."""
+    methods, `stream(behavior)` for server-streaming ones (and, if given, another deserializer).
+
+    A server-streaming behaviour may also be a coroutine function that sends with
+    `context.write` and returns None (grpc's reader/writer API; grpc_health's Watch is one):
+    grpc.aio tells the two apart by the function's kind, so such a behaviour is wrapped as a
+    coroutine (`unary`), which awaits it, and the wrapper keeps its kind."""
     ser = dict(request_deserializer=request_deserializer or handler.request_deserializer,
                response_serializer=handler.response_serializer)
     if handler.unary_unary:
@@ -50,8 +59,12 @@ def wrap_handler(handler: grpc.RpcMethodHandler, unary: Callable, stream: Callab
     if handler.stream_unary:
         return grpc.stream_unary_rpc_method_handler(unary(handler.stream_unary), **ser)
     if handler.unary_stream:
-        return grpc.unary_stream_rpc_method_handler(stream(handler.unary_stream), **ser)
-    return grpc.stream_stream_rpc_method_handler(stream(handler.stream_stream), **ser)
+        behavior = handler.unary_stream
+        wrap = unary if inspect.iscoroutinefunction(behavior) else stream
+        return grpc.unary_stream_rpc_method_handler(wrap(behavior), **ser)
+    behavior = handler.stream_stream
+    wrap = unary if inspect.iscoroutinefunction(behavior) else stream
+    return grpc.stream_stream_rpc_method_handler(wrap(behavior), **ser)
 
 
 class _Undecodable:
@@ -79,7 +92,35 @@ def _checked(request):
     if isinstance(request, _Undecodable):
         raise InvalidInput(f"the request is not a valid protobuf message ({request.error}); "
                            "string fields must be valid UTF-8", reason="MALFORMED_REQUEST")
+    _check_request_id(request)
     return request
+
+
+def _check_request_id(request) -> None:
+    """Refuses a request id that is too long or holds control characters, before the servicer
+    does any work (the telemetry interceptor may have copied it from x-request-id metadata).
+    A streamed request carries its id in its first message's config: one level down counts."""
+    descriptor = getattr(request, "DESCRIPTOR", None)
+    if descriptor is None:
+        return
+    if "request_id" in descriptor.fields_by_name:
+        _refuse_bad_request_id(request.request_id)
+    for field, value in request.ListFields():
+        if field.message_type is not None and "request_id" in field.message_type.fields_by_name \
+                and not _is_repeated(field):
+            _refuse_bad_request_id(value.request_id)
+
+
+def _is_repeated(field) -> bool:
+    if hasattr(field, "is_repeated"):  # protobuf >= 5.28; `label` is deprecated there
+        return field.is_repeated
+    return field.label == field.LABEL_REPEATED
+
+
+def _refuse_bad_request_id(rid) -> None:
+    problem = request_id_problem(rid) if isinstance(rid, str) else None
+    if problem:
+        raise InvalidInput(f"{problem}: send a short printable id, or none", reason="INVALID_REQUEST_ID")
 
 
 async def _checked_stream(requests):
@@ -88,8 +129,9 @@ async def _checked_stream(requests):
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, drain: Drain | None = None):
+    def __init__(self, drain: Drain | None = None, startup: Startup | None = None):
         self._drain = drain or Drain()
+        self._startup = startup or Startup((), starting=False)
 
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
@@ -98,17 +140,23 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         method = details.method
         drain = self._drain
         health = method.startswith("/grpc.health") or method.startswith("/grpc.reflection")
+        startup = self._startup
+
+        # Probes and discovery stay open while draining (and a Watch never holds a drain up).
+        def admit():
+            if health:
+                return contextlib.nullcontext()
+            startup.check(method)
+            return drain.admit()
 
         def checked(request):
-            drain.note_arrival()
-            if drain.active and not health:
-                raise Draining("the server is shutting down; retry on another replica")
             return _checked_stream(request) if hasattr(request, "__aiter__") else _checked(request)
 
         def unary_response(behavior):
             async def wrapped(request, context):
                 try:
-                    return await behavior(checked(request), context)
+                    with admit():
+                        return await behavior(checked(request), context)
                 except _PASS_THROUGH:
                     raise
                 except Exception as exc:
@@ -118,8 +166,9 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         def stream_response(behavior):
             async def wrapped(request, context):
                 try:
-                    async for item in behavior(checked(request), context):
-                        yield item
+                    with admit():
+                        async for item in behavior(checked(request), context):
+                            yield item
                 except _PASS_THROUGH:
                     raise
                 except Exception as exc:

@@ -9,6 +9,8 @@ import logging
 import sys
 from contextvars import ContextVar
 
+from .bounds import MAX_LOG_MESSAGE_CHARS, MAX_LOG_VALUE_CHARS, for_log, shorten
+
 # The request being handled on this asyncio task ("" outside an RPC).
 request_id_var: ContextVar[str] = ContextVar("pipeserve_request_id", default="")
 
@@ -27,25 +29,48 @@ class RequestIdFilter(logging.Filter):
 
 
 class JsonFormatter(logging.Formatter):
-    """{"ts", "level", "logger", "message", "request_id", ...extra fields, "exception"}."""
+    """{"ts", "level", "logger", "message", "request_id", ...extra fields, "exception"}; the
+    message, every string field and the exception are bounded (they may quote a client)."""
 
     def format(self, record: logging.LogRecord) -> str:
         out = {
             "ts": dt.datetime.fromtimestamp(record.created, dt.timezone.utc).isoformat(timespec="milliseconds"),
             "level": record.levelname,
             "logger": record.name,
-            "message": record.getMessage(),
+            "message": shorten(record.getMessage(), MAX_LOG_MESSAGE_CHARS),
             "request_id": getattr(record, "request_id", "") or request_id_var.get(),
         }
         for key, value in vars(record).items():
             if key not in _STANDARD and not key.startswith("_"):
-                out[key] = value if isinstance(value, (str, int, float, bool, type(None))) else str(value)
+                value = value if isinstance(value, (str, int, float, bool, type(None))) else str(value)
+                out[key] = shorten(value, MAX_LOG_VALUE_CHARS) if isinstance(value, str) else value
         if record.exc_info:
-            out["exception"] = self.formatException(record.exc_info)
+            out["exception"] = bounded_traceback(self.formatException(record.exc_info))
         return json.dumps(out, ensure_ascii=False)
 
 
+class TextFormatter(logging.Formatter):
+    """TEXT_FORMAT with the message and the exception bounded (they may quote a client), and
+    the message's control characters escaped: one record is one line, whatever a name holds."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = for_log(record.message, MAX_LOG_MESSAGE_CHARS)
+        return super().formatMessage(record)
+
+    def formatException(self, exc_info) -> str:
+        return bounded_traceback(super().formatException(exc_info))
+
+
+def bounded_traceback(text: str) -> str:
+    """A formatted exception with each line and the whole bounded: its frames are server code,
+    but its message (and a chained one) may quote a client's string."""
+    lines = [shorten(line, MAX_LOG_VALUE_CHARS * 2) for line in text.splitlines()]
+    return shorten("\n".join(lines), MAX_LOG_EXCEPTION_CHARS)
+
+
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s"
+# A traceback is server code plus, in its last line, a message that may quote a client.
+MAX_LOG_EXCEPTION_CHARS = 8192
 
 
 def configure_logging(fmt: str = "text", level: int | str = logging.INFO, stream=None) -> logging.Handler:
@@ -54,7 +79,7 @@ def configure_logging(fmt: str = "text", level: int | str = logging.INFO, stream
         raise SystemExit(f"log_format must be 'text' or 'json', got {fmt!r}")
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.addFilter(RequestIdFilter())
-    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter(TEXT_FORMAT))
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

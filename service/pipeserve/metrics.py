@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 
+from .bounds import metric_label
 from .errors import PipeserveError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -67,17 +68,23 @@ class Metrics:
         app.batcher.observer = self.observe_batch
 
     def model_label(self, name: str) -> str:
-        if self._app is None or not name:
-            return name or UNKNOWN_MODEL
-        # Only models the server holds become labels, under their canonical name (any spelling
-        # of a loaded model counts as it); anything else is one "unknown" label.
+        """A request's model as a label: the canonical name of a model the manager holds ready
+        (any spelling of it counts), bounded, else "unknown" — a client's string never becomes a
+        label of its own. (Unbound metrics, which have no manager to ask, label the name bounded.)"""
+        if not name:
+            return UNKNOWN_MODEL
+        if self._app is None:
+            return metric_label(name)
         try:
             entry = self._app.manager.find(name)
         except PipeserveError:  # a name no model can have (too long, control characters)
             entry = None
-        return entry.name if entry is not None else UNKNOWN_MODEL
+        if entry is None or entry.state.value != "ready":
+            return UNKNOWN_MODEL
+        return metric_label(entry.name)
 
     def observe_batch(self, model: str, method: str, size: int, waits_s: list[float]) -> None:
+        model = metric_label(model)
         self.batch_size.labels(model, method).observe(size)
         for wait in waits_s:
             self.queue_wait.labels(model).observe(wait)
@@ -128,12 +135,13 @@ class _AppCollector:
         busy = GaugeMetricFamily("pipeserve_model_in_flight", "Calls currently using each model.", labels=["model"])
         if app is not None:
             for model, waiting in app.batcher.depth_by_model().items():
-                depth.add_metric([model], waiting)
+                depth.add_metric([metric_label(model)], waiting)
             for entry in app.manager.entries():
                 described = entry.pipeline.describe() if entry.pipeline else {}
-                resident.add_metric([entry.name, entry.task.value if entry.task else "",
+                name = metric_label(entry.name)
+                resident.add_metric([name, entry.task.value if entry.task else "",
                                      described.get("device") or entry.options.device,
                                      described.get("dtype") or entry.options.dtype], entry.bytes)
-                state.add_metric([entry.name, entry.state.value], 1)
-                busy.add_metric([entry.name], entry.in_flight)
+                state.add_metric([name, entry.state.value], 1)
+                busy.add_metric([name], entry.in_flight)
         yield from (depth, resident, state, busy)

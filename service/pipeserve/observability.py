@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 import grpc
 
+from .bounds import MAX_REQUEST_ID_CHARS, for_log
 from .interceptors import wrap_handler
 from .logs import request_id_var
 from .metrics import Metrics
@@ -100,7 +101,9 @@ class TelemetryInterceptor(grpc.aio.ServerInterceptor):
                         and not request.request_id:
                     request.request_id = rid  # the servicer echoes it, so logs and response agree
                 self.request_id = rid
-                request_id_var.set(rid)  # each RPC runs in its own task: no reset needed
+                # Logs and spans quote the id bounded; an id too long or with control characters
+                # is refused with INVALID_REQUEST_ID by the error interceptor.
+                request_id_var.set(for_log(rid, MAX_REQUEST_ID_CHARS))  # own task per RPC: no reset
                 if this.metrics is not None:
                     this.metrics.in_flight.labels(service, name).inc()
 
@@ -125,7 +128,7 @@ class TelemetryInterceptor(grpc.aio.ServerInterceptor):
                 level = logging.DEBUG if quiet or code is grpc.StatusCode.OK else logging.INFO
                 log.log(level, "%s %s %.1fms", method, code_name, elapsed * 1000,
                         extra={"grpc_method": method, "grpc_code": code_name, "duration_ms": round(elapsed * 1000, 3),
-                               "model": self.model, "reason": reason, "peer": self.peer})
+                               "model": for_log(self.model), "reason": reason, "peer": self.peer})
 
         def outcome(context: grpc.aio.ServicerContext, exc: BaseException | None) -> grpc.StatusCode:
             if exc is None or isinstance(exc, grpc.aio.AbortError):
@@ -139,7 +142,7 @@ class TelemetryInterceptor(grpc.aio.ServerInterceptor):
         def unary(behavior):
             async def wrapped(request, context):
                 call = Call(request, context)
-                with rpc_span(this.tracer, method, context.invocation_metadata(), call.request_id) as span:
+                with rpc_span(this.tracer, method, context.invocation_metadata(), request_id_var.get()) as span:
                     try:
                         response = await behavior(request, context)
                     except BaseException as exc:
@@ -152,7 +155,7 @@ class TelemetryInterceptor(grpc.aio.ServerInterceptor):
         def stream(behavior):
             async def wrapped(request, context):
                 call = Call(request, context)
-                with rpc_span(this.tracer, method, context.invocation_metadata(), call.request_id) as span:
+                with rpc_span(this.tracer, method, context.invocation_metadata(), request_id_var.get()) as span:
                     try:
                         async for item in behavior(request, context):
                             if call.first_at is None:

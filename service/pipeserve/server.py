@@ -22,7 +22,7 @@ from . import compute
 from .api.common import App
 from .batching import DynamicBatcher
 from .config import ConfigError, ModelSpec, Settings, load_settings
-from .drain import MAX_WAIT_S, Drain
+from .drain import Drain
 from .errors import TaskNotImplemented
 from .interceptors import ErrorInterceptor
 from .logs import configure_logging
@@ -30,6 +30,7 @@ from .manager import ModelManager
 from .metrics import Metrics
 from .observability import TelemetryInterceptor
 from .security import SecurityInterceptor, server_credentials
+from .startup import Startup
 from .tracing import make_tracer
 from .tasks import Task
 
@@ -101,42 +102,72 @@ class RunningServer:
     # Prometheus metrics (None when `metrics_listen` is empty); `metrics.port` is the HTTP port.
     metrics: Metrics | None = None
     security: SecurityInterceptor | None = None
+    startup: Startup = field(default_factory=lambda: Startup((), starting=False))
+    # The background load of the default models, when the server preloads them.
+    preloading: asyncio.Task | None = None
 
-    async def drain_and_stop(self, grace_s: float | None = None) -> None:
-        """New calls get UNAVAILABLE at once; in-flight calls get `grace_s` to finish. The
-        transport stops in a quiet moment within the grace (see drain.py)."""
+    async def drain_calls(self, grace_s: float | None = None) -> float:
+        """Health goes NOT_SERVING and new calls get UNAVAILABLE while the calls in flight
+        finish (at most `grace_s`, the settings' grace period by default); returns the grace
+        left. The transport stays open throughout (see drain.py)."""
         grace_s = self.app.settings.grace_period_s if grace_s is None else grace_s
         self.drain.active = True
+        if self.preloading is not None:
+            self.preloading.cancel()
         await self.health.enter_graceful_shutdown()
-        grace_s -= await self.drain.wait_for_quiet(min(grace_s, MAX_WAIT_S))
-        await self.server.stop(max(0.0, grace_s))
+        left = await self.drain.drain(grace_s)
+        if self.drain.in_flight:
+            log.warning("%d calls were still running when the grace period ended", self.drain.in_flight)
+        return left
+
+    async def release(self) -> None:
+        """Frees the models and closes the metrics endpoint."""
         await self.app.manager.close()
         if self.metrics is not None:
             self.metrics.close()
 
+    async def drain_and_stop(self, grace_s: float | None = None) -> None:
+        """In-process stop: drains, then stops the transport with what is left of the grace.
+        grpc's shutdown cancels calls that reach it at that moment, so the caller stops its
+        clients first; the server process exits instead (serve())."""
+        left = await self.drain_calls(grace_s)
+        await self.server.stop(left)
+        await self.release()
+
 
 class _Health:
-    """grpc.health.v1 statuses: "" tracks the process; a task service is SERVING only while
-    a model for its task is ready."""
+    """grpc.health.v1 statuses: "" tracks the process (NOT_SERVING while it starts); a task
+    service is SERVING only once the server has started and while a model for its task is ready."""
 
-    def __init__(self, servicer) -> None:
+    def __init__(self, servicer, startup: Startup) -> None:
         self.servicer = servicer
+        self.startup = startup
+        # One refresh at a time: a set() waits while Watch streams read, and an older refresh
+        # must not finish after a newer one with the statuses it read before.
+        self._lock = asyncio.Lock()
 
     async def refresh(self, manager: ModelManager) -> None:
-        serving = manager.serving_tasks()
-        await self.servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-        for name, (_, task) in SERVICES.items():
-            ok = task is None or task in serving
-            await self.servicer.set(name, health_pb2.HealthCheckResponse.SERVING if ok
-                                    else health_pb2.HealthCheckResponse.NOT_SERVING)
+        async with self._lock:
+            serving = set() if self.startup.starting else manager.serving_tasks()
+            await self.servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING if self.startup.starting
+                                    else health_pb2.HealthCheckResponse.SERVING)
+            for name, (_, task) in SERVICES.items():
+                ok = task is None or task in serving
+                await self.servicer.set(name, health_pb2.HealthCheckResponse.SERVING if ok
+                                        else health_pb2.HealthCheckResponse.NOT_SERVING)
 
 
-async def start(settings: Settings) -> RunningServer:
+async def start(settings: Settings, *, preload_defaults: bool = False) -> RunningServer:
+    """Starts serving. With `preload_defaults` the models of `preload_specs` load in the
+    background (`RunningServer.preloading`), and task services answer UNAVAILABLE/STARTING
+    until that ends, however it ends."""
     _import_generated()
     holder: dict[str, RunningServer] = {}
     health_servicer = health.aio.HealthServicer()
     drain = Drain()
-    health_state = _Health(health_servicer)
+    startup = Startup((name for name, (_, task) in SERVICES.items() if task is not None),
+                      starting=preload_defaults and bool(preload_specs(settings)))
+    health_state = _Health(health_servicer, startup)
     loop = asyncio.get_running_loop()
 
     def on_change() -> None:
@@ -170,7 +201,7 @@ async def start(settings: Settings) -> RunningServer:
     # become statuses with ErrorInfo in the error interceptor around them.
     server = grpc.aio.server(
         interceptors=[telemetry,
-                      ErrorInterceptor(drain),
+                      ErrorInterceptor(drain, startup),
                       security],
         options=options)
     for service_name, (module_name, _task) in SERVICES.items():
@@ -195,9 +226,19 @@ async def start(settings: Settings) -> RunningServer:
     if metrics is not None:
         metrics.serve(settings.metrics_listen)
     running = RunningServer(server=server, app=app, port=port, health=health_servicer, drain=drain,
-                            metrics=metrics, security=security)
+                            metrics=metrics, security=security, startup=startup)
     holder["server"] = running
     await health_state.refresh(manager)
+    if startup.starting:
+        async def preload_then_open() -> None:
+            try:
+                await preload(running)
+            finally:  # loaded, failed or cancelled: the server is no longer starting
+                startup.finish()
+                if not drain.active:
+                    await health_state.refresh(manager)
+
+        running.preloading = loop.create_task(preload_then_open())
     log.info("pipeserve listening on %s (port %d)", settings.listen, port)
     return running
 
@@ -227,17 +268,33 @@ async def preload(running: RunningServer) -> None:
 
 
 async def serve(settings: Settings) -> None:
-    running = await start(settings)
+    running = await start(settings, preload_defaults=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    preloading = loop.create_task(preload(running))
     await stop.wait()
     log.info("draining: in-flight calls have %.0fs to finish", settings.grace_period_s)
-    preloading.cancel()
-    await running.drain_and_stop()
+    await running.drain_calls()
+    await running.release()
     log.info("stopped")
+    _exit_closing_the_transport()
+
+
+def _exit_closing_the_transport() -> None:
+    """Ends the process without grpc's server shutdown: the kernel closes the listening socket
+    and every connection, so a call still on its way gets UNAVAILABLE (connection closed),
+    which clients retry, where grpc's shutdown would answer CANCELLED (drain.py). Exit
+    handlers (log handlers, an OpenTelemetry SDK's span export) run first; grpc's own are
+    not needed by a process that is about to end."""
+    import atexit
+    import os
+
+    atexit._run_exitfuncs()
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(0)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -15,6 +15,7 @@ from google.protobuf.message import Message
 from .. import compute
 from ..admission import Admission
 from ..batching import BatchResult, DynamicBatcher
+from ..bounds import request_id_problem
 from ..config import Settings
 from ..errors import InvalidInput
 from ..manager import ModelEntry, ModelManager
@@ -49,8 +50,15 @@ class App:
 
 
 def request_id(request: Message) -> str:
-    """The client's request id, or a fresh one, echoed in every response."""
-    return getattr(request, "request_id", "") or uuid.uuid4().hex
+    """The client's request id, or a fresh one, echoed in every response. An id that is too
+    long or holds control characters is refused (it would be echoed into logs and traces)."""
+    rid = getattr(request, "request_id", "")
+    if not rid:
+        return uuid.uuid4().hex
+    problem = request_id_problem(rid)
+    if problem:
+        raise InvalidInput(f"{problem}: send a short printable id, or none", reason="INVALID_REQUEST_ID")
+    return rid
 
 
 def optional_fields(message: Message, names: list[str] | tuple[str, ...]) -> dict[str, Any]:
