@@ -24,6 +24,7 @@ from google.protobuf.message import Message
 
 from ..audio import MAX_CHANNELS, MAX_RAW_SAMPLE_RATE, MIN_SAMPLE_RATE
 from ..errors import InputTooLarge, InvalidInput, InvalidParameter
+from ..uri import MAX_URI_CHARS
 
 KiB, MiB = 1 << 10, 1 << 20
 # Text a task reads: 1 MiB is far more than any encoder's or decoder's context (a 128k-token
@@ -105,8 +106,8 @@ _RAW_SAMPLES = Elsewhere("audio.decode_raw_pcm: whole frames, max_audio_seconds"
 _THRESHOLD = Number(-1e6, 1e6)
 
 RULES: dict[str, dict[str, Rule]] = {
-    "pipeserve.v1.ImageInput": {"data": _ENCODED_IMAGE, "uri": Size(8 * KiB)},
-    "pipeserve.v1.AudioInput": {"data": _ENCODED_AUDIO, "raw": Nested(), "uri": Size(8 * KiB)},
+    "pipeserve.v1.ImageInput": {"data": _ENCODED_IMAGE, "uri": Size(MAX_URI_CHARS)},
+    "pipeserve.v1.AudioInput": {"data": _ENCODED_AUDIO, "raw": Nested(), "uri": Size(MAX_URI_CHARS)},
     "pipeserve.v1.RawAudio": {"samples": _RAW_SAMPLES, "sample_rate": _SAMPLE_RATE, "channels": _CHANNELS},
     "pipeserve.v1.TranscriptionOptions": {
         "language": Size(64), "chunk_length_s": Number(0, 600), "stride_length_s": Number(0, 300),
