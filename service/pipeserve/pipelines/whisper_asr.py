@@ -215,7 +215,8 @@ class _Run:
                 # ("<|a|><|b|>" then the next window); it carries no text, so it is not a segment.
                 continue
             start, end = chunk["timestamp"]
-            words = [WordTiming(w["text"], w["timestamp"][0] + self.offset_s, w["timestamp"][1] + self.offset_s)
+            words = [WordTiming(w["text"], w["timestamp"][0] + self.offset_s, w["timestamp"][1] + self.offset_s,
+                                w["probability"])
                      for w in chunk.get("words", [])]
             seg = Segment(id=str(self.next_id), start_s=(start or 0.0) + self.offset_s,
                           end_s=None if end is None else end + self.offset_s, text=chunk["text"],
@@ -244,26 +245,28 @@ class _Run:
         num_frames = math.ceil(n / HOP_LENGTH) if n <= N_SAMPLES else n // HOP_LENGTH
         opts = pipe.decode_options(self.o)
         tokens: list[int] = []
-        times: list[tuple[float, float]] = []
+        times: list[float] = []
+        probs: list[float] = []
         for _, segs in generate(pipe.model, features[None], [num_frames], pipe.settings, pipe.tok, opts,
                                 should_stop=should_stop, on_language=self._on_language):
             self._window_stats(segs)
             for seg in segs:
                 tokens.extend(seg.tokens)
                 times.extend(seg.token_times or [])
+                probs.extend(seg.token_probs or [])
             # The merger sees the concatenated tokens as one model output, as _decode_asr does;
             # it is re-run on the growing list so chunks close as soon as their end arrives.
-            yield from self._feed_prefix(tokens, times)
+            yield from self._feed_prefix(tokens, times, probs)
         yield from self._segments(self.merger.finish())
 
-    def _replay(self, tokens, times) -> ChunkMerger:
+    def _replay(self, tokens, times, probs=None) -> ChunkMerger:
         merger = ChunkMerger(self.pipe.tok, self.merger.rt)
-        self._closed = merger.add(tokens, None, times or None)
+        self._closed = merger.add(tokens, None, times or None, probs or None)
         return merger
 
-    def _feed_prefix(self, tokens, times) -> list[Segment]:
+    def _feed_prefix(self, tokens, times, probs=None) -> list[Segment]:
         done = self._consumed
-        self.merger = self._replay(tokens, times)
+        self.merger = self._replay(tokens, times, probs)
         self._consumed = len(self._closed)
         return self._segments(self._closed[done:])
 
@@ -307,7 +310,8 @@ class _Run:
                 self._window_stats(segs)
                 tokens = [t for seg in segs for t in seg.tokens]
                 times = [t for seg in segs for t in (seg.token_times or [])]
-                yield from self._segments(self.merger.add(tokens, stride_info, times or None))
+                probs = [p for seg in segs for p in (seg.token_probs or [])]
+                yield from self._segments(self.merger.add(tokens, stride_info, times or None, probs or None))
         yield from self._segments(self.merger.finish())
 
     def transcription(self, duration_s: float) -> Transcription:
