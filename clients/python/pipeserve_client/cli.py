@@ -198,9 +198,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = command("embed", "compute the embedding of a text (feature extraction)")
     e.add_argument("text", help="the text, or - for standard input")
-    e.add_argument("--pooling", choices=["none", "mean", "cls", "max"])
-    e.add_argument("--normalize", action="store_true", default=None)
-    e.add_argument("--truncate", action="store_true", default=None)
+    e.add_argument("--pooling", choices=["none", "mean", "cls", "max"],
+                   help="none returns token embeddings (default: the model's pooling)")
+    e.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None,
+                   help="scale to unit length (default: the model's setting, pooled embeddings only)")
+    e.add_argument("--truncate", action=argparse.BooleanOptionalAction, default=None,
+                   help="cut a text longer than the model's input instead of refusing it")
     return parser
 
 
