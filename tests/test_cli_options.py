@@ -66,3 +66,15 @@ def test_embed_turns_normalisation_and_truncation_on_and_off(capsys, recorder):
         assert code == 0
         kwargs = recorder.calls[-1][2]
         assert (kwargs["pooling"], kwargs["normalize"], kwargs["truncate"]) == ("none", normalize, truncate)
+
+
+def test_transcribe_sends_chunk_length_and_batch_size(capsys, recorder, tmp_path):
+    from pipeserve.v1 import speech_recognition_pb2 as pb
+
+    path = tmp_path / "talk.wav"
+    path.write_bytes(b"RIFF")  # the recording client never decodes it
+    recorder.responses["transcribe"] = pb.TranscribeResponse(transcription=pb.Transcription(text=" hi"))
+    code, out, _ = run(capsys, "transcribe", str(path), "--no-stream", "--chunk-length", "30", "--batch-size", "4")
+    assert code == 0 and out.strip() == "hi"
+    kwargs = recorder.calls[-1][2]
+    assert (kwargs["chunk_length_s"], kwargs["batch_size"]) == (30.0, 4)

@@ -131,8 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="timestamp granularity (default: the model's)")
     t.add_argument("--language", help='spoken language code such as "en" (default: detected)')
     t.add_argument("--translate", action="store_true", help="translate into English")
-    t.add_argument("--chunk-length", type=float, dest="chunk_length_s", metavar="SECONDS")
-    t.add_argument("--stride-length", type=float, dest="stride_length_s", metavar="SECONDS")
+    t.add_argument("--chunk-length", type=float, dest="chunk_length_s", metavar="SECONDS",
+                   help="cut long audio into windows of this many seconds, decoded in batches")
+    t.add_argument("--stride-length", type=float, dest="stride_length_s", metavar="SECONDS",
+                   help="overlap on each side of a window (default: a sixth of it)")
+    t.add_argument("--batch-size", type=int, metavar="N", help="windows of long audio decoded together")
     t.add_argument("--num-beams", type=int)
     t.add_argument("--initial-prompt")
     t.add_argument("--no-stream", action="store_true", help="wait for the whole transcription")
@@ -372,7 +375,7 @@ def cmd_transcribe(client: Any, args: argparse.Namespace) -> None:
     audio = _read_input(args.file)
     kwargs = dict(model=_opt(args, "model", ""), return_timestamps=args.timestamps, language=args.language,
                   task="translate" if args.translate else None, chunk_length_s=args.chunk_length_s,
-                  stride_length_s=args.stride_length_s, num_beams=args.num_beams,
+                  stride_length_s=args.stride_length_s, batch_size=args.batch_size, num_beams=args.num_beams,
                   initial_prompt=args.initial_prompt, timeout=_opt(args, "timeout"))
     as_json = _opt(args, "json")
     if args.no_stream:

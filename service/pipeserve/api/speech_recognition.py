@@ -113,7 +113,7 @@ class SpeechRecognitionServicer(pb_grpc.SpeechRecognitionServiceServicer):
             async for item in self._events(entry, waveform, options):
                 done = item
             return pb.TranscribeResponse(request_id=rid, transcription=_transcription(done),
-                                         run=run_info(entry, compute_ms=timer.ms()))
+                                         run=run_info(entry, compute_ms=timer.ms(), batch_size=done.batch_size))
 
     async def TranscribeStream(self, request, context):
         rid = request_id(request)
@@ -124,7 +124,8 @@ class SpeechRecognitionServicer(pb_grpc.SpeechRecognitionServiceServicer):
             async for item in self._events(entry, waveform, options):
                 if hasattr(item, "segments"):
                     yield pb.TranscribeStreamResponse(request_id=rid, done=pb.TranscriptionDone(
-                        transcription=_transcription(item), run=run_info(entry, compute_ms=timer.ms())))
+                        transcription=_transcription(item),
+                        run=run_info(entry, compute_ms=timer.ms(), batch_size=item.batch_size)))
                 else:
                     yield pb.TranscribeStreamResponse(request_id=rid, segment=_segment(item))
 

@@ -47,3 +47,5 @@ class Transcription:
     language: str = ""
     language_probabilities: dict[str, float] = field(default_factory=dict)
     duration_s: float = 0.0
+    # The most windows (chunks) of this input the model ran together (RunInfo.batch_size).
+    batch_size: int = 1

@@ -251,7 +251,9 @@ class CTCASRPipeline(Pipeline):
 
     def _decode(self, batches, waveform: torch.Tensor, options: dict[str, Any]) -> Iterator[Segment | Transcription]:
         segmenter = Segmenter(self, options["return_timestamps"])
+        most = 1
         for batch in batches:
+            most = max(most, len(batch))
             for ids, lps in batch:
                 segmenter.decoder.push(ids.tolist(), lps.tolist())
             segment = segmenter.take(final=False)
@@ -261,7 +263,7 @@ class CTCASRPipeline(Pipeline):
         if segment is not None:
             yield segment
         yield Transcription(text=segmenter.decoder.text(), segments=segmenter.segments,
-                            duration_s=waveform.shape[0] / self.sampling_rate)
+                            duration_s=waveform.shape[0] / self.sampling_rate, batch_size=most)
 
     def transcribe(self, waveforms: list[torch.Tensor], options: dict[str, Any]) -> list[Transcription]:
         """One Transcription per input. Unchunked inputs are batched together (layer-norm

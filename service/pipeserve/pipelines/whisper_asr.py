@@ -198,6 +198,7 @@ class _Run:
         self.language_probs: dict[str, float] = {}
         self.stats: dict[str, float] = {}
         self._consumed = 0  # chunks of the replayed merger already turned into segments
+        self.batch_size = 1  # the most windows decoded together
 
     def _on_language(self, found: list[int | None], probs: torch.Tensor | None) -> None:
         if found and found[0] is not None and not self.language:
@@ -296,6 +297,7 @@ class _Run:
         batch = o.get("batch_size") or 1
         for i in range(0, len(chunks), batch):
             group = chunks[i:i + batch]
+            self.batch_size = max(self.batch_size, len(group))
             features = log_mel_spectrogram(torch.stack([torch.nn.functional.pad(c, (0, N_SAMPLES - c.shape[0]))
                                                         for c, _ in group]).to(pipe.device), pipe.n_mels)
             frames = [math.ceil(c.shape[0] / HOP_LENGTH) for c, _ in group]
@@ -320,6 +322,7 @@ class _Run:
             if seg.end_s is None and self.level == "none":
                 seg.end_s = self.offset_s + duration_s
         return Transcription(text="".join(s.text for s in segments), segments=segments, language=self.language,
+                             batch_size=self.batch_size,
                              language_probabilities=self.language_probs, duration_s=duration_s)
 
 
