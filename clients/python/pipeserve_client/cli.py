@@ -296,8 +296,7 @@ def cmd_models(client: Any, args: argparse.Namespace) -> None:
         rows = [("NAME", "TASK", "STATE", "FAMILY", "DEVICE", "DTYPE", "SIZE", "DEFAULT")]
         for m in models:
             rows.append((m.name, _task_name(m.task), model_pb2.ModelState.Name(m.state).removeprefix("MODEL_STATE_").lower(),
-                         m.family, m.device, model_pb2.DType.Name(m.dtype).removeprefix("D_TYPE_").lower(),
-                         _mib(m.bytes), "yes" if m.is_default else ""))
+                         m.family, m.device, _dtype(m), _mib(m.bytes), "yes" if m.is_default else ""))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         for row in rows:
             print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
@@ -329,14 +328,27 @@ def cmd_models(client: Any, args: argparse.Namespace) -> None:
     if _opt(args, "json"):
         print(json.dumps(_to(info), ensure_ascii=False))
         return
+    if args.verb == "unload":  # the server has let go of it: family, device and size are gone
+        print(f"unloaded {info.name or args.name}" + (f" ({_task_name(info.task)})" if info.task else ""))
+        return
     state = model_pb2.ModelState.Name(info.state).removeprefix("MODEL_STATE_").lower()
-    verb = {"load": "loaded", "unload": "unloaded"}.get(args.verb)
+    verb = {"load": "loaded"}.get(args.verb)
     print(f"{verb + ' ' if verb else ''}{info.name}: {_task_name(info.task)}, {info.family or '?'} "
-          f"({info.architecture or '?'}), {state}, {info.device or '?'} "
-          f"{model_pb2.DType.Name(info.dtype).removeprefix('D_TYPE_').lower()}, {_mib(info.bytes)}"
+          f"({info.architecture or '?'}), {state}, {info.device or '?'} {_dtype(info)}, {_mib(info.bytes)}"
           f"{', default' if info.is_default else ''}")
+    defaults = _to(info).get("default_options")
+    if defaults:
+        print("default options: " + ", ".join(f"{k}={json.dumps(v)}" for k, v in sorted(defaults.items())))
     if info.error:
         print(f"error: {info.error}")
+
+
+def _dtype(info: Any) -> str:
+    """The weights' dtype, marked when int8-quantized (the float dtype is what they compute in)."""
+    from pipeserve.v1 import model_pb2
+
+    dtype = model_pb2.DType.Name(info.dtype).removeprefix("D_TYPE_").lower()
+    return f"int8/{dtype}" if info.quantized_int8 else dtype
 
 
 def _local_model_path(name: str) -> str:
