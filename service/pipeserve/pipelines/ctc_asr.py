@@ -59,6 +59,9 @@ class CTCASRPipeline(Pipeline):
     max_batch_size: int = 64
     # Live streaming: window length when the stream's options set no chunk_length_s.
     live_chunk_s: float = 5.0
+    # What this model's last live interim decode cost (s): a new stream's interim interval
+    # starts from it (CTCLiveStream.interim_interval_s).
+    live_decode_cost_s: float = 0.0
 
     def __init__(self, files: ModelFiles, options: LoadOptions, model: torch.nn.Module,
                  vocab: CTCVocabulary, preprocessor: dict[str, Any]):

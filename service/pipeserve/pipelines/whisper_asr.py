@@ -27,7 +27,7 @@ from ..tasks import Task
 from ..whisper_decoding import DecodeOptions, GenerationSettings, generate, text_compression_ratio
 from ..whisper_features import HOP_LENGTH, N_SAMPLES, log_mel_spectrogram
 from ..whisper_tokenizer import LANGUAGES, ChunkMerger, load_tokenizer
-from .asr_types import Segment, Transcription, WordTiming
+from .asr_types import Segment, Transcription, WordTiming, effective_interim_interval
 from .base import LoadOptions, Pipeline
 
 _TIMESTAMPS = {None: "segment", "": "segment", "unspecified": "segment", True: "segment", "segment": "segment",
@@ -53,6 +53,9 @@ class WhisperASRPipeline(Pipeline):
     max_batch_size: int = 64
     max_beams: int = 16
     live_window_s: float = 30.0
+    # What this model's last live decode cost (s): a new stream's interim interval starts from
+    # it, so the interval reported in its first response is already one the model can afford.
+    live_decode_cost_s: float = 0.0
 
     def __init__(self, files: ModelFiles, options: LoadOptions, model, tok, settings: GenerationSettings):
         super().__init__(files, options, family="whisper",
@@ -338,14 +341,15 @@ class WhisperLiveStream:
         if o["return_timestamps"] == "none":
             o["return_timestamps"] = "segment"  # committing needs segment boundaries
         self.pipe, self.o = pipe, o
-        self.interval = int(float(o.get("interim_interval_s") or 1.0) * MODEL_SAMPLE_RATE)
+        self.requested_interval_s = float(o.get("interim_interval_s") or 1.0)
+        self.clock = time.perf_counter
         self.window = int(pipe.live_window_s * MODEL_SAMPLE_RATE)
         self.buffer = torch.zeros(0)
         self.offset = 0  # absolute sample index of buffer[0]
         self.received = 0
         self.since_decode = 0
         self.finals: list[Segment] = []
-        self.last_cost_s = 0.0
+        self.last_cost_s = pipe.live_decode_cost_s
         self.language = ""
         self.language_probs: dict[str, float] = {}
         self.closed = False
@@ -353,6 +357,12 @@ class WhisperLiveStream:
     @property
     def audio_received_s(self) -> float:
         return self.received / MODEL_SAMPLE_RATE
+
+    @property
+    def interim_interval_s(self) -> float:
+        """Seconds of audio between interim decodes: the requested interval, or twice what a
+        decode costs when that is longer, so that a slow machine keeps up with real time."""
+        return effective_interim_interval(self.requested_interval_s, self.last_cost_s)
 
     def push(self, samples_16k: torch.Tensor, should_stop=None) -> list[Segment]:
         if self.closed:
@@ -368,21 +378,19 @@ class WhisperLiveStream:
         out: list[Segment] = []
         while self.buffer.shape[0] > self.window:  # a full window is always decided
             out += self._decode(self.buffer[: self.window], commit=True, should_stop=should_stop)
-        # Interim decodes are spaced by at least twice their cost, so a slow machine keeps up
-        # with real time instead of falling behind.
-        if self.since_decode >= max(self.interval, 2 * self.last_cost_s * MODEL_SAMPLE_RATE) and self.buffer.shape[0] > 0:
+        if self.since_decode >= round(self.interim_interval_s * MODEL_SAMPLE_RATE) and self.buffer.shape[0] > 0:
             out += self._decode(self.buffer, commit=self.buffer.shape[0] > self.window // 2, should_stop=should_stop)
         return out
 
     def _decode(self, audio: torch.Tensor, *, commit: bool, final: bool = False, should_stop=None) -> list[Segment]:
         self.since_decode = 0
-        started = time.perf_counter()
+        started = self.clock()
         run = _Run(self.pipe, dict(self.o, chunk_length_s=None, long_form_sequential=False),
                    offset_s=self.offset / MODEL_SAMPLE_RATE, first_id=len(self.finals))
         with torch.inference_mode():
             for _ in run.sequential(audio, should_stop):
                 pass
-        self.last_cost_s = time.perf_counter() - started
+        self.last_cost_s = self.pipe.live_decode_cost_s = self.clock() - started
         self.language = self.language or run.language
         self.language_probs = self.language_probs or run.language_probs
         segs = run.segments
