@@ -379,6 +379,7 @@ class Segment:
     compression_ratio: float
     token_times: list[float] | None = None  # end time of each token, for word timings
     token_probs: list[float] | None = None  # probability of each token, for word probabilities
+    time_offset: float = 0.0  # where the window its timestamp tokens count from begins
 
 
 def _retrieve_segments(seq: list[int], tb: int, time_offset: float, seek_num_frames: int,
@@ -398,7 +399,8 @@ def _retrieve_segments(seq: list[int], tb: int, time_offset: float, seek_num_fra
             part = seq[last:cut]
             end_index = -1 if (i < len(cuts) - 1 or single_ending) else -2
             segments.append(Segment(start=time_offset + (part[0] - tb) * TIME_PRECISION,
-                                    end=time_offset + (part[end_index] - tb) * TIME_PRECISION, tokens=part, **extra))
+                                    end=time_offset + (part[end_index] - tb) * TIME_PRECISION, tokens=part,
+                                    time_offset=time_offset, **extra))
             ranges.append((last, cut))
             last = cut
         consumed = seek_num_frames if single_ending else (seq[last - 2] - tb) * INPUT_STRIDE
@@ -407,7 +409,8 @@ def _retrieve_segments(seq: list[int], tb: int, time_offset: float, seek_num_fra
         last_pos = int(seek_num_frames * FRAME_SECONDS / TIME_PRECISION)
         if stamps and stamps[-1] != tb:
             last_pos = stamps[-1] - tb
-        segments.append(Segment(start=time_offset, end=time_offset + last_pos * TIME_PRECISION, tokens=seq, **extra))
+        segments.append(Segment(start=time_offset, end=time_offset + last_pos * TIME_PRECISION, tokens=seq,
+                                time_offset=time_offset, **extra))
         ranges.append((0, len(seq)))
         consumed = seek_num_frames
     return segments, consumed, ranges

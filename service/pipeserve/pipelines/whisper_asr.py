@@ -187,6 +187,26 @@ class WhisperASRPipeline(Pipeline):
         return WhisperLiveStream(self, self.validate_options(self.resolve_options(options)))
 
 
+# The last timestamp token: <|30.00|>, the end of a window.
+_LAST_TIMESTAMP = 1500
+
+
+def _chunk_relative(seg, tb: int) -> list[int]:
+    """A decoded segment's tokens with its timestamps counted from the start of its chunk.
+
+    A 30 s chunk can take two decoding passes (the model ends the first before the chunk's end
+    and decoding resumes there), whose timestamps each restart at <|0.00|>. transformers'
+    _decode_asr resolves the right stride from the raw timestamps, so such a reset made it skip
+    every later boundary: segments of 50 s and more, all released at the end of the file.
+    Counted from the chunk's start, the timestamps rise through the chunk as in a one-pass
+    chunk, which is what the stride logic expects (beyond the window they are capped at
+    <|30.00|>; only the right stride, which is cut, reaches there)."""
+    shift = round(seg.time_offset / 0.02)
+    if not shift:
+        return list(seg.tokens)
+    return [tb + min(_LAST_TIMESTAMP, t - tb + shift) if t >= tb else t for t in seg.tokens]
+
+
 class _Run:
     """The state of one transcription: merges decoded windows and turns chunks into Segments."""
 
@@ -313,7 +333,7 @@ class _Run:
                 return
             for (_, stride_info), segs in zip(group, rows):
                 self._window_stats(segs)
-                tokens = [t for seg in segs for t in seg.tokens]
+                tokens = [t for seg in segs for t in _chunk_relative(seg, pipe.tok.timestamp_begin)]
                 times = [t for seg in segs for t in (seg.token_times or [])]
                 probs = [p for seg in segs for p in (seg.token_probs or [])]
                 yield from self._segments(self.merger.add(tokens, stride_info, times or None, probs or None))
