@@ -72,3 +72,44 @@ async def test_full_queue_is_queue_full():
     assert info.value.metadata["retry_after_ms"] == "50"
     entry.pipeline.gate.set()
     assert [r.value for r in await asyncio.gather(first, *queued)] == [0, 2, 4]
+
+
+async def test_lone_call_on_idle_model_runs_at_once():
+    # A generous max wait: a lone call must not sit it out when nothing else is running.
+    manager, entry, batcher = _setup(max_batch_size=8, max_wait_ms=2000)
+    result = await asyncio.wait_for(batcher.submit(entry, "double", 21, {}), timeout=1.5)
+    assert result.value == 42 and result.batch_size == 1
+    assert result.queue_ms < 500
+
+
+async def test_calls_arriving_while_a_batch_runs_go_together_next():
+    manager, entry, batcher = _setup(max_batch_size=8, max_wait_ms=2000)
+    started = threading.Event()
+    original = entry.pipeline.double
+
+    def double(items, options):
+        started.set()
+        return original(items, options)
+
+    entry.pipeline.double = double
+    entry.pipeline.gate.clear()  # the first batch holds the model
+    first = asyncio.create_task(batcher.submit(entry, "double", 0, {}))
+    while not started.is_set():
+        await asyncio.sleep(0.005)
+    later = [asyncio.create_task(batcher.submit(entry, "double", i, {})) for i in (1, 2, 3)]
+    await asyncio.sleep(0.05)
+    entry.pipeline.gate.set()
+    results = await asyncio.wait_for(asyncio.gather(first, *later), timeout=1.5)
+    assert [r.value for r in results] == [0, 2, 4, 6]
+    assert entry.pipeline.batches == [[0], [1, 2, 3]]
+    assert [r.batch_size for r in results] == [1, 3, 3, 3]
+
+
+async def test_wait_when_idle_gathers_like_a_fixed_queue_delay():
+    manager, entry, batcher = _setup(max_batch_size=8, max_wait_ms=300)
+    batcher.wait_when_idle = True
+    first = asyncio.create_task(batcher.submit(entry, "double", 1, {}))
+    await asyncio.sleep(0.05)
+    second = asyncio.create_task(batcher.submit(entry, "double", 2, {}))
+    assert [r.value for r in await asyncio.gather(first, second)] == [2, 4]
+    assert entry.pipeline.batches == [[1, 2]]

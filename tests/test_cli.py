@@ -214,13 +214,21 @@ def test_models_commands(capsys, server, loaded, tmp_path):
     source = str(shutil.copytree(vit, tmp_path / "vit")) + "/"
     canonical = source.rstrip("/")  # the name the server lists it under
     code, out, err = run(capsys, "--server", server, "models", "load", source, "--dtype", "float32",
-                         "--option", "top_k=2")
+                         "--option", "top_k=2", "--int8")
     assert code == 0 and out.startswith(f"loaded {canonical}:") and "loading" in err
+    assert "int8/float32" in out and "default options: top_k=2" in out
+    code, out, _ = run(capsys, "--server", server, "models", "get", source)
+    assert code == 0 and "default options: top_k=2" in out
+    assert json.loads(run(capsys, "--server", server, "--json", "models", "get", source)[1])["default_options"] == \
+        {"top_k": 2}
+    code, out, _ = run(capsys, "--server", server, "models", "list")
+    [row] = [line for line in out.splitlines() if line.startswith(canonical + " ")]
+    assert "int8/float32" in row
     code, out, _ = run(capsys, "--server", server, "--json", "classify-image", str(Path(vit) / "config.json"),
                        "--model", source)
     assert code == cli.EXIT_REJECTED
     code, out, _ = run(capsys, "--server", server, "models", "unload", source)
-    assert code == 0 and out.startswith(f"unloaded {canonical}")
+    assert code == 0 and out == f"unloaded {canonical} (image-classification)\n"
     code, _, err = run(capsys, "--server", server, "models", "get", source)
     assert code == cli.EXIT_REJECTED and "MODEL_NOT_FOUND" in err
     code, _, err = run(capsys, "--server", server, "models", "load", "/definitely/not/here")

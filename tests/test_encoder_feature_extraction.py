@@ -135,3 +135,30 @@ def test_embedded_minilm_equals_sentence_transformers_recipe():
     assert_close(torch.stack([f.sentence_embedding for f in got]), expected)
     norms = torch.stack([f.sentence_embedding for f in got]).norm(dim=1)
     assert torch.allclose(norms, torch.ones(4), atol=1e-5)
+
+
+def test_default_normalisation_applies_to_pooled_embeddings_only(tmp_path):
+    """sentence-transformers' Normalize module runs after Pooling: token features
+    (pooling none) stay transformers' feature-extraction output unless normalize is asked for."""
+    import transformers as T
+
+    directory, model, tokenizer = build_checkpoint("roberta", "base", tmp_path)
+    (directory / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}]))
+    (directory / "1_Pooling").mkdir()
+    (directory / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_mean_tokens": True}))
+    ours = load_pipeline(directory)
+    base = T.AutoModel.from_pretrained(directory).eval()
+    with torch.no_grad():
+        expected = base(**tokenizer(TEXTS[0], return_tensors="pt")).last_hidden_state[0]
+    tokens = ours.extract(TEXTS[:1], {"pooling": "none"})[0].token_embeddings
+    assert_close(tokens, expected)
+    assert not torch.allclose(tokens.norm(dim=-1), torch.ones(tokens.shape[0]), atol=1e-3)
+    asked = ours.extract(TEXTS[:1], {"pooling": "none", "normalize": True})[0].token_embeddings
+    assert torch.allclose(asked.norm(dim=-1), torch.ones(asked.shape[0]), atol=1e-5)
+    pooled = ours.extract(TEXTS[:1])[0].sentence_embedding
+    assert float(pooled.norm()) == pytest.approx(1.0, abs=1e-5)
+    raw = ours.extract(TEXTS[:1], {"normalize": False})[0].sentence_embedding
+    assert_close(raw, expected.mean(dim=0))

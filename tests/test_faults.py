@@ -126,11 +126,12 @@ def _slow_batches(handle, seconds: float = 3.0):
     """Calls wait this long for batch company: time enough to cancel, expire or unload them
     while they are queued, however loaded the machine is."""
     batcher = handle.running.app.batcher
-    saved, batcher.max_wait_s = batcher.max_wait_s, seconds
+    saved = batcher.max_wait_s, batcher.wait_when_idle
+    batcher.max_wait_s, batcher.wait_when_idle = seconds, True
     try:
         yield
     finally:
-        batcher.max_wait_s = saved
+        batcher.max_wait_s, batcher.wait_when_idle = saved
 
 
 def _settled(handle, name: str) -> None:

@@ -87,7 +87,7 @@ def test_seeded_sampling_equals_transformers(case, family, request):
         expected = expected[0, inputs["input_ids"].shape[1]:].tolist()
         [result] = pipe.generate([prompt], dict(options, seed=seed))
         assert [t.token for t in result.sequences[0].tokens] == expected
-        assert result.seed == seed
+        assert result.seed == (seed if options["do_sample"] else 0)  # greedy: no seed
 
 
 def test_same_seed_same_output_alone_or_batched(gpt2):
@@ -251,3 +251,14 @@ def test_batched_prompts_equal_transformers_batched_pipeline(gpt2):
     expected = reference(prompts, batch_size=3, max_new_tokens=15, min_new_tokens=15, do_sample=False)
     ours = pipe.generate(prompts, {"max_new_tokens": 15, "min_new_tokens": 15})
     assert [r.sequences[0].text for r in ours] == [e[0]["generated_text"] for e in expected]
+
+
+def test_greedy_reports_no_seed(gpt2):
+    """A seed means something only for sampling: greedy decoding reports 0, set or not."""
+    _, _, pipe = gpt2
+    [unset] = pipe.generate(["Hello"], {"max_new_tokens": 3})
+    [given] = pipe.generate(["Hello"], {"max_new_tokens": 3, "seed": 77})
+    assert unset.seed == given.seed == 0
+    assert given.sequences[0].text == unset.sequences[0].text
+    [sampled] = pipe.generate(["Hello"], {"max_new_tokens": 3, "do_sample": True})
+    assert sampled.seed != 0

@@ -186,7 +186,7 @@ def test_docqa_bad_inputs_and_tesseract_missing(grpc_server, layoutlm, nli_model
     req = lambda data=page[1], **kw: pb.AnswerDocumentQuestionRequest(
         model=str(layoutlm), image=common_pb2.ImageInput(data=data), **{"question": "What is the total?", **kw})
     _fails(call, req(data=png_bytes(render_invoice(lines=[]))), invalid, "NO_TEXT_FOUND", "OCR found no text")
-    _fails(call, req(question="  "), invalid, "EMPTY_QUESTION", "question is empty")
+    _fails(call, req(question="  "), invalid, "EMPTY_INPUT", "question is empty")
     _fails(call, pb.AnswerDocumentQuestionRequest(model=str(layoutlm), question="Total?"), invalid, "EMPTY_INPUT",
            "neither")
     _fails(call, req(data=b"\x89PNG\r\n\x1a\ntruncated"), invalid, "CORRUPT_IMAGE", "PNG")

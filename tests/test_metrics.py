@@ -33,6 +33,7 @@ def vit_dir(tmp_path_factory):
 def server(vit_dir):
     # A generous batch wait so that concurrent calls are certain to share batches.
     handle = make_server(metrics_listen="127.0.0.1:0", max_batch_wait_ms=50.0, max_batch_size=4)
+    handle.running.app.batcher.wait_when_idle = True  # an idle model would run each call at once
     load_model(handle, vit_dir)
     yield handle
     handle.stop()
@@ -124,6 +125,7 @@ def test_queue_depth_is_visible_while_requests_wait(vit_dir):
 
     # A long batch wait and room for all: five concurrent calls sit in the queue together.
     handle = make_server(metrics_listen="127.0.0.1:0", max_batch_wait_ms=4000.0, max_batch_size=16)
+    handle.running.app.batcher.wait_when_idle = True
     try:
         load_model(handle, vit_dir)
         stub = image_classification_pb2_grpc.ImageClassificationServiceStub(handle.channel)

@@ -215,7 +215,8 @@ RULES: dict[str, Rule] = {
     "max_prompt_tokens": Rule("longest text-generation prompt, in tokens; 0 = each model's context"),
     "max_queue": Rule("calls waiting per task before new ones are refused with QUEUE_FULL", at_least(1)),
     "max_batch_size": Rule("most requests the batcher runs in one forward pass", at_least(1)),
-    "max_batch_wait_ms": Rule("milliseconds the batcher waits for more requests to join a batch"),
+    "max_batch_wait_ms": Rule("milliseconds a batch waits for company while another batch of its model runs "
+                              "(a call to an idle model runs at once)"),
     "compute_lane": Rule("run CPU model work on compute lanes (one OpenMP team per lane) instead of each "
                          "caller's thread"),
     "compute_lanes": Rule("CPU compute lanes; N lanes run N calls at once on cores/N threads each", between(1, 256)),

@@ -121,11 +121,15 @@ class GenerationParams:
         if not 0 <= logprobs <= MAX_TOP_LOGPROBS:
             raise InvalidParameter(f"logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {logprobs}")
         seed = options.get("seed")
-        if seed is None:
+        if seed is not None and not 0 <= int(seed) < 2 ** 64:
+            raise InvalidParameter(f"seed must be in [0, 2^64), got {seed}")
+        # A seed means something only for sampling: greedy decoding reports 0, so that a
+        # caller never mistakes a number the output did not depend on for one it did.
+        if not do_sample:
+            seed = 0
+        elif seed is None:
             seed = random.getrandbits(63)
         seed = int(seed)
-        if not 0 <= seed < 2 ** 64:
-            raise InvalidParameter(f"seed must be in [0, 2^64), got {seed}")
         return cls(max_new_tokens=max_new, min_new_tokens=min_new, do_sample=do_sample, temperature=temperature,
                    top_k=top_k, top_p=top_p, typical_p=typical_p, repetition_penalty=penalty,
                    no_repeat_ngram_size=ngram, stop=stop, ignore_eos=get("ignore_eos", bool, False), seed=seed,

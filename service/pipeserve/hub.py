@@ -95,9 +95,23 @@ def resolve(reference: str, revision: str | None = None, *, offline: bool | None
         except HFValidationError as exc:
             raise InvalidParameter(f"{reference!r} is neither a directory nor a valid Hub id: {exc}") from None
         except Exception as exc:  # huggingface_hub raises many kinds; each is one failed attempt
-            attempts.append(f"{where} (revision {revision or 'main'}): {type(exc).__name__}: {exc}".strip())
+            attempts.append(_attempt(where, revision, exc))
             continue
         return ModelFiles(reference, path, _read_config(path), revision)
     if len(modes) == 1:
-        attempts.append("Hub download skipped: offline (HF_HUB_OFFLINE or hub_offline setting)")
+        attempts.append("Hub download skipped: the server is offline (its hub_offline setting or HF_HUB_OFFLINE); "
+                        "an operator can set hub_offline=false on a server that reaches the Hub, or put the "
+                        "model in the cache above (HF_HOME / HF_HUB_CACHE choose where it is)")
     raise ModelNotFound(f"model {reference!r} not found: " + "; ".join(attempts))
+
+
+def _attempt(where: str, revision: str | None, exc: Exception) -> str:
+    """One failed Hub attempt in the server's words: huggingface_hub's own messages advise
+    Python arguments (local_files_only=False) that a gRPC caller cannot pass."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    if isinstance(exc, LocalEntryNotFoundError):
+        return f"not in the server's Hugging Face cache {constants.HF_HUB_CACHE} (revision {revision or 'main'})"
+    first_line = (str(exc).strip().splitlines() or [""])[0]
+    return f"{where} (revision {revision or 'main'}): {type(exc).__name__}: {first_line}".strip()

@@ -378,6 +378,8 @@ class Segment:
     temperature: float
     compression_ratio: float
     token_times: list[float] | None = None  # end time of each token, for word timings
+    token_probs: list[float] | None = None  # probability of each token, for word probabilities
+    time_offset: float = 0.0  # where the window its timestamp tokens count from begins
 
 
 def _retrieve_segments(seq: list[int], tb: int, time_offset: float, seek_num_frames: int,
@@ -397,7 +399,8 @@ def _retrieve_segments(seq: list[int], tb: int, time_offset: float, seek_num_fra
             part = seq[last:cut]
             end_index = -1 if (i < len(cuts) - 1 or single_ending) else -2
             segments.append(Segment(start=time_offset + (part[0] - tb) * TIME_PRECISION,
-                                    end=time_offset + (part[end_index] - tb) * TIME_PRECISION, tokens=part, **extra))
+                                    end=time_offset + (part[end_index] - tb) * TIME_PRECISION, tokens=part,
+                                    time_offset=time_offset, **extra))
             ranges.append((last, cut))
             last = cut
         consumed = seek_num_frames if single_ending else (seq[last - 2] - tb) * INPUT_STRIDE
@@ -406,7 +409,8 @@ def _retrieve_segments(seq: list[int], tb: int, time_offset: float, seek_num_fra
         last_pos = int(seek_num_frames * FRAME_SECONDS / TIME_PRECISION)
         if stamps and stamps[-1] != tb:
             last_pos = stamps[-1] - tb
-        segments.append(Segment(start=time_offset, end=time_offset + last_pos * TIME_PRECISION, tokens=seq, **extra))
+        segments.append(Segment(start=time_offset, end=time_offset + last_pos * TIME_PRECISION, tokens=seq,
+                                time_offset=time_offset, **extra))
         ranges.append((0, len(seq)))
         consumed = seek_num_frames
     return segments, consumed, ranges
@@ -497,10 +501,12 @@ def generate(model, features: torch.Tensor, num_frames: list[int], s: Generation
             time_offset = seek[r] * FRAME_SECONDS
             segments, consumed, ranges = _retrieve_segments(seq, tb, time_offset, n, extra) if seq else ([], n, [])
             if opts.word_timestamps and seq and s.alignment_heads:
-                times = token_times(model, encoder_out[i:i + 1], prompts[i], res.tokens, s,
-                                    num_frames=min(num_frames[r] - seek[r], N_FRAMES) if num_frames[r] else None)
+                times, probs = token_times(model, encoder_out[i:i + 1], prompts[i], res.tokens, s,
+                                           num_frames=min(num_frames[r] - seek[r], N_FRAMES) if num_frames[r] else None)
+                p = len(prompts[i])
                 for seg, (a, b) in zip(segments, ranges):
-                    seg.token_times = [time_offset + t for t in times[len(prompts[i]) + a:len(prompts[i]) + b]]
+                    seg.token_times = [time_offset + t for t in times[p + a:p + b]]
+                    seg.token_probs = probs[p + a:p + b]
             seek[r] += consumed
             prev_tokens[r].extend(seg.tokens for seg in segments)
             yield r, segments
@@ -604,21 +610,27 @@ def dynamic_time_warping(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def token_times(model, encoder_out: torch.Tensor, prompt: list[int], generated: list[int],
-                s: GenerationSettings, num_frames: int | None) -> list[float]:
+                s: GenerationSettings, num_frames: int | None) -> tuple[list[float], list[float]]:
     """generation_whisper._extract_token_timestamps for one row: a time (s, window-relative) per
-    position of prompt + generated (prompt positions are 0)."""
+    position of prompt + generated (prompt positions are 0); and, per position, the token's
+    probability in the same teacher-forced pass, as openai-whisper's timing.find_alignment
+    (and faster-whisper) compute it: softmax over the text vocabulary (ids below <|endoftext|>),
+    the probability of the token that was decoded (0 for the prompt and special tokens)."""
     tokens = torch.tensor([prompt + generated[:-1]], device=encoder_out.device)
-    attentions = model.decoder.cross_attentions(tokens, encoder_out)
+    attentions, logits = model.decoder.cross_attentions(tokens, encoder_out)
+    text_probs = logits[0, len(prompt) - 1:, : s.eos_token_id].float().softmax(dim=-1)
+    probs = [0.0] * len(prompt) + [float(text_probs[k, t]) if t < s.eos_token_id else 0.0
+                                   for k, t in enumerate(generated)]
     weights = torch.stack([attentions[layer][0, head] for layer, head in s.alignment_heads]).float()
     if num_frames is not None:
         weights = weights[..., : num_frames // 2]
     weights = weights[:, len(prompt):, :]  # [heads, generated - 1, frames]
     out = [0.0] * len(prompt)
     if weights.shape[1] == 0:
-        return out + [0.0] * len(generated)
+        return out + [0.0] * len(generated), probs
     std, mean = torch.std_mean(weights, dim=-2, keepdim=True, unbiased=False)
     weights = median_filter((weights - mean) / std, s.median_filter_width).mean(dim=0)
     text_idx, time_idx = dynamic_time_warping(-weights.cpu().double().numpy())
     jumps = np.pad(np.diff(text_idx), (1, 0), constant_values=1).astype(bool)
     jump_times = (time_idx[jumps] * TIME_PRECISION).tolist()
-    return out + jump_times + [jump_times[-1]]
+    return out + jump_times + [jump_times[-1]], probs

@@ -212,7 +212,8 @@ def find_longest_common_sequence(sequences: list[list[int]], times: list[list] |
             a, b = left[ls:le], right[rs:re_]
             if times:
                 right_times = times[seq_idx + 1]
-                matches = sum(1 for k, e in enumerate(a) if e == b[k] and left_times[ls + k] <= right_times[rs + k])
+                matches = sum(1 for k, e in enumerate(a)
+                              if e == b[k] and left_times[ls + k][:2] <= right_times[rs + k][:2])
             else:
                 matches = sum(1 for x, y in zip(a, b) if x == y)
             matching = matches / i + eps
@@ -260,13 +261,17 @@ class ChunkMerger:
         chunk["tokens"] = tokens
         if self.rt == "word":
             words, _, indices = combine_tokens_into_words(self.tok, tokens, self.last_language)
-            chunk["words"] = [{"text": w, "timestamp": (times[ix[0]][0], times[ix[-1]][1])} for w, ix in zip(words, indices)]
+            # A word's probability is the mean of its tokens' (openai-whisper's find_alignment).
+            chunk["words"] = [{"text": w, "timestamp": (times[ix[0]][0], times[ix[-1]][1]),
+                               "probability": sum(times[k][2] for k in ix) / len(ix)}
+                              for w, ix in zip(words, indices)]
         return chunk
 
     def add(self, token_ids: list[int], stride: tuple[float, float, float] | None = None,
-            token_times: list[float] | None = None) -> list[dict]:
-        """One chunk's generated tokens (and, with strides, (chunk_len, left, right) seconds);
-        returns the chunks that closed."""
+            token_times: list[float] | None = None, token_probs: list[float] | None = None) -> list[dict]:
+        """One chunk's generated tokens (and, with strides, (chunk_len, left, right) seconds;
+        for word timestamps each token's end time and probability); returns the chunks that
+        closed."""
         tok, tb, tp = self.tok, self.tb, self.tp
         closed = []
         if token_ids and tok.sot_prev is not None and token_ids[0] == tok.sot_prev:  # _strip_prompt
@@ -334,7 +339,8 @@ class ChunkMerger:
                 current_tokens.append(token)
                 if self.rt == "word":
                     start = round((0.0 if i == 0 else token_times[i - 1]) + self.time_offset, 2)
-                    current_times.append((start, round(token_times[i] + self.time_offset, 2)))
+                    current_times.append((start, round(token_times[i] + self.time_offset, 2),
+                                          token_probs[i] if token_probs else 0.0))
         if stride is not None:
             self.time_offset += chunk_len - stride_right
         if current_tokens:

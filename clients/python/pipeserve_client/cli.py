@@ -42,11 +42,25 @@ TASKS = ["automatic-speech-recognition", "text-generation", "image-classificatio
 
 
 class Fail(Exception):
-    """A user-facing failure: a message for stderr and an exit code."""
+    """A user-facing failure: a message for stderr and an exit code (and, for an error the
+    server answered, its status, reason and metadata, which --json reports)."""
 
-    def __init__(self, message: str, code: int) -> None:
+    def __init__(self, message: str, code: int, *, status: str = "", reason: str = "",
+                 metadata: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.code = code
+        self.status, self.reason, self.metadata = status, reason, dict(metadata or {})
+
+    def as_json(self) -> str:
+        """One JSON object for scripts (--json): the message, exit code, and what the server said."""
+        error: dict[str, Any] = {"message": str(self), "exit_code": self.code}
+        if self.status:
+            error["status"] = self.status
+        if self.reason:
+            error["reason"] = self.reason
+        if self.metadata:
+            error["metadata"] = self.metadata
+        return json.dumps({"error": error}, ensure_ascii=False)
 
 
 # --- argument parsing -------------------------------------------------------------------------
@@ -131,8 +145,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="timestamp granularity (default: the model's)")
     t.add_argument("--language", help='spoken language code such as "en" (default: detected)')
     t.add_argument("--translate", action="store_true", help="translate into English")
-    t.add_argument("--chunk-length", type=float, dest="chunk_length_s", metavar="SECONDS")
-    t.add_argument("--stride-length", type=float, dest="stride_length_s", metavar="SECONDS")
+    t.add_argument("--chunk-length", type=float, dest="chunk_length_s", metavar="SECONDS",
+                   help="cut long audio into windows of this many seconds, decoded in batches")
+    t.add_argument("--stride-length", type=float, dest="stride_length_s", metavar="SECONDS",
+                   help="overlap on each side of a window (default: a sixth of it)")
+    t.add_argument("--batch-size", type=int, metavar="N", help="windows of long audio decoded together")
     t.add_argument("--num-beams", type=int)
     t.add_argument("--initial-prompt")
     t.add_argument("--no-stream", action="store_true", help="wait for the whole transcription")
@@ -198,9 +215,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = command("embed", "compute the embedding of a text (feature extraction)")
     e.add_argument("text", help="the text, or - for standard input")
-    e.add_argument("--pooling", choices=["none", "mean", "cls", "max"])
-    e.add_argument("--normalize", action="store_true", default=None)
-    e.add_argument("--truncate", action="store_true", default=None)
+    e.add_argument("--pooling", choices=["none", "mean", "cls", "max"],
+                   help="none returns token embeddings (default: the model's pooling)")
+    e.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None,
+                   help="scale to unit length (default: the model's setting, pooled embeddings only)")
+    e.add_argument("--truncate", action=argparse.BooleanOptionalAction, default=None,
+                   help="cut a text longer than the model's input instead of refusing it")
     return parser
 
 
@@ -276,8 +296,7 @@ def cmd_models(client: Any, args: argparse.Namespace) -> None:
         rows = [("NAME", "TASK", "STATE", "FAMILY", "DEVICE", "DTYPE", "SIZE", "DEFAULT")]
         for m in models:
             rows.append((m.name, _task_name(m.task), model_pb2.ModelState.Name(m.state).removeprefix("MODEL_STATE_").lower(),
-                         m.family, m.device, model_pb2.DType.Name(m.dtype).removeprefix("D_TYPE_").lower(),
-                         _mib(m.bytes), "yes" if m.is_default else ""))
+                         m.family, m.device, _dtype(m), _mib(m.bytes), "yes" if m.is_default else ""))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         for row in rows:
             print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
@@ -292,9 +311,13 @@ def cmd_models(client: Any, args: argparse.Namespace) -> None:
                 options[key] = json.loads(raw)
             except json.JSONDecodeError:
                 options[key] = raw
+        name = _local_model_path(args.name)
         if not _opt(args, "json"):
-            print(f"loading {args.name} ...", file=sys.stderr, flush=True)
-        info = client.models.load(args.name, task=args.task, revision=args.revision, device=args.device,
+            if name != args.name:
+                print(f"{args.name} is a local directory: asking the server to load {name} "
+                      "(the server reads model paths on its own machine)", file=sys.stderr, flush=True)
+            print(f"loading {name} ...", file=sys.stderr, flush=True)
+        info = client.models.load(name, task=args.task, revision=args.revision, device=args.device,
                                   dtype=args.dtype, load_in_8bit=args.int8, allow_pickle=args.allow_pickle,
                                   set_default=args.default, default_options=options or None,
                                   timeout=_opt(args, "timeout"))
@@ -305,14 +328,36 @@ def cmd_models(client: Any, args: argparse.Namespace) -> None:
     if _opt(args, "json"):
         print(json.dumps(_to(info), ensure_ascii=False))
         return
+    if args.verb == "unload":  # the server has let go of it: family, device and size are gone
+        print(f"unloaded {info.name or args.name}" + (f" ({_task_name(info.task)})" if info.task else ""))
+        return
     state = model_pb2.ModelState.Name(info.state).removeprefix("MODEL_STATE_").lower()
-    verb = {"load": "loaded", "unload": "unloaded"}.get(args.verb)
+    verb = {"load": "loaded"}.get(args.verb)
     print(f"{verb + ' ' if verb else ''}{info.name}: {_task_name(info.task)}, {info.family or '?'} "
-          f"({info.architecture or '?'}), {state}, {info.device or '?'} "
-          f"{model_pb2.DType.Name(info.dtype).removeprefix('D_TYPE_').lower()}, {_mib(info.bytes)}"
+          f"({info.architecture or '?'}), {state}, {info.device or '?'} {_dtype(info)}, {_mib(info.bytes)}"
           f"{', default' if info.is_default else ''}")
+    defaults = _to(info).get("default_options")
+    if defaults:
+        print("default options: " + ", ".join(f"{k}={json.dumps(v)}" for k, v in sorted(defaults.items())))
     if info.error:
         print(f"error: {info.error}")
+
+
+def _dtype(info: Any) -> str:
+    """The weights' dtype, marked when int8-quantized (the float dtype is what they compute in)."""
+    from pipeserve.v1 import model_pb2
+
+    dtype = model_pb2.DType.Name(info.dtype).removeprefix("D_TYPE_").lower()
+    return f"int8/{dtype}" if info.quantized_int8 else dtype
+
+
+def _local_model_path(name: str) -> str:
+    """A model name that exists as a path here becomes absolute: the server resolves relative
+    paths in its own working directory, which is rarely the caller's. Anything else (a Hub
+    id, a path on the server's machine) goes as given."""
+    if name and os.path.exists(name) and not os.path.isabs(name):
+        return os.path.abspath(name)
+    return name
 
 
 def _to(message: Any) -> dict:
@@ -335,6 +380,22 @@ class _Progress:
 
     def __init__(self, enabled: bool, total_s: float | None) -> None:
         self.enabled, self.total_s, self.start, self.ticks = enabled, total_s, time.monotonic(), 0
+
+    def waiting(self) -> None:
+        """Before the first window is decoded there is no progress to show, only that it runs."""
+        if self.enabled:
+            sys.stderr.write("\rdecoding the first window ...\x1b[K")
+            sys.stderr.flush()
+
+    def finish(self, duration_s: float) -> None:
+        """The transcription is complete: the bar ends full (the last segment may end before
+        the audio does) and stays on its own line."""
+        if self.enabled:
+            self.total_s = self.total_s or duration_s or None
+            self.update(self.total_s or duration_s)
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+            self.enabled = False
 
     def update(self, done_s: float) -> None:
         if not self.enabled:
@@ -369,7 +430,7 @@ def cmd_transcribe(client: Any, args: argparse.Namespace) -> None:
     audio = _read_input(args.file)
     kwargs = dict(model=_opt(args, "model", ""), return_timestamps=args.timestamps, language=args.language,
                   task="translate" if args.translate else None, chunk_length_s=args.chunk_length_s,
-                  stride_length_s=args.stride_length_s, num_beams=args.num_beams,
+                  stride_length_s=args.stride_length_s, batch_size=args.batch_size, num_beams=args.num_beams,
                   initial_prompt=args.initial_prompt, timeout=_opt(args, "timeout"))
     as_json = _opt(args, "json")
     if args.no_stream:
@@ -385,7 +446,7 @@ def cmd_transcribe(client: Any, args: argparse.Namespace) -> None:
     show = sys.stderr.isatty() if args.progress is None else args.progress
     progress = _Progress(show and not as_json, _audio_duration(audio))
     printed: set[str] = set()
-    progress.update(0.0)
+    progress.waiting()
     try:
         for message in client.transcribe(audio, stream=True, **kwargs):
             if as_json:
@@ -407,6 +468,7 @@ def cmd_transcribe(client: Any, args: argparse.Namespace) -> None:
                         print(_segment_line(segment), flush=True)
                 if not message.done.transcription.segments and message.done.transcription.text.strip():
                     print(message.done.transcription.text.strip(), flush=True)
+                progress.finish(message.done.transcription.duration_s)
     finally:
         progress.clear()
 
@@ -556,36 +618,40 @@ COMMANDS: dict[str, Callable[[Any, argparse.Namespace], None]] = {
 def _explain(error: Exception, target: str, tls: bool) -> Fail:
     from . import errors as E
 
+    said = dict(status=error.code.name if getattr(error, "code", None) is not None else "",
+                reason=getattr(error, "reason", "") or "", metadata=getattr(error, "metadata", None))
     if isinstance(error, E.InputFileError):
         return Fail(str(error.details), EXIT_INPUT)
     if isinstance(error, E.InputError):
         return Fail(str(error.details), EXIT_USAGE)
     if isinstance(error, E.StreamInterruptedError):
         return Fail(f"the connection to {target} was lost mid-stream after {error.received} message(s) "
-                    f"({error.details}); the output above is incomplete", EXIT_STREAM_LOST)
+                    f"({error.details}); the output above is incomplete", EXIT_STREAM_LOST, **said)
     if isinstance(error, E.UnavailableError):
         details = error.details
         lowered = details.lower()
         if error.reason == "DRAINING":
-            return Fail(f"the server at {target} is shutting down: {details}", EXIT_UNREACHABLE)
+            return Fail(f"the server at {target} is shutting down: {details}", EXIT_UNREACHABLE, **said)
         if any(word in lowered for word in ("ssl", "tls", "handshake", "certificate")):
             hint = ("check --ca-cert (the server's CA), --cert/--key (mutual TLS) and --server-name" if tls
                     else "the server may require TLS: try --tls / --ca-cert")
-            return Fail(f"TLS connection to {target} failed: {details}\n  {hint}", EXIT_UNREACHABLE)
+            return Fail(f"TLS connection to {target} failed: {details}\n  {hint}", EXIT_UNREACHABLE, **said)
         hint = ("check that the server is running and speaks TLS, that --ca-cert is the CA that signed its "
                 "certificate (and --server-name matches it), and --cert/--key if it requires mutual TLS" if tls else
                 "is the server running? start one with `pipeserve serve`, or set --server / PIPESERVE_SERVER; "
                 "if it requires TLS, add --tls or --ca-cert")
-        return Fail(f"cannot reach the pipeserve server at {target}: {details}\n  {hint}", EXIT_UNREACHABLE)
+        return Fail(f"cannot reach the pipeserve server at {target}: {details}\n  {hint}", EXIT_UNREACHABLE,
+                    **said)
     if isinstance(error, E.DeadlineExceededError):
-        return Fail(f"deadline exceeded: {error.details} (raise --timeout)", EXIT_DEADLINE)
+        return Fail(f"deadline exceeded: {error.details} (raise --timeout)", EXIT_DEADLINE, **said)
     if isinstance(error, E.InternalError):
-        return Fail(f"the server failed: {error.details}", EXIT_SERVER_ERROR)
+        return Fail(f"the server failed: {error.details}", EXIT_SERVER_ERROR, **said)
     if isinstance(error, E.PipeserveError):
         reason = f" [{error.reason}]" if error.reason else ""
         extra = "".join(f"\n  {k}: {v}" for k, v in sorted(error.metadata.items()))
         name = error.code.name if error.code is not None else "ERROR"
-        return Fail(f"the server rejected the request: {error.details} ({name}{reason}){extra}", EXIT_REJECTED)
+        return Fail(f"the server rejected the request: {error.details} ({name}{reason}){extra}", EXIT_REJECTED,
+                    **said)
     raise error
 
 
@@ -621,14 +687,14 @@ def main(argv: list[str] | None = None) -> int:
             COMMANDS[args.command](client, args)
         return EXIT_OK
     except KeyboardInterrupt:
-        print("\npipeserve: interrupted", file=sys.stderr)
+        _report(Fail("interrupted", EXIT_INTERRUPTED), args)
         return EXIT_INTERRUPTED
     except BrokenPipeError:
         # `pipeserve ... | head`: the reader left; that is not an error.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK
     except Fail as usage:
-        print(f"pipeserve: {usage}", file=sys.stderr)
+        _report(usage, args)
         return usage.code
     except Exception as error:  # typed client errors become messages; anything else is a bug
         from .errors import PipeserveError
@@ -636,8 +702,17 @@ def main(argv: list[str] | None = None) -> int:
         if not isinstance(error, PipeserveError):
             raise
         explained = _explain(error, target, tls)
-        print(f"pipeserve: {explained}", file=sys.stderr)
+        _report(explained, args)
         return explained.code
+
+
+def _report(failure: Fail, args: argparse.Namespace) -> None:
+    """The failure on stderr: one line of text, or with --json one JSON object."""
+    if _opt(args, "json"):
+        print(failure.as_json(), file=sys.stderr, flush=True)
+    else:
+        newline = "\n" if failure.code == EXIT_INTERRUPTED else ""  # after a ^C on the line
+        print(f"{newline}pipeserve: {failure}", file=sys.stderr)
 
 
 if __name__ == "__main__":

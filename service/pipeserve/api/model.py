@@ -1,7 +1,10 @@
 """ModelService: list, inspect, load and unload models through the manager."""
 from __future__ import annotations
 
+import json
+
 from google.protobuf import json_format
+from google.protobuf.struct_pb2 import Struct
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from ..errors import InvalidParameter
@@ -62,7 +65,14 @@ def model_info(entry: ModelEntry, is_default: bool) -> pb.ModelInfo:
         last_used_at=_timestamp(entry.last_used_at),
         source_path=str(entry.files.path) if entry.files else "",
         quantized_int8=entry.options.load_in_8bit,
+        default_options=_options_struct(entry.options.defaults),
     )
+
+
+def _options_struct(options: dict) -> Struct:
+    struct = Struct()
+    struct.update(json.loads(json.dumps(options, default=str)))  # plain JSON values only
+    return struct
 
 
 def _struct_options(request: pb.LoadModelRequest) -> dict:

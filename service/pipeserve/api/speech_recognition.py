@@ -121,7 +121,8 @@ class SpeechRecognitionServicer(pb_grpc.SpeechRecognitionServiceServicer):
             async for item in self._events(entry, waveform, options):
                 done = item
             return pb.TranscribeResponse(request_id=rid, transcription=_transcription(done),
-                                         run=run_info(entry, queue_ms=waited_s * 1000.0, compute_ms=timer.ms()))
+                                         run=run_info(entry, queue_ms=waited_s * 1000.0, compute_ms=timer.ms(),
+                                                      batch_size=done.batch_size))
 
     async def TranscribeStream(self, request, context):
         rid = request_id(request)
@@ -134,7 +135,8 @@ class SpeechRecognitionServicer(pb_grpc.SpeechRecognitionServiceServicer):
                 if hasattr(item, "segments"):
                     yield pb.TranscribeStreamResponse(request_id=rid, done=pb.TranscriptionDone(
                         transcription=_transcription(item),
-                        run=run_info(entry, queue_ms=waited_s * 1000.0, compute_ms=timer.ms())))
+                        run=run_info(entry, queue_ms=waited_s * 1000.0, compute_ms=timer.ms(),
+                                     batch_size=item.batch_size)))
                 else:
                     yield pb.TranscribeStreamResponse(request_id=rid, segment=_segment(item))
 
@@ -168,6 +170,7 @@ class SpeechRecognitionServicer(pb_grpc.SpeechRecognitionServiceServicer):
             stop = threading.Event()
             kwargs = {"should_stop": stop.is_set} if _accepts_stop(live.push) else {}
             timer = Timer()
+            report = _IntervalReport(live)
             pending = []  # raw audio not yet resampled (other rates), as [channels, frames] blocks
             try:
                 async for message in request_iterator:
@@ -188,25 +191,39 @@ class SpeechRecognitionServicer(pb_grpc.SpeechRecognitionServiceServicer):
                     block, pending = pending, []
                     segments = await run(lambda: live.push(_to_16k(block, rate), **kwargs))
                     for seg in segments:
-                        yield pb.StreamingTranscribeResponse(request_id=rid, segment=_segment(seg),
-                                                             audio_received_s=live.audio_received_s)
+                        yield report(pb.StreamingTranscribeResponse(request_id=rid, segment=_segment(seg),
+                                                                    audio_received_s=live.audio_received_s))
                 if pending:
                     block, pending = pending, []
                     for seg in await run(lambda: live.push(_to_16k(block, rate), **kwargs)):
-                        yield pb.StreamingTranscribeResponse(request_id=rid, segment=_segment(seg),
-                                                             audio_received_s=live.audio_received_s)
+                        yield report(pb.StreamingTranscribeResponse(request_id=rid, segment=_segment(seg),
+                                                                    audio_received_s=live.audio_received_s))
                 finish_kwargs = {"should_stop": stop.is_set} if _accepts_stop(live.finish) else {}
                 segments, transcription = await run(lambda: live.finish(**finish_kwargs))
                 for seg in segments:
-                    yield pb.StreamingTranscribeResponse(request_id=rid, segment=_segment(seg),
-                                                         audio_received_s=live.audio_received_s)
-                yield pb.StreamingTranscribeResponse(
+                    yield report(pb.StreamingTranscribeResponse(request_id=rid, segment=_segment(seg),
+                                                                audio_received_s=live.audio_received_s))
+                yield report(pb.StreamingTranscribeResponse(
                     request_id=rid, audio_received_s=live.audio_received_s,
                     done=pb.TranscriptionDone(transcription=_transcription(transcription),
-                                              run=run_info(entry, compute_ms=timer.ms())))
+                                              run=run_info(entry, compute_ms=timer.ms()))))
             finally:
                 stop.set()
-                live = None  # the stream's buffers go with it
+                live = report = None  # the stream's buffers go with it
+
+
+class _IntervalReport:
+    """Sets StreamingTranscribeResponse.interim_interval_s on a stream's first response and
+    whenever the live stream's effective interval changes."""
+
+    def __init__(self, live) -> None:
+        self.live, self.last = live, None
+
+    def __call__(self, response: pb.StreamingTranscribeResponse) -> pb.StreamingTranscribeResponse:
+        now = getattr(self.live, "interim_interval_s", None)
+        if now is not None and now != self.last:
+            response.interim_interval_s = self.last = now
+        return response
 
 
 def _to_16k(blocks, rate: int):

@@ -286,9 +286,11 @@ class WhisperDecoder(nn.Module):
             x = x[:, [p % steps for p in logits_at]]
         return self.layer_norm(x)
 
-    def cross_attentions(self, tokens: torch.Tensor, encoder_out: torch.Tensor) -> list[torch.Tensor]:
+    def cross_attentions(self, tokens: torch.Tensor, encoder_out: torch.Tensor
+                         ) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Full (uncached) pass returning each layer's cross-attention weights [B, H, T, frames],
-        for word-level alignment."""
+        for word-level alignment, and the logits [B, T, vocab] of the same pass (for the word
+        probabilities openai-whisper's timing pass reports alongside)."""
         x = self.embed_tokens(tokens) * self.embed_scale + self.embed_positions.weight[: tokens.shape[1]]
         out = []
         for layer in self.layers:
@@ -300,7 +302,7 @@ class WhisperDecoder(nn.Module):
             x = x + h
             x = x + layer.fc2(linear_activation(layer.fc1, layer.final_layer_norm(x), layer.act_name, layer.act))
             out.append(w)
-        return out
+        return out, self.proj_out(self.layer_norm(x))
 
 
 class WhisperModel(nn.Module):

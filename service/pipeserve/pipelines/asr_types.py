@@ -6,7 +6,19 @@ yields a `Transcription`.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+
+# Live streams space their interim decodes by at least this many times a decode's cost (in
+# seconds of audio), so that decoding takes at most half of real time on a slow machine.
+INTERIM_COST_FACTOR = 2.0
+
+
+def effective_interim_interval(requested_s: float, decode_cost_s: float) -> float:
+    """The interim interval a live stream applies: the requested one, or what the model can
+    afford when that is longer (rounded up to 0.1 s, so that it changes in visible steps)."""
+    tenths = round(INTERIM_COST_FACTOR * decode_cost_s * 10, 6)  # 2 * 0.4 is 0.8, not 0.9
+    return max(requested_s, math.ceil(tenths) / 10)
 
 
 @dataclass
@@ -47,3 +59,5 @@ class Transcription:
     language: str = ""
     language_probabilities: dict[str, float] = field(default_factory=dict)
     duration_s: float = 0.0
+    # The most windows (chunks) of this input the model ran together (RunInfo.batch_size).
+    batch_size: int = 1

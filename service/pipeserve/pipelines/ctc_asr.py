@@ -59,6 +59,9 @@ class CTCASRPipeline(Pipeline):
     max_batch_size: int = 64
     # Live streaming: window length when the stream's options set no chunk_length_s.
     live_chunk_s: float = 5.0
+    # What this model's last live interim decode cost (s): a new stream's interim interval
+    # starts from it (CTCLiveStream.interim_interval_s).
+    live_decode_cost_s: float = 0.0
 
     def __init__(self, files: ModelFiles, options: LoadOptions, model: torch.nn.Module,
                  vocab: CTCVocabulary, preprocessor: dict[str, Any]):
@@ -251,7 +254,9 @@ class CTCASRPipeline(Pipeline):
 
     def _decode(self, batches, waveform: torch.Tensor, options: dict[str, Any]) -> Iterator[Segment | Transcription]:
         segmenter = Segmenter(self, options["return_timestamps"])
+        most = 1
         for batch in batches:
+            most = max(most, len(batch))
             for ids, lps in batch:
                 segmenter.decoder.push(ids.tolist(), lps.tolist())
             segment = segmenter.take(final=False)
@@ -261,7 +266,7 @@ class CTCASRPipeline(Pipeline):
         if segment is not None:
             yield segment
         yield Transcription(text=segmenter.decoder.text(), segments=segmenter.segments,
-                            duration_s=waveform.shape[0] / self.sampling_rate)
+                            duration_s=waveform.shape[0] / self.sampling_rate, batch_size=most)
 
     def transcribe(self, waveforms: list[torch.Tensor], options: dict[str, Any]) -> list[Transcription]:
         """One Transcription per input. Unchunked inputs are batched together (layer-norm

@@ -13,7 +13,7 @@ import torch
 
 from ..ctc import CTCStreamDecoder, word_offsets
 from ..errors import InputTooLarge, InvalidInput
-from .asr_types import CharTiming, Segment, Transcription, WordTiming
+from .asr_types import CharTiming, Segment, Transcription, WordTiming, effective_interim_interval
 
 if TYPE_CHECKING:
     from .ctc_asr import CTCASRPipeline
@@ -27,25 +27,31 @@ class CTCLiveStream:
     decoded and returned as one interim segment (is_final False) carrying the id the next
     final segment will have. Only the audio of the current chunk is kept."""
 
-    INTERIM_COST_FACTOR = 2.0
-
     def __init__(self, pipeline: "CTCASRPipeline", options: dict[str, Any]):
         self.pipeline = pipeline
         self.options = options
         self.chunk_len, self.stride_left, self.stride_right = pipeline._chunking(options, 1 << 62)
         self.step = self.chunk_len - self.stride_left - self.stride_right
-        self.interval = int(options["interim_interval_s"] * pipeline.sampling_rate)
+        self.requested_interval_s = float(options["interim_interval_s"])
+        self.clock = time.perf_counter
         self.segmenter = Segmenter(pipeline, options["return_timestamps"])
         self.buffer = torch.zeros(0)  # audio from `offset` on
         self.offset = 0  # absolute sample index of buffer[0] (the current chunk's start)
         self.received = 0
         self.last_interim = 0
-        self.interim_cost = 0.0  # seconds the last interim decode took
+        self.interim_cost = pipeline.live_decode_cost_s  # seconds the last interim decode took
         self.closed = False
 
     @property
     def audio_received_s(self) -> float:
         return self.received / self.pipeline.sampling_rate
+
+    @property
+    def interim_interval_s(self) -> float:
+        """Seconds of audio between interim decodes: the requested interval, or twice what one
+        costs when that is longer, so that on a slow machine they take at most half of real
+        time instead of falling behind."""
+        return effective_interim_interval(self.requested_interval_s, self.interim_cost)
 
     def push(self, samples_16k: torch.Tensor, should_stop: Callable[[], bool] | None = None) -> list[Segment]:
         """Adds audio; returns the final segments completed and at most one interim segment."""
@@ -72,14 +78,11 @@ class CTCLiveStream:
                 out.append(segment)
             self.buffer = self.buffer[self.step:]
             self.offset += self.step
-        # Interim decodes are spaced by at least twice their own cost in audio time, so that on
-        # a slow machine they take at most half of real time instead of falling behind.
-        spacing = max(self.interval, int(self.INTERIM_COST_FACTOR * self.interim_cost * self.pipeline.sampling_rate))
-        if self.received - self.last_interim >= spacing:
+        if self.received - self.last_interim >= round(self.interim_interval_s * self.pipeline.sampling_rate):
             self.last_interim = self.received
-            started = time.perf_counter()
+            started = self.clock()
             interim = self._interim()
-            self.interim_cost = time.perf_counter() - started
+            self.interim_cost = self.pipeline.live_decode_cost_s = self.clock() - started
             if interim is not None:
                 out.append(interim)
         return out

@@ -148,7 +148,7 @@ class DocumentQuestionAnsweringPipeline(TextModelPipeline):
                                    reason="NO_TEXT_FOUND")
         else:
             raise InvalidInput("send a document image or its words: the request has neither",
-                               reason="EMPTY_INPUT")
+                               reason="EMPTY_INPUT", metadata={"field": "image"})
         if len(words) > MAX_WORDS:
             raise InputTooLarge(f"the document has {len(words)} words; at most {MAX_WORDS} are accepted",
                                 metadata={"limit": str(MAX_WORDS)})
@@ -157,7 +157,7 @@ class DocumentQuestionAnsweringPipeline(TextModelPipeline):
     def windows(self, index: int, question: str, words: list[Word], options: dict[str, Any]) -> list[_Window]:
         """Question + words -> overlapping windows (transformers' preprocess for LayoutLM)."""
         if not question.strip():
-            raise InvalidInput("the question is empty", reason="EMPTY_QUESTION", metadata={"field": "question"})
+            raise InvalidInput("the question is empty", reason="EMPTY_INPUT", metadata={"field": "question"})
         if len(question) > MAX_QUESTION_CHARS:
             raise InputTooLarge(f"the question has {len(question)} characters; at most {MAX_QUESTION_CHARS} "
                                 "are accepted", metadata={"field": "question", "limit": str(MAX_QUESTION_CHARS)})

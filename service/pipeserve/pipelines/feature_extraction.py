@@ -7,7 +7,8 @@ modules.json lists Transformer -> Pooling (1_Pooling/config.json: pooling_mode_c
 _max_tokens / _mean_tokens / _mean_sqrt_len_tokens, concatenated in that order when several
 are on) -> Normalize (L2), and sentence_bert_config.json's max_seq_length bounds the input.
 Those are the model's defaults; a request may override pooling (none/mean/cls/max),
-normalize and truncate. Modules other than these three (Dense, ...) are refused at load, since
+normalize and truncate. The recipe's normalisation applies to pooled embeddings only (Normalize
+follows Pooling); token embeddings are unit length only when a request sets normalize. Modules other than these three (Dense, ...) are refused at load, since
 ignoring them would return wrong embeddings.
 Length: sentence-transformers models truncate to max_seq_length by default (as
 sentence-transformers does); other models do not (as transformers' pipeline does not), and an
@@ -131,7 +132,9 @@ class FeatureExtractionPipeline(EncoderPipeline):
         pooling = options.get("pooling")
         modes = (() if pooling == "none" else (pooling,)) if pooling else (recipe.pooling if recipe else ())
         normalize = options.get("normalize")
-        normalize = bool(recipe and recipe.normalize) if normalize is None else bool(normalize)
+        # The recipe's Normalize module runs after Pooling: it scales sentence embeddings, so
+        # token features stay raw unless the request asks (transformers' feature extraction).
+        normalize = bool(recipe and recipe.normalize and modes) if normalize is None else bool(normalize)
         truncate = options.get("truncate")
         truncate = recipe is not None if truncate is None else bool(truncate)
         return modes, normalize, truncate

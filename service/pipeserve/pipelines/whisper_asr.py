@@ -27,7 +27,7 @@ from ..tasks import Task
 from ..whisper_decoding import DecodeOptions, GenerationSettings, generate, text_compression_ratio
 from ..whisper_features import HOP_LENGTH, N_SAMPLES, log_mel_spectrogram
 from ..whisper_tokenizer import LANGUAGES, ChunkMerger, load_tokenizer
-from .asr_types import Segment, Transcription, WordTiming
+from .asr_types import Segment, Transcription, WordTiming, effective_interim_interval
 from .base import LoadOptions, Pipeline
 
 _TIMESTAMPS = {None: "segment", "": "segment", "unspecified": "segment", True: "segment", "segment": "segment",
@@ -53,6 +53,9 @@ class WhisperASRPipeline(Pipeline):
     max_batch_size: int = 64
     max_beams: int = 16
     live_window_s: float = 30.0
+    # What this model's last live decode cost (s): a new stream's interim interval starts from
+    # it, so the interval reported in its first response is already one the model can afford.
+    live_decode_cost_s: float = 0.0
 
     def __init__(self, files: ModelFiles, options: LoadOptions, model, tok, settings: GenerationSettings):
         super().__init__(files, options, family="whisper",
@@ -184,6 +187,26 @@ class WhisperASRPipeline(Pipeline):
         return WhisperLiveStream(self, self.validate_options(self.resolve_options(options)))
 
 
+# The last timestamp token: <|30.00|>, the end of a window.
+_LAST_TIMESTAMP = 1500
+
+
+def _chunk_relative(seg, tb: int) -> list[int]:
+    """A decoded segment's tokens with its timestamps counted from the start of its chunk.
+
+    A 30 s chunk can take two decoding passes (the model ends the first before the chunk's end
+    and decoding resumes there), whose timestamps each restart at <|0.00|>. transformers'
+    _decode_asr resolves the right stride from the raw timestamps, so such a reset made it skip
+    every later boundary: segments of 50 s and more, all released at the end of the file.
+    Counted from the chunk's start, the timestamps rise through the chunk as in a one-pass
+    chunk, which is what the stride logic expects (beyond the window they are capped at
+    <|30.00|>; only the right stride, which is cut, reaches there)."""
+    shift = round(seg.time_offset / 0.02)
+    if not shift:
+        return list(seg.tokens)
+    return [tb + min(_LAST_TIMESTAMP, t - tb + shift) if t >= tb else t for t in seg.tokens]
+
+
 class _Run:
     """The state of one transcription: merges decoded windows and turns chunks into Segments."""
 
@@ -198,6 +221,7 @@ class _Run:
         self.language_probs: dict[str, float] = {}
         self.stats: dict[str, float] = {}
         self._consumed = 0  # chunks of the replayed merger already turned into segments
+        self.batch_size = 1  # the most windows decoded together
 
     def _on_language(self, found: list[int | None], probs: torch.Tensor | None) -> None:
         if found and found[0] is not None and not self.language:
@@ -215,7 +239,8 @@ class _Run:
                 # ("<|a|><|b|>" then the next window); it carries no text, so it is not a segment.
                 continue
             start, end = chunk["timestamp"]
-            words = [WordTiming(w["text"], w["timestamp"][0] + self.offset_s, w["timestamp"][1] + self.offset_s)
+            words = [WordTiming(w["text"], w["timestamp"][0] + self.offset_s, w["timestamp"][1] + self.offset_s,
+                                w["probability"])
                      for w in chunk.get("words", [])]
             seg = Segment(id=str(self.next_id), start_s=(start or 0.0) + self.offset_s,
                           end_s=None if end is None else end + self.offset_s, text=chunk["text"],
@@ -244,26 +269,28 @@ class _Run:
         num_frames = math.ceil(n / HOP_LENGTH) if n <= N_SAMPLES else n // HOP_LENGTH
         opts = pipe.decode_options(self.o)
         tokens: list[int] = []
-        times: list[tuple[float, float]] = []
+        times: list[float] = []
+        probs: list[float] = []
         for _, segs in generate(pipe.model, features[None], [num_frames], pipe.settings, pipe.tok, opts,
                                 should_stop=should_stop, on_language=self._on_language):
             self._window_stats(segs)
             for seg in segs:
                 tokens.extend(seg.tokens)
                 times.extend(seg.token_times or [])
+                probs.extend(seg.token_probs or [])
             # The merger sees the concatenated tokens as one model output, as _decode_asr does;
             # it is re-run on the growing list so chunks close as soon as their end arrives.
-            yield from self._feed_prefix(tokens, times)
+            yield from self._feed_prefix(tokens, times, probs)
         yield from self._segments(self.merger.finish())
 
-    def _replay(self, tokens, times) -> ChunkMerger:
+    def _replay(self, tokens, times, probs=None) -> ChunkMerger:
         merger = ChunkMerger(self.pipe.tok, self.merger.rt)
-        self._closed = merger.add(tokens, None, times or None)
+        self._closed = merger.add(tokens, None, times or None, probs or None)
         return merger
 
-    def _feed_prefix(self, tokens, times) -> list[Segment]:
+    def _feed_prefix(self, tokens, times, probs=None) -> list[Segment]:
         done = self._consumed
-        self.merger = self._replay(tokens, times)
+        self.merger = self._replay(tokens, times, probs)
         self._consumed = len(self._closed)
         return self._segments(self._closed[done:])
 
@@ -293,6 +320,7 @@ class _Run:
         batch = o.get("batch_size") or 1
         for i in range(0, len(chunks), batch):
             group = chunks[i:i + batch]
+            self.batch_size = max(self.batch_size, len(group))
             features = log_mel_spectrogram(torch.stack([torch.nn.functional.pad(c, (0, N_SAMPLES - c.shape[0]))
                                                         for c, _ in group]).to(pipe.device), pipe.n_mels)
             frames = [math.ceil(c.shape[0] / HOP_LENGTH) for c, _ in group]
@@ -305,9 +333,10 @@ class _Run:
                 return
             for (_, stride_info), segs in zip(group, rows):
                 self._window_stats(segs)
-                tokens = [t for seg in segs for t in seg.tokens]
+                tokens = [t for seg in segs for t in _chunk_relative(seg, pipe.tok.timestamp_begin)]
                 times = [t for seg in segs for t in (seg.token_times or [])]
-                yield from self._segments(self.merger.add(tokens, stride_info, times or None))
+                probs = [p for seg in segs for p in (seg.token_probs or [])]
+                yield from self._segments(self.merger.add(tokens, stride_info, times or None, probs or None))
         yield from self._segments(self.merger.finish())
 
     def transcription(self, duration_s: float) -> Transcription:
@@ -316,6 +345,7 @@ class _Run:
             if seg.end_s is None and self.level == "none":
                 seg.end_s = self.offset_s + duration_s
         return Transcription(text="".join(s.text for s in segments), segments=segments, language=self.language,
+                             batch_size=self.batch_size,
                              language_probabilities=self.language_probs, duration_s=duration_s)
 
 
@@ -331,14 +361,15 @@ class WhisperLiveStream:
         if o["return_timestamps"] == "none":
             o["return_timestamps"] = "segment"  # committing needs segment boundaries
         self.pipe, self.o = pipe, o
-        self.interval = int(float(o.get("interim_interval_s") or 1.0) * MODEL_SAMPLE_RATE)
+        self.requested_interval_s = float(o.get("interim_interval_s") or 1.0)
+        self.clock = time.perf_counter
         self.window = int(pipe.live_window_s * MODEL_SAMPLE_RATE)
         self.buffer = torch.zeros(0)
         self.offset = 0  # absolute sample index of buffer[0]
         self.received = 0
         self.since_decode = 0
         self.finals: list[Segment] = []
-        self.last_cost_s = 0.0
+        self.last_cost_s = pipe.live_decode_cost_s
         self.language = ""
         self.language_probs: dict[str, float] = {}
         self.closed = False
@@ -346,6 +377,12 @@ class WhisperLiveStream:
     @property
     def audio_received_s(self) -> float:
         return self.received / MODEL_SAMPLE_RATE
+
+    @property
+    def interim_interval_s(self) -> float:
+        """Seconds of audio between interim decodes: the requested interval, or twice what a
+        decode costs when that is longer, so that a slow machine keeps up with real time."""
+        return effective_interim_interval(self.requested_interval_s, self.last_cost_s)
 
     def push(self, samples_16k: torch.Tensor, should_stop=None) -> list[Segment]:
         if self.closed:
@@ -361,21 +398,19 @@ class WhisperLiveStream:
         out: list[Segment] = []
         while self.buffer.shape[0] > self.window:  # a full window is always decided
             out += self._decode(self.buffer[: self.window], commit=True, should_stop=should_stop)
-        # Interim decodes are spaced by at least twice their cost, so a slow machine keeps up
-        # with real time instead of falling behind.
-        if self.since_decode >= max(self.interval, 2 * self.last_cost_s * MODEL_SAMPLE_RATE) and self.buffer.shape[0] > 0:
+        if self.since_decode >= round(self.interim_interval_s * MODEL_SAMPLE_RATE) and self.buffer.shape[0] > 0:
             out += self._decode(self.buffer, commit=self.buffer.shape[0] > self.window // 2, should_stop=should_stop)
         return out
 
     def _decode(self, audio: torch.Tensor, *, commit: bool, final: bool = False, should_stop=None) -> list[Segment]:
         self.since_decode = 0
-        started = time.perf_counter()
+        started = self.clock()
         run = _Run(self.pipe, dict(self.o, chunk_length_s=None, long_form_sequential=False),
                    offset_s=self.offset / MODEL_SAMPLE_RATE, first_id=len(self.finals))
         with torch.inference_mode():
             for _ in run.sequential(audio, should_stop):
                 pass
-        self.last_cost_s = time.perf_counter() - started
+        self.last_cost_s = self.pipe.live_decode_cost_s = self.clock() - started
         self.language = self.language or run.language
         self.language_probs = self.language_probs or run.language_probs
         segs = run.segments
