@@ -92,10 +92,10 @@ def load_ours(case: Case, directory: Path, device: str, dtype: torch.dtype) -> t
     """Our model as LoadModel builds it (the pipeline's model, or the family's head), on device,
     and what releases it (the pipeline's close: its engine and caches too)."""
     from harness import load_pipeline
-    from pipeserve.hub import resolve
-    from pipeserve.packed_linear import pack_linears
+    from pipeserve.checkpoints.hub import resolve
+    from pipeserve.layers.packed_linear import pack_linears
     from pipeserve.pipelines.base import LoadOptions
-    from pipeserve.registry import FAMILIES
+    from pipeserve.checkpoints.registry import FAMILIES
 
     dtype_name = str(dtype).removeprefix("torch.")
     if case.head is None:

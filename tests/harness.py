@@ -25,8 +25,8 @@ def save_checkpoint(model, directory: Path, *extras: Any) -> Path:
 
 def load_pipeline(directory: Path, task: str | None = None, **options: Any):
     """Loads `directory` exactly as LoadModel does (hub.resolve -> loading.load_pipeline)."""
-    from pipeserve.hub import resolve
-    from pipeserve.loading import load_pipeline as _load
+    from pipeserve.checkpoints.hub import resolve
+    from pipeserve.runtime.loading import load_pipeline as _load
     from pipeserve.pipelines.base import LoadOptions
 
     return _load(resolve(str(directory)), LoadOptions(**options), task)

@@ -148,7 +148,7 @@ def test_many_concurrent_transcriptions_either_finish_or_are_refused_at_once(ser
 
 # ---- the gate itself ------------------------------------------------------------------------------
 def test_gate_runs_n_queues_m_and_refuses_the_next_in_arrival_order():
-    from pipeserve.admission import Admission
+    from pipeserve.scheduling.admission import Admission
     from pipeserve.errors import QueueFull
 
     async def scenario():
@@ -181,7 +181,7 @@ def test_gate_runs_n_queues_m_and_refuses_the_next_in_arrival_order():
 
 
 def test_a_waiter_that_leaves_frees_its_place_and_never_loses_a_slot():
-    from pipeserve.admission import Admission
+    from pipeserve.scheduling.admission import Admission
 
     async def scenario():
         admission = Admission(running=1, max_waiting=2)

@@ -8,10 +8,10 @@ import threading
 
 import pytest
 
-from pipeserve.batching import DynamicBatcher
+from pipeserve.runtime.batching import DynamicBatcher
 from pipeserve.config import Settings
 from pipeserve.errors import InvalidInput, QueueFull
-from pipeserve.manager import ModelEntry, ModelManager
+from pipeserve.runtime.manager import ModelEntry, ModelManager
 from pipeserve.pipelines.base import LoadOptions
 
 

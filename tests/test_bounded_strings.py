@@ -130,7 +130,7 @@ def test_log_formatters_bound_messages_fields_and_tracebacks():
     import json
     import logging
 
-    from pipeserve.logs import configure_logging
+    from pipeserve.serving.logs import configure_logging
 
     for fmt in ("text", "json"):
         stream = io.StringIO()

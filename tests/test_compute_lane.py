@@ -7,7 +7,7 @@ import threading
 import pytest
 import torch
 
-from pipeserve import compute
+from pipeserve.scheduling import compute
 
 
 @pytest.fixture(scope="module")

@@ -88,7 +88,7 @@ def test_whisper_greedy_transcription_on_cuda(checkpoints, dtype):
 @pytest.mark.parametrize("dtype", HALF, ids=lambda d: str(d).removeprefix("torch."))
 def test_int8_on_cuda(checkpoints, dtype):
     from harness import load_pipeline
-    from pipeserve.quantization import Int8Linear
+    from pipeserve.layers.quantization import Int8Linear
 
     directory, reference = checkpoints("gpt2")
     name = str(dtype).removeprefix("torch.")
@@ -148,7 +148,7 @@ def test_auto_device_map_splits_between_gpu_and_cpu_under_a_memory_cap(checkpoin
     layer on the GPU, the second on the CPU, the KV cache beside each layer; the logits equal the
     float32 truth and greedy tokens equal the all-GPU model's."""
     from harness import load_pipeline
-    from pipeserve import device_map
+    from pipeserve.layers import device_map
 
     directory, reference = checkpoints("llama")
     whole = load_pipeline(directory, device=DEVICE)
@@ -193,7 +193,7 @@ async def test_memory_budget_evicts_and_frees_device_memory(checkpoints):
     its memory goes back to the allocator, and after unloading everything the allocated bytes
     are back at the baseline (nothing - pipeline, engine, KV cache - keeps a tensor alive)."""
     from pipeserve.config import Settings
-    from pipeserve.manager import ModelManager
+    from pipeserve.runtime.manager import ModelManager
 
     first, _ = checkpoints("llama")
     second, _ = checkpoints("qwen2")

@@ -9,9 +9,9 @@ import torch
 from harness import assert_close, load_pipeline
 from zero_shot_docqa_checkpoints import build_layoutlm_qa, png_bytes, render_invoice
 
-from pipeserve import ocr
+from pipeserve.inputs import ocr
 from pipeserve.errors import InputTooLarge, InvalidInput, InvalidParameter, UnsupportedFormat
-from pipeserve.ocr import OcrUnavailable, Word
+from pipeserve.inputs.ocr import OcrUnavailable, Word
 from pipeserve.pipelines.document_question_answering import DocumentQuery
 
 pytest.importorskip("pytesseract", reason="the oracle runs OCR through pytesseract (pip install pytesseract)")

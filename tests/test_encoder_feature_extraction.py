@@ -111,7 +111,7 @@ def test_bad_input(checkpoint):
 
 
 def _minilm_dir():
-    from pipeserve.embedded import embedded_model_dir
+    from pipeserve.checkpoints.embedded import embedded_model_dir
 
     return embedded_model_dir("feature-extraction")
 

@@ -1,6 +1,6 @@
 """Logit parity of the encoder families (bert, roberta, xlm-roberta, distilbert) and every
 head against transformers on tiny random checkpoints, batched with right padding; and the
-shared tokenizer (pipeserve.text) against transformers' fast tokenizer on the same files."""
+shared tokenizer (pipeserve.inputs.text) against transformers' fast tokenizer on the same files."""
 from __future__ import annotations
 
 import pytest
@@ -17,9 +17,9 @@ PAIRS = ["What is it?", "Where?", "b c"]
 def _load(directory, head):
     import importlib
 
-    from pipeserve.hub import resolve
+    from pipeserve.checkpoints.hub import resolve
     from pipeserve.pipelines.base import LoadOptions
-    from pipeserve.registry import FAMILIES as REG
+    from pipeserve.checkpoints.registry import FAMILIES as REG
 
     files = resolve(str(directory))
     return importlib.import_module(REG[files.config["model_type"]]).load_model(files, LoadOptions(), head)
@@ -88,8 +88,8 @@ def test_unknown_head_is_a_load_error(tmp_path):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_tokenizer_matches_transformers(tmp_path, family):
-    from pipeserve.hub import resolve
-    from pipeserve.text import TextTokenizer
+    from pipeserve.checkpoints.hub import resolve
+    from pipeserve.inputs.text import TextTokenizer
 
     directory, _, reference = build_checkpoint(family, "base", tmp_path)
     ours = TextTokenizer.from_files(resolve(str(directory)))
@@ -118,8 +118,8 @@ def test_tokenizer_matches_transformers(tmp_path, family):
 
 def test_stride_that_does_not_fit_is_invalid_input(tmp_path):
     from pipeserve.errors import InvalidInput
-    from pipeserve.hub import resolve
-    from pipeserve.text import TextTokenizer
+    from pipeserve.checkpoints.hub import resolve
+    from pipeserve.inputs.text import TextTokenizer
 
     directory, _, _ = build_checkpoint("bert", "base", tmp_path)
     ours = TextTokenizer.from_files(resolve(str(directory)))
@@ -130,8 +130,8 @@ def test_stride_that_does_not_fit_is_invalid_input(tmp_path):
 
 def test_pretokenized_words_match_transformers(tmp_path):
     """is_split_into_words encoding (used by document QA): ids, word ids and overflow windows."""
-    from pipeserve.hub import resolve
-    from pipeserve.text import TextTokenizer
+    from pipeserve.checkpoints.hub import resolve
+    from pipeserve.inputs.text import TextTokenizer
 
     directory, _, reference = build_checkpoint("bert", "base", tmp_path)
     ours = TextTokenizer.from_files(resolve(str(directory)))

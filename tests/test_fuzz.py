@@ -69,7 +69,7 @@ IMAGE_SEEDS = _image_seeds()
 @given(st.one_of(st.binary(max_size=512), mutated(IMAGE_SEEDS)))
 def test_image_decoder_answers_an_image_or_a_typed_error(data):
     from pipeserve.errors import PipeserveError
-    from pipeserve.image import decode_image
+    from pipeserve.inputs.image import decode_image
 
     try:
         image = decode_image(data, max_pixels=1 << 20)
@@ -99,7 +99,7 @@ AUDIO_SEEDS = _audio_seeds()
 @FUZZ
 @given(st.one_of(st.binary(max_size=512), mutated(AUDIO_SEEDS)))
 def test_audio_decoder_answers_samples_or_a_typed_error(data):
-    from pipeserve.audio import load_audio_input
+    from pipeserve.inputs.audio import load_audio_input
     from pipeserve.errors import PipeserveError
 
     try:
@@ -116,7 +116,7 @@ def test_audio_decoder_answers_samples_or_a_typed_error(data):
                       st.sampled_from([8000, 16000, 44100, 768_001])),
        channels=st.integers(-3, 100))
 def test_raw_pcm_decoder_answers_samples_or_a_typed_error(samples, fmt, rate, channels):
-    from pipeserve.audio import load_audio_input
+    from pipeserve.inputs.audio import load_audio_input
     from pipeserve.errors import PipeserveError
 
     try:
@@ -698,6 +698,6 @@ def test_every_task_request_field_has_a_bound():
 
     seen: set = set()
     for path, request_class, _, _ in METHODS:
-        if "/pipeserve.v1.ModelService/" not in path:  # model names and load options: pipeserve.security
+        if "/pipeserve.v1.ModelService/" not in path:  # model names and load options: pipeserve.serving.security
             visit(request_class.DESCRIPTOR, seen)
     assert not missing, f"request fields with no bound in pipeserve.api.limits: {missing}"

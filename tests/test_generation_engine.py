@@ -9,8 +9,8 @@ from generation_checkpoints import build
 from harness import load_pipeline
 
 from pipeserve.errors import InvalidInput, QueueFull
-from pipeserve.generation import GenerationParams
-from pipeserve.generation_engine import DoneEvent, GenerationEngine, TokenEvent
+from pipeserve.scheduling.generation import GenerationParams
+from pipeserve.scheduling.generation_engine import DoneEvent, GenerationEngine, TokenEvent
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +110,7 @@ def test_context_end_finishes_with_length(pipe):
 
 
 def test_prompts_of_equal_length_share_one_prompt_pass(pipe):
-    from pipeserve.generation_engine import RequestHandle
+    from pipeserve.scheduling.generation_engine import RequestHandle
 
     prompts = [pipe.encode(p) for p in ("The quick brown fox", "Hello world, this is", "Numbers and punctuation")]
     length = min(len(p) for p in prompts)
@@ -155,7 +155,7 @@ def test_long_prompts_are_passed_in_chunks_between_decoding_steps(pipe):
 def test_plain_greedy_rows_take_the_verified_head_and_choose_as_float32(pipe):
     import torch
 
-    from pipeserve import verified_head
+    from pipeserve.layers import verified_head
 
     if not verified_head.available(torch.ones(1, 1)):
         pytest.skip("oneDNN has no native bfloat16 on this CPU: the head is not installed")

@@ -9,9 +9,9 @@ from torch import nn
 from generation_checkpoints import build
 from harness import load_pipeline
 
-from pipeserve.device_map import dispatch, plan_device_map
+from pipeserve.layers.device_map import dispatch, plan_device_map
 from pipeserve.errors import ModelLoadFailed
-from pipeserve.quantization import Int8Linear, quantize_per_channel
+from pipeserve.layers.quantization import Int8Linear, quantize_per_channel
 
 GB = 1 << 30
 

@@ -9,7 +9,7 @@ import transformers
 from generation_checkpoints import build
 from harness import assert_close, load_pipeline
 
-from pipeserve.kv_cache import KVCache
+from pipeserve.layers.kv_cache import KVCache
 
 FAMILIES = {
     "gpt2": {},

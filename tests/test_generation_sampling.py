@@ -9,7 +9,7 @@ from transformers.generation import logits_process as lp
 from generation_checkpoints import build
 from harness import load_pipeline
 
-from pipeserve import generation as g
+from pipeserve.scheduling import generation as g
 
 
 @pytest.fixture(scope="module")

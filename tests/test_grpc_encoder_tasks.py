@@ -186,7 +186,7 @@ def test_feature_extraction_and_wrong_task(grpc_server, checkpoints):
 def test_embedded_minilm_through_grpc(grpc_server):
     import transformers as T
 
-    from pipeserve.embedded import embedded_model_dir
+    from pipeserve.checkpoints.embedded import embedded_model_dir
     from pipeserve.v1 import feature_extraction_pb2 as pb, feature_extraction_pb2_grpc as pb_grpc
 
     directory = embedded_model_dir("feature-extraction")

@@ -30,7 +30,7 @@ def server():
 
 @pytest.fixture(scope="module")
 def model(server):
-    from pipeserve.embedded import embedded_model_dir
+    from pipeserve.checkpoints.embedded import embedded_model_dir
 
     info = load_model(server, embedded_model_dir("automatic-speech-recognition"))
     return info.name
@@ -57,8 +57,8 @@ def _request(model, *, data=None, raw=None, **options):
 
 def _local(wav: bytes, **options):
     from harness import load_pipeline
-    from pipeserve.audio import load_audio_input
-    from pipeserve.embedded import embedded_model_dir
+    from pipeserve.inputs.audio import load_audio_input
+    from pipeserve.checkpoints.embedded import embedded_model_dir
 
     pipe = load_pipeline(embedded_model_dir("automatic-speech-recognition"))
     return pipe.transcribe([load_audio_input(data=wav)], options)[0]
@@ -257,7 +257,7 @@ def test_bad_live_streams(server, model, case, reason):
 def test_deadline_stops_a_long_transcription(server, model, speech, tmp_path):
     """A deadline far shorter than the work: DEADLINE_EXCEEDED, decoding stops (the next call
     is not stuck behind it) and the server keeps serving."""
-    from pipeserve.audio import load_audio_input
+    from pipeserve.inputs.audio import load_audio_input
 
     one = load_audio_input(data=speech[0]).numpy()
     long_audio = np.tile(one, 12)  # about 2.5 minutes

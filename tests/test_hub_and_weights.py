@@ -10,7 +10,7 @@ import torch
 
 from harness import assert_close, load_pipeline, save_checkpoint
 from pipeserve.errors import ModelLoadFailed, ModelNotFound
-from pipeserve.hub import resolve
+from pipeserve.checkpoints.hub import resolve
 
 transformers = pytest.importorskip("transformers")
 
@@ -98,7 +98,7 @@ def test_missing_weights_and_dtype(vit, tmp_path):
 
 
 def test_safetensors_are_read_lazily_and_cast(vit):
-    from pipeserve.weights import LazyStateDict, load_state_dict
+    from pipeserve.checkpoints.weights import LazyStateDict, load_state_dict
 
     _, _, path = vit
     state = load_state_dict(path, dtype=torch.float16)

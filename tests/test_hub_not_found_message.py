@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeserve import hub
+from pipeserve.checkpoints import hub
 from pipeserve.errors import ModelNotFound
 
 

@@ -23,8 +23,8 @@ transformers = pytest.importorskip("transformers")
 skdata = pytest.importorskip("skimage.data")
 
 from pipeserve.errors import InputTooLarge, InvalidInput, InvalidParameter, UnsupportedFormat  # noqa: E402
-from pipeserve.image import decode_image  # noqa: E402
-from pipeserve.image_processing import ImageProcessor  # noqa: E402
+from pipeserve.inputs.image import decode_image  # noqa: E402
+from pipeserve.inputs.image_processing import ImageProcessor  # noqa: E402
 
 SCORE_ATOL = 1e-4
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,

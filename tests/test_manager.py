@@ -12,11 +12,11 @@ import time
 import pytest
 
 from pipeserve import caller as callers
-from pipeserve import manager as manager_module
+from pipeserve.runtime import manager as manager_module
 from pipeserve.config import Settings
 from pipeserve.errors import (InvalidParameter, MemoryBudgetExceeded, ModelLoadFailed, ModelNotFound,
                               PermissionDenied, WrongTask)
-from pipeserve.manager import ModelManager, ModelState
+from pipeserve.runtime.manager import ModelManager, ModelState
 from pipeserve.pipelines.base import Pipeline
 from pipeserve.tasks import Task
 

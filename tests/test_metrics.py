@@ -150,8 +150,8 @@ def test_queue_depth_is_visible_while_requests_wait(vit_dir):
 async def test_time_to_first_result_is_recorded_for_streams():
     """The interceptor's stream wrapper records the first message's time once per stream
     (server-streaming servicers land separately; this drives the real wrapper directly)."""
-    from pipeserve.metrics import Metrics
-    from pipeserve.observability import TelemetryInterceptor
+    from pipeserve.serving.metrics import Metrics
+    from pipeserve.serving.observability import TelemetryInterceptor
 
     metrics = Metrics()
     interceptor = TelemetryInterceptor(metrics=metrics, tracer=None,
@@ -208,7 +208,7 @@ class _Context:
 
 
 def test_json_logs_carry_the_request_id(server, vit_dir):
-    from pipeserve.logs import JsonFormatter, RequestIdFilter
+    from pipeserve.serving.logs import JsonFormatter, RequestIdFilter
     from pipeserve.v1 import common_pb2, image_classification_pb2 as pb, image_classification_pb2_grpc
 
     stream = io.StringIO()
@@ -247,7 +247,7 @@ def test_json_logs_carry_the_request_id(server, vit_dir):
 
 
 def test_json_formatter_outside_a_call_and_with_exceptions():
-    from pipeserve.logs import configure_logging
+    from pipeserve.serving.logs import configure_logging
 
     stream = io.StringIO()
     root = logging.getLogger()

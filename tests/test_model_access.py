@@ -132,7 +132,7 @@ def test_bad_names_cannot_grow_the_server(server_factory, tmp_path):
     """200 names that are not models (spellings of /etc/, directories without a checkpoint,
     missing paths) leave at most FAILED_ENTRIES_MAX failed entries; GetModel and UnloadModel
     still answer NOT_FOUND, and oversized or control-character names INVALID_ARGUMENT."""
-    from pipeserve.manager import FAILED_ENTRIES_MAX
+    from pipeserve.runtime.manager import FAILED_ENTRIES_MAX
     from pipeserve.v1 import model_pb2
 
     server = server_factory(on_demand_loading="any")  # the most permissive setting, auth off

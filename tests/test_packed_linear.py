@@ -5,9 +5,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeserve.models.gpt2 import Conv1D
-from pipeserve.packed_linear import PackedLinear, pack_linears, supported
-from pipeserve.weights import module_bytes, module_device
+from pipeserve.layers.conv1d import Conv1D
+from pipeserve.layers.packed_linear import PackedLinear, pack_linears, supported
+from pipeserve.checkpoints.weights import module_bytes, module_device
 
 pytestmark = pytest.mark.skipif(not supported(torch.empty(1)), reason="this torch has no oneDNN")
 
@@ -82,7 +82,7 @@ def test_pipelines_pack_unless_asked_not_to(tmp_path):
 
 @pytest.mark.parametrize("activation", ["gelu", "gelu_new", "relu"])
 def test_fused_activation_equals_the_separate_op(activation):
-    from pipeserve.packed_linear import PackedLinear, linear_activation
+    from pipeserve.layers.packed_linear import PackedLinear, linear_activation
 
     torch.manual_seed(0)
     dense = nn.Linear(48, 96)

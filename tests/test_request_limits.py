@@ -216,7 +216,7 @@ def test_encoded_audio_that_decodes_to_far_more_than_its_bytes_is_refused_while_
     length (noise: ~1 sample per byte) decodes."""
     import numpy as np
 
-    from pipeserve import audio
+    from pipeserve.inputs import audio
     from pipeserve.errors import InputTooLarge
 
     monkeypatch.setattr(audio, "DECODED_SAMPLES_FLOOR", 16000 * 10)
@@ -232,7 +232,7 @@ def test_encoded_audio_that_decodes_to_far_more_than_its_bytes_is_refused_while_
 def test_encoded_audio_below_4_khz_is_refused_before_decoding():
     import numpy as np
 
-    from pipeserve import audio
+    from pipeserve.inputs import audio
     from pipeserve.errors import InvalidInput
 
     with pytest.raises(InvalidInput) as error:

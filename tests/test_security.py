@@ -135,7 +135,7 @@ def test_mutual_tls_needs_a_client_certificate_from_the_configured_ca(pki):
 
 def test_tls_settings_must_be_complete(pki):
     from pipeserve.config import Settings
-    from pipeserve.security import server_credentials
+    from pipeserve.serving.security import server_credentials
 
     assert server_credentials(Settings()) is None
     with pytest.raises(SystemExit, match="tls_cert and tls_key"):
@@ -224,7 +224,7 @@ def test_user_tokens_call_tasks_and_read_models_but_only_admins_write(token_serv
 
 
 def test_token_set_and_token_files(tmp_path):
-    from pipeserve.security import TokenSet, bearer_token, load_tokens
+    from pipeserve.serving.security import TokenSet, bearer_token, load_tokens
 
     path = tmp_path / "tokens"
     path.write_text("  alpha  \n# comment\n\nbeta\n")
@@ -261,7 +261,7 @@ async def test_streams_per_client_are_limited():
     RESOURCE_EXHAUSTED/TOO_MANY_STREAMS, another client (token or address) is not affected, and
     a closed stream frees its slot."""
     from pipeserve.config import Settings
-    from pipeserve.security import SecurityInterceptor, TooManyStreams
+    from pipeserve.serving.security import SecurityInterceptor, TooManyStreams
 
     release = asyncio.Event()
 

@@ -100,7 +100,7 @@ def test_embedded_defaults_preload_under_friendly_names():
     """The serve command's defaults: packaged Whisper tiny.en and all-MiniLM-L6-v2, listed as
     embedded/..., SERVING in health, addressed by an empty model name."""
     from grpc_testing import make_server
-    from pipeserve.embedded import embedded_models
+    from pipeserve.checkpoints.embedded import embedded_models
     from pipeserve.server import preload
     from pipeserve.v1 import feature_extraction_pb2, feature_extraction_pb2_grpc, model_pb2, model_pb2_grpc
 

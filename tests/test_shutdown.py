@@ -55,7 +55,7 @@ def test_drain_holds_admitted_calls_and_turns_new_ones_away():
 
     import pytest
 
-    from pipeserve.drain import Drain
+    from pipeserve.serving.drain import Drain
     from pipeserve.errors import Draining
 
     async def scenario():

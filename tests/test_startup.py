@@ -26,7 +26,7 @@ def vit_dir(tmp_path_factory):
 def _held_preload(monkeypatch) -> threading.Event:
     """Holds every ModelManager.load until the returned event is set: a preload as slow as
     the test needs, without timing."""
-    from pipeserve.manager import ModelManager
+    from pipeserve.runtime.manager import ModelManager
 
     release = threading.Event()
     original = ModelManager.load

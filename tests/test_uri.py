@@ -13,7 +13,7 @@ import pytest
 
 from http_fixtures import LocalHttpServer
 from ops_testing import png
-from pipeserve import uri
+from pipeserve.inputs import uri
 from pipeserve.config import Settings
 from pipeserve.errors import PipeserveError
 

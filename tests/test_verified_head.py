@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeserve import verified_head
+from pipeserve.layers import verified_head
 
 weights_ok = torch.ones(1, 1)
 pytestmark = pytest.mark.skipif(not verified_head.available(weights_ok),
@@ -106,8 +106,8 @@ def test_the_bound_holds_for_weights_far_from_bfloat16():
 def test_real_speech_decodes_the_same_with_and_without_the_verified_head(tmp_path):
     import whisper_checkpoints as wc
     from harness import load_pipeline
-    from pipeserve.audio import load_audio_input
-    from pipeserve.embedded import embedded_model_dir
+    from pipeserve.inputs.audio import load_audio_input
+    from pipeserve.checkpoints.embedded import embedded_model_dir
 
     pipe = load_pipeline(embedded_model_dir("automatic-speech-recognition"))
     head = pipe.model.decoder.verified_head

@@ -71,7 +71,7 @@ def test_size_mismatch_without_interpolation_is_an_error(classifier_dir):
 
 
 def test_base_model_hidden_states_match_transformers(base_dir):
-    from pipeserve.hub import resolve
+    from pipeserve.checkpoints.hub import resolve
     from pipeserve.models.vit import load_model
     from pipeserve.pipelines.base import LoadOptions
 
@@ -95,7 +95,7 @@ def test_bfloat16_load_runs_close_to_float32(classifier_dir):
 
 def test_unknown_head_and_missing_classifier_are_refused(classifier_dir, base_dir):
     from pipeserve.errors import ModelLoadFailed
-    from pipeserve.hub import resolve
+    from pipeserve.checkpoints.hub import resolve
     from pipeserve.models.vit import load_model
     from pipeserve.pipelines.base import LoadOptions
 

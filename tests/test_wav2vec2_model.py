@@ -9,7 +9,7 @@ import torch
 import wav2vec2_checkpoints as ck
 from harness import assert_close
 from pipeserve.errors import ModelLoadFailed
-from pipeserve.hub import resolve
+from pipeserve.checkpoints.hub import resolve
 from pipeserve.models.wav2vec2 import Wav2Vec2ForCTC, Wav2Vec2Model, load_model
 from pipeserve.pipelines.base import LoadOptions
 

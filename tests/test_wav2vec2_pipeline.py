@@ -12,9 +12,9 @@ import torch
 
 import wav2vec2_checkpoints as ck
 from harness import load_pipeline
-from pipeserve.ctc import CTCStreamDecoder, CTCVocabulary
+from pipeserve.pipelines.ctc.decoding import CTCStreamDecoder, CTCVocabulary
 from pipeserve.errors import InputTooLarge, InvalidInput, InvalidParameter, ModelLoadFailed
-from pipeserve.hub import resolve
+from pipeserve.checkpoints.hub import resolve
 from pipeserve.pipelines.asr_types import Segment, Transcription
 
 torch.set_num_threads(1)

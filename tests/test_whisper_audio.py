@@ -9,7 +9,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from pipeserve import audio
+from pipeserve.inputs import audio
 from pipeserve.errors import InputTooLarge, InvalidInput, UnsupportedFormat
 
 

@@ -20,13 +20,13 @@ pytestmark = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espea
 
 @pytest.fixture(scope="module")
 def tiny_en():
-    from pipeserve.embedded import embedded_model_dir
+    from pipeserve.checkpoints.embedded import embedded_model_dir
 
     return load_pipeline(embedded_model_dir("automatic-speech-recognition"))
 
 
 def test_chunked_segments_are_window_accurate_and_sent_per_window(tiny_en, tmp_path, monkeypatch):
-    from pipeserve.pipelines import whisper_asr
+    from pipeserve.pipelines.whisper import asr as whisper_asr
 
     audio, text = wc.long_speech(tmp_path / "x.wav")
     duration = audio.shape[0] / 16000

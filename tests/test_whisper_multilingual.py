@@ -41,7 +41,7 @@ def oracle(oracle_dir):
 
 @pytest.fixture(scope="module")
 def german(tmp_path_factory):
-    from pipeserve.audio import load_audio_input
+    from pipeserve.inputs.audio import load_audio_input
 
     return load_audio_input(data=wc.speak(GERMAN, tmp_path_factory.mktemp("speech") / "de.wav", voice="de"))
 

@@ -51,7 +51,7 @@ def _segments(result):
 def test_log_mel_matches_feature_extractor(n_mels):
     from transformers import WhisperFeatureExtractor
 
-    from pipeserve.whisper_features import log_mel_spectrogram
+    from pipeserve.pipelines.whisper.features import log_mel_spectrogram
 
     fe = WhisperFeatureExtractor(feature_size=n_mels)
     a, b = _audio(3.0, 0), _audio(11.5, 1)
@@ -102,7 +102,7 @@ def test_ctranslate2_checkpoint_maps_onto_our_module(en, tmp_path):
 
 
 def test_embedded_tiny_en_layout():
-    from pipeserve.models.ctranslate2 import read_whisper
+    from pipeserve.checkpoints.ctranslate2 import read_whisper
 
     config, state = read_whisper(wc.embedded_dir() / "model.bin")
     assert (config.d_model, config.encoder_layers, config.decoder_layers, config.encoder_attention_heads) == (384, 4, 4, 6)

@@ -16,14 +16,14 @@ pytestmark = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espea
 
 @pytest.fixture(scope="module")
 def tiny_en():
-    from pipeserve.embedded import embedded_model_dir
+    from pipeserve.checkpoints.embedded import embedded_model_dir
 
     return load_pipeline(embedded_model_dir("automatic-speech-recognition"))
 
 
 @pytest.fixture(scope="module")
 def oracle(tmp_path_factory):
-    from pipeserve.embedded import embedded_model_dir
+    from pipeserve.checkpoints.embedded import embedded_model_dir
 
     return wc.hf_pipeline(wc.hf_from_ct2(embedded_model_dir("automatic-speech-recognition"),
                                          tmp_path_factory.mktemp("oracle") / "tiny_en"))
@@ -35,7 +35,7 @@ def speech(tmp_path_factory):
 
 
 def test_transcript_equals_transformers_on_same_weights(tiny_en, oracle, tmp_path):
-    from pipeserve.audio import load_audio_input
+    from pipeserve.inputs.audio import load_audio_input
 
     text = " ".join(wc.SENTENCES[:2])
     audio = load_audio_input(data=wc.speak(text, tmp_path / "a.wav"))
@@ -80,7 +80,7 @@ def test_long_form_sequential_matches_transformers(tiny_en, oracle, speech):
 
 def test_default_beam_search_equals_transformers_pipeline_defaults(tiny_en, oracle, tmp_path):
     """transformers' ASR pipeline decodes with 5 beams by default; ours with num_beams=5 matches."""
-    from pipeserve.audio import load_audio_input
+    from pipeserve.inputs.audio import load_audio_input
 
     audio = load_audio_input(data=wc.speak(" ".join(wc.SENTENCES[2:4]), tmp_path / "b.wav"))
     ref = oracle(audio.numpy().copy(), return_timestamps=True)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from pipeserve.whisper_tokenizer import LANGUAGES
+from pipeserve.pipelines.whisper.tokenizer import LANGUAGES
 
 EMBEDDED = None
 
@@ -183,13 +183,13 @@ def write_ct2(state: dict, directory: Path, *, heads: int, dtype: torch.dtype = 
 
 def hf_from_ct2(ct2_dir: Path, out: Path) -> Path:
     """The transformers oracle for a CTranslate2 checkpoint: our CT2 -> transformers-name mapping
-    (models/ctranslate2.read_whisper) loaded into WhisperForConditionalGeneration, with the
+    (checkpoints/ctranslate2.read_whisper) loaded into WhisperForConditionalGeneration, with the
     generation config faster-whisper's layout implies (its config.json's suppress ids and
     alignment heads, max_initial_timestamp 1 s) and the package's tokenizer.json."""
     from transformers import (GenerationConfig, WhisperConfig, WhisperFeatureExtractor,
                               WhisperForConditionalGeneration, WhisperTokenizerFast)
 
-    from pipeserve.models.ctranslate2 import read_whisper
+    from pipeserve.checkpoints.ctranslate2 import read_whisper
 
     out.mkdir(parents=True, exist_ok=True)
     config, state = read_whisper(ct2_dir / "model.bin")
@@ -279,7 +279,7 @@ def speak(text: str, path: Path, *, voice: str = "en-us", speed: int = 150) -> b
 
 def long_speech(path: Path, repeats: int = 1) -> tuple[torch.Tensor, str]:
     """Sentences spoken one after another with half-second pauses, at 16 kHz: (waveform, text)."""
-    from pipeserve.audio import load_audio_input
+    from pipeserve.inputs.audio import load_audio_input
 
     pieces, texts = [], []
     pause = torch.zeros(8000)

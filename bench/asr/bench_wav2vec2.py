@@ -50,7 +50,7 @@ def make_audio(path: Path, seconds: float) -> None:
 
     sys.path.insert(0, str(ROOT / "service"))
     import torch
-    from pipeserve.audio import load_audio_input
+    from pipeserve.inputs.audio import load_audio_input
 
     wav = path.with_suffix(".wav")
     subprocess.run(["espeak-ng", "-w", str(wav), "-s", "160", TEXT * 3], check=True)

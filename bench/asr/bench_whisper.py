@@ -50,7 +50,7 @@ CONFIGS = {
 
 def run_engine(engine: str, options: dict, work: Path, threads: int, runs: int = 1) -> dict:
     if engine == "pipeserve":  # the server's OpenMP settings, before torch loads
-        from pipeserve.openmp_defaults import apply_openmp_defaults
+        from pipeserve.serving.openmp_defaults import apply_openmp_defaults
 
         apply_openmp_defaults()
     import numpy as np
@@ -58,7 +58,7 @@ def run_engine(engine: str, options: dict, work: Path, threads: int, runs: int =
 
     torch.set_num_threads(threads)
     audio = np.fromfile(work / "audio.f32", dtype=np.float32)
-    from pipeserve.embedded import embedded_model_dir
+    from pipeserve.checkpoints.embedded import embedded_model_dir
 
     model_dir = embedded_model_dir("automatic-speech-recognition")
     if engine == "pipeserve":

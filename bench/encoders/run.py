@@ -31,7 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT / "service"), str(ROOT / "tests")]
 
-from pipeserve.openmp_defaults import apply_openmp_defaults  # noqa: E402
+from pipeserve.serving.openmp_defaults import apply_openmp_defaults  # noqa: E402
 
 apply_openmp_defaults()  # the server's OpenMP settings, before torch loads (both sides share them)
 
@@ -147,7 +147,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from grpc_testing import load_model, make_server
-    from pipeserve.embedded import embedded_model_dir
+    from pipeserve.checkpoints.embedded import embedded_model_dir
 
     minilm = embedded_model_dir("feature-extraction")
     if minilm is None:

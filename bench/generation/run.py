@@ -28,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT / "service"), str(ROOT / "tests")]
 
-from pipeserve.openmp_defaults import apply_openmp_defaults  # noqa: E402
+from pipeserve.serving.openmp_defaults import apply_openmp_defaults  # noqa: E402
 
 apply_openmp_defaults()  # the server's OpenMP settings, before torch loads (both sides share them)
 
@@ -102,7 +102,7 @@ class Ours:
         self.pipe = pipe
 
     def once(self, prompt: list[int], new_tokens: int) -> tuple[float, float]:
-        from pipeserve.generation_engine import TokenEvent
+        from pipeserve.scheduling.generation_engine import TokenEvent
 
         params = self.pipe.parameters({"max_new_tokens": new_tokens, "min_new_tokens": new_tokens})
         start = time.perf_counter()
@@ -258,10 +258,10 @@ def main() -> None:
     bandwidth = memory_bandwidth(args.device)
     # Bytes read per decoded token at batch 1: every weight once, the (tied) output projection
     # included; the float embedding itself is only gathered (one row): on CPU both float32
-    # (packed_linear.py) and int8 give the projection its own copy, so its bytes count once.
+    # (layers/packed_linear.py) and int8 give the projection its own copy, so its bytes count once.
     embedding = GPT2_SMALL["vocab_size"] * GPT2_SMALL["n_embd"] * 4
     weight_bytes = parameters * 4
-    if results["verified_head"]:  # greedy steps read the projection's bfloat16 screen (verified_head.py)
+    if results["verified_head"]:  # greedy steps read the projection's bfloat16 screen (layers/verified_head.py)
         weight_bytes -= embedding // 2
     results["memory_bandwidth_gb_s"] = bandwidth / 1e9
     results["weight_bytes_float32"] = weight_bytes

@@ -69,7 +69,7 @@ def _speech() -> tuple[np.ndarray, str]:
 
 def whisper_models(work: Path) -> dict[str, Path | str]:
     """name -> checkpoint dir, or -> the reason it is absent."""
-    from pipeserve.embedded import embedded_model_dir
+    from pipeserve.checkpoints.embedded import embedded_model_dir
 
     models: dict[str, Path | str] = {}
     tiny = embedded_model_dir("automatic-speech-recognition")
@@ -113,7 +113,7 @@ def bench_whisper(server, directory: Path, device: str, dtype: str, callers: int
 
 
 def generation_checkpoint(work: Path) -> tuple[Path, str]:
-    from pipeserve.embedded import embedded_model_dir
+    from pipeserve.checkpoints.embedded import embedded_model_dir
 
     directory = embedded_model_dir("text-generation")
     if directory is not None:

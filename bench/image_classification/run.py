@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT / "service"), str(ROOT / "tests")]
 
-from pipeserve.openmp_defaults import apply_openmp_defaults  # noqa: E402
+from pipeserve.serving.openmp_defaults import apply_openmp_defaults  # noqa: E402
 
 apply_openmp_defaults()  # the server's OpenMP settings, before torch loads (both sides share them)
 

@@ -49,7 +49,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from grpc_testing import load_model, make_server
-    from pipeserve.embedded import embedded_model_dir
+    from pipeserve.checkpoints.embedded import embedded_model_dir
     from pipeserve.v1 import feature_extraction_pb2_grpc
 
     minilm = embedded_model_dir("feature-extraction")

@@ -8,7 +8,11 @@ read, or breaks its rule, is a `ConfigError` naming the setting and where it cam
 environment variable, TOML key); the server prints it as one line and exits with status 2.
 Unknown TOML keys and unknown flags are errors; unknown PIPESERVE_* variables are warnings
 (the same environment often carries the client's PIPESERVE_TOKEN, the image's healthcheck
-variables, or Kubernetes' PIPESERVE_PORT for a Service named pipeserve)."""
+variables, or Kubernetes' PIPESERVE_PORT for a Service named pipeserve).
+
+Longer than 450 lines: the table of every setting (type, --help, rule) is one list so that adding a
+setting touches one place; reading flags, environment and TOML should split out next.
+"""
 from __future__ import annotations
 
 import argparse
@@ -81,7 +85,7 @@ class Settings:
     max_queue: int = 256
     max_batch_size: int = 8
     max_batch_wait_ms: float = 5.0
-    # CPU model work on compute lanes (pipeserve.compute): torch's OpenMP runtime slows every
+    # CPU model work on compute lanes (pipeserve.scheduling.compute): torch's OpenMP runtime slows every
     # operator once several threads run parallel ones. One lane gives each operator all cores
     # (large models); N lanes run N calls at once on cores/N threads each (small models).
     # Off: each caller's thread computes. Only when the default device is the CPU.
@@ -92,14 +96,14 @@ class Settings:
     generation_max_batch_size: int = 32
     generation_max_batch_tokens: int = 65536
     hub_offline: bool = False
-    # Observability (pipeserve.metrics / observability): Prometheus HTTP endpoint ("host:port";
+    # Observability (pipeserve.serving.metrics / observability): Prometheus HTTP endpoint ("host:port";
     # empty = off), log format ("text" or "json") and level ("debug" logs every call, "info"
     # the failed ones), one OpenTelemetry span per RPC when opentelemetry is installed and on.
     metrics_listen: str = ""
     log_format: str = "text"
     log_level: str = "info"
     tracing: bool = False
-    # Security (pipeserve.security): PEM files for TLS; a client CA turns on mutual TLS.
+    # Security (pipeserve.serving.security): PEM files for TLS; a client CA turns on mutual TLS.
     tls_cert: str = ""
     tls_key: str = ""
     tls_client_ca: str = ""

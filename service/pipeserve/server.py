@@ -10,7 +10,7 @@ import sys
 from dataclasses import dataclass, field
 
 # Before anything imports torch: OpenMP reads its settings once, when it loads.
-from .openmp_defaults import apply_openmp_defaults  # imports nothing heavy
+from .serving.openmp_defaults import apply_openmp_defaults  # imports nothing heavy
 
 apply_openmp_defaults()
 
@@ -18,20 +18,20 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from . import compute
 from .api.common import App
-from .batching import DynamicBatcher
 from .config import ConfigError, ModelSpec, Settings, load_settings
-from .drain import Drain
 from .errors import TaskNotImplemented
-from .interceptors import ErrorInterceptor
-from .logs import configure_logging
-from .manager import ModelManager
-from .metrics import Metrics
-from .observability import TelemetryInterceptor
-from .security import SecurityInterceptor, server_credentials
-from .startup import Startup
-from .tracing import make_tracer
+from .runtime.batching import DynamicBatcher
+from .runtime.manager import ModelManager
+from .scheduling import compute
+from .serving.drain import Drain
+from .serving.interceptors import ErrorInterceptor
+from .serving.logs import configure_logging
+from .serving.metrics import Metrics
+from .serving.observability import TelemetryInterceptor
+from .serving.security import SecurityInterceptor, server_credentials
+from .serving.startup import Startup
+from .serving.tracing import make_tracer
 from .tasks import Task
 
 log = logging.getLogger("pipeserve.server")
@@ -109,7 +109,7 @@ class RunningServer:
     async def drain_calls(self, grace_s: float | None = None) -> float:
         """Health goes NOT_SERVING and new calls get UNAVAILABLE while the calls in flight
         finish (at most `grace_s`, the settings' grace period by default); returns the grace
-        left. The transport stays open throughout (see drain.py)."""
+        left. The transport stays open throughout (see serving/drain.py)."""
         grace_s = self.app.settings.grace_period_s if grace_s is None else grace_s
         self.drain.active = True
         if self.preloading is not None:
@@ -249,7 +249,7 @@ def preload_specs(settings: Settings) -> list[ModelSpec]:
     specs = dict(settings.preload)
     if settings.embedded_defaults:
         try:
-            from .embedded import embedded_models
+            from .checkpoints.embedded import embedded_models
         except ModuleNotFoundError:
             embedded_models = dict
         for task, name in embedded_models().items():
@@ -284,7 +284,7 @@ async def serve(settings: Settings) -> None:
 def _exit_closing_the_transport() -> None:
     """Ends the process without grpc's server shutdown: the kernel closes the listening socket
     and every connection, so a call still on its way gets UNAVAILABLE (connection closed),
-    which clients retry, where grpc's shutdown would answer CANCELLED (drain.py). Exit
+    which clients retry, where grpc's shutdown would answer CANCELLED (serving/drain.py). Exit
     handlers (log handlers, an OpenTelemetry SDK's span export) run first; grpc's own are
     not needed by a process that is about to end."""
     import atexit

@@ -12,14 +12,14 @@ from typing import Any, AsyncIterator, Callable, Iterator
 
 from google.protobuf.message import Message
 
-from .. import compute
-from ..admission import Admission
-from ..batching import BatchResult, DynamicBatcher
 from ..bounds import request_id_problem
 from ..config import Settings
 from ..errors import InvalidInput
-from ..manager import ModelEntry, ModelManager
-from .. import uri as uri_inputs
+from ..inputs import uri as uri_inputs
+from ..runtime.batching import BatchResult, DynamicBatcher
+from ..runtime.manager import ModelEntry, ModelManager
+from ..scheduling import compute
+from ..scheduling.admission import Admission
 from ..v1 import common_pb2
 
 

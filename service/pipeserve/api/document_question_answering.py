@@ -3,7 +3,7 @@ AnswerDocumentQuestionResponse, batched with concurrent callers that share the s
 The image is optional when the caller sends the page's words and boxes."""
 from __future__ import annotations
 
-from ..ocr import Word
+from ..inputs.ocr import Word
 from ..pipelines.document_question_answering import DocumentQuery
 from ..tasks import Task
 from ..v1 import document_question_answering_pb2 as pb, document_question_answering_pb2_grpc as pb_grpc

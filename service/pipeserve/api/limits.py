@@ -22,9 +22,9 @@ from typing import Union
 
 from google.protobuf.message import Message
 
-from ..audio import MAX_CHANNELS, MAX_RAW_SAMPLE_RATE, MIN_SAMPLE_RATE
 from ..errors import InputTooLarge, InvalidInput, InvalidParameter
-from ..uri import MAX_URI_CHARS
+from ..inputs.audio import MAX_CHANNELS, MAX_RAW_SAMPLE_RATE, MIN_SAMPLE_RATE
+from ..inputs.uri import MAX_URI_CHARS
 
 KiB, MiB = 1 << 10, 1 << 20
 # Text a task reads: 1 MiB is far more than any encoder's or decoder's context (a 128k-token

@@ -7,9 +7,9 @@ from google.protobuf import json_format
 from google.protobuf.struct_pb2 import Struct
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from ..checkpoints.model_names import check_model_name
 from ..errors import InvalidParameter
-from ..manager import ModelEntry, ModelState
-from ..model_names import check_model_name
+from ..runtime.manager import ModelEntry, ModelState
 from ..tasks import Task
 from ..v1 import model_pb2 as pb, model_pb2_grpc as pb_grpc
 from .common import App

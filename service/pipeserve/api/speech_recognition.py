@@ -7,7 +7,7 @@ cancelled, deadline passed) sets a stop flag the decoding loop checks between st
 stops at once and the stream's buffers are dropped. No torch here.
 
 Every request's fields are checked against api/limits.py first; then each call takes one of its
-model's admission slots (pipeserve.admission: QUEUE_FULL at once when the model's queue is
+model's admission slots (pipeserve.scheduling.admission: QUEUE_FULL at once when the model's queue is
 full) before it decodes audio or opens a live stream, which holds its slot while open.
 """
 from __future__ import annotations
@@ -16,8 +16,8 @@ import inspect
 import threading
 from typing import Any
 
-from .. import audio as audio_io
 from ..errors import InputTooLarge, InvalidInput
+from ..inputs import audio as audio_io
 from ..tasks import Task
 from ..v1 import speech_recognition_pb2 as pb, speech_recognition_pb2_grpc as pb_grpc
 from . import limits
@@ -189,13 +189,13 @@ class SpeechRecognitionServicer(pb_grpc.SpeechRecognitionServiceServicer):
                     if rate != audio_io.MODEL_SAMPLE_RATE and sum(w.shape[-1] for w in pending) < _RESAMPLE_BLOCK_S * rate:
                         continue
                     block, pending = pending, []
-                    segments = await run(lambda: live.push(_to_16k(block, rate), **kwargs))
+                    segments = await run(lambda: live.push(audio_io.join_to_model_rate(block, rate), **kwargs))
                     for seg in segments:
                         yield report(pb.StreamingTranscribeResponse(request_id=rid, segment=_segment(seg),
                                                                     audio_received_s=live.audio_received_s))
                 if pending:
                     block, pending = pending, []
-                    for seg in await run(lambda: live.push(_to_16k(block, rate), **kwargs)):
+                    for seg in await run(lambda: live.push(audio_io.join_to_model_rate(block, rate), **kwargs)):
                         yield report(pb.StreamingTranscribeResponse(request_id=rid, segment=_segment(seg),
                                                                     audio_received_s=live.audio_received_s))
                 finish_kwargs = {"should_stop": stop.is_set} if _accepts_stop(live.finish) else {}
@@ -224,15 +224,6 @@ class _IntervalReport:
         if now is not None and now != self.last:
             response.interim_interval_s = self.last = now
         return response
-
-
-def _to_16k(blocks, rate: int):
-    """[channels, frames] blocks -> one mono 16 kHz waveform, validated (NaN / inf refused)."""
-    import torch
-
-    wave = torch.cat(blocks, dim=-1)
-    audio_io.validate_waveform(wave, rate)
-    return audio_io.resample(audio_io.downmix(wave), rate, audio_io.MODEL_SAMPLE_RATE)
 
 
 def register(server, app: App) -> None:

@@ -8,7 +8,7 @@ decoding step. No torch here.
 """
 from __future__ import annotations
 
-from ..generation_engine import DoneEvent, TokenEvent
+from ..scheduling.generation_engine import DoneEvent, TokenEvent
 from ..tasks import Task
 from ..v1 import text_generation_pb2 as pb, text_generation_pb2_grpc as pb_grpc
 from . import limits

@@ -24,10 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..checkpoints.hub import ModelFiles
+from ..checkpoints.weights import assign, empty_module, load_state_dict
 from ..errors import ModelLoadFailed
-from ..packed_linear import linear_activation
-from ..hub import ModelFiles
-from ..weights import assign, empty_module, load_state_dict
+from ..layers.packed_linear import linear_activation
 
 HEADS = ("base", "sequence_classification", "token_classification", "question_answering", "masked_lm")
 

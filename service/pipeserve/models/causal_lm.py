@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ModelLoadFailed
-from ..kv_cache import FullAttention
+from ..layers.kv_cache import FullAttention
+from ..layers.packed_linear import supported
 
 # transformers.activations.ACT2FN names -> functions.
 ACT2FN: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -47,7 +48,7 @@ class CausalLM(nn.Module):
     pass from position 0. Families implement `hidden` (the same arguments -> the input of
     `lm_head`, on its device). Attributes the engine reads: num_layers, kv_heads, head_dim,
     max_positions, `layer_devices` (set by device_map; else all on the embedding's device) and,
-    when the pipeline installed one, `verified_head` (a submodule: verified_head.py).
+    when the pipeline installed one, `verified_head` (a submodule: layers/verified_head.py).
     """
 
     num_layers: int
@@ -93,7 +94,7 @@ def load_causal_lm(files, options, build: Callable[[], nn.Module], *,
                    ignore_missing=()) -> nn.Module:
     """Builds on the options' device/dtype, loads the checkpoint strictly, then applies int8 and
     the device map. device "auto" plans a device map over visible GPUs then CPU."""
-    from ..weights import assign, empty_module, load_state_dict
+    from ..checkpoints.weights import assign, empty_module, load_state_dict
 
     dtype = options.torch_dtype
     auto = options.device == "auto"
@@ -107,20 +108,18 @@ def load_causal_lm(files, options, build: Callable[[], nn.Module], *,
     assign(model, state, rename=rename, tied=tied, ignore_missing=ignore_missing)
     del state
     if options.load_in_8bit:
-        from ..quantization import quantize_int8
+        from ..layers.quantization import quantize_int8
 
         # A tied lm_head gets its own int8 copy: decoding reads it every step, the embedding
         # only gathers rows, so the copy buys bandwidth for little memory.
         quantize_int8(model)
     if auto:
-        from ..device_map import dispatch
+        from ..layers.device_map import dispatch
 
         dispatch(model)
-    from ..packed_linear import supported  # imports gpt2, which imports this module
-
     head = getattr(model, "lm_head", None)
     if not (options.packed_linear and isinstance(head, nn.Linear) and supported(head.weight)):
-        # A head about to be packed (loading.py) gets oneDNN's own layout: a column-major copy
+        # A head about to be packed (runtime/loading.py) gets oneDNN's own layout: a column-major copy
         # would be thrown away and leave the tied embedding strided.
         column_major_head(model)
     return model.eval()

@@ -16,10 +16,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..checkpoints.hub import ModelFiles
+from ..checkpoints.weights import assign, empty_module, load_state_dict
 from ..errors import ModelLoadFailed
-from ..packed_linear import linear_activation
-from ..hub import ModelFiles
-from ..weights import assign, empty_module, load_state_dict
+from ..layers.packed_linear import linear_activation
 from .bert import HEADS, activation, attention_bias, labels_of
 
 # DistilBertLayerNorm eps: modeling_distilbert.py hard-codes 1e-12.

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..weights import module_device
+from ..checkpoints.weights import module_device
+from ..layers.conv1d import Conv1D
 from .causal_lm import CausalLM, activation, config_from_dict, load_causal_lm, run_layers
 
 
@@ -31,28 +32,6 @@ class GPT2Config:
     tie_word_embeddings: bool = True
     bos_token_id: int | None = 50256
     eos_token_id: int | list[int] | None = 50256
-
-
-class Conv1D(nn.Module):
-    """transformers.pytorch_utils.Conv1D: a linear layer with its weight stored [in, out]."""
-
-    def __init__(self, nx: int, nf: int):
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(nx, nf))
-        self.bias = nn.Parameter(torch.empty(nf))
-
-    def forward(self, x):
-        shape = x.shape[:-1] + (self.weight.shape[1],)
-        return torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight).view(shape)
-
-    def to_linear(self) -> nn.Linear:
-        """The same map as an nn.Linear (for int8 quantization)."""
-        linear = nn.Linear(self.weight.shape[0], self.weight.shape[1], device=self.weight.device,
-                           dtype=self.weight.dtype)
-        with torch.no_grad():
-            linear.weight.copy_(self.weight.t())
-            linear.bias.copy_(self.bias)
-        return linear
 
 
 class GPT2Attention(nn.Module):

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..checkpoints.hub import ModelFiles
+from ..checkpoints.weights import assign, empty_module, load_state_dict
 from ..errors import ModelLoadFailed
-from ..hub import ModelFiles
-from ..weights import assign, empty_module, load_state_dict
 from .bert import BertConfig, BertEncoder, attention_bias
 
 HEADS = ("base", "question_answering")

@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..checkpoints.weights import module_device
 from ..errors import ModelLoadFailed
-from ..weights import module_device
 from .causal_lm import CausalLM, activation, config_from_dict, load_causal_lm, run_layers
 
 
@@ -289,7 +289,7 @@ class LlamaForCausalLM(CausalLM):
         m = self.model
         x = m.embed_tokens(input_ids)
         cos, sin = m.rotary_emb(view.positions.to(input_ids.device), x.dtype)
-        # Under a device map a layer may sit on another device than the embedding (device_map.py):
+        # Under a device map a layer may sit on another device than the embedding (layers/device_map.py):
         # the rotary tables follow the hidden state (.to is free when they are already there).
         x = run_layers(m.layers, x, lambda layer, h: layer(h, cos.to(h.device), sin.to(h.device), view),
                        self.layer_devices)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..weights import module_device
+from ..checkpoints.weights import module_device
 from .causal_lm import CausalLM, activation, config_from_dict, load_causal_lm, run_layers
 
 # OPTLearnedPositionalEmbedding: "OPT is set up so that if padding_idx is specified then offset

@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..checkpoints.weights import assign, empty_module, load_state_dict
 from ..errors import ModelLoadFailed
-from ..packed_linear import linear_activation
-from ..weights import assign, empty_module, load_state_dict
+from ..layers.packed_linear import linear_activation
 
 # config.json hidden_act / feat_extract_activation names -> functions (transformers ACT2FN).
 _ACTIVATIONS = {

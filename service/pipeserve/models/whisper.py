@@ -4,8 +4,8 @@ Ports transformers/models/whisper/modeling_whisper.py (WhisperEncoder, WhisperDe
 WhisperAttention, WhisperForConditionalGeneration); parameter names equal the checkpoint keys
 of WhisperForConditionalGeneration, so loading is strict with one exception: `proj_out.weight`
 is tied to `model.decoder.embed_tokens.weight` and never stored twice. CTranslate2
-(faster-whisper) checkpoints are mapped onto the same names by models/ctranslate2.py.
-The decoding loop lives in whisper_decoding.py; nothing here does I/O besides load_model.
+(faster-whisper) checkpoints are mapped onto the same names by checkpoints/ctranslate2.py.
+The decoding loop lives in pipelines/whisper/decoding.py; nothing here does I/O besides load_model.
 """
 from __future__ import annotations
 
@@ -18,9 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import weights
-from ..packed_linear import linear_activation
+from ..checkpoints import weights
+from ..checkpoints.ctranslate2 import read_whisper
 from ..errors import ModelLoadFailed
+from ..layers.packed_linear import linear_activation
 
 
 @dataclass(frozen=True)
@@ -237,7 +238,7 @@ class WhisperDecoder(nn.Module):
         self.embed_scale = math.sqrt(c.d_model) if c.scale_embedding else 1.0
         # WhisperForConditionalGeneration.proj_out, always tied to embed_tokens (tie_weights).
         self.proj_out = nn.Linear(c.d_model, c.vocab_size, bias=False)
-        # Set by the pipeline on CPUs where it pays (verified_head.py): greedy steps' projection.
+        # Set by the pipeline on CPUs where it pays (layers/verified_head.py): greedy steps' projection.
         self.verified_head: nn.Module | None = None
 
     def tie_weights(self) -> None:
@@ -360,9 +361,8 @@ def load_model(files, options, head: str = "conditional_generation") -> WhisperF
         raise ModelLoadFailed(f"Whisper has no {head!r} head", reason="UNSUPPORTED_HEAD")
     device, dtype = options.torch_device, options.torch_dtype
     if not files.config.get("model_type") and files.has("model.bin"):
-        from .ctranslate2 import read_whisper
-
-        config, state = read_whisper(files.path / "model.bin")
+        sizes, state = read_whisper(files.path / "model.bin")
+        config = WhisperConfig(**dataclasses.asdict(sizes))
     else:
         config = WhisperConfig.from_dict(files.config)
         state = weights.load_state_dict(files.path, device=device, allow_pickle=options.allow_pickle)

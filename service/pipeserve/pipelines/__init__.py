@@ -1,1 +1,9 @@
-"""Task pipelines: preprocess -> forward -> postprocess, with transformers.pipeline semantics."""
+"""Task pipelines: preprocess -> forward -> postprocess, with transformers.pipeline semantics.
+
+One module per task; a family that needs its own decoding keeps its pieces together in a
+subpackage (whisper/: features, tokenizer, decoding, the ASR pipeline; ctc/: CTC decoding,
+the ASR pipeline and its live stream). Pipelines turn inputs into model calls and results
+into plain dataclasses; they know nothing of gRPC.
+
+May import: core, checkpoints, inputs, layers, scheduling, models.
+"""

@@ -9,11 +9,11 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from ..checkpoints.hub import ModelFiles
+from ..checkpoints.weights import module_bytes, parse_dtype
 from ..devices import require_device
 from ..errors import InvalidParameter
-from ..hub import ModelFiles
 from ..tasks import Task
-from ..weights import module_bytes, parse_dtype
 
 
 @dataclass(frozen=True)
@@ -24,7 +24,7 @@ class LoadOptions:
     dtype: str = "float32"
     load_in_8bit: bool = False
     allow_pickle: bool = False
-    # CPU float32/bfloat16 linear layers run on oneDNN-prepacked weights (packed_linear.py):
+    # CPU float32/bfloat16 linear layers run on oneDNN-prepacked weights (layers/packed_linear.py):
     # 2-4x faster at inference batch sizes, same arithmetic up to summation order.
     packed_linear: bool = True
     # Per-call option defaults for this model, named as the request fields are.

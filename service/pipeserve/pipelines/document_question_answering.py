@@ -3,7 +3,7 @@ spans of words with scores, for LayoutLM (v1) checkpoints such as impira/layoutl
 
 Ports transformers.pipelines.document_question_answering.DocumentQuestionAnsweringPipeline
 (the LayoutLM path):
-- words and boxes come from the client, or from Tesseract (ocr.py, = `apply_tesseract`);
+- words and boxes come from the client, or from Tesseract (inputs/ocr.py, = `apply_tesseract`);
 - the question is split on whitespace and encoded with the words as a pre-tokenized pair,
   truncating only the words to `max_seq_len` and returning the overflow windows that overlap by
   `doc_stride` tokens (long documents);
@@ -22,13 +22,13 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from ..checkpoints.hub import ModelFiles
+from ..checkpoints.registry import family_module
 from ..errors import InputTooLarge, InvalidInput, InvalidParameter, ModelLoadFailed, PipeserveError
-from ..hub import ModelFiles
-from ..image import DEFAULT_MAX_PIXELS, decode_image
-from ..ocr import Word, check_words, run_tesseract
-from ..registry import family_module
+from ..inputs.image import DEFAULT_MAX_PIXELS, decode_image
+from ..inputs.ocr import Word, check_words, run_tesseract
+from ..inputs.text import TextTokenizer
 from ..tasks import Task
-from ..text import TextTokenizer
 from .base import LoadOptions
 from .encoder_base import TextModelPipeline
 from .span_selection import select_starts_ends

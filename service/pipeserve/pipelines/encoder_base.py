@@ -7,10 +7,10 @@ from typing import Any, ClassVar, Sequence
 import numpy as np
 import torch
 
+from ..checkpoints.hub import ModelFiles
+from ..checkpoints.registry import family_module
 from ..errors import InputTooLarge, InvalidInput, InvalidParameter
-from ..hub import ModelFiles
-from ..registry import family_module
-from ..text import Row, TextTokenizer
+from ..inputs.text import Row, TextTokenizer
 from .base import LoadOptions, Pipeline
 
 

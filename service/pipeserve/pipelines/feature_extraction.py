@@ -21,8 +21,8 @@ from typing import Any, ClassVar
 
 import torch
 
+from ..checkpoints.hub import ModelFiles
 from ..errors import InvalidParameter, ModelLoadFailed
-from ..hub import ModelFiles
 from ..tasks import Task
 from .base import LoadOptions
 from .encoder_base import EncoderPipeline, check_text, load_text_model

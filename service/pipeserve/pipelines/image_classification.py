@@ -17,11 +17,11 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from ..checkpoints.hub import ModelFiles
+from ..checkpoints.registry import family_module
 from ..errors import InvalidInput, InvalidParameter, ModelLoadFailed, PipeserveError
-from ..hub import ModelFiles
-from ..image import DEFAULT_MAX_PIXELS, decode_image
-from ..image_processing import ImageProcessor
-from ..registry import family_module
+from ..inputs.image import DEFAULT_MAX_PIXELS, decode_image
+from ..inputs.image_processing import ImageProcessor
 from ..tasks import Task
 from .base import LoadOptions, Pipeline
 from .classification import check_function, default_function, ranked_labels

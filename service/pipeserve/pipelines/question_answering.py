@@ -24,8 +24,8 @@ from typing import Any, ClassVar
 import numpy as np
 
 from ..errors import InvalidInput, InvalidParameter
+from ..inputs.text import Row
 from ..tasks import Task
-from ..text import Row
 from .encoder_base import EncoderPipeline, check_positive, check_text
 from .span_selection import select_starts_ends
 

@@ -14,12 +14,12 @@ from typing import Any, Iterator
 
 from torch import nn
 
-from .. import verified_head
+from ..checkpoints.hub import ModelFiles
+from ..checkpoints.registry import family_module
 from ..errors import InputTooLarge, InvalidInput, ModelLoadFailed
-from ..generation import GenerationParams
-from ..generation_engine import DoneEvent, GenerationEngine, RequestHandle, TokenEvent
-from ..hub import ModelFiles
-from ..registry import family_module
+from ..layers import verified_head
+from ..scheduling.generation import GenerationParams
+from ..scheduling.generation_engine import DoneEvent, GenerationEngine, RequestHandle, TokenEvent
 from ..tasks import Task
 from .base import LoadOptions, Pipeline, replace_options
 
@@ -61,7 +61,7 @@ class Started:
 
 
 def _install_verified_head(model, options: LoadOptions) -> None:
-    """Plain greedy steps read the output projection through a bfloat16 screen (verified_head.py)
+    """Plain greedy steps read the output projection through a bfloat16 screen (layers/verified_head.py)
     where it pays: CPU float32 with native bfloat16, the float32 head (not int8), and a head
     tied to the input embedding, whose dense weight stays for the float32 rescoring (an untied
     head keeps only its packed copy)."""

@@ -19,8 +19,8 @@ from typing import Any, ClassVar
 import numpy as np
 
 from ..errors import InvalidParameter
+from ..inputs.text import Row
 from ..tasks import Task
-from ..text import Row
 from .encoder_base import EncoderPipeline, check_text
 
 STRATEGIES = ("none", "simple", "first", "average", "max")

@@ -26,10 +26,10 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from ..checkpoints.hub import ModelFiles
 from ..errors import InputTooLarge, InvalidInput, InvalidParameter, PipeserveError
-from ..hub import ModelFiles
+from ..inputs.text import Row, TextTokenizer, model_max_tokens
 from ..tasks import Task
-from ..text import Row, TextTokenizer, model_max_tokens
 from .base import LoadOptions
 from .encoder_base import TextModelPipeline
 

@@ -1,0 +1,187 @@
+"""CTranslate2 (faster-whisper) Whisper checkpoints -> the sizes and state dict (in transformers'
+names) our Whisper module loads.
+
+model.bin layout (format version 6, little-endian; CTranslate2 python/ctranslate2/specs/
+model_spec.py `ModelSpec._serialize`): u32 version; string spec name; u32 spec revision;
+u32 variable count; per variable: string name, u8 rank, u32 dims[rank], u8 dtype, u32 byte
+count, raw bytes; then u32 alias count and (alias, target) string pairs. A string is a u16
+length that counts a trailing NUL, then the bytes. The names and fused layouts come from
+CTranslate2's converters/transformers.py `WhisperLoader` (the reverse of this mapping):
+self-attention `linear_0` stacks q, k, v rows; cross-attention `linear_1` stacks k, v; the k
+bias does not exist in Whisper (stored as zeros in the fused bias).
+"""
+from __future__ import annotations
+
+import re
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import ModelLoadFailed
+
+# dtype code -> torch dtype (CTranslate2 DataType enum order).
+_DTYPES = {0: torch.float32, 1: torch.int8, 2: torch.int16, 3: torch.int32, 4: torch.float16, 5: torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class WhisperSizes:
+    """The network's sizes read off the tensor shapes (a CTranslate2 directory has no HF
+    config.json), in transformers' WhisperConfig field names; models/whisper.py builds its
+    config from them, so this reader does not import the family."""
+
+    vocab_size: int
+    num_mel_bins: int
+    d_model: int
+    encoder_layers: int
+    encoder_attention_heads: int
+    encoder_ffn_dim: int
+    decoder_layers: int
+    decoder_attention_heads: int
+    decoder_ffn_dim: int
+    max_source_positions: int
+    max_target_positions: int
+
+
+class _Reader:
+    def __init__(self, data: memoryview):
+        self.data, self.pos = data, 0
+
+    def take(self, n: int) -> memoryview:
+        if self.pos + n > len(self.data):
+            raise ModelLoadFailed("CTranslate2 model.bin is truncated", reason="BAD_WEIGHTS")
+        chunk = self.data[self.pos:self.pos + n]
+        self.pos += n
+        return chunk
+
+    def u8(self) -> int:
+        return self.take(1)[0]
+
+    def u16(self) -> int:
+        return struct.unpack("<H", self.take(2))[0]
+
+    def u32(self) -> int:
+        return struct.unpack("<I", self.take(4))[0]
+
+    def string(self) -> str:
+        return bytes(self.take(self.u16())).rstrip(b"\0").decode("utf-8")
+
+
+def read_variables(path: Path) -> tuple[str, dict[str, torch.Tensor]]:
+    """All named tensors of a CTranslate2 model.bin (aliases resolved), and its spec name."""
+    raw = Path(path).read_bytes()
+    r = _Reader(memoryview(raw))
+    version = r.u32()
+    if version < 5 or version > 6:
+        raise ModelLoadFailed(f"{path}: CTranslate2 format version {version} is not supported (5-6)",
+                              reason="BAD_WEIGHTS")
+    spec = r.string()
+    r.u32()  # spec revision
+    tensors: dict[str, torch.Tensor] = {}
+    for _ in range(r.u32()):
+        name = r.string()
+        dims = [r.u32() for _ in range(r.u8())]
+        code = r.u8()
+        nbytes = r.u32()
+        if code not in _DTYPES:
+            raise ModelLoadFailed(f"{path}: variable {name} has unknown dtype code {code}", reason="BAD_WEIGHTS")
+        buf = bytearray(r.take(nbytes))
+        tensors[name] = torch.frombuffer(buf, dtype=_DTYPES[code]).reshape(dims) if nbytes else \
+            torch.empty(dims, dtype=_DTYPES[code])
+    if r.pos < len(raw):
+        for _ in range(r.u32()):
+            alias, target = r.string(), r.string()
+            if target in tensors:
+                tensors[alias] = tensors[target]
+    return spec, tensors
+
+
+def _dequantize(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """int8 weights carry a per-row `<name>_scale`: w = q / scale (CTranslate2's quantization)."""
+    out = {}
+    for name, t in tensors.items():
+        if name.endswith("_scale"):
+            continue
+        scale = tensors.get(name + "_scale")
+        if t.dtype == torch.int8 and scale is not None:
+            t = t.float() / scale.float().reshape(-1, *([1] * (t.dim() - 1)))
+        out[name] = t
+    return out
+
+
+def _int(t: torch.Tensor) -> int:
+    return int(t.reshape(-1)[0].item())
+
+
+def read_whisper(path: Path) -> tuple[WhisperSizes, dict[str, torch.Tensor]]:
+    """model.bin -> (sizes inferred from shapes, state dict in transformers' names, float32)."""
+    spec, v = read_variables(path)
+    if spec != "WhisperSpec":
+        raise ModelLoadFailed(f"{path} holds a CTranslate2 {spec!r}, not a WhisperSpec", reason="UNSUPPORTED_FAMILY")
+    v = {k: (t.float() if t.is_floating_point() else t) for k, t in _dequantize(v).items()}
+    layer_ids = lambda side: sorted({int(m.group(1)) for k in v if (m := re.match(rf"{side}/layer_(\d+)/", k))})
+    enc_layers, dec_layers = layer_ids("encoder"), layer_ids("decoder")
+    d_model = v["encoder/conv1/weight"].shape[0]
+    config = WhisperSizes(
+        vocab_size=v["decoder/embeddings/weight"].shape[0],
+        num_mel_bins=v["encoder/conv1/weight"].shape[1],
+        d_model=d_model,
+        encoder_layers=len(enc_layers),
+        encoder_attention_heads=_int(v["encoder/num_heads"]) if "encoder/num_heads" in v else d_model // 64,
+        encoder_ffn_dim=v["encoder/layer_0/ffn/linear_0/weight"].shape[0],
+        decoder_layers=len(dec_layers),
+        decoder_attention_heads=_int(v["decoder/num_heads"]) if "decoder/num_heads" in v else d_model // 64,
+        decoder_ffn_dim=v["decoder/layer_0/ffn/linear_0/weight"].shape[0],
+        max_source_positions=v["encoder/position_encodings/encodings"].shape[0],
+        max_target_positions=v["decoder/position_encodings/encodings"].shape[0],
+    )
+    s: dict[str, torch.Tensor] = {}
+
+    def linear(dst: str, src: str) -> None:
+        s[f"{dst}.weight"] = v[f"{src}/weight"]
+        if f"{src}/bias" in v:
+            s[f"{dst}.bias"] = v[f"{src}/bias"]
+
+    def norm(dst: str, src: str) -> None:
+        s[f"{dst}.weight"], s[f"{dst}.bias"] = v[f"{src}/gamma"], v[f"{src}/beta"]
+
+    def ffn(dst: str, src: str) -> None:
+        norm(f"{dst}.final_layer_norm", f"{src}/ffn/layer_norm")
+        linear(f"{dst}.fc1", f"{src}/ffn/linear_0")
+        linear(f"{dst}.fc2", f"{src}/ffn/linear_1")
+
+    def split_rows(dst: str, names: list[str], weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        for name, w in zip(names, weight.chunk(len(names), 0)):
+            s[f"{dst}.{name}.weight"] = w.contiguous()
+        if bias is not None:
+            for name, b in zip(names, bias.chunk(len(names), 0)):
+                if name != "k_proj":  # Whisper's key projection has no bias
+                    s[f"{dst}.{name}.bias"] = b.contiguous()
+
+    linear("model.encoder.conv1", "encoder/conv1")
+    linear("model.encoder.conv2", "encoder/conv2")
+    s["model.encoder.embed_positions.weight"] = v["encoder/position_encodings/encodings"]
+    norm("model.encoder.layer_norm", "encoder/layer_norm")
+    for i in enc_layers:
+        dst, src = f"model.encoder.layers.{i}", f"encoder/layer_{i}"
+        att = f"{src}/self_attention"
+        split_rows(f"{dst}.self_attn", ["q_proj", "k_proj", "v_proj"], v[f"{att}/linear_0/weight"], v.get(f"{att}/linear_0/bias"))
+        linear(f"{dst}.self_attn.out_proj", f"{att}/linear_1")
+        norm(f"{dst}.self_attn_layer_norm", f"{att}/layer_norm")
+        ffn(dst, src)
+    s["model.decoder.embed_tokens.weight"] = v["decoder/embeddings/weight"]
+    s["model.decoder.embed_positions.weight"] = v["decoder/position_encodings/encodings"]
+    norm("model.decoder.layer_norm", "decoder/layer_norm")
+    for i in dec_layers:
+        dst, src = f"model.decoder.layers.{i}", f"decoder/layer_{i}"
+        att, cross = f"{src}/self_attention", f"{src}/attention"
+        split_rows(f"{dst}.self_attn", ["q_proj", "k_proj", "v_proj"], v[f"{att}/linear_0/weight"], v.get(f"{att}/linear_0/bias"))
+        linear(f"{dst}.self_attn.out_proj", f"{att}/linear_1")
+        norm(f"{dst}.self_attn_layer_norm", f"{att}/layer_norm")
+        linear(f"{dst}.encoder_attn.q_proj", f"{cross}/linear_0")
+        split_rows(f"{dst}.encoder_attn", ["k_proj", "v_proj"], v[f"{cross}/linear_1/weight"], v.get(f"{cross}/linear_1/bias"))
+        linear(f"{dst}.encoder_attn.out_proj", f"{cross}/linear_2")
+        norm(f"{dst}.encoder_attn_layer_norm", f"{cross}/layer_norm")
+        ffn(dst, src)
+    return config, s

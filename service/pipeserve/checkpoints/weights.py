@@ -1,0 +1,196 @@
+"""Checkpoint tensors -> our modules: safetensors (single or sharded) loaded straight onto the
+target device and dtype, pickled .bin only when explicitly allowed, and a strict assignment
+with a short table of renames so that family modules keep checkpoint names.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+from collections.abc import MutableMapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
+
+import torch
+from torch import nn
+
+from ..errors import ModelLoadFailed
+
+DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+}
+
+
+def parse_dtype(name: str | torch.dtype | None, default: torch.dtype = torch.float32) -> torch.dtype:
+    if name is None or name == "":
+        return default
+    if isinstance(name, torch.dtype):
+        return name
+    key = name.lower().removeprefix("torch.").removeprefix("dtype_")
+    if key not in DTYPES:
+        raise ModelLoadFailed(f"unknown dtype {name!r}; use float32, float16 or bfloat16", reason="INVALID_DTYPE")
+    return DTYPES[key]
+
+
+def weight_files(path: Path, *, prefix: str = "model", allow_pickle: bool = False) -> list[Path]:
+    """The files holding a checkpoint's tensors, safetensors first."""
+    single = path / f"{prefix}.safetensors"
+    if single.is_file():
+        return [single]
+    index = path / f"{prefix}.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        missing = [s for s in shards if not (path / s).is_file()]
+        if missing:
+            raise ModelLoadFailed(f"{index} names shards that are missing: {missing}", reason="WEIGHTS_MISSING")
+        return [path / s for s in shards]
+    pickled = sorted(path.glob("pytorch_model*.bin"))
+    if pickled and not allow_pickle:
+        raise ModelLoadFailed(
+            f"{path} holds only pickled weights ({pickled[0].name}); pickles can run code when loaded, "
+            "so they are refused unless LoadModel sets allow_pickle", reason="PICKLE_REFUSED")
+    if pickled:
+        return pickled
+    raise ModelLoadFailed(
+        f"no weights in {path}: looked for {prefix}.safetensors, {prefix}.safetensors.index.json"
+        + (" and pytorch_model*.bin" if allow_pickle else ""), reason="WEIGHTS_MISSING")
+
+
+class LazyStateDict(MutableMapping):
+    """A checkpoint's tensors, read from safetensors one at a time when asked for.
+
+    `assign` copies each tensor into the module and drops it, so loading peaks at the
+    model's size plus its largest tensor instead of twice the model. Entries set by a
+    family's loader (aliases, split tensors) live in an overlay.
+    """
+
+    def __init__(self, files: list[Path], device: str | torch.device, dtype: torch.dtype | None):
+        from safetensors import safe_open
+
+        self._dtype = dtype
+        self._where: dict[str, Any] = {}
+        self._overlay: dict[str, torch.Tensor] = {}
+        for file in files:
+            handle = safe_open(str(file), framework="pt", device=str(device))
+            for name in handle.keys():
+                self._where[name] = handle
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name in self._overlay:
+            return self._overlay[name]
+        tensor = self._where[name].get_tensor(name)
+        return _cast(tensor, self._dtype)
+
+    def __setitem__(self, name: str, tensor: torch.Tensor) -> None:
+        self._overlay[name] = tensor
+
+    def __delitem__(self, name: str) -> None:
+        if name not in self._overlay and name not in self._where:
+            raise KeyError(name)
+        self._overlay.pop(name, None)
+        self._where.pop(name, None)
+
+    def __iter__(self) -> Iterator[str]:
+        yield from self._where
+        yield from (name for name in self._overlay if name not in self._where)
+
+    def __len__(self) -> int:
+        return len(self._where.keys() | self._overlay.keys())
+
+
+def _cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+
+
+def load_state_dict(path: Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                    allow_pickle: bool = False, prefix: str = "model") -> MutableMapping[str, torch.Tensor]:
+    """All tensors of a checkpoint, floating ones cast to `dtype`, on `device`. Safetensors
+    are read lazily (see LazyStateDict); pickles (only when allowed) are read whole."""
+    files = weight_files(path, prefix=prefix, allow_pickle=allow_pickle)
+    if files[0].suffix == ".safetensors":
+        return LazyStateDict(files, device, dtype)
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        part = torch.load(file, map_location=device, weights_only=True)
+        state.update({k: _cast(v, dtype) for k, v in part.items()})
+    return state
+
+
+def assign(module: nn.Module, state: Mapping[str, torch.Tensor], *,
+           rename: Callable[[str], str | None] = lambda name: name,
+           ignore_missing: Iterable[str] = (), tied: Mapping[str, str] | None = None) -> None:
+    """Copies checkpoint tensors into `module` by name, strictly.
+
+    rename: checkpoint name -> our parameter name, or None to skip the tensor.
+    ignore_missing: our names that a checkpoint may lack (buffers we compute ourselves).
+    tied: our name -> our name it shares storage with when the checkpoint omits it.
+    """
+    ours = dict(module.state_dict())
+    seen: set[str] = set()
+    unexpected: list[str] = []
+    with torch.no_grad():
+        for name, tensor in state.items():
+            target = rename(name)
+            if target is None:
+                continue
+            if target not in ours:
+                unexpected.append(name)
+                continue
+            dest = ours[target]
+            if dest.shape != tensor.shape:
+                raise ModelLoadFailed(
+                    f"checkpoint tensor {name} has shape {tuple(tensor.shape)}, model expects "
+                    f"{tuple(dest.shape)} for {target}", reason="WEIGHTS_MISMATCH")
+            dest.copy_(tensor)
+            seen.add(target)
+        for name, source in (tied or {}).items():
+            if name not in seen and source in seen:
+                ours[name].copy_(ours[source])
+                seen.add(name)
+    ignore = set(ignore_missing)
+    missing = [n for n in ours if n not in seen and n not in ignore]
+    if unexpected or missing:
+        raise ModelLoadFailed(
+            f"checkpoint does not match the model: missing {missing[:10]}{'...' if len(missing) > 10 else ''}, "
+            f"unexpected {unexpected[:10]}{'...' if len(unexpected) > 10 else ''}", reason="WEIGHTS_MISMATCH")
+
+
+def module_bytes(module: nn.Module) -> int:
+    """Resident bytes of parameters and buffers (shared storage counted once)."""
+    seen: set[int] = set()
+    total = 0
+    for tensor in list(module.parameters()) + list(module.buffers()):
+        if tensor.is_mkldnn:  # a prepacked weight (layers/packed_linear.py) has no storage to ask
+            total += tensor.numel() * tensor.element_size()
+            continue
+        key = tensor.untyped_storage().data_ptr()
+        if key in seen:
+            continue
+        seen.add(key)
+        total += tensor.untyped_storage().nbytes()
+    return total
+
+
+def module_device(module: nn.Module) -> torch.device:
+    """Where a module's first parameter or buffer lives (a packed linear has only a buffer)."""
+    return next(itertools.chain(module.parameters(), module.buffers())).device
+
+
+def empty_module(factory: Callable[[], nn.Module], *, device: str | torch.device = "cpu",
+                 dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Builds a module without random initialisation (weights come from the checkpoint next).
+
+    Built on the meta device, then given real but uninitialised storage on `device`. Buffers
+    that the checkpoint does not carry (position tables, masks) are recomputed by the
+    module's `init_buffers()` where it has one.
+    """
+    with torch.device("meta"):
+        module = factory()
+    module = module.to_empty(device=device)
+    module = module.to(dtype)
+    for sub in module.modules():
+        init = getattr(sub, "init_buffers", None)
+        if callable(init):
+            init()
+    return module.eval()

@@ -1,0 +1,226 @@
+"""Our key/value cache: one slot per sequence, so that sequences can join and leave a running
+batch between decoding steps without touching the others.
+
+Per layer the cache holds K and V as [slots, kv_heads, capacity, head_dim] on that layer's
+device. A sequence owns one slot and a length; a forward pass over some sequences gets a
+`CacheView` that writes the new keys/values at each sequence's own positions and attends over
+each sequence's own prefix (a boolean mask hides other sequences' longer tails). Slots and
+capacity grow by doubling up to the configured bounds, and the tensors are dropped when the
+last sequence leaves so an idle model holds no cache memory.
+
+Models call `view.attend(layer_idx, q, k, v, ...)` and never see the layout; `FullAttention`
+is the same interface without a cache (one causal pass, used for logits parity tests).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import QueueFull
+
+
+def _decode_attention(q, k, v, mask, scale):
+    """One query per sequence, as two small matmuls. On CPU this beats SDPA's flash kernel,
+    whose parallel sections cost more than the work at q length 1 (and stall on busy cores).
+    Grouped-query heads share their key/value head: query head h reads kv head h // groups."""
+    B, H, _, D = q.shape
+    Hkv = k.shape[1]
+    q = q.reshape(B, Hkv, H // Hkv, D)  # [B, Hkv, groups, D]
+    scores = (q @ k.transpose(-1, -2)) * (scale if scale is not None else D ** -0.5)  # [B, Hkv, groups, L]
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))  # mask [B, 1, 1, L] broadcasts
+    return (scores.softmax(-1) @ v).reshape(B, H, 1, D)
+
+
+def _sdpa(q, k, v, mask, scale, is_causal=False):
+    # q: [B, H, T, D]; k, v: [B, Hkv, L, D]; mask: [B, 1, T, L] bool (True = attend) or None.
+    if q.shape[2] == 1 and q.device.type == "cpu":
+        return _decode_attention(q, k, v, mask, scale)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale,
+                                          enable_gqa=k.shape[1] != q.shape[1])
+
+
+def _window_mask(query_pos: torch.Tensor, key_len: int, lengths: torch.Tensor | None,
+                 window: int | None) -> torch.Tensor:
+    """[B, 1, T, L] True where query at absolute position query_pos[b, t] may see key j."""
+    keys = torch.arange(key_len, device=query_pos.device)
+    q = query_pos[:, None, :, None]
+    allowed = keys[None, None, None, :] <= q
+    if window:
+        # transformers' sliding window: a query sees the last `window` keys including itself.
+        allowed &= (q - keys[None, None, None, :]) < window
+    if lengths is not None:
+        allowed &= keys[None, None, None, :] < lengths[:, None, None, None]
+    return allowed
+
+
+class FullAttention:
+    """No cache: attention over the `T` tokens of this pass only, causally."""
+
+    def __init__(self, batch: int, length: int, device: torch.device | str):
+        self.positions = torch.arange(length, device=device).expand(batch, length)
+        self._masks: dict[int | None, torch.Tensor] = {}
+
+    def attend(self, layer: int, q, k, v, *, scale: float | None = None, window: int | None = None):
+        if not window or window >= q.shape[2]:
+            return _sdpa(q, k, v, None, scale, is_causal=q.shape[2] > 1)
+        if window not in self._masks:
+            self._masks[window] = _window_mask(self.positions.to(q.device), q.shape[2], None, window)
+        return _sdpa(q, k, v, self._masks[window].to(q.device), scale)
+
+
+class KVCache:
+    """Slot cache for one model. Not thread-safe: the generation engine's thread owns it."""
+
+    def __init__(self, num_layers: int, kv_heads: int, head_dim: int, max_length: int, *,
+                 dtype: torch.dtype = torch.float32, devices: Sequence[torch.device | str] | torch.device | str = "cpu",
+                 max_slots: int = 64, initial_slots: int = 4, initial_capacity: int = 64):
+        if isinstance(devices, (str, torch.device)):
+            devices = [devices] * num_layers
+        self.devices = [torch.device(d) for d in devices]
+        self.num_layers, self.kv_heads, self.head_dim = num_layers, kv_heads, head_dim
+        self.max_length, self.max_slots, self.dtype = max_length, max_slots, dtype
+        self._initial_slots, self._initial_capacity = initial_slots, initial_capacity
+        self.lengths: dict[int, int] = {}  # slot -> tokens cached
+        self._free: list[int] = []
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        self.slots = 0
+        self.capacity = 0
+        self.peak_bytes = 0  # high-water mark of memory_bytes(), for tests and metrics
+
+    # ---- bookkeeping -------------------------------------------------------------------
+    def bytes_per_token(self) -> int:
+        return 2 * self.num_layers * self.kv_heads * self.head_dim * torch.empty((), dtype=self.dtype).element_size()
+
+    def memory_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+
+    def allocate(self) -> int:
+        """A free slot for a new sequence (length 0)."""
+        if not self._free:
+            if self.slots >= self.max_slots:
+                raise QueueFull(f"all {self.max_slots} cache slots are in use")
+            self._resize(max(self._initial_slots, min(self.max_slots, self.slots * 2)),
+                         max(self.capacity, self._initial_capacity))
+        slot = self._free.pop(0)
+        self.lengths[slot] = 0
+        return slot
+
+    def free(self, slot: int) -> None:
+        if self.lengths.pop(slot, None) is None:
+            return
+        self._free.append(slot)
+        self._free.sort()
+        if not self.lengths:  # idle: give the memory back
+            self.keys, self.values, self.slots, self.capacity, self._free = [], [], 0, 0, []
+
+    def copy_slot(self, source: int, target: int) -> None:
+        """Duplicates a sequence's cache (num_return_sequences share one prompt pass)."""
+        n = self.lengths[source]
+        for cache in self.keys + self.values:
+            cache[target, :, :n] = cache[source, :, :n]
+        self.lengths[target] = n
+
+    def _resize(self, slots: int, capacity: int) -> None:
+        capacity = min(capacity, self.max_length)
+        new_k, new_v = [], []
+        for layer, device in enumerate(self.devices):
+            shape = (slots, self.kv_heads, capacity, self.head_dim)
+            k = torch.zeros(shape, dtype=self.dtype, device=device)
+            v = torch.zeros(shape, dtype=self.dtype, device=device)
+            if self.slots:
+                k[: self.slots, :, : self.capacity] = self.keys[layer]
+                v[: self.slots, :, : self.capacity] = self.values[layer]
+            new_k.append(k)
+            new_v.append(v)
+        self._free.extend(range(self.slots, slots))
+        self.keys, self.values, self.slots, self.capacity = new_k, new_v, slots, capacity
+        self.peak_bytes = max(self.peak_bytes, self.memory_bytes())
+
+    def view(self, slots: Sequence[int], new_tokens: int) -> "CacheView":
+        """The cache seen by one forward pass adding `new_tokens` tokens to each of `slots`."""
+        need = max(self.lengths[s] for s in slots) + new_tokens
+        if need > self.max_length:
+            raise ValueError(f"sequence would reach {need} tokens; the cache holds {self.max_length}")
+        if need > self.capacity:
+            capacity = self.capacity
+            while capacity < need:
+                capacity *= 2
+            self._resize(self.slots, capacity)
+        return CacheView(self, list(slots), new_tokens)
+
+
+@dataclass
+class _Placement:
+    slots: torch.Tensor  # [B] long
+    starts: torch.Tensor  # [B] long, tokens cached before this pass
+    contiguous: slice | None  # slots a..b in order -> read keys as a view, not a gather
+
+
+class CacheView:
+    """One forward pass's window into the cache. Positions come from each sequence's length."""
+
+    def __init__(self, cache: KVCache, slots: list[int], new_tokens: int):
+        self.cache = cache
+        self.slot_list = slots
+        self.new_tokens = new_tokens
+        self.start_list = [cache.lengths[s] for s in slots]
+        self.key_len = max(self.start_list) + new_tokens
+        self._placements: dict[torch.device, _Placement] = {}
+        self._masks: dict[tuple, torch.Tensor | None] = {}
+        self._uniform_start = self.start_list[0] if len(set(self.start_list)) == 1 else None
+        first = slots[0]
+        self._contiguous = slice(first, first + len(slots)) if slots == list(range(first, first + len(slots))) else None
+        self.positions = (torch.tensor(self.start_list)[:, None] + torch.arange(new_tokens)[None, :])  # [B, T]
+
+    def _placement(self, device: torch.device) -> _Placement:
+        if device not in self._placements:
+            self._placements[device] = _Placement(torch.tensor(self.slot_list, device=device),
+                                                  torch.tensor(self.start_list, device=device), self._contiguous)
+        return self._placements[device]
+
+    def _mask(self, device: torch.device, window: int | None) -> torch.Tensor | None:
+        key = (device, window)
+        if key not in self._masks:
+            uniform = len(set(self.start_list)) == 1
+            if uniform and self.new_tokens == 1 and (not window or window >= self.key_len):
+                self._masks[key] = None  # every sequence sees its whole prefix
+            else:
+                p = self._placement(device)
+                query_pos = p.starts[:, None] + torch.arange(self.new_tokens, device=device)[None, :]
+                self._masks[key] = _window_mask(query_pos, self.key_len, p.starts + self.new_tokens, window)
+        return self._masks[key]
+
+    def attend(self, layer: int, q, k, v, *, scale: float | None = None, window: int | None = None):
+        """Stores k, v ([B, Hkv, T, D]) and attends q ([B, H, T, D]) over each sequence's prefix."""
+        cache_k, cache_v = self.cache.keys[layer], self.cache.values[layer]
+        p = self._placement(cache_k.device)
+        T = self.new_tokens
+        if T == 1 and p.contiguous is not None and self._uniform_start is not None:
+            # sequences that joined together: one strided copy instead of an index_put
+            cache_k[p.contiguous, :, self._uniform_start] = k[:, :, 0].to(cache_k.dtype)
+            cache_v[p.contiguous, :, self._uniform_start] = v[:, :, 0].to(cache_v.dtype)
+        elif T == 1:
+            cache_k[p.slots, :, p.starts] = k[:, :, 0].to(cache_k.dtype)
+            cache_v[p.slots, :, p.starts] = v[:, :, 0].to(cache_v.dtype)
+        else:
+            for i, (slot, start) in enumerate(zip(self.slot_list, self.start_list)):
+                cache_k[slot, :, start:start + T] = k[i]
+                cache_v[slot, :, start:start + T] = v[i]
+        L = self.key_len
+        if p.contiguous is not None:
+            keys, values = cache_k[p.contiguous, :, :L], cache_v[p.contiguous, :, :L]
+        else:
+            keys, values = cache_k[p.slots, :, :L], cache_v[p.slots, :, :L]
+        if not any(self.start_list) and (not window or window >= L):
+            return _sdpa(q, keys, values, None, scale, is_causal=T > 1)  # fresh prompts of one length
+        return _sdpa(q, keys, values, self._mask(cache_k.device, window), scale)
+
+    def commit(self) -> None:
+        """Records the pass's tokens as cached (call after the forward pass succeeded)."""
+        for slot, start in zip(self.slot_list, self.start_list):
+            self.cache.lengths[slot] = start + self.new_tokens

@@ -1,0 +1,8 @@
+"""Runtime: the models this server has loaded, and calls into them.
+
+Owns loading a checkpoint into its task pipeline and applying the post-load passes (loading),
+the model manager (residency, on-demand loading rules, memory budget, eviction, in-flight
+counts) and the dynamic batcher that groups concurrent one-shot calls per model (batching).
+
+May import: core, checkpoints, layers, scheduling, pipelines.
+"""

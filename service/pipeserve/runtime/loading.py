@@ -1,0 +1,59 @@
+"""Checkpoint files -> a ready task pipeline. The manager adds residency and budgets on top."""
+from __future__ import annotations
+
+from ..checkpoints.hub import ModelFiles
+from ..checkpoints.registry import infer_task, pipeline_class
+from ..errors import ModelLoadFailed, WrongTask
+from ..layers.packed_linear import pack_linears
+from ..pipelines.base import LoadOptions, Pipeline
+from ..tasks import Task
+
+# Formats without a config.json are recognised by their files.
+_CTRANSLATE2_WHISPER_MARKERS = ("model.bin", "tokenizer.json")
+
+
+def model_type_of(files: ModelFiles) -> str:
+    model_type = files.config.get("model_type")
+    if model_type:
+        return model_type
+    if all(files.has(m) for m in _CTRANSLATE2_WHISPER_MARKERS):
+        return "whisper"  # faster-whisper layout: the only CTranslate2 family we serve
+    raise ModelLoadFailed(f"{files.path} has no config.json with a model_type", reason="BAD_CONFIG")
+
+
+def task_of(files: ModelFiles) -> Task:
+    if not files.config.get("architectures") and model_type_of(files) == "whisper":
+        return Task.AUTOMATIC_SPEECH_RECOGNITION
+    return infer_task(files.config)
+
+
+def load_pipeline(files: ModelFiles, options: LoadOptions, task: Task | str | None = None) -> Pipeline:
+    """Builds the pipeline serving `task` (inferred when None) from `files`."""
+    model_type = model_type_of(files)
+    inferred = task_of(files)
+    wanted = Task.parse(task) if task else inferred
+    if wanted is not inferred and not _compatible(wanted, inferred):
+        raise WrongTask(f"{files.name} is a {inferred.value} model, not {wanted.value}")
+    cls = pipeline_class(wanted, model_type)
+    pipeline = cls.from_files(files, options)
+    if options.packed_linear:
+        for module in pipeline.modules_:
+            pack_linears(module)
+    return pipeline
+
+
+# Checkpoints that serve a task other than the one their architecture suggests, as
+# transformers.pipeline allows (an NLI classifier used for zero-shot, any encoder for features).
+_COMPATIBLE = {
+    (Task.ZERO_SHOT_CLASSIFICATION, Task.TEXT_CLASSIFICATION),
+    (Task.TEXT_CLASSIFICATION, Task.ZERO_SHOT_CLASSIFICATION),
+    (Task.FEATURE_EXTRACTION, Task.TEXT_CLASSIFICATION),
+    (Task.FEATURE_EXTRACTION, Task.FILL_MASK),
+    (Task.FEATURE_EXTRACTION, Task.TOKEN_CLASSIFICATION),
+    (Task.FEATURE_EXTRACTION, Task.QUESTION_ANSWERING),
+    (Task.QUESTION_ANSWERING, Task.DOCUMENT_QUESTION_ANSWERING),
+}
+
+
+def _compatible(wanted: Task, inferred: Task) -> bool:
+    return (wanted, inferred) in _COMPATIBLE

@@ -1,0 +1,147 @@
+"""Prometheus metrics, served over HTTP on `Settings.metrics_listen` (off when empty).
+
+What is measured, and where it is recorded:
+- per RPC (observability.TelemetryInterceptor): requests by service/method/status code,
+  errors by code and ErrorInfo reason, latency histograms per task and model, time to the
+  first streamed result, calls in flight;
+- per batch (DynamicBatcher.observer): batch sizes and time queued per model;
+- at scrape time (read from the manager and batcher, so never stale): queue depth per model,
+  resident bytes, state and in-flight calls per model.
+
+Each server gets its own CollectorRegistry, so several servers in one process (tests) never
+collide, and nothing is registered globally on import.
+"""
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+
+from ..bounds import metric_label
+from ..errors import PipeserveError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..api.common import App
+
+log = logging.getLogger("pipeserve.metrics")
+
+# Seconds: from a 1 ms cache-hot classification to a multi-minute long-form transcription.
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+                   120.0, 300.0)
+# Items per batch: powers of two up to the largest max_batch_size anyone sensibly configures.
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+# Label for a model name the manager does not hold (a typo, a fuzzer): keeps cardinality bounded.
+UNKNOWN_MODEL = "unknown"
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("pipeserve_requests", "Finished RPCs by service, method and status code.",
+                                ["service", "method", "code"], registry=r)
+        self.errors = Counter("pipeserve_errors", "Failed RPCs by status code and google.rpc.ErrorInfo reason.",
+                              ["service", "method", "code", "reason"], registry=r)
+        self.in_flight = Gauge("pipeserve_in_flight_requests", "RPCs being handled now.",
+                               ["service", "method"], registry=r)
+        self.latency = Histogram("pipeserve_request_latency_seconds",
+                                 "Wall time of task RPCs, per task and model, until the last message.",
+                                 ["task", "model", "method"], buckets=LATENCY_BUCKETS, registry=r)
+        self.first_result = Histogram("pipeserve_time_to_first_result_seconds",
+                                      "Streaming RPCs: time from the call to its first response message.",
+                                      ["task", "model", "method"], buckets=LATENCY_BUCKETS, registry=r)
+        self.batch_size = Histogram("pipeserve_batch_size", "Items per batch run by the dynamic batcher.",
+                                    ["model", "method"], buckets=BATCH_BUCKETS, registry=r)
+        self.queue_wait = Histogram("pipeserve_queue_wait_seconds", "Time an item waited for its batch to start.",
+                                    ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        self._app: App | None = None
+        r.register(_AppCollector(self))
+        self.http_server: Any = None
+        self.port = 0
+
+    # ---- wiring ------------------------------------------------------------------------
+    def bind(self, app: "App") -> None:
+        """Reads model and queue state from `app` at scrape time; records batches from its batcher."""
+        self._app = app
+        app.batcher.observer = self.observe_batch
+
+    def model_label(self, name: str) -> str:
+        """A request's model as a label: the canonical name of a model the manager holds ready
+        (any spelling of it counts), bounded, else "unknown" — a client's string never becomes a
+        label of its own. (Unbound metrics, which have no manager to ask, label the name bounded.)"""
+        if not name:
+            return UNKNOWN_MODEL
+        if self._app is None:
+            return metric_label(name)
+        try:
+            entry = self._app.manager.find(name)
+        except PipeserveError:  # a name no model can have (too long, control characters)
+            entry = None
+        if entry is None or entry.state.value != "ready":
+            return UNKNOWN_MODEL
+        return metric_label(entry.name)
+
+    def observe_batch(self, model: str, method: str, size: int, waits_s: list[float]) -> None:
+        model = metric_label(model)
+        self.batch_size.labels(model, method).observe(size)
+        for wait in waits_s:
+            self.queue_wait.labels(model).observe(wait)
+
+    # ---- HTTP endpoint -----------------------------------------------------------------
+    def serve(self, listen: str) -> int:
+        """Starts the /metrics HTTP endpoint on "host:port" (port 0 = any free one); returns the port."""
+        host, port = split_host_port(listen)
+        self.http_server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        self.port = self.http_server.server_port
+        log.info("metrics on http://%s:%d/metrics", host, self.port)
+        return self.port
+
+    def close(self) -> None:
+        if self.http_server is not None:
+            self.http_server.shutdown()
+            self.http_server.server_close()
+            self.http_server = None
+
+
+def split_host_port(listen: str) -> tuple[str, int]:
+    """"0.0.0.0:9090", "[::]:9090", ":9090" -> (host, port)."""
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit():
+        raise SystemExit(f"metrics_listen must be HOST:PORT, got {listen!r}")
+    host = host.strip("[]") or "0.0.0.0"
+    return host, int(port)
+
+
+class _AppCollector:
+    """Gauges read from the manager and batcher when Prometheus scrapes."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def describe(self):
+        return []  # collected lazily: the registry must not call collect() at registration
+
+    def collect(self):
+        app = self.metrics._app
+        depth = GaugeMetricFamily("pipeserve_queue_depth", "Requests waiting in the batcher, per model.",
+                                  labels=["model"])
+        resident = GaugeMetricFamily("pipeserve_model_resident_bytes",
+                                     "Bytes of weights and buffers a loaded model holds on its device.",
+                                     labels=["model", "task", "device", "dtype"])
+        state = GaugeMetricFamily("pipeserve_model_state", "1 for the state each known model is in.",
+                                  labels=["model", "state"])
+        busy = GaugeMetricFamily("pipeserve_model_in_flight", "Calls currently using each model.", labels=["model"])
+        if app is not None:
+            for model, waiting in app.batcher.depth_by_model().items():
+                depth.add_metric([metric_label(model)], waiting)
+            for entry in app.manager.entries():
+                described = entry.pipeline.describe() if entry.pipeline else {}
+                name = metric_label(entry.name)
+                resident.add_metric([name, entry.task.value if entry.task else "",
+                                     described.get("device") or entry.options.device,
+                                     described.get("dtype") or entry.options.dtype], entry.bytes)
+                state.add_metric([name, entry.state.value], 1)
+                busy.add_metric([name], entry.in_flight)
+        yield from (depth, resident, state, busy)
