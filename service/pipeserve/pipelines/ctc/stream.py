@@ -32,7 +32,8 @@ class CTCModel(Protocol):
 
     def normalize(self, waveform: torch.Tensor) -> torch.Tensor: ...
 
-    def _run_chunks(self, chunks: list[tuple[torch.Tensor, tuple[int, int, int]]]) -> list[tuple[torch.Tensor, torch.Tensor]]: ...
+    def _run_chunks(self, chunks: list[tuple[torch.Tensor, tuple[int, int, int]]]
+                    ) -> list[tuple[torch.Tensor, torch.Tensor]]: ...
 
 
 class CTCLiveStream:
