@@ -71,6 +71,7 @@ def _sizes(tokenizer) -> dict:
 def build(family: str, directory: Path, **overrides):
     """Saves a tiny random `family` checkpoint + tokenizer to `directory`; returns (model, tokenizer)."""
     import transformers
+    from harness import perturb_parameters
 
     torch.manual_seed(0)
     if family in ("gpt2", "opt"):
@@ -102,6 +103,7 @@ def build(family: str, directory: Path, **overrides):
         for name, p in model.named_parameters():
             if p.dim() == 2:
                 p.mul_(4.0)
+    perturb_parameters(model)  # biases and norm weights off 0 / 1, so dropping one fails parity
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory, safe_serialization=True)
     tokenizer.save_pretrained(directory)
