@@ -94,7 +94,7 @@ def build(family: str, directory: Path, **overrides):
             "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
             "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
         }[family]
-        config = cls_config(intermediate_size=64, num_key_value_heads=2, **small, **ids, **overrides)
+        config = cls_config(intermediate_size=64, **{"num_key_value_heads": 2, **small, **ids, **overrides})
         model = cls_model(config)
     model.eval()
     # Random weights make a near-uniform next-token distribution; sharpen it so greedy and

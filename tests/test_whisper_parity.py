@@ -248,3 +248,4 @@ def test_chunked_word_timestamps_parity(en):
     # attention can flip: allow one timestamp step (0.02 s) here; unchunked words match exactly.
     for (_, (a, b)), (_, (c, d)) in zip(words, _chunks(ref), strict=True):
         assert abs(a - c) <= 0.021 and abs(b - d) <= 0.021
+
