@@ -89,6 +89,12 @@ def test_ctranslate2_checkpoint_maps_onto_our_module(en, tmp_path):
     reference = WhisperForConditionalGeneration.from_pretrained(d).eval()
     ct2 = wc.write_ct2(reference.state_dict(), tmp_path / "ct2", heads=4, tokenizer_from=d,
                        extra_config={"alignment_heads": [[1, 0]], "suppress_ids": [1, 2], "suppress_ids_begin": [220, 50256]})
+    # The tests' own CT2 reader (the real-weight oracle's) inverts the writer exactly.
+    _, read_back = wc.read_ct2_whisper(ct2 / "model.bin")
+    expected_state = {k: t for k, t in reference.state_dict().items() if k != "proj_out.weight"}
+    assert read_back.keys() == expected_state.keys()
+    for name, tensor in expected_state.items():
+        assert torch.equal(read_back[name], tensor), name
     pipe = load_pipeline(ct2)
     features = torch.randn(1, 80, 3000)
     tokens = torch.tensor([[50257, 50363, 400, 500, 50256]])
@@ -122,15 +128,21 @@ def test_embedded_tiny_en_layout():
     assert "model.encoder.layers.0.self_attn.k_proj.bias" not in state
 
 
-# Found when the parity checkpoints got non-trivial biases and norm weights (issue 13): with
-# max_new_tokens cutting a window mid-segment, transformers reports the unterminated segment as
-# (None, None) and ends the last word at its last timestamp; ours says (0.0, None) and ends
-# the word at the window's end (30.0). Strict: the test reports XPASS once the decoding is fixed.
-OPEN_SEGMENT_BUG = pytest.mark.xfail(strict=True, reason="unterminated segment / last word times differ "
-                                     "from transformers when max_new_tokens cuts a window (issue 13)")
+# Found when the parity checkpoints got non-trivial biases and norm weights (issue 13), not yet
+# fixed (strict: each reports XPASS once it is):
+# - a window cut by max_new_tokens after a closed segment leaves text with no start timestamp;
+#   transformers reports that chunk as (None, None), ours as start_s 0.0 (Segment.start_s is a
+#   required double in the v1 contract, and 0.0 goes backwards in time: the previous segment's
+#   end would be the honest value -- a contract decision for the lead);
+# - word timestamps: the DTW path over near-uniform random cross-attention ends a window's last
+#   words at 30.0 s where transformers' ends them at 20.18 s (same words, same text).
+OPEN_SEGMENT_START = pytest.mark.xfail(strict=True, reason="unterminated chunk: transformers (None, None), "
+                                       "ours start_s 0.0 (issue 13)")
+OPEN_WORD_TIMES = pytest.mark.xfail(strict=True, reason="last words of a window: ours end at 30.0 s, "
+                                    "transformers at 20.18 s (issue 13)")
 
 
-@pytest.mark.parametrize("timestamps", [pytest.param(True, marks=OPEN_SEGMENT_BUG), False])
+@pytest.mark.parametrize("timestamps", [pytest.param(True, marks=OPEN_SEGMENT_START), False])
 def test_english_pipeline_parity(en, timestamps):
     _, ours, hf = en
     audio = _audio(7.0, 3)
@@ -191,7 +203,7 @@ def test_sequential_long_form_parity(en):
     assert got.duration_s == pytest.approx(45.0)
 
 
-@OPEN_SEGMENT_BUG
+@OPEN_WORD_TIMES
 def test_word_timestamps_parity(en):
     _, ours, hf = en
     audio = _audio(6.0, 7)
@@ -235,7 +247,7 @@ def test_temperature_fallback_and_no_speech_skip(en):
     assert skipped.text == "" and skipped.segments == []
 
 
-@OPEN_SEGMENT_BUG
+@OPEN_WORD_TIMES
 def test_chunked_word_timestamps_parity(en):
     _, ours, hf = en
     audio = _audio(16.0, 11)

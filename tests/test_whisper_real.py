@@ -34,6 +34,22 @@ def speech(tmp_path_factory):
     return wc.long_speech(tmp_path_factory.mktemp("speech") / "x.wav")
 
 
+def test_independent_ct2_reading_equals_ours():
+    """The oracle is built from the tests' own reading of model.bin (whisper_checkpoints.
+    read_ct2_whisper, proven on the tests' writer): on the real package it gives exactly the
+    tensors our loader reads, so the oracle does not inherit a bug of our reader."""
+    from pipeserve.embedded import embedded_model_dir
+    from pipeserve.models.ctranslate2 import read_whisper
+
+    path = embedded_model_dir("automatic-speech-recognition") / "model.bin"
+    facts, theirs = wc.read_ct2_whisper(path)
+    config, ours = read_whisper(path)
+    assert {k: getattr(config, k) for k in facts} == facts
+    assert theirs.keys() == ours.keys()
+    for name, tensor in theirs.items():
+        assert torch.equal(ours[name].float(), tensor), name
+
+
 def test_transcript_equals_transformers_on_same_weights(tiny_en, oracle, tmp_path):
     from pipeserve.audio import load_audio_input
 
