@@ -103,3 +103,29 @@ def test_default_beam_search_equals_transformers_pipeline_defaults(tiny_en, orac
     got = tiny_en.transcribe([audio], {"return_timestamps": "segment", "num_beams": 5})[0]
     assert got.text == ref["text"]
     assert [(s.start_s, s.end_s) for s in got.segments] == [tuple(c["timestamp"]) for c in ref["chunks"] if c["text"].strip()]
+
+
+def test_beam_length_penalty_equals_transformers(tiny_en, oracle, tmp_path):
+    """Beam search where length normalisation decides: fast speech on which tiny.en's beams
+    finish at different lengths (a repetition loop of growing length competes with the short
+    sentence), so length_penalty 0, 1 and 3 give three different answers in transformers; ours
+    equals transformers' generate on the same features for each."""
+    import math
+
+    from pipeserve.audio import load_audio_input
+    from pipeserve.whisper_decoding import DecodeOptions, generate
+
+    audio = load_audio_input(data=wc.speak(wc.SENTENCES[2], tmp_path / "fast.wav", speed=260))
+    features = oracle.feature_extractor(audio.numpy().copy(), sampling_rate=16000, return_tensors="pt").input_features
+    answers = []
+    for length_penalty in (0.0, 1.0, 3.0):
+        with torch.no_grad():
+            expected = oracle.model.generate(features, num_beams=5, length_penalty=length_penalty, max_new_tokens=100)
+            segments = [seg for _, segs in generate(
+                tiny_en.model, features, [math.ceil(audio.shape[0] / 160)], tiny_en.settings, tiny_en.tok,
+                DecodeOptions(num_beams=5, length_penalty=length_penalty, max_new_tokens=100)) for seg in segs]
+        expected_text = oracle.tokenizer.decode(expected[0], skip_special_tokens=True)
+        got = oracle.tokenizer.decode([t for seg in segments for t in seg.tokens], skip_special_tokens=True)
+        assert got == expected_text, length_penalty
+        answers.append(expected_text)
+    assert len(set(answers)) == 3, f"length_penalty no longer decides here: {answers}"

@@ -61,13 +61,14 @@ MUTANTS = [
     Mutant("whisper-alignment-head-layer-off-by-one", "service/pipeserve/whisper_decoding.py",
            "attentions[layer][0, head] for layer, head in s.alignment_heads",
            "attentions[layer - 1][0, head] for layer, head in s.alignment_heads",
-           ("tests/test_whisper_parity.py", "-k", "word")),
+           # real weights: random ones attend near-uniformly, so DTW cannot tell heads apart
+           ("tests/test_grpc_speech_recognition.py", "-k", "word_timestamps")),
     Mutant("int8-quantizer-7-bit", "service/pipeserve/quantization.py",
            "QMAX = 127", "QMAX = 63",
            ("tests/test_generation_int8_device_map.py", "-k", "int8")),
     Mutant("beam-length-normalisation-dropped", "service/pipeserve/whisper_decoding.py",
            "norm = top_scores / ((step + 1) ** length_penalty)", "norm = top_scores",
-           ("tests/test_whisper_parity.py", "-k", "beam")),
+           ("tests/test_whisper_real.py", "-k", "length_penalty")),
 ]
 
 
