@@ -123,3 +123,32 @@ def test_unknown_head_and_missing_classifier_are_refused(classifier_dir, base_di
     files = type(files)(files.name, files.path, {**config, "id2label": {"0": "a", "1": "b"}})
     with pytest.raises(ModelLoadFailed, match="missing .*classifier"):
         load_model(files, LoadOptions(), head="image_classification")
+
+
+# Config fields ViT honours beyond sizes (qkv_bias and gelu_new: base_dir above), each set to a
+# value that changes transformers' output against the base config (asserted).
+CONFIG_VARIANTS = {"layer_norm_eps": 1e-1, "hidden_act": "relu", "num_channels": 1}
+
+
+@pytest.mark.parametrize("field", list(CONFIG_VARIANTS))
+def test_config_variant_matches_transformers(tmp_path, field):
+    from harness import PARITY_ATOL
+
+    value = CONFIG_VARIANTS[field]
+    channels = value if field == "num_channels" else 3
+    pixels = torch.randn(2, channels, 32, 32, generator=torch.Generator().manual_seed(6))
+    outputs = {}
+    for name, extra in (("base", {}), ("variant", {field: value})):
+        torch.manual_seed(0)
+        model = transformers.ViTForImageClassification(transformers.ViTConfig(**TINY, num_labels=5, **extra)).eval()
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.dim() >= 2:
+                    p.mul_(8.0)
+        path = save_checkpoint(model, tmp_path / name, _processor(size={"height": 32, "width": 32}))
+        with torch.no_grad():
+            outputs[name] = model(pixel_values=pixels if name == "variant" else pixels[:, :1].expand(-1, 3, -1, -1)
+                                  if field == "num_channels" else pixels).logits
+    assert (outputs["variant"] - outputs["base"]).abs().max() > 100 * PARITY_ATOL, f"{field} changes nothing here"
+    ours = load_pipeline(path).model
+    assert_close(ours(pixels), outputs["variant"])
