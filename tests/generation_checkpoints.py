@@ -71,6 +71,7 @@ def _sizes(tokenizer) -> dict:
 def build(family: str, directory: Path, **overrides):
     """Saves a tiny random `family` checkpoint + tokenizer to `directory`; returns (model, tokenizer)."""
     import transformers
+    from harness import perturb_parameters
 
     torch.manual_seed(0)
     if family in ("gpt2", "opt"):
@@ -93,7 +94,7 @@ def build(family: str, directory: Path, **overrides):
             "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
             "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
         }[family]
-        config = cls_config(intermediate_size=64, num_key_value_heads=2, **small, **ids, **overrides)
+        config = cls_config(intermediate_size=64, **{"num_key_value_heads": 2, **small, **ids, **overrides})
         model = cls_model(config)
     model.eval()
     # Random weights make a near-uniform next-token distribution; sharpen it so greedy and
@@ -102,6 +103,7 @@ def build(family: str, directory: Path, **overrides):
         for name, p in model.named_parameters():
             if p.dim() == 2:
                 p.mul_(4.0)
+    perturb_parameters(model)  # biases and norm weights off 0 / 1, so dropping one fails parity
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory, safe_serialization=True)
     tokenizer.save_pretrained(directory)

@@ -41,7 +41,7 @@ def _as_tuples(answers):
 
 def _check(ours, reference):
     assert _as_tuples(ours) == [(r["answer"], r["start"], r["end"]) for r in reference]
-    for a, r in zip(ours, reference):
+    for a, r in zip(ours, reference, strict=True):
         assert abs(a.score - r["score"]) <= 1e-4
 
 
@@ -124,7 +124,7 @@ def test_client_words_and_batched_queries(docqa, page):
     queries = [DocumentQuery(q, words=tuple(words)) for q in QUESTIONS] + [DocumentQuery(QUESTIONS[0], image=page[1])]
     options = {"top_k": 4, "max_seq_len": 18, "doc_stride": 3}
     batched = ours.answer(queries, options)
-    for query, result in zip(queries, batched):
+    for query, result in zip(queries, batched, strict=True):
         if query.words:
             reference = oracle(image=None, question=query.question, word_boxes=word_boxes, **options)
             assert result.words == words

@@ -28,7 +28,7 @@ def test_token_embeddings_match_batched(checkpoint):
     _, ours, reference = checkpoint
     got = ours.extract(TEXTS)
     expected = reference(TEXTS, batch_size=3)
-    for features, exp in zip(got, expected):
+    for features, exp in zip(got, expected, strict=True):
         exp = torch.tensor(exp[0])[: features.tokens]  # transformers' batch rows keep their padding
         assert features.sentence_embedding is None
         assert_close(features.token_embeddings, exp)

@@ -22,7 +22,7 @@ def checkpoint(request, tmp_path_factory):
 def _same(ours, reference):
     assert [(c.token, c.token_str, c.sequence) for c in ours] == \
         [(r["token"], r["token_str"], r["sequence"]) for r in reference]
-    for c, r in zip(ours, reference):
+    for c, r in zip(ours, reference, strict=True):
         assert abs(c.score - r["score"]) <= 1e-4
 
 
@@ -32,7 +32,7 @@ def test_candidates_match_batched(checkpoint, top_k):
     kwargs = {} if top_k is None else {"top_k": top_k}
     got = ours.fill(texts, {"top_k": top_k})
     expected = reference(texts, batch_size=3, **kwargs)
-    for result, exp in zip(got, expected):
+    for result, exp in zip(got, expected, strict=True):
         assert len(result) == 1
         _same(result[0], exp)
 
@@ -43,7 +43,7 @@ def test_several_masks(checkpoint):
     got = ours.fill([text], {"top_k": 3})[0]
     expected = reference(text, top_k=3)
     assert len(got) == len(expected) == 2
-    for result, exp in zip(got, expected):
+    for result, exp in zip(got, expected, strict=True):
         _same(result, exp)
 
 

@@ -142,3 +142,36 @@ def test_pretokenized_words_match_transformers(tmp_path):
                        overflow=True)
     assert [r.ids for r in rows] == ref["input_ids"]
     assert [r.word_ids for r in rows] == [ref.word_ids(i) for i in range(len(rows))]
+
+
+# The config fields each encoder family honours beyond sizes, one parity case each, set to a
+# value that changes transformers' output against the family's base config (asserted).
+# DistilBERT's sinusoidal_pos_embds stores its table in the checkpoint, which we must read.
+# (gelu_new is not here: on these activations it is within 1e-4 of gelu, caught by the check.)
+CONFIG_VARIANTS = {
+    "bert-hidden_act-relu": ("bert", {"hidden_act": "relu"}),
+    "bert-layer_norm_eps": ("bert", {"layer_norm_eps": 1e-1}),
+    "roberta-layer_norm_eps": ("roberta", {"layer_norm_eps": 1e-1}),
+    "xlm-roberta-hidden_act-silu": ("xlm-roberta", {"hidden_act": "silu"}),
+    "distilbert-activation-relu": ("distilbert", {"activation": "relu"}),
+    "distilbert-sinusoidal_pos_embds": ("distilbert", {"sinusoidal_pos_embds": True}),
+}
+
+
+@pytest.mark.parametrize("variant", list(CONFIG_VARIANTS))
+def test_config_variant_matches_transformers(tmp_path, variant):
+    from harness import PARITY_ATOL
+
+    family, overrides = CONFIG_VARIANTS[variant]
+    _, base, tokenizer = build_checkpoint(family, "base", tmp_path / "base")
+    directory, reference, _ = build_checkpoint(family, "base", tmp_path / "variant", **overrides)
+    for key, value in overrides.items():
+        assert getattr(reference.config, key) == value, key
+    enc = tokenizer(TEXTS, padding=True, return_tensors="pt")
+    keep = enc["attention_mask"].bool()
+    with torch.no_grad():
+        expected = reference(**enc).last_hidden_state
+        assert (expected - base(**enc).last_hidden_state)[keep].abs().max() > 100 * PARITY_ATOL, \
+            f"{variant} does not change transformers' output: the case tests nothing"
+        out = _load(directory, "base")(enc["input_ids"], enc["attention_mask"], enc.get("token_type_ids"))
+    assert_close(out[0][keep], expected[keep])

@@ -37,7 +37,7 @@ def checkpoint(request, tmp_path_factory):
 
 def _same(ours, reference):
     assert [(a.answer, a.start, a.end) for a in ours] == [(r["answer"], r["start"], r["end"]) for r in reference]
-    for a, r in zip(ours, reference):
+    for a, r in zip(ours, reference, strict=True):
         assert abs(a.score - r["score"]) <= 1e-4
 
 
@@ -58,10 +58,10 @@ def test_batched_items_match_one_at_a_time(checkpoint):
     indices = [0, 3, 5, 7]
     options = dict(top_k=3, doc_stride=10, handle_impossible_answer=True)
     batched = ours.answer([QAInput(CASES[i]["question"], CASES[i]["context"]) for i in indices], options)
-    for i, got in zip(indices, batched):
+    for i, got in zip(indices, batched, strict=True):
         alone = ours.answer([QAInput(CASES[i]["question"], CASES[i]["context"])], options)[0]
         assert [(a.answer, a.start, a.end) for a in got] == [(a.answer, a.start, a.end) for a in alone]
-        assert all(abs(a.score - b.score) <= 1e-6 for a, b in zip(got, alone))
+        assert all(abs(a.score - b.score) <= 1e-6 for a, b in zip(got, alone, strict=True))
 
 
 def test_offsets_slice_the_answer_from_the_context(checkpoint):

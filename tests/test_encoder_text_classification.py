@@ -22,7 +22,7 @@ def checkpoint(request, tmp_path_factory):
 
 def _same(ours, reference):
     assert [label for label, _ in ours] == [r["label"] for r in reference]
-    for (_, score), r in zip(ours, reference):
+    for (_, score), r in zip(ours, reference, strict=True):
         assert abs(score - r["score"]) <= 1e-4
 
 
@@ -31,12 +31,12 @@ def test_labels_and_scores_match_batched(checkpoint, function):
     _, ours, reference = checkpoint
     kwargs = {} if function is None else {"function_to_apply": function}
     got = ours.classify(TEXTS, {"function_to_apply": function})
-    for text, result in zip(TEXTS, got):
+    for text, result in zip(TEXTS, got, strict=True):
         expected = reference(text, **kwargs)  # legacy shape: [best]
         _same(result, expected)
     # Batched through transformers with padding too.
     expected = reference(TEXTS, batch_size=3, **kwargs)
-    for result, exp in zip(got, expected):
+    for result, exp in zip(got, expected, strict=True):
         _same(result, [exp])
 
 
@@ -44,7 +44,7 @@ def test_labels_and_scores_match_batched(checkpoint, function):
 def test_top_k(checkpoint, top_k):
     _, ours, reference = checkpoint
     got = ours.classify(TEXTS, {"top_k": top_k})
-    for text, result in zip(TEXTS, got):
+    for text, result in zip(TEXTS, got, strict=True):
         _same(result, reference(text, top_k=top_k))
 
 
@@ -54,7 +54,7 @@ def test_text_pairs(checkpoint):
     _, ours, reference = checkpoint
     inputs = [TextInput("Where is Paris?", "Paris is the capital of France."), TextInput("a", "b c")]
     got = ours.classify(inputs, {"top_k": 3})
-    for item, result in zip(inputs, got):
+    for item, result in zip(inputs, got, strict=True):
         _same(result, reference({"text": item.text, "text_pair": item.text_pair}, top_k=3))
 
 

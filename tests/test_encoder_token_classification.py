@@ -26,7 +26,7 @@ def checkpoint(request, tmp_path_factory):
 
 def _same(ours, reference, strategy):
     assert len(ours) == len(reference), (ours, reference)
-    for entity, ref in zip(ours, reference):
+    for entity, ref in zip(ours, reference, strict=True):
         assert entity.entity == (ref["entity"] if strategy == "none" else ref["entity_group"])
         assert abs(entity.score - float(ref["score"])) <= 1e-4
         assert (entity.word, entity.start, entity.end) == (ref["word"], ref["start"], ref["end"])
@@ -38,7 +38,7 @@ def test_aggregation_strategies_match(checkpoint, strategy):
     ours, reference = checkpoint
     got = ours.classify(TEXTS, {"aggregation_strategy": strategy})
     expected = reference(TEXTS, aggregation_strategy=strategy, batch_size=4)
-    for result, exp in zip(got, expected):
+    for result, exp in zip(got, expected, strict=True):
         _same(result, exp, strategy)
 
 
@@ -47,13 +47,13 @@ def test_ignore_labels(checkpoint, strategy):
     ours, reference = checkpoint
     for labels in (["B-PER", "I-PER"], ["XYZ"]):
         got = ours.classify(TEXTS, {"aggregation_strategy": strategy, "ignore_labels": labels})
-        for text, result in zip(TEXTS, got):
+        for text, result in zip(TEXTS, got, strict=True):
             _same(result, reference(text, aggregation_strategy=strategy, ignore_labels=labels), strategy)
 
 
 def test_offsets_point_into_the_original_text(checkpoint):
     ours, _ = checkpoint
-    for text, entities in zip(TEXTS, ours.classify(TEXTS, {"ignore_labels": ["XYZ"]})):
+    for text, entities in zip(TEXTS, ours.classify(TEXTS, {"ignore_labels": ["XYZ"]}), strict=True):
         assert entities, "with nothing ignored every token is returned"
         for entity in entities:
             assert 0 <= entity.start <= entity.end <= len(text)  # byte-level "Ġ" tokens are zero-width

@@ -1,6 +1,7 @@
 """Speech recognition end to end through gRPC with the embedded Whisper tiny.en (CTranslate2
-layout): Transcribe, TranscribeStream and StreamingTranscribe agree with the in-process
-pipeline; bad audio and bad options get specific statuses and the server keeps serving."""
+layout): Transcribe and its word timestamps equal transformers' answer on the same weights
+(an oracle built from the tests' own reading of the CTranslate2 file); TranscribeStream and
+StreamingTranscribe agree with the in-process pipeline; bad audio and bad options get specific statuses and the server keeps serving."""
 from __future__ import annotations
 
 import io
@@ -42,6 +43,21 @@ def speech(tmp_path_factory):
     return wc.speak(text, tmp_path_factory.mktemp("grpc_asr") / "s.wav"), text
 
 
+@pytest.fixture(scope="module")
+def oracle(tmp_path_factory):
+    """transformers' ASR pipeline on the same weights (whisper_checkpoints.hf_from_ct2)."""
+    from pipeserve.checkpoints.embedded import embedded_model_dir
+
+    return wc.hf_pipeline(wc.hf_from_ct2(embedded_model_dir("automatic-speech-recognition"),
+                                         tmp_path_factory.mktemp("oracle") / "tiny_en"))
+
+
+def _oracle(oracle, wav: bytes, **kwargs) -> dict:
+    from pipeserve.inputs.audio import load_audio_input
+
+    return oracle(load_audio_input(data=wav).numpy().copy(), generate_kwargs={"num_beams": 1}, **kwargs)
+
+
 def _stub(server):
     from pipeserve.v1 import speech_recognition_pb2_grpc
 
@@ -64,7 +80,7 @@ def _local(wav: bytes, **options):
     return pipe.transcribe([load_audio_input(data=wav)], options)[0]
 
 
-def test_transcribe_and_stream_match_the_pipeline(server, model, speech):
+def test_transcribe_and_stream_match_the_pipeline(server, model, speech, oracle):
     from pipeserve.v1 import speech_recognition_pb2 as pb
 
     wav, text = speech
@@ -72,8 +88,10 @@ def test_transcribe_and_stream_match_the_pipeline(server, model, speech):
     response = stub.Transcribe(_request(model, data=wav), timeout=300)
     local = _local(wav)
     assert response.request_id == "r1"
-    assert response.transcription.text == local.text
-    assert wc.wer(text, response.transcription.text) < 0.35
+    reference = _oracle(oracle, wav, return_timestamps=True)
+    assert response.transcription.text == reference["text"] == local.text
+    assert [(s.text, (s.start_s, s.end_s)) for s in response.transcription.segments] == \
+        [(c["text"], tuple(c["timestamp"])) for c in reference["chunks"] if c["text"].strip()]
     assert [(s.start_s, s.end_s, s.text) for s in response.transcription.segments] == \
         [(s.start_s, s.end_s, s.text) for s in local.segments]
     assert response.transcription.language == "en" and response.transcription.duration_s > 10
@@ -87,7 +105,7 @@ def test_transcribe_and_stream_match_the_pipeline(server, model, speech):
     assert all(s.is_final for s in segments) and len({s.id for s in segments}) == len(segments)
 
 
-def test_word_timestamps_and_raw_pcm(server, model, speech):
+def test_word_timestamps_and_raw_pcm(server, model, speech, oracle):
     from pipeserve.v1 import common_pb2, speech_recognition_pb2 as pb
 
     wav, _ = speech
@@ -96,10 +114,12 @@ def test_word_timestamps_and_raw_pcm(server, model, speech):
                               sample_rate=rate, channels=1)
     response = _stub(server).Transcribe(_request(model, raw=raw, return_timestamps=pb.TIMESTAMP_GRANULARITY_WORD),
                                         timeout=300)
-    words = [w for s in response.transcription.segments for w in s.words]
+    words = [(w.text, (w.start_s, w.end_s)) for s in response.transcription.segments for w in s.words]
     assert len(words) > 10
-    starts = [w.start_s for w in words]
-    assert starts == sorted(starts) and all(w.end_s >= w.start_s for w in words)
+    reference = _oracle(oracle, wav, return_timestamps="word")
+    assert [w for w, _ in words] == [c["text"] for c in reference["chunks"]]
+    for (word, (start, end)), chunk in zip(words, reference["chunks"], strict=True):
+        assert (start, end) == pytest.approx(tuple(chunk["timestamp"]), abs=1e-6), word
 
 
 def _live(model, wav: bytes, chunk_s: float = 0.5, interim_s: float = 2.0):

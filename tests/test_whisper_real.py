@@ -34,6 +34,22 @@ def speech(tmp_path_factory):
     return wc.long_speech(tmp_path_factory.mktemp("speech") / "x.wav")
 
 
+def test_independent_ct2_reading_equals_ours():
+    """The oracle is built from the tests' own reading of model.bin (whisper_checkpoints.
+    read_ct2_whisper, proven on the tests' writer): on the real package it gives exactly the
+    tensors our loader reads, so the oracle does not inherit a bug of our reader."""
+    from pipeserve.checkpoints.embedded import embedded_model_dir
+    from pipeserve.checkpoints.ctranslate2 import read_whisper
+
+    path = embedded_model_dir("automatic-speech-recognition") / "model.bin"
+    facts, theirs = wc.read_ct2_whisper(path)
+    config, ours = read_whisper(path)
+    assert {k: getattr(config, k) for k in facts} == facts
+    assert theirs.keys() == ours.keys()
+    for name, tensor in theirs.items():
+        assert torch.equal(ours[name].float(), tensor), name
+
+
 def test_transcript_equals_transformers_on_same_weights(tiny_en, oracle, tmp_path):
     from pipeserve.inputs.audio import load_audio_input
 
@@ -87,3 +103,29 @@ def test_default_beam_search_equals_transformers_pipeline_defaults(tiny_en, orac
     got = tiny_en.transcribe([audio], {"return_timestamps": "segment", "num_beams": 5})[0]
     assert got.text == ref["text"]
     assert [(s.start_s, s.end_s) for s in got.segments] == [tuple(c["timestamp"]) for c in ref["chunks"] if c["text"].strip()]
+
+
+def test_beam_length_penalty_equals_transformers(tiny_en, oracle, tmp_path):
+    """Beam search where length normalisation decides: fast speech on which tiny.en's beams
+    finish at different lengths (a repetition loop of growing length competes with the short
+    sentence), so length_penalty 0, 1 and 3 give three different answers in transformers; ours
+    equals transformers' generate on the same features for each."""
+    import math
+
+    from pipeserve.inputs.audio import load_audio_input
+    from pipeserve.pipelines.whisper.decoding import DecodeOptions, generate
+
+    audio = load_audio_input(data=wc.speak(wc.SENTENCES[2], tmp_path / "fast.wav", speed=260))
+    features = oracle.feature_extractor(audio.numpy().copy(), sampling_rate=16000, return_tensors="pt").input_features
+    answers = []
+    for length_penalty in (0.0, 1.0, 3.0):
+        with torch.no_grad():
+            expected = oracle.model.generate(features, num_beams=5, length_penalty=length_penalty, max_new_tokens=100)
+            segments = [seg for _, segs in generate(
+                tiny_en.model, features, [math.ceil(audio.shape[0] / 160)], tiny_en.settings, tiny_en.tok,
+                DecodeOptions(num_beams=5, length_penalty=length_penalty, max_new_tokens=100)) for seg in segs]
+        expected_text = oracle.tokenizer.decode(expected[0], skip_special_tokens=True)
+        got = oracle.tokenizer.decode([t for seg in segments for t in seg.tokens], skip_special_tokens=True)
+        assert got == expected_text, length_penalty
+        answers.append(expected_text)
+    assert len(set(answers)) == 3, f"length_penalty no longer decides here: {answers}"

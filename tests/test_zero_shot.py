@@ -37,7 +37,7 @@ def nli(request, tmp_path_factory):
 
 def _check(ours, reference):
     assert [label for label, _ in ours.labels] == reference["labels"]
-    for (_, score), ref_score in zip(ours.labels, reference["scores"]):
+    for (_, score), ref_score in zip(ours.labels, reference["scores"], strict=True):
         assert abs(score - ref_score) <= 1e-4
     assert ours.sequence == reference["sequence"]
 
@@ -66,7 +66,7 @@ def test_custom_template_and_batched_requests_equal_single(nli):
     template = "The topic of this text is {}"
     requests = [ZeroShotRequest(t, tuple(LABELS[: 2 + i])) for i, t in enumerate(TEXTS)]
     batched = ours.classify(requests, {"hypothesis_template": template})
-    for request, result in zip(requests, batched):
+    for request, result in zip(requests, batched, strict=True):
         reference = oracle(request.sequence, candidate_labels=list(request.candidate_labels),
                            hypothesis_template=template)
         _check(result, reference)

@@ -37,6 +37,7 @@ def build(variant: str, directory: Path, seed: int = 0, legacy_weight_norm: bool
     """Saves a tiny random checkpoint + processor; returns (directory, transformers model)."""
     from transformers import (HubertConfig, HubertForCTC, Wav2Vec2Config, Wav2Vec2CTCTokenizer,
                               Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC, Wav2Vec2Processor)
+    from harness import perturb_parameters
 
     family, extra, attention_mask = VARIANTS[variant]
     torch.manual_seed(seed)
@@ -44,11 +45,17 @@ def build(variant: str, directory: Path, seed: int = 0, legacy_weight_norm: bool
         model = HubertForCTC(HubertConfig(**TINY, **extra))
     else:
         model = Wav2Vec2ForCTC(Wav2Vec2Config(**TINY, **extra))
+    perturb_parameters(model, seed)  # norm weights and biases off 1 / 0, so dropping one fails parity
     with torch.no_grad():
         # Random heads emit one letter everywhere; a wide head and a bias towards blank and
         # the word delimiter make varied text with words and repeated frames.
         model.lm_head.weight.normal_(0, 2.0)
-        model.lm_head.bias.zero_()
+        # The head reads the last LayerNorm's output, whose (perturbed) bias would add one fixed
+        # offset to every frame's logits and make one letter win everywhere: cancel it in the
+        # head's bias (both stay non-zero, so a family that dropped either still fails parity).
+        encoder = model.base_model.encoder
+        last_norm = encoder.layer_norm if extra["do_stable_layer_norm"] else encoder.layers[-1].final_layer_norm
+        model.lm_head.bias.copy_(-model.lm_head.weight @ last_norm.bias + 0.1 * torch.randn(len(VOCAB)))
         model.lm_head.bias[0] += 3.0
         model.lm_head.bias[4] += 2.5
         for module in model.modules():  # non-trivial running statistics for batch norms

@@ -63,6 +63,7 @@ def _suppress_ids() -> list[int]:
 def build(directory: Path, *, multilingual: bool, n_mels: int = 80, seed: int = 0, init_std: float = 0.5) -> Path:
     from transformers import (GenerationConfig, WhisperConfig, WhisperFeatureExtractor,
                               WhisperForConditionalGeneration, WhisperTokenizerFast)
+    from harness import perturb_parameters
 
     directory.mkdir(parents=True, exist_ok=True)
     data = multilingual_tokenizer_json() if multilingual else _english_tokenizer_json()
@@ -79,6 +80,7 @@ def build(directory: Path, *, multilingual: bool, n_mels: int = 80, seed: int = 
         suppress_tokens=suppress, begin_suppress_tokens=[220, eot])
     torch.manual_seed(seed)
     model = WhisperForConditionalGeneration(config).eval()
+    perturb_parameters(model, seed)  # biases and norm weights off 0 / 1, so dropping one fails parity
     gen = GenerationConfig(
         decoder_start_token_id=sot, bos_token_id=eot, eos_token_id=eot, pad_token_id=eot,
         no_timestamps_token_id=no_ts, prev_sot_token_id=ids["<|startofprev|>"], suppress_tokens=suppress,
@@ -181,30 +183,127 @@ def write_ct2(state: dict, directory: Path, *, heads: int, dtype: torch.dtype = 
     return directory
 
 
+def read_ct2_whisper(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The oracle's own reading of a CTranslate2 Whisper model.bin, independent of pipeserve's
+    (checkpoints/ctranslate2.read_whisper): parsed with struct + numpy and mapped to transformers'
+    names as the exact inverse of write_ct2 above, whose output both readers must load (so the
+    layout assumed here is the one the tests write, and CTranslate2's WhisperLoader writes).
+    Returns (shape facts: d_model, layers, heads, ...; state dict in float32)."""
+    import struct
+
+    import numpy as np
+
+    data = Path(path).read_bytes()
+    pos = 0
+
+    def unpack(fmt: str):
+        nonlocal pos
+        values = struct.unpack_from(fmt, data, pos)
+        pos += struct.calcsize(fmt)
+        return values if len(values) > 1 else values[0]
+
+    def string() -> str:
+        nonlocal pos
+        n = unpack("<H")
+        text = data[pos:pos + n].rstrip(b"\0").decode()
+        pos += n
+        return text
+
+    assert unpack("<I") in (5, 6), "CTranslate2 format version"
+    assert string() == "WhisperSpec"
+    unpack("<I")  # spec revision
+    numpy_types = {0: np.float32, 1: np.int8, 2: np.int16, 3: np.int32, 4: np.float16, 5: np.uint16}
+    raw: dict[str, np.ndarray] = {}
+    for _ in range(unpack("<I")):
+        name = string()
+        dims = [unpack("<I") for _ in range(unpack("<B"))]
+        code, nbytes = unpack("<B"), unpack("<I")
+        array = np.frombuffer(data, numpy_types[code], count=nbytes // np.dtype(numpy_types[code]).itemsize, offset=pos)
+        if code == 5:  # bfloat16: the high half of a float32
+            array = (array.astype(np.uint32) << 16).view(np.float32)
+        raw[name] = array.reshape(dims)
+        pos += nbytes
+    if pos < len(data):
+        for _ in range(unpack("<I")):
+            alias, target = string(), string()
+            raw[alias] = raw[target]
+    v = {k: torch.from_numpy(a.astype(np.float32)) for k, a in raw.items()}
+    for name in list(v):  # int8 weights: CTranslate2 stores q = round(w * scale) per row
+        if name.endswith("/weight") and raw[name].dtype == np.int8 and name + "_scale" in v:
+            v[name] = v[name] / v[name + "_scale"].reshape(-1, *([1] * (v[name].dim() - 1)))
+    s: dict[str, torch.Tensor] = {}
+
+    def lin(src, dst, bias=True):
+        s[f"{dst}.weight"] = v[f"{src}/weight"]
+        if bias:
+            s[f"{dst}.bias"] = v[f"{src}/bias"]
+
+    def norm(src, dst):
+        s[f"{dst}.weight"], s[f"{dst}.bias"] = v[f"{src}/gamma"], v[f"{src}/beta"]
+
+    def unfuse(src, dst, names):
+        for n, w, b in zip(names, v[f"{src}/weight"].chunk(len(names)), v[f"{src}/bias"].chunk(len(names)), strict=True):
+            s[f"{dst}.{n}.weight"] = w
+            if n != "k_proj":
+                s[f"{dst}.{n}.bias"] = b
+
+    count = lambda side: len({k.split("/")[1] for k in v if k.startswith(f"{side}/layer_") and k.split("/")[1][6:].isdigit()})
+    facts = {"d_model": v["encoder/conv1/weight"].shape[0], "num_mel_bins": v["encoder/conv1/weight"].shape[1],
+             "encoder_layers": count("encoder"), "decoder_layers": count("decoder"),
+             "encoder_attention_heads": int(v["encoder/num_heads"].item()),
+             "decoder_attention_heads": int(v["decoder/num_heads"].item()),
+             "encoder_ffn_dim": v["encoder/layer_0/ffn/linear_0/weight"].shape[0],
+             "decoder_ffn_dim": v["decoder/layer_0/ffn/linear_0/weight"].shape[0],
+             "vocab_size": v["decoder/embeddings/weight"].shape[0],
+             "max_source_positions": v["encoder/position_encodings/encodings"].shape[0],
+             "max_target_positions": v["decoder/position_encodings/encodings"].shape[0]}
+    lin("encoder/conv1", "model.encoder.conv1")
+    lin("encoder/conv2", "model.encoder.conv2")
+    s["model.encoder.embed_positions.weight"] = v["encoder/position_encodings/encodings"]
+    norm("encoder/layer_norm", "model.encoder.layer_norm")
+    for i in range(facts["encoder_layers"]):
+        src, dst = f"encoder/layer_{i}", f"model.encoder.layers.{i}"
+        unfuse(f"{src}/self_attention/linear_0", f"{dst}.self_attn", ["q_proj", "k_proj", "v_proj"])
+        lin(f"{src}/self_attention/linear_1", f"{dst}.self_attn.out_proj")
+        norm(f"{src}/self_attention/layer_norm", f"{dst}.self_attn_layer_norm")
+        norm(f"{src}/ffn/layer_norm", f"{dst}.final_layer_norm")
+        lin(f"{src}/ffn/linear_0", f"{dst}.fc1")
+        lin(f"{src}/ffn/linear_1", f"{dst}.fc2")
+    s["model.decoder.embed_tokens.weight"] = v["decoder/embeddings/weight"]
+    s["model.decoder.embed_positions.weight"] = v["decoder/position_encodings/encodings"]
+    norm("decoder/layer_norm", "model.decoder.layer_norm")
+    for i in range(facts["decoder_layers"]):
+        src, dst = f"decoder/layer_{i}", f"model.decoder.layers.{i}"
+        unfuse(f"{src}/self_attention/linear_0", f"{dst}.self_attn", ["q_proj", "k_proj", "v_proj"])
+        lin(f"{src}/self_attention/linear_1", f"{dst}.self_attn.out_proj")
+        norm(f"{src}/self_attention/layer_norm", f"{dst}.self_attn_layer_norm")
+        lin(f"{src}/attention/linear_0", f"{dst}.encoder_attn.q_proj")
+        unfuse(f"{src}/attention/linear_1", f"{dst}.encoder_attn", ["k_proj", "v_proj"])
+        lin(f"{src}/attention/linear_2", f"{dst}.encoder_attn.out_proj")
+        norm(f"{src}/attention/layer_norm", f"{dst}.encoder_attn_layer_norm")
+        norm(f"{src}/ffn/layer_norm", f"{dst}.final_layer_norm")
+        lin(f"{src}/ffn/linear_0", f"{dst}.fc1")
+        lin(f"{src}/ffn/linear_1", f"{dst}.fc2")
+    return facts, {k: t.contiguous() for k, t in s.items()}
+
+
 def hf_from_ct2(ct2_dir: Path, out: Path) -> Path:
-    """The transformers oracle for a CTranslate2 checkpoint: our CT2 -> transformers-name mapping
-    (checkpoints/ctranslate2.read_whisper) loaded into WhisperForConditionalGeneration, with the
+    """The transformers oracle for a CTranslate2 checkpoint: the tests' own reading of the file
+    (read_ct2_whisper, independent of pipeserve's reader) loaded into WhisperForConditionalGeneration, with the
     generation config faster-whisper's layout implies (its config.json's suppress ids and
     alignment heads, max_initial_timestamp 1 s) and the package's tokenizer.json."""
     from transformers import (GenerationConfig, WhisperConfig, WhisperFeatureExtractor,
                               WhisperForConditionalGeneration, WhisperTokenizerFast)
 
-    from pipeserve.checkpoints.ctranslate2 import read_whisper
-
     out.mkdir(parents=True, exist_ok=True)
-    config, state = read_whisper(ct2_dir / "model.bin")
+    facts, state = read_ct2_whisper(ct2_dir / "model.bin")
     extra = json.loads((ct2_dir / "config.json").read_text())
     tokenizer = json.loads((ct2_dir / "tokenizer.json").read_text(encoding="utf-8"))
     ids = {t["content"]: t["id"] for t in tokenizer["added_tokens"]}
     eot, sot, no_ts = ids["<|endoftext|>"], ids["<|startoftranscript|>"], ids["<|notimestamps|>"]
     multilingual = eot != 50256
     hc = WhisperConfig(
-        vocab_size=config.vocab_size, num_mel_bins=config.num_mel_bins, d_model=config.d_model,
-        encoder_layers=config.encoder_layers, decoder_layers=config.decoder_layers,
-        encoder_attention_heads=config.encoder_attention_heads, decoder_attention_heads=config.decoder_attention_heads,
-        encoder_ffn_dim=config.encoder_ffn_dim, decoder_ffn_dim=config.decoder_ffn_dim,
-        max_source_positions=config.max_source_positions, max_target_positions=config.max_target_positions,
-        pad_token_id=eot, bos_token_id=eot, eos_token_id=eot, decoder_start_token_id=sot,
+        **facts, pad_token_id=eot, bos_token_id=eot, eos_token_id=eot, decoder_start_token_id=sot,
         suppress_tokens=extra["suppress_ids"], begin_suppress_tokens=extra["suppress_ids_begin"])
     model = WhisperForConditionalGeneration(hc).eval()
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -227,7 +326,7 @@ def hf_from_ct2(ct2_dir: Path, out: Path) -> Path:
     WhisperTokenizerFast(tokenizer_file=str(out / "tokenizer.json"), unk_token="<|endoftext|>", bos_token="<|endoftext|>",
                          eos_token="<|endoftext|>", pad_token="<|endoftext|>",
                          additional_special_tokens=specials).save_pretrained(out)
-    WhisperFeatureExtractor(feature_size=config.num_mel_bins).save_pretrained(out)
+    WhisperFeatureExtractor(feature_size=facts["num_mel_bins"]).save_pretrained(out)
     return out
 
 

@@ -31,12 +31,13 @@ def _sharpen(model) -> None:
 
 
 def _save_sharpened(model_class, config, tokenizer, directory: Path, seed: int) -> Path:
-    """A seeded random model_class(config), sharpened, saved with its tokenizer."""
+    """A seeded random model_class(config), sharpened and perturbed, saved with its tokenizer."""
+    from harness import save_checkpoint
+
     torch.manual_seed(seed)
     model = model_class(config).eval()
     _sharpen(model)
-    directory.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(directory)
+    save_checkpoint(model, directory)  # perturbs biases and norm weights, refuses constant tensors
     tokenizer.save_pretrained(directory)
     return directory
 
