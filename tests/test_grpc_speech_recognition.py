@@ -105,6 +105,18 @@ def test_transcribe_and_stream_match_the_pipeline(server, model, speech, oracle)
     assert all(s.is_final for s in segments) and len({s.id for s in segments}) == len(segments)
 
 
+def test_segment_without_a_start_is_sent_from_the_earliest_time_it_can_start():
+    # The pipeline mirrors transformers' (None, None) chunk with start_s None; v1's start_s is a
+    # required double, so the wire carries the end of the segment before it, not 0.0.
+    from pipeserve.api.speech_recognition import _segment
+    from pipeserve.pipelines.asr_types import Segment
+
+    open_ = _segment(Segment(id="1", start_s=None, end_s=None, text=" more", earliest_start_s=8.22))
+    assert open_.start_s == 8.22 and not open_.HasField("end_s")
+    closed = _segment(Segment(id="0", start_s=0.18, end_s=8.22, text=" first"))
+    assert (closed.start_s, closed.end_s) == (0.18, 8.22)
+
+
 def test_word_timestamps_and_raw_pcm(server, model, speech, oracle):
     from pipeserve.v1 import common_pb2, speech_recognition_pb2 as pb
 

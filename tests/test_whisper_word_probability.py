@@ -28,22 +28,30 @@ def en(tmp_path_factory):
 
 
 def _reference_words(hf, audio: np.ndarray) -> list[tuple[str, float]]:
-    """(word, mean token probability) with transformers: its pipeline's words, its generate()
-    tokens, and one teacher-forced pass over them."""
+    """(word, mean token probability) with transformers: its pipeline's words, and for each of
+    its generate() tokens the softmax over the text vocabulary of the raw logits of the window
+    that decoded it (output_logits: the teacher-forced pass of that window; one pass over the
+    concatenated tokens would be wrong once decoding takes several windows, as it does here:
+    generate() drops each window's tokens after its last timestamp pair and re-encodes)."""
     model, tok = hf.model, hf.tokenizer
     words = [c["text"] for c in hf(audio.copy(), return_timestamps="word",
                                    generate_kwargs={"num_beams": 1, "max_new_tokens": MAX_NEW})["chunks"]]
-    features = hf.feature_extractor(audio, sampling_rate=16000, return_tensors="pt").input_features
+    inputs = hf.feature_extractor(audio, sampling_rate=16000, return_tensors="pt", return_attention_mask=True)
     with torch.no_grad():
-        # generate() returns the tokens after <|startoftranscript|> (the whole prompt of an
-        # English-only model with timestamps).
-        sequence = model.generate(features, return_timestamps=True, num_beams=1,
-                                  max_new_tokens=MAX_NEW)[0].tolist()
-        prompt = [model.generation_config.decoder_start_token_id]
-        logits = model(input_features=features, decoder_input_ids=torch.tensor([prompt + sequence[:-1]])).logits[0]
+        out = model.generate(inputs.input_features, attention_mask=inputs.attention_mask, return_timestamps=True,
+                             num_beams=1, max_new_tokens=MAX_NEW, return_dict_in_generate=True,
+                             return_segments=True, output_logits=True)
     eot = tok.convert_tokens_to_ids("<|endoftext|>")
-    probs = logits[:, :eot].float().softmax(-1)
-    text = [(token, float(probs[k, token])) for k, token in enumerate(sequence) if token < eot]
+    text = []
+    for segment in out["segments"][0]:
+        sequence, logits = segment["result"]["sequences"].tolist(), segment["result"]["logits"]
+        prompt = len(sequence) - len(logits)  # the window's decoder prompt, then one logit row per step
+        begin, end = segment["idxs"]
+        for position in range(begin, end):
+            token = sequence[position]
+            if token < eot:
+                text.append((token, float(logits[position - prompt][:eot].float().softmax(-1)[token])))
+    assert [t for t, _ in text] == [t for t in out["sequences"][0].tolist() if t < eot]
     out, k = [], 0
     for word in words:  # each word is the next run of text tokens that decodes to it
         run = []

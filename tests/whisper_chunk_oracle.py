@@ -34,7 +34,9 @@ def chunk_relative_tokens(tokens: list[int], tb: int) -> list[int]:
 def corrected(hf):
     """The transformers pipeline `hf` with chunk tokens made chunk-relative before merging."""
     tb = hf.tokenizer.convert_tokens_to_ids("<|notimestamps|>") + 1
-    original = hf.postprocess
+    # Wrap transformers' own postprocess, once: the correction is not idempotent, and a module
+    # fixture's pipeline passed here twice would otherwise shift its timestamps twice.
+    original = hf.__dict__.setdefault("_uncorrected_postprocess", hf.postprocess)
 
     def postprocess(model_outputs, **kwargs):
         for output in model_outputs:

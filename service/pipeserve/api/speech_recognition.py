@@ -46,7 +46,10 @@ def _options(options: pb.TranscriptionOptions, extra: dict[str, Any] | None = No
 
 
 def _segment(seg) -> pb.Segment:
-    msg = pb.Segment(id=seg.id, start_s=seg.start_s, text=seg.text, tokens=seg.tokens, avg_logprob=seg.avg_logprob,
+    # v1's start_s is required: a segment whose start the model did not give is sent starting
+    # at the earliest time it can (the previous segment's end, or the start of the audio).
+    start_s = seg.start_s if seg.start_s is not None else seg.earliest_start_s
+    msg = pb.Segment(id=seg.id, start_s=start_s, text=seg.text, tokens=seg.tokens, avg_logprob=seg.avg_logprob,
                      no_speech_prob=seg.no_speech_prob, is_final=seg.is_final,
                      compression_ratio=seg.compression_ratio, temperature=seg.temperature,
                      words=[pb.Word(text=w.text, start_s=w.start_s, end_s=w.end_s, probability=w.probability)

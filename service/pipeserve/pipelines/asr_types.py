@@ -39,7 +39,7 @@ class CharTiming:
 @dataclass
 class Segment:
     id: str
-    start_s: float
+    start_s: float | None  # None: the model gave the text no start timestamp (transformers: None)
     end_s: float | None
     text: str
     tokens: list[int] = field(default_factory=list)
@@ -50,6 +50,9 @@ class Segment:
     is_final: bool = True
     compression_ratio: float = 0.0
     temperature: float = 0.0
+    # The earliest time a segment with an unknown start can start: the end of the segment before
+    # it, or the start of the audio its run covers. The v1 contract's start_s is required.
+    earliest_start_s: float = 0.0
 
 
 @dataclass

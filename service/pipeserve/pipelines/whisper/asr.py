@@ -224,6 +224,7 @@ class _Run:
         self.language_probs: dict[str, float] = {}
         self.stats: dict[str, float] = {}
         self._consumed = 0  # chunks of the replayed merger already turned into segments
+        self._last_end_s = offset_s  # where the last final segment ended (or started)
         self.batch_size = 1  # the most windows decoded together
 
     def _on_language(self, found: list[int | None], probs: torch.Tensor | None) -> None:
@@ -242,17 +243,22 @@ class _Run:
                 # ("<|a|><|b|>" then the next window); it carries no text, so it is not a segment.
                 continue
             start, end = chunk["timestamp"]
+            if start is None and self.level == "none":
+                start = 0.0  # without timestamps the text spans the audio (see transcription())
             words = [WordTiming(w["text"], w["timestamp"][0] + self.offset_s, w["timestamp"][1] + self.offset_s,
                                 w["probability"])
                      for w in chunk.get("words", [])]
-            seg = Segment(id=str(self.next_id), start_s=(start or 0.0) + self.offset_s,
+            seg = Segment(id=str(self.next_id), start_s=None if start is None else start + self.offset_s,
                           end_s=None if end is None else end + self.offset_s, text=chunk["text"],
                           tokens=list(chunk["tokens"]), words=words, is_final=final,
                           compression_ratio=text_compression_ratio(chunk["text"]),
                           avg_logprob=self.stats.get("avg_logprob", 0.0),
                           no_speech_prob=self.stats.get("no_speech_prob", 0.0),
-                          temperature=self.stats.get("temperature", 0.0))
+                          temperature=self.stats.get("temperature", 0.0), earliest_start_s=self._last_end_s)
             if final:
+                # A chunk with text but no start timestamp (a window cut after a closed segment)
+                # starts, at the earliest, where the segment before it ended.
+                self._last_end_s = next((t for t in (seg.end_s, seg.start_s) if t is not None), self._last_end_s)
                 self.next_id += 1
                 self.segments.append(seg)
             out.append(seg)

@@ -486,6 +486,9 @@ def generate(model, features: torch.Tensor, num_frames: list[int], s: Generation
                 prompts.append(list(start))
         results = _decode_with_fallback(model, encoder_out, prompts, [starts[r] for r in rows], s, rules, opts,
                                         vocab, generator, should_stop)
+        # transformers crops the alignment heads' attention to the rows' remaining frames once for
+        # the batch when they all have the same count, then once more per row; see token_times.
+        uniform_frames = len({num_frames[r] - seek[r] for r in rows}) == 1
         for i, r in enumerate(rows):
             res, temperature, skip = results[i]
             cond_ok[r] = temperature < 0.5
@@ -505,7 +508,8 @@ def generate(model, features: torch.Tensor, num_frames: list[int], s: Generation
             segments, consumed, ranges = _retrieve_segments(seq, tb, time_offset, n, extra) if seq else ([], n, [])
             if opts.word_timestamps and seq and s.alignment_heads:
                 times, probs = token_times(model, encoder_out[i:i + 1], prompts[i], res.tokens, s,
-                                           num_frames=min(num_frames[r] - seek[r], N_FRAMES) if num_frames[r] else None)
+                                           num_frames=min(num_frames[r] - seek[r], N_FRAMES) if num_frames[r] else None,
+                                           crop_twice=uniform_frames)
                 p = len(prompts[i])
                 for seg, (a, b) in zip(segments, ranges):
                     seg.token_times = [time_offset + t for t in times[p + a:p + b]]
@@ -613,7 +617,8 @@ def dynamic_time_warping(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def token_times(model, encoder_out: torch.Tensor, prompt: list[int], generated: list[int],
-                s: GenerationSettings, num_frames: int | None) -> tuple[list[float], list[float]]:
+                s: GenerationSettings, num_frames: int | None,
+                crop_twice: bool = False) -> tuple[list[float], list[float]]:
     """generation_whisper._extract_token_timestamps for one row: a time (s, window-relative) per
     position of prompt + generated (prompt positions are 0); and, per position, the token's
     probability in the same teacher-forced pass, as openai-whisper's timing.find_alignment
@@ -627,6 +632,12 @@ def token_times(model, encoder_out: torch.Tensor, prompt: list[int], generated: 
     weights = torch.stack([attentions[layer][0, head] for layer, head in s.alignment_heads]).float()
     if num_frames is not None:
         weights = weights[..., : num_frames // 2]
+        if crop_twice:
+            # _extract_token_timestamps slices [..., :num_frames // 2] for a batch whose rows share
+            # one count and again in its per-row loop. Only a window that starts past the end of
+            # the audio (a model predicting timestamps beyond it) has a negative count, and a
+            # negative slice drops frames from the end each time: the second slice matters then.
+            weights = weights[..., : num_frames // 2]
     weights = weights[:, len(prompt):, :]  # [heads, generated - 1, frames]
     out = [0.0] * len(prompt)
     if weights.shape[1] == 0:
