@@ -3,7 +3,6 @@ multilingual 128 mel): features, logits (<= 1e-4), CTranslate2 loading, and pipe
 (text, segment and word timestamps, chunked + batched, sequential long-form, prompts)."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
@@ -12,12 +11,6 @@ from harness import PARITY_ATOL, assert_close, assert_close_in_precision, load_p
 from whisper_chunk_oracle import corrected  # transformers' chunking, timestamp restarts fixed
 
 GEN = {"num_beams": 1, "max_new_tokens": 40}  # transformers' pipeline defaults to 5 beams, 256 tokens
-
-
-def _audio(seconds: float, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    t = np.arange(int(seconds * 16000)) / 16000
-    return (0.1 * rng.standard_normal(t.shape) + 0.3 * np.sin(2 * np.pi * 300 * t) * (np.sin(t) > 0)).astype(np.float32)
 
 
 @pytest.fixture(scope="module")
@@ -54,11 +47,11 @@ def test_log_mel_matches_feature_extractor(n_mels):
     from pipeserve.pipelines.whisper.features import log_mel_spectrogram
 
     fe = WhisperFeatureExtractor(feature_size=n_mels)
-    a, b = _audio(3.0, 0), _audio(11.5, 1)
+    a, b = wc.synthetic_audio(3.0, 0), wc.synthetic_audio(11.5, 1)
     ref = fe([a, b], sampling_rate=16000, return_tensors="pt").input_features
     padded = torch.nn.utils.rnn.pad_sequence([torch.from_numpy(a), torch.from_numpy(b)], batch_first=True)
     assert_close(log_mel_spectrogram(padded, n_mels), ref)
-    long = _audio(42.0, 2)
+    long = wc.synthetic_audio(42.0, 2)
     ref_long = fe(long, sampling_rate=16000, return_tensors="pt", padding="longest", truncation=False).input_features
     assert_close(log_mel_spectrogram(torch.from_numpy(long), n_mels, pad_to=None), ref_long[0])
 
@@ -132,7 +125,7 @@ def test_embedded_tiny_en_layout():
 @pytest.mark.parametrize("timestamps", [True, False])
 def test_english_pipeline_parity(en, timestamps):
     _, ours, hf = en
-    audio = _audio(7.0, 3)
+    audio = wc.synthetic_audio(7.0, 3)
     ref = hf(audio.copy(), return_timestamps=timestamps, generate_kwargs=GEN)
     got = _ours(ours, audio, return_timestamps="segment" if timestamps else "none")
     assert got.text == ref["text"]
@@ -147,7 +140,7 @@ def test_english_pipeline_parity(en, timestamps):
 
 def test_multilingual_detection_forcing_and_translate(ml):
     _, ours, hf = ml
-    audio = _audio(5.0, 4)
+    audio = wc.synthetic_audio(5.0, 4)
     ref = hf(audio.copy(), return_timestamps=True, generate_kwargs=GEN)
     got = _ours(ours, audio, return_timestamps="segment")
     assert (got.text, _segments(got)) == (ref["text"], _chunks(ref))
@@ -175,7 +168,7 @@ def test_multilingual_detection_forcing_and_translate(ml):
 
 def test_chunked_batched_parity(en):
     _, ours, hf = en
-    audio = _audio(26.0, 5)
+    audio = wc.synthetic_audio(26.0, 5)
     ref = corrected(hf)(audio.copy(), chunk_length_s=10, batch_size=3, return_timestamps=True, generate_kwargs=GEN)
     got = _ours(ours, audio, chunk_length_s=10, batch_size=3, return_timestamps="segment")
     assert got.text == ref["text"]
@@ -186,7 +179,7 @@ def test_chunked_batched_parity(en):
 
 def test_sequential_long_form_parity(en):
     _, ours, hf = en
-    audio = _audio(45.0, 6)
+    audio = wc.synthetic_audio(45.0, 6)
     ref = hf(audio.copy(), return_timestamps=True, generate_kwargs=GEN)
     got = _ours(ours, audio, return_timestamps="segment")
     assert got.text == ref["text"]
@@ -196,7 +189,7 @@ def test_sequential_long_form_parity(en):
 
 def test_word_timestamps_parity(en):
     _, ours, hf = en
-    audio = _audio(6.0, 7)
+    audio = wc.synthetic_audio(6.0, 7)
     ref = hf(audio.copy(), return_timestamps="word", generate_kwargs=GEN)
     got = _ours(ours, audio, return_timestamps="word")
     words = [(w.text, (w.start_s, w.end_s)) for s in got.segments for w in s.words]
@@ -205,7 +198,7 @@ def test_word_timestamps_parity(en):
 
 def test_initial_prompt_parity(en):
     _, ours, hf = en
-    audio = _audio(5.0, 8)
+    audio = wc.synthetic_audio(5.0, 8)
     prompt_ids = hf.tokenizer.get_prompt_ids("Glossary: pipeserve, Whisper.", return_tensors="pt")
     ref = hf(audio.copy(), return_timestamps=True, generate_kwargs={**GEN, "prompt_ids": prompt_ids})
     got = _ours(ours, audio, return_timestamps="segment", initial_prompt="Glossary: pipeserve, Whisper.")
@@ -215,7 +208,7 @@ def test_initial_prompt_parity(en):
 @pytest.mark.parametrize("timestamps", [True, False])
 def test_beam_search_parity(en, timestamps):
     _, ours, hf = en
-    audio = _audio(6.0, 9)
+    audio = wc.synthetic_audio(6.0, 9)
     ref = hf(audio.copy(), return_timestamps=timestamps, generate_kwargs={"num_beams": 3, "max_new_tokens": 30})
     got = _ours(ours, audio, return_timestamps="segment" if timestamps else "none", num_beams=3, max_new_tokens=30)
     assert got.text == ref["text"]
@@ -225,7 +218,7 @@ def test_beam_search_parity(en, timestamps):
 
 def test_temperature_fallback_and_no_speech_skip(en):
     _, ours, _ = en
-    audio = _audio(4.0, 10)
+    audio = wc.synthetic_audio(4.0, 10)
     # A compression-ratio threshold every window fails: each fallback temperature is tried,
     # and the last one's result is kept (generate_with_fallback).
     got = _ours(ours, audio, temperature=0.0, temperature_fallback=[0.4, 0.8], compression_ratio_threshold=0.01)
@@ -239,7 +232,7 @@ def test_temperature_fallback_and_no_speech_skip(en):
 
 def test_chunked_word_timestamps_parity(en):
     _, ours, hf = en
-    audio = _audio(16.0, 11)
+    audio = wc.synthetic_audio(16.0, 11)
     ref = corrected(hf)(audio.copy(), chunk_length_s=8, return_timestamps="word", generate_kwargs=GEN)
     got = _ours(ours, audio, chunk_length_s=8, return_timestamps="word")
     words = [(w.text, (w.start_s, w.end_s)) for s in got.segments for w in s.words]

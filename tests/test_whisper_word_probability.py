@@ -15,12 +15,6 @@ from harness import load_pipeline
 MAX_NEW = 40
 
 
-def _audio(seconds: float, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    t = np.arange(int(seconds * 16000)) / 16000
-    return (0.1 * rng.standard_normal(t.shape) + 0.3 * np.sin(2 * np.pi * 300 * t) * (np.sin(t) > 0)).astype(np.float32)
-
-
 @pytest.fixture(scope="module")
 def en(tmp_path_factory):
     d = wc.build(tmp_path_factory.mktemp("whisper") / "en", multilingual=False)
@@ -65,7 +59,7 @@ def _reference_words(hf, audio: np.ndarray) -> list[tuple[str, float]]:
 
 def test_word_probability_is_mean_token_probability(en):
     ours, hf = en
-    audio = _audio(6.0, 7)
+    audio = wc.synthetic_audio(6.0, 7)
     expected = _reference_words(hf, audio)
     got = ours.transcribe([torch.from_numpy(audio)], {"return_timestamps": "word", "max_new_tokens": MAX_NEW})[0]
     words = [w for s in got.segments for w in s.words]
@@ -78,7 +72,7 @@ def test_word_probability_is_mean_token_probability(en):
 
 def test_chunked_words_carry_probabilities(en):
     ours, _ = en
-    audio = _audio(20.0, 3)
+    audio = wc.synthetic_audio(20.0, 3)
     got = ours.transcribe([torch.from_numpy(audio)], {"return_timestamps": "word", "chunk_length_s": 8,
                                                       "batch_size": 2, "max_new_tokens": MAX_NEW})[0]
     words = [w for s in got.segments for w in s.words]

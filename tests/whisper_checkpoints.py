@@ -9,6 +9,7 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from pipeserve.pipelines.whisper.tokenizer import LANGUAGES
@@ -285,6 +286,14 @@ def read_ct2_whisper(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
         lin(f"{src}/ffn/linear_0", f"{dst}.fc1")
         lin(f"{src}/ffn/linear_1", f"{dst}.fc2")
     return facts, {k: t.contiguous() for k, t in s.items()}
+
+
+def synthetic_audio(seconds: float, seed: int) -> np.ndarray:
+    """Seeded 16 kHz test audio: noise plus a gated 300 Hz tone, so windows hold both "speech"
+    and pauses for the random checkpoints to decode."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * 16000)) / 16000
+    return (0.1 * rng.standard_normal(t.shape) + 0.3 * np.sin(2 * np.pi * 300 * t) * (np.sin(t) > 0)).astype(np.float32)
 
 
 def hf_from_ct2(ct2_dir: Path, out: Path) -> Path:
