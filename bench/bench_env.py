@@ -90,7 +90,7 @@ def environment_markdown(env: dict) -> str:
     """One paragraph for a results.md."""
     extras = [k for k in env if k not in {"cpu_model", "cpu_family_model_stepping", "cpu_flags", "cpu_count",
                                           "load_average_at_start", "python", "torch", "torch_threads",
-                                          "transformers", "pipeserve_commit", "openmp_env"}]
+                                          "transformers", "pipeserve_commit", "openmp_env"} and env[k]]
     versions = ", ".join([f"torch {env['torch']}", f"transformers {env['transformers']}"]
                          + [f"{k} {env[k]}" for k in extras])
     load = ", ".join(f"{x:.2f}" for x in env["load_average_at_start"])
