@@ -10,8 +10,8 @@ checkpoint), decoding mode against the same decoding mode:
   - faster-whisper (CTranslate2) on CPU in float32 from the original model.bin.
 Every engine runs in its own subprocess (its peak RSS is its own) with the same torch/CT2
 thread count and the server's OpenMP settings (pipeserve/openmp_defaults.py); the main
-transformers rows are also run once with libgomp's defaults, to show what those settings do
-for the reference. Reports wall time, real-time factor, WER against the script the speech was
+transformers rows and faster-whisper's greedy row also run with libgomp's defaults ([libgomp
+defaults] rows), to show what those settings do for the references. Reports wall time, real-time factor, WER against the script the speech was
 made from, whether the text equals the paired row's, peak RSS, and ratios mode by mode.
 
     PYTHONPATH=service:tests python bench/asr/bench_whisper.py --repeats 3 --threads 2 --runs 3
@@ -50,7 +50,7 @@ CHUNK_BATCH = 8
 
 # name -> (engine, options). Every name says the mode: sequential long-form or 30 s chunks,
 # batch size (windows decoded together), greedy or beams, timestamps. "openmp": "libgomp"
-# runs that row without the server's OpenMP settings; "once" rows run in the first round only.
+# runs that row without the server's OpenMP settings (libgomp's defaults).
 CONFIGS = {
     "pipeserve sequential long-form, batch 1, greedy, timestamps": ("pipeserve", {}),
     "transformers sequential long-form, batch 1, greedy, timestamps": (
@@ -67,10 +67,12 @@ CONFIGS = {
     "faster-whisper float32, batch 1, 5 beams + fallback, conditioned (its defaults)": (
         "faster-whisper", {"beam_size": 5}),
     "transformers sequential long-form, batch 1, greedy + fallback, conditioned, timestamps [libgomp defaults]": (
-        "transformers", {"generate_kwargs": {"num_beams": 1, **HF_FALLBACK}, "openmp": "libgomp", "once": True}),
+        "transformers", {"generate_kwargs": {"num_beams": 1, **HF_FALLBACK}, "openmp": "libgomp"}),
     f"transformers chunked 30 s, batch {CHUNK_BATCH}, greedy, timestamps [libgomp defaults]": (
         "transformers", {"chunk_length_s": 30, "batch_size": CHUNK_BATCH, "generate_kwargs": {"num_beams": 1},
-                         "openmp": "libgomp", "once": True}),
+                         "openmp": "libgomp"}),
+    "faster-whisper float32, batch 1, greedy + fallback, conditioned (its defaults but beam 1) [libgomp defaults]": (
+        "faster-whisper", {"beam_size": 1, "openmp": "libgomp"}),
 }
 
 # Mode against mode: (pipeserve row, reference row). The first two transformers pairs are
@@ -88,6 +90,10 @@ PAIRS = [
      "transformers sequential long-form, batch 1, greedy + fallback, conditioned, timestamps"),
     (f"transformers chunked 30 s, batch {CHUNK_BATCH}, greedy, timestamps [libgomp defaults]",
      f"transformers chunked 30 s, batch {CHUNK_BATCH}, greedy, timestamps"),
+    ("faster-whisper float32, batch 1, greedy + fallback, conditioned (its defaults but beam 1) [libgomp defaults]",
+     "faster-whisper float32, batch 1, greedy + fallback, conditioned (its defaults but beam 1)"),
+    ("pipeserve sequential long-form, batch 1, greedy + fallback, conditioned, timestamps",
+     "faster-whisper float32, batch 1, greedy + fallback, conditioned (its defaults but beam 1) [libgomp defaults]"),
 ]
 
 
@@ -112,7 +118,6 @@ def peak_rss_mb() -> float:
 
 def run_engine(engine: str, options: dict, work: Path, threads: int, runs: int = 1) -> dict:
     options = dict(options)
-    options.pop("once", None)
     if options.pop("openmp", "server") == "server":  # before torch (and CT2's libgomp) load
         from pipeserve.openmp_defaults import apply_openmp_defaults
 
@@ -235,8 +240,6 @@ def main() -> None:
     results: dict[str, dict] = {}
     for round_ in range(args.runs):
         for name, engine, options in chosen:
-            if options.get("once") and round_ > 0:
-                continue
             child_env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path[:4]))
             child_env.pop("GOMP_SPINCOUNT", None)  # each child sets its own, before its OpenMP loads
             out = subprocess.run([sys.executable, __file__, "--engine", engine, "--options", json.dumps(options),
@@ -288,9 +291,9 @@ def write_report(report: dict, out_dir: Path) -> None:
     (out_dir / "whisper.json").write_text(json.dumps(report, indent=2))
     env = report.get("environment")
     lines = [f"Whisper tiny.en, {report['audio_seconds']:.0f} s of espeak-ng speech, CPU, {report['threads']} threads "
-             f"for every engine, float32, best of {report.get('runs', 1)} interleaved rounds (rows marked [libgomp "
-             "defaults]: one run). Every engine runs with the server's OpenMP settings "
-             "(GOMP_SPINCOUNT=10000) unless marked [libgomp defaults].", ""]
+             f"for every engine, float32, best of the interleaved rounds (up to {report.get('runs', 1)}; every round's "
+             "time in the last table). Every engine runs with the server's OpenMP settings (GOMP_SPINCOUNT=10000) "
+             "unless marked [libgomp defaults].", ""]
     if env:
         lines += [environment_markdown(env), ""]
     lines += ["## Mode against mode", "",
