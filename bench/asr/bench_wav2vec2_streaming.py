@@ -23,7 +23,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path[:0] = [str(ROOT / "service"), str(ROOT / "tests"), str(ROOT / "clients" / "python"), str(Path(__file__).parent)]
+sys.path[:0] = [str(ROOT / "service"), str(ROOT / "tests"), str(ROOT / "clients" / "python"), str(Path(__file__).parent),
+               str(ROOT / "bench")]
 
 
 def stream_latency(address_channel, model: str, audio, *, packet_ms: float, interim_s: float,
@@ -101,10 +102,17 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="the 2-layer test model instead of base size")
     args = parser.parse_args()
 
+    from pipeserve.serving.openmp_defaults import apply_openmp_defaults
+
+    apply_openmp_defaults()  # as the server does, before torch loads
     import numpy as np
     import torch
 
+    from bench_env import environment, print_environment
+
     torch.set_num_threads(args.threads)
+    env = environment()
+    print_environment(env)
     from bench_wav2vec2 import make_audio, make_checkpoint
     from grpc_testing import load_model, make_server
 
@@ -124,6 +132,7 @@ def main() -> None:
     finally:
         handle.stop()
     result.pop("text")
+    result["environment"] = env
     print(f"wav2vec2 {'tiny' if args.tiny else 'base-size'} (random weights), {args.seconds:.0f} s speech paced in real "
           f"time, {args.packet_ms:.0f} ms packets, interim every {args.interim_s} s, {args.threads} threads, CPU")
     print(json.dumps(result, indent=2))

@@ -7,35 +7,37 @@ Two tasks on all-MiniLM-L6-v2-shaped models (6 layers, hidden 384), float32, CPU
 - text-classification: a random-weight BertForSequenceClassification of the same shape with
   MiniLM's tokenizer, top label.
 
-Each task is timed three ways, one run each after a warm-up: transformers.pipeline over the
-list with `batch_size`; pipeserve's pipeline called in-process with lists of `batch_size`;
-and the real pipeserve gRPC server on localhost with `--callers` concurrent callers sending
-one text per request, batched by the server (max_batch_size = batch_size). Results:
-results.json and results.md in --out.
+Each task is timed three ways, all with the same batch size, float32 and torch thread count:
+transformers.pipeline over the list with `batch_size`; pipeserve's pipeline called in-process
+with lists of `batch_size`; and the real pipeserve gRPC server on localhost (the models loaded
+through ModelService.LoadModel) with `--callers` concurrent callers sending one text per
+request, batched by the server (max_batch_size = batch_size; the mean batch it formed is
+reported). After one warm-up call each, the three run in turn for `--rounds` rounds and each
+reports its best round (every round is in the JSON). Results: results.json and results.md in
+--out, with the CPU model and exact versions.
 
-    PYTHONPATH=service:tests python bench/encoders/run.py --texts 256 --batch-size 8 --callers 8 --threads 1
+    PYTHONPATH=service:tests python bench/encoders/run.py --texts 256 --batch-size 8 --callers 8 --threads 1 --rounds 5
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shutil
 import sys
 import tempfile
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path[:0] = [str(ROOT / "service"), str(ROOT / "tests")]
+sys.path[:0] = [str(ROOT / "service"), str(ROOT / "tests"), str(ROOT / "bench")]
 
 from pipeserve.serving.openmp_defaults import apply_openmp_defaults  # noqa: E402
 
 apply_openmp_defaults()  # the server's OpenMP settings, before torch loads (both sides share them)
 
 import torch  # noqa: E402
+
+from bench_env import environment, environment_markdown, interleaved_best, print_environment  # noqa: E402
 
 WORDS = ("the model reads whole sentences at once and the server batches concurrent callers so that "
          "throughput grows while each caller still sees its own answer quickly paris berlin new york "
@@ -58,12 +60,6 @@ def classifier_checkpoint(minilm: Path, directory: Path) -> Path:
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
         shutil.copy(minilm / name, directory / name)
     return directory
-
-
-def timed(fn):
-    start = time.perf_counter()
-    out = fn()
-    return time.perf_counter() - start, out
 
 
 def chunks(items: list, size: int) -> list[list]:
@@ -111,28 +107,28 @@ def bench_classification(directory: Path, texts: list[str], args, server) -> dic
                               lambda b: [r[0] for r in ours.classify(b)], call, texts, args)
     reference = outputs["transformers"]
     grpc_labels = [(r.labels[0].label, r.labels[0].score) for r in outputs["grpc"]]
-    same = lambda got: all(a[0] == b[0] and abs(a[1] - b[1]) <= 1e-4 for a, b in zip(got, reference))
+    same = lambda got: len(got) == len(reference) and all(a[0] == b[0] and abs(a[1] - b[1]) <= 1e-4 for a, b in zip(got, reference))
     return {"runs": runs, "same_labels_and_scores_as_transformers": {
         "in_process": same(outputs["in_process"]), "grpc": same(grpc_labels)}}
 
 
 def run_three(transformers_run, ours_run, grpc_call, texts, args):
+    """The three runners interleaved round by round; each one's best round."""
     batches = chunks(texts, args.batch_size)
-    transformers_run(batches[0])
-    ours_run(batches[0])
-    grpc_call(texts[0])  # warm-up
-    runs, outputs = {}, {}
-    seconds, outputs["transformers"] = timed(lambda: transformers_run(texts))
-    runs[f"transformers.pipeline, batch_size={args.batch_size}"] = seconds
-    seconds, outputs["in_process"] = timed(lambda: [r for b in batches for r in ours_run(b)])
-    runs[f"pipeserve pipeline in-process, batches of {args.batch_size}"] = seconds
+    grpc_name = f"pipeserve gRPC, {args.callers} concurrent callers, 1 text per call, server batches up to {args.batch_size}"
     with ThreadPoolExecutor(args.callers) as pool:
-        seconds, outputs["grpc"] = timed(lambda: list(pool.map(grpc_call, texts)))
+        runners = {
+            f"transformers.pipeline, batch_size={args.batch_size}": lambda: transformers_run(texts),
+            f"pipeserve pipeline in-process, batches of {args.batch_size}": lambda: [r for b in batches for r in ours_run(b)],
+            grpc_name: lambda: list(pool.map(grpc_call, texts)),
+        }
+        timings, last = interleaved_best(runners, args.rounds)
+    names = list(runners)
+    outputs = {"transformers": last[names[0]], "in_process": last[names[1]], "grpc": last[names[2]]}
     batch_sizes = [r.run.batch_size for r in outputs["grpc"]]
-    runs[f"pipeserve gRPC, {args.callers} concurrent callers, 1 text per call"] = seconds
-    runs = {name: {"seconds": round(s, 4), "texts_per_s": round(len(texts) / s, 2)} for name, s in runs.items()}
-    runs[f"pipeserve gRPC, {args.callers} concurrent callers, 1 text per call"]["mean_server_batch"] = \
-        round(sum(batch_sizes) / len(batch_sizes), 2)
+    runs = {name: {"seconds": round(t["seconds"], 4), "texts_per_s": round(len(texts) / t["seconds"], 2),
+                   "every_round_seconds": t["all_seconds"]} for name, t in timings.items()}
+    runs[grpc_name]["mean_server_batch"] = round(sum(batch_sizes) / len(batch_sizes), 2)
     return runs, outputs
 
 
@@ -142,9 +138,12 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--callers", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (both sides)")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds; each run reports its best")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    env = environment()
+    print_environment(env)
 
     from grpc_testing import load_model, make_server
     from pipeserve.checkpoints.embedded import embedded_model_dir
@@ -167,22 +166,23 @@ def main() -> None:
 
     result = {
         "benchmark": "encoders", "texts": args.texts, "text_lengths": "8 to 40 words",
-        "batch_size": args.batch_size, "callers": args.callers, "torch_threads": args.threads,
-        "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
-        "tasks": tasks,
-        "note": "one timed run each after a warm-up, on a shared CPU machine: indicative, not precise",
+        "batch_size": args.batch_size, "callers": args.callers, "torch_threads": args.threads, "dtype": "float32",
+        "rounds": args.rounds, "environment": env, "tasks": tasks,
+        "note": f"best of {args.rounds} interleaved rounds after a warm-up call each",
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = ["# Encoder throughput", "",
-             f"{args.texts} texts of 8 to 40 words, batch size {args.batch_size}, {args.callers} concurrent gRPC "
-             f"callers, {args.threads} torch thread(s), CPU ({result['cpu_count']} cores visible, shared), "
-             f"torch {torch.__version__}, float32.", ""]
+             f"{args.texts} texts of 8 to 40 words, batch size {args.batch_size} on every side, {args.callers} "
+             f"concurrent gRPC callers, {args.threads} torch thread(s) on every side, float32, best of {args.rounds} "
+             "interleaved rounds (every round's seconds in the JSON).", "", environment_markdown(env), ""]
     for task, data in tasks.items():
-        lines += [f"## {task}", "", "| run | seconds | texts/s |", "| --- | ---: | ---: |"]
+        lines += [f"## {task}", "", "| run | seconds | texts/s | / transformers |", "| --- | ---: | ---: | ---: |"]
+        base = next(iter(data["runs"].values()))["texts_per_s"]
         for name, v in data["runs"].items():
             extra = f" (mean server batch {v['mean_server_batch']})" if "mean_server_batch" in v else ""
-            lines.append(f"| {name}{extra} | {v['seconds']:.3f} | {v['texts_per_s']:.1f} |")
+            lines.append(f"| {name}{extra} | {v['seconds']:.3f} | {v['texts_per_s']:.1f} | "
+                         f"{v['texts_per_s'] / base:.2f}x |")
         checks = {k: v for k, v in data.items() if k != "runs"}
         lines += ["", f"Outputs vs transformers: {json.dumps(checks)}", ""]
     lines += [f"Note: {result['note']}.", ""]

@@ -3,35 +3,38 @@ transformers.pipeline("zero-shot-classification") on the same random-weight BART
 (bart-large-mnli's architecture at a smaller size), the same texts and labels, and the same
 batch size (pairs per forward pass).
 
-Runs, one timed run each after a warm-up call:
+Runs, float32 and the same torch thread count on every side:
 - transformers.pipeline(texts, candidate_labels, batch_size=B);
-- pipeserve's ZeroShotClassificationPipeline.classify, one caller, one text per call;
-- the real gRPC server (in process, real channel) with `--concurrency` callers, one text per
-  call: the server's dynamic batcher merges concurrent callers' pairs into shared forward passes.
-Results: results.json and results.md in --out.
+- pipeserve's ZeroShotClassificationPipeline.classify, one caller, one text per call (its
+  pairs batched up to B at a time);
+- the real gRPC server (in process, real channel, the model loaded through
+  ModelService.LoadModel) with `--concurrency` callers, one text per call: the server's
+  dynamic batcher merges concurrent callers' pairs into shared forward passes of up to B pairs.
+After one warm-up call each, the three run in turn for `--rounds` rounds; each reports its best
+round (every round is in the JSON). Results: results.json and results.md in --out, with the CPU
+model and exact versions.
 
-    PYTHONPATH=service:tests python bench/zero_shot/run.py --size small --texts 32 --batch-size 16 --concurrency 4
+    PYTHONPATH=service:tests python bench/zero_shot/run.py --size small --texts 32 --batch-size 16 --concurrency 4 --rounds 5
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import tempfile
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path[:0] = [str(ROOT / "service"), str(ROOT / "tests"), str(ROOT / "clients" / "python")]
+sys.path[:0] = [str(ROOT / "service"), str(ROOT / "tests"), str(ROOT / "clients" / "python"), str(ROOT / "bench")]
 
 from pipeserve.serving.openmp_defaults import apply_openmp_defaults  # noqa: E402
 
 apply_openmp_defaults()  # the server's OpenMP settings, before torch loads (both sides share them)
 
 import torch  # noqa: E402
+
+from bench_env import environment, environment_markdown, interleaved_best, print_environment  # noqa: E402
 
 # tiny is the test shape; small is a 6-layer BART (d_model 256); base is bart-base's shape.
 SIZES = {
@@ -65,55 +68,44 @@ def build_checkpoint(size: str, directory: Path) -> Path:
     return directory
 
 
-def time_transformers(path: Path, texts: list[str], batch_size: int):
+def transformers_runner(path: Path, texts: list[str], batch_size: int):
     from transformers import pipeline
 
     pipe = pipeline("zero-shot-classification", model=str(path), device="cpu")
-    pipe(texts[:1], candidate_labels=LABELS, batch_size=batch_size)  # warm-up
-    start = time.perf_counter()
-    out = pipe(texts, candidate_labels=LABELS, batch_size=batch_size)
-    return time.perf_counter() - start, [list(zip(r["labels"], r["scores"])) for r in out]
+
+    def run():
+        out = pipe(texts, candidate_labels=LABELS, batch_size=batch_size)
+        return [list(zip(r["labels"], r["scores"])) for r in out]
+    return run
 
 
-def time_pipeline(path: Path, texts: list[str], batch_size: int):
+def pipeline_runner(path: Path, texts: list[str], batch_size: int):
     from harness import load_pipeline
     from pipeserve.pipelines.zero_shot_classification import ZeroShotRequest
 
     ours = load_pipeline(path)
     ours.max_batch_size = batch_size
-    ours.classify([ZeroShotRequest(texts[0], tuple(LABELS))])  # warm-up
-    start = time.perf_counter()
-    results = [ours.classify([ZeroShotRequest(t, tuple(LABELS))])[0].labels for t in texts]
-    return time.perf_counter() - start, results
+    return lambda: [ours.classify([ZeroShotRequest(t, tuple(LABELS))])[0].labels for t in texts]
 
 
-def time_grpc(path: Path, texts: list[str], batch_size: int, concurrency: int):
-    from grpc_testing import load_model, make_server
-    from pipeserve.pipelines.zero_shot_classification import ZeroShotClassificationPipeline
+def grpc_runner(server, pool, path: Path, texts: list[str], batch_sizes: list[int]):
+    from grpc_testing import load_model
     from pipeserve.v1 import zero_shot_classification_pb2 as pb, zero_shot_classification_pb2_grpc as pb_grpc
 
-    # Pairs per forward pass, as transformers' batch_size; the batcher groups up to
-    # batch_size // len(LABELS) callers so that one group fills one forward pass.
-    ZeroShotClassificationPipeline.max_batch_size = batch_size
-    server = make_server(max_batch_size=max(1, batch_size // len(LABELS)), max_batch_wait_ms=5.0)
-    try:
-        load_model(server, path)
-        stub = pb_grpc.ZeroShotClassificationServiceStub(server.channel)
-        call = lambda t: stub.ClassifyZeroShot(pb.ClassifyZeroShotRequest(  # noqa: E731
-            model=str(path), sequence=t, candidate_labels=LABELS), timeout=600)
-        call(texts[0])  # warm-up
-        start = time.perf_counter()
-        with ThreadPoolExecutor(concurrency) as pool:
-            responses = list(pool.map(call, texts))
-        elapsed = time.perf_counter() - start
-    finally:
-        server.stop()
-    batch_sizes = [r.run.batch_size for r in responses]
-    return elapsed, [[(l.label, l.score) for l in r.labels] for r in responses], batch_sizes
+    load_model(server, path)
+    stub = pb_grpc.ZeroShotClassificationServiceStub(server.channel)
+    call = lambda t: stub.ClassifyZeroShot(pb.ClassifyZeroShotRequest(  # noqa: E731
+        model=str(path), sequence=t, candidate_labels=LABELS), timeout=600)
+
+    def run():
+        responses = list(pool.map(call, texts))
+        batch_sizes[:] = [r.run.batch_size for r in responses]
+        return [[(l.label, l.score) for l in r.labels] for r in responses]
+    return run
 
 
 def compare(ours, reference) -> tuple[bool, float]:
-    same = all([l for l, _ in a] == [l for l, _ in b] for a, b in zip(ours, reference))
+    same = len(ours) == len(reference) and all([l for l, _ in a] == [l for l, _ in b] for a, b in zip(ours, reference))
     diff = max(abs(x[1] - y[1]) for a, b in zip(ours, reference) for x, y in zip(a, b))
     return same, diff
 
@@ -125,35 +117,51 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16, help="pairs per forward pass (both sides)")
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (both sides)")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds; each run reports its best")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
+    env = environment()
+    print_environment(env)
     texts = [f"{SENTENCES[i % len(SENTENCES)]} ({i})" for i in range(args.texts)]
     pairs = len(texts) * len(LABELS)
-    runs, checks = {}, {}
-    with tempfile.TemporaryDirectory() as tmp:
+    grpc_name = f"pipeserve gRPC server, {args.concurrency} concurrent callers, 1 text per call"
+    names = {"transformers": f"transformers.pipeline, batch_size={args.batch_size} pairs",
+             "single": f"pipeserve pipeline, 1 caller, 1 text per call ({len(LABELS)} pairs per forward pass)",
+             "grpc": grpc_name + f", server batches of up to {max(1, args.batch_size // len(LABELS))} texts = "
+                                 f"{args.batch_size} pairs"}
+    from grpc_testing import make_server
+    from pipeserve.pipelines.zero_shot_classification import ZeroShotClassificationPipeline
+
+    # Pairs per forward pass, as transformers' batch_size; the batcher groups up to
+    # batch_size // len(LABELS) callers so that one group fills one forward pass.
+    ZeroShotClassificationPipeline.max_batch_size = args.batch_size
+    batch_sizes: list[int] = []
+    with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(args.concurrency) as pool:
         path = build_checkpoint(args.size, Path(tmp))
-        elapsed, reference = time_transformers(path, texts, args.batch_size)
-        runs["transformers.pipeline"] = elapsed
-        elapsed, single = time_pipeline(path, texts, args.batch_size)
-        runs["pipeserve pipeline, 1 caller"] = elapsed
-        checks["pipeserve pipeline, 1 caller"] = compare(single, reference)
-        name = f"pipeserve gRPC server, {args.concurrency} concurrent callers"
-        elapsed, served, batch_sizes = time_grpc(path, texts, args.batch_size, args.concurrency)
-        runs[name] = elapsed
-        checks[name] = compare(served, reference)
+        server = make_server(max_batch_size=max(1, args.batch_size // len(LABELS)), max_batch_wait_ms=5.0)
+        try:
+            runners = {names["transformers"]: transformers_runner(path, texts, args.batch_size),
+                       names["single"]: pipeline_runner(path, texts, args.batch_size),
+                       names["grpc"]: grpc_runner(server, pool, path, texts, batch_sizes)}
+            timings, outputs = interleaved_best(runners, args.rounds)
+        finally:
+            server.stop()
+    reference = outputs[names["transformers"]]
+    checks = {names["single"]: compare(outputs[names["single"]], reference),
+              names["grpc"]: compare(outputs[names["grpc"]], reference)}
 
     result = {
         "benchmark": "zero-shot-classification",
         "model": f"BART {args.size} random weights ({SIZES[args.size]}), 3 NLI labels, float32",
         "texts": args.texts, "labels_per_text": len(LABELS), "pairs": pairs,
         "batch_size_pairs": args.batch_size, "concurrency": args.concurrency, "torch_threads": args.threads,
-        "grpc_request_batch_sizes": sorted(set(batch_sizes)),
-        "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
-        "runs": {n: {"seconds": round(s, 4), "pairs_per_s": round(pairs / s, 2)} for n, s in runs.items()},
+        "rounds": args.rounds, "grpc_request_batch_sizes": sorted(set(batch_sizes)), "environment": env,
+        "runs": {n: {"seconds": round(t["seconds"], 4), "pairs_per_s": round(pairs / t["seconds"], 2),
+                     "every_round_seconds": t["all_seconds"]} for n, t in timings.items()},
         "outputs_match_transformers": {n: {"same_labels": s, "max_score_diff": d} for n, (s, d) in checks.items()},
-        "note": "one timed run each after a warm-up call, on a shared machine: indicative, not precise",
+        "note": f"best of {args.rounds} interleaved rounds after a warm-up call each",
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -161,12 +169,16 @@ def main() -> None:
         "# Zero-shot classification throughput",
         "",
         f"{result['model']}; {args.texts} texts x {len(LABELS)} labels = {pairs} pairs, batch size "
-        f"{args.batch_size} pairs, {args.threads} torch thread(s), CPU ({result['cpu_count']} cores visible, "
-        f"shared), torch {torch.__version__}.",
+        f"{args.batch_size} pairs on every side, {args.threads} torch thread(s) on every side, best of "
+        f"{args.rounds} interleaved rounds.",
         "",
-        "| run | seconds | pairs/s |",
-        "| --- | ---: | ---: |",
-        *[f"| {n} | {v['seconds']:.3f} | {v['pairs_per_s']:.1f} |" for n, v in result["runs"].items()],
+        environment_markdown(env),
+        "",
+        "| run | seconds | pairs/s | / transformers |",
+        "| --- | ---: | ---: | ---: |",
+        *[f"| {n} | {v['seconds']:.3f} | {v['pairs_per_s']:.1f} | "
+          f"{v['pairs_per_s'] / result['runs'][names['transformers']]['pairs_per_s']:.2f}x |"
+          for n, v in result["runs"].items()],
         "",
         *[f"{n}: same labels as transformers: {s}; max score difference {d:.2e}." for n, (s, d) in checks.items()],
         f"gRPC requests per server batch seen: {result['grpc_request_batch_sizes']}.",
