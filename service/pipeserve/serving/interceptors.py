@@ -107,11 +107,12 @@ def _check_request_id(request) -> None:
         _refuse_bad_request_id(request.request_id)
     for field, value in request.ListFields():
         if field.message_type is not None and "request_id" in field.message_type.fields_by_name \
-                and not _is_repeated(field):
+                and not is_repeated(field):
             _refuse_bad_request_id(value.request_id)
 
 
-def _is_repeated(field) -> bool:
+def is_repeated(field) -> bool:
+    """Whether a protobuf field descriptor is repeated (the security interceptor's enum check uses it too)."""
     if hasattr(field, "is_repeated"):  # protobuf >= 5.28; `label` is deprecated there
         return field.is_repeated
     return field.label == field.LABEL_REPEATED

@@ -33,7 +33,7 @@ from .. import caller as callers
 from ..checkpoints.model_names import check_model_name
 from ..config import Settings
 from ..errors import InvalidInput, PermissionDenied, PipeserveError, Unauthenticated
-from .interceptors import wrap_handler
+from .interceptors import is_repeated, wrap_handler
 from .observability import OPEN_PREFIXES, metadata_value
 
 log = logging.getLogger("pipeserve.security")
@@ -127,21 +127,15 @@ def _unknown_enum(message, path: str = "") -> str | None:
     for field, value in message.ListFields():
         name = f"{path}{field.name}"
         if field.enum_type is not None:
-            for number in (value if _is_repeated(field) else (value,)):
+            for number in (value if is_repeated(field) else (value,)):
                 if number not in field.enum_type.values_by_number:
                     return f"{name} = {number} is not a value of {field.enum_type.full_name}"
         elif field.message_type is not None and not field.message_type.GetOptions().map_entry:
-            for item in (value if _is_repeated(field) else (value,)):
+            for item in (value if is_repeated(field) else (value,)):
                 found = _unknown_enum(item, name + ".")
                 if found:
                     return found
     return None
-
-
-def _is_repeated(field) -> bool:
-    if hasattr(field, "is_repeated"):
-        return field.is_repeated
-    return field.label == field.LABEL_REPEATED
 
 
 def _enum_checked(deserializer):
@@ -179,7 +173,7 @@ def _bad_model_name(message) -> PipeserveError | None:
                 check_model_name(value)
             except PipeserveError as exc:
                 return exc
-        elif field.message_type is not None and not _is_repeated(field):
+        elif field.message_type is not None and not is_repeated(field):
             found = _bad_model_name(value)
             if found:
                 return found
