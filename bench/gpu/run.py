@@ -206,11 +206,7 @@ def run_tests(report: Report, env: dict, device: str, out: Path | None) -> None:
         report.step("tests", True, "would run: " + " ".join(command[1:]))
         return
     started = time.perf_counter()
-    try:
-        result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TEST_TIMEOUT_S)
-        output, code = result.stdout + result.stderr, result.returncode
-    except subprocess.TimeoutExpired as exc:
-        output, code = (exc.stdout or b"").decode() if isinstance(exc.stdout, bytes) else (exc.stdout or ""), 124
+    output, code = _run_captured(command, env, TEST_TIMEOUT_S)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "tests.log").write_text(output)
@@ -223,6 +219,17 @@ def run_tests(report: Report, env: dict, device: str, out: Path | None) -> None:
     skipped_cuda = device.startswith("cuda") and "skipped" in summary
     detail = summary + (" (timed out)" if code == 124 else "") + ("; CUDA tests skipped: no GPU seen" if skipped_cuda else "")
     report.step("tests", code == 0 and not skipped_cuda, detail, time.perf_counter() - started)
+
+
+def _run_captured(command: list[str], env: dict, timeout_s: float) -> tuple[str, int]:
+    """stdout + stderr and the exit code of a step; a step past its time limit reports what it
+    printed so far and 124, as timeout(1) does."""
+    try:
+        result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout_s)
+        return result.stdout + result.stderr, result.returncode
+    except subprocess.TimeoutExpired as exc:
+        partial = exc.stdout or ""
+        return (partial.decode() if isinstance(partial, bytes) else partial), 124
 
 
 def _pytest_summary(output: str) -> str:
@@ -239,11 +246,7 @@ def run_benches(report: Report, env: dict, device: str, out: Path | None, quick:
         report.step("benches", True, "would run: " + " ".join(command[1:]))
         return
     started = time.perf_counter()
-    try:
-        result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=BENCH_TIMEOUT_S)
-        output, code = result.stdout + result.stderr, result.returncode
-    except subprocess.TimeoutExpired as exc:
-        output, code = (exc.stdout or b"").decode() if isinstance(exc.stdout, bytes) else (exc.stdout or ""), 124
+    output, code = _run_captured(command, env, BENCH_TIMEOUT_S)
     if out is not None:
         (out / "benches.log").write_text(output)
     path = bench_out / "benches.json"
