@@ -85,6 +85,25 @@ def test_deadline_bounds_a_slow_call_and_the_retry_sequence(fake):
     assert info.value.reason == "QUEUE_FULL" and fake.calls["ListModels"] < 10
 
 
+def test_a_retry_is_made_only_with_time_left_for_it(fake, monkeypatch):
+    """Out of time, a call fails with the error that made it retry, never with a
+    DEADLINE_EXCEEDED from an attempt started with a few milliseconds left."""
+    fake.plan = ["queue_full"]  # retry_after_ms=50: the wait would leave 30 ms of an 80 ms deadline
+    quick = RetryPolicy(max_attempts=5, initial_backoff_s=0.001, max_backoff_s=0.001, min_attempt_s=0.05)
+    with Client(fake.address, retry=quick, timeout=0.08) as client:
+        with pytest.raises(ResourceExhaustedError) as info:
+            client.models.list()
+    assert info.value.reason == "QUEUE_FULL" and fake.calls["ListModels"] == 1
+    # The wait itself overruns (a busy machine): checked again after it, no doomed attempt.
+    fake.plan = ["queue_full"]
+    real_sleep = time.sleep
+    monkeypatch.setattr("pipeserve_client.client.time.sleep", lambda s: real_sleep(s + 0.5))
+    with Client(fake.address, retry=quick, timeout=0.4) as client:
+        with pytest.raises(ResourceExhaustedError) as info:
+            client.models.list()
+    assert info.value.reason == "QUEUE_FULL" and fake.calls["ListModels"] == 2
+
+
 def test_backoff_is_jittered_exponential_and_honours_the_hint():
     policy = RetryPolicy(initial_backoff_s=0.1, max_backoff_s=1.0, multiplier=2.0)
     for retry, cap in [(0, 0.1), (1, 0.2), (2, 0.4), (3, 0.8), (6, 1.0)]:

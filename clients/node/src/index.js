@@ -59,6 +59,7 @@ const SERVICES = {
  * @property {number} [initialBackoffMs=100]
  * @property {number} [maxBackoffMs=5000]
  * @property {number} [multiplier=2]
+ * @property {number} [minAttemptMs=50]     a retry is made only if this much of the deadline is left after its wait
  */
 
 /**
@@ -195,7 +196,9 @@ export class PipeserveClient {
     this.target = target || process.env.PIPESERVE_SERVER || '127.0.0.1:50051';
     this.options = options;
     this.timeoutMs = options.timeoutMs;
-    this.retry = { maxAttempts: 5, initialBackoffMs: 100, maxBackoffMs: 5000, multiplier: 2, ...options.retry };
+    this.retry = {
+      maxAttempts: 5, initialBackoffMs: 100, maxBackoffMs: 5000, multiplier: 2, minAttemptMs: 50, ...options.retry,
+    };
     const packageDefinition = protoLoader.loadSync(PROTO_FILES, {
       keepCase: true, longs: String, enums: String, defaults: true, oneofs: true,
       includeDirs: [options.protoDir ?? defaultProtoDir()],
@@ -266,6 +269,15 @@ export class PipeserveClient {
     return timeout === undefined ? undefined : Date.now() + timeout;
   }
 
+  /**
+   * Whether, after waiting delayMs, at least retry.minAttemptMs of the deadline is left: a call
+   * that runs out of time fails with the error that made it retry, not with a DEADLINE_EXCEEDED
+   * from an attempt that never had a chance.
+   */
+  _leavesTime(end, delayMs) {
+    return end === undefined || Date.now() + delayMs + this.retry.minAttemptMs <= end;
+  }
+
   async _unary(service, method, request, call = {}) {
     await this._ready;
     const stub = this._stubs[service];
@@ -281,10 +293,9 @@ export class PipeserveClient {
         error = errorFromStatus(raw, method);
       }
       const delay = backoffMs(this.retry, attempt - 1, error);
-      if (!isRetryable(error) || attempt >= this.retry.maxAttempts || (end !== undefined && Date.now() + delay >= end)) {
-        throw error;
-      }
+      if (!isRetryable(error) || attempt >= this.retry.maxAttempts || !this._leavesTime(end, delay)) throw error;
       await sleep(delay);
+      if (!this._leavesTime(end, 0)) throw error; // the sleep overran on a busy machine
     }
   }
 
@@ -308,11 +319,11 @@ export class PipeserveClient {
         stream.cancel(); // no-op when finished; stops the server's work when the caller breaks early
       }
       const delay = backoffMs(this.retry, attempt - 1, error);
-      if (received || !isRetryable(error) || attempt >= this.retry.maxAttempts
-          || (end !== undefined && Date.now() + delay >= end)) {
+      if (received || !isRetryable(error) || attempt >= this.retry.maxAttempts || !this._leavesTime(end, delay)) {
         throw error;
       }
       await sleep(delay);
+      if (!this._leavesTime(end, 0)) throw error;
     }
   }
 

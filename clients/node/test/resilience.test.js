@@ -57,6 +57,16 @@ describe('Node client resilience', () => {
     client.close();
   });
 
+  test('a retry is made only with time left for it', async () => {
+    // QUEUE_FULL's retry_after_ms=50 would leave 30 ms of an 80 ms deadline: fail with QUEUE_FULL.
+    const address = await fake('--plan', 'queue_full');
+    const client = new PipeserveClient(address, { retry: { initialBackoffMs: 1, maxBackoffMs: 1, minAttemptMs: 50 } });
+    await assert.rejects(client.models.list(undefined, { timeoutMs: 80 }),
+      (e) => e instanceof ResourceExhaustedError && e.reason === 'QUEUE_FULL');
+    assert.equal((await client.models.list())[0].in_flight, 2, 'the doomed retry was not made');
+    client.close();
+  });
+
   test('streams retry before the first message and report a break after it', async () => {
     const address = await fake('fail_before', 'fail_after');
     const client = new PipeserveClient(address, { retry: FAST, timeoutMs: 10_000 });

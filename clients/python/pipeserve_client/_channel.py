@@ -28,12 +28,16 @@ class RetryPolicy:
     retried; a stream is retried only before its first message arrives. The wait before retry
     n (0-based) is uniform in [0, min(max_backoff_s, initial_backoff_s * multiplier**n)]
     ("full jitter", so many clients do not retry in step), and never less than the server's
-    ErrorInfo "retry_after_ms" hint. The call's deadline bounds the whole sequence."""
+    ErrorInfo "retry_after_ms" hint. The call's deadline bounds the whole sequence: a retry
+    is made only when at least min_attempt_s of the deadline is left once the wait is over,
+    so a call that runs out of time fails with the error that made it retry, not with a
+    DEADLINE_EXCEEDED from an attempt that never had a chance."""
 
     max_attempts: int = 5
     initial_backoff_s: float = 0.1
     max_backoff_s: float = 5.0
     multiplier: float = 2.0
+    min_attempt_s: float = 0.05
 
     def should_retry(self, error: PipeserveError, attempt: int) -> bool:
         """attempt: how many attempts have been made so far (1 after the first failure)."""

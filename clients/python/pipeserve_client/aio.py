@@ -104,6 +104,8 @@ class AsyncClient(_ClientBase):
             if delay is None:
                 raise error
             await asyncio.sleep(delay)
+            if not self._still_worth_retrying(deadline):
+                raise error
 
     async def _stream(self, service: str, method: str, request: Any, timeout: float | None) -> AsyncIterator[Any]:
         rpc = self._stubs.method(service, method)
@@ -126,6 +128,8 @@ class AsyncClient(_ClientBase):
             if delay is None:
                 raise error
             await asyncio.sleep(delay)
+            if not self._still_worth_retrying(deadline):
+                raise error
 
     async def _bidi(self, service: str, method: str, requests: Any, timeout: float | None) -> AsyncIterator[Any]:
         call = self._stubs.method(service, method)(requests, timeout=self._timeout(timeout), metadata=self._metadata)

@@ -43,8 +43,9 @@ class _Deadline:
     def remaining(self) -> float | None:
         return None if self.end is None else max(0.0, self.end - time.monotonic())
 
-    def allows(self, delay: float) -> bool:
-        return self.end is None or time.monotonic() + delay < self.end
+    def allows(self, delay: float, attempt_s: float) -> bool:
+        """Whether, after waiting `delay`, at least `attempt_s` of the deadline is left."""
+        return self.end is None or time.monotonic() + delay + attempt_s <= self.end
 
 
 class _ClientBase:
@@ -79,11 +80,15 @@ class _ClientBase:
     def _retry_delay(self, error: PipeserveError, attempt: int, deadline: _Deadline, received: int = 0) -> float | None:
         """The wait before the next attempt, or None when the call fails with `error`: not
         retryable, out of attempts, a stream that already delivered messages (never delivered
-        twice), or no time left before the deadline."""
+        twice), or too little time left before the deadline for another attempt."""
         delay = self.retry.backoff_s(attempt - 1, error)
-        if received or not self.retry.should_retry(error, attempt) or not deadline.allows(delay):
+        if received or not self.retry.should_retry(error, attempt) or not deadline.allows(delay, self.retry.min_attempt_s):
             return None
         return delay
+
+    def _still_worth_retrying(self, deadline: _Deadline) -> bool:
+        """Checked again after the wait: a sleep can overrun on a busy machine."""
+        return deadline.allows(0.0, self.retry.min_attempt_s)
 
 
 class Models:
@@ -169,6 +174,8 @@ class Client(_ClientBase):
             if delay is None:
                 raise error
             time.sleep(delay)
+            if not self._still_worth_retrying(deadline):
+                raise error
 
     def _stream(self, service: str, method: str, request: Any, timeout: float | None) -> Iterator[Any]:
         """Server-streaming call. Retried only before its first message (so nothing is ever
@@ -193,6 +200,8 @@ class Client(_ClientBase):
             if delay is None:
                 raise error
             time.sleep(delay)
+            if not self._still_worth_retrying(deadline):
+                raise error
 
     def _bidi(self, service: str, method: str, requests: Iterator[Any], timeout: float | None) -> Iterator[Any]:
         """Bidirectional stream: never retried (the request iterator cannot be replayed)."""
