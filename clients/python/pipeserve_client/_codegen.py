@@ -161,7 +161,7 @@ def _parameters(signature: inspect.Signature, stream: str | None = None) -> list
             star_written = True
         if param.kind is param.VAR_POSITIONAL:
             star_written = True
-        prefix = {param.VAR_POSITIONAL: "*", param.VAR_KEYWORD: "**"}.get(param.kind, "")
+        prefix = "*" if param.kind is param.VAR_POSITIONAL else "**" if param.kind is param.VAR_KEYWORD else ""
         annotation, default = param.annotation, param.default
         if param.name == "stream" and stream is not None:
             annotation = f"Literal[{stream}]"

@@ -28,6 +28,7 @@ class AsyncClient(AsyncClientMethods):
     """
 
     _models = AsyncModels
+    models: AsyncModels  # client.models.list() / get() / load() / unload()
 
     def _open_channel(self, options: tuple[tuple[str, Any], ...]) -> grpc.aio.Channel:
         return self.connection.aio_channel(options)

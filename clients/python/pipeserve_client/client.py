@@ -37,6 +37,7 @@ class Client(ClientMethods):
     """
 
     _models = Models
+    models: Models  # client.models.list() / get() / load() / unload()
 
     def _open_channel(self, options: tuple[tuple[str, Any], ...]) -> grpc.Channel:
         return self.connection.sync_channel(options)
