@@ -116,8 +116,12 @@ class _Recorder:
         async def record_async(*args):
             return record(*args)
 
+        def record_stream(*args):
+            record(*args)
+            return "stream"
+
         client._unary = record_async if is_async else record
-        client._stream = client._bidi = lambda *args: (record(*args), "stream")[1]
+        client._stream = client._bidi = record_stream
 
 
 @pytest.mark.parametrize("spec", _methods.METHODS, ids=lambda spec: spec.method_name)
@@ -181,7 +185,7 @@ class _ScriptedRpc:
         self.timeouts.append(timeout)
         outcome = self.script.pop(0) if self.script else None
         if self.stream:
-            return _ScriptedCall(outcome, self.before, self.is_async)
+            return _ScriptedCall(outcome, self.before)
         if self.is_async:
             async def answer():
                 if outcome is not None:
@@ -194,8 +198,8 @@ class _ScriptedRpc:
 
 
 class _ScriptedCall:
-    def __init__(self, outcome, before: int, is_async: bool) -> None:
-        self.outcome, self.before, self.is_async = outcome, before, is_async
+    def __init__(self, outcome, before: int) -> None:
+        self.outcome, self.before = outcome, before
 
     def _messages(self):
         yield from range(self.before if self.outcome is not None else 2)
@@ -213,17 +217,21 @@ class _ScriptedCall:
         return False
 
 
-def _run_policy(is_async: bool, script, *, stream=False, before=0, timeout=10.0, policy=None, monkeypatch=None):
-    """(outcome, attempts, waits) of one call through Client's or AsyncClient's loops."""
+def _run_policy(is_async: bool, script, *, stream=False, before=0, timeout=10.0, overrun=0.0):
+    """(outcome, attempts, waits) of one call through Client's or AsyncClient's loops; each
+    wait is recorded, and lasts `overrun` seconds (a busy machine oversleeping)."""
     waits: list[float] = []
-    monkeypatch.setattr(time, "sleep", waits.append)
 
-    async def fake_async_sleep(delay):
+    def wait(delay):
         waits.append(delay)
+        time.sleep(overrun)
 
-    monkeypatch.setattr(asyncio, "sleep", fake_async_sleep)
+    async def wait_async(delay):
+        waits.append(delay)
+        await asyncio.sleep(overrun)
+
     rpc = _ScriptedRpc(script, is_async=is_async, stream=stream, before=before)
-    retry = policy or RetryPolicy(max_attempts=4, initial_backoff_s=0.01, max_backoff_s=0.01)
+    retry = RetryPolicy(max_attempts=4, initial_backoff_s=0.01, max_backoff_s=0.01)
 
     async def call_async(client):
         if stream:
@@ -238,6 +246,7 @@ def _run_policy(is_async: bool, script, *, stream=False, before=0, timeout=10.0,
     async def run_async():
         async with AsyncClient("127.0.0.1:1", timeout=timeout, retry=retry) as client:
             client._stubs.method = lambda service, name: rpc
+            client._wait = wait_async
             try:
                 return await call_async(client)
             except Exception as error:  # noqa: BLE001 - the outcome under test
@@ -246,6 +255,7 @@ def _run_policy(is_async: bool, script, *, stream=False, before=0, timeout=10.0,
     def run_sync():
         with Client("127.0.0.1:1", timeout=timeout, retry=retry) as client:
             client._stubs.method = lambda service, name: rpc
+            client._wait = wait
             try:
                 return call_sync(client)
             except Exception as error:  # noqa: BLE001 - the outcome under test
@@ -272,11 +282,12 @@ UNAVAILABLE, INVALID = grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INVALID_ARGU
     dict(script=[UNAVAILABLE, None], stream=True, expect=([0, 1], 2, 1)),
     dict(script=[UNAVAILABLE], stream=True, before=1, expect=(("StreamInterruptedError", 1), 1, 0)),
     dict(script=[UNAVAILABLE, None], timeout=0.02, expect=(("UnavailableError", None), 1, 0)),
+    dict(script=[UNAVAILABLE, None], timeout=1.0, overrun=1.2, expect=(("UnavailableError", None), 1, 1)),
 ], ids=["retried-then-ok", "out-of-attempts", "not-retryable", "stream-before-first", "stream-after-first",
-        "no-time-for-another"])
-def test_sync_and_async_calls_follow_the_same_policy(case, monkeypatch):
+        "no-time-for-another", "wait-overran-the-deadline"])
+def test_sync_and_async_calls_follow_the_same_policy(case):
     options = {k: v for k, v in case.items() if k != "expect"}
-    sync = _summary(_run_policy(False, monkeypatch=monkeypatch, **options))
-    aio = _summary(_run_policy(True, monkeypatch=monkeypatch, **options))
+    sync = _summary(_run_policy(False, **options))
+    aio = _summary(_run_policy(True, **options))
     assert sync == aio == case["expect"]
 

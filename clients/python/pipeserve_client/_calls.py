@@ -54,7 +54,7 @@ class Attempts:
         while True:
             with attempts.next() as attempt:
                 return <call with timeout=attempt.timeout>
-            <sleep or await asyncio.sleep>(attempts.backoff())
+            self._wait(attempts.backoff())  # await self._wait(...) in AsyncCalls
 
     backoff() raises the failure when the call must end: not retryable, out of attempts, a
     stream that already delivered messages (never delivered twice), or too little time left
@@ -120,13 +120,16 @@ class CallsBase:
 class SyncCalls(CallsBase):
     """The blocking loops: unary calls, and streams retried only before their first message."""
 
+    def _wait(self, delay: float) -> None:
+        time.sleep(delay)
+
     def _unary(self, service: str, method: str, request: Any, timeout: float | None) -> Any:
         rpc = self._stubs.method(service, method)
         attempts = self._attempts(method, timeout)
         while True:
             with attempts.next() as attempt:
                 return rpc(request, timeout=attempt.timeout, metadata=self._metadata)
-            time.sleep(attempts.backoff())
+            self._wait(attempts.backoff())
 
     def _stream(self, service: str, method: str, request: Any, timeout: float | None,
                 policy: RetryPolicy | None = None) -> Iterator[Any]:
@@ -144,7 +147,7 @@ class SyncCalls(CallsBase):
                     return
                 finally:
                     call.cancel()  # no-op when the stream completed; stops the server's work otherwise
-            time.sleep(attempts.backoff())
+            self._wait(attempts.backoff())
 
     def _bidi(self, service: str, method: str, requests: Iterator[Any], timeout: float | None) -> Iterator[Any]:
         # Never retried: the request iterator cannot be replayed.
@@ -154,13 +157,16 @@ class SyncCalls(CallsBase):
 class AsyncCalls(CallsBase):
     """The same loops on a grpc.aio channel: awaited calls, async iteration, asyncio.sleep."""
 
+    async def _wait(self, delay: float) -> None:
+        await asyncio.sleep(delay)
+
     async def _unary(self, service: str, method: str, request: Any, timeout: float | None) -> Any:
         rpc = self._stubs.method(service, method)
         attempts = self._attempts(method, timeout)
         while True:
             with attempts.next() as attempt:
                 return await rpc(request, timeout=attempt.timeout, metadata=self._metadata)
-            await asyncio.sleep(attempts.backoff())
+            await self._wait(attempts.backoff())
 
     async def _stream(self, service: str, method: str, request: Any, timeout: float | None,
                       policy: RetryPolicy | None = None) -> AsyncIterator[Any]:
@@ -176,7 +182,7 @@ class AsyncCalls(CallsBase):
                     return
                 finally:
                     call.cancel()
-            await asyncio.sleep(attempts.backoff())
+            await self._wait(attempts.backoff())
 
     def _bidi(self, service: str, method: str, requests: Any, timeout: float | None) -> AsyncIterator[Any]:
         return self._stream(service, method, requests, timeout, NO_RETRY)
