@@ -97,7 +97,7 @@ def test_a_retry_is_made_only_with_time_left_for_it(fake, monkeypatch):
     # The wait itself overruns (a busy machine): checked again after it, no doomed attempt.
     fake.plan = ["queue_full"]
     real_sleep = time.sleep
-    monkeypatch.setattr("pipeserve_client.client.time.sleep", lambda s: real_sleep(s + 0.5))
+    monkeypatch.setattr("pipeserve_client._calls.time.sleep", lambda s: real_sleep(s + 0.5))
     with Client(fake.address, retry=quick, timeout=0.4) as client:
         with pytest.raises(ResourceExhaustedError) as info:
             client.models.list()

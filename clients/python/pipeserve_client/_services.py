@@ -23,6 +23,17 @@ def make_stub(service: str, channel):
     return getattr(importlib.import_module(f"pipeserve.v1.{module}"), cls)(channel)
 
 
+def service_descriptor(service: str):
+    """The protobuf ServiceDescriptor behind a short name (its RPCs and their message types)."""
+    module, cls = _STUBS[service]
+    messages = importlib.import_module(f"pipeserve.v1.{module.removesuffix('_grpc')}")
+    return messages.DESCRIPTOR.services_by_name[cls.removesuffix("Stub")]
+
+
+def service_names() -> tuple[str, ...]:
+    return tuple(_STUBS)
+
+
 class StubCache:
     """One stub per service, created on first use."""
 

@@ -1,0 +1,188 @@
+"""How both clients make a call: one retry and deadline policy (Attempts) applied by two thin
+loops per client kind, which differ only in how they call, iterate and wait (blocking or
+awaited). The task methods built on these loops are generated from _methods.py."""
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any, AsyncIterator, Iterator, Sequence
+
+import grpc
+
+from ._channel import NO_RETRY, Connection, RetryPolicy
+from ._services import StubCache
+from .errors import PipeserveError, from_rpc_error
+
+
+class Deadline:
+    """What is left of a call's overall deadline across its retries (None = no deadline)."""
+
+    def __init__(self, timeout: float | None) -> None:
+        self.end = None if timeout is None else time.monotonic() + timeout
+
+    def remaining(self) -> float | None:
+        return None if self.end is None else max(0.0, self.end - time.monotonic())
+
+    def allows(self, delay: float, attempt_s: float) -> bool:
+        """Whether, after waiting `delay`, at least `attempt_s` of the deadline is left."""
+        return self.end is None or time.monotonic() + delay + attempt_s <= self.end
+
+
+class Attempt:
+    """One try of a call. As a context it keeps a gRPC failure as the typed error (`error`)
+    instead of raising it, so the policy can decide whether the call goes on."""
+
+    def __init__(self, timeout: float | None, method: str) -> None:
+        self.timeout = timeout  # what is left of the call's deadline for this try
+        self.method = method
+        self.received = 0  # stream messages delivered by this try
+        self.error: PipeserveError | None = None
+
+    def __enter__(self) -> "Attempt":
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: Any) -> bool:
+        if isinstance(exc, grpc.RpcError):
+            self.error = from_rpc_error(exc, self.method, received=self.received)
+            return True
+        return False
+
+
+class Attempts:
+    """The retry and deadline policy of one call, for both clients:
+
+        while True:
+            with attempts.next() as attempt:
+                return <call with timeout=attempt.timeout>
+            self._wait(attempts.backoff())  # await self._wait(...) in AsyncCalls
+
+    backoff() raises the failure when the call must end: not retryable, out of attempts, a
+    stream that already delivered messages (never delivered twice), or too little time left
+    for another attempt after the wait. next() checks the time again after the wait, which
+    can overrun on a busy machine."""
+
+    def __init__(self, policy: RetryPolicy, timeout: float | None, method: str) -> None:
+        self.policy = policy
+        self.deadline = Deadline(timeout)
+        self.method = method
+        self.made = 0
+        self.last: Attempt | None = None
+
+    def next(self) -> Attempt:
+        if self.last is not None and self.last.error is not None \
+                and not self.deadline.allows(0.0, self.policy.min_attempt_s):
+            raise self.last.error
+        self.made += 1
+        self.last = Attempt(self.deadline.remaining(), self.method)
+        return self.last
+
+    def backoff(self) -> float:
+        """The wait before the next attempt; raises the last attempt's error when there is none."""
+        assert self.last is not None and self.last.error is not None, "backoff() follows a failed attempt"
+        error = self.last.error
+        delay = self.policy.backoff_s(self.made - 1, error)
+        if self.last.received or not self.policy.should_retry(error, self.made) \
+                or not self.deadline.allows(delay, self.policy.min_attempt_s):
+            raise error
+        return delay
+
+
+class CallsBase:
+    """What Client and AsyncClient share: the connection, default deadline, retry policy and
+    stubs. A subclass opens its channel (sync or asyncio) and names its ModelService wrapper."""
+
+    _models: type
+
+    def __init__(self, target: str | None = None, *, timeout: float | None = None, tls: bool | None = None,
+                 root_certificates: bytes | str | None = None, client_certificate: bytes | str | None = None,
+                 client_key: bytes | str | None = None, server_name: str | None = None, token: str | None = None,
+                 retry: RetryPolicy | None = None, max_message_bytes: int | None = None,
+                 channel_options: Sequence[tuple[str, Any]] = ()) -> None:
+        self.connection = Connection.create(target, tls=tls, root_certificates=root_certificates,
+                                            client_certificate=client_certificate, client_key=client_key,
+                                            server_name=server_name, token=token,
+                                            max_message_bytes=max_message_bytes)
+        self.target = self.connection.target
+        self.timeout = timeout
+        self.retry = retry or RetryPolicy()
+        self._channel = self._open_channel(tuple(channel_options))
+        self._stubs = StubCache(self._channel)
+        self._metadata = self.connection.metadata()
+        self.models = self._models(self)
+
+    def _open_channel(self, options: tuple[tuple[str, Any], ...]) -> Any:
+        raise NotImplementedError
+
+    def _attempts(self, method: str, timeout: float | None, policy: RetryPolicy | None = None) -> Attempts:
+        return Attempts(policy or self.retry, self.timeout if timeout is None else timeout, method)
+
+
+class SyncCalls(CallsBase):
+    """The blocking loops: unary calls, and streams retried only before their first message."""
+
+    def _wait(self, delay: float) -> None:
+        time.sleep(delay)
+
+    def _unary(self, service: str, method: str, request: Any, timeout: float | None) -> Any:
+        rpc = self._stubs.method(service, method)
+        attempts = self._attempts(method, timeout)
+        while True:
+            with attempts.next() as attempt:
+                return rpc(request, timeout=attempt.timeout, metadata=self._metadata)
+            self._wait(attempts.backoff())
+
+    def _stream(self, service: str, method: str, request: Any, timeout: float | None,
+                policy: RetryPolicy | None = None) -> Iterator[Any]:
+        """Server-streaming (or, with an iterator of requests, bidirectional) call. Closing the
+        iterator early cancels the call, and the server stops."""
+        rpc = self._stubs.method(service, method)
+        attempts = self._attempts(method, timeout, policy)
+        while True:
+            with attempts.next() as attempt:
+                call = rpc(request, timeout=attempt.timeout, metadata=self._metadata)
+                try:
+                    for message in call:
+                        attempt.received += 1
+                        yield message
+                    return
+                finally:
+                    call.cancel()  # no-op when the stream completed; stops the server's work otherwise
+            self._wait(attempts.backoff())
+
+    def _bidi(self, service: str, method: str, requests: Iterator[Any], timeout: float | None) -> Iterator[Any]:
+        # Never retried: the request iterator cannot be replayed.
+        return self._stream(service, method, requests, timeout, NO_RETRY)
+
+
+class AsyncCalls(CallsBase):
+    """The same loops on a grpc.aio channel: awaited calls, async iteration, asyncio.sleep."""
+
+    async def _wait(self, delay: float) -> None:
+        await asyncio.sleep(delay)
+
+    async def _unary(self, service: str, method: str, request: Any, timeout: float | None) -> Any:
+        rpc = self._stubs.method(service, method)
+        attempts = self._attempts(method, timeout)
+        while True:
+            with attempts.next() as attempt:
+                return await rpc(request, timeout=attempt.timeout, metadata=self._metadata)
+            await self._wait(attempts.backoff())
+
+    async def _stream(self, service: str, method: str, request: Any, timeout: float | None,
+                      policy: RetryPolicy | None = None) -> AsyncIterator[Any]:
+        rpc = self._stubs.method(service, method)
+        attempts = self._attempts(method, timeout, policy)
+        while True:
+            with attempts.next() as attempt:
+                call = rpc(request, timeout=attempt.timeout, metadata=self._metadata)
+                try:
+                    async for message in call:
+                        attempt.received += 1
+                        yield message
+                    return
+                finally:
+                    call.cancel()
+            await self._wait(attempts.backoff())
+
+    def _bidi(self, service: str, method: str, requests: Any, timeout: float | None) -> AsyncIterator[Any]:
+        return self._stream(service, method, requests, timeout, NO_RETRY)
