@@ -3,6 +3,7 @@ server, first at the HTTP level, then in headless Chromium (Debian chromium + ch
 driven by selenium) uploading files and watching results arrive."""
 from __future__ import annotations
 
+import io
 import json
 import shutil
 import sys
@@ -121,7 +122,19 @@ def test_bridge_says_when_the_grpc_server_is_unreachable():
 # --- in a real browser ----------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def browser():
+def microphone_wav(tmp_path_factory) -> Path:
+    """What the fake microphone plays (Chromium loops it): speech-like audio at 16 kHz."""
+    import soundfile
+
+    from wav2vec2_checkpoints import audio
+
+    path = tmp_path_factory.mktemp("mic") / "microphone.wav"
+    soundfile.write(path, audio(4.0, seed=5), 16000, subtype="PCM_16")
+    return path
+
+
+@pytest.fixture(scope="module")
+def browser(microphone_wav):
     if not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()):
         pytest.fail("the browser test needs Debian's chromium and chromium-driver (apt-get install -y chromium "
                     "chromium-driver)")
@@ -131,7 +144,9 @@ def browser():
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
-                 "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream", "--window-size=1200,1400"):
+                 "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+                 f"--use-file-for-fake-audio-capture={microphone_wav}", "--autoplay-policy=no-user-gesture-required",
+                 "--window-size=1200,1400"):
         options.add_argument(flag)
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
     driver.set_page_load_timeout(60)
@@ -247,9 +262,94 @@ def test_browser_uploads_audio_and_sees_the_transcript(browser, web, loaded, tmp
     assert browser.find_element(By.ID, "asr-transcript").get_attribute("textContent") == expected
     segments = browser.find_elements(By.CSS_SELECTOR, "#asr-segments li")
     assert all("→" in s.text for s in segments)
-    # Recording from the (fake) microphone goes through the same path.
-    browser.find_element(By.ID, "asr-record").click()
-    _wait(browser, lambda d: "recording" in _text(d, "asr-status"))
-    time.sleep(1.5)
-    browser.find_element(By.ID, "asr-record").click()
-    _wait(browser, lambda d: _text(d, "asr-status").startswith("done"))
+
+
+class RecordingClient:
+    """The bridge's client, keeping every live chunk the bridge forwards (and its rate), so a
+    test can send the same audio to the server itself."""
+
+    def __init__(self, client) -> None:
+        self.client, self.chunks, self.rates = client, [], []
+
+    def transcribe_live(self, chunks, **options):
+        self.rates.append(options["sampling_rate"])
+
+        def kept():
+            for chunk in chunks:
+                self.chunks.append(chunk)
+                yield chunk
+
+        return self.client.transcribe_live(kept(), **options)
+
+    def __getattr__(self, name: str):
+        return getattr(self.client, name)
+
+
+def test_browser_transcribes_live_from_the_microphone(browser, grpc_server, loaded):
+    """Live mode: the fake microphone (a WAV file) streams through the bridge's WebSocket to
+    StreamingTranscribe; interim text shows while recording, final segments replace it, and
+    the final text is the server's for the same audio sent directly and uploaded as a file."""
+    require_servicer("speech_recognition")
+    import soundfile
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    ctc = loaded("ctc")
+    bridge = demo.make_server(grpc_server.address, port=0, timeout=60)
+    recording = bridge.client = RecordingClient(bridge.client)
+    demo.serve_in_thread(bridge)
+    web = f"http://127.0.0.1:{bridge.server_port}"
+    try:
+        browser.get(web + "/")
+        _wait(browser, lambda d: len(Select(d.find_element(By.ID, "asr-model")).options) > 1)
+        Select(browser.find_element(By.ID, "asr-model")).select_by_value(ctc)
+        browser.find_element(By.ID, "asr-chunk").send_keys("1.5")
+        browser.find_element(By.ID, "asr-record").click()
+        _wait(browser, lambda d: _text(d, "asr-status").startswith("listening"))
+        # Interim text while the microphone is still open.
+        _wait(browser, lambda d: any(li.text.split("] ", 1)[-1].strip()
+                                     for li in d.find_elements(By.CSS_SELECTOR, "#asr-segments li.interim")))
+        interim_ids = {li.get_attribute("data-id") for li in browser.find_elements(By.CSS_SELECTOR, "#asr-segments li.interim")}
+        _wait(browser, lambda d: "s heard" in _text(d, "asr-status")
+              and float(_text(d, "asr-status").split("… ")[1].split(" s")[0]) >= 3.0)
+        assert browser.find_element(By.ID, "asr-record").text == "■ Stop"
+        browser.find_element(By.ID, "asr-record").click()
+        _wait(browser, lambda d: _text(d, "asr-status").startswith("done"))
+        # Final segments replaced the interim ones (same ids), and none is left interim.
+        assert not browser.find_elements(By.CSS_SELECTOR, "#asr-segments li.interim")
+        finals = browser.find_elements(By.CSS_SELECTOR, "#asr-segments li")
+        assert finals and all("→" in li.text and "…]" not in li.text for li in finals)
+        assert interim_ids & {li.get_attribute("data-id") for li in finals}
+        transcript = browser.find_element(By.ID, "asr-transcript").get_attribute("textContent")
+        assert browser.find_element(By.ID, "asr-record").text == "● Live from microphone"
+
+        # The same audio, sent to StreamingTranscribe directly and uploaded as a file.
+        rate, = recording.rates
+        assert rate == 16000  # the page's AudioContext resampled the microphone to the model's rate
+        samples = np.frombuffer(b"".join(recording.chunks), "<f4")
+        assert 3.0 <= len(samples) / rate < 60 and np.abs(samples).max() > 0.01  # the WAV, not silence
+        direct = list(loaded.client.transcribe_live(iter(recording.chunks), sampling_rate=rate, model=ctc,
+                                                    chunk_length_s=1.5))
+        assert transcript == direct[-1].done.transcription.text.strip()
+        assert f"{len(samples) / rate:.1f} s of audio" in _text(browser, "asr-status")
+        upload = io.BytesIO()
+        soundfile.write(upload, samples, rate, format="WAV", subtype="FLOAT")
+        status, body, _ = _post(f"{web}/api/transcribe?model={ctc}&chunk_length_s=1.5", upload.getvalue())
+        assert status == 200
+        assert _events(body)[-1][1]["transcription"]["text"].strip() == transcript
+
+        # Errors reach the page: a model unloaded since the page listed it, then a denied microphone.
+        browser.execute_script("const s = document.getElementById('asr-model'); s.add(new Option('gone', 'gone'));"
+                               "s.value = 'gone';")
+        browser.find_element(By.ID, "asr-record").click()
+        _wait(browser, lambda d: "NOT_FOUND" in _text(d, "asr-status"))
+        _wait(browser, lambda d: d.find_element(By.ID, "asr-record").text == "● Live from microphone")
+        browser.execute_script("navigator.mediaDevices.getUserMedia = () => "
+                               "Promise.reject(new DOMException('Permission denied', 'NotAllowedError'));")
+        browser.find_element(By.ID, "asr-record").click()
+        _wait(browser, lambda d: "microphone access was denied" in _text(d, "asr-status"))
+        assert "error" in browser.find_element(By.ID, "asr-status").get_attribute("class")
+    finally:
+        bridge.shutdown()
+        bridge.server_close()
+        recording.client.close()

@@ -48,6 +48,37 @@ class _Deadline:
         return self.end is None or time.monotonic() + delay + attempt_s <= self.end
 
 
+class BidiStream:
+    """The responses of a bidirectional call. Unlike a generator, cancel() may be called from
+    any thread while another is waiting for the next message (a bridge relaying a live stream
+    cancels it when its own peer goes away); that wait then raises PipeserveError (CANCELLED).
+    close() is cancel() (the call stops on the server), so it can be used like a generator."""
+
+    def __init__(self, call: Any, method: str) -> None:
+        self._call, self._method, self._received = call, method, 0
+
+    def __iter__(self) -> "BidiStream":
+        return self
+
+    def __next__(self) -> Any:
+        try:
+            message = next(self._call)
+        except StopIteration:
+            raise
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc, self._method, received=self._received) from None
+        self._received += 1
+        return message
+
+    def cancel(self) -> None:
+        self._call.cancel()  # a no-op once the call has ended
+
+    close = cancel
+
+    def __del__(self) -> None:
+        self._call.cancel()  # as the generator's `finally` did: an abandoned stream stops
+
+
 class _ClientBase:
     """What Client and AsyncClient share: the connection, default deadline, retry policy and
     stubs. A subclass names its channel (sync or asyncio) and its ModelService wrapper."""
@@ -203,18 +234,10 @@ class Client(_ClientBase):
             if not self._still_worth_retrying(deadline):
                 raise error
 
-    def _bidi(self, service: str, method: str, requests: Iterator[Any], timeout: float | None) -> Iterator[Any]:
+    def _bidi(self, service: str, method: str, requests: Iterator[Any], timeout: float | None) -> "BidiStream":
         """Bidirectional stream: never retried (the request iterator cannot be replayed)."""
         call = self._stubs.method(service, method)(requests, timeout=self._timeout(timeout), metadata=self._metadata)
-        received = 0
-        try:
-            for message in call:
-                received += 1
-                yield message
-        except grpc.RpcError as exc:
-            raise from_rpc_error(exc, method, received=received) from None
-        finally:
-            call.cancel()
+        return BidiStream(call, method)
 
     # --- speech recognition ---------------------------------------------------------------
 
@@ -247,10 +270,11 @@ class Client(_ClientBase):
     def transcribe_live(self, chunks: Iterable[Any], *, sampling_rate: int, channels: int = 1, model: str = "",
                         interim_interval_s: float | None = None, request_id: str = "",
                         timeout: float | None = None,
-                        **options: Any) -> Iterator[asr_pb.StreamingTranscribeResponse]:
+                        **options: Any) -> BidiStream:
         """Live audio: `chunks` yields numpy arrays (float32 or int16) or float32 PCM bytes as
         they are captured; yields interim and final segments, then `done` after the last chunk.
-        Options are those of transcribe()."""
+        Options are those of transcribe(). The returned stream's cancel() ends the call from
+        any thread."""
         requests = build.live_requests(chunks, sampling_rate=sampling_rate, channels=channels, model=model,
                                        request_id=request_id, interim_interval_s=interim_interval_s,
                                        options=options)
