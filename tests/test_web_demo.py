@@ -285,71 +285,114 @@ class RecordingClient:
         return getattr(self.client, name)
 
 
-def test_browser_transcribes_live_from_the_microphone(browser, grpc_server, loaded):
+@pytest.fixture()
+def recording_bridge(grpc_server):
+    """A bridge whose client keeps the live chunks it forwards: (url, RecordingClient)."""
+    bridge = demo.make_server(grpc_server.address, port=0, timeout=60)
+    recording = bridge.client = RecordingClient(bridge.client)
+    demo.serve_in_thread(bridge)
+    yield f"http://127.0.0.1:{bridge.server_port}", recording
+    bridge.shutdown()
+    bridge.server_close()
+    recording.client.close()
+
+
+def _record_live(browser, web: str, model: str, seconds: float, before_start: str = "") -> set[str]:
+    """One live session in the page: starts the (fake) microphone, waits for interim text,
+    stops after `seconds` of audio and waits for "done". Returns the ids of the interim
+    segments shown before the stop. `before_start` is script run on the loaded page first."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    browser.get(web + "/")
+    _wait(browser, lambda d: len(Select(d.find_element(By.ID, "asr-model")).options) > 1)
+    if before_start:
+        browser.execute_script(before_start)
+    Select(browser.find_element(By.ID, "asr-model")).select_by_value(model)
+    browser.find_element(By.ID, "asr-chunk").send_keys("1.5")
+    browser.find_element(By.ID, "asr-record").click()
+    _wait(browser, lambda d: _text(d, "asr-status").startswith("listening"))
+    # Interim text while the microphone is still open.
+    _wait(browser, lambda d: any(li.text.split("] ", 1)[-1].strip()
+                                 for li in d.find_elements(By.CSS_SELECTOR, "#asr-segments li.interim")))
+    interim_ids = {li.get_attribute("data-id") for li in browser.find_elements(By.CSS_SELECTOR, "#asr-segments li.interim")}
+    _wait(browser, lambda d: "s heard" in _text(d, "asr-status")
+          and float(_text(d, "asr-status").split("… ")[1].split(" s")[0]) >= seconds)
+    assert browser.find_element(By.ID, "asr-record").text == "■ Stop"
+    browser.find_element(By.ID, "asr-record").click()
+    _wait(browser, lambda d: _text(d, "asr-status").startswith("done"))
+    assert browser.find_element(By.ID, "asr-record").text == "● Live from microphone"
+    return interim_ids
+
+
+def _direct_live_text(loaded, recording: RecordingClient, model: str) -> str:
+    """The server's final text for the chunks the bridge forwarded, sent by the test itself."""
+    messages = list(loaded.client.transcribe_live(iter(recording.chunks), sampling_rate=recording.rates[-1],
+                                                  model=model, chunk_length_s=1.5))
+    return messages[-1].done.transcription.text.strip()
+
+
+def test_browser_transcribes_live_from_the_microphone(browser, recording_bridge, loaded):
     """Live mode: the fake microphone (a WAV file) streams through the bridge's WebSocket to
     StreamingTranscribe; interim text shows while recording, final segments replace it, and
     the final text is the server's for the same audio sent directly and uploaded as a file."""
     require_servicer("speech_recognition")
     import soundfile
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import Select
 
     ctc = loaded("ctc")
-    bridge = demo.make_server(grpc_server.address, port=0, timeout=60)
-    recording = bridge.client = RecordingClient(bridge.client)
-    demo.serve_in_thread(bridge)
-    web = f"http://127.0.0.1:{bridge.server_port}"
-    try:
-        browser.get(web + "/")
-        _wait(browser, lambda d: len(Select(d.find_element(By.ID, "asr-model")).options) > 1)
-        Select(browser.find_element(By.ID, "asr-model")).select_by_value(ctc)
-        browser.find_element(By.ID, "asr-chunk").send_keys("1.5")
-        browser.find_element(By.ID, "asr-record").click()
-        _wait(browser, lambda d: _text(d, "asr-status").startswith("listening"))
-        # Interim text while the microphone is still open.
-        _wait(browser, lambda d: any(li.text.split("] ", 1)[-1].strip()
-                                     for li in d.find_elements(By.CSS_SELECTOR, "#asr-segments li.interim")))
-        interim_ids = {li.get_attribute("data-id") for li in browser.find_elements(By.CSS_SELECTOR, "#asr-segments li.interim")}
-        _wait(browser, lambda d: "s heard" in _text(d, "asr-status")
-              and float(_text(d, "asr-status").split("… ")[1].split(" s")[0]) >= 3.0)
-        assert browser.find_element(By.ID, "asr-record").text == "■ Stop"
-        browser.find_element(By.ID, "asr-record").click()
-        _wait(browser, lambda d: _text(d, "asr-status").startswith("done"))
-        # Final segments replaced the interim ones (same ids), and none is left interim.
-        assert not browser.find_elements(By.CSS_SELECTOR, "#asr-segments li.interim")
-        finals = browser.find_elements(By.CSS_SELECTOR, "#asr-segments li")
-        assert finals and all("→" in li.text and "…]" not in li.text for li in finals)
-        assert interim_ids & {li.get_attribute("data-id") for li in finals}
-        transcript = browser.find_element(By.ID, "asr-transcript").get_attribute("textContent")
-        assert browser.find_element(By.ID, "asr-record").text == "● Live from microphone"
+    web, recording = recording_bridge
+    interim_ids = _record_live(browser, web, ctc, 3.0)
+    # Final segments replaced the interim ones (same ids), and none is left interim.
+    assert not browser.find_elements(By.CSS_SELECTOR, "#asr-segments li.interim")
+    finals = browser.find_elements(By.CSS_SELECTOR, "#asr-segments li")
+    assert finals and all("→" in li.text and "…]" not in li.text for li in finals)
+    assert interim_ids & {li.get_attribute("data-id") for li in finals}
+    transcript = browser.find_element(By.ID, "asr-transcript").get_attribute("textContent")
 
-        # The same audio, sent to StreamingTranscribe directly and uploaded as a file.
-        rate, = recording.rates
-        assert rate == 16000  # the page's AudioContext resampled the microphone to the model's rate
-        samples = np.frombuffer(b"".join(recording.chunks), "<f4")
-        assert 3.0 <= len(samples) / rate < 60 and np.abs(samples).max() > 0.01  # the WAV, not silence
-        direct = list(loaded.client.transcribe_live(iter(recording.chunks), sampling_rate=rate, model=ctc,
-                                                    chunk_length_s=1.5))
-        assert transcript == direct[-1].done.transcription.text.strip()
-        assert f"{len(samples) / rate:.1f} s of audio" in _text(browser, "asr-status")
-        upload = io.BytesIO()
-        soundfile.write(upload, samples, rate, format="WAV", subtype="FLOAT")
-        status, body, _ = _post(f"{web}/api/transcribe?model={ctc}&chunk_length_s=1.5", upload.getvalue())
-        assert status == 200
-        assert _events(body)[-1][1]["transcription"]["text"].strip() == transcript
+    # The same audio, sent to StreamingTranscribe directly and uploaded as a file.
+    rate, = recording.rates
+    assert rate == 16000  # the page's AudioContext resampled the microphone to the model's rate
+    samples = np.frombuffer(b"".join(recording.chunks), "<f4")
+    assert 3.0 <= len(samples) / rate < 60 and np.abs(samples).max() > 0.01  # the WAV, not silence
+    assert transcript == _direct_live_text(loaded, recording, ctc)
+    assert f"{len(samples) / rate:.1f} s of audio" in _text(browser, "asr-status")
+    upload = io.BytesIO()
+    soundfile.write(upload, samples, rate, format="WAV", subtype="FLOAT")
+    status, body, _ = _post(f"{web}/api/transcribe?model={ctc}&chunk_length_s=1.5", upload.getvalue())
+    assert status == 200
+    assert _events(body)[-1][1]["transcription"]["text"].strip() == transcript
 
-        # Errors reach the page: a model unloaded since the page listed it, then a denied microphone.
-        browser.execute_script("const s = document.getElementById('asr-model'); s.add(new Option('gone', 'gone'));"
-                               "s.value = 'gone';")
-        browser.find_element(By.ID, "asr-record").click()
-        _wait(browser, lambda d: "NOT_FOUND" in _text(d, "asr-status"))
-        _wait(browser, lambda d: d.find_element(By.ID, "asr-record").text == "● Live from microphone")
-        browser.execute_script("navigator.mediaDevices.getUserMedia = () => "
-                               "Promise.reject(new DOMException('Permission denied', 'NotAllowedError'));")
-        browser.find_element(By.ID, "asr-record").click()
-        _wait(browser, lambda d: "microphone access was denied" in _text(d, "asr-status"))
-        assert "error" in browser.find_element(By.ID, "asr-status").get_attribute("class")
-    finally:
-        bridge.shutdown()
-        bridge.server_close()
-        recording.client.close()
+    # Errors reach the page: a model unloaded since the page listed it, then a denied microphone.
+    browser.execute_script("const s = document.getElementById('asr-model'); s.add(new Option('gone', 'gone'));"
+                           "s.value = 'gone';")
+    browser.find_element(By.ID, "asr-record").click()
+    _wait(browser, lambda d: "NOT_FOUND" in _text(d, "asr-status"))
+    _wait(browser, lambda d: d.find_element(By.ID, "asr-record").text == "● Live from microphone")
+    browser.execute_script("navigator.mediaDevices.getUserMedia = () => "
+                           "Promise.reject(new DOMException('Permission denied', 'NotAllowedError'));")
+    browser.find_element(By.ID, "asr-record").click()
+    _wait(browser, lambda d: "microphone access was denied" in _text(d, "asr-status"))
+    assert "error" in browser.find_element(By.ID, "asr-status").get_attribute("class")
+
+
+def test_browser_live_falls_back_without_audio_worklet_or_resampling(browser, recording_bridge, loaded):
+    """A browser without AudioWorklet and without a 16 kHz AudioContext for the microphone:
+    the page captures with a ScriptProcessor at the device's rate and the server resamples."""
+    require_servicer("speech_recognition")
+    ctc = loaded("ctc")
+    web, recording = recording_bridge
+    _record_live(browser, web, ctc, 2.0, before_start="""
+        Object.defineProperty(BaseAudioContext.prototype, 'audioWorklet', { get: () => undefined });
+        const Native = window.AudioContext;
+        window.AudioContext = class extends Native {
+          constructor(options) {
+            if (options?.sampleRate) throw new DOMException('no resampling here', 'NotSupportedError');
+            super();
+          }
+        };""")
+    assert recording.rates[-1] != 16000
+    # The ScriptProcessor's 4096-frame blocks (an AudioWorklet delivers 128 frames at a time).
+    assert all(len(chunk) % (4096 * 4) == 0 for chunk in recording.chunks)
+    transcript = browser.find_element("id", "asr-transcript").get_attribute("textContent")
+    assert transcript == _direct_live_text(loaded, recording, ctc)

@@ -216,6 +216,28 @@ def test_the_page_leaving_cancels_the_grpc_call(scripted, scripted_bridge, endin
     _wait(lambda: scripted_bridge.live_slots._value == scripted_bridge.live_limits.max_sessions)
 
 
+def test_a_live_stream_is_cancelled_from_another_thread(scripted):
+    """The client's BidiStream.cancel() ends a call another thread is waiting on (what the
+    bridge does when the page leaves); a generator could not be closed while it waits."""
+    from pipeserve_client import Client, PipeserveError
+
+    release = threading.Event()
+
+    def chunks():
+        yield np.zeros(1600, np.float32)
+        release.wait(30)  # the microphone stays open
+
+    with Client(scripted.address, timeout=30) as client:
+        stream = client.transcribe_live(chunks(), sampling_rate=16000)
+        assert next(stream).segment.text == " interim 1"
+        threading.Timer(0.2, stream.cancel).start()
+        with pytest.raises(PipeserveError) as error:
+            next(stream)
+        release.set()
+    assert error.value.code == grpc.StatusCode.CANCELLED
+    assert scripted.ended.wait(20) and scripted.endings == ["cancelled"]
+
+
 # --- bounds and bad messages -----------------------------------------------------------------
 
 @pytest.mark.parametrize("query, message", [

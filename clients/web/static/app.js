@@ -296,7 +296,8 @@ async function startLive() {
     if (!session.finished && !session.failed) {
       setStatus('asr-status', !session.opened
         ? 'the demo server is not reachable (is demo.py running?)'
-        : `the live session ended before its transcription (connection closed, code ${event.code})`, true);
+        : `the live session ended before its transcription (connection closed, code ${event.code}`
+          + `${event.reason ? `: ${event.reason}` : ''})`, true);
     }
     if (live === session) live = null;
     setLiveButton('idle');
