@@ -1,6 +1,8 @@
 """The web demo end to end: the stdlib HTTP bridge (clients/web/demo.py) over a real gRPC
 server, first at the HTTP level, then in headless Chromium (Debian chromium + chromium-driver,
-driven by selenium) uploading files and watching results arrive."""
+driven by selenium) uploading files and watching results arrive, and transcribing live from a
+fake microphone (a WAV file Chromium plays as the capture device). The live endpoint's bounds
+and protocol errors are tested without a browser in test_web_live.py."""
 from __future__ import annotations
 
 import io

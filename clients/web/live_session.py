@@ -44,7 +44,9 @@ class LiveLimits:
     max_chunk_s: float = 1.0  # audio in one message (the page sends ~0.1 s)
     max_audio_s: float = 600.0  # audio in one session; then the bridge stops it as "stop" does
     idle_timeout_s: float = 10.0  # no message from the page for this long while recording ends it
-    max_queued_chunks: int = 64  # chunks waiting for the gRPC call before the page is told it fell behind
+    # Chunks waiting for the gRPC call (at most 16 x 1 s of float32 at max_rate: 12 MB); a full
+    # queue holds the page back, and after idle_timeout_s full it is told it fell behind.
+    max_queued_chunks: int = 16
     min_rate: int = 8000
     max_rate: int = 192000
 
