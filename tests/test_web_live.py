@@ -330,6 +330,26 @@ def test_live_sessions_are_bounded(scripted):
         server.client.close()
 
 
+def test_a_burst_of_audio_then_stop_waits_for_the_queue(scripted):
+    """Chunks beyond the queue's size hold the page back (the socket is read more slowly);
+    "stop" right after them still ends the audio and gets "done", nothing is dropped."""
+    server = bridge(scripted.address, max_queued_chunks=1)
+    try:
+        client = LiveClient(server.server_port, "rate=16000")
+        for _ in range(20):
+            client.send_audio(np.zeros(1600, np.float32))
+        client.stop()
+        events, code = client.events()
+        client.close()
+        assert code == rfc6455.NORMAL and events[-1][0] == "done"
+        assert events[-1][1]["transcription"]["duration_s"] == pytest.approx(2.0)
+        assert scripted.endings == ["half-closed"]
+    finally:
+        server.shutdown()
+        server.server_close()
+        server.client.close()
+
+
 def test_a_page_that_stops_sending_is_ended(scripted):
     """No message for idle_timeout_s while recording (without "stop"): the page is told, and
     the call is cancelled."""

@@ -126,7 +126,6 @@ class LiveSession:
             if isinstance(exc, ws.ProtocolError):
                 self.socket.close(exc.code, str(exc))
         finally:
-            self._end_audio()
             relay.join(timeout=5)
             if relay.is_alive():  # the server did not answer in time: give up on it
                 self._cancel()
@@ -169,11 +168,7 @@ class LiveSession:
                                        "reason": "INPUT_TOO_LARGE"})
                 self._end_audio(first_chunk_if_none=sent == 0)
                 continue
-            try:
-                self.chunks.put(data, timeout=self.limits.idle_timeout_s)
-            except queue.Full:
-                raise BridgeError("the transcription fell behind the audio; the live session ended",
-                                  "RESOURCE_EXHAUSTED", "", ws.TRY_AGAIN_LATER) from None
+            self._enqueue(data)
             sent += len(data)
 
     def _requests(self):
@@ -181,21 +176,22 @@ class LiveSession:
         while (chunk := self.chunks.get()) is not None:
             yield chunk
 
-    def _end_audio(self, first_chunk_if_none: bool = False) -> None:
-        if self.audio_ended:
-            return
+    def _enqueue(self, item: bytes | None) -> None:
+        """Waits while the queue is full (the page is held back), up to the idle timeout."""
+        try:
+            self.chunks.put(item, timeout=self.limits.idle_timeout_s)
+        except queue.Full:
+            raise BridgeError("the transcription fell behind the audio; the live session ended",
+                              "RESOURCE_EXHAUSTED", "", ws.TRY_AGAIN_LATER) from None
+
+    def _end_audio(self, first_chunk_if_none: bool) -> None:
+        """No more audio: the request iterator ends, so the server finishes the transcription."""
         self.audio_ended = True
         if first_chunk_if_none:
             # The client sends the config with the first chunk: a session stopped before any
             # audio still opens the stream, and gets an empty transcription back.
-            self._put(b"")
-        self._put(None)
-
-    def _put(self, item: bytes | None) -> None:
-        try:
-            self.chunks.put_nowait(item)
-        except queue.Full:  # the call is stuck: cancelling it ends the request iterator too
-            self._cancel()
+            self._enqueue(b"")
+        self._enqueue(None)
 
     # --- gRPC -> page -------------------------------------------------------------------
 
