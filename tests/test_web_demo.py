@@ -324,7 +324,8 @@ def _record_live(browser, web: str, model: str, seconds: float, before_start: st
     # Interim text while the microphone is still open.
     _wait(browser, lambda d: any(li.text.split("] ", 1)[-1].strip()
                                  for li in d.find_elements(By.CSS_SELECTOR, "#asr-segments li.interim")))
-    interim_ids = {li.get_attribute("data-id") for li in browser.find_elements(By.CSS_SELECTOR, "#asr-segments li.interim")}
+    interims = browser.find_elements(By.CSS_SELECTOR, "#asr-segments li.interim")
+    interim_ids = {li.get_attribute("data-id") for li in interims}
     _wait(browser, lambda d: "s heard" in _text(d, "asr-status")
           and float(_text(d, "asr-status").split("… ")[1].split(" s")[0]) >= seconds)
     assert browser.find_element(By.ID, "asr-record").text == "■ Stop"

@@ -93,8 +93,8 @@ class ScriptedSpeech:  # the other two RPCs are the generated base class's UNIMP
         self.endings: list[str] = []
         self.ended = threading.Event()
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
-        servicer = type("Servicer", (pb_grpc.SpeechRecognitionServiceServicer,),
-                        {"StreamingTranscribe": lambda _, requests, context: self.StreamingTranscribe(requests, context)})
+        handler = {"StreamingTranscribe": lambda _, requests, context: self.StreamingTranscribe(requests, context)}
+        servicer = type("Servicer", (pb_grpc.SpeechRecognitionServiceServicer,), handler)
         pb_grpc.add_SpeechRecognitionServiceServicer_to_server(servicer(), self.server)
         self.port = self.server.add_insecure_port("127.0.0.1:0")
         self.server.start()
@@ -202,8 +202,18 @@ def test_live_stop_before_any_audio_still_returns_a_transcription(scripted, scri
 
 
 @pytest.mark.parametrize("ending", ["drop", "close frame"])
-def test_the_page_leaving_cancels_the_grpc_call(scripted, scripted_bridge, ending):
-    client = LiveClient(scripted_bridge.server_port, "rate=16000")
+def test_the_page_leaving_cancels_the_grpc_call(scripted, ending):
+    server = bridge(scripted.address, max_sessions=1)
+    try:
+        _leave_and_reopen(scripted, server.server_port, ending)
+    finally:
+        server.shutdown()
+        server.server_close()
+        server.client.close()
+
+
+def _leave_and_reopen(scripted, port: int, ending: str) -> None:
+    client = LiveClient(port, "rate=16000")
     client.send_audio(np.zeros(1600, np.float32))
     assert client.next_event()[0] == "segment"  # the call is open
     if ending == "close frame":
@@ -212,8 +222,17 @@ def test_the_page_leaving_cancels_the_grpc_call(scripted, scripted_bridge, endin
     assert scripted.ended.wait(20), "the gRPC call was left open after the page went away"
     _wait(lambda: scripted.endings)
     assert scripted.endings == ["cancelled"]
-    # The session's slot is free again.
-    _wait(lambda: scripted_bridge.live_slots._value == scripted_bridge.live_limits.max_sessions)
+    # The session's slot (the only one) is free again: a new session runs to "done".
+    deadline = time.monotonic() + 20
+    while True:
+        again = LiveClient(port, "rate=16000")
+        again.stop()
+        events, _ = again.events()
+        again.close()
+        if events[-1][1].get("reason") != "TOO_MANY_STREAMS" or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert events[-1][0] == "done"
 
 
 def test_a_live_stream_is_cancelled_from_another_thread(scripted):

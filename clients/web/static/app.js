@@ -199,7 +199,7 @@ function microphoneError(error) {
   return `cannot use the microphone: ${error.message}`;
 }
 
-/** Starts capturing; onSamples(Float32Array) gets mono samples at the returned context's rate. */
+/** Starts capturing; onSamples(Float32Array, rate) gets mono samples as they are captured. */
 async function startCapture(onSamples) {
   if (!navigator.mediaDevices?.getUserMedia) {
     throw Object.assign(new Error('this page must be opened over https or on localhost to use the microphone'),
@@ -225,10 +225,12 @@ async function startCapture(onSamples) {
   if (context.audioWorklet) {
     await context.audioWorklet.addModule('/capture-worklet.js');
     node = new AudioWorkletNode(context, 'pipeserve-capture');
-    node.port.onmessage = (event) => onSamples(event.data);
+    node.port.onmessage = (event) => onSamples(event.data, context.sampleRate);
   } else { // older browsers
     node = context.createScriptProcessor(4096, 1, 1);
-    node.onaudioprocess = (event) => onSamples(new Float32Array(event.inputBuffer.getChannelData(0)));
+    node.onaudioprocess = (event) => {
+      onSamples(new Float32Array(event.inputBuffer.getChannelData(0)), context.sampleRate);
+    };
   }
   source.connect(node);
   node.connect(context.destination); // outputs silence; a processing node runs only when connected
@@ -257,7 +259,7 @@ async function startLive() {
   live = session;
   setLiveButton('finishing');
   try {
-    session.capture = await startCapture((samples) => queueSamples(session, samples));
+    session.capture = await startCapture((samples, rate) => queueSamples(session, samples, rate));
   } catch (error) {
     live = null;
     setLiveButton('idle');
@@ -304,13 +306,13 @@ async function startLive() {
   };
 }
 
-function queueSamples(session, samples) {
+function queueSamples(session, samples, rate) {
   if (session.stopSent) return; // blocks still in flight when the capture stopped
   session.pending.push(samples);
   session.pendingLength += samples.length;
   // Before the socket opens (capture starts first, so a permission prompt cannot run into the
   // bridge's idle timeout) samples wait here and go in the first message.
-  if (session.pendingLength >= LIVE_CHUNK_S * session.capture.rate) flushSamples(session);
+  if (session.pendingLength >= LIVE_CHUNK_S * rate) flushSamples(session);
 }
 
 /** Sends the samples captured so far as one message, once the socket is open. */
