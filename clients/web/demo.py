@@ -10,10 +10,12 @@ so the server stops working on it.
     GET  /                     the page (static/index.html, static/app.js)
     GET  /api/models           {"models": [{name, task, state, is_default}, ...]}
     POST /api/classify-image   body: image bytes; ?model=&top_k=   -> {"labels": [...]}
-    POST /api/transcribe       body: audio bytes; ?model=&timestamps=&language=
+    POST /api/transcribe       body: audio bytes; ?model=&timestamps=&language=&chunk_length_s=
                                -> text/event-stream: "segment" events, then "done"
     POST /api/generate         body: {"prompt", "model", "max_new_tokens", "temperature", "do_sample"}
                                -> text/event-stream: "token" events, then "done"
+    GET  /api/live             WebSocket: live microphone audio in, interim and final segments
+                               out, through StreamingTranscribe (protocol and bounds: live_session.py)
 Errors: JSON {"error", "code", "reason"} with an HTTP status (400 bad input, 404 unknown
 model, 501 task not implemented, 503 server unreachable, 502 otherwise); inside a stream,
 an "error" event.
@@ -33,7 +35,8 @@ from urllib.parse import parse_qs, urlsplit
 
 HERE = Path(__file__).resolve().parent
 STATIC = {"/": ("index.html", "text/html; charset=utf-8"), "/app.js": ("app.js", "text/javascript; charset=utf-8"),
-          "/style.css": ("style.css", "text/css; charset=utf-8")}
+          "/style.css": ("style.css", "text/css; charset=utf-8"),
+          "/capture-worklet.js": ("capture-worklet.js", "text/javascript; charset=utf-8")}
 MAX_BODY = 64 << 20  # the gRPC server's default message size limit
 
 if __package__ in (None, ""):
@@ -43,6 +46,9 @@ if __package__ in (None, ""):
             sys.path.insert(0, str(extra))
 
 from pipeserve_client import Client, PipeserveError, to_dict  # noqa: E402
+
+import live_session as live  # noqa: E402  (clients/web/live_session.py)
+import rfc6455 as ws  # noqa: E402  (clients/web/rfc6455.py)
 
 _HTTP_STATUS = {"INVALID_ARGUMENT": 400, "OUT_OF_RANGE": 400, "NOT_FOUND": 404, "FAILED_PRECONDITION": 409,
                 "PERMISSION_DENIED": 403, "UNAUTHENTICATED": 401, "RESOURCE_EXHAUSTED": 429, "UNIMPLEMENTED": 501,
@@ -116,6 +122,8 @@ class DemoHandler(BaseHTTPRequestHandler):
         if path in STATIC:
             name, content_type = STATIC[path]
             self._send(200, (HERE / "static" / name).read_bytes(), content_type)
+        elif path == "/api/live":
+            self._live()
         elif path == "/api/models":
             try:
                 models = self.server.client.models.list(timeout=10)
@@ -127,6 +135,48 @@ class DemoHandler(BaseHTTPRequestHandler):
                                         for m in models]})
         else:
             self._json(404, {"error": f"no such page: {path}", "code": "NOT_FOUND", "reason": ""})
+
+    def _live(self) -> None:
+        """The WebSocket upgrade for live transcription; the session itself is live_session.py's."""
+        key = self.headers.get("Sec-WebSocket-Key")
+        if (self.headers.get("Upgrade", "").lower() != "websocket"
+                or "upgrade" not in self.headers.get("Connection", "").lower()
+                or self.headers.get("Sec-WebSocket-Version") != "13" or not ws.valid_client_key(key)):
+            self._json(400, {"error": "/api/live takes a WebSocket (version 13) connection", "code": "INVALID_ARGUMENT",
+                             "reason": ""})
+            return
+        origin = self.headers.get("Origin")
+        if origin is not None and urlsplit(origin).netloc != self.headers.get("Host"):
+            # Another site's page must not stream through this bridge with the user's browser.
+            self._json(403, {"error": "a live session must come from this demo's own page", "code": "PERMISSION_DENIED",
+                             "reason": ""})
+            return
+        self.send_response(101)
+        self.send_header("Upgrade", "websocket")
+        self.send_header("Connection", "Upgrade")
+        self.send_header("Sec-WebSocket-Accept", ws.accept_key(key))
+        self.end_headers()
+        self.wfile.flush()
+        self.close_connection = True
+        limits = self.server.live_limits
+        session = live.LiveSession(self.connection, self.server.client.transcribe_live, limits)
+        # Errors found before the call starts go to the page over the socket: a browser's
+        # WebSocket cannot read the body of a refused handshake.
+        if not self.server.live_slots.acquire(blocking=False):
+            session.refuse(live.BridgeError(f"{limits.max_sessions} live sessions are open, the most this demo "
+                                            "serves at once; try again when one ends", "RESOURCE_EXHAUSTED",
+                                            "TOO_MANY_STREAMS", ws.TRY_AGAIN_LATER))
+            return
+        try:
+            rate, options = live.parse_query(self._query(), limits)
+        except live.BridgeError as error:
+            self.server.live_slots.release()
+            session.refuse(error)
+            return
+        try:
+            session.run(rate, options)
+        finally:
+            self.server.live_slots.release()
 
     def do_POST(self) -> None:
         path = urlsplit(self.path).path
@@ -153,12 +203,19 @@ class DemoHandler(BaseHTTPRequestHandler):
 
     def _transcribe(self, body: bytes, query: dict[str, str]) -> None:
         client = self.server.client
+        try:
+            chunk_length_s = float(query["chunk_length_s"]) if query.get("chunk_length_s") else None
+        except ValueError:
+            self._json(400, {"error": "chunk_length_s must be a number of seconds", "code": "INVALID_ARGUMENT",
+                             "reason": "INVALID_PARAMETER"})
+            return
 
         def events() -> Iterator[tuple[str, Any]]:
             try:
                 stream = client.transcribe(body, model=query.get("model", ""), stream=True,
                                            return_timestamps=query.get("timestamps") or True,
-                                           language=query.get("language") or None, timeout=3600)
+                                           language=query.get("language") or None, chunk_length_s=chunk_length_s,
+                                           timeout=3600)
                 try:
                     for message in stream:
                         if message.HasField("segment"):
@@ -206,15 +263,19 @@ class DemoHandler(BaseHTTPRequestHandler):
 class DemoServer(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, address: tuple[str, int], client: Client, verbose: bool = False) -> None:
+    def __init__(self, address: tuple[str, int], client: Client, verbose: bool = False,
+                 live_limits: live.LiveLimits = live.LiveLimits()) -> None:
         super().__init__(address, DemoHandler)
         self.client = client
         self.verbose = verbose
+        self.live_limits = live_limits
+        self.live_slots = threading.BoundedSemaphore(live_limits.max_sessions)
 
 
-def make_server(grpc_target: str, host: str = "127.0.0.1", port: int = 8000, **client_options: Any) -> DemoServer:
+def make_server(grpc_target: str, host: str = "127.0.0.1", port: int = 8000,
+                live_limits: live.LiveLimits = live.LiveLimits(), **client_options: Any) -> DemoServer:
     """A demo server bound to host:port (0 = a free port), talking to the gRPC server."""
-    return DemoServer((host, port), Client(grpc_target, **client_options))
+    return DemoServer((host, port), Client(grpc_target, **client_options), live_limits=live_limits)
 
 
 def serve_in_thread(server: DemoServer) -> threading.Thread:

@@ -149,9 +149,40 @@ class SyncCalls(CallsBase):
                     call.cancel()  # no-op when the stream completed; stops the server's work otherwise
             self._wait(attempts.backoff())
 
-    def _bidi(self, service: str, method: str, requests: Iterator[Any], timeout: float | None) -> Iterator[Any]:
+    def _bidi(self, service: str, method: str, requests: Iterator[Any], timeout: float | None) -> "BidiStream":
         # Never retried: the request iterator cannot be replayed.
-        return self._stream(service, method, requests, timeout, NO_RETRY)
+        call = self._stubs.method(service, method)(requests, timeout=self.timeout if timeout is None else timeout,
+                                                   metadata=self._metadata)
+        return BidiStream(call, method)
+
+
+class BidiStream(Iterator[Any]):
+    """The responses of a bidirectional call. Unlike a generator, cancel() may be called from
+    any thread while another waits for the next message (a bridge relaying a live stream
+    cancels it when its own peer goes away); that wait then raises PipeserveError (CANCELLED).
+    close() is cancel() (the call stops on the server), so it can be used like a generator."""
+
+    def __init__(self, call: Any, method: str) -> None:
+        self._call, self._method, self._received = call, method, 0
+
+    def __iter__(self) -> "BidiStream":
+        return self
+
+    def __next__(self) -> Any:
+        try:
+            message = next(self._call)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc, self._method, received=self._received) from None
+        self._received += 1
+        return message
+
+    def cancel(self) -> None:
+        self._call.cancel()  # a no-op once the call has ended
+
+    close = cancel
+
+    def __del__(self) -> None:
+        self._call.cancel()  # as a generator's `finally` would: an abandoned stream stops
 
 
 class AsyncCalls(CallsBase):

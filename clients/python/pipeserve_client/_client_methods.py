@@ -85,7 +85,8 @@ class ClientMethods(SyncCalls):
                         **options: Any) -> Iterator[speech_recognition_pb2.StreamingTranscribeResponse]:
         """Live audio: `chunks` yields numpy arrays (float32 or int16) or float32 PCM bytes as
         they are captured; yields interim and final segments, then `done` after the last chunk.
-        Options are those of transcribe()."""
+        Options are those of transcribe(). Client's stream also has cancel(), which ends the call
+        from any thread (AsyncClient's: leave the loop, or cancel the task)."""
         request, timeout = _methods.transcribe_live(chunks, sampling_rate=sampling_rate, channels=channels,
                                                     model=model, interim_interval_s=interim_interval_s,
                                                     request_id=request_id, timeout=timeout, **options)

@@ -112,7 +112,8 @@ def transcribe_live(chunks: Iterable[Any], *, sampling_rate: int, channels: int 
                     **options: Any) -> Call:
     """Live audio: `chunks` yields numpy arrays (float32 or int16) or float32 PCM bytes as
     they are captured; yields interim and final segments, then `done` after the last chunk.
-    Options are those of transcribe()."""
+    Options are those of transcribe(). Client's stream also has cancel(), which ends the call
+    from any thread (AsyncClient's: leave the loop, or cancel the task)."""
     requests: Iterator[Any] = build.live_requests(chunks, sampling_rate=sampling_rate, channels=channels,
                                                   model=model, request_id=request_id,
                                                   interim_interval_s=interim_interval_s, options=options)

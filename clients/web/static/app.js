@@ -1,5 +1,6 @@
 // The demo page: uploads go to the HTTP bridge (demo.py), which calls the gRPC service;
-// streams come back as Server-Sent Events read with fetch().
+// streams come back as Server-Sent Events read with fetch(); the live microphone streams
+// both ways over a WebSocket.
 
 const $ = (id) => document.getElementById(id);
 
@@ -108,37 +109,63 @@ $('image-run').addEventListener('click', async () => {
 
 // --- speech recognition --------------------------------------------------------------------
 
-async function transcribe(blob) {
+function asrOptions() {
+  const options = { model: $('asr-model').value, timestamps: $('asr-timestamps').value };
+  if ($('asr-chunk').value) options.chunk_length_s = $('asr-chunk').value;
+  return options;
+}
+
+/** Shows a segment; one with the id of a shown segment replaces it (interim -> final). In a
+ * live stream every interim decode resends all interim segments, so interim items from an
+ * earlier decode (an older audio_received_s) that this one did not resend are dropped. */
+function showSegment(data) {
   const list = $('asr-segments');
-  list.replaceChildren();
+  const id = data.id ?? String(list.children.length);
+  if (!data.is_final && data.audio_received_s !== undefined) {
+    for (const stale of list.querySelectorAll('li.interim')) {
+      if (stale.dataset.id !== id && Number(stale.dataset.received) < data.audio_received_s) stale.remove();
+    }
+  }
+  let item = list.querySelector(`li[data-id="${CSS.escape(id)}"]`);
+  if (!item) {
+    item = document.createElement('li');
+    item.dataset.id = id;
+    list.append(item);
+  }
+  item.dataset.received = data.audio_received_s ?? 0;
+  item.classList.toggle('interim', !data.is_final);
+  const end = data.end_s === undefined ? '…' : clock(data.end_s);
+  const time = document.createElement('span');
+  time.className = 'time';
+  time.textContent = `[${clock(data.start_s ?? 0)} → ${end}]`;
+  item.replaceChildren(time, document.createTextNode(` ${(data.text ?? '').trim()}`));
+}
+
+function showDone(data) {
+  // Everything is final now: an interim the last decode left behind is no longer meant.
+  $('asr-segments').querySelectorAll('li.interim').forEach((item) => item.remove());
+  const t = data.transcription ?? {};
+  $('asr-transcript').textContent = (t.text ?? '').trim();
+  setStatus('asr-status', `done: ${(t.duration_s ?? 0).toFixed(1)} s of audio${t.language ? `, language ${t.language}` : ''}`);
+}
+
+function clearTranscript() {
+  $('asr-segments').replaceChildren();
   $('asr-transcript').textContent = '';
+}
+
+async function transcribe(blob) {
+  clearTranscript();
   setStatus('asr-status', 'uploading…');
-  const params = new URLSearchParams({ model: $('asr-model').value, timestamps: $('asr-timestamps').value });
+  const params = new URLSearchParams(asrOptions());
   try {
     const response = await fetch(`/api/transcribe?${params}`, { method: 'POST', body: blob });
-    let count = 0;
     for await (const { event, data } of serverSentEvents(response)) {
       if (event === 'segment') {
-        // A later segment with the same id replaces an interim one.
-        let item = list.querySelector(`li[data-id="${CSS.escape(data.id ?? String(count))}"]`);
-        if (!item) {
-          item = document.createElement('li');
-          item.dataset.id = data.id ?? String(count);
-          list.append(item);
-          count += 1;
-        }
-        item.classList.toggle('interim', !data.is_final);
-        const end = data.end_s === undefined ? '…' : clock(data.end_s);
-        item.innerHTML = '';
-        const time = document.createElement('span');
-        time.className = 'time';
-        time.textContent = `[${clock(data.start_s ?? 0)} → ${end}]`;
-        item.append(time, document.createTextNode(` ${(data.text ?? '').trim()}`));
+        showSegment(data);
         setStatus('asr-status', `transcribing… ${clock(data.end_s ?? data.start_s ?? 0)}`);
       } else if (event === 'done') {
-        const t = data.transcription ?? {};
-        $('asr-transcript').textContent = (t.text ?? '').trim();
-        setStatus('asr-status', `done: ${(t.duration_s ?? 0).toFixed(1)} s of audio${t.language ? `, language ${t.language}` : ''}`);
+        showDone(data);
       } else if (event === 'error') {
         setStatus('asr-status', describeError(data), true);
       }
@@ -154,51 +181,179 @@ $('asr-run').addEventListener('click', () => {
   return transcribe(file);
 });
 
-/** 16-bit PCM WAV from mono float samples (what any server-side decoder reads). */
-function wav(samples, rate) {
-  const buffer = new ArrayBuffer(44 + samples.length * 2);
-  const view = new DataView(buffer);
-  const text = (offset, s) => [...s].forEach((c, i) => view.setUint8(offset + i, c.charCodeAt(0)));
-  text(0, 'RIFF'); view.setUint32(4, 36 + samples.length * 2, true); text(8, 'WAVE');
-  text(12, 'fmt '); view.setUint32(16, 16, true); view.setUint16(20, 1, true); view.setUint16(22, 1, true);
-  view.setUint32(24, rate, true); view.setUint32(28, rate * 2, true); view.setUint16(32, 2, true); view.setUint16(34, 16, true);
-  text(36, 'data'); view.setUint32(40, samples.length * 2, true);
-  samples.forEach((v, i) => view.setInt16(44 + i * 2, Math.max(-1, Math.min(1, v)) * 0x7fff, true));
-  return new Blob([buffer], { type: 'audio/wav' });
+// --- live microphone -------------------------------------------------------------------------
+// Audio goes to the bridge over a WebSocket as it is captured (mono float32, ~0.1 s per
+// message); the bridge relays it to StreamingTranscribe and sends back interim and final
+// segments (protocol: clients/web/live_session.py).
+
+const LIVE_CHUNK_S = 0.1;
+// Unsent audio the socket may hold (~16 s at 16 kHz) before the page gives up: the network or
+// the bridge is not keeping up, and a transcript that far behind is no longer live.
+const LIVE_MAX_BUFFERED_BYTES = 1 << 20;
+
+function microphoneError(error) {
+  if (error.name === 'NotAllowedError' || error.name === 'SecurityError') {
+    return 'microphone access was denied: allow it for this page in the browser, then try again';
+  }
+  if (error.name === 'NotFoundError') return 'no microphone was found';
+  return `cannot use the microphone: ${error.message}`;
 }
 
-let recording = null;
-$('asr-record').addEventListener('click', async () => {
-  const button = $('asr-record');
-  if (recording) {
-    const { stream, context, processor, chunks } = recording;
-    recording = null;
-    processor.disconnect();
+/** Starts capturing; onSamples(Float32Array, rate) gets mono samples as they are captured. */
+async function startCapture(onSamples) {
+  if (!navigator.mediaDevices?.getUserMedia) {
+    throw Object.assign(new Error('this page must be opened over https or on localhost to use the microphone'),
+      { name: 'SecurityError' });
+  }
+  const stream = await navigator.mediaDevices.getUserMedia({
+    audio: { channelCount: 1, echoCancellation: false, noiseSuppression: false, autoGainControl: false },
+  });
+  let context;
+  let source;
+  try {
+    // The model's rate: the browser resamples, and a third of the audio crosses the network.
+    context = new AudioContext({ sampleRate: 16000 });
+    source = context.createMediaStreamSource(stream);
+  } catch {
+    // Some browsers cannot connect a microphone to a context at another rate: send the
+    // device's rate and let the server resample.
+    await context?.close();
+    context = new AudioContext();
+    source = context.createMediaStreamSource(stream);
+  }
+  let node;
+  if (context.audioWorklet) {
+    await context.audioWorklet.addModule('/capture-worklet.js');
+    node = new AudioWorkletNode(context, 'pipeserve-capture');
+    node.port.onmessage = (event) => onSamples(event.data, context.sampleRate);
+  } else { // older browsers
+    node = context.createScriptProcessor(4096, 1, 1);
+    node.onaudioprocess = (event) => {
+      onSamples(new Float32Array(event.inputBuffer.getChannelData(0)), context.sampleRate);
+    };
+  }
+  source.connect(node);
+  node.connect(context.destination); // outputs silence; a processing node runs only when connected
+  const stop = async () => {
+    source.disconnect();
+    node.disconnect();
     stream.getTracks().forEach((track) => track.stop());
     await context.close();
-    button.textContent = '● Record';
-    button.classList.remove('recording');
-    const samples = new Float32Array(chunks.reduce((n, c) => n + c.length, 0));
-    let offset = 0;
-    for (const chunk of chunks) { samples.set(chunk, offset); offset += chunk.length; }
-    return transcribe(wav(samples, context.sampleRate));
-  }
+  };
+  return { rate: context.sampleRate, stop };
+}
+
+let live = null;
+
+function setLiveButton(state) {
+  const button = $('asr-record');
+  button.textContent = { idle: '● Live from microphone', recording: '■ Stop', finishing: 'finishing…' }[state];
+  button.classList.toggle('recording', state === 'recording');
+  button.disabled = state === 'finishing';
+}
+
+async function startLive() {
+  clearTranscript();
+  setStatus('asr-status', 'starting the microphone…');
+  const session = { pending: [], pendingLength: 0, sent: 0, finished: false, failed: false };
+  live = session;
+  setLiveButton('finishing');
   try {
-    const stream = await navigator.mediaDevices.getUserMedia({ audio: true });
-    const context = new AudioContext();
-    const source = context.createMediaStreamSource(stream);
-    const processor = context.createScriptProcessor(4096, 1, 1);
-    const chunks = [];
-    processor.onaudioprocess = (e) => chunks.push(new Float32Array(e.inputBuffer.getChannelData(0)));
-    source.connect(processor);
-    processor.connect(context.destination);
-    recording = { stream, context, processor, chunks };
-    button.textContent = '■ Stop and transcribe';
-    button.classList.add('recording');
-    setStatus('asr-status', 'recording…');
+    session.capture = await startCapture((samples, rate) => queueSamples(session, samples, rate));
   } catch (error) {
-    setStatus('asr-status', `cannot record: ${error.message}`, true);
+    live = null;
+    setLiveButton('idle');
+    setStatus('asr-status', microphoneError(error), true);
+    return;
   }
+  const params = new URLSearchParams({ ...asrOptions(), rate: session.capture.rate });
+  const scheme = location.protocol === 'https:' ? 'wss' : 'ws';
+  const socket = new WebSocket(`${scheme}://${location.host}/api/live?${params}`);
+  socket.binaryType = 'arraybuffer';
+  session.socket = socket;
+  socket.onopen = () => {
+    session.opened = true;
+    setLiveButton('recording');
+    setStatus('asr-status', 'listening…');
+    flushSamples(session);
+  };
+  socket.onmessage = (message) => {
+    const { event, data } = JSON.parse(message.data);
+    if (event === 'segment') {
+      showSegment(data);
+      if (!session.stopping) setStatus('asr-status', `listening… ${data.audio_received_s.toFixed(1)} s heard`);
+    } else if (event === 'stopped') {
+      setStatus('asr-status', `${data.message}; finishing…`);
+      endCapture(session);
+    } else if (event === 'done') {
+      session.finished = true;
+      showDone(data);
+    } else if (event === 'error') {
+      session.failed = true;
+      setStatus('asr-status', describeError(data), true);
+    }
+  };
+  socket.onclose = (event) => {
+    endCapture(session);
+    if (!session.finished && !session.failed) {
+      setStatus('asr-status', !session.opened
+        ? 'the demo server is not reachable (is demo.py running?)'
+        : `the live session ended before its transcription (connection closed, code ${event.code}`
+          + `${event.reason ? `: ${event.reason}` : ''})`, true);
+    }
+    if (live === session) live = null;
+    setLiveButton('idle');
+  };
+}
+
+function queueSamples(session, samples, rate) {
+  if (session.stopSent) return; // blocks still in flight when the capture stopped
+  session.pending.push(samples);
+  session.pendingLength += samples.length;
+  // Before the socket opens (capture starts first, so a permission prompt cannot run into the
+  // bridge's idle timeout) samples wait here and go in the first message.
+  if (session.pendingLength >= LIVE_CHUNK_S * rate) flushSamples(session);
+}
+
+/** Sends the samples captured so far as one message, once the socket is open. */
+function flushSamples(session) {
+  const { socket } = session;
+  if (!socket || socket.readyState !== WebSocket.OPEN || !session.pendingLength) return;
+  if (socket.bufferedAmount > LIVE_MAX_BUFFERED_BYTES) {
+    session.failed = true;
+    setStatus('asr-status', 'the connection to the demo server cannot keep up with the microphone', true);
+    endCapture(session);
+    socket.close(1000);
+    return;
+  }
+  const chunk = new Float32Array(session.pendingLength);
+  let offset = 0;
+  for (const part of session.pending) { chunk.set(part, offset); offset += part.length; }
+  session.pending = [];
+  session.pendingLength = 0;
+  socket.send(chunk.buffer);
+  session.sent += chunk.length;
+}
+
+async function endCapture(session) {
+  if (session.captureEnded) return;
+  session.captureEnded = true;
+  await session.capture?.stop().catch(() => {});
+}
+
+async function stopLive(session) {
+  session.stopping = true;
+  setLiveButton('finishing');
+  setStatus('asr-status', 'finishing…');
+  await endCapture(session);
+  flushSamples(session);
+  session.stopSent = true;
+  if (session.socket.readyState === WebSocket.OPEN) session.socket.send(JSON.stringify({ type: 'stop' }));
+}
+
+$('asr-record').addEventListener('click', () => {
+  if (!live) return startLive();
+  if (live.socket?.readyState === WebSocket.OPEN && !live.stopping) return stopLive(live);
   return undefined;
 });
 
