@@ -46,8 +46,7 @@ def request(prompt_len: int = 4, max_new_tokens: int = 6, n: int = 1) -> Request
 def submit(scheduler: Scheduler, *handles: RequestHandle) -> None:
     for handle in handles:
         scheduler.check(handle.prompt_ids, handle.params)
-        with scheduler.lock:
-            scheduler.enqueue(handle)
+        scheduler.enqueue(handle)
 
 
 def joined_handles(admission) -> list[RequestHandle]:
@@ -115,7 +114,8 @@ def test_queue_full_past_max_queued_and_after_close():
     assert len(scheduler.waiting) == 2
     scheduler.admit()
     submit(scheduler, request())  # room again once the queue moved into the batch
-    scheduler.closed = True
+    scheduler.close()
+    assert not scheduler.wait_for_work(), "a closed scheduler sends the engine home"
     with pytest.raises(QueueFull, match="shut down"):
         submit(scheduler, request())
 

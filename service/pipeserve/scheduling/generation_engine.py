@@ -51,25 +51,25 @@ class GenerationEngine:
                                    max_batch_size=max_batch_size, max_batch_tokens=max_batch_tokens,
                                    max_queued=max_queued)
         self._thread: threading.Thread | None = None
+        self._thread_lock = threading.Lock()  # the thread starts with the first request
 
     # ---- public API -------------------------------------------------------------------
     def submit(self, prompt_ids: list[int], params: GenerationParams) -> RequestHandle:
         self.scheduler.check(prompt_ids, params)
         handle = RequestHandle(prompt_ids, params)
-        with self.scheduler.lock:
-            self.scheduler.enqueue(handle)
+        self.scheduler.enqueue(handle)
+        with self._thread_lock:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="generation-engine", daemon=True)
                 self._thread.start()
-            self.scheduler.lock.notify()
         return handle
 
     def close(self) -> None:
-        with self.scheduler.lock:
-            self.scheduler.closed = True
-            self.scheduler.lock.notify()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
+        self.scheduler.close()
+        with self._thread_lock:
+            thread = self._thread
+        if thread is not None:
+            thread.join(timeout=10)
 
     def queued(self) -> int:
         return len(self.scheduler.waiting)
@@ -103,12 +103,7 @@ class GenerationEngine:
     def _run(self) -> None:
         scheduler = self.scheduler
         with torch.inference_mode():
-            while True:
-                with scheduler.lock:
-                    while not scheduler.closed and scheduler.idle():
-                        scheduler.lock.wait()
-                    if scheduler.closed:
-                        break
+            while scheduler.wait_for_work():
                 try:
                     compute.call(self._iteration)  # one compute-lane task per iteration
                 except Exception as exc:  # a bug here must not leave callers waiting forever

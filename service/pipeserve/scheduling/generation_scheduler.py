@@ -46,8 +46,8 @@ class Admission:
 
 
 class Scheduler:
-    """Queue, batch membership and slots. submit() and the counters are thread-safe; the rest
-    is called by the engine's thread only."""
+    """Queue, batch membership and slots. check(), enqueue() and close() are called from any
+    thread; the rest by the engine's thread only."""
 
     def __init__(self, slots: SlotAllocator, new_sequence: SequenceFactory, *, max_positions: int,
                  max_batch_size: int, max_batch_tokens: int, max_queued: int):
@@ -61,7 +61,7 @@ class Scheduler:
         # Groups of joined requests whose prompts are still being passed, oldest first; a group's
         # requests have prompts of equal length and share each pass (one list of sequences each).
         self.prefilling: list[list[list[Sequence]]] = []
-        self.lock = threading.Condition()  # guards `waiting`; the engine waits on it when idle
+        self.lock = threading.Condition()  # guards `waiting` and `closed`; the engine waits on it when idle
         self.closed = False
 
     # ---- callers' side (any thread) --------------------------------------------------
@@ -79,16 +79,31 @@ class Scheduler:
                                f"{self.max_batch_tokens} tokens at once (lower max_new_tokens or num_return_sequences)")
 
     def enqueue(self, handle: RequestHandle) -> None:
-        """Puts the request at the back of the queue (call with `lock` held)."""
-        if self.closed:
-            raise QueueFull("the generation engine is shut down")
-        if len(self.waiting) >= self.max_queued:
-            raise QueueFull(f"{self.max_queued} generation requests are already waiting for this model",
-                            metadata={"limit": self.max_queued, "retry_after_ms": 500})
-        self.waiting.append(handle)
+        """Puts the request at the back of the queue and wakes the engine."""
+        with self.lock:
+            if self.closed:
+                raise QueueFull("the generation engine is shut down")
+            if len(self.waiting) >= self.max_queued:
+                raise QueueFull(f"{self.max_queued} generation requests are already waiting for this model",
+                                metadata={"limit": self.max_queued, "retry_after_ms": 500})
+            self.waiting.append(handle)
+            self.lock.notify()
+
+    def close(self) -> None:
+        """Refuses new requests from now on and wakes the engine to wind down."""
+        with self.lock:
+            self.closed = True
+            self.lock.notify()
 
     def idle(self) -> bool:
         return not self.waiting and not self.active
+
+    def wait_for_work(self) -> bool:
+        """Blocks the engine's thread while there is nothing to do; False once closed."""
+        with self.lock:
+            while not self.closed and self.idle():
+                self.lock.wait()
+            return not self.closed
 
     # ---- the engine's thread ---------------------------------------------------------
     def cancelled(self) -> list[Sequence]:
