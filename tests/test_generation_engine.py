@@ -121,7 +121,7 @@ def test_prompts_of_equal_length_share_one_prompt_pass(pipe):
     try:
         # queued before the engine thread starts, so that they join in one admission round
         early = [RequestHandle(p, params) for p in prompts[:2]]
-        engine._waiting.extend(early)
+        engine.scheduler.waiting.extend(early)
         last = engine.submit(prompts[2], params)
         together = [_tokens(h)[0] for h in early + [last]]
         assert together == alone

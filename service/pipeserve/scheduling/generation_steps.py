@@ -1,0 +1,138 @@
+"""Running the model for the generation engine: one prompt chunk of a group of joining requests,
+one decoding step of every decoding sequence, and each sequence's next-token choice from the
+logits that step produced.
+
+A prompt is passed `prefill_chunk` tokens at a time (one chunk per engine iteration, so that the
+running streams are not stalled by a long prompt), one row per request; when the last chunk is
+through, a request's extra sequences (num_return_sequences) copy its first sequence's cache. A
+decoding step feeds each sequence its last token and writes one key/value per layer at that
+sequence's own position. The step's scores come from the model's float32 head, or for rows
+whose choice is a plain argmax from its verified head when it has one (layers/verified_head.py:
+the float32 argmax at half the head's bytes). The time each pass took is charged to the requests
+it served (`compute_s`, `max_batch`).
+
+The model is any causal LM with the engine's contract (models/causal_lm.py CausalLM: `hidden`,
+`lm_head`, forward with `last_only`, `max_positions`, optional `verified_head`).
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Callable
+
+import torch
+
+from ..checkpoints.weights import module_device
+from ..layers.kv_cache import KVCache
+from .generation import Choice, GenerationParams, TokenChooser
+from .generation_requests import RequestHandle, Sequence
+
+RECENT_BATCH_SIZES = 256
+
+
+def argmax_only(seq: Sequence) -> bool:
+    """The sequence's next token is the argmax of its logits, with at most the end-of-sequence
+    tokens masked (min_new_tokens), and nothing else reads them: greedy, no penalty or n-gram
+    rule, no log-probabilities."""
+    p = seq.params
+    return (not p.do_sample and p.repetition_penalty == 1.0 and p.no_repeat_ngram_size == 0
+            and not p.return_logprobs)
+
+
+def eos_masks(seqs: list[Sequence], vocab: int) -> Callable[[torch.Tensor], None]:
+    """The min_new_tokens rule of these rows, applied to screened scores before the verified
+    head picks the tokens to recompute (the chooser applies it again: idempotent)."""
+    rows = []
+    for k, seq in enumerate(seqs):
+        p = seq.params
+        if p.min_new_tokens > 0 and not p.ignore_eos and seq.generated < p.min_new_tokens:
+            rows.append((k, [i for i in p.eos_token_ids if i < vocab]))
+
+    def mask(scores: torch.Tensor) -> None:
+        for k, ids in rows:
+            scores[k, ids] = -math.inf
+    return mask
+
+
+class StepRunner:
+    """Model passes over the engine's KV cache. Called by the engine's thread only."""
+
+    def __init__(self, model, cache: KVCache, *, prefill_chunk: int = 512):
+        self.model = model
+        self.cache = cache
+        # Prompt tokens per row passed in one engine iteration.
+        self.prefill_chunk = prefill_chunk
+        self.device = next(model.parameters()).device
+        self.steps = 0  # decode steps run (for tests and metrics)
+        self.batch_sizes: list[int] = []  # recent decode batch sizes
+
+    def chooser(self, params: GenerationParams, index: int) -> TokenChooser:
+        """Sequence `index`'s next-token rule; its sampler is seeded with seed + index, on the
+        device the logits come from."""
+        return TokenChooser(params, (params.seed + index) % 2 ** 64, module_device(self.model.lm_head))
+
+    def prefill(self, group: list[list[Sequence]]) -> torch.Tensor | None:
+        """Passes the next chunk of the group's prompts (equal lengths; one list of sequences
+        per request, whose first sequence carries the pass). Returns the last position's logits
+        [requests, V] once the prompts are through, every sequence then decoding; else None."""
+        firsts = [seqs[0] for seqs in group]
+        done = self.cache.lengths[firsts[0].slot]
+        prompt_len = len(firsts[0].handle.prompt_ids)
+        end = min(prompt_len, done + self.prefill_chunk)
+        started = time.perf_counter()
+        ids = torch.tensor([s.handle.prompt_ids[done:end] for s in firsts], device=self.device)
+        view = self.cache.view([s.slot for s in firsts], end - done)
+        logits = self.model(ids, view, last_only=True)[:, -1]  # [B, V]
+        view.commit()
+        self._charge({s.handle for s in firsts}, time.perf_counter() - started, len(group))
+        if end < prompt_len:
+            return None
+        for seqs in group:
+            for seq in seqs[1:]:
+                self.cache.copy_slot(seqs[0].slot, seq.slot)
+            for seq in seqs:
+                seq.decoding = True
+        return logits
+
+    def decode(self, seqs: list[Sequence]) -> torch.Tensor:
+        """One decoding step: each sequence's last token in, its next scores [B, V] float32 out."""
+        started = time.perf_counter()
+        ids = torch.tensor([[s.last] for s in seqs], device=self.device)
+        view = self.cache.view([s.slot for s in seqs], 1)
+        logits = self._scores(self.model.hidden(ids, view)[:, -1], seqs)  # [B, V]
+        view.commit()
+        self.steps += 1
+        self.batch_sizes = (self.batch_sizes + [len(seqs)])[-RECENT_BATCH_SIZES:]
+        self._charge({s.handle for s in seqs}, time.perf_counter() - started, len(seqs))
+        return logits
+
+    def choose(self, seq: Sequence, logits: torch.Tensor) -> Choice:
+        """The sequence's next token from its logits [1, V] (penalties, warpers, sampling)."""
+        params = seq.params
+        needs_ids = params.repetition_penalty != 1.0 or params.no_repeat_ngram_size > 0
+        input_ids = torch.tensor([seq.ids], device=logits.device) if needs_ids else None
+        return seq.chooser.choose(logits, input_ids, seq.generated)
+
+    def _scores(self, hidden: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """The step's scores [B, V] float32 from the final hidden states [B, C]: rows whose
+        next token is a plain argmax go through the model's verified head when it has one, the
+        others through the float32 head."""
+        head = getattr(self.model, "verified_head", None)
+        screened = [i for i, seq in enumerate(seqs) if head is not None and argmax_only(seq)]
+        if not screened:
+            return self.model.lm_head(hidden).float()
+        vocab = head.weight.shape[0]
+        exact = sorted(set(range(len(seqs))) - set(screened))
+        if not exact:
+            return head.scores(hidden, eos_masks(seqs, vocab), self.model.lm_head)
+        logits = torch.empty(len(seqs), vocab, device=hidden.device)
+        logits[screened] = head.scores(hidden[screened], eos_masks([seqs[i] for i in screened], vocab),
+                                       self.model.lm_head)
+        logits[exact] = self.model.lm_head(hidden[exact]).float()
+        return logits
+
+    @staticmethod
+    def _charge(handles: set[RequestHandle], elapsed: float, batch: int) -> None:
+        for handle in handles:
+            handle.compute_s += elapsed
+            handle.max_batch = max(handle.max_batch, batch)
