@@ -70,7 +70,11 @@ def fetch(repo_id: str, revision: str | None, folder: Path) -> bool:
         return False
     partial = folder.with_name(f".partial-{folder.name}")
     shutil.rmtree(partial, ignore_errors=True)
-    snapshot_download(repo_id, revision=revision, local_dir=str(partial), allow_patterns=ALLOW_PATTERNS)
+    try:
+        snapshot_download(repo_id, revision=revision, local_dir=str(partial), allow_patterns=ALLOW_PATTERNS)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)  # a retry starts clean; nothing half-written stays
+        raise
     shutil.rmtree(partial / ".cache", ignore_errors=True)  # huggingface_hub's download bookkeeping
     (partial / SOURCE_FILE).write_text(source + "\n")
     if folder.exists():
