@@ -114,7 +114,8 @@ class TelemetryInterceptor(grpc.aio.ServerInterceptor):
 
             def counted(self, requests: Any) -> Any:
                 """A streamed request with each message counted as it arrives (unary requests
-                were counted on arrival)."""
+                were counted on arrival). A reader/writer behaviour (context.read/write, as
+                grpc_health's Watch) bypasses the iterators: its messages are not counted."""
                 if this.metrics is None or not hasattr(requests, "__aiter__"):
                     return requests
                 received = this.metrics.grpc_received.labels(*grpc_labels)
