@@ -276,15 +276,11 @@ def test_json_formatter_outside_a_call_and_with_exceptions():
 def test_one_span_per_rpc_parented_on_the_callers_traceparent(vit_dir):
     pytest.importorskip("opentelemetry.sdk")
     from opentelemetry import trace
-    from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
     from pipeserve.v1 import image_classification_pb2_grpc
 
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    trace.set_tracer_provider(provider)
+    from ops_testing import in_memory_spans
+
+    exporter = in_memory_spans()
     handle = make_server(tracing=True)
     try:
         load_model(handle, vit_dir)

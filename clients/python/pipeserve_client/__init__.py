@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from ._channel import NO_RETRY, RetryPolicy
     from .aio import AsyncClient
     from .client import Client
+    from ._tracing import traceparent
     from .errors import (CallCancelledError, DeadlineExceededError, FailedPreconditionError, InputError,
                          InputFileError, InternalError, InvalidArgumentError, NotFoundError, PermissionDeniedError,
                          PipeserveError, ResourceExhaustedError, StreamInterruptedError, UnauthenticatedError,
@@ -24,10 +25,11 @@ if TYPE_CHECKING:
 
 # Names are imported on first use (PEP 562), so `pipeserve` (the CLI) can configure grpc's
 # logging before grpc is imported.
-_HOMES = {"NO_RETRY": "._channel", "RetryPolicy": "._channel", "AsyncClient": ".aio", "Client": ".client"}
+_HOMES = {"NO_RETRY": "._channel", "RetryPolicy": "._channel", "AsyncClient": ".aio", "Client": ".client",
+          "traceparent": "._tracing"}
 
 __all__ = [
-    "Client", "AsyncClient", "RetryPolicy", "NO_RETRY", "to_dict",
+    "Client", "AsyncClient", "RetryPolicy", "NO_RETRY", "to_dict", "traceparent",
     "PipeserveError", "InputError", "InputFileError", "InvalidArgumentError", "NotFoundError", "FailedPreconditionError",
     "PermissionDeniedError", "UnauthenticatedError", "ResourceExhaustedError", "UnavailableError",
     "StreamInterruptedError", "UnimplementedError", "CallCancelledError", "DeadlineExceededError", "InternalError",

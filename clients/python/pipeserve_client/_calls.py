@@ -11,6 +11,7 @@ import grpc
 
 from ._channel import NO_RETRY, Connection, RetryPolicy
 from ._services import StubCache
+from ._tracing import trace_metadata
 from .errors import PipeserveError, from_rpc_error
 
 
@@ -116,6 +117,10 @@ class CallsBase:
     def _attempts(self, method: str, timeout: float | None, policy: RetryPolicy | None = None) -> Attempts:
         return Attempts(policy or self.retry, self.timeout if timeout is None else timeout, method)
 
+    def _call_metadata(self) -> tuple[tuple[str, str], ...]:
+        """The connection's metadata plus the caller's W3C trace context, read per call."""
+        return self._metadata + trace_metadata()
+
 
 class SyncCalls(CallsBase):
     """The blocking loops: unary calls, and streams retried only before their first message."""
@@ -128,7 +133,7 @@ class SyncCalls(CallsBase):
         attempts = self._attempts(method, timeout)
         while True:
             with attempts.next() as attempt:
-                return rpc(request, timeout=attempt.timeout, metadata=self._metadata)
+                return rpc(request, timeout=attempt.timeout, metadata=self._call_metadata())
             self._wait(attempts.backoff())
 
     def _stream(self, service: str, method: str, request: Any, timeout: float | None,
@@ -139,7 +144,7 @@ class SyncCalls(CallsBase):
         attempts = self._attempts(method, timeout, policy)
         while True:
             with attempts.next() as attempt:
-                call = rpc(request, timeout=attempt.timeout, metadata=self._metadata)
+                call = rpc(request, timeout=attempt.timeout, metadata=self._call_metadata())
                 try:
                     for message in call:
                         attempt.received += 1
@@ -152,7 +157,7 @@ class SyncCalls(CallsBase):
     def _bidi(self, service: str, method: str, requests: Iterator[Any], timeout: float | None) -> "BidiStream":
         # Never retried: the request iterator cannot be replayed.
         call = self._stubs.method(service, method)(requests, timeout=self.timeout if timeout is None else timeout,
-                                                   metadata=self._metadata)
+                                                   metadata=self._call_metadata())
         return BidiStream(call, method)
 
 
@@ -196,7 +201,7 @@ class AsyncCalls(CallsBase):
         attempts = self._attempts(method, timeout)
         while True:
             with attempts.next() as attempt:
-                return await rpc(request, timeout=attempt.timeout, metadata=self._metadata)
+                return await rpc(request, timeout=attempt.timeout, metadata=self._call_metadata())
             await self._wait(attempts.backoff())
 
     async def _stream(self, service: str, method: str, request: Any, timeout: float | None,
@@ -205,7 +210,7 @@ class AsyncCalls(CallsBase):
         attempts = self._attempts(method, timeout, policy)
         while True:
             with attempts.next() as attempt:
-                call = rpc(request, timeout=attempt.timeout, metadata=self._metadata)
+                call = rpc(request, timeout=attempt.timeout, metadata=self._call_metadata())
                 try:
                     async for message in call:
                         attempt.received += 1

@@ -1,6 +1,8 @@
 """Logging: plain text for a terminal, or one JSON object per line for log collectors; every
 record carries the id of the request being handled (set per RPC by the telemetry interceptor
-from the request's `request_id` field or `x-request-id` metadata)."""
+from the request's `request_id` field or `x-request-id` metadata) and, when tracing is on, the
+OpenTelemetry trace and span ids of its span (set by tracing.rpc_span), so a log line can be
+found from a trace and the other way round."""
 from __future__ import annotations
 
 import datetime as dt
@@ -13,18 +15,25 @@ from ..bounds import MAX_LOG_MESSAGE_CHARS, MAX_LOG_VALUE_CHARS, for_log, shorte
 
 # The request being handled on this asyncio task ("" outside an RPC).
 request_id_var: ContextVar[str] = ContextVar("pipeserve_request_id", default="")
+# (trace_id, span_id) of the RPC's span as W3C hex (32 and 16 digits); None without tracing.
+trace_ids_var: ContextVar[tuple[str, str] | None] = ContextVar("pipeserve_trace_ids", default=None)
 
 # Attributes every LogRecord has; anything else on a record came from `extra=` and is emitted.
-_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime", "request_id"}
+_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime", "request_id",
+                                                                         "trace"}
 
 
 class RequestIdFilter(logging.Filter):
-    """Stamps each record with the current request id (a filter on the handler, so records of
-    every logger get it, including grpc's and torch's)."""
+    """Stamps each record with the current request id and, inside a traced RPC, its trace_id
+    and span_id (a filter on the handler, so records of every logger get them, including
+    grpc's and torch's)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if not getattr(record, "request_id", ""):
             record.request_id = request_id_var.get()
+        ids = trace_ids_var.get()
+        if ids is not None and not getattr(record, "trace_id", ""):
+            record.trace_id, record.span_id = ids
         return True
 
 
@@ -55,6 +64,8 @@ class TextFormatter(logging.Formatter):
 
     def formatMessage(self, record: logging.LogRecord) -> str:
         record.message = for_log(record.message, MAX_LOG_MESSAGE_CHARS)
+        trace_id = getattr(record, "trace_id", "")
+        record.trace = f" trace_id={trace_id} span_id={getattr(record, 'span_id', '')}" if trace_id else ""
         return super().formatMessage(record)
 
     def formatException(self, exc_info) -> str:
@@ -68,7 +79,8 @@ def bounded_traceback(text: str) -> str:
     return shorten("\n".join(lines), MAX_LOG_EXCEPTION_CHARS)
 
 
-TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s"
+# `trace` is " trace_id=... span_id=..." inside a traced RPC, else empty (TextFormatter sets it).
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s%(trace)s]: %(message)s"
 # A traceback is server code plus, in its last line, a message that may quote a client.
 MAX_LOG_EXCEPTION_CHARS = 8192
 

@@ -1,12 +1,19 @@
 """Prometheus metrics, served over HTTP on `Settings.metrics_listen` (off when empty).
 
 What is measured, and where it is recorded:
+- per RPC, under the de-facto names go-grpc-prometheus and py-grpc-prometheus export (so
+  stock gRPC dashboards and alerts work): grpc_server_started_total, grpc_server_handled_total
+  (with grpc_code), the grpc_server_handling_seconds histogram, grpc_server_msg_received_total
+  and grpc_server_msg_sent_total, labelled grpc_type/grpc_service/grpc_method;
 - per RPC (observability.TelemetryInterceptor): requests by service/method/status code,
   errors by code and ErrorInfo reason, latency histograms per task and model, time to the
   first streamed result, calls in flight;
 - per batch (DynamicBatcher.observer): batch sizes and time queued per model;
-- at scrape time (read from the manager and batcher, so never stale): queue depth per model,
-  resident bytes, state and in-flight calls per model.
+- at scrape time (read from the manager, batcher, admission gates and generation engines, so
+  never stale): queue depth per model (0 for an idle loaded model, so an autoscaler scaling on
+  it never sees the series vanish), resident bytes, state and in-flight calls per model;
+- the process (CPU, memory, file descriptors), the Python runtime and its garbage collector
+  (prometheus_client's standard collectors), and pipeserve_build_info{version,python,grpc,torch} 1.
 
 Each server gets its own CollectorRegistry, so several servers in one process (tests) never
 collide, and nothing is registered globally on import.
@@ -14,10 +21,14 @@ collide, and nothing is registered globally on import.
 from __future__ import annotations
 
 import logging
+import platform
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
 
 from ..bounds import metric_label
 from ..errors import PipeserveError
@@ -32,6 +43,9 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
                    120.0, 300.0)
 # Items per batch: powers of two up to the largest max_batch_size anyone sensibly configures.
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+# The grpc_type label of go-grpc-prometheus, by (request streaming, response streaming).
+GRPC_TYPES = {(False, False): "unary", (True, False): "client_stream", (False, True): "server_stream",
+              (True, True): "bidi_stream"}
 # Label for a model name the manager does not hold (a typo, a fuzzer): keeps cardinality bounded.
 UNKNOWN_MODEL = "unknown"
 
@@ -56,7 +70,24 @@ class Metrics:
                                     ["model", "method"], buckets=BATCH_BUCKETS, registry=r)
         self.queue_wait = Histogram("pipeserve_queue_wait_seconds", "Time an item waited for its batch to start.",
                                     ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        grpc_labels = ["grpc_type", "grpc_service", "grpc_method"]
+        self.grpc_started = Counter("grpc_server_started", "RPCs started on the server.", grpc_labels, registry=r)
+        self.grpc_handled = Counter("grpc_server_handled", "RPCs completed on the server, whatever their status.",
+                                    grpc_labels + ["grpc_code"], registry=r)
+        self.grpc_handling = Histogram("grpc_server_handling_seconds",
+                                       "Time the server took to handle an RPC, until its status.",
+                                       grpc_labels, buckets=LATENCY_BUCKETS, registry=r)
+        self.grpc_received = Counter("grpc_server_msg_received", "RPC request messages received on the server.",
+                                     grpc_labels, registry=r)
+        self.grpc_sent = Counter("grpc_server_msg_sent", "RPC response messages sent by the server.",
+                                 grpc_labels, registry=r)
+        # The standard process_*, python_info and python_gc_* series, on this registry (the
+        # global ones live on prometheus_client's default registry, which is not served).
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        GCCollector(registry=r)
         self._app: App | None = None
+        r.register(_BuildInfoCollector())
         r.register(_AppCollector(self))
         self.http_server: Any = None
         self.port = 0
@@ -114,6 +145,56 @@ def split_host_port(listen: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def build_labels() -> dict[str, str]:
+    """What this process runs: pipeserve's version and those of the runtimes that decide its
+    behaviour (read once; torch's only if it is already imported, it always is in a server)."""
+    import sys
+
+    import grpc
+
+    from .. import __version__
+
+    torch = sys.modules.get("torch")
+    return {"version": __version__, "python": platform.python_version(), "grpc": grpc.__version__,
+            "torch": getattr(torch, "__version__", "") if torch is not None else ""}
+
+
+class _BuildInfoCollector:
+    """pipeserve_build_info{version,python,grpc,torch} 1: the usual "info" gauge, joined on
+    `version` in queries (e.g. which replicas still run an old release)."""
+
+    def __init__(self) -> None:
+        self.labels = build_labels()
+
+    def collect(self):
+        info = GaugeMetricFamily("pipeserve_build_info", "The running pipeserve version and its runtimes.",
+                                 labels=list(self.labels))
+        info.add_metric(list(self.labels.values()), 1)
+        yield info
+
+
+def queue_depth_by_model(app: "App") -> dict[str, int]:
+    """Calls waiting for a model, from every queue that admits calls: the dynamic batcher, the
+    speech-recognition admission gates and each text-generation engine. Every model the
+    manager holds ready is present, 0 when idle: a series that vanished when idle would leave
+    an autoscaler (deploy/: HPA on pipeserve_queue_depth) with no sample instead of "no load"."""
+    depth: dict[str, int] = {}
+    for entry in app.manager.entries():
+        if entry.state.value == "ready":
+            depth[entry.name] = 0
+            # A pipeline with its own continuous-batching engine queues there, not in the batcher.
+            engine = getattr(entry.pipeline, "engine", None)
+            queued = getattr(engine, "queued", None)
+            if callable(queued):
+                depth[entry.name] += int(queued())
+    for model, waiting in app.batcher.depth_by_model().items():
+        depth[model] = depth.get(model, 0) + waiting
+    if app.admission is not None:
+        for model, (_running, waiting) in app.admission.depth_by_model().items():
+            depth[model] = depth.get(model, 0) + waiting
+    return depth
+
+
 class _AppCollector:
     """Gauges read from the manager and batcher when Prometheus scrapes."""
 
@@ -125,8 +206,9 @@ class _AppCollector:
 
     def collect(self):
         app = self.metrics._app
-        depth = GaugeMetricFamily("pipeserve_queue_depth", "Requests waiting in the batcher, per model.",
-                                  labels=["model"])
+        depth = GaugeMetricFamily("pipeserve_queue_depth",
+                                  "Calls waiting to run, per model (batcher, speech admission, generation "
+                                  "engine); 0 for an idle loaded model.", labels=["model"])
         resident = GaugeMetricFamily("pipeserve_model_resident_bytes",
                                      "Bytes of weights and buffers a loaded model holds on its device.",
                                      labels=["model", "task", "device", "dtype"])
@@ -134,7 +216,7 @@ class _AppCollector:
                                   labels=["model", "state"])
         busy = GaugeMetricFamily("pipeserve_model_in_flight", "Calls currently using each model.", labels=["model"])
         if app is not None:
-            for model, waiting in app.batcher.depth_by_model().items():
+            for model, waiting in queue_depth_by_model(app).items():
                 depth.add_metric([metric_label(model)], waiting)
             for entry in app.manager.entries():
                 described = entry.pipeline.describe() if entry.pipeline else {}

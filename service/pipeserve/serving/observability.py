@@ -1,8 +1,9 @@
 """The telemetry interceptor: for every RPC it fixes the request id (the request's
 `request_id` field, else `x-request-id` metadata, else a fresh one written back into the
 request so the response echoes it), makes it the logging context, opens an OpenTelemetry span
-when tracing is on, records Prometheus metrics when they are on, and writes one access-log
-line with the final status code. It is the outermost interceptor, so it sees the status the
+when tracing is on (its trace and span ids then stamp every log line of the call), records
+Prometheus metrics when they are on (pipeserve's own and the standard grpc_server_* ones,
+counting streamed messages each way), and writes one access-log line with the final status code. It is the outermost interceptor, so it sees the status the
 error interceptor (and authentication) produced."""
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import grpc
 from ..bounds import MAX_REQUEST_ID_CHARS, for_log
 from .interceptors import wrap_handler
 from .logs import request_id_var
-from .metrics import Metrics
+from .metrics import GRPC_TYPES, Metrics
 from .tracing import finish_span, rpc_span
 
 log = logging.getLogger("pipeserve.access")
@@ -77,6 +78,7 @@ class TelemetryInterceptor(grpc.aio.ServerInterceptor):
         task = self.tasks.get(service, "")
         quiet = method.startswith(OPEN_PREFIXES)
         this = self
+        grpc_labels = (GRPC_TYPES[(bool(handler.request_streaming), bool(handler.response_streaming))], service, name)
 
         class Call:
             """What one RPC records when it ends."""
@@ -106,6 +108,27 @@ class TelemetryInterceptor(grpc.aio.ServerInterceptor):
                 request_id_var.set(for_log(rid, MAX_REQUEST_ID_CHARS))  # own task per RPC: no reset
                 if this.metrics is not None:
                     this.metrics.in_flight.labels(service, name).inc()
+                    this.metrics.grpc_started.labels(*grpc_labels).inc()
+                    if hasattr(request, "DESCRIPTOR"):
+                        this.metrics.grpc_received.labels(*grpc_labels).inc()
+
+            def counted(self, requests: Any) -> Any:
+                """A streamed request with each message counted as it arrives (unary requests
+                were counted on arrival). A reader/writer behaviour (context.read/write, as
+                grpc_health's Watch) bypasses the iterators: its messages are not counted."""
+                if this.metrics is None or not hasattr(requests, "__aiter__"):
+                    return requests
+                received = this.metrics.grpc_received.labels(*grpc_labels)
+
+                async def each():
+                    async for message in requests:
+                        received.inc()
+                        yield message
+                return each()
+
+            def sent(self) -> None:
+                if this.metrics is not None:
+                    this.metrics.grpc_sent.labels(*grpc_labels).inc()
 
             def finish(self, code: grpc.StatusCode, span: Any) -> None:
                 elapsed = time.perf_counter() - self.started
@@ -116,6 +139,8 @@ class TelemetryInterceptor(grpc.aio.ServerInterceptor):
                 if m is not None:
                     m.in_flight.labels(service, name).dec()
                     m.requests.labels(service, name, code_name).inc()
+                    m.grpc_handled.labels(*grpc_labels, code_name).inc()
+                    m.grpc_handling.labels(*grpc_labels).observe(elapsed)
                     if code is not grpc.StatusCode.OK:
                         m.errors.labels(service, name, code_name, reason).inc()
                     if not quiet:
@@ -144,11 +169,14 @@ class TelemetryInterceptor(grpc.aio.ServerInterceptor):
                 call = Call(request, context)
                 with rpc_span(this.tracer, method, context.invocation_metadata(), request_id_var.get()) as span:
                     try:
-                        response = await behavior(request, context)
+                        response = await behavior(call.counted(request), context)
                     except BaseException as exc:
                         call.finish(outcome(context, exc), span)
                         raise
-                    call.finish(outcome(context, None), span)
+                    code = outcome(context, None)
+                    if response is not None and code is grpc.StatusCode.OK:  # None: a reader/writer
+                        call.sent()                                           # behaviour wrote its own
+                    call.finish(code, span)
                     return response
             return wrapped
 
@@ -157,9 +185,10 @@ class TelemetryInterceptor(grpc.aio.ServerInterceptor):
                 call = Call(request, context)
                 with rpc_span(this.tracer, method, context.invocation_metadata(), request_id_var.get()) as span:
                     try:
-                        async for item in behavior(request, context):
+                        async for item in behavior(call.counted(request), context):
                             if call.first_at is None:
                                 call.first_at = time.perf_counter()
+                            call.sent()
                             yield item
                     except BaseException as exc:
                         call.finish(outcome(context, exc), span)

@@ -2,12 +2,15 @@
 `opentelemetry-api` package is installed. It is not a dependency: without it (or with tracing
 off) `make_tracer` returns None and calls pay nothing. Exporters and sampling are configured
 the OpenTelemetry way (an SDK set up by `opentelemetry-instrument` or by the embedding
-process); the W3C `traceparent` of the caller's metadata becomes the span's parent."""
+process); the W3C `traceparent` of the caller's metadata becomes the span's parent. While the
+span is open, its trace and span ids stamp the call's log lines (logs.trace_ids_var)."""
 from __future__ import annotations
 
 import contextlib
 import logging
 from typing import Any, Iterator
+
+from .logs import trace_ids_var
 
 log = logging.getLogger("pipeserve.tracing")
 
@@ -39,7 +42,16 @@ def rpc_span(tracer: Any | None, method: str, metadata: tuple | None, request_id
             attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": name,
                         "pipeserve.request_id": request_id},
             record_exception=False, set_status_on_exception=False) as span:
-        yield span
+        context = span.get_span_context()
+        token = trace_ids_var.set((trace.format_trace_id(context.trace_id), trace.format_span_id(context.span_id))
+                                  if context.is_valid else None)
+        try:
+            yield span
+        finally:
+            # A stream closed from another context (garbage collection) cannot reset: its
+            # task, the one context that holds the ids, ends with the call anyway.
+            with contextlib.suppress(ValueError):
+                trace_ids_var.reset(token)
 
 
 def finish_span(span: Any | None, code_name: str, code_value: int) -> None:
