@@ -104,7 +104,7 @@ def load_ours(case: Case, directory: Path, device: str, dtype: torch.dtype) -> t
     files = resolve(str(directory))
     model = importlib.import_module(FAMILIES[files.config["model_type"]]).load_model(
         files, LoadOptions(device=device, dtype=dtype_name), case.head)
-    pack_linears(model)  # as loading.load_pipeline does (CPU only; a no-op on CUDA)
+    pack_linears(model)  # as the pack pass does for these families (layers/passes.py; CPU only, a no-op on CUDA)
     return model, lambda: None
 
 

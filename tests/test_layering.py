@@ -39,15 +39,11 @@ PACKAGES = [name for name in ALLOWED if name not in ("core", "entry")]
 # Speed passes are applied to models from outside (runtime/loading.py runs them); a model file
 # may use the building blocks in layers/ (Conv1D, the KV cache, the packed linear's fused
 # activation) but not the passes themselves.
-PASSES = {"pipeserve.layers.quantization", "pipeserve.layers.device_map", "pipeserve.layers.verified_head"}
+PASSES = {"pipeserve.layers.quantization", "pipeserve.layers.device_map", "pipeserve.layers.verified_head",
+          "pipeserve.layers.head_layout", "pipeserve.layers.passes"}
 
 # (importer, imported) -> why the rule above does not hold there yet.
-EXCEPTIONS: dict[tuple[str, str], str] = {
-    ("pipeserve.models.causal_lm", "pipeserve.layers.quantization"):
-        "load_causal_lm applies int8 itself; moves into loading's list of post-load passes (issue 14 item 3)",
-    ("pipeserve.models.causal_lm", "pipeserve.layers.device_map"):
-        "load_causal_lm dispatches the device map itself; moves into loading's post-load passes (issue 14 item 3)",
-}
+EXCEPTIONS: dict[tuple[str, str], str] = {}
 
 MAX_LINES = 450
 # A module longer than MAX_LINES carries this phrase and its reason in its docstring.

@@ -27,6 +27,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .activations import ONEDNN_POST_OPS
 from .conv1d import Conv1D
 
 _DTYPES = (torch.float32, torch.bfloat16)
@@ -59,17 +60,12 @@ class PackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
-# activation name (transformers' ACT2FN keys) -> oneDNN post-op (name, algorithm)
-_POST_OPS = {"gelu": ("gelu", "none"), "gelu_new": ("gelu", "tanh"), "gelu_pytorch_tanh": ("gelu", "tanh"),
-             "gelu_fast": ("gelu", "tanh"), "relu": ("relu", "")}
-
-
 def linear_activation(linear: nn.Module, x: torch.Tensor, name: str,
                       fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """fn(linear(x)) where `fn` is the activation called `name` (transformers' config name);
     one kernel when `linear` is packed and oneDNN has that activation as a post-op."""
-    if isinstance(linear, PackedLinear) and name in _POST_OPS:
-        return linear(x, *_POST_OPS[name])
+    if isinstance(linear, PackedLinear) and name in ONEDNN_POST_OPS:
+        return linear(x, *ONEDNN_POST_OPS[name])
     return fn(linear(x))
 
 
@@ -80,6 +76,11 @@ def _dense_weight(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]
     if type(module) is Conv1D:  # GPT-2: weight [in, out]
         return module.weight.t(), module.bias
     return None
+
+
+def packable(model: nn.Module) -> bool:
+    """The model has a linear layer pack_linears would replace."""
+    return any(found is not None and supported(found[0]) for found in map(_dense_weight, model.modules()))
 
 
 def pack_linears(model: nn.Module) -> int:

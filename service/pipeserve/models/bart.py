@@ -9,7 +9,7 @@ loading needs only the tied embeddings: `model.encoder.embed_tokens` and
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -17,20 +17,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..checkpoints.hub import ModelFiles
-from ..checkpoints.weights import assign, empty_module, load_state_dict
+from ..checkpoints.family_config import config_from_dict
+from ..checkpoints.formats import Checkpoint
+from ..checkpoints.loader import ModuleRecipe, load_module
 from ..errors import ModelLoadFailed
+from ..layers.activations import activation
 from ..layers.packed_linear import linear_activation
-
-# transformers.activations.ACT2FN, for the names BART checkpoints use.
-ACTIVATIONS = {
-    "gelu": F.gelu,
-    "relu": F.relu,
-    "silu": F.silu,
-    "swish": F.silu,
-    "tanh": torch.tanh,
-    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-}
 
 # BartLearnedPositionalEmbedding offsets every position id by 2 (a fairseq leftover), so the
 # table has max_position_embeddings + 2 rows.
@@ -59,12 +51,7 @@ class BartConfig:
 
     @classmethod
     def from_dict(cls, config: dict[str, Any]) -> "BartConfig":
-        names = {f.name for f in fields(cls)}
-        values = {k: v for k, v in config.items() if k in names and v is not None}
-        if values.get("activation_function", "gelu") not in ACTIVATIONS:
-            raise ModelLoadFailed(f"BART activation_function {values['activation_function']!r} is not supported; "
-                                  f"supported: {sorted(ACTIVATIONS)}", reason="UNSUPPORTED_CONFIG")
-        return cls(**values)
+        return config_from_dict(cls, config)
 
     @property
     def num_labels(self) -> int:
@@ -104,7 +91,7 @@ class BartEncoderLayer(nn.Module):
 
     def __init__(self, cfg: BartConfig):
         super().__init__()
-        self.act_name, self.act = cfg.activation_function, ACTIVATIONS[cfg.activation_function]
+        self.act_name, self.act = cfg.activation_function, activation(cfg.activation_function)
         self.self_attn = BartAttention(cfg.d_model, cfg.encoder_attention_heads)
         self.self_attn_layer_norm = nn.LayerNorm(cfg.d_model)
         self.fc1 = nn.Linear(cfg.d_model, cfg.encoder_ffn_dim)
@@ -126,7 +113,7 @@ class BartDecoderLayer(nn.Module):
 
     def __init__(self, cfg: BartConfig):
         super().__init__()
-        self.act_name, self.act = cfg.activation_function, ACTIVATIONS[cfg.activation_function]
+        self.act_name, self.act = cfg.activation_function, activation(cfg.activation_function)
         self.self_attn = BartAttention(cfg.d_model, cfg.decoder_attention_heads)
         self.self_attn_layer_norm = nn.LayerNorm(cfg.d_model)
         self.encoder_attn = BartAttention(cfg.d_model, cfg.decoder_attention_heads)
@@ -239,21 +226,26 @@ def load_model(files: ModelFiles, options, head: str) -> nn.Module:
     """Builds BART with `head` on options' device and dtype and loads its weights."""
     if head not in _HEADS:
         raise ModelLoadFailed(f"BART offers heads {sorted(_HEADS)}, not {head!r}", reason="UNSUPPORTED_HEAD")
-    cfg = BartConfig.from_dict(files.config)
-    module = empty_module(lambda: _HEADS[head](cfg), device=options.torch_device, dtype=options.torch_dtype)
-    state = load_state_dict(files.path, device=options.torch_device, dtype=options.torch_dtype,
-                            allow_pickle=options.allow_pickle)
+    return load_module(files, options, lambda checkpoint: _recipe(checkpoint, head))
+
+
+def _shared_table_alias(state) -> None:
     if "model.shared.weight" not in state:
         # Some exports keep only the encoder's copy of the tied table.
         for alias in ("model.encoder.embed_tokens.weight", "model.decoder.embed_tokens.weight"):
             if alias in state:
                 state["model.shared.weight"] = state[alias]
                 break
-    assign(module, state, rename=_rename, tied={
-        "model.encoder.embed_tokens.weight": "model.shared.weight",
-        "model.decoder.embed_tokens.weight": "model.shared.weight",
-    })
+
+
+def _share_table(module: nn.Module, state) -> None:
     # Share storage too, so the table is held once.
     module.model.encoder.embed_tokens = module.model.shared
     module.model.decoder.embed_tokens = module.model.shared
-    return module.eval()
+
+
+def _recipe(checkpoint: Checkpoint, head: str) -> ModuleRecipe:
+    cfg = BartConfig.from_dict(checkpoint.config)
+    return ModuleRecipe(lambda: _HEADS[head](cfg), rename=_rename, prepare=_shared_table_alias, finish=_share_table,
+                        tied={"model.encoder.embed_tokens.weight": "model.shared.weight",
+                              "model.decoder.embed_tokens.weight": "model.shared.weight"})

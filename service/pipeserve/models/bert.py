@@ -15,7 +15,6 @@ and returns plain tensors:
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,29 +24,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..checkpoints.hub import ModelFiles
-from ..checkpoints.weights import assign, empty_module, load_state_dict
+from ..checkpoints.family_config import config_from_dict
+from ..checkpoints.formats import Checkpoint
+from ..checkpoints.loader import ModuleRecipe, load_module
 from ..errors import ModelLoadFailed
+from ..layers.activations import activation
 from ..layers.packed_linear import linear_activation
 
 HEADS = ("base", "sequence_classification", "token_classification", "question_answering", "masked_lm")
-
-# config.json hidden_act -> function (transformers/activations.py ACT2FN, the ones encoders use).
-ACTIVATIONS = {
-    "gelu": F.gelu,
-    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "relu": F.relu,
-    "silu": F.silu,
-    "swish": F.silu,
-    "tanh": torch.tanh,
-}
-
-
-def activation(name: str):
-    if name not in ACTIVATIONS:
-        raise ModelLoadFailed(f"unsupported activation {name!r}; supported: {sorted(ACTIVATIONS)}", reason="BAD_CONFIG")
-    return ACTIVATIONS[name]
-
 
 def labels_of(raw: dict[str, Any]) -> dict[int, str]:
     """config.json id2label with int keys; transformers' default LABEL_i names otherwise."""
@@ -78,8 +62,7 @@ class BertConfig:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "BertConfig":
-        names = {f.name for f in dataclasses.fields(cls)} - {"id2label"}
-        config = cls(**{k: v for k, v in raw.items() if k in names and v is not None}, id2label=labels_of(raw))
+        config = config_from_dict(cls, raw, id2label=labels_of(raw))
         if config.position_embedding_type != "absolute":
             raise ModelLoadFailed(f"position_embedding_type {config.position_embedding_type!r} is not supported",
                                   reason="BAD_CONFIG")
@@ -357,20 +340,24 @@ def load_model(files: ModelFiles, options, head: str = "base") -> nn.Module:
     """Builds the `head` model of a bert / roberta / xlm-roberta checkpoint (see module doc)."""
     if head not in HEADS:
         raise ModelLoadFailed(f"the bert family has no {head!r} head; heads: {', '.join(HEADS)}", reason="UNSUPPORTED_HEAD")
-    config = BertConfig.from_dict(files.config)
-    state = load_state_dict(files.path, device=options.torch_device, dtype=options.torch_dtype,
-                            allow_pickle=options.allow_pickle)
+    return load_module(files, options, lambda checkpoint: _recipe(checkpoint, head))
+
+
+def _recipe(checkpoint: Checkpoint, head: str) -> ModuleRecipe:
+    config = BertConfig.from_dict(checkpoint.config)
+    state = checkpoint.state
     if head == "base":
         factory = lambda: BertModel(config, add_pooling_layer=any(k.endswith("pooler.dense.weight") for k in state))
     else:
         factory = lambda: BertForTask(config, head)
-    model = empty_module(factory, device=options.torch_device, dtype=options.torch_dtype)
     tied = {}
     if head == "masked_lm":
         decoder = ("lm_head." if config.is_roberta else "cls.predictions.") + "decoder.weight"
         tied = {decoder: f"{config.prefix}.embeddings.word_embeddings.weight"}
-    assign(model, state, rename=_renamer(config, head, state), tied=tied)
-    if tied and not any(k.endswith(decoder) for k in state):
-        # Share storage with the input embeddings as transformers' tie_weights does.
-        model.mlm_head.decoder.weight = model.encoder_model.embeddings.word_embeddings.weight
-    return model.eval()
+
+    def share_tied_decoder(model: nn.Module, state) -> None:
+        if tied and not any(k.endswith(decoder) for k in state):
+            # Share storage with the input embeddings as transformers' tie_weights does.
+            model.mlm_head.decoder.weight = model.encoder_model.embeddings.word_embeddings.weight
+
+    return ModuleRecipe(factory, rename=_renamer(config, head, state), tied=tied, finish=share_tied_decoder)

@@ -8,7 +8,6 @@ models/bert.py documents for each head.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,10 +16,13 @@ import torch
 from torch import nn
 
 from ..checkpoints.hub import ModelFiles
-from ..checkpoints.weights import assign, empty_module, load_state_dict
+from ..checkpoints.family_config import config_from_dict
+from ..checkpoints.formats import Checkpoint
+from ..checkpoints.loader import ModuleRecipe, load_module
 from ..errors import ModelLoadFailed
+from ..layers.activations import activation
 from ..layers.packed_linear import linear_activation
-from .bert import HEADS, activation, attention_bias, labels_of
+from .bert import HEADS, attention_bias, labels_of
 
 # DistilBertLayerNorm eps: modeling_distilbert.py hard-codes 1e-12.
 LAYER_NORM_EPS = 1e-12
@@ -44,8 +46,7 @@ class DistilBertConfig:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "DistilBertConfig":
-        names = {f.name for f in dataclasses.fields(cls)} - {"id2label"}
-        return cls(**{k: v for k, v in raw.items() if k in names and v is not None}, id2label=labels_of(raw))
+        return config_from_dict(cls, raw, id2label=labels_of(raw))
 
     @property
     def num_labels(self) -> int:
@@ -187,9 +188,12 @@ def load_model(files: ModelFiles, options, head: str = "base") -> nn.Module:
     """Builds the `head` model of a distilbert checkpoint (heads and outputs as in models/bert.py)."""
     if head not in HEADS:
         raise ModelLoadFailed(f"distilbert has no {head!r} head; heads: {', '.join(HEADS)}", reason="UNSUPPORTED_HEAD")
-    config = DistilBertConfig.from_dict(files.config)
-    state = load_state_dict(files.path, device=options.torch_device, dtype=options.torch_dtype,
-                            allow_pickle=options.allow_pickle)
+    return load_module(files, options, lambda checkpoint: _recipe(checkpoint, head))
+
+
+def _recipe(checkpoint: Checkpoint, head: str) -> ModuleRecipe:
+    config = DistilBertConfig.from_dict(checkpoint.config)
+    state = checkpoint.state
     has_prefix = any(k.startswith("distilbert.") for k in state)
     heads = ("pre_classifier.", "classifier.", "qa_outputs.", "vocab_")
 
@@ -203,9 +207,10 @@ def load_model(files: ModelFiles, options, head: str = "base") -> nn.Module:
         return name if has_prefix or name.startswith(heads) else "distilbert." + name
 
     factory = (lambda: DistilBertModel(config)) if head == "base" else (lambda: DistilBertForTask(config, head))
-    model = empty_module(factory, device=options.torch_device, dtype=options.torch_dtype)
     tied = {"vocab_projector.weight": "distilbert.embeddings.word_embeddings.weight"} if head == "masked_lm" else {}
-    assign(model, state, rename=rename, tied=tied)
-    if tied and "vocab_projector.weight" not in state:
-        model.vocab_projector.weight = model.distilbert.embeddings.word_embeddings.weight
-    return model.eval()
+
+    def share_tied_projector(model: nn.Module, state) -> None:
+        if tied and "vocab_projector.weight" not in state:
+            model.vocab_projector.weight = model.distilbert.embeddings.word_embeddings.weight
+
+    return ModuleRecipe(factory, rename=rename, tied=tied, finish=share_tied_projector)

@@ -12,9 +12,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..checkpoints.family_config import config_from_dict
+from ..checkpoints.formats import Checkpoint
+from ..checkpoints.loader import ModuleRecipe, load_module
 from ..checkpoints.weights import module_device
+from ..layers.activations import activation
 from ..layers.conv1d import Conv1D
-from .causal_lm import CausalLM, activation, config_from_dict, load_causal_lm, run_layers
+from .causal_lm import CausalLM, run_layers
 
 
 @dataclass(frozen=True)
@@ -134,6 +138,10 @@ def _rename(name: str) -> str | None:
 def load_model(files, options, head: str = "causal_lm") -> nn.Module:
     if head not in ("causal_lm", "base"):
         raise ValueError(f"gpt2 has no {head!r} head here")
-    config = config_from_dict(GPT2Config, files.config)
-    return load_causal_lm(files, options, lambda: GPT2LMHeadModel(config), rename=_rename,
-                          tied={"lm_head.weight": "transformer.wte.weight"})
+
+    def recipe(checkpoint: Checkpoint) -> ModuleRecipe:
+        config = config_from_dict(GPT2Config, checkpoint.config)
+        return ModuleRecipe(lambda: GPT2LMHeadModel(config), rename=_rename,
+                            tied={"lm_head.weight": "transformer.wte.weight"})
+
+    return load_module(files, options, recipe)

@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 from ..checkpoints.hub import ModelFiles
-from ..checkpoints.weights import assign, empty_module, load_state_dict
+from ..checkpoints.formats import Checkpoint
+from ..checkpoints.loader import ModuleRecipe, load_module
 from ..errors import ModelLoadFailed
 from .bert import BertConfig, BertEncoder, attention_bias
 
@@ -122,13 +123,13 @@ def load_model(files: ModelFiles, options, head: str = "question_answering") -> 
     """Builds LayoutLM with `head` on options' device and dtype and loads its weights."""
     if head not in HEADS:
         raise ModelLoadFailed(f"layoutlm has no {head!r} head; heads: {', '.join(HEADS)}", reason="UNSUPPORTED_HEAD")
-    config = LayoutLMConfig.from_dict(files.config)
+    return load_module(files, options, lambda checkpoint: _recipe(checkpoint, head))
+
+
+def _recipe(checkpoint: Checkpoint, head: str) -> ModuleRecipe:
+    config = LayoutLMConfig.from_dict(checkpoint.config)
     if head == "question_answering" and config.num_labels != 2:
         raise ModelLoadFailed(f"a question-answering head needs 2 labels (start, end), this config has "
                               f"{config.num_labels}", reason="BAD_CONFIG")
     factory = (lambda: LayoutLMModel(config)) if head == "base" else (lambda: LayoutLMForQuestionAnswering(config))
-    model = empty_module(factory, device=options.torch_device, dtype=options.torch_dtype)
-    state = load_state_dict(files.path, device=options.torch_device, dtype=options.torch_dtype,
-                            allow_pickle=options.allow_pickle)
-    assign(model, state, rename=_renamer(head, state))
-    return model.eval()
+    return ModuleRecipe(factory, rename=_renamer(head, checkpoint.state))

@@ -16,9 +16,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..checkpoints.family_config import config_from_dict
+from ..checkpoints.formats import Checkpoint
+from ..checkpoints.loader import ModuleRecipe, load_module
 from ..checkpoints.weights import module_device
 from ..errors import ModelLoadFailed
-from .causal_lm import CausalLM, activation, config_from_dict, load_causal_lm, run_layers
+from ..layers.activations import activation
+from .causal_lm import CausalLM, run_layers
 
 
 @dataclass(frozen=True)
@@ -308,7 +312,11 @@ def _rename(name: str) -> str | None:
 def load_model(files, options, head: str = "causal_lm") -> nn.Module:
     if head not in ("causal_lm", "base"):
         raise ValueError(f"{files.config.get('model_type')} has no {head!r} head here")
-    config = config_from_dict(LlamaConfig, files.config)
-    return load_causal_lm(files, options, lambda: LlamaForCausalLM(config), rename=_rename,
-                          tied={"lm_head.weight": "model.embed_tokens.weight"},
-                          ignore_missing=("model.rotary_emb.inv_freq",))
+
+    def recipe(checkpoint: Checkpoint) -> ModuleRecipe:
+        config = config_from_dict(LlamaConfig, checkpoint.config)
+        return ModuleRecipe(lambda: LlamaForCausalLM(config), rename=_rename,
+                            tied={"lm_head.weight": "model.embed_tokens.weight"},
+                            ignore_missing=("model.rotary_emb.inv_freq",))
+
+    return load_module(files, options, recipe)

@@ -10,8 +10,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..checkpoints.family_config import config_from_dict
+from ..checkpoints.formats import Checkpoint
+from ..checkpoints.loader import ModuleRecipe, load_module
 from ..checkpoints.weights import module_device
-from .causal_lm import CausalLM, activation, config_from_dict, load_causal_lm, run_layers
+from ..layers.activations import activation
+from .causal_lm import CausalLM, run_layers
 
 # OPTLearnedPositionalEmbedding: "OPT is set up so that if padding_idx is specified then offset
 # the embedding ids by 2 and adjust num_embeddings appropriately" (fairseq heritage).
@@ -149,6 +153,10 @@ def _rename(name: str) -> str | None:
 def load_model(files, options, head: str = "causal_lm") -> nn.Module:
     if head not in ("causal_lm", "base"):
         raise ValueError(f"opt has no {head!r} head here")
-    config = config_from_dict(OPTConfig, files.config)
-    return load_causal_lm(files, options, lambda: OPTForCausalLM(config), rename=_rename,
-                          tied={"lm_head.weight": "model.decoder.embed_tokens.weight"})
+
+    def recipe(checkpoint: Checkpoint) -> ModuleRecipe:
+        config = config_from_dict(OPTConfig, checkpoint.config)
+        return ModuleRecipe(lambda: OPTForCausalLM(config), rename=_rename,
+                            tied={"lm_head.weight": "model.decoder.embed_tokens.weight"})
+
+    return load_module(files, options, recipe)

@@ -9,7 +9,6 @@ Reference: transformers/models/vit/modeling_vit.py (transformers 5.x).
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,8 +17,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..checkpoints.hub import ModelFiles
-from ..checkpoints.weights import assign, empty_module, load_state_dict
+from ..checkpoints.family_config import config_from_dict
+from ..checkpoints.formats import Checkpoint
+from ..checkpoints.loader import ModuleRecipe, load_module
 from ..errors import ModelLoadFailed
+from ..layers.activations import activation
 from ..layers.packed_linear import linear_activation
 
 HEADS = ("base", "image_classification")
@@ -46,17 +48,11 @@ class ViTConfig:
 
     @classmethod
     def from_dict(cls, config: dict[str, Any]) -> "ViTConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        values = {k: v for k, v in config.items() if k in names}
-        for key in ("image_size", "patch_size"):
-            if isinstance(values.get(key), list):
-                values[key] = tuple(values[key])
         # id2label keys are strings in JSON; num_labels alone (no id2label) means LABEL_i names.
         id2label = {int(k): str(v) for k, v in (config.get("id2label") or {}).items()}
         if not id2label and config.get("num_labels"):
             id2label = {i: f"LABEL_{i}" for i in range(int(config["num_labels"]))}
-        values["id2label"] = id2label
-        return cls(**values)
+        return config_from_dict(cls, config, id2label=id2label)
 
     @property
     def num_labels(self) -> int:
@@ -73,27 +69,6 @@ class ViTConfig:
 
 def _pair(value: int | tuple[int, int]) -> tuple[int, int]:
     return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
-
-
-# transformers.activations.ACT2FN, the entries ViT checkpoints use.
-_ACTIVATIONS = {
-    "gelu": lambda x: F.gelu(x),
-    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu_fast": lambda x: F.gelu(x, approximate="tanh"),
-    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
-    "relu": F.relu,
-    "silu": F.silu,
-    "swish": F.silu,
-    "tanh": torch.tanh,
-}
-
-
-def activation(name: str):
-    if name not in _ACTIVATIONS:
-        raise ModelLoadFailed(f"activation {name!r} is not supported; supported: {sorted(_ACTIVATIONS)}",
-                              reason="UNSUPPORTED_CONFIG")
-    return _ACTIVATIONS[name]
 
 
 class ViTPatchEmbeddings(nn.Module):
@@ -269,19 +244,19 @@ def load_model(files: ModelFiles, options, head: str = "image_classification") -
     """Builds the ViT `head` from `files` on options' device and dtype, in eval mode."""
     if head not in HEADS:
         raise ModelLoadFailed(f"ViT has no {head!r} head; available: {', '.join(HEADS)}", reason="UNSUPPORTED_HEAD")
-    config = ViTConfig.from_dict(files.config)
+    return load_module(files, options, lambda checkpoint: _recipe(checkpoint, head, files.name))
+
+
+def _recipe(checkpoint: Checkpoint, head: str, name: str) -> ModuleRecipe:
+    config = ViTConfig.from_dict(checkpoint.config)
     if config.hidden_size % config.num_attention_heads:
         raise ModelLoadFailed(f"hidden_size {config.hidden_size} is not a multiple of "
                               f"num_attention_heads {config.num_attention_heads}", reason="BAD_CONFIG")
     if head == "image_classification" and not config.num_labels:
-        raise ModelLoadFailed(f"{files.name} has no labels (id2label/num_labels) for image classification",
+        raise ModelLoadFailed(f"{name} has no labels (id2label/num_labels) for image classification",
                               reason="BAD_CONFIG")
     factory = ViTForImageClassification if head == "image_classification" else ViTModel
-    module = empty_module(lambda: factory(config), device=options.torch_device, dtype=options.torch_dtype)
-    state = load_state_dict(files.path, device=options.torch_device, dtype=options.torch_dtype,
-                            allow_pickle=options.allow_pickle)
-    assign(module, state, rename=_rename(head))
-    return module.eval()
+    return ModuleRecipe(lambda: factory(config), rename=_rename(head))
 
 
 __all__ = ["ViTConfig", "ViTModel", "ViTForImageClassification", "load_model"]

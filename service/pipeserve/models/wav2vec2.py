@@ -9,27 +9,19 @@ equal checkpoint keys; `wav2vec2.` or `hubert.` is the base-model prefix.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoints.weights import assign, empty_module, load_state_dict
+from ..checkpoints.family_config import config_from_dict
+from ..checkpoints.formats import Checkpoint
+from ..checkpoints.loader import ModuleRecipe, load_module
 from ..errors import ModelLoadFailed
+from ..layers.activations import activation
 from ..layers.packed_linear import linear_activation
-
-# config.json hidden_act / feat_extract_activation names -> functions (transformers ACT2FN).
-_ACTIVATIONS = {
-    "gelu": F.gelu,
-    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "relu": F.relu,
-    "silu": F.silu,
-    "swish": F.silu,
-    "tanh": torch.tanh,
-}
 
 
 @dataclass(frozen=True)
@@ -61,11 +53,7 @@ class Wav2Vec2Config:
 
     @classmethod
     def from_dict(cls, config: dict[str, Any]) -> "Wav2Vec2Config":
-        known = {f.name for f in fields(cls)}
-        values = {k: (tuple(v) if isinstance(v, list) else v) for k, v in config.items() if k in known}
-        if values.get("vocab_size") is None:
-            values.pop("vocab_size", None)
-        return cls(**values)
+        return config_from_dict(cls, config)
 
     @property
     def inputs_to_logits_ratio(self) -> int:
@@ -78,12 +66,6 @@ class Wav2Vec2Config:
         for kernel, stride in zip(self.conv_kernel, self.conv_stride):
             input_length = (input_length - kernel) // stride + 1
         return input_length
-
-
-def _activation(name: str):
-    if name not in _ACTIVATIONS:
-        raise ModelLoadFailed(f"unsupported activation {name!r}", reason="UNSUPPORTED_CONFIG")
-    return _ACTIVATIONS[name]
 
 
 class ConvLayer(nn.Module):
@@ -101,7 +83,7 @@ class ConvLayer(nn.Module):
             self.layer_norm = nn.GroupNorm(out_dim, out_dim, affine=True)
         elif norm == "layer":
             self.layer_norm = nn.LayerNorm(out_dim, elementwise_affine=True)
-        self.act = _activation(config.feat_extract_activation)
+        self.act = activation(config.feat_extract_activation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C_in, T) -> (B, C_out, T')
         x = self.conv(x)
@@ -179,7 +161,7 @@ class PositionalConvEmbedding(nn.Module):
             self.conv = WeightNormConv1d(h, k, groups)
         # Wav2Vec2SamePadLayer: an even kernel makes one extra frame, dropped at the end.
         self.num_pad_remove = 1 if k % 2 == 0 else 0
-        self.act = _activation(config.feat_extract_activation)
+        self.act = activation(config.feat_extract_activation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, H) -> (B, T, H)
         x = x.transpose(1, 2)
@@ -217,7 +199,7 @@ class FeedForward(nn.Module):
         super().__init__()
         self.intermediate_dense = nn.Linear(config.hidden_size, config.intermediate_size)
         self.output_dense = nn.Linear(config.intermediate_size, config.hidden_size)
-        self.act_name, self.act = config.hidden_act, _activation(config.hidden_act)
+        self.act_name, self.act = config.hidden_act, activation(config.hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.output_dense(linear_activation(self.intermediate_dense, x, self.act_name, self.act))
@@ -333,7 +315,11 @@ def _rename(prefix: str, keep_prefix: bool):
 
 def load_model(files, options, head: str = "ctc") -> nn.Module:
     """Builds Wav2Vec2ForCTC (head "ctc") or Wav2Vec2Model (head "base") from a checkpoint."""
-    config = Wav2Vec2Config.from_dict(files.config)
+    return load_module(files, options, lambda checkpoint: _recipe(checkpoint, head, files.path))
+
+
+def _recipe(checkpoint: Checkpoint, head: str, path) -> ModuleRecipe:
+    config = Wav2Vec2Config.from_dict(checkpoint.config)
     if config.model_type not in ("wav2vec2", "hubert"):
         raise ModelLoadFailed(f"model_type {config.model_type!r} is not wav2vec2 or hubert", reason="UNSUPPORTED_CONFIG")
     if config.add_adapter or config.adapter_attn_dim is not None:
@@ -342,16 +328,17 @@ def load_model(files, options, head: str = "ctc") -> nn.Module:
     if head not in ("ctc", "base"):
         raise ModelLoadFailed(f"wav2vec2 has no {head!r} head; use 'ctc' or 'base'", reason="UNSUPPORTED_HEAD")
     factory = (lambda: Wav2Vec2ForCTC(config)) if head == "ctc" else (lambda: Wav2Vec2Model(config))
-    model = empty_module(factory, device=options.torch_device, dtype=options.torch_dtype)
-    state = load_state_dict(files.path, device=options.torch_device, dtype=options.torch_dtype,
-                            allow_pickle=options.allow_pickle)
+    state = checkpoint.state
     prefix = config.model_type
     # A base checkpoint (Wav2Vec2Model.save_pretrained) has no prefix; a CTC one has.
     prefixed = any(k.startswith(prefix + ".") for k in state)
     if head == "ctc" and not prefixed:
-        raise ModelLoadFailed(f"{files.path} holds a base {prefix} model without a CTC head (lm_head)",
+        raise ModelLoadFailed(f"{path} holds a base {prefix} model without a CTC head (lm_head)",
                               reason="WEIGHTS_MISMATCH")
-    computed = [n for n in model.state_dict() if n.endswith("num_batches_tracked")]
-    assign(model, state, rename=_rename(prefix, keep_prefix=(head == "ctc") or not prefixed),
-           ignore_missing=computed)
-    return model.eval()
+    return ModuleRecipe(factory, rename=_rename(prefix, keep_prefix=(head == "ctc") or not prefixed),
+                        ignore_missing=_batch_norm_counters)
+
+
+def _batch_norm_counters(model: nn.Module) -> list[str]:
+    """BatchNorm's step counters: training state that checkpoints may omit."""
+    return [n for n in model.state_dict() if n.endswith("num_batches_tracked")]

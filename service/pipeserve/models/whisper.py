@@ -5,11 +5,10 @@ WhisperAttention, WhisperForConditionalGeneration); parameter names equal the ch
 of WhisperForConditionalGeneration, so loading is strict with one exception: `proj_out.weight`
 is tied to `model.decoder.embed_tokens.weight` and never stored twice. CTranslate2
 (faster-whisper) checkpoints are mapped onto the same names by checkpoints/ctranslate2.py.
-The decoding loop lives in pipelines/whisper/decoding.py; nothing here does I/O besides load_model.
+The decoding loop lives in pipelines/whisper/decoding.py; nothing here does I/O (checkpoints/loader.py reads the files).
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -18,9 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoints import weights
-from ..checkpoints.ctranslate2 import read_whisper
+from ..checkpoints.family_config import config_from_dict
+from ..checkpoints.formats import Checkpoint
+from ..checkpoints.loader import ModuleRecipe, load_module
 from ..errors import ModelLoadFailed
+from ..layers.activations import activation
 from ..layers.packed_linear import linear_activation
 
 
@@ -48,20 +49,8 @@ class WhisperConfig:
 
     @classmethod
     def from_dict(cls, config: dict[str, Any]) -> "WhisperConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        values = {k: v for k, v in config.items() if k in names and v is not None}
-        if isinstance(values.get("eos_token_id"), list):
-            values["eos_token_id"] = values["eos_token_id"][0]
-        return cls(**values)
-
-
-_ACTIVATIONS = {"gelu": F.gelu, "gelu_new": lambda x: F.gelu(x, approximate="tanh"), "relu": F.relu}
-
-
-def _activation(name: str):
-    if name not in _ACTIVATIONS:
-        raise ModelLoadFailed(f"unsupported Whisper activation {name!r}", reason="BAD_CONFIG")
-    return _ACTIVATIONS[name]
+        eos = config.get("eos_token_id")
+        return config_from_dict(cls, config, **({"eos_token_id": eos[0]} if isinstance(eos, list) else {}))
 
 
 def sinusoids(length: int, channels: int, max_timescale: float = 10000.0) -> torch.Tensor:
@@ -170,7 +159,7 @@ class WhisperEncoderLayer(nn.Module):
         self.fc1 = nn.Linear(c.d_model, c.encoder_ffn_dim)
         self.fc2 = nn.Linear(c.encoder_ffn_dim, c.d_model)
         self.final_layer_norm = nn.LayerNorm(c.d_model)
-        self.act_name, self.act = c.activation_function, _activation(c.activation_function)
+        self.act_name, self.act = c.activation_function, activation(c.activation_function)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.self_attn_layer_norm(x)
@@ -222,7 +211,7 @@ class WhisperDecoderLayer(nn.Module):
         self.fc1 = nn.Linear(c.d_model, c.decoder_ffn_dim)
         self.fc2 = nn.Linear(c.decoder_ffn_dim, c.d_model)
         self.final_layer_norm = nn.LayerNorm(c.d_model)
-        self.act_name, self.act = c.activation_function, _activation(c.activation_function)
+        self.act_name, self.act = c.activation_function, activation(c.activation_function)
 
 
 class WhisperDecoder(nn.Module):
@@ -343,27 +332,23 @@ def _rename(name: str) -> str | None:
     return name
 
 
-def build(config: WhisperConfig, state: dict[str, torch.Tensor], device, dtype) -> WhisperForConditionalGeneration:
-    model = weights.empty_module(lambda: WhisperForConditionalGeneration(config), device=device, dtype=dtype)
-    model.decoder.tie_weights()
-    state = {k: v.to(device=device, dtype=dtype) if v.is_floating_point() else v for k, v in state.items()}
-    weights.assign(model, state, rename=_rename, ignore_missing=["model.encoder.embed_positions.weight"],
-                   tied={"model.decoder.proj_out.weight": "model.decoder.embed_tokens.weight"})
+def _fuse_self_attention(model: WhisperForConditionalGeneration, state) -> None:
     for layer in [*model.encoder.layers, *model.decoder.layers]:
         layer.self_attn.fuse()
-    return model.eval()
 
 
 def load_model(files, options, head: str = "conditional_generation") -> WhisperForConditionalGeneration:
     """Whisper from a transformers checkpoint (config.json + safetensors) or a CTranslate2
-    (faster-whisper) directory (model.bin)."""
+    (faster-whisper) directory (model.bin, whose sizes checkpoints/formats.py reads from the
+    tensors)."""
     if head not in ("conditional_generation", "base"):
         raise ModelLoadFailed(f"Whisper has no {head!r} head", reason="UNSUPPORTED_HEAD")
-    device, dtype = options.torch_device, options.torch_dtype
-    if not files.config.get("model_type") and files.has("model.bin"):
-        sizes, state = read_whisper(files.path / "model.bin")
-        config = WhisperConfig(**dataclasses.asdict(sizes))
-    else:
-        config = WhisperConfig.from_dict(files.config)
-        state = weights.load_state_dict(files.path, device=device, allow_pickle=options.allow_pickle)
-    return build(config, state, device, dtype)
+    return load_module(files, options, _recipe)
+
+
+def _recipe(checkpoint: Checkpoint) -> ModuleRecipe:
+    config = WhisperConfig.from_dict(checkpoint.config)
+    return ModuleRecipe(lambda: WhisperForConditionalGeneration(config), rename=_rename,
+                        ignore_missing=["model.encoder.embed_positions.weight"],
+                        tied={"model.decoder.proj_out.weight": "model.decoder.embed_tokens.weight"},
+                        finish=_fuse_self_attention)

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 from torch import nn
 
 from ..checkpoints.hub import ModelFiles
+from ..checkpoints.registry import family_module
 from ..checkpoints.weights import module_bytes, parse_dtype
 from ..devices import require_device
 from ..errors import InvalidParameter
+from ..layers.passes import PostLoad, VerifiedHeadSite, apply_post_load_passes
 from ..tasks import Task
 
 
@@ -54,6 +56,19 @@ class LoadOptions:
     @property
     def torch_dtype(self) -> torch.dtype:
         return parse_dtype(self.dtype)
+
+
+def load_family_model(files: ModelFiles, options: LoadOptions, head: str, *, family=None,
+                      verified_head: Callable[[nn.Module], VerifiedHeadSite | None] | None = None) -> nn.Module:
+    """The `head` module of the checkpoint's family (`family`, or the one its model_type names),
+    loaded by the one load sequence (checkpoints/loader.py), then the post-load passes
+    (layers/passes.py: int8, placement, packing, the verified head at the site `verified_head`
+    names). Every pipeline builds its model here, so every model gets the same passes."""
+    family = family if family is not None else family_module(files.config.get("model_type", ""))
+    model = family.load_model(files, options, head)
+    site = verified_head(model) if verified_head is not None else None
+    apply_post_load_passes(model, PostLoad(options, site))
+    return model
 
 
 class Pipeline:

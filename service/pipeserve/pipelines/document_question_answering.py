@@ -23,13 +23,12 @@ import numpy as np
 import torch
 
 from ..checkpoints.hub import ModelFiles
-from ..checkpoints.registry import family_module
 from ..errors import InputTooLarge, InvalidInput, InvalidParameter, ModelLoadFailed, PipeserveError
 from ..inputs.image import DEFAULT_MAX_PIXELS, decode_image
 from ..inputs.ocr import Word, check_words, run_tesseract
 from ..inputs.text import TextTokenizer
 from ..tasks import Task
-from .base import LoadOptions
+from .base import LoadOptions, load_family_model
 from .encoder_base import TextModelPipeline
 from .span_selection import select_starts_ends
 
@@ -110,7 +109,7 @@ class DocumentQuestionAnsweringPipeline(TextModelPipeline):
         if tokenizer.token_id("sep_token") is None:
             raise ModelLoadFailed("document question answering needs a tokenizer with a sep token",
                                   reason="BAD_TOKENIZER")
-        model = family_module(model_type).load_model(files, options, head=cls.head)
+        model = load_family_model(files, options, cls.head)
         return cls(files, options, model, tokenizer)
 
     # -- options ---------------------------------------------------------------------------

@@ -8,10 +8,9 @@ import numpy as np
 import torch
 
 from ..checkpoints.hub import ModelFiles
-from ..checkpoints.registry import family_module
 from ..errors import InputTooLarge, InvalidInput, InvalidParameter
 from ..inputs.text import Row, TextTokenizer
-from .base import LoadOptions, Pipeline
+from .base import LoadOptions, Pipeline, load_family_model
 
 
 def check_text(text: Any, field: str = "text") -> str:
@@ -44,7 +43,7 @@ def load_text_model(files: ModelFiles, options: LoadOptions, head: str) -> tuple
     """The family's `head` module and the checkpoint's tokenizer. The tokenizer is read first,
     so a missing or bad tokenizer fails before any weights load."""
     tokenizer = TextTokenizer.from_files(files)
-    model = family_module(files.config.get("model_type", "")).load_model(files, options, head=head)
+    model = load_family_model(files, options, head)
     return model, tokenizer
 
 

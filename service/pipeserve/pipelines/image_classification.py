@@ -18,12 +18,11 @@ import numpy as np
 import torch
 
 from ..checkpoints.hub import ModelFiles
-from ..checkpoints.registry import family_module
 from ..errors import InvalidInput, InvalidParameter, ModelLoadFailed, PipeserveError
 from ..inputs.image import DEFAULT_MAX_PIXELS, decode_image
 from ..inputs.image_processing import ImageProcessor
 from ..tasks import Task
-from .base import LoadOptions, Pipeline
+from .base import LoadOptions, Pipeline, load_family_model
 from .classification import check_function, default_function, ranked_labels
 
 Result = list[tuple[str, float]]
@@ -61,8 +60,7 @@ class ImageClassificationPipeline(Pipeline):
             raise ModelLoadFailed(f"{files.name} has no preprocessor_config.json; an image classifier "
                                   "needs its image processor settings", reason="PREPROCESSOR_MISSING")
         processor = ImageProcessor.from_dict(preprocessor)
-        model = family_module(files.config.get("model_type", "")).load_model(
-            files, options, head="image_classification")
+        model = load_family_model(files, options, "image_classification")
         return cls(files, options, model, processor)
 
     # -- options ---------------------------------------------------------------------------

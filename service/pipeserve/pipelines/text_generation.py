@@ -15,13 +15,12 @@ from typing import Any, Iterator
 from torch import nn
 
 from ..checkpoints.hub import ModelFiles
-from ..checkpoints.registry import family_module
 from ..errors import InputTooLarge, InvalidInput, ModelLoadFailed
-from ..layers import verified_head
+from ..layers.passes import VerifiedHeadSite
 from ..scheduling.generation import GenerationParams
 from ..scheduling.generation_engine import DoneEvent, GenerationEngine, RequestHandle, TokenEvent
 from ..tasks import Task
-from .base import LoadOptions, Pipeline, replace_options
+from .base import LoadOptions, Pipeline, load_family_model, replace_options
 
 # A prompt longer than this many characters per context token cannot fit (tokens average ~4
 # characters); refusing it before tokenizing keeps a huge prompt from stalling the event loop.
@@ -60,16 +59,17 @@ class Started:
         return self.prompt + text if self.params.return_full_text else text
 
 
-def _install_verified_head(model, options: LoadOptions) -> None:
+def _verified_head_site(model: nn.Module) -> VerifiedHeadSite | None:
     """Plain greedy steps read the output projection through a bfloat16 screen (layers/verified_head.py)
-    where it pays: CPU float32 with native bfloat16, the float32 head (not int8), and a head
-    tied to the input embedding, whose dense weight stays for the float32 rescoring (an untied
-    head keeps only its packed copy)."""
+    where it pays (the pass checks: CPU float32 with native bfloat16, the float32 head, not int8)
+    and where the head is tied to the input embedding, whose dense weight stays for the float32
+    rescoring (an untied head keeps only its packed copy)."""
     head = getattr(model, "lm_head", None)
-    if type(head) is not nn.Linear or not verified_head.enabled(head.weight, options):
-        return
+    if type(head) is not nn.Linear:
+        return None
     if any(isinstance(m, nn.Embedding) and m.weight is head.weight for m in model.modules()):
-        model.verified_head = verified_head.VerifiedHead(head.weight)
+        return VerifiedHeadSite(model, "verified_head", head.weight)
+    return None
 
 
 class TextGenerationPipeline(Pipeline):
@@ -107,8 +107,7 @@ class TextGenerationPipeline(Pipeline):
         tokenizer = Tokenizer.from_file(str(files.path / "tokenizer.json"))
         tokenizer.no_padding()
         tokenizer.no_truncation()
-        model = family_module(files.config.get("model_type", "")).load_model(files, options, "causal_lm")
-        _install_verified_head(model, options)
+        model = load_family_model(files, options, "causal_lm", verified_head=_verified_head_site)
         generation = files.read_json("generation_config.json") or {}
         tok_config = files.read_json("tokenizer_config.json") or {}
         eos = generation.get("eos_token_id", files.config.get("eos_token_id"))

@@ -1,22 +1,18 @@
 """Checkpoint files -> a ready task pipeline. The manager adds residency and budgets on top."""
 from __future__ import annotations
 
+from ..checkpoints.formats import is_ctranslate2_whisper
 from ..checkpoints.hub import ModelFiles
 from ..checkpoints.registry import infer_task, pipeline_class
 from ..errors import ModelLoadFailed, WrongTask
-from ..layers.packed_linear import pack_linears
 from ..pipelines.base import LoadOptions, Pipeline
 from ..tasks import Task
-
-# Formats without a config.json are recognised by their files.
-_CTRANSLATE2_WHISPER_MARKERS = ("model.bin", "tokenizer.json")
-
 
 def model_type_of(files: ModelFiles) -> str:
     model_type = files.config.get("model_type")
     if model_type:
         return model_type
-    if all(files.has(m) for m in _CTRANSLATE2_WHISPER_MARKERS):
+    if is_ctranslate2_whisper(files):
         return "whisper"  # faster-whisper layout: the only CTranslate2 family we serve
     raise ModelLoadFailed(f"{files.path} has no config.json with a model_type", reason="BAD_CONFIG")
 
@@ -34,12 +30,9 @@ def load_pipeline(files: ModelFiles, options: LoadOptions, task: Task | str | No
     wanted = Task.parse(task) if task else inferred
     if wanted is not inferred and not _compatible(wanted, inferred):
         raise WrongTask(f"{files.name} is a {inferred.value} model, not {wanted.value}")
-    cls = pipeline_class(wanted, model_type)
-    pipeline = cls.from_files(files, options)
-    if options.packed_linear:
-        for module in pipeline.modules_:
-            pack_linears(module)
-    return pipeline
+    # The pipeline builds its model through pipelines/base.load_family_model: the one load
+    # sequence (checkpoints/loader.py), then the post-load passes (layers/passes.py).
+    return pipeline_class(wanted, model_type).from_files(files, options)
 
 
 # Checkpoints that serve a task other than the one their architecture suggests, as

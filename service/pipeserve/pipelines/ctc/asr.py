@@ -24,10 +24,10 @@ import torch
 from ...checkpoints.hub import ModelFiles
 from ...errors import InvalidInput, InvalidParameter, ModelLoadFailed
 from ...inputs.audio import MODEL_SAMPLE_RATE, validate_waveform
-from ...models.wav2vec2 import load_model
+from ...models import wav2vec2
 from ...tasks import Task
 from ..asr_types import Segment, Transcription
-from ..base import LoadOptions, Pipeline
+from ..base import LoadOptions, Pipeline, load_family_model
 from .decoding import CTCVocabulary
 from .stream import CTCLiveStream, Segmenter
 
@@ -88,7 +88,7 @@ class CTCASRPipeline(Pipeline):
         if preprocessor is None:  # transformers >= 5 saves it inside processor_config.json
             preprocessor = (files.read_json("processor_config.json") or {}).get("feature_extractor") or {}
         vocab = CTCVocabulary.from_files(files)
-        model = load_model(files, options, head="ctc")
+        model = load_family_model(files, options, "ctc", family=wav2vec2)
         if len(vocab.id_to_token) > model.config.vocab_size:
             raise ModelLoadFailed(f"vocab.json has {len(vocab.id_to_token)} tokens, the CTC head "
                                   f"{model.config.vocab_size}", reason="BAD_TOKENIZER")

@@ -24,11 +24,11 @@ import torch
 from ...checkpoints.hub import ModelFiles
 from ...errors import InvalidInput, InvalidParameter, InputTooLarge
 from ...inputs.audio import MODEL_SAMPLE_RATE, validate_waveform
-from ...layers import verified_head
-from ...models.whisper import load_model
+from ...layers.passes import VerifiedHeadSite
+from ...models import whisper as whisper_family
 from ...tasks import Task
 from ..asr_types import Segment, Transcription, WordTiming, effective_interim_interval
-from ..base import LoadOptions, Pipeline
+from ..base import LoadOptions, Pipeline, load_family_model
 from .decoding import DecodeOptions, GenerationSettings, generate, text_compression_ratio
 from .features import HOP_LENGTH, N_SAMPLES, log_mel_spectrogram
 from .tokenizer import LANGUAGES, ChunkMerger, load_tokenizer
@@ -72,15 +72,18 @@ class WhisperASRPipeline(Pipeline):
     @classmethod
     def from_files(cls, files: ModelFiles, options: LoadOptions) -> "WhisperASRPipeline":
         tok = load_tokenizer(files.path)
-        model = load_model(files, options)
         if files.config.get("model_type"):
             settings = GenerationSettings.from_config(files.read_json("generation_config.json"), tok, files.config)
         else:  # CTranslate2 directory: its config.json holds alignment heads and suppressed ids
             settings = GenerationSettings.from_config(None, tok, ct2_config=files.config or {})
-        embedding = model.decoder.embed_tokens.weight
         timestamps_from = settings.no_timestamps_token_id + 1
-        if verified_head.enabled(embedding, options) and 0 < timestamps_from < embedding.shape[0]:
-            model.decoder.verified_head = verified_head.VerifiedHead(embedding, timestamps_from)
+
+        def verified_head_site(model) -> VerifiedHeadSite:
+            # Greedy steps screen the text rows of the tied projection; timestamp rows stay exact.
+            return VerifiedHeadSite(model.decoder, "verified_head", model.decoder.embed_tokens.weight, timestamps_from)
+
+        model = load_family_model(files, options, "conditional_generation", family=whisper_family,
+                                  verified_head=verified_head_site)
         return cls(files, options, model, tok, settings)
 
     # -- options ---------------------------------------------------------------------------

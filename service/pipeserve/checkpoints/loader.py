@@ -1,0 +1,74 @@
+"""The one load sequence every family goes through:
+
+    read the checkpoint (formats.read_checkpoint) -> the family's recipe for it (which module,
+    which checkpoint names) -> build the module without initialising it -> tie shared weights ->
+    copy the tensors in strictly (weights.assign) -> the family's finishing touches -> eval.
+
+A family module says only what is specific to it, as a ModuleRecipe; the speed passes
+(int8, placement, packing, the verified head: layers/passes.py) run after this, from outside.
+With device "auto" the module is built on the CPU and the placement pass moves it.
+"""
+from __future__ import annotations
+
+from collections.abc import MutableMapping
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Mapping
+
+import torch
+from torch import nn
+
+from .formats import Checkpoint, read_checkpoint
+from .hub import ModelFiles
+from .weights import assign, empty_module, parse_dtype
+
+
+def keep_name(name: str) -> str | None:
+    return name
+
+
+@dataclass
+class ModuleRecipe:
+    """How one family head takes a checkpoint's tensors.
+
+    build: the module (built on the meta device first, so it may be full size).
+    rename: checkpoint name -> our name, None to skip the tensor.
+    tied: our name -> our name it copies when the checkpoint omits it.
+    ignore_missing: our names a checkpoint may lack (buffers we compute), or a function of the
+        built module giving them.
+    prepare: fixes up the checkpoint's tensors before assignment (aliases of a shared table).
+    finish: after assignment (share storage between tied modules, fuse projections).
+    """
+
+    build: Callable[[], nn.Module]
+    rename: Callable[[str], str | None] = keep_name
+    tied: Mapping[str, str] = field(default_factory=dict)
+    ignore_missing: Iterable[str] | Callable[[nn.Module], Iterable[str]] = ()
+    prepare: Callable[[MutableMapping[str, torch.Tensor]], None] | None = None
+    finish: Callable[[nn.Module, Mapping[str, torch.Tensor]], None] | None = None
+
+
+def build_device(options) -> torch.device:
+    """Where the module is built: the options' device, or the CPU for a device map."""
+    return torch.device("cpu") if options.device == "auto" else torch.device(options.device)
+
+
+def load_module(files: ModelFiles, options, recipe: Callable[[Checkpoint], ModuleRecipe]) -> nn.Module:
+    """`options` is a LoadOptions (device, dtype, allow_pickle); `recipe` the family's."""
+    device, dtype = build_device(options), parse_dtype(options.dtype)
+    checkpoint = read_checkpoint(files, device=device, dtype=dtype, allow_pickle=options.allow_pickle)
+    plan = recipe(checkpoint)
+    model = empty_module(plan.build, device=device, dtype=dtype)
+    for module in model.modules():
+        tie = getattr(module, "tie_weights", None)
+        if callable(tie):
+            tie()  # one storage for an embedding and the output projection tied to it
+    state = checkpoint.state
+    if plan.prepare is not None:
+        plan.prepare(state)
+    ignore = plan.ignore_missing(model) if callable(plan.ignore_missing) else plan.ignore_missing
+    assign(model, state, rename=plan.rename, tied=plan.tied, ignore_missing=ignore)
+    if plan.finish is not None:
+        plan.finish(model, state)
+    del state
+    checkpoint.release()
+    return model.eval()

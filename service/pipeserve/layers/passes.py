@@ -1,0 +1,117 @@
+"""The post-load passes, one ordered list applied to every freshly loaded model from outside it:
+
+    quantize (int8 weights) -> place (device "auto": a device map) -> pack (oneDNN packed
+    linears; a head left dense is stored column-major) -> verified head (greedy steps' screened
+    output projection)
+
+The order matters: int8 replaces linears before anything measures or moves them, placement
+decides which weights stay on the CPU before packing (only CPU weights pack), and the verified
+head screens the dense weight that packing leaves to the tied embedding. Each pass has its own
+predicate and is skipped where it does not apply (the option is off, the weights are on a GPU,
+the family has no such head). A family opts into the passes that only some families take
+through its `post_load` attribute ("int8", "device_map", "column_major_head"; models/causal_lm.py);
+the pipeline that owns a model says where its verified head goes (VerifiedHeadSite), because
+only it knows which rows are timestamps.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from . import verified_head as verified
+from .device_map import dispatch
+from .head_layout import column_major_head, column_major_head_applies
+from .packed_linear import pack_linears, packable
+from .quantization import quantize_int8
+
+
+@dataclass(frozen=True)
+class VerifiedHeadSite:
+    """Where a screened output projection goes: `owner.<attribute>` = VerifiedHead(weight,
+    exact_from); `weight` is the dense projection (the tied embedding's), rows from
+    `exact_from` on (timestamps) are always computed exactly."""
+
+    owner: nn.Module
+    attribute: str
+    weight: torch.Tensor
+    exact_from: int | None = None
+
+
+@dataclass(frozen=True)
+class PostLoad:
+    """What the passes see besides the model: the LoadOptions and the verified head's site."""
+
+    options: Any
+    verified_head: VerifiedHeadSite | None = None
+
+
+@dataclass(frozen=True)
+class Pass:
+    name: str
+    applies: Callable[[nn.Module, PostLoad], bool]
+    apply: Callable[[nn.Module, PostLoad], None]
+
+
+def accepts(model: nn.Module, what: str) -> bool:
+    """The family opted into `what` (see the module doc)."""
+    return what in getattr(model, "post_load", ())
+
+
+def _quantize(model: nn.Module, context: PostLoad) -> None:
+    # A tied lm_head gets its own int8 copy: decoding reads it every step, the embedding only
+    # gathers rows, so the copy buys bandwidth for little memory.
+    quantize_int8(model)
+    model.eval()  # the new Int8Linear modules too
+
+
+def _place(model: nn.Module, context: PostLoad) -> None:
+    if accepts(model, "device_map"):
+        dispatch(model)  # decoder layers over the visible GPUs, then CPU
+    else:
+        model.to(context.options.torch_device)  # the whole model on the first GPU (or CPU)
+
+
+def _pack_applies(model: nn.Module, context: PostLoad) -> bool:
+    return ((context.options.packed_linear and packable(model))
+            or (accepts(model, "column_major_head") and column_major_head_applies(model)))
+
+
+def _pack(model: nn.Module, context: PostLoad) -> None:
+    if context.options.packed_linear:
+        pack_linears(model)
+    if accepts(model, "column_major_head"):
+        column_major_head(model)  # a head packing did not take: one GEMM over contiguous memory
+
+
+def _verified_head_applies(model: nn.Module, context: PostLoad) -> bool:
+    site = context.verified_head
+    if site is None or not verified.enabled(site.weight, context.options):
+        return False
+    return site.exact_from is None or 0 < site.exact_from < site.weight.shape[0]
+
+
+def _install_verified_head(model: nn.Module, context: PostLoad) -> None:
+    site = context.verified_head
+    setattr(site.owner, site.attribute, verified.VerifiedHead(site.weight, site.exact_from))
+
+
+QUANTIZE = Pass("quantize", lambda model, c: c.options.load_in_8bit and accepts(model, "int8"), _quantize)
+PLACE = Pass("place", lambda model, c: c.options.device == "auto", _place)
+PACK = Pass("pack", _pack_applies, _pack)
+VERIFIED_HEAD = Pass("verified_head", _verified_head_applies, _install_verified_head)
+
+POST_LOAD_PASSES: tuple[Pass, ...] = (QUANTIZE, PLACE, PACK, VERIFIED_HEAD)
+
+
+def apply_post_load_passes(model: nn.Module, context: PostLoad,
+                           passes: tuple[Pass, ...] = POST_LOAD_PASSES) -> list[str]:
+    """Runs each pass whose predicate holds, in order; -> the names of those that ran."""
+    ran = []
+    for step in passes:
+        if step.applies(model, context):
+            step.apply(model, context)
+            ran.append(step.name)
+    return ran
