@@ -81,7 +81,7 @@ def local_wheels(source: str) -> list[Path]:
             target = href.split("#", 1)[0]
             path = local_folder(target) if "://" in target else page.parent / unquote(target)
             if path is not None and pattern.match(path.name) and path.is_file():
-                found.append(path)
+                found.append(path.resolve())
     return found
 
 
