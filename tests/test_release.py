@@ -3,7 +3,6 @@ the licence pyproject declares; upper bounds on the server's run-time dependenci
 transformers version the tests use written in one place."""
 from __future__ import annotations
 
-import ast
 import os
 import re
 import subprocess
@@ -70,17 +69,10 @@ def test_license_file_is_the_license_pyproject_declares():
     assert "END OF TERMS AND CONDITIONS" in text
 
 
-def _server_runtime_requirements() -> list[Requirement]:
-    """RUNTIME in setup.py (pyproject's dependencies are dynamic: setup.py adds the client pin)."""
-    tree = ast.parse((ROOT / "setup.py").read_text())
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "RUNTIME" for t in node.targets):
-            return [Requirement(r) for r in ast.literal_eval(node.value)]
-    raise AssertionError("setup.py defines no RUNTIME list")
-
-
 def test_server_runtime_dependencies_have_upper_bounds():
-    requirements = _server_runtime_requirements()
+    import server_requirements
+
+    requirements = [Requirement(r) for r in server_requirements.runtime()]
     names = {r.name.lower().replace("_", "-") for r in requirements}
     assert {"torch", "grpcio", "protobuf", "huggingface-hub", "safetensors", "tokenizers"} <= names
     unbounded = [str(r) for r in requirements
