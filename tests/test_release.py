@@ -110,3 +110,15 @@ def test_transformers_versions_are_written_in_one_place_each():
     import qa_oracle
 
     assert qa_oracle.pinned_version().startswith("4.")
+
+
+def test_the_test_extra_holds_every_build_requirement():
+    """tests/test_client_wheel.py builds both wheels without build isolation (offline), so the
+    environment scripts/setup --test makes must hold what both builds require."""
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    test_extra = {Requirement(r).name.lower(): Requirement(r)
+                  for r in pyproject["project"]["optional-dependencies"]["test"]}
+    for path in PYPROJECTS:
+        for required in map(Requirement, tomllib.loads(path.read_text())["build-system"]["requires"]):
+            assert required.name.lower() in test_extra, (path, str(required))
+            assert test_extra[required.name.lower()].specifier == required.specifier, (path, str(required))
