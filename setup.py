@@ -7,8 +7,11 @@ from pathlib import Path
 
 from setuptools import setup
 
-VERSION_FILE = Path(__file__).resolve().parent / "clients" / "python" / "pipeserve_client" / "_version.py"
-VERSION = re.search(r'^__version__ = "([^"]+)"', VERSION_FILE.read_text(), re.M).group(1)
+HERE = Path(__file__).resolve().parent
+VERSION_FILE = HERE / "clients" / "python" / "pipeserve_client" / "_version.py"
+# An sdist of the server has no clients/ folder: its PKG-INFO kept the version it was made with.
+VERSION = (re.search(r'^__version__ = "([^"]+)"', VERSION_FILE.read_text(), re.M) if VERSION_FILE.is_file()
+           else re.search(r"^Version: (\S+)", (HERE / "PKG-INFO").read_text(), re.M)).group(1)
 
 # Run-time dependencies. Upper bounds stop a fresh install from taking a release we have not
 # tested: the next major version, or for 0.x packages (and torch, whose minor releases change
