@@ -196,10 +196,10 @@ def _methods():
 
     from google.protobuf import message_factory
 
-    import pipeserve
+    import pipeserve.v1
 
     out = []
-    for path in sorted((Path(pipeserve.__file__).parent / "v1").glob("*_pb2.py")):
+    for path in sorted(Path(pipeserve.v1.__file__).parent.glob("*_pb2.py")):
         module = importlib.import_module(f"pipeserve.v1.{path.stem}")
         for service in module.DESCRIPTOR.services_by_name.values():
             for method in service.methods:

@@ -70,9 +70,9 @@ def test_needed_installs_the_grpc_set_together():
 
 def test_carried_wheel_list_matches_pyproject_dependencies():
     """Every run-time dependency but torch and numpy (the image's, with transformers) is carried."""
-    import tomllib
+    import server_requirements
 
-    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    deps = server_requirements.runtime()
     names = {d.split(">")[0].split("=")[0].split("<")[0].strip().lower().replace("_", "-") for d in deps}
     carried = {w.dist.lower() for w in wheels.WHEELS}
     assert names - carried == {"torch", "numpy", "huggingface-hub", "tokenizers"}, names - carried
@@ -83,7 +83,7 @@ def test_cuda_image_installs_the_checked_versions():
     dockerfile = (ROOT / "deploy" / "Dockerfile.cuda").read_text()
     assert "COPY bench/gpu/wheels.py" in dockerfile
     assert "--constraints > /tmp/gpu-constraints.txt" in dockerfile
-    assert "pip install -c /tmp/gpu-constraints.txt ." in dockerfile
+    assert "pip install -c /tmp/gpu-constraints.txt ./clients/python ." in dockerfile
     result = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu" / "wheels.py"), "--constraints"],
                             capture_output=True, text=True, check=True)
     assert result.stdout.splitlines() == [f"{w.dist}=={w.version}" for w in wheels.WHEELS]

@@ -37,8 +37,9 @@ import wheels  # noqa: E402
 
 STEPS = ("environment", "wheels", "codegen", "tests", "benches", "report")
 # Files the steps need from the repository copy (tracked, so present unless the copy is broken).
-NEEDED_FILES = ("service/pipeserve/codegen.py", "protos/pipeserve/v1/model.proto", "tests/test_cuda.py",
-                "tests/device_parity.py", "tests/conftest.py", "bench/gpu/benches.py", "pyproject.toml")
+NEEDED_FILES = ("service/pipeserve/codegen.py", "clients/python/build_protos.py", "protos/pipeserve/v1/model.proto",
+                "tests/test_cuda.py", "tests/device_parity.py", "tests/conftest.py", "bench/gpu/benches.py",
+                "pyproject.toml")
 # Budget of the whole check on the GPU machine: 15 minutes of device time, of which starting
 # the machine and copying take a few; the steps share the rest.
 TEST_TIMEOUT_S = 300
@@ -175,7 +176,7 @@ def child_env(target: Path, folder: Path) -> dict:
 
 
 def codegen(report: Report, env: dict) -> None:
-    generated = sorted((ROOT / "service" / "pipeserve" / "v1").glob("*_pb2*.py"))
+    generated = sorted((ROOT / "clients" / "python" / "pipeserve" / "v1").glob("*_pb2*.py"))
     if report.dry_run:
         protos = sorted((ROOT / "protos" / "pipeserve" / "v1").glob("*.proto"))
         names = {p.name for p in generated}

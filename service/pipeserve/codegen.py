@@ -1,40 +1,23 @@
-"""protoc for the contracts: protos/pipeserve/v1/*.proto -> service/pipeserve/v1/*_pb2*.py(i).
+"""Regenerates the protobuf/gRPC code after a .proto changes, in a source checkout:
+protos/pipeserve/v1/*.proto -> clients/python/pipeserve/v1/ (git-ignored).
 
-Run by the install step (setup.py) and by `python -m pipeserve.codegen`; never edit its output.
+The generator belongs to the pipeserve-client build (clients/python/build_protos.py, run by
+its setup.py whenever its wheel or editable install is built); this entry point
+(`python -m pipeserve.codegen`) runs the same file so there is one generator.
 """
 from __future__ import annotations
 
-import os
+import runpy
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-PROTO_ROOT = ROOT / "protos"
-OUT_ROOT = ROOT / "service"
+GENERATOR = ROOT / "clients" / "python" / "build_protos.py"
 
 
-def generate(proto_root: Path = PROTO_ROOT, out_root: Path = OUT_ROOT) -> list[Path]:
-    import grpc_tools
-    from grpc_tools import protoc
-
-    protos = sorted((proto_root / "pipeserve" / "v1").glob("*.proto"))
-    if not protos:
-        raise RuntimeError(f"no .proto files under {proto_root}")
-    well_known = os.path.join(os.path.dirname(grpc_tools.__file__), "_proto")
-    out_dir = out_root / "pipeserve" / "v1"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    args = [
-        "grpc_tools.protoc",
-        f"-I{proto_root}",
-        f"-I{well_known}",
-        f"--python_out={out_root}",
-        f"--pyi_out={out_root}",
-        f"--grpc_python_out={out_root}",
-        *map(str, protos),
-    ]
-    if protoc.main(args) != 0:
-        raise RuntimeError("protoc failed on " + ", ".join(p.name for p in protos))
-    (out_dir / "__init__.py").write_text('"""Generated from protos/pipeserve/v1 by pipeserve.codegen; do not edit."""\n')
-    return sorted(out_dir.glob("*_pb2*.py"))
+def generate() -> list[Path]:
+    if not GENERATOR.is_file():
+        raise RuntimeError(f"{GENERATOR} is missing: codegen runs in a source checkout of pipeserve")
+    return runpy.run_path(str(GENERATOR))["generate"]()
 
 
 if __name__ == "__main__":

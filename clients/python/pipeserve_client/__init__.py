@@ -13,6 +13,8 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from ._version import __version__
+
 if TYPE_CHECKING:
     from ._channel import NO_RETRY, RetryPolicy
     from .aio import AsyncClient
@@ -29,7 +31,7 @@ _HOMES = {"NO_RETRY": "._channel", "RetryPolicy": "._channel", "AsyncClient": ".
           "traceparent": "._tracing"}
 
 __all__ = [
-    "Client", "AsyncClient", "RetryPolicy", "NO_RETRY", "to_dict", "traceparent",
+    "__version__", "Client", "AsyncClient", "RetryPolicy", "NO_RETRY", "to_dict", "traceparent",
     "PipeserveError", "InputError", "InputFileError", "InvalidArgumentError", "NotFoundError", "FailedPreconditionError",
     "PermissionDeniedError", "UnauthenticatedError", "ResourceExhaustedError", "UnavailableError",
     "StreamInterruptedError", "UnimplementedError", "CallCancelledError", "DeadlineExceededError", "InternalError",

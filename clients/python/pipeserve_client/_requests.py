@@ -192,8 +192,6 @@ def transcribe(audio: AudioLike, *, sampling_rate: int | None, model: str, reque
 def live_requests(chunks: Iterable[Any], *, sampling_rate: int, channels: int, model: str, request_id: str,
                   interim_interval_s: float | None, options: dict[str, Any]):
     """Config first, then one AudioChunk per item (numpy float/int16 arrays or raw bytes)."""
-    import numpy as np
-
     config = asr_pb.StreamingConfig(model=model, request_id=request_id, options=transcription_options(**options),
                                     sample_rate=int(sampling_rate), channels=int(channels))
     first = True
@@ -201,6 +199,8 @@ def live_requests(chunks: Iterable[Any], *, sampling_rate: int, channels: int, m
         if isinstance(chunk, (bytes, bytearray, memoryview)):
             fmt, data = common_pb2.SAMPLE_FORMAT_FLOAT32_LE, bytes(chunk)
         else:
+            import numpy as np  # only for arrays: bytes chunks work without numpy (no [audio] extra)
+
             array = np.asarray(chunk)
             fmt = common_pb2.SAMPLE_FORMAT_INT16_LE if array.dtype == np.int16 else common_pb2.SAMPLE_FORMAT_FLOAT32_LE
             data = array.astype("<i2" if array.dtype == np.int16 else "<f4").tobytes()

@@ -29,6 +29,8 @@ import sys
 import time
 from typing import Any, Callable, Iterable
 
+from ._version import __version__
+
 # grpc's C core logs TLS handshake failures and the like to stderr at INFO level; the CLI
 # explains failures itself. Must be set before grpc is first imported.
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
@@ -88,25 +90,13 @@ def _connection_options() -> argparse.ArgumentParser:
     return parent
 
 
-def _version() -> str:
-    """The installed distribution's version (the client ships standalone or with the server)."""
-    from importlib import metadata
-
-    for distribution in ("pipeserve-client", "pipeserve"):
-        try:
-            return metadata.version(distribution)
-        except metadata.PackageNotFoundError:
-            continue
-    return "unknown"
-
-
 def build_parser() -> argparse.ArgumentParser:
     common = _connection_options()
     parser = argparse.ArgumentParser(prog="pipeserve", parents=[common],
                                      description="Client for the pipeserve gRPC inference server.",
                                      epilog="Exit codes" + __doc__.split("Exit codes", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--version", action="version", version=f"pipeserve {_version()}")
+    parser.add_argument("--version", action="version", version=f"pipeserve {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
 
@@ -656,6 +646,14 @@ def _explain(error: Exception, target: str, tls: bool) -> Fail:
 
 
 def _serve(server_args: list[str]) -> int:
+    import importlib.util
+
+    # pipeserve-client installs without the server (and torch): say what to install instead
+    # of letting `python -m` print "No module named pipeserve.server".
+    if importlib.util.find_spec("pipeserve.server") is None:
+        print("pipeserve: `pipeserve serve` needs the server, which this installation lacks: "
+              "pip install pipeserve", file=sys.stderr)
+        return EXIT_USAGE
     command = [sys.executable, "-m", "pipeserve.server", *server_args]
     try:
         os.execv(sys.executable, command)
