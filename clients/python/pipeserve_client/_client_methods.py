@@ -54,14 +54,19 @@ class ClientMethods(SyncCalls):
     """The task methods; Models holds the ModelService ones."""
 
     @overload
+    def transcribe(self, audio: list[AudioLike], *, stream: Literal[False] = False,
+                   **options: Unpack[build.TranscribeOptions]) -> list[speech_recognition_pb2.TranscribeResponse]: ...
+    @overload
     def transcribe(self, audio: AudioLike, *, stream: Literal[False] = False,
                    **options: Unpack[build.TranscribeOptions]) -> speech_recognition_pb2.TranscribeResponse: ...
     @overload
     def transcribe(self, audio: AudioLike, *, stream: Literal[True], **options: Unpack[build.TranscribeOptions]) -> (
             Iterator[speech_recognition_pb2.TranscribeStreamResponse]): ...
 
-    def transcribe(self, audio: AudioLike, *, stream: bool = False, **options: Unpack[build.TranscribeOptions]) -> (
+    def transcribe(self, audio: AudioLike | list[AudioLike], *, stream: bool = False,
+                   **options: Unpack[build.TranscribeOptions]) -> (
             speech_recognition_pb2.TranscribeResponse
+            | list[speech_recognition_pb2.TranscribeResponse]
             | Iterator[speech_recognition_pb2.TranscribeStreamResponse]):
         """Speech -> text, like pipeline("automatic-speech-recognition")(audio, ...).
 
@@ -74,7 +79,11 @@ class ClientMethods(SyncCalls):
         logprob_threshold, no_speech_threshold, initial_prompt, condition_on_previous_text,
         max_new_tokens, long_form_sequential, request_id, timeout. stream=True yields
         TranscribeStreamResponse messages: a `segment` as each window is decoded, then `done`
-        with the full transcription."""
+        with the full transcription. A list of audio inputs -> a list of TranscribeResponse, in
+        order (not with stream=True)."""
+        items = _methods.items_of("transcribe", {"audio": audio}, stream)
+        if items is not None:
+            return self._each(lambda item: self.transcribe(**item, stream=stream, **options), items)
         request, timeout = _methods.transcribe(audio, stream=stream, **options)
         if stream:
             return self._stream("speech", "TranscribeStream", request, timeout)
@@ -93,43 +102,97 @@ class ClientMethods(SyncCalls):
         return self._bidi("speech", "StreamingTranscribe", request, timeout)
 
     @overload
+    def generate(self, prompt: list[str], *, stream: Literal[False] = False,
+                 **options: Unpack[build.GenerateOptions]) -> list[text_generation_pb2.GenerateResponse]: ...
+    @overload
     def generate(self, prompt: str, *, stream: Literal[False] = False,
                  **options: Unpack[build.GenerateOptions]) -> text_generation_pb2.GenerateResponse: ...
     @overload
     def generate(self, prompt: str, *, stream: Literal[True], **options: Unpack[build.GenerateOptions]) -> (
             Iterator[text_generation_pb2.GenerateStreamResponse]): ...
 
-    def generate(self, prompt: str, *, stream: bool = False, **options: Unpack[build.GenerateOptions]) -> (
+    def generate(self, prompt: str | list[str], *, stream: bool = False,
+                 **options: Unpack[build.GenerateOptions]) -> (
             text_generation_pb2.GenerateResponse
+            | list[text_generation_pb2.GenerateResponse]
             | Iterator[text_generation_pb2.GenerateStreamResponse]):
         """Prompt -> continuation, like pipeline("text-generation")(prompt, ...). Options
         (GenerateOptions): model, max_new_tokens, min_new_tokens, do_sample, temperature, top_k,
         top_p, typical_p, repetition_penalty, no_repeat_ngram_size, stop, ignore_eos, seed,
         num_return_sequences, return_full_text, logprobs, return_logprobs, request_id, timeout.
         stream=True yields one GenerateStreamResponse per token (`token`), then `done` per
-        sequence."""
+        sequence. A list of prompts -> a list of GenerateResponse, in order (not with stream=True)."""
+        items = _methods.items_of("generate", {"prompt": prompt}, stream)
+        if items is not None:
+            return self._each(lambda item: self.generate(**item, stream=stream, **options), items)
         request, timeout = _methods.generate(prompt, stream=stream, **options)
         if stream:
             return self._stream("generation", "GenerateStream", request, timeout)
         return self._unary("generation", "Generate", request, timeout)
 
+    @overload
+    def classify_image(self, image: list[ImageLike], *, model: str = "", top_k: int | None = None,
+                       function_to_apply: str | None = None, request_id: str = "",
+                       timeout: float | None = None) -> list[image_classification_pb2.ClassifyImageResponse]: ...
+    @overload
     def classify_image(self, image: ImageLike, *, model: str = "", top_k: int | None = None,
                        function_to_apply: str | None = None, request_id: str = "",
-                       timeout: float | None = None) -> image_classification_pb2.ClassifyImageResponse:
-        """Image (path, bytes, URI, PIL image) -> labels, like pipeline("image-classification")."""
+                       timeout: float | None = None) -> image_classification_pb2.ClassifyImageResponse: ...
+
+    def classify_image(self, image: ImageLike | list[ImageLike], *, model: str = "", top_k: int | None = None,
+                       function_to_apply: str | None = None, request_id: str = "", timeout: float | None = None) -> (
+            image_classification_pb2.ClassifyImageResponse
+            | list[image_classification_pb2.ClassifyImageResponse]):
+        """Image (path, bytes, URI, PIL image) -> labels, like pipeline("image-classification").
+        A list of images -> a list of responses, in order."""
+        items = _methods.items_of("classify_image", {"image": image})
+        if items is not None:
+            return self._each(lambda item: self.classify_image(**item, model=model, top_k=top_k,
+                function_to_apply=function_to_apply, request_id=request_id, timeout=timeout), items)
         request, timeout = _methods.classify_image(image, model=model, top_k=top_k,
                                                    function_to_apply=function_to_apply, request_id=request_id,
                                                    timeout=timeout)
         return self._unary("image", "ClassifyImage", request, timeout)
 
+    @overload
+    def document_qa(self, image: list[ImageLike], question: str | list[str], *,
+                    word_boxes: Sequence[Any] | None = None, model: str = "", top_k: int | None = None,
+                    max_answer_len: int | None = None, doc_stride: int | None = None, max_seq_len: int | None = None,
+                    max_question_len: int | None = None, handle_impossible_answer: bool | None = None,
+                    lang: str | None = None, request_id: str = "", timeout: float | None = None) -> (
+            list[document_question_answering_pb2.AnswerDocumentQuestionResponse]): ...
+    @overload
+    def document_qa(self, image: ImageLike, question: list[str], *, word_boxes: Sequence[Any] | None = None,
+                    model: str = "", top_k: int | None = None, max_answer_len: int | None = None,
+                    doc_stride: int | None = None, max_seq_len: int | None = None,
+                    max_question_len: int | None = None, handle_impossible_answer: bool | None = None,
+                    lang: str | None = None, request_id: str = "", timeout: float | None = None) -> (
+            list[document_question_answering_pb2.AnswerDocumentQuestionResponse]): ...
+    @overload
     def document_qa(self, image: ImageLike, question: str, *, word_boxes: Sequence[Any] | None = None,
                     model: str = "", top_k: int | None = None, max_answer_len: int | None = None,
                     doc_stride: int | None = None, max_seq_len: int | None = None,
                     max_question_len: int | None = None, handle_impossible_answer: bool | None = None,
-                    lang: str | None = None, request_id: str = "",
-                    timeout: float | None = None) -> document_question_answering_pb2.AnswerDocumentQuestionResponse:
+                    lang: str | None = None, request_id: str = "", timeout: float | None = None) -> (
+            document_question_answering_pb2.AnswerDocumentQuestionResponse): ...
+
+    def document_qa(self, image: ImageLike | list[ImageLike], question: str | list[str], *,
+                    word_boxes: Sequence[Any] | None = None, model: str = "", top_k: int | None = None,
+                    max_answer_len: int | None = None, doc_stride: int | None = None, max_seq_len: int | None = None,
+                    max_question_len: int | None = None, handle_impossible_answer: bool | None = None,
+                    lang: str | None = None, request_id: str = "", timeout: float | None = None) -> (
+            document_question_answering_pb2.AnswerDocumentQuestionResponse
+            | list[document_question_answering_pb2.AnswerDocumentQuestionResponse]):
         """Document image + question -> answers, like pipeline("document-question-answering").
-        word_boxes=[(word, (x0, y0, x1, y1)), ...] (0..1000) skips the server's OCR."""
+        word_boxes=[(word, (x0, y0, x1, y1)), ...] (0..1000) skips the server's OCR. A list of
+        images and/or of questions (paired in order; a single one goes with each) -> a list of
+        responses, in order."""
+        items = _methods.items_of("document_qa", {"image": image, "question": question})
+        if items is not None:
+            return self._each(lambda item: self.document_qa(**item, word_boxes=word_boxes, model=model, top_k=top_k,
+                max_answer_len=max_answer_len, doc_stride=doc_stride, max_seq_len=max_seq_len,
+                max_question_len=max_question_len, handle_impossible_answer=handle_impossible_answer, lang=lang,
+                request_id=request_id, timeout=timeout), items)
         request, timeout = _methods.document_qa(image, question, word_boxes=word_boxes, model=model, top_k=top_k,
                                                 max_answer_len=max_answer_len, doc_stride=doc_stride,
                                                 max_seq_len=max_seq_len, max_question_len=max_question_len,
@@ -137,40 +200,122 @@ class ClientMethods(SyncCalls):
                                                 request_id=request_id, timeout=timeout)
         return self._unary("document_qa", "AnswerDocumentQuestion", request, timeout)
 
+    @overload
+    def zero_shot(self, sequences: list[str], candidate_labels: Sequence[str] | str, *, model: str = "",
+                  hypothesis_template: str | None = None, multi_label: bool | None = None, request_id: str = "",
+                  timeout: float | None = None) -> list[zero_shot_classification_pb2.ClassifyZeroShotResponse]: ...
+    @overload
     def zero_shot(self, sequences: str, candidate_labels: Sequence[str] | str, *, model: str = "",
                   hypothesis_template: str | None = None, multi_label: bool | None = None, request_id: str = "",
-                  timeout: float | None = None) -> zero_shot_classification_pb2.ClassifyZeroShotResponse:
-        """Text + labels of your choosing -> scores, like pipeline("zero-shot-classification")."""
+                  timeout: float | None = None) -> zero_shot_classification_pb2.ClassifyZeroShotResponse: ...
+
+    def zero_shot(self, sequences: str | list[str], candidate_labels: Sequence[str] | str, *, model: str = "",
+                  hypothesis_template: str | None = None, multi_label: bool | None = None, request_id: str = "",
+                  timeout: float | None = None) -> (
+            zero_shot_classification_pb2.ClassifyZeroShotResponse
+            | list[zero_shot_classification_pb2.ClassifyZeroShotResponse]):
+        """Text + labels of your choosing -> scores, like pipeline("zero-shot-classification").
+        A list of texts -> a list of responses, in order (each scored against the same labels)."""
+        items = _methods.items_of("zero_shot", {"sequences": sequences})
+        if items is not None:
+            return self._each(lambda item: self.zero_shot(**item, candidate_labels=candidate_labels, model=model,
+                                                          hypothesis_template=hypothesis_template,
+                                                          multi_label=multi_label, request_id=request_id,
+                                                          timeout=timeout), items)
         request, timeout = _methods.zero_shot(sequences, candidate_labels, model=model,
                                               hypothesis_template=hypothesis_template, multi_label=multi_label,
                                               request_id=request_id, timeout=timeout)
         return self._unary("zero_shot", "ClassifyZeroShot", request, timeout)
 
+    @overload
+    def classify_text(self, text: list[str], *, text_pair: str | None = None, model: str = "",
+                      top_k: int | None = None, function_to_apply: str | None = None, request_id: str = "",
+                      timeout: float | None = None) -> list[text_classification_pb2.ClassifyTextResponse]: ...
+    @overload
     def classify_text(self, text: str, *, text_pair: str | None = None, model: str = "", top_k: int | None = None,
                       function_to_apply: str | None = None, request_id: str = "",
-                      timeout: float | None = None) -> text_classification_pb2.ClassifyTextResponse:
-        """Text (or a pair) -> labels, like pipeline("text-classification")."""
+                      timeout: float | None = None) -> text_classification_pb2.ClassifyTextResponse: ...
+
+    def classify_text(self, text: str | list[str], *, text_pair: str | None = None, model: str = "",
+                      top_k: int | None = None, function_to_apply: str | None = None, request_id: str = "",
+                      timeout: float | None = None) -> (
+            text_classification_pb2.ClassifyTextResponse
+            | list[text_classification_pb2.ClassifyTextResponse]):
+        """Text (or a pair) -> labels, like pipeline("text-classification"). A list of texts
+        -> a list of responses, in order."""
+        items = _methods.items_of("classify_text", {"text": text})
+        if items is not None:
+            return self._each(lambda item: self.classify_text(**item, text_pair=text_pair, model=model, top_k=top_k,
+                function_to_apply=function_to_apply, request_id=request_id, timeout=timeout), items)
         request, timeout = _methods.classify_text(text, text_pair=text_pair, model=model, top_k=top_k,
                                                   function_to_apply=function_to_apply, request_id=request_id,
                                                   timeout=timeout)
         return self._unary("text", "ClassifyText", request, timeout)
 
+    @overload
+    def classify_tokens(self, text: list[str], *, model: str = "", aggregation_strategy: str | None = None,
+                        ignore_labels: Sequence[str] | None = None, stride: int | None = None, request_id: str = "",
+                        timeout: float | None = None) -> list[token_classification_pb2.ClassifyTokensResponse]: ...
+    @overload
     def classify_tokens(self, text: str, *, model: str = "", aggregation_strategy: str | None = None,
                         ignore_labels: Sequence[str] | None = None, stride: int | None = None, request_id: str = "",
-                        timeout: float | None = None) -> token_classification_pb2.ClassifyTokensResponse:
-        """Text -> entities, like pipeline("token-classification") / pipeline("ner")."""
+                        timeout: float | None = None) -> token_classification_pb2.ClassifyTokensResponse: ...
+
+    def classify_tokens(self, text: str | list[str], *, model: str = "", aggregation_strategy: str | None = None,
+                        ignore_labels: Sequence[str] | None = None, stride: int | None = None, request_id: str = "",
+                        timeout: float | None = None) -> (
+            token_classification_pb2.ClassifyTokensResponse
+            | list[token_classification_pb2.ClassifyTokensResponse]):
+        """Text -> entities, like pipeline("token-classification") / pipeline("ner"). A list of
+        texts -> a list of responses, in order."""
+        items = _methods.items_of("classify_tokens", {"text": text})
+        if items is not None:
+            return self._each(lambda item: self.classify_tokens(**item, model=model,
+                aggregation_strategy=aggregation_strategy, ignore_labels=ignore_labels, stride=stride,
+                request_id=request_id, timeout=timeout), items)
         request, timeout = _methods.classify_tokens(text, model=model, aggregation_strategy=aggregation_strategy,
                                                     ignore_labels=ignore_labels, stride=stride, request_id=request_id,
                                                     timeout=timeout)
         return self._unary("tokens", "ClassifyTokens", request, timeout)
 
+    @overload
+    def answer_question(self, question: list[str], context: str | list[str], *, model: str = "",
+                        top_k: int | None = None, doc_stride: int | None = None, max_answer_len: int | None = None,
+                        max_seq_len: int | None = None, max_question_len: int | None = None,
+                        handle_impossible_answer: bool | None = None, align_to_words: bool | None = None,
+                        request_id: str = "",
+                        timeout: float | None = None) -> list[question_answering_pb2.AnswerQuestionResponse]: ...
+    @overload
+    def answer_question(self, question: str, context: list[str], *, model: str = "", top_k: int | None = None,
+                        doc_stride: int | None = None, max_answer_len: int | None = None,
+                        max_seq_len: int | None = None, max_question_len: int | None = None,
+                        handle_impossible_answer: bool | None = None, align_to_words: bool | None = None,
+                        request_id: str = "",
+                        timeout: float | None = None) -> list[question_answering_pb2.AnswerQuestionResponse]: ...
+    @overload
     def answer_question(self, question: str, context: str, *, model: str = "", top_k: int | None = None,
                         doc_stride: int | None = None, max_answer_len: int | None = None,
                         max_seq_len: int | None = None, max_question_len: int | None = None,
                         handle_impossible_answer: bool | None = None, align_to_words: bool | None = None,
                         request_id: str = "",
-                        timeout: float | None = None) -> question_answering_pb2.AnswerQuestionResponse:
-        """Question + context -> answer spans, like pipeline("question-answering")."""
+                        timeout: float | None = None) -> question_answering_pb2.AnswerQuestionResponse: ...
+
+    def answer_question(self, question: str | list[str], context: str | list[str], *, model: str = "",
+                        top_k: int | None = None, doc_stride: int | None = None, max_answer_len: int | None = None,
+                        max_seq_len: int | None = None, max_question_len: int | None = None,
+                        handle_impossible_answer: bool | None = None, align_to_words: bool | None = None,
+                        request_id: str = "", timeout: float | None = None) -> (
+            question_answering_pb2.AnswerQuestionResponse
+            | list[question_answering_pb2.AnswerQuestionResponse]):
+        """Question + context -> answer spans, like pipeline("question-answering"). Lists of
+        questions and/or contexts (paired in order; a single one goes with each) -> a list of
+        responses, in order."""
+        items = _methods.items_of("answer_question", {"question": question, "context": context})
+        if items is not None:
+            return self._each(lambda item: self.answer_question(**item, model=model, top_k=top_k,
+                doc_stride=doc_stride, max_answer_len=max_answer_len, max_seq_len=max_seq_len,
+                max_question_len=max_question_len, handle_impossible_answer=handle_impossible_answer,
+                align_to_words=align_to_words, request_id=request_id, timeout=timeout), items)
         request, timeout = _methods.answer_question(question, context, model=model, top_k=top_k,
                                                     doc_stride=doc_stride, max_answer_len=max_answer_len,
                                                     max_seq_len=max_seq_len, max_question_len=max_question_len,
@@ -179,19 +324,49 @@ class ClientMethods(SyncCalls):
                                                     timeout=timeout)
         return self._unary("qa", "AnswerQuestion", request, timeout)
 
+    @overload
+    def fill_mask(self, text: list[str], *, model: str = "", top_k: int | None = None,
+                  targets: str | Sequence[str] | None = None, request_id: str = "",
+                  timeout: float | None = None) -> list[fill_mask_pb2.FillMaskResponse]: ...
+    @overload
     def fill_mask(self, text: str, *, model: str = "", top_k: int | None = None,
                   targets: str | Sequence[str] | None = None, request_id: str = "",
-                  timeout: float | None = None) -> fill_mask_pb2.FillMaskResponse:
-        """Text with mask token(s) -> candidates per mask, like pipeline("fill-mask")."""
+                  timeout: float | None = None) -> fill_mask_pb2.FillMaskResponse: ...
+
+    def fill_mask(self, text: str | list[str], *, model: str = "", top_k: int | None = None,
+                  targets: str | Sequence[str] | None = None, request_id: str = "", timeout: float | None = None) -> (
+            fill_mask_pb2.FillMaskResponse
+            | list[fill_mask_pb2.FillMaskResponse]):
+        """Text with mask token(s) -> candidates per mask, like pipeline("fill-mask"). A list of
+        texts -> a list of responses, in order."""
+        items = _methods.items_of("fill_mask", {"text": text})
+        if items is not None:
+            return self._each(lambda item: self.fill_mask(**item, model=model, top_k=top_k, targets=targets,
+                                                          request_id=request_id, timeout=timeout), items)
         request, timeout = _methods.fill_mask(text, model=model, top_k=top_k, targets=targets, request_id=request_id,
                                               timeout=timeout)
         return self._unary("fill_mask", "FillMask", request, timeout)
 
+    @overload
+    def extract_features(self, text: list[str], *, model: str = "", pooling: str | None = None,
+                         normalize: bool | None = None, truncate: bool | None = None, request_id: str = "",
+                         timeout: float | None = None) -> list[feature_extraction_pb2.ExtractFeaturesResponse]: ...
+    @overload
     def extract_features(self, text: str, *, model: str = "", pooling: str | None = None,
                          normalize: bool | None = None, truncate: bool | None = None, request_id: str = "",
-                         timeout: float | None = None) -> feature_extraction_pb2.ExtractFeaturesResponse:
+                         timeout: float | None = None) -> feature_extraction_pb2.ExtractFeaturesResponse: ...
+
+    def extract_features(self, text: str | list[str], *, model: str = "", pooling: str | None = None,
+                         normalize: bool | None = None, truncate: bool | None = None, request_id: str = "",
+                         timeout: float | None = None) -> (
+            feature_extraction_pb2.ExtractFeaturesResponse
+            | list[feature_extraction_pb2.ExtractFeaturesResponse]):
         """Text -> embedding(s), like pipeline("feature-extraction"); pooling "mean", "cls",
-        "max" or "none" (token embeddings)."""
+        "max" or "none" (token embeddings). A list of texts -> a list of responses, in order."""
+        items = _methods.items_of("extract_features", {"text": text})
+        if items is not None:
+            return self._each(lambda item: self.extract_features(**item, model=model, pooling=pooling,
+                normalize=normalize, truncate=truncate, request_id=request_id, timeout=timeout), items)
         request, timeout = _methods.extract_features(text, model=model, pooling=pooling, normalize=normalize,
                                                      truncate=truncate, request_id=request_id, timeout=timeout)
         return self._unary("features", "ExtractFeatures", request, timeout)
