@@ -151,8 +151,9 @@ class _Speech(_servicer_base("speech_recognition", "SpeechRecognitionServiceServ
     Transcribe counts the calls in flight, and the audio bytes script it: b"fail" answers
     INVALID_ARGUMENT; b"hold" waits until the client cancels (or 10 s); b"gate:N" waits until
     N calls have been in flight together once (or 5 s), so a test of a concurrency bound does not depend
-    on timing; b"sleep:S" waits S seconds; b"text:T" answers T as the text. Directives run
-    in order, joined with "|" (b"gate:4|fail", b"sleep:0.2|text:a")."""
+    on timing; b"sleep:S" waits S seconds; b"text:T" answers T as the text; b"stats" answers
+    "peak=P cancelled=C received=R" (calls in flight at most, cancelled, received so far).
+    Directives run in order, joined with "|" (b"gate:4|fail", b"sleep:0.2|text:a")."""
 
     def __init__(self, fake: FakeServer) -> None:
         self.fake = fake
@@ -202,6 +203,10 @@ class _Speech(_servicer_base("speech_recognition", "SpeechRecognitionServiceServ
                 time.sleep(float(value))
             elif name == "text":
                 text = value
+            elif name == "stats":  # for clients in other processes (the Node tests)
+                with self.fake.in_flight_changed:
+                    text = (f"peak={self.fake.peak_in_flight} cancelled={self.fake.transcribe_cancelled} "
+                            f"received={len(self.fake.requests)}")
         segments = self._segments()
         return pb.TranscribeResponse(request_id=request.request_id, transcription=pb.Transcription(
             text="".join(s.text for s in segments) if text is None else text, segments=segments, duration_s=3.0,
