@@ -177,11 +177,15 @@ def _parameters(signature: inspect.Signature, stream: str | None = None,
     return rendered
 
 
-def _arguments(signature: inspect.Signature) -> list[str]:
-    """The same parameters passed on to the describe function."""
+def _arguments(signature: inspect.Signature, single: dict[str, str] | None = None) -> list[str]:
+    """The same parameters passed on to the describe function; those in `single` (a batch
+    parameter past the list branch: one input) cast to its single-input type."""
     passed = []
     for param in signature.parameters.values():
-        if param.kind is param.VAR_POSITIONAL:
+        if single and param.name in single:
+            value = f'cast("{single[param.name]}", {param.name})'
+            passed.append(value if param.kind is param.POSITIONAL_OR_KEYWORD else f"{param.name}={value}")
+        elif param.kind is param.VAR_POSITIONAL:
             passed.append(f"*{param.name}")
         elif param.kind is param.VAR_KEYWORD:
             passed.append(f"**{param.name}")
@@ -220,6 +224,8 @@ def _batch_call(spec: MethodSpec, signature: inspect.Signature, flavour: Flavour
             passed.append(f"**{param.name}")
         elif param.kind is param.VAR_POSITIONAL:
             raise ValueError(f"{spec.method_name}: a batch method may not take *{param.name}")
+        elif param.name == "stream":
+            passed.append("stream=False")  # items_of refused a list with stream=True
         else:
             passed.append(f"{param.name}={param.name}")
     awaited = "await " if flavour.is_async else ""
@@ -301,8 +307,10 @@ def _method(spec: MethodSpec, flavour: Flavour, imports: Imports) -> list[str]:
     lines += _docstring(spec, flavour)
     if spec.batch:
         lines += _batch_call(spec, signature, flavour)
-    lines += _wrap(f"        request, timeout = _methods.{spec.describe.__name__}", _arguments(signature), "",
-                   indent=12)
+    if spec.batch:
+        imports.add("typing", "cast")
+    lines += _wrap(f"        request, timeout = _methods.{spec.describe.__name__}",
+                   _arguments(signature, batch_variants[0] if spec.batch else None), "", indent=12)
     call = {Kind.UNARY: "_unary", Kind.SERVER_STREAM: "_stream", Kind.BIDI: "_bidi"}[spec.kind]
     invoke = f'{"await " if awaits else ""}{target}.{call}("{spec.service}", "{spec.rpc}", request, timeout)'
     if spec.stream_rpc:
