@@ -62,6 +62,7 @@ class FakeServer:
         self.in_flight = self.peak_in_flight = 0
         self.in_flight_changed = threading.Condition()
         self.transcribe_cancelled = 0
+        self.gate_timeouts = 0  # b"gate:N" calls that gave up waiting
         if tls:
             credentials = grpc.ssl_server_credentials(
                 [((TLS_DIR / "server.key").read_bytes(), (TLS_DIR / "server.pem").read_bytes())],
@@ -152,7 +153,8 @@ class _Speech(_servicer_base("speech_recognition", "SpeechRecognitionServiceServ
     INVALID_ARGUMENT; b"hold" waits until the client cancels (or 10 s); b"gate:N" waits until
     N calls have been in flight together once (or 5 s), so a test of a concurrency bound does not depend
     on timing; b"sleep:S" waits S seconds; b"text:T" answers T as the text; b"stats" answers
-    "peak=P cancelled=C received=R" (calls in flight at most, cancelled, received so far).
+    "peak=P cancelled=C received=R gate_timeouts=G" (calls in flight at most, cancelled,
+    received so far, gates that gave up).
     Directives run in order, joined with "|" (b"gate:4|fail", b"sleep:0.2|text:a")."""
 
     def __init__(self, fake: FakeServer) -> None:
@@ -197,8 +199,9 @@ class _Speech(_servicer_base("speech_recognition", "SpeechRecognitionServiceServ
                     return pb.TranscribeResponse()
             elif name == "gate":
                 with self.fake.in_flight_changed:
-                    self.fake.in_flight_changed.wait_for(lambda: self.fake.peak_in_flight >= int(value),
-                                                         timeout=5.0)
+                    if not self.fake.in_flight_changed.wait_for(lambda: self.fake.peak_in_flight >= int(value),
+                                                                timeout=5.0):
+                        self.fake.gate_timeouts += 1
             elif name == "sleep":
                 time.sleep(float(value))
             elif name == "text":
@@ -206,7 +209,7 @@ class _Speech(_servicer_base("speech_recognition", "SpeechRecognitionServiceServ
             elif name == "stats":  # for clients in other processes (the Node tests)
                 with self.fake.in_flight_changed:
                     text = (f"peak={self.fake.peak_in_flight} cancelled={self.fake.transcribe_cancelled} "
-                            f"received={len(self.fake.requests)}")
+                            f"received={len(self.fake.requests)} gate_timeouts={self.fake.gate_timeouts}")
         segments = self._segments()
         return pb.TranscribeResponse(request_id=request.request_id, transcription=pb.Transcription(
             text="".join(s.text for s in segments) if text is None else text, segments=segments, duration_s=3.0,

@@ -40,9 +40,8 @@ def test_a_list_returns_results_in_order_with_bounded_concurrency(fake, is_async
         async with AsyncClient(fake.address, timeout=30, max_concurrency=3) as client:
             return await client.transcribe(audio, request_id="r")
 
-    started = time.monotonic()
     results = asyncio.run(async_call()) if is_async else sync_call()
-    assert time.monotonic() - started < 5.0, "a gate timed out: fewer than 3 calls were in flight together"
+    assert fake.gate_timeouts == 0, "fewer than 3 calls were ever in flight together"
     assert len(results) == 6 and all(r.transcription.text == " part 0 part 1 part 2" for r in results)
     assert fake.peak_in_flight == 3
     assert len(fake.requests) == 6
@@ -81,16 +80,16 @@ def test_first_failure_raises_with_its_index_and_cancels_the_rest(fake, is_async
         async with AsyncClient(fake.address, timeout=30, max_concurrency=8) as client:
             await client.transcribe(audio)
 
-    started = time.monotonic()
     with pytest.raises(InvalidArgumentError) as info:
         asyncio.run(async_call()) if is_async else sync_call()
-    assert time.monotonic() - started < 8.0, "the held calls must be cancelled, not waited for"
     assert info.value.index == 2 and info.value.reason == "INVALID_INPUT"
     assert str(info.value).startswith("input 2: cannot decode the audio")
     deadline = time.monotonic() + 5.0
     while fake.transcribe_cancelled < 3 and time.monotonic() < deadline:
         time.sleep(0.02)
+    # A held call the client did not cancel ends after 10 s without counting as cancelled.
     assert fake.transcribe_cancelled == 3, "the server must see the other calls cancelled"
+    assert fake.gate_timeouts == 0
 
 
 @pytest.mark.parametrize("is_async", [False, True], ids=["sync", "async"])

@@ -45,29 +45,29 @@ describe('arrays of inputs', () => {
     const client = new PipeserveClient(await fake(), { maxConcurrency: 3, timeoutMs: 30_000 });
     // Each call waits until three have been in flight together; later inputs answer first.
     const inputs = Array.from({ length: 6 }, (_, i) => audio(`gate:3|sleep:${(0.05 * (5 - i)).toFixed(2)}|text:${i}`));
-    const started = Date.now();
     const results = await client.transcribe(inputs, { requestId: 'same' });
-    assert.ok(Date.now() - started < 5000, 'a gate timed out: fewer than 3 calls were in flight together');
     assert.deepEqual(results.map((r) => r.transcription.text), ['0', '1', '2', '3', '4', '5']);
     assert.ok(results.every((r) => r.request_id === 'same'));
-    assert.equal((await stats(client)).peak, 3);
+    const seen = await stats(client);
+    assert.equal(seen.gate_timeouts, 0, 'fewer than 3 calls were ever in flight together');
+    assert.equal(seen.peak, 3);
     assert.deepEqual(await client.transcribe([]), []);
     client.close();
   });
 
   test('the first failure rejects with its index and cancels the calls in flight', async () => {
     const client = new PipeserveClient(await fake(), { timeoutMs: 30_000 });
-    const started = Date.now();
     await assert.rejects(client.transcribe([audio('hold'), audio('hold'), audio('gate:4|fail'), audio('hold')]),
       (e) => e instanceof InvalidArgumentError && e.index === 2 && e.reason === 'INVALID_INPUT'
         && e.message.startsWith('input 2: '));
-    assert.ok(Date.now() - started < 8000, 'the held calls are cancelled, not waited for');
     let seen = await stats(client);
     for (let i = 0; i < 100 && seen.cancelled < 3; i += 1) {
       await new Promise((resolve) => setTimeout(resolve, 50));
       seen = await stats(client);
     }
+    // A held call the client did not cancel ends after 10 s without counting as cancelled.
     assert.equal(seen.cancelled, 3, 'the server sees the other calls cancelled');
+    assert.equal(seen.gate_timeouts, 0);
     client.close();
   });
 
