@@ -58,6 +58,11 @@ class FakeServer:
         from pipeserve.v1 import speech_recognition_pb2_grpc
         speech_recognition_pb2_grpc.add_SpeechRecognitionServiceServicer_to_server(_Speech(self), self.server)
         self.requests: list = []  # speech requests received, for checks of what the client sent
+        # Transcribe calls in flight now and at most, and those cancelled by the client.
+        self.in_flight = self.peak_in_flight = 0
+        self.in_flight_changed = threading.Condition()
+        self.transcribe_cancelled = 0
+        self.gate_timeouts = 0  # b"gate:N" calls that gave up waiting
         if tls:
             credentials = grpc.ssl_server_credentials(
                 [((TLS_DIR / "server.key").read_bytes(), (TLS_DIR / "server.pem").read_bytes())],
@@ -142,7 +147,15 @@ class _Generation(_servicer_base("text_generation", "TextGenerationServiceServic
 
 class _Speech(_servicer_base("speech_recognition", "SpeechRecognitionServiceServicer")):
     """Three 1-second segments of a 3-second input; the second arrives first as an interim
-    segment and is then replaced (same id) by its final version."""
+    segment and is then replaced (same id) by its final version.
+
+    Transcribe counts the calls in flight, and the audio bytes script it: b"fail" answers
+    INVALID_ARGUMENT; b"hold" waits until the client cancels (or 10 s); b"gate:N" waits until
+    N calls have been in flight together once (or 5 s), so a test of a concurrency bound does not depend
+    on timing; b"sleep:S" waits S seconds; b"text:T" answers T as the text; b"stats" answers
+    "peak=P cancelled=C received=R gate_timeouts=G" (calls in flight at most, cancelled,
+    received so far, gates that gave up).
+    Directives run in order, joined with "|" (b"gate:4|fail", b"sleep:0.2|text:a")."""
 
     def __init__(self, fake: FakeServer) -> None:
         self.fake = fake
@@ -155,12 +168,52 @@ class _Speech(_servicer_base("speech_recognition", "SpeechRecognitionServiceServ
                 for i in range(3)]
 
     def Transcribe(self, request, context):
+        fake = self.fake
+        with fake.in_flight_changed:
+            fake.requests.append(request)
+            fake.in_flight += 1
+            fake.peak_in_flight = max(fake.peak_in_flight, fake.in_flight)
+            fake.in_flight_changed.notify_all()
+        try:
+            return self._transcribe(request, context)
+        finally:
+            with fake.in_flight_changed:
+                fake.in_flight -= 1
+                fake.in_flight_changed.notify_all()
+
+    def _transcribe(self, request, context):
         from pipeserve.v1 import speech_recognition_pb2 as pb
 
-        self.fake.requests.append(request)
+        text = None
+        for directive in request.audio.data.split(b"|"):
+            name, _, value = directive.decode(errors="replace").partition(":")
+            if name == "fail":
+                abort(context, grpc.StatusCode.INVALID_ARGUMENT, "cannot decode the audio", "INVALID_INPUT")
+            elif name == "hold":
+                end = time.monotonic() + 10.0
+                while context.is_active() and time.monotonic() < end:
+                    time.sleep(0.01)
+                if not context.is_active():
+                    with self.fake.in_flight_changed:
+                        self.fake.transcribe_cancelled += 1
+                    return pb.TranscribeResponse()
+            elif name == "gate":
+                with self.fake.in_flight_changed:
+                    if not self.fake.in_flight_changed.wait_for(lambda: self.fake.peak_in_flight >= int(value),
+                                                                timeout=5.0):
+                        self.fake.gate_timeouts += 1
+            elif name == "sleep":
+                time.sleep(float(value))
+            elif name == "text":
+                text = value
+            elif name == "stats":  # for clients in other processes (the Node tests)
+                with self.fake.in_flight_changed:
+                    text = (f"peak={self.fake.peak_in_flight} cancelled={self.fake.transcribe_cancelled} "
+                            f"received={len(self.fake.requests)} gate_timeouts={self.fake.gate_timeouts}")
         segments = self._segments()
         return pb.TranscribeResponse(request_id=request.request_id, transcription=pb.Transcription(
-            text="".join(s.text for s in segments), segments=segments, duration_s=3.0, language="en"))
+            text="".join(s.text for s in segments) if text is None else text, segments=segments, duration_s=3.0,
+            language="en"))
 
     def TranscribeStream(self, request, context):
         from pipeserve.v1 import speech_recognition_pb2 as pb

@@ -196,6 +196,27 @@ class _ScriptedRpc:
             raise _Failure(outcome)
         return "ok"
 
+    def future(self, request, *, timeout, metadata):
+        """The sync client's unary calls (a future, so a failed list can cancel them)."""
+        try:
+            answer, failure = self(request, timeout=timeout, metadata=metadata), None
+        except _Failure as error:
+            answer, failure = None, error
+        return _ScriptedFuture(answer, failure)
+
+
+class _ScriptedFuture:
+    def __init__(self, answer, failure) -> None:
+        self.answer, self.failure = answer, failure
+
+    def result(self):
+        if self.failure is not None:
+            raise self.failure
+        return self.answer
+
+    def cancel(self):
+        return False
+
 
 class _ScriptedCall:
     def __init__(self, outcome, before: int) -> None:
@@ -291,3 +312,57 @@ def test_sync_and_async_calls_follow_the_same_policy(case):
     aio = _summary(_run_policy(True, **options))
     assert sync == aio == case["expect"]
 
+
+
+# --- lists of inputs ------------------------------------------------------------------------
+
+def _other(value):
+    """A second input of the same kind as a sample input."""
+    return value + (b"2" if isinstance(value, bytes) else " (2)")
+
+
+@pytest.mark.parametrize("spec", [spec for spec in _methods.METHODS if spec.batch], ids=lambda spec: spec.method_name)
+def test_a_list_sends_one_request_per_input_in_both_clients(spec):
+    """Each batch parameter given as a list sends what calls on its items one by one send, in
+    order (max_concurrency=1), and the result is the list of their results."""
+    args, kwargs = SAMPLES[spec.method_name]
+    names = list(inspect.signature(spec.describe).parameters)
+    for listed in spec.batch:
+        position = names.index(listed)
+        single_args = [list(args), [*args[:position], _other(args[position]), *args[position + 1:]]]
+        batch_args = [*args[:position], [args[position], _other(args[position])], *args[position + 1:]]
+
+        with Client("127.0.0.1:1", max_concurrency=1) as client:
+            one_by_one = _Recorder(client)
+            singles = [getattr(client, spec.method_name)(*a, **kwargs) for a in single_args]
+        with Client("127.0.0.1:1", max_concurrency=1) as client:
+            batched = _Recorder(client)
+            results = getattr(client, spec.method_name)(*batch_args, **kwargs)
+
+        async def run_async():
+            async with AsyncClient("127.0.0.1:1", max_concurrency=1) as aclient:
+                recorder = _Recorder(aclient)
+                return recorder, await getattr(aclient, spec.method_name)(*batch_args, **kwargs)
+
+        async_batched, async_results = asyncio.run(run_async())
+        assert len(one_by_one.calls) == 2
+        assert batched.calls == one_by_one.calls == async_batched.calls, (spec.method_name, listed)
+        assert results == singles == async_results
+
+
+def test_items_of_pairs_lists_and_repeats_single_values():
+    from pipeserve_client import InputError
+
+    assert _methods.items_of("m", {"text": "a"}) is None
+    assert _methods.items_of("m", {"text": ["a", "b"]}) == [{"text": "a"}, {"text": "b"}]
+    assert _methods.items_of("m", {"text": ("a",)}) == [{"text": "a"}]
+    assert _methods.items_of("m", {"text": []}) == []
+    assert _methods.items_of("qa", {"question": "q", "context": ["c1", "c2"]}) == \
+        [{"question": "q", "context": "c1"}, {"question": "q", "context": "c2"}]
+    assert _methods.items_of("qa", {"question": ["q1", "q2"], "context": ["c1", "c2"]}) == \
+        [{"question": "q1", "context": "c1"}, {"question": "q2", "context": "c2"}]
+    with pytest.raises(InputError, match=r"lists of different lengths \(question: 2, context: 3\)"):
+        _methods.items_of("qa", {"question": ["q1", "q2"], "context": ["c1", "c2", "c3"]})
+    with pytest.raises(InputError, match="takes one input"):
+        _methods.items_of("transcribe", {"audio": [b"a"]}, stream=True)
+    assert _methods.items_of("transcribe", {"audio": b"a"}, stream=True) is None

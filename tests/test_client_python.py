@@ -433,3 +433,76 @@ def test_unimplemented_task_is_typed(monkeypatch):
         assert info.value.reason == "TASK_NOT_IMPLEMENTED" and not info.value.retryable
     finally:
         server.stop()
+
+
+# --- lists of inputs, as the pipeline takes them -------------------------------------------
+
+def _same_answer(batched, alone) -> bool:
+    """Equal responses but for the server's request id and run details, scores equal to float32
+    rounding (the server may batch the list's calls together)."""
+    from google.protobuf.json_format import MessageToDict
+
+    def same(a, b) -> bool:
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys = (set(a) | set(b)) - {"requestId", "run"}
+            return all(same(a.get(k), b.get(k)) for k in keys)
+        if isinstance(a, list) and isinstance(b, list):
+            return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+        if isinstance(a, float) or isinstance(b, float):
+            return abs(float(a) - float(b)) <= 1e-5
+        return a == b
+
+    return same(MessageToDict(batched), MessageToDict(alone))
+
+
+def test_text_tasks_take_lists(client, loaded):
+    require_servicer("text_classification")
+    texts = ["Hugging Face is in Paris.", "I love it.", "The weather is bad today."]
+    model = loaded("sequence_classification")
+    got = client.classify_text(texts, model=model, top_k=2)
+    assert isinstance(got, list) and len(got) == 3
+    assert all(_same_answer(g, client.classify_text(t, model=model, top_k=2)) for g, t in zip(got, texts))
+
+    require_servicer("zero_shot_classification")
+    nli = loaded("nli")
+    got = client.zero_shot(texts, ["places", "feelings"], model=nli)
+    assert all(_same_answer(g, client.zero_shot(t, ["places", "feelings"], model=nli)) for g, t in zip(got, texts))
+
+    require_servicer("question_answering")
+    qa = loaded("question_answering")
+    questions, contexts = ["Where is it?", "What is it?"], ["It is in Paris.", "It is a company."]
+    paired = client.answer_question(questions, contexts, model=qa)
+    assert all(_same_answer(g, client.answer_question(q, c, model=qa)) for g, q, c in zip(paired, questions, contexts))
+    one_question = client.answer_question("Where is it?", contexts, model=qa)
+    assert all(_same_answer(g, client.answer_question("Where is it?", c, model=qa))
+               for g, c in zip(one_question, contexts))
+    with pytest.raises(InputError, match="different lengths"):
+        client.answer_question(questions, contexts + ["one more"], model=qa)
+
+    require_servicer("feature_extraction")
+    base = loaded("base")
+    vectors = client.extract_features(texts, model=base, pooling="mean")
+    assert all(_same_answer(g, client.extract_features(t, model=base, pooling="mean")) for g, t in zip(vectors, texts))
+
+
+def test_list_failure_names_the_input(client, vit):
+    with pytest.raises(InvalidArgumentError) as info:
+        client.classify_image([_image(0), _image(1), b"not an image", _image(2)], model=vit)
+    assert info.value.index == 2 and str(info.value).startswith("input 2: ")
+    assert len(client.classify_image([_image(0), _image(1)], model=vit, top_k=1)) == 2  # the server still serves
+
+
+def test_transcribe_takes_a_list_in_both_clients(client, loaded):
+    require_servicer("speech_recognition")
+    model = loaded("ctc")
+    clips = [_speech(1.0), _speech(2.0)]
+    alone = [client.transcribe(c, sampling_rate=16000, model=model) for c in clips]
+    got = client.transcribe(clips, sampling_rate=16000, model=model)
+    assert [g.transcription.text for g in got] == [a.transcription.text for a in alone]
+    assert [g.transcription.duration_s for g in got] == pytest.approx([1.0, 2.0], abs=0.01)
+
+    async def in_async():
+        async with AsyncClient(client.target, timeout=120, max_concurrency=2) as aclient:
+            return await aclient.transcribe(clips, sampling_rate=16000, model=model)
+
+    assert [g.transcription.text for g in asyncio.run(in_async())] == [a.transcription.text for a in alone]

@@ -1,11 +1,7 @@
 // Classify an image: node examples/classify-image.mjs cat.jpg [model]
-import { PipeserveClient } from '../src/index.js';
+import { run } from './run.mjs';
 
-const [file, model = ''] = process.argv.slice(2);
-const client = new PipeserveClient(process.env.PIPESERVE_SERVER ?? '127.0.0.1:50051');
-try {
+await run('node examples/classify-image.mjs IMAGE [MODEL]', 1, async (client, [file, model = '']) => {
   const { labels } = await client.classifyImage(file, { model, topK: 3 });
   for (const { label, score } of labels) console.log(`${label}\t${score.toFixed(4)}`);
-} finally {
-  client.close();
-}
+});

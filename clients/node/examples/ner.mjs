@@ -1,11 +1,7 @@
 // Named entities: node examples/ner.mjs "My name is Wolfgang and I live in Berlin" [model]
-import { PipeserveClient } from '../src/index.js';
+import { run } from './run.mjs';
 
-const [text, model = ''] = process.argv.slice(2);
-const client = new PipeserveClient(process.env.PIPESERVE_SERVER ?? '127.0.0.1:50051');
-try {
+await run('node examples/ner.mjs TEXT [MODEL]', 1, async (client, [text, model = '']) => {
   const { entities } = await client.classifyTokens(text, { model, aggregationStrategy: 'simple' });
   for (const e of entities) console.log(`${e.entity}\t${e.word}\t[${e.start}:${e.end}]\t${e.score.toFixed(4)}`);
-} finally {
-  client.close();
-}
+});

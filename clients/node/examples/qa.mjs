@@ -1,12 +1,8 @@
 // Extractive question answering:
 //   node examples/qa.mjs "Where do I live?" "My name is Wolfgang and I live in Berlin" [model]
-import { PipeserveClient } from '../src/index.js';
+import { run } from './run.mjs';
 
-const [question, context, model = ''] = process.argv.slice(2);
-const client = new PipeserveClient(process.env.PIPESERVE_SERVER ?? '127.0.0.1:50051');
-try {
+await run('node examples/qa.mjs QUESTION CONTEXT [MODEL]', 2, async (client, [question, context, model = '']) => {
   const { answers } = await client.answerQuestion(question, context, { model });
   for (const a of answers) console.log(`${a.answer}\t${a.score.toFixed(4)}\t[${a.start}:${a.end}]`);
-} finally {
-  client.close();
-}
+});

@@ -1,12 +1,8 @@
 // Score a text against labels you choose:
 //   node examples/zero-shot.mjs "The match ended 2-1" "sports,politics,cooking" [model]
-import { PipeserveClient } from '../src/index.js';
+import { run } from './run.mjs';
 
-const [text, labels, model = ''] = process.argv.slice(2);
-const client = new PipeserveClient(process.env.PIPESERVE_SERVER ?? '127.0.0.1:50051');
-try {
+await run('node examples/zero-shot.mjs TEXT LABELS [MODEL]', 2, async (client, [text, labels, model = '']) => {
   const response = await client.zeroShot(text, labels, { model });
   for (const { label, score } of response.labels) console.log(`${label}\t${score.toFixed(4)}`);
-} finally {
-  client.close();
-}
+});

@@ -58,6 +58,8 @@ export class PipeserveError extends Error {
     /** @type {Record<string, string>} the ErrorInfo metadata, e.g. {field: "top_k"} */
     this.metadata = metadata;
     this.method = method;
+    /** @type {number|undefined} the failed input's position when a task method was given an array */
+    this.index = undefined;
   }
 
   /** Whether common.proto documents the failure as safe to retry. */

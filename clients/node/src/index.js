@@ -5,8 +5,11 @@
 //   const client = new PipeserveClient('127.0.0.1:50051');
 //   const { labels } = await client.classifyImage('cat.jpg', { topK: 3 });
 //
+// A task method given an array of inputs makes one call per input (at most maxConcurrency at
+// a time) and resolves to the array of responses in input order, as the pipeline does.
 // Messages use the .proto field names (snake_case), enums their full names
-// ("FINISH_REASON_LENGTH"), 64-bit integers strings. Options are camelCase
+// ("FINISH_REASON_LENGTH"), 64-bit integers strings; their TypeScript types (types/messages.d.ts)
+// are generated from the .proto files by `npm run build`. Options are camelCase
 // ({ topK: 3 } sets top_k) and enum options accept short names ({ returnTimestamps: 'word' }).
 // Errors are PipeserveError subclasses carrying the gRPC status and the server's
 // google.rpc.ErrorInfo reason and metadata. Retries follow common.proto: UNAVAILABLE, and
@@ -16,21 +19,22 @@
 import { existsSync } from 'node:fs';
 import { readFile } from 'node:fs/promises';
 import path from 'node:path';
-import { fileURLToPath } from 'node:url';
 
 import grpc from '@grpc/grpc-js';
 import protoLoader from '@grpc/proto-loader';
 
-import { errorFromStatus, InputError, isRetryable } from './errors.js';
+import { CancelledError, errorFromStatus, InputError, isRetryable, PipeserveError } from './errors.js';
+import { PACKAGE_DIR } from './package-dir.js';
 
 export * from './errors.js';
 
-const HERE = path.dirname(fileURLToPath(import.meta.url));
+/** @import * as M from './messages.js' */
+
 /** Where the .proto files are: $PIPESERVE_PROTOS, the package's own copy, or the repository's. */
 function defaultProtoDir() {
   if (process.env.PIPESERVE_PROTOS) return process.env.PIPESERVE_PROTOS;
-  const packaged = path.resolve(HERE, '..', 'protos'); // copied in by `npm pack` (prepack)
-  return existsSync(packaged) ? packaged : path.resolve(HERE, '..', '..', '..', 'protos');
+  const packaged = path.join(PACKAGE_DIR, 'protos'); // copied in by `npm pack` (prepack)
+  return existsSync(packaged) ? packaged : path.resolve(PACKAGE_DIR, '..', '..', 'protos');
 }
 
 const PROTO_FILES = [
@@ -74,13 +78,36 @@ const SERVICES = {
  * @property {RetryPolicy} [retry]
  * @property {string} [protoDir]            directory holding pipeserve/v1/*.proto
  * @property {number} [maxMessageBytes=67108864]
+ * @property {number} [maxConcurrency=8]     calls in flight for a task method given an array of inputs
  */
 
 /**
  * @typedef {object} CallOptions
  * @property {string} [model]               model name; empty = the task's default model
  * @property {string} [requestId]           echoed in the response
- * @property {number} [timeoutMs]           deadline of this call (covers its retries)
+ * @property {number} [timeoutMs]           deadline of this call (covers its retries); of each input's call for an array
+ */
+
+/**
+ * @typedef {CallOptions & {returnTimestamps?: boolean|'segment'|'word'|'char'|'none', language?: string,
+ *   task?: 'transcribe'|'translate', chunkLengthS?: number, strideLengthS?: number, batchSize?: number,
+ *   numBeams?: number, temperature?: number, initialPrompt?: string, maxNewTokens?: number}} TranscribeOptions
+ * @typedef {CallOptions & {maxNewTokens?: number, minNewTokens?: number, doSample?: boolean, temperature?: number,
+ *   topK?: number, topP?: number, typicalP?: number, repetitionPenalty?: number, noRepeatNgramSize?: number,
+ *   stop?: string[], ignoreEos?: boolean, seed?: number|string, numReturnSequences?: number,
+ *   returnFullText?: boolean, logprobs?: number, returnLogprobs?: boolean}} GenerateOptions
+ * @typedef {CallOptions & {topK?: number, functionToApply?: 'sigmoid'|'softmax'|'none'}} ImageClassificationOptions
+ * @typedef {CallOptions & {hypothesisTemplate?: string, multiLabel?: boolean}} ZeroShotOptions
+ * @typedef {CallOptions & {wordBoxes?: Array<[string, [number, number, number, number]]>, topK?: number,
+ *   maxAnswerLen?: number, docStride?: number, maxSeqLen?: number, maxQuestionLen?: number,
+ *   handleImpossibleAnswer?: boolean, lang?: string}} DocumentQaOptions
+ * @typedef {CallOptions & {textPair?: string, topK?: number, functionToApply?: 'sigmoid'|'softmax'|'none'}} TextClassificationOptions
+ * @typedef {CallOptions & {aggregationStrategy?: 'none'|'simple'|'first'|'average'|'max', ignoreLabels?: string[],
+ *   stride?: number}} TokenClassificationOptions
+ * @typedef {CallOptions & {topK?: number, docStride?: number, maxAnswerLen?: number, maxSeqLen?: number,
+ *   maxQuestionLen?: number, handleImpossibleAnswer?: boolean, alignToWords?: boolean}} QuestionAnsweringOptions
+ * @typedef {CallOptions & {topK?: number, targets?: string[]}} FillMaskOptions
+ * @typedef {CallOptions & {pooling?: 'none'|'mean'|'cls'|'max', normalize?: boolean, truncate?: boolean}} FeatureExtractionOptions
  */
 
 /** @typedef {string|Buffer|Uint8Array} ImageLike  a path, an http(s)/file URI, or encoded bytes */
@@ -129,6 +156,77 @@ function fields(options, skip = []) {
 }
 
 const CALL_KEYS = ['model', 'requestId', 'timeoutMs'];
+
+/** The option under which one input's call of an array learns its CallScope (a symbol, so
+ * it never becomes a request field). */
+const SCOPE = Symbol('pipeserve.callScope');
+
+/** The calls in flight for one task call on an array of inputs, cancelled together when an
+ * input fails. */
+class CallScope {
+  constructor() {
+    this.cancelled = false;
+    /** @type {Set<{cancel(): void}>} */
+    this.calls = new Set();
+  }
+
+  cancel() {
+    this.cancelled = true;
+    for (const call of this.calls) call.cancel();
+    this.calls.clear();
+  }
+}
+
+/**
+ * The arguments of each input's call when any of `inputs` (argument name -> value) is an
+ * array, else null. Arrays given for several arguments are paired in order and must have one
+ * length; a single value goes with every input.
+ * @param {string} method
+ * @param {Record<string, any>} inputs
+ * @returns {Array<Record<string, any>>|null}
+ */
+function itemsOf(method, inputs) {
+  const lists = Object.entries(inputs).filter(([, value]) => Array.isArray(value));
+  if (lists.length === 0) return null;
+  const lengths = new Set(lists.map(([, value]) => value.length));
+  if (lengths.size > 1) {
+    const given = lists.map(([name, value]) => `${name}: ${value.length}`).join(', ');
+    throw new InputError(`${method}() got arrays of different lengths (${given}); give arrays of one length, `
+      + 'or a single value to pair with every input');
+  }
+  const count = lists[0][1].length;
+  return Array.from({ length: count }, (_, index) => Object.fromEntries(
+    Object.entries(inputs).map(([name, value]) => [name, Array.isArray(value) ? value[index] : value])));
+}
+
+/**
+ * One input's options: the caller's, plus the scope its call registers with.
+ * @param {object} options
+ * @param {CallScope} scope
+ * @returns {any} the method's own options type (the symbol key is invisible to it)
+ */
+function inScope(options, scope) {
+  return { ...options, [SCOPE]: scope };
+}
+
+/** Streaming methods take one input. */
+function oneInput(method, input) {
+  if (Array.isArray(input)) {
+    throw new InputError(`${method}() takes one input, not an array: stream each input in turn, or call the `
+      + 'non-streaming method to get an array of responses');
+  }
+}
+
+/** Marks the error of a failed input of an array with its index ("input 2: ..."). */
+function markInput(error, index) {
+  if (error instanceof PipeserveError) {
+    error.index = index;
+    error.message = `input ${index}: ${error.message}`;
+  } else if (error instanceof Error) {
+    error.message = `input ${index}: ${error.message}`;
+  }
+  return error;
+}
 
 async function readInput(value, what) {
   try {
@@ -196,6 +294,10 @@ export class PipeserveClient {
     this.target = target || process.env.PIPESERVE_SERVER || '127.0.0.1:50051';
     this.options = options;
     this.timeoutMs = options.timeoutMs;
+    this.maxConcurrency = options.maxConcurrency ?? 8;
+    if (!Number.isInteger(this.maxConcurrency) || this.maxConcurrency < 1) {
+      throw new InputError(`maxConcurrency must be an integer of at least 1, got ${options.maxConcurrency}`);
+    }
     this.retry = {
       maxAttempts: 5, initialBackoffMs: 100, maxBackoffMs: 5000, multiplier: 2, minAttemptMs: 50, ...options.retry,
     };
@@ -209,15 +311,24 @@ export class PipeserveClient {
     this._ready.catch(() => {}); // surfaced by the first call
     /** ModelService. */
     this.models = {
-      /** @param {string} [task] a pipeline task name such as "image-classification" */
+      /**
+       * @param {string} [task] a pipeline task name such as "image-classification"
+       * @param {{timeoutMs?: number}} [call]
+       * @returns {Promise<M.ModelInfo[]>}
+       */
       list: async (task, call = {}) => (await this._unary('models', 'ListModels',
         task ? { task: enumName('TASK_', task) } : {}, call)).models,
-      /** @param {string} model */
+      /**
+       * @param {string} model
+       * @param {{timeoutMs?: number}} [call]
+       * @returns {Promise<M.ModelInfo>}
+       */
       get: async (model, call = {}) => (await this._unary('models', 'GetModel', { model }, call)).model,
       /**
        * @param {string} model a local directory or Hub id
        * @param {{task?: string, revision?: string, device?: string, dtype?: string, loadIn8bit?: boolean,
        *          allowPickle?: boolean, setDefault?: boolean, defaultOptions?: object, timeoutMs?: number}} [options]
+       * @returns {Promise<M.ModelInfo>}
        */
       load: async (model, options = {}) => {
         const { defaultOptions, task, timeoutMs, ...rest } = options;
@@ -227,7 +338,11 @@ export class PipeserveClient {
         if (defaultOptions) request.default_options = toStruct(defaultOptions);
         return (await this._unary('models', 'LoadModel', request, { timeoutMs })).model;
       },
-      /** @param {string} model */
+      /**
+       * @param {string} model
+       * @param {{timeoutMs?: number}} [call]
+       * @returns {Promise<M.ModelInfo>}
+       */
       unload: async (model, call = {}) => (await this._unary('models', 'UnloadModel', { model }, call)).model,
     };
   }
@@ -282,15 +397,24 @@ export class PipeserveClient {
     await this._ready;
     const stub = this._stubs[service];
     const end = this._deadlineAt(call);
+    /** @type {CallScope|undefined} set when this call is one input of an array */
+    const scope = call[SCOPE];
     for (let attempt = 1; ; attempt += 1) {
       let error;
+      if (scope?.cancelled) throw new CancelledError('cancelled: another input of the array failed', { code: grpc.status.CANCELLED, method });
+      /** @type {any} */
+      let pending;
       try {
         return await new Promise((resolve, reject) => {
           const options = end === undefined ? {} : { deadline: new Date(end) };
-          stub[method](request, this._metadata(), options, (err, response) => (err ? reject(err) : resolve(response)));
+          pending = stub[method](request, this._metadata(), options,
+            (err, response) => (err ? reject(err) : resolve(response)));
+          scope?.calls.add(pending);
         });
       } catch (raw) {
         error = errorFromStatus(raw, method);
+      } finally {
+        scope?.calls.delete(pending);
       }
       const delay = backoffMs(this.retry, attempt - 1, error);
       if (!isRetryable(error) || attempt >= this.retry.maxAttempts || !this._leavesTime(end, delay)) throw error;
@@ -328,15 +452,33 @@ export class PipeserveClient {
   }
 
   // --- tasks ---------------------------------------------------------------------------------
+  // Each task method takes one input, or an array of inputs as the pipeline does: one call per
+  // input, at most `maxConcurrency` in flight, the responses in input order (see _each).
 
   /**
    * Speech -> text (pipeline("automatic-speech-recognition")).
+   * @overload
+   * @param {AudioLike[]} audio  several inputs: one call each, responses in order
+   * @param {TranscribeOptions} [options]
+   * @returns {Promise<M.TranscribeResponse[]>}
+   */
+  /**
+   * @overload
    * @param {AudioLike} audio
-   * @param {CallOptions & {returnTimestamps?: boolean|'segment'|'word'|'char'|'none', language?: string,
-   *   task?: 'transcribe'|'translate', chunkLengthS?: number, strideLengthS?: number, batchSize?: number,
-   *   numBeams?: number, temperature?: number, initialPrompt?: string, maxNewTokens?: number}} [options]
+   * @param {TranscribeOptions} [options]
+   * @returns {Promise<M.TranscribeResponse>}
+   */
+  /**
+   * @param {AudioLike|AudioLike[]} audio
+   * @param {TranscribeOptions} [options]
+   * @returns {Promise<M.TranscribeResponse|M.TranscribeResponse[]>}
    */
   async transcribe(audio, options = {}) {
+    const items = itemsOf('transcribe', { audio });
+    if (items) {
+      return this._each(items, (item, scope) => this.transcribe(
+        /** @type {AudioLike} */ (item.audio), inScope(options, scope)));
+    }
     const request = { model: options.model ?? '', request_id: options.requestId ?? '', audio: await audioInput(audio),
       options: fields(options, CALL_KEYS) };
     return this._unary('speech', 'Transcribe', request, options);
@@ -344,11 +486,12 @@ export class PipeserveClient {
 
   /**
    * Streams segments as each window is decoded, then a `done` message with the full transcription.
-   * @param {AudioLike} audio
-   * @param {CallOptions & object} [options] as for transcribe()
-   * @returns {AsyncGenerator<any>}
+   * @param {AudioLike} audio  one input (stream the inputs of a list one by one)
+   * @param {TranscribeOptions} [options]
+   * @returns {AsyncGenerator<M.TranscribeStreamResponse>}
    */
   async *transcribeStream(audio, options = {}) {
+    oneInput('transcribeStream', audio);
     const request = { model: options.model ?? '', request_id: options.requestId ?? '', audio: await audioInput(audio),
       options: fields(options, CALL_KEYS) };
     yield* this._stream('speech', 'TranscribeStream', request, options);
@@ -360,16 +503,16 @@ export class PipeserveClient {
    * `done` after the last chunk. Never retried (the audio cannot be replayed).
    * @param {Iterable<Float32Array|Int16Array>|AsyncIterable<Float32Array|Int16Array>} chunks
    *   samples (float -1..1 or int16), interleaved when there are several channels
-   * @param {CallOptions & {sampleRate: number, channels?: number, interimIntervalS?: number} & object} options
-   *   plus the options of transcribe()
-   * @returns {AsyncGenerator<any>}
+   * @param {TranscribeOptions & {sampleRate: number, channels?: number, interimIntervalS?: number}} options
+   * @returns {AsyncGenerator<M.StreamingTranscribeResponse>}
    */
   async *transcribeLive(chunks, options) {
     await this._ready;
-    const { sampleRate, channels = 1, interimIntervalS, ...rest } = options ?? {};
+    const { sampleRate, channels = 1, interimIntervalS, ...rest } = options ?? /** @type {any} */ ({});
     if (!(sampleRate > 0)) throw new InputError('live audio needs sampleRate (in hertz)');
     const end = this._deadlineAt(rest);
     const call = this._stubs.speech.StreamingTranscribe(this._metadata(), end === undefined ? {} : { deadline: new Date(end) });
+    /** @type {Record<string, any>} */
     const config = {
       model: rest.model ?? '', request_id: rest.requestId ?? '', options: fields(rest, CALL_KEYS),
       sample_rate: sampleRate, channels, format: 'SAMPLE_FORMAT_FLOAT32_LE',
@@ -405,23 +548,39 @@ export class PipeserveClient {
 
   /**
    * Prompt -> text (pipeline("text-generation")).
+   * @overload
+   * @param {string[]} prompt  several prompts: one call each, responses in order
+   * @param {GenerateOptions} [options]
+   * @returns {Promise<M.GenerateResponse[]>}
+   */
+  /**
+   * @overload
    * @param {string} prompt
-   * @param {CallOptions & {maxNewTokens?: number, minNewTokens?: number, doSample?: boolean, temperature?: number,
-   *   topK?: number, topP?: number, typicalP?: number, repetitionPenalty?: number, noRepeatNgramSize?: number,
-   *   stop?: string[], ignoreEos?: boolean, seed?: number|string, numReturnSequences?: number,
-   *   returnFullText?: boolean, logprobs?: number, returnLogprobs?: boolean}} [options]
+   * @param {GenerateOptions} [options]
+   * @returns {Promise<M.GenerateResponse>}
+   */
+  /**
+   * @param {string|string[]} prompt
+   * @param {GenerateOptions} [options]
+   * @returns {Promise<M.GenerateResponse|M.GenerateResponse[]>}
    */
   async generate(prompt, options = {}) {
+    const items = itemsOf('generate', { prompt });
+    if (items) {
+      return this._each(items, (item, scope) => this.generate(
+        /** @type {string} */ (item.prompt), inScope(options, scope)));
+    }
     return this._unary('generation', 'Generate', this._generateRequest(prompt, options), options);
   }
 
   /**
    * Streams one message per generated token, then `done` per sequence.
-   * @param {string} prompt
-   * @param {CallOptions & object} [options] as for generate()
-   * @returns {AsyncGenerator<any>}
+   * @param {string} prompt  one prompt
+   * @param {GenerateOptions} [options]
+   * @returns {AsyncGenerator<M.GenerateStreamResponse>}
    */
   async *generateStream(prompt, options = {}) {
+    oneInput('generateStream', prompt);
     yield* this._stream('generation', 'GenerateStream', this._generateRequest(prompt, options), options);
   }
 
@@ -431,10 +590,28 @@ export class PipeserveClient {
 
   /**
    * Image -> labels (pipeline("image-classification")).
+   * @overload
+   * @param {ImageLike[]} image  several images: one call each, responses in order
+   * @param {ImageClassificationOptions} [options]
+   * @returns {Promise<M.ClassifyImageResponse[]>}
+   */
+  /**
+   * @overload
    * @param {ImageLike} image
-   * @param {CallOptions & {topK?: number, functionToApply?: 'sigmoid'|'softmax'|'none'}} [options]
+   * @param {ImageClassificationOptions} [options]
+   * @returns {Promise<M.ClassifyImageResponse>}
+   */
+  /**
+   * @param {ImageLike|ImageLike[]} image
+   * @param {ImageClassificationOptions} [options]
+   * @returns {Promise<M.ClassifyImageResponse|M.ClassifyImageResponse[]>}
    */
   async classifyImage(image, options = {}) {
+    const items = itemsOf('classifyImage', { image });
+    if (items) {
+      return this._each(items, (item, scope) => this.classifyImage(
+        /** @type {ImageLike} */ (item.image), inScope(options, scope)));
+    }
     const request = { model: options.model ?? '', request_id: options.requestId ?? '', image: await imageInput(image),
       ...fields(options, CALL_KEYS) };
     return this._unary('image', 'ClassifyImage', request, options);
@@ -442,11 +619,31 @@ export class PipeserveClient {
 
   /**
    * Text + labels of your choosing -> scores (pipeline("zero-shot-classification")).
+   * @overload
+   * @param {string[]} sequence  several texts, each scored against the same labels; responses in order
+   * @param {string[]|string} candidateLabels  a list, or "a, b, c"
+   * @param {ZeroShotOptions} [options]
+   * @returns {Promise<M.ClassifyZeroShotResponse[]>}
+   */
+  /**
+   * @overload
    * @param {string} sequence
    * @param {string[]|string} candidateLabels  a list, or "a, b, c"
-   * @param {CallOptions & {hypothesisTemplate?: string, multiLabel?: boolean}} [options]
+   * @param {ZeroShotOptions} [options]
+   * @returns {Promise<M.ClassifyZeroShotResponse>}
+   */
+  /**
+   * @param {string|string[]} sequence
+   * @param {string[]|string} candidateLabels
+   * @param {ZeroShotOptions} [options]
+   * @returns {Promise<M.ClassifyZeroShotResponse|M.ClassifyZeroShotResponse[]>}
    */
   async zeroShot(sequence, candidateLabels, options = {}) {
+    const items = itemsOf('zeroShot', { sequence });
+    if (items) {
+      return this._each(items, (item, scope) => this.zeroShot(
+        /** @type {string} */ (item.sequence), candidateLabels, inScope(options, scope)));
+    }
     const labels = typeof candidateLabels === 'string'
       ? candidateLabels.split(',').map((s) => s.trim()).filter(Boolean) : candidateLabels;
     const request = { model: options.model ?? '', request_id: options.requestId ?? '', sequence,
@@ -455,14 +652,40 @@ export class PipeserveClient {
   }
 
   /**
-   * Document image + question -> answers (pipeline("document-question-answering")).
+   * Document image + question -> answers (pipeline("document-question-answering")). Arrays of
+   * images and/or questions are paired in order (a single one goes with each).
+   * @overload
+   * @param {ImageLike[]} image
+   * @param {string|string[]} question
+   * @param {DocumentQaOptions} [options]
+   * @returns {Promise<M.AnswerDocumentQuestionResponse[]>}
+   */
+  /**
+   * @overload
+   * @param {ImageLike} image
+   * @param {string[]} question
+   * @param {DocumentQaOptions} [options]
+   * @returns {Promise<M.AnswerDocumentQuestionResponse[]>}
+   */
+  /**
+   * @overload
    * @param {ImageLike} image
    * @param {string} question
-   * @param {CallOptions & {wordBoxes?: Array<[string, [number, number, number, number]]>, topK?: number,
-   *   maxAnswerLen?: number, docStride?: number, maxSeqLen?: number, maxQuestionLen?: number,
-   *   handleImpossibleAnswer?: boolean, lang?: string}} [options]
+   * @param {DocumentQaOptions} [options]
+   * @returns {Promise<M.AnswerDocumentQuestionResponse>}
+   */
+  /**
+   * @param {ImageLike|ImageLike[]} image
+   * @param {string|string[]} question
+   * @param {DocumentQaOptions} [options]
+   * @returns {Promise<M.AnswerDocumentQuestionResponse|M.AnswerDocumentQuestionResponse[]>}
    */
   async documentQa(image, question, options = {}) {
+    const items = itemsOf('documentQa', { image, question });
+    if (items) {
+      return this._each(items, (item, scope) => this.documentQa(
+        /** @type {ImageLike} */ (item.image), /** @type {string} */ (item.question), inScope(options, scope)));
+    }
     const { wordBoxes, lang, ...rest } = options;
     /** @type {Record<string, any>} */
     const request = { model: options.model ?? '', request_id: options.requestId ?? '', image: await imageInput(image),
@@ -476,33 +699,95 @@ export class PipeserveClient {
 
   /**
    * Text (or a pair) -> labels (pipeline("text-classification")).
+   * @overload
+   * @param {string[]} text  several texts: one call each, responses in order
+   * @param {TextClassificationOptions} [options]
+   * @returns {Promise<M.ClassifyTextResponse[]>}
+   */
+  /**
+   * @overload
    * @param {string} text
-   * @param {CallOptions & {textPair?: string, topK?: number, functionToApply?: string}} [options]
+   * @param {TextClassificationOptions} [options]
+   * @returns {Promise<M.ClassifyTextResponse>}
+   */
+  /**
+   * @param {string|string[]} text
+   * @param {TextClassificationOptions} [options]
+   * @returns {Promise<M.ClassifyTextResponse|M.ClassifyTextResponse[]>}
    */
   async classifyText(text, options = {}) {
+    const items = itemsOf('classifyText', { text });
+    if (items) {
+      return this._each(items, (item, scope) => this.classifyText(
+        /** @type {string} */ (item.text), inScope(options, scope)));
+    }
     const request = { model: options.model ?? '', request_id: options.requestId ?? '', text, ...fields(options, CALL_KEYS) };
     return this._unary('text', 'ClassifyText', request, options);
   }
 
   /**
    * Text -> entities (pipeline("token-classification"), a.k.a. "ner").
+   * @overload
+   * @param {string[]} text  several texts: one call each, responses in order
+   * @param {TokenClassificationOptions} [options]
+   * @returns {Promise<M.ClassifyTokensResponse[]>}
+   */
+  /**
+   * @overload
    * @param {string} text
-   * @param {CallOptions & {aggregationStrategy?: 'none'|'simple'|'first'|'average'|'max', ignoreLabels?: string[],
-   *   stride?: number}} [options]
+   * @param {TokenClassificationOptions} [options]
+   * @returns {Promise<M.ClassifyTokensResponse>}
+   */
+  /**
+   * @param {string|string[]} text
+   * @param {TokenClassificationOptions} [options]
+   * @returns {Promise<M.ClassifyTokensResponse|M.ClassifyTokensResponse[]>}
    */
   async classifyTokens(text, options = {}) {
+    const items = itemsOf('classifyTokens', { text });
+    if (items) {
+      return this._each(items, (item, scope) => this.classifyTokens(
+        /** @type {string} */ (item.text), inScope(options, scope)));
+    }
     const request = { model: options.model ?? '', request_id: options.requestId ?? '', text, ...fields(options, CALL_KEYS) };
     return this._unary('tokens', 'ClassifyTokens', request, options);
   }
 
   /**
-   * Question + context -> answer spans (pipeline("question-answering")).
+   * Question + context -> answer spans (pipeline("question-answering")). Arrays of questions
+   * and/or contexts are paired in order (a single one goes with each).
+   * @overload
+   * @param {string[]} question
+   * @param {string|string[]} context
+   * @param {QuestionAnsweringOptions} [options]
+   * @returns {Promise<M.AnswerQuestionResponse[]>}
+   */
+  /**
+   * @overload
+   * @param {string} question
+   * @param {string[]} context
+   * @param {QuestionAnsweringOptions} [options]
+   * @returns {Promise<M.AnswerQuestionResponse[]>}
+   */
+  /**
+   * @overload
    * @param {string} question
    * @param {string} context
-   * @param {CallOptions & {topK?: number, docStride?: number, maxAnswerLen?: number, maxSeqLen?: number,
-   *   maxQuestionLen?: number, handleImpossibleAnswer?: boolean, alignToWords?: boolean}} [options]
+   * @param {QuestionAnsweringOptions} [options]
+   * @returns {Promise<M.AnswerQuestionResponse>}
+   */
+  /**
+   * @param {string|string[]} question
+   * @param {string|string[]} context
+   * @param {QuestionAnsweringOptions} [options]
+   * @returns {Promise<M.AnswerQuestionResponse|M.AnswerQuestionResponse[]>}
    */
   async answerQuestion(question, context, options = {}) {
+    const items = itemsOf('answerQuestion', { question, context });
+    if (items) {
+      return this._each(items, (item, scope) => this.answerQuestion(
+        /** @type {string} */ (item.question), /** @type {string} */ (item.context), inScope(options, scope)));
+    }
     const request = { model: options.model ?? '', request_id: options.requestId ?? '', question, context,
       ...fields(options, CALL_KEYS) };
     return this._unary('qa', 'AnswerQuestion', request, options);
@@ -510,22 +795,93 @@ export class PipeserveClient {
 
   /**
    * Text with mask token(s) -> candidates per mask (pipeline("fill-mask")).
+   * @overload
+   * @param {string[]} text  several texts: one call each, responses in order
+   * @param {FillMaskOptions} [options]
+   * @returns {Promise<M.FillMaskResponse[]>}
+   */
+  /**
+   * @overload
    * @param {string} text
-   * @param {CallOptions & {topK?: number, targets?: string[]}} [options]
+   * @param {FillMaskOptions} [options]
+   * @returns {Promise<M.FillMaskResponse>}
+   */
+  /**
+   * @param {string|string[]} text
+   * @param {FillMaskOptions} [options]
+   * @returns {Promise<M.FillMaskResponse|M.FillMaskResponse[]>}
    */
   async fillMask(text, options = {}) {
+    const items = itemsOf('fillMask', { text });
+    if (items) {
+      return this._each(items, (item, scope) => this.fillMask(
+        /** @type {string} */ (item.text), inScope(options, scope)));
+    }
     const request = { model: options.model ?? '', request_id: options.requestId ?? '', text, ...fields(options, CALL_KEYS) };
     return this._unary('fillMask', 'FillMask', request, options);
   }
 
   /**
    * Text -> embedding(s) (pipeline("feature-extraction")).
+   * @overload
+   * @param {string[]} text  several texts: one call each, responses in order
+   * @param {FeatureExtractionOptions} [options]
+   * @returns {Promise<M.ExtractFeaturesResponse[]>}
+   */
+  /**
+   * @overload
    * @param {string} text
-   * @param {CallOptions & {pooling?: 'none'|'mean'|'cls'|'max', normalize?: boolean, truncate?: boolean}} [options]
+   * @param {FeatureExtractionOptions} [options]
+   * @returns {Promise<M.ExtractFeaturesResponse>}
+   */
+  /**
+   * @param {string|string[]} text
+   * @param {FeatureExtractionOptions} [options]
+   * @returns {Promise<M.ExtractFeaturesResponse|M.ExtractFeaturesResponse[]>}
    */
   async extractFeatures(text, options = {}) {
+    const items = itemsOf('extractFeatures', { text });
+    if (items) {
+      return this._each(items, (item, scope) => this.extractFeatures(
+        /** @type {string} */ (item.text), inScope(options, scope)));
+    }
     const request = { model: options.model ?? '', request_id: options.requestId ?? '', text, ...fields(options, CALL_KEYS) };
     return this._unary('features', 'ExtractFeatures', request, options);
+  }
+
+  /**
+   * One call per input (`one(item, scope)`), at most maxConcurrency in flight; the responses
+   * in input order. The first input to fail rejects the whole call with its error, marked
+   * with the input's `index`; the calls in flight are cancelled and the others never start.
+   * @template R
+   * @param {Array<Record<string, any>>} items
+   * @param {(item: Record<string, any>, scope: CallScope) => Promise<R>} one
+   * @returns {Promise<R[]>}
+   */
+  async _each(items, one) {
+    const scope = new CallScope();
+    /** @type {R[]} */
+    const results = new Array(items.length);
+    /** @type {{index: number, error: any}|null} */
+    let failure = null;
+    let next = 0;
+    const worker = async () => {
+      while (failure === null && next < items.length) {
+        const index = next;
+        next += 1;
+        try {
+          results[index] = await one(items[index], scope);
+        } catch (error) {
+          if (failure === null) {
+            failure = { index, error };
+            scope.cancel();
+          }
+        }
+      }
+    };
+    await Promise.all(Array.from({ length: Math.min(this.maxConcurrency, items.length) }, worker));
+    if (failure !== null) throw markInput(failure.error, failure.index);
+    return results;
   }
 
   /**

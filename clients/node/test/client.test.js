@@ -1,5 +1,5 @@
 // The Node client against a real pipeserve server: ModelService, image classification (and the
-// other tasks whose servicers exist), typed errors with ErrorInfo, ordered bounded map(),
+// other tasks whose servicers exist), typed errors with ErrorInfo, ordered bounded map() and arrays of inputs,
 // retries on UNAVAILABLE, and the examples.
 import assert from 'node:assert/strict';
 import { execFile } from 'node:child_process';
@@ -162,6 +162,23 @@ describe('pipeserve Node client', () => {
     assert.deepEqual(results.map((r) => r.map((l) => l.label)), expected.map((r) => r.map((l) => l.label)));
     results.forEach((r, i) => r.forEach((l, j) => assert.ok(Math.abs(l.score - expected[i][j].score) < 1e-5)));
     assert.ok(peak > 1 && peak <= 3, `peak in flight ${peak}`);
+  });
+
+  test('an array of inputs: one call each, responses in input order, a failure names its input', async () => {
+    const expected = [];
+    for (let i = 0; i < 5; i += 1) expected.push((await client.classifyImage(png(i), { model: names.vit, topK: 2 })).labels);
+    const together = new PipeserveClient(server.address, { timeoutMs: 120_000, maxConcurrency: 2 });
+    try {
+      const results = await together.classifyImage([...Array(5).keys()].map((i) => png(i)), { model: names.vit, topK: 2 });
+      // Concurrent calls may be batched by the server: same labels, scores equal to float32 rounding.
+      assert.deepEqual(results.map((r) => r.labels.map((l) => l.label)), expected.map((r) => r.map((l) => l.label)));
+      results.forEach((r, i) => r.labels.forEach((l, j) => assert.ok(Math.abs(l.score - expected[i][j].score) < 1e-5)));
+      await assert.rejects(together.classifyImage([png(1), Buffer.from('not an image'), png(2)], { model: names.vit }),
+        (e) => e instanceof InvalidArgumentError && e.index === 1 && e.message.startsWith('input 1: '));
+      assert.equal((await together.classifyImage([png(1)], { model: names.vit, topK: 1 }))[0].labels.length, 1);
+    } finally {
+      together.close();
+    }
   });
 
   test('an unreachable server is UNAVAILABLE after retries', async () => {

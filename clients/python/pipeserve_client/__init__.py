@@ -10,6 +10,7 @@ retryable failures, and `map()` for many inputs with bounded concurrency.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 from typing import TYPE_CHECKING, Any
 
@@ -47,7 +48,24 @@ def __getattr__(name: str) -> Any:
 
 def to_dict(message: Any) -> dict[str, Any]:
     """A response message -> plain Python values (field names as in the .proto, enums as
-    names, unset optional fields left out), ready for json.dumps."""
+    names), ready for json.dumps. Fields without presence keep their zero values (a segment
+    starting at 0.0 s has "start_s": 0.0, an empty list is []); `optional` fields and
+    messages that were not set are left out, so "absent" still reads as absent."""
     from google.protobuf.json_format import MessageToDict
 
-    return MessageToDict(message, preserving_proto_field_name=True)
+    return MessageToDict(message, preserving_proto_field_name=True, **_zero_values_option())
+
+
+@functools.cache
+def _zero_values_option() -> dict[str, bool]:
+    """protobuf 5.26 renamed the option that keeps zero-valued fields (proto3 leaves them out
+    of JSON by default); use whichever this protobuf has."""
+    import inspect
+
+    from google.protobuf.json_format import MessageToDict
+
+    parameters = inspect.signature(MessageToDict).parameters
+    for name in ("always_print_fields_with_no_presence", "including_default_value_fields"):
+        if name in parameters:
+            return {name: True}
+    raise ImportError("this protobuf's MessageToDict cannot keep zero-valued fields")

@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any, AsyncIterator, Iterator, Sequence
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterator, Sequence, TypeVar
 
 import grpc
 
+from . import _fanout
 from ._channel import NO_RETRY, Connection, RetryPolicy
 from ._services import StubCache
 from ._tracing import trace_metadata
-from .errors import PipeserveError, from_rpc_error
+from .errors import CallCancelledError, PipeserveError, from_rpc_error
+
+R = TypeVar("R")
 
 
 class Deadline:
@@ -89,8 +92,9 @@ class Attempts:
 
 
 class CallsBase:
-    """What Client and AsyncClient share: the connection, default deadline, retry policy and
-    stubs. A subclass opens its channel (sync or asyncio) and names its ModelService wrapper."""
+    """What Client and AsyncClient share: the connection, default deadline, retry policy,
+    how many calls a list of inputs keeps in flight (max_concurrency), and stubs. A subclass
+    opens its channel (sync or asyncio) and names its ModelService wrapper."""
 
     _models: type
 
@@ -98,7 +102,10 @@ class CallsBase:
                  root_certificates: bytes | str | None = None, client_certificate: bytes | str | None = None,
                  client_key: bytes | str | None = None, server_name: str | None = None, token: str | None = None,
                  retry: RetryPolicy | None = None, max_message_bytes: int | None = None,
-                 channel_options: Sequence[tuple[str, Any]] = ()) -> None:
+                 max_concurrency: int = 8, channel_options: Sequence[tuple[str, Any]] = ()) -> None:
+        if isinstance(max_concurrency, bool) or not isinstance(max_concurrency, int) or max_concurrency < 1:
+            raise ValueError(f"max_concurrency must be an integer of at least 1, got {max_concurrency!r}")
+        self.max_concurrency = max_concurrency
         self.connection = Connection.create(target, tls=tls, root_certificates=root_certificates,
                                             client_certificate=client_certificate, client_key=client_key,
                                             server_name=server_name, token=token,
@@ -131,10 +138,27 @@ class SyncCalls(CallsBase):
     def _unary(self, service: str, method: str, request: Any, timeout: float | None) -> Any:
         rpc = self._stubs.method(service, method)
         attempts = self._attempts(method, timeout)
+        fan_out = _fanout.FanOut.current()  # set when this call is one input of a list
         while True:
             with attempts.next() as attempt:
-                return rpc(request, timeout=attempt.timeout, metadata=self._call_metadata())
+                # A future rather than a blocking call, so a failed list can cancel it from
+                # another thread.
+                call = rpc.future(request, timeout=attempt.timeout, metadata=self._call_metadata())
+                if fan_out is None:
+                    return call.result()
+                fan_out.track(call)
+                try:
+                    return call.result()
+                except grpc.FutureCancelledError:
+                    raise CallCancelledError("cancelled: another input of the list failed",
+                                             method=method) from None
+                finally:
+                    fan_out.untrack(call)
             self._wait(attempts.backoff())
+
+    def _each(self, one: Callable[[dict[str, Any]], R], items: Sequence[dict[str, Any]]) -> list[R]:
+        """A call on a list of inputs: one(item) per input, max_concurrency at a time."""
+        return _fanout.run_all(one, items, self.max_concurrency)
 
     def _stream(self, service: str, method: str, request: Any, timeout: float | None,
                 policy: RetryPolicy | None = None) -> Iterator[Any]:
@@ -203,6 +227,11 @@ class AsyncCalls(CallsBase):
             with attempts.next() as attempt:
                 return await rpc(request, timeout=attempt.timeout, metadata=self._call_metadata())
             await self._wait(attempts.backoff())
+
+    async def _each(self, one: Callable[[dict[str, Any]], Awaitable[R]],
+                    items: Sequence[dict[str, Any]]) -> list[R]:
+        """A call on a list of inputs: one(item) per input, max_concurrency at a time."""
+        return await _fanout.gather_all(one, items, self.max_concurrency)
 
     async def _stream(self, service: str, method: str, request: Any, timeout: float | None,
                       policy: RetryPolicy | None = None) -> AsyncIterator[Any]:

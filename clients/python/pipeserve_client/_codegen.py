@@ -7,7 +7,9 @@ docstrings and return types that help() and type checkers read like hand-written
 
 A method's parameters are its describe function's; its return type is the RPC's response
 message from the proto descriptors (Iterator / AsyncIterator for streams) or the unpacker's
-return type. Names the annotations use are imported as _methods.py imports them."""
+return type; a batch parameter also takes a list (one overload per way of giving lists, each
+returning a list of results). Names the annotations use are imported as _methods.py imports
+them."""
 from __future__ import annotations
 
 import ast
@@ -152,8 +154,10 @@ def _default(value: object) -> str:
     return '""' if value == "" else repr(value)
 
 
-def _parameters(signature: inspect.Signature, stream: str | None = None) -> list[str]:
-    """The parameter list as written, with `stream` narrowed for an overload (Literal[...])."""
+def _parameters(signature: inspect.Signature, stream: str | None = None,
+                annotations: dict[str, str] | None = None) -> list[str]:
+    """The parameter list as written, with `stream` narrowed for an overload (Literal[...])
+    and the types of batch parameters as `annotations` gives them."""
     rendered, star_written = [], False
     for param in signature.parameters.values():
         if param.kind is param.KEYWORD_ONLY and not star_written:
@@ -162,7 +166,7 @@ def _parameters(signature: inspect.Signature, stream: str | None = None) -> list
         if param.kind is param.VAR_POSITIONAL:
             star_written = True
         prefix = "*" if param.kind is param.VAR_POSITIONAL else "**" if param.kind is param.VAR_KEYWORD else ""
-        annotation, default = param.annotation, param.default
+        annotation, default = (annotations or {}).get(param.name, param.annotation), param.default
         if param.name == "stream" and stream is not None:
             annotation = f"Literal[{stream}]"
             default = False if stream == "False" else inspect.Parameter.empty
@@ -173,11 +177,15 @@ def _parameters(signature: inspect.Signature, stream: str | None = None) -> list
     return rendered
 
 
-def _arguments(signature: inspect.Signature) -> list[str]:
-    """The same parameters passed on to the describe function."""
+def _arguments(signature: inspect.Signature, single: dict[str, str] | None = None) -> list[str]:
+    """The same parameters passed on to the describe function; those in `single` (a batch
+    parameter past the list branch: one input) cast to its single-input type."""
     passed = []
     for param in signature.parameters.values():
-        if param.kind is param.VAR_POSITIONAL:
+        if single and param.name in single:
+            value = f'cast("{single[param.name]}", {param.name})'
+            passed.append(value if param.kind is param.POSITIONAL_OR_KEYWORD else f"{param.name}={value}")
+        elif param.kind is param.VAR_POSITIONAL:
             passed.append(f"*{param.name}")
         elif param.kind is param.VAR_KEYWORD:
             passed.append(f"**{param.name}")
@@ -186,6 +194,44 @@ def _arguments(signature: inspect.Signature) -> list[str]:
         else:
             passed.append(param.name)
     return passed
+
+
+def _batch_annotations(spec: MethodSpec, signature: inspect.Signature) -> list[dict[str, str]]:
+    """The batch parameters' types, one mapping per overload: all single, then for each batch
+    parameter in turn a list there, single before it, either after it (so no two overlap)."""
+    single = {name: str(signature.parameters[name].annotation) for name in spec.batch}
+    variants = [dict(single)]
+    for position, name in enumerate(spec.batch):
+        variant = {}
+        for other_position, other in enumerate(spec.batch):
+            listed = f"list[{single[other]}]"
+            variant[other] = single[other] if other_position < position else listed if other == name \
+                else f"{single[other]} | {listed}"
+        variants.append(variant)
+    return variants
+
+
+def _batch_call(spec: MethodSpec, signature: inspect.Signature, flavour: Flavour) -> list[str]:
+    """The lines that turn a call with lists into one call per input."""
+    inputs = "{" + ", ".join(f'"{name}": {name}' for name in spec.batch) + "}"
+    stream = ", stream" if spec.stream_rpc else ""
+    lines = [f'        items = _methods.items_of("{spec.method_name}", {inputs}{stream})', "        if items is not None:"]
+    passed = ["**item"]
+    for param in signature.parameters.values():
+        if param.name in spec.batch:
+            continue
+        if param.kind is param.VAR_KEYWORD:
+            passed.append(f"**{param.name}")
+        elif param.kind is param.VAR_POSITIONAL:
+            raise ValueError(f"{spec.method_name}: a batch method may not take *{param.name}")
+        elif param.name == "stream":
+            passed.append("stream=False")  # items_of refused a list with stream=True
+        else:
+            passed.append(f"{param.name}={param.name}")
+    awaited = "await " if flavour.is_async else ""
+    lines += _wrap(f"            return {awaited}self._each(lambda item: self.{spec.method_name}", passed, ", items)",
+                   indent=16)
+    return lines
 
 
 def _docstring(spec: MethodSpec, flavour: Flavour) -> list[str]:
@@ -224,24 +270,47 @@ def _method(spec: MethodSpec, flavour: Flavour, imports: Imports) -> list[str]:
         if "stream" not in signature.parameters:
             raise ValueError(f"{spec.method_name}: a stream_rpc needs a `stream` parameter")
         stream_type = f"{iterator}[{_message_type(imports, service.methods_by_name[spec.stream_rpc].output_type)}]"
-        result = f"{result} | {stream_type}"
+    for name in spec.batch:
+        if name not in signature.parameters or signature.parameters[name].annotation is inspect.Parameter.empty:
+            raise ValueError(f"{spec.method_name}: batch parameter {name!r} needs a type annotation")
+    single = result
+    # (parameter types, stream literal, return type) of each overload; none when only one.
+    overloads: list[tuple[dict[str, str], str | None, str]] = []
+    batch_variants = _batch_annotations(spec, signature) if spec.batch else [{}]
+    literal = "False" if spec.stream_rpc else None
+    # Lists first: an input type that admits Any (a numpy array, a PIL image) would match a
+    # list too, and a type checker takes the first overload that matches.
+    for annotations in batch_variants[1:]:
+        overloads.append((annotations, literal, f"list[{single}]"))
+    overloads.append((batch_variants[0], literal, single))
+    if stream_type is not None:
+        overloads.append((batch_variants[0], "True", stream_type))
+    returns = [single] + ([f"list[{single}]"] if spec.batch else []) + ([stream_type] if stream_type else [])
+    result = " | ".join(returns)
+    implementation = {name: f"{single_type} | list[{single_type}]"
+                      for name, single_type in batch_variants[0].items()}
 
     awaits = flavour.is_async and spec.kind is Kind.UNARY  # streams return their async iterator at once
     define = "async def" if awaits else "def"
     target = "self._client" if spec.group else "self"
     lines: list[str] = []
-    if stream_type is not None:
-        imports.add("typing", "Literal")
+    if len(overloads) > 1:
         imports.add("typing", "overload")
-        for literal, returns in (("False", result.split(" | ")[0]), ("True", stream_type)):
+        if stream_type is not None:
+            imports.add("typing", "Literal")
+        for annotations, stream_literal, overload_returns in overloads:
             lines.append("    @overload")
-            lines += _def(f"    {define} {spec.method_name}", ["self", *_parameters(signature, literal)], returns,
-                          " ...")
+            lines += _def(f"    {define} {spec.method_name}",
+                          ["self", *_parameters(signature, stream_literal, annotations)], overload_returns, " ...")
         lines.append("")
-    lines += _def(f"    {define} {spec.method_name}", ["self", *_parameters(signature)], result)
+    lines += _def(f"    {define} {spec.method_name}", ["self", *_parameters(signature, None, implementation)], result)
     lines += _docstring(spec, flavour)
-    lines += _wrap(f"        request, timeout = _methods.{spec.describe.__name__}", _arguments(signature), "",
-                   indent=12)
+    if spec.batch:
+        lines += _batch_call(spec, signature, flavour)
+    if spec.batch:
+        imports.add("typing", "cast")
+    lines += _wrap(f"        request, timeout = _methods.{spec.describe.__name__}",
+                   _arguments(signature, batch_variants[0] if spec.batch else None), "", indent=12)
     call = {Kind.UNARY: "_unary", Kind.SERVER_STREAM: "_stream", Kind.BIDI: "_bidi"}[spec.kind]
     invoke = f'{"await " if awaits else ""}{target}.{call}("{spec.service}", "{spec.rpc}", request, timeout)'
     if spec.stream_rpc:

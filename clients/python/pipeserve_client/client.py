@@ -34,6 +34,10 @@ class Client(ClientMethods):
         certificate turns TLS on; tls=True alone uses the system's root certificates.
     token: a bearer token sent as `authorization: Bearer <token>` on every call.
     retry: the RetryPolicy; RetryPolicy(max_attempts=1) disables retries.
+    max_concurrency: how many calls a method given a list of inputs keeps in flight (8):
+        client.classify_text(["a", "b"]) makes one call per text and returns the list of
+        responses in order; the first input to fail raises (its `index` set) and cancels
+        the other calls. `timeout` applies to each input's call.
     """
 
     _models = Models

@@ -17,9 +17,11 @@ class PipeserveError(Exception):
     `code` is the gRPC status (None for errors raised before a call was made), `reason` the
     ErrorInfo reason such as "QUEUE_FULL" ("" when the server sent none), `metadata` the
     ErrorInfo metadata such as {"model": ..., "retry_after_ms": ...}, `details` the server's
-    message."""
+    message. `index` is the position of the failed input when a call on a list of inputs
+    failed (None for a call on one input)."""
 
     code: grpc.StatusCode | None = None
+    index: int | None = None
 
     def __init__(self, details: str, *, code: grpc.StatusCode | None = None, reason: str = "",
                  metadata: dict[str, str] | None = None, method: str = "") -> None:
@@ -37,7 +39,7 @@ class PipeserveError(Exception):
         return is_retryable(self.code, self.reason)
 
     def __str__(self) -> str:
-        parts = [self.details]
+        parts = [self.details] if self.index is None else [f"input {self.index}: {self.details}"]
         if self.code is not None:
             parts.append(f"[{self.code.name}{' ' + self.reason if self.reason else ''}]")
         return " ".join(parts)
