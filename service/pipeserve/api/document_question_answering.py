@@ -36,7 +36,7 @@ class DocumentQuestionAnsweringServicer(pb_grpc.DocumentQuestionAnsweringService
         item = DocumentQuery(request.question, image=image, words=words)
         options = optional_fields(request, OPTIONS)
         async with self.app.manager.use(request.model, TASK) as entry:
-            result = await self.app.batched(entry, "answer", item, options)
+            result = await self.app.batched(entry, item, entry.pipeline.options(options))
         return pb.AnswerDocumentQuestionResponse(
             request_id=rid,
             answers=[pb.DocumentAnswer(answer=a.answer, score=a.score, start_word=a.start_word, end_word=a.end_word)

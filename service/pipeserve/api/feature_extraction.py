@@ -21,7 +21,7 @@ class FeatureExtractionServicer(pb_grpc.FeatureExtractionServiceServicer):
         options = optional_fields(request, ["normalize", "truncate"])
         options["pooling"] = enum_option(request, "pooling", "POOLING_")
         async with self.app.manager.use(request.model, TASK) as entry:
-            result = await self.app.batched(entry, "extract", request.text, options)
+            result = await self.app.batched(entry, request.text, entry.pipeline.options(options))
         features = result.value
         response = pb.ExtractFeaturesResponse(request_id=rid, dimensions=features.dimensions, tokens=features.tokens,
                                               run=run_info(entry, batch=result))

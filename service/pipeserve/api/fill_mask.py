@@ -21,7 +21,7 @@ class FillMaskServicer(pb_grpc.FillMaskServiceServicer):
         options = optional_fields(request, ["top_k"])
         options["targets"] = list(request.targets) or None
         async with self.app.manager.use(request.model, TASK) as entry:
-            result = await self.app.batched(entry, "fill", request.text, options)
+            result = await self.app.batched(entry, request.text, entry.pipeline.options(options))
         return pb.FillMaskResponse(
             request_id=rid,
             masks=[pb.MaskPrediction(candidates=[

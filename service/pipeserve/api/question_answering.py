@@ -23,7 +23,8 @@ class QuestionAnsweringServicer(pb_grpc.QuestionAnsweringServiceServicer):
         limits.check(request)
         options = optional_fields(request, OPTIONS)
         async with self.app.manager.use(request.model, TASK) as entry:
-            result = await self.app.batched(entry, "answer", QAInput(request.question, request.context), options)
+            item = QAInput(request.question, request.context)
+            result = await self.app.batched(entry, item, entry.pipeline.options(options))
         return pb.AnswerQuestionResponse(
             request_id=rid,
             answers=[pb.Answer(answer=a.answer, score=a.score, start=a.start, end=a.end) for a in result.value],

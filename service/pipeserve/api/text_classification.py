@@ -24,7 +24,7 @@ class TextClassificationServicer(pb_grpc.TextClassificationServiceServicer):
         options = optional_fields(request, ["top_k"])
         options["function_to_apply"] = enum_option(request, "function_to_apply", "FUNCTION_TO_APPLY_")
         async with self.app.manager.use(request.model, TASK) as entry:
-            result = await self.app.batched(entry, "classify", item, options)
+            result = await self.app.batched(entry, item, entry.pipeline.options(options))
         return pb.ClassifyTextResponse(
             request_id=rid,
             labels=[common_pb2.ScoredLabel(label=label, score=score) for label, score in result.value],

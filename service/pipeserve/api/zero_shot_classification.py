@@ -22,7 +22,7 @@ class ZeroShotClassificationServicer(pb_grpc.ZeroShotClassificationServiceServic
         item = ZeroShotRequest(request.sequence, tuple(request.candidate_labels))
         options = optional_fields(request, ["hypothesis_template", "multi_label", "truncation"])
         async with self.app.manager.use(request.model, TASK) as entry:
-            result = await self.app.batched(entry, "classify", item, options)
+            result = await self.app.batched(entry, item, entry.pipeline.options(options))
         return pb.ClassifyZeroShotResponse(
             request_id=rid,
             sequence=result.value.sequence,
