@@ -37,7 +37,7 @@ class OptionsBuilder(Protocol):
 class BatchedPipeline(OptionsBuilder, Protocol):
     """A one-shot task the dynamic batcher runs (runtime/batching.py)."""
 
-    def run_batch(self, items: list[Any], /, options: Any) -> list[Any]:
+    def run_batch(self, items: list[Any], /, options: TaskOptions) -> list[Any]:
         """One result per item, in order; batched results equal one-at-a-time results. (Each
         task names `items` for what they are: texts, images, queries.)"""
 
@@ -61,17 +61,17 @@ class LiveTranscription(Protocol):
 
 @runtime_checkable
 class SpeechRecognitionPipeline(OptionsBuilder, Protocol):
-    def transcribe_stream(self, waveform_16k: torch.Tensor, options: Any,
+    def transcribe_stream(self, waveform_16k: torch.Tensor, options: TaskOptions,
                           should_stop: StopCheck | None = None) -> Iterator[Segment | Transcription]:
         """Segments as they are decoded, then one Transcription (the last item)."""
 
-    def open_stream(self, options: Any) -> LiveTranscription:
+    def open_stream(self, options: TaskOptions) -> LiveTranscription:
         """A live stream decoding with these options."""
 
 
 @runtime_checkable
 class GenerativePipeline(OptionsBuilder, Protocol):
-    def start(self, prompt: str, options: Any) -> Any:
+    def start(self, prompt: str, options: TaskOptions) -> Any:
         """Starts generating on the model's engine; returns the started request, whose events
         the servicer streams."""
 
