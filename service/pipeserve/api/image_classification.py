@@ -29,10 +29,10 @@ class ImageClassificationServicer(pb_grpc.ImageClassificationServiceServicer):
         limits.check(request)
         image = await input_bytes(self.app, data=request.image.data, uri=request.image.uri,
                                   which="image", max_bytes=self.app.settings.max_message_bytes)
-        options = optional_fields(request, ["top_k"])
-        options["function_to_apply"] = enum_option(request, "function_to_apply", "FUNCTION_TO_APPLY_")
+        fields = optional_fields(request, ["top_k"])
+        fields["function_to_apply"] = enum_option(request, "function_to_apply", "FUNCTION_TO_APPLY_")
         async with self.app.manager.use(request.model, TASK) as entry:
-            result = await self.app.batched(entry, image, entry.pipeline.options(options))
+            result = await self.app.batched(entry, image, entry.pipeline.options(fields))
         return pb.ClassifyImageResponse(
             request_id=rid,
             labels=[common_pb2.ScoredLabel(label=label, score=score) for label, score in result.value],
