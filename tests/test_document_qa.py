@@ -74,7 +74,7 @@ def test_tsv_parsing_matches_pytesseract():
 def test_logits_match_transformers(docqa, page):
     oracle, ours = docqa
     words = ocr.run_tesseract(page[0])
-    windows = ours.windows(0, QUESTIONS[0], words, ours.defaults)
+    windows = ours.windows(0, QUESTIONS[0], words, ours.default_options)
     assert len(windows) == 1
     w = windows[0]
     with torch.no_grad():
@@ -177,7 +177,7 @@ def test_document_longer_than_the_model_is_split_into_windows(docqa):
     vocabulary = ["Invoice", "number:", "12345", "Total:", "$99.00", "Date:", "ACME", "Corporation"]
     words = tuple(Word(vocabulary[i % len(vocabulary)], (i * 8 % 900, i * 7 % 950, i * 8 % 900 + 60, i * 7 % 950 + 30))
                   for i in range(120))
-    windows = ours.windows(0, QUESTIONS[1], list(words), ours.validate_options(ours.defaults))
+    windows = ours.windows(0, QUESTIONS[1], list(words), ours.default_options)
     assert len(windows) > 2 and all(len(w.ids) <= ours.max_tokens for w in windows)
     word_boxes = [(w.text, list(w.box)) for w in words]
     for options in ({}, {"top_k": 5}, {"top_k": 3, "doc_stride": 10, "handle_impossible_answer": True}):

@@ -254,7 +254,7 @@ def test_zero_shot_tokenizes_a_long_sequence_once_not_once_per_label(tmp_path):
     pipe = load_pipeline(build_encoder_nli("bert", tmp_path / "nli"))
     sequence = "The election results were announced today, said the quick brown fox. " * 600  # ~42k chars
     request = zs.ZeroShotRequest(sequence, tuple(f"topic {i}" for i in range(8)))
-    options = pipe.resolve_options({"truncation": True})
+    options = pipe.options({"truncation": True})
 
     seen: list[int] = []
     encode = pipe.tokenizer.encode
@@ -276,5 +276,5 @@ def test_zero_shot_tokenizes_a_long_sequence_once_not_once_per_label(tmp_path):
     assert [label for label, _ in cut.labels] == [label for label, _ in full.labels]
     assert all(abs(a - b) < 1e-6 for (_, a), (_, b) in zip(cut.labels, full.labels))
     with pytest.raises(InputTooLarge) as error:
-        pipe.classify([request], pipe.resolve_options({"truncation": False}))
+        pipe.classify([request], pipe.options({"truncation": False}))
     assert error.value.metadata["field"] == "sequence"

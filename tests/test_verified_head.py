@@ -113,8 +113,8 @@ def test_real_speech_decodes_the_same_with_and_without_the_verified_head(tmp_pat
     head = pipe.model.decoder.verified_head
     assert head is not None  # CPU float32 with native bfloat16: the pipeline installs it
     audio = load_audio_input(data=wc.speak(" ".join(wc.SENTENCES[:3]), tmp_path / "a.wav"))
-    options = pipe.validate_options({**pipe.defaults, "logprob_threshold": -1.0,
-                                     "temperature_fallback": [0.2, 0.4]})
+    options = pipe.options({"logprob_threshold": -1.0,
+                          "temperature_fallback": [0.2, 0.4]})
     verified = pipe.transcribe([audio], options)[0]
     pipe.model.decoder.verified_head = None
     try:

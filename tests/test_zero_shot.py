@@ -48,7 +48,7 @@ def test_logits_match_transformers(nli):
     encoded = oracle.tokenizer(pairs, padding=True, truncation="only_first", return_tensors="pt")
     with torch.no_grad():
         reference = oracle.model(**{k: encoded[k] for k in oracle.tokenizer.model_input_names}).logits
-    rows = [r for t in TEXTS for r in ours.preprocess(ZeroShotRequest(t, tuple(LABELS)), ours.defaults)]
+    rows = [r for t in TEXTS for r in ours.preprocess(ZeroShotRequest(t, tuple(LABELS)), ours.default_options)]
     assert_close(torch.from_numpy(ours.forward(rows)), reference)
 
 
@@ -86,7 +86,7 @@ def test_one_label_scores_entailment_against_contradiction(nli):
 def test_long_text_is_truncated_like_transformers_or_refused(nli):
     _, _, oracle, ours = nli
     assert len(oracle.tokenizer(LONG_TEXT)["input_ids"]) > ours.max_tokens
-    rows = ours.preprocess(ZeroShotRequest(LONG_TEXT, ("sports",)), ours.defaults)
+    rows = ours.preprocess(ZeroShotRequest(LONG_TEXT, ("sports",)), ours.default_options)
     assert len(rows[0]) == ours.max_tokens
     with pytest.raises(InputTooLarge, match=f"at most {ours.max_tokens}"):
         ours.classify([ZeroShotRequest(LONG_TEXT, ("sports",))], {"truncation": False})

@@ -3,7 +3,6 @@ fetching, and running blocking pipeline work (whole or streamed) off the event l
 from __future__ import annotations
 
 import asyncio
-import queue
 import threading
 import time
 import uuid
@@ -16,6 +15,7 @@ from ..bounds import request_id_problem
 from ..config import Settings
 from ..errors import InvalidInput
 from ..inputs import uri as uri_inputs
+from ..pipelines.options import TaskOptions
 from ..runtime.batching import BatchResult, DynamicBatcher
 from ..runtime.manager import ModelEntry, ModelManager
 from ..scheduling import compute
@@ -44,9 +44,10 @@ class App:
         raises QueueFull at once when its queue is full."""
         return self.admission.slot(entry.name, id(entry.pipeline))
 
-    async def batched(self, entry: ModelEntry, method: str, item: Any, options: dict[str, Any]) -> "BatchResult":
-        """Runs `entry.pipeline.<method>([item, ...others], options)` batched with concurrent callers."""
-        return await self.batcher.submit(entry, method, item, options)
+    async def batched(self, entry: ModelEntry, item: Any, options: TaskOptions) -> "BatchResult":
+        """Runs `entry.pipeline.run_batch([item, ...others], options)` batched with concurrent
+        callers whose options are equal; `options` comes from `entry.pipeline.options(...)`."""
+        return await self.batcher.submit(entry, item, options)
 
 
 def request_id(request: Message) -> str:

@@ -34,9 +34,9 @@ class DocumentQuestionAnsweringServicer(pb_grpc.DocumentQuestionAnsweringService
                                       which="image", max_bytes=self.app.settings.max_message_bytes)
         words = tuple(Word(w.text, _box(w.box)) for w in request.words) or None
         item = DocumentQuery(request.question, image=image, words=words)
-        options = optional_fields(request, OPTIONS)
+        fields = optional_fields(request, OPTIONS)
         async with self.app.manager.use(request.model, TASK) as entry:
-            result = await self.app.batched(entry, "answer", item, options)
+            result = await self.app.batched(entry, item, entry.pipeline.options(fields))
         return pb.AnswerDocumentQuestionResponse(
             request_id=rid,
             answers=[pb.DocumentAnswer(answer=a.answer, score=a.score, start_word=a.start_word, end_word=a.end_word)

@@ -18,10 +18,10 @@ class FeatureExtractionServicer(pb_grpc.FeatureExtractionServiceServicer):
     async def ExtractFeatures(self, request: pb.ExtractFeaturesRequest, context) -> pb.ExtractFeaturesResponse:
         rid = request_id(request)
         limits.check(request)
-        options = optional_fields(request, ["normalize", "truncate"])
-        options["pooling"] = enum_option(request, "pooling", "POOLING_")
+        fields = optional_fields(request, ["normalize", "truncate"])
+        fields["pooling"] = enum_option(request, "pooling", "POOLING_")
         async with self.app.manager.use(request.model, TASK) as entry:
-            result = await self.app.batched(entry, "extract", request.text, options)
+            result = await self.app.batched(entry, request.text, entry.pipeline.options(fields))
         features = result.value
         response = pb.ExtractFeaturesResponse(request_id=rid, dimensions=features.dimensions, tokens=features.tokens,
                                               run=run_info(entry, batch=result))

@@ -18,10 +18,10 @@ class FillMaskServicer(pb_grpc.FillMaskServiceServicer):
     async def FillMask(self, request: pb.FillMaskRequest, context) -> pb.FillMaskResponse:
         rid = request_id(request)
         limits.check(request)
-        options = optional_fields(request, ["top_k"])
-        options["targets"] = list(request.targets) or None
+        fields = optional_fields(request, ["top_k"])
+        fields["targets"] = list(request.targets) or None
         async with self.app.manager.use(request.model, TASK) as entry:
-            result = await self.app.batched(entry, "fill", request.text, options)
+            result = await self.app.batched(entry, request.text, entry.pipeline.options(fields))
         return pb.FillMaskResponse(
             request_id=rid,
             masks=[pb.MaskPrediction(candidates=[

@@ -21,9 +21,10 @@ class QuestionAnsweringServicer(pb_grpc.QuestionAnsweringServiceServicer):
     async def AnswerQuestion(self, request: pb.AnswerQuestionRequest, context) -> pb.AnswerQuestionResponse:
         rid = request_id(request)
         limits.check(request)
-        options = optional_fields(request, OPTIONS)
+        fields = optional_fields(request, OPTIONS)
         async with self.app.manager.use(request.model, TASK) as entry:
-            result = await self.app.batched(entry, "answer", QAInput(request.question, request.context), options)
+            item = QAInput(request.question, request.context)
+            result = await self.app.batched(entry, item, entry.pipeline.options(fields))
         return pb.AnswerQuestionResponse(
             request_id=rid,
             answers=[pb.Answer(answer=a.answer, score=a.score, start=a.start, end=a.end) for a in result.value],

@@ -1,5 +1,7 @@
 """SpeechRecognitionService: audio (file bytes, raw PCM or URI) -> an ASR pipeline (Whisper or
-CTC, both with `transcribe_stream(waveform, options)` and `open_stream(options)`) -> segments.
+CTC, both pipelines.contracts.SpeechRecognitionPipeline: `transcribe_stream(waveform, options,
+should_stop)` yielding Segments then a Transcription, and `open_stream(options)`) -> segments.
+The request's options are built once into the family's frozen options (`pipeline.options`).
 
 Transcribe and TranscribeStream run the pipeline's segment generator on a worker thread;
 StreamingTranscribe feeds live chunks to the pipeline's live stream. Leaving early (client
@@ -12,12 +14,13 @@ full) before it decodes audio or opens a live stream, which holds its slot while
 """
 from __future__ import annotations
 
-import inspect
 import threading
 from typing import Any
 
 from ..errors import InputTooLarge, InvalidInput
 from ..inputs import audio as audio_io
+from ..pipelines.asr_types import Transcription
+from ..pipelines.contracts import LiveTranscription, SpeechRecognitionPipeline
 from ..tasks import Task
 from ..v1 import speech_recognition_pb2 as pb, speech_recognition_pb2_grpc as pb_grpc
 from . import limits
@@ -36,7 +39,7 @@ MAX_CHUNK_SECONDS = 30.0
 _RESAMPLE_BLOCK_S = 0.5
 
 
-def _options(options: pb.TranscriptionOptions, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+def _option_fields(options: pb.TranscriptionOptions, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     out = optional_fields(options, _SCALARS)
     out["return_timestamps"] = enum_option(options, "return_timestamps", "TIMESTAMP_GRANULARITY_")
     out["task"] = enum_option(options, "task", "SPEECH_TASK_")
@@ -65,13 +68,6 @@ def _transcription(t) -> pb.Transcription:
         text=t.text, segments=[_segment(s) for s in t.segments], language=t.language, duration_s=t.duration_s,
         language_probabilities=[pb.LanguageProbability(language=k, probability=v)
                                 for k, v in sorted(t.language_probabilities.items(), key=lambda kv: -kv[1])])
-
-
-def _accepts_stop(fn) -> bool:
-    try:
-        return "should_stop" in inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
 
 
 class SpeechRecognitionServicer(pb_grpc.SpeechRecognitionServiceServicer):
@@ -105,10 +101,10 @@ class SpeechRecognitionServicer(pb_grpc.SpeechRecognitionServiceServicer):
         """The pipeline's segments then its Transcription, produced on a worker thread; leaving
         early stops the decoding loop."""
         stop = threading.Event()
-        method = entry.pipeline.transcribe_stream
-        extra = {"should_stop": stop.is_set} if _accepts_stop(method) else {}
+        pipeline: SpeechRecognitionPipeline = entry.pipeline
         try:
-            async for item in iterate_in_thread(lambda: method(waveform, options, **extra), self.app.manager.executor):
+            async for item in iterate_in_thread(lambda: pipeline.transcribe_stream(waveform, options, stop.is_set),
+                                                self.app.manager.executor):
                 yield item
         finally:
             stop.set()
@@ -116,8 +112,9 @@ class SpeechRecognitionServicer(pb_grpc.SpeechRecognitionServiceServicer):
     async def Transcribe(self, request, context) -> pb.TranscribeResponse:
         rid = request_id(request)
         limits.check(request)
-        options = _options(request.options)
+        fields = _option_fields(request.options)
         async with self.app.manager.use(request.model, TASK) as entry, self.app.admitted(entry) as waited_s:
+            options = entry.pipeline.options(fields)
             waveform = await self._waveform(request)
             timer = Timer()
             done = None
@@ -130,12 +127,13 @@ class SpeechRecognitionServicer(pb_grpc.SpeechRecognitionServiceServicer):
     async def TranscribeStream(self, request, context):
         rid = request_id(request)
         limits.check(request)
-        options = _options(request.options)
+        fields = _option_fields(request.options)
         async with self.app.manager.use(request.model, TASK) as entry, self.app.admitted(entry) as waited_s:
+            options = entry.pipeline.options(fields)
             waveform = await self._waveform(request)
             timer = Timer()
             async for item in self._events(entry, waveform, options):
-                if hasattr(item, "segments"):
+                if isinstance(item, Transcription):
                     yield pb.TranscribeStreamResponse(request_id=rid, done=pb.TranscriptionDone(
                         transcription=_transcription(item),
                         run=run_info(entry, queue_ms=waited_s * 1000.0, compute_ms=timer.ms(),
@@ -162,16 +160,17 @@ class SpeechRecognitionServicer(pb_grpc.SpeechRecognitionServiceServicer):
         audio_io.check_rate_channels(rate, channels, field="config")
         rid = config.request_id or request_id(config)
         extra = {"interim_interval_s": config.interim_interval_s} if config.HasField("interim_interval_s") else {}
-        options = _options(config.options, extra)
+        fields = _option_fields(config.options, extra)
         frame_bytes = (4 if fmt == "float32" else 2) * channels
         max_chunk = int(MAX_CHUNK_SECONDS * rate) * frame_bytes
         # A live stream holds its model's admission slot while open: its state and its
         # compute are those of a running call.
         async with self.app.manager.use(config.model, TASK) as entry, self.app.admitted(entry):
             run = self.app.manager.run
-            live = await run(lambda: entry.pipeline.open_stream(options))
+            pipeline: SpeechRecognitionPipeline = entry.pipeline
+            options = pipeline.options(fields)
+            live = await run(lambda: pipeline.open_stream(options))
             stop = threading.Event()
-            kwargs = {"should_stop": stop.is_set} if _accepts_stop(live.push) else {}
             timer = Timer()
             report = _IntervalReport(live)
             pending = []  # raw audio not yet resampled (other rates), as [channels, frames] blocks
@@ -192,17 +191,16 @@ class SpeechRecognitionServicer(pb_grpc.SpeechRecognitionServiceServicer):
                     if rate != audio_io.MODEL_SAMPLE_RATE and sum(w.shape[-1] for w in pending) < _RESAMPLE_BLOCK_S * rate:
                         continue
                     block, pending = pending, []
-                    segments = await run(lambda: live.push(audio_io.join_to_model_rate(block, rate), **kwargs))
+                    segments = await run(lambda: live.push(audio_io.join_to_model_rate(block, rate), stop.is_set))
                     for seg in segments:
                         yield report(pb.StreamingTranscribeResponse(request_id=rid, segment=_segment(seg),
                                                                     audio_received_s=live.audio_received_s))
                 if pending:
                     block, pending = pending, []
-                    for seg in await run(lambda: live.push(audio_io.join_to_model_rate(block, rate), **kwargs)):
+                    for seg in await run(lambda: live.push(audio_io.join_to_model_rate(block, rate), stop.is_set)):
                         yield report(pb.StreamingTranscribeResponse(request_id=rid, segment=_segment(seg),
                                                                     audio_received_s=live.audio_received_s))
-                finish_kwargs = {"should_stop": stop.is_set} if _accepts_stop(live.finish) else {}
-                segments, transcription = await run(lambda: live.finish(**finish_kwargs))
+                segments, transcription = await run(lambda: live.finish(stop.is_set))
                 for seg in segments:
                     yield report(pb.StreamingTranscribeResponse(request_id=rid, segment=_segment(seg),
                                                                 audio_received_s=live.audio_received_s))
@@ -219,11 +217,11 @@ class _IntervalReport:
     """Sets StreamingTranscribeResponse.interim_interval_s on a stream's first response and
     whenever the live stream's effective interval changes."""
 
-    def __init__(self, live) -> None:
+    def __init__(self, live: LiveTranscription) -> None:
         self.live, self.last = live, None
 
     def __call__(self, response: pb.StreamingTranscribeResponse) -> pb.StreamingTranscribeResponse:
-        now = getattr(self.live, "interim_interval_s", None)
+        now = self.live.interim_interval_s
         if now is not None and now != self.last:
             response.interim_interval_s = self.last = now
         return response

@@ -1,6 +1,6 @@
 """TextClassificationService: ClassifyTextRequest -> pipeline.classify -> ClassifyTextResponse
-(the image_classification servicer's pattern: options as {field: value or None}, the item
-submitted to the dynamic batcher, no torch here)."""
+(the image_classification servicer's pattern: the set option fields built into the task's
+options, the item submitted to the dynamic batcher, no torch here)."""
 from __future__ import annotations
 
 from ..pipelines.text_classification import TextInput
@@ -21,10 +21,10 @@ class TextClassificationServicer(pb_grpc.TextClassificationServiceServicer):
         rid = request_id(request)
         limits.check(request)
         item = TextInput(request.text, request.text_pair if request.HasField("text_pair") else None)
-        options = optional_fields(request, ["top_k"])
-        options["function_to_apply"] = enum_option(request, "function_to_apply", "FUNCTION_TO_APPLY_")
+        fields = optional_fields(request, ["top_k"])
+        fields["function_to_apply"] = enum_option(request, "function_to_apply", "FUNCTION_TO_APPLY_")
         async with self.app.manager.use(request.model, TASK) as entry:
-            result = await self.app.batched(entry, "classify", item, options)
+            result = await self.app.batched(entry, item, entry.pipeline.options(fields))
         return pb.ClassifyTextResponse(
             request_id=rid,
             labels=[common_pb2.ScoredLabel(label=label, score=score) for label, score in result.value],

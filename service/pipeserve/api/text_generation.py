@@ -1,5 +1,6 @@
-"""TextGenerationService: GenerateRequest -> pipeline.start (the model's continuous-batching
-engine) -> GenerateResponse, or one GenerateStreamResponse per token plus one done message per
+"""TextGenerationService: GenerateRequest -> the request's options built once
+(`pipeline.options`) -> pipeline.start (pipelines.contracts.GenerativePipeline: the model's
+continuous-batching engine) -> GenerateResponse, or one GenerateStreamResponse per token plus one done message per
 sequence.
 
 The engine delivers events onto this event loop; leaving the loop early (client cancelled,
@@ -8,6 +9,7 @@ decoding step. No torch here.
 """
 from __future__ import annotations
 
+from ..pipelines.contracts import GenerativePipeline
 from ..scheduling.generation_engine import DoneEvent, TokenEvent
 from ..tasks import Task
 from ..v1 import text_generation_pb2 as pb, text_generation_pb2_grpc as pb_grpc
@@ -29,7 +31,8 @@ FINISH_REASONS = {
 }
 
 
-def _options(request) -> dict:
+def _option_fields(request) -> dict:
+    """The option fields the request set ({field: value or None})."""
     options = optional_fields(request.options, _SCALAR_OPTIONS)
     options["stop"] = list(request.options.stop) or None
     return options
@@ -58,8 +61,8 @@ class TextGenerationServicer(pb_grpc.TextGenerationServiceServicer):
         rid = request_id(request)
         limits.check(request)
         async with self.app.manager.use(request.model, TASK) as entry:
-            pipeline = entry.pipeline
-            started = pipeline.start(request.prompt, _options(request))
+            pipeline: GenerativePipeline = entry.pipeline
+            started = pipeline.start(request.prompt, pipeline.options(_option_fields(request)))
             done: list[DoneEvent] = []
             try:
                 async for event in started.handle:
@@ -80,8 +83,8 @@ class TextGenerationServicer(pb_grpc.TextGenerationServiceServicer):
         rid = request_id(request)
         limits.check(request)
         async with self.app.manager.use(request.model, TASK) as entry:
-            pipeline = entry.pipeline
-            started = pipeline.start(request.prompt, _options(request))
+            pipeline: GenerativePipeline = entry.pipeline
+            started = pipeline.start(request.prompt, pipeline.options(_option_fields(request)))
             logprobs = started.params.return_logprobs
             try:
                 async for event in started.handle:

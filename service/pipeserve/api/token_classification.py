@@ -18,11 +18,11 @@ class TokenClassificationServicer(pb_grpc.TokenClassificationServiceServicer):
     async def ClassifyTokens(self, request: pb.ClassifyTokensRequest, context) -> pb.ClassifyTokensResponse:
         rid = request_id(request)
         limits.check(request)
-        options = optional_fields(request, ["stride"])
-        options["aggregation_strategy"] = enum_option(request, "aggregation_strategy", "AGGREGATION_STRATEGY_")
-        options["ignore_labels"] = list(request.ignore_labels) or None
+        fields = optional_fields(request, ["stride"])
+        fields["aggregation_strategy"] = enum_option(request, "aggregation_strategy", "AGGREGATION_STRATEGY_")
+        fields["ignore_labels"] = list(request.ignore_labels) or None
         async with self.app.manager.use(request.model, TASK) as entry:
-            result = await self.app.batched(entry, "classify", request.text, options)
+            result = await self.app.batched(entry, request.text, entry.pipeline.options(fields))
         return pb.ClassifyTokensResponse(
             request_id=rid,
             entities=[pb.Entity(entity=e.entity, score=e.score, word=e.word, start=e.start, end=e.end, index=e.index)

@@ -20,9 +20,9 @@ class ZeroShotClassificationServicer(pb_grpc.ZeroShotClassificationServiceServic
         rid = request_id(request)
         limits.check(request)
         item = ZeroShotRequest(request.sequence, tuple(request.candidate_labels))
-        options = optional_fields(request, ["hypothesis_template", "multi_label", "truncation"])
+        fields = optional_fields(request, ["hypothesis_template", "multi_label", "truncation"])
         async with self.app.manager.use(request.model, TASK) as entry:
-            result = await self.app.batched(entry, "classify", item, options)
+            result = await self.app.batched(entry, item, entry.pipeline.options(fields))
         return pb.ClassifyZeroShotResponse(
             request_id=rid,
             sequence=result.value.sequence,

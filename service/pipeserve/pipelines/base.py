@@ -1,10 +1,11 @@
 """What every task pipeline shares: how it is built from checkpoint files, where it lives,
-how per-call options override the model's defaults, and how much memory it holds."""
+how its per-call options are built (the model's defaults, the request's fields, the task's
+checks: options.py), and how much memory it holds."""
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Mapping
 
 import torch
 from torch import nn
@@ -13,9 +14,9 @@ from ..checkpoints.hub import ModelFiles
 from ..checkpoints.registry import family_module
 from ..checkpoints.weights import module_bytes, parse_dtype
 from ..devices import require_device
-from ..errors import InvalidParameter
 from ..layers.passes import PostLoad, VerifiedHeadSite, apply_post_load_passes
 from ..tasks import Task
+from .options import TaskOptions
 
 
 @dataclass(frozen=True)
@@ -77,8 +78,8 @@ class Pipeline:
     accounting and release are generic."""
 
     task: ClassVar[Task]
-    # Option names this pipeline accepts, with their built-in defaults (transformers' ones).
-    option_defaults: ClassVar[dict[str, Any]] = {}
+    # The task's per-call options: field names, built-in defaults (transformers' ones).
+    options_type: ClassVar[type[TaskOptions]] = TaskOptions
 
     def __init__(self, files: ModelFiles, options: LoadOptions, family: str, architecture: str = ""):
         self.files = files
@@ -88,22 +89,44 @@ class Pipeline:
         self.device = options.torch_device
         self.dtype = options.torch_dtype
         self.modules_: list[nn.Module] = []
-        unknown = set(options.defaults) - set(self.option_defaults)
-        if unknown:
-            raise InvalidParameter(
-                f"unknown default options for {self.task.value}: {sorted(unknown)}; "
-                f"known: {sorted(self.option_defaults)}")
-        self.defaults = {**self.option_defaults, **options.defaults}
+        self.options_type.check_names(options.defaults, self.task.value)
+        # The model's option defaults; subclasses check them once loaded (settle_defaults).
+        self.defaults = {**self.options_type.builtin_defaults(), **options.defaults}
+        self.default_options: TaskOptions | None = None
 
     @classmethod
     def from_files(cls, files: ModelFiles, options: LoadOptions) -> "Pipeline":
         raise NotImplementedError
 
-    def resolve_options(self, overrides: dict[str, Any]) -> dict[str, Any]:
-        """Model defaults overridden by the fields a request set (None = not set)."""
-        merged = dict(self.defaults)
-        merged.update({k: v for k, v in overrides.items() if v is not None})
-        return merged
+    # -- options ----------------------------------------------------------------------------
+
+    def check_options(self, values: dict[str, Any]) -> dict[str, Any]:
+        """The task's checks over merged option values: returns them normalised, or raises
+        InvalidParameter naming the field. Tasks with checks override this."""
+        return values
+
+    def options(self, overrides: Mapping[str, Any] | None = None) -> TaskOptions:
+        """This call's options: the model's defaults, the fields the request set (None = not
+        set) over them, checked once; the frozen result is what the pipeline methods take."""
+        merged = self.options_type.merge(self.defaults, overrides or {})
+        return self.options_type.of(self.check_options(merged))
+
+    def settle_defaults(self) -> None:
+        """Checks the model's default options once it is loaded (a bad LoadModel default fails
+        the load); requests' fields are then merged over the checked values."""
+        self.default_options = self.options()
+        self.defaults = self.default_options.as_dict()
+
+    def call_options(self, options: TaskOptions | Mapping[str, Any] | None) -> TaskOptions:
+        """A pipeline method's options argument: built options pass through, not checked
+        again; None (the model's defaults) or a mapping of fields (in-process callers) is
+        built here."""
+        if isinstance(options, self.options_type):
+            return options
+        if isinstance(options, TaskOptions):
+            raise TypeError(f"{type(self).__name__} takes {self.options_type.__name__}, "
+                            f"not {type(options).__name__}")
+        return self.options(options)
 
     def memory_bytes(self) -> int:
         return sum(module_bytes(m) for m in self.modules_)

@@ -17,7 +17,7 @@ post-processed on its own unpadded length, exactly as the unbatched transformers
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Mapping
 
 import numpy as np
 import torch
@@ -31,6 +31,7 @@ from ..tasks import Task
 from .base import LoadOptions, load_family_model
 from .encoder_base import TextModelPipeline
 from .span_selection import select_starts_ends
+from .options import TaskOptions
 
 # A page has a few hundred words; this bounds the windows (forward passes) one request can ask for.
 MAX_WORDS = 10_000
@@ -74,15 +75,23 @@ class _Window:
     word_ids: list[int | None]
 
 
+@dataclass(frozen=True)
+class DocumentQuestionAnsweringOptions(TaskOptions):
+    # transformers' defaults; max_seq_len None = the tokenizer's model_max_length, doc_stride
+    # None = min(max_seq_len // 2, 256), ocr_lang "eng" = Tesseract's default language.
+    top_k: int = 1
+    max_answer_len: int = 15
+    doc_stride: int | None = None
+    max_seq_len: int | None = None
+    max_question_len: int = 64
+    handle_impossible_answer: bool = False
+    ocr_lang: str = "eng"
+
+
 class DocumentQuestionAnsweringPipeline(TextModelPipeline):
     task: ClassVar[Task] = Task.DOCUMENT_QUESTION_ANSWERING
     head: ClassVar[str] = "question_answering"
-    # transformers' defaults; max_seq_len None = the tokenizer's model_max_length, doc_stride
-    # None = min(max_seq_len // 2, 256), ocr_lang "eng" = Tesseract's default language.
-    option_defaults: ClassVar[dict[str, Any]] = {
-        "top_k": 1, "max_answer_len": 15, "doc_stride": None, "max_seq_len": None,
-        "max_question_len": 64, "handle_impossible_answer": False, "ocr_lang": "eng",
-    }
+    options_type: ClassVar[type[TaskOptions]] = DocumentQuestionAnsweringOptions
     max_pixels: int = DEFAULT_MAX_PIXELS
     # Windows per forward pass (bounds activation memory of a long document).
     max_batch_size: int = 16
@@ -94,7 +103,7 @@ class DocumentQuestionAnsweringPipeline(TextModelPipeline):
         self.max_tokens = tokenizer.limit(int(config.get("max_position_embeddings", 512)))
         self.cls_token_id = tokenizer.token_id("cls_token")
         self.sep_token_id = tokenizer.token_id("sep_token")
-        self.defaults = self.validate_options(self.defaults)
+        self.settle_defaults()
 
     @classmethod
     def from_files(cls, files: ModelFiles, options: LoadOptions) -> "DocumentQuestionAnsweringPipeline":
@@ -114,8 +123,7 @@ class DocumentQuestionAnsweringPipeline(TextModelPipeline):
 
     # -- options ---------------------------------------------------------------------------
 
-    def validate_options(self, options: dict[str, Any]) -> dict[str, Any]:
-        options = dict(options)
+    def check_options(self, options: dict[str, Any]) -> dict[str, Any]:
         for name, low in (("top_k", 1), ("max_answer_len", 1), ("max_question_len", 1), ("max_seq_len", 8),
                           ("doc_stride", 0)):
             value = options.get(name)
@@ -134,14 +142,14 @@ class DocumentQuestionAnsweringPipeline(TextModelPipeline):
 
     # -- steps -----------------------------------------------------------------------------
 
-    def page_words(self, query: DocumentQuery, options: dict[str, Any]) -> list[Word]:
+    def page_words(self, query: DocumentQuery, options: DocumentQuestionAnsweringOptions) -> list[Word]:
         """The words and boxes of the page: the client's, else Tesseract's."""
         if query.words is not None and len(query.words) > 0:
             words = list(query.words)
             check_words(words)
         elif query.image:
             image = decode_image(bytes(query.image), max_pixels=self.max_pixels)
-            words = run_tesseract(image, lang=options["ocr_lang"])
+            words = run_tesseract(image, lang=options.ocr_lang)
             if not words:
                 raise InvalidInput("OCR found no text in the image, so there is nothing to answer from",
                                    reason="NO_TEXT_FOUND")
@@ -153,20 +161,21 @@ class DocumentQuestionAnsweringPipeline(TextModelPipeline):
                                 metadata={"limit": str(MAX_WORDS)})
         return words
 
-    def windows(self, index: int, question: str, words: list[Word], options: dict[str, Any]) -> list[_Window]:
+    def windows(self, index: int, question: str, words: list[Word],
+                options: DocumentQuestionAnsweringOptions) -> list[_Window]:
         """Question + words -> overlapping windows (transformers' preprocess for LayoutLM)."""
         if not question.strip():
             raise InvalidInput("the question is empty", reason="EMPTY_INPUT", metadata={"field": "question"})
         if len(question) > MAX_QUESTION_CHARS:
             raise InputTooLarge(f"the question has {len(question)} characters; at most {MAX_QUESTION_CHARS} "
                                 "are accepted", metadata={"field": "question", "limit": str(MAX_QUESTION_CHARS)})
-        max_seq_len = options["max_seq_len"] or self.max_tokens
-        doc_stride = options["doc_stride"] if options["doc_stride"] is not None else min(max_seq_len // 2, 256)
+        max_seq_len = options.max_seq_len or self.max_tokens
+        doc_stride = options.doc_stride if options.doc_stride is not None else min(max_seq_len // 2, 256)
         question_words = question.split()
         question_tokens = len(self._encode_words([(question_words, None)], None, 0)[0].ids)
-        if question_tokens > options["max_question_len"]:
+        if question_tokens > options.max_question_len:
             raise InputTooLarge(f"the question is {question_tokens} tokens long; max_question_len is "
-                                f"{options['max_question_len']}", metadata={"field": "question"})
+                                f"{options.max_question_len}", metadata={"field": "question"})
         # Room for words in each window: what the question and the special tokens leave.
         room = max_seq_len - question_tokens - self.tokenizer.num_special_tokens(pair=True)
         if room < 1:
@@ -243,16 +252,16 @@ class DocumentQuestionAnsweringPipeline(TextModelPipeline):
         return out
 
     def postprocess(self, windows: list[_Window], logits: list[tuple[np.ndarray, np.ndarray]],
-                    words: list[Word], options: dict[str, Any]) -> list[DocumentAnswer]:
+                    words: list[Word], options: DocumentQuestionAnsweringOptions) -> list[DocumentAnswer]:
         """transformers' postprocess_extractive_qa over one query's windows, then the top_k."""
-        top_k, handle_impossible = options["top_k"], bool(options["handle_impossible_answer"])
+        top_k, handle_impossible = options.top_k, bool(options.handle_impossible_answer)
         min_null_score = 1000000.0  # large and positive, as transformers starts it
         answers: list[DocumentAnswer] = []
         for window, (start, end) in zip(windows, logits):
             attention = np.ones((1, len(window.ids)), dtype=np.int64)
             starts, ends, scores, min_null_score = select_starts_ends(
                 start[None], end[None], window.p_mask, attention, min_null_score, top_k,
-                handle_impossible, options["max_answer_len"])
+                handle_impossible, options.max_answer_len)
             for s, e, score in zip(starts, ends, scores):
                 first, last = window.word_ids[s], window.word_ids[e]
                 if first is not None and last is not None:
@@ -265,9 +274,10 @@ class DocumentQuestionAnsweringPipeline(TextModelPipeline):
 
     # -- call ------------------------------------------------------------------------------
 
-    def answer(self, queries: list[DocumentQuery], options: dict[str, Any] | None = None) -> list[DocumentAnswers]:
+    def answer(self, queries: list[DocumentQuery],
+               options: DocumentQuestionAnsweringOptions | Mapping[str, Any] | None = None) -> list[DocumentAnswers]:
         """Answers each query; one result per query, in order."""
-        resolved = self.validate_options(self.resolve_options(options or {}))
+        resolved = self.call_options(options)
         if not queries:
             raise InvalidInput("no questions to answer", reason="EMPTY_INPUT")
         pages: list[list[Word]] = []
@@ -289,3 +299,5 @@ class DocumentQuestionAnsweringPipeline(TextModelPipeline):
             answers = self.postprocess([w for w, _ in mine], [l for _, l in mine], words, resolved)
             results.append(DocumentAnswers(answers, words))
         return results
+
+    run_batch = answer  # what the dynamic batcher runs (contracts.BatchedPipeline)

@@ -17,7 +17,7 @@ over-long text is INPUT_TOO_LARGE unless the request sets truncate. Empty text: 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Mapping
 
 import torch
 
@@ -26,6 +26,7 @@ from ..errors import InvalidParameter, ModelLoadFailed
 from ..tasks import Task
 from .base import LoadOptions
 from .encoder_base import EncoderPipeline, check_text, load_text_model
+from .options import TaskOptions
 
 POOLINGS = ("none", "mean", "cls", "max")
 # sentence-transformers Pooling's concatenation order.
@@ -93,11 +94,19 @@ def pool(hidden: torch.Tensor, modes: tuple[str, ...]) -> torch.Tensor:
     return torch.cat(parts)
 
 
+@dataclass(frozen=True)
+class FeatureExtractionOptions(TaskOptions):
+    # None: the checkpoint's sentence-transformers recipe (raw token features without one).
+    pooling: str | None = None
+    normalize: bool | None = None
+    truncate: bool | None = None
+
+
 class FeatureExtractionPipeline(EncoderPipeline):
     task: ClassVar[Task] = Task.FEATURE_EXTRACTION
     head: ClassVar[str] = "base"
     per_token_outputs: ClassVar[tuple[bool, ...]] = (True, False)
-    option_defaults: ClassVar[dict[str, Any]] = {"pooling": None, "normalize": None, "truncate": None}
+    options_type: ClassVar[type[TaskOptions]] = FeatureExtractionOptions
 
     def __init__(self, files: ModelFiles, options: LoadOptions, model, tokenizer,
                  recipe: SentenceTransformerRecipe | None = None):
@@ -105,7 +114,7 @@ class FeatureExtractionPipeline(EncoderPipeline):
         self.recipe = recipe
         if recipe and recipe.max_seq_length:
             self.max_length = min(self.max_length, recipe.max_seq_length)
-        self.defaults = self.validate_options(self.defaults)
+        self.settle_defaults()
 
     @classmethod
     def from_files(cls, files: ModelFiles, options: LoadOptions):
@@ -113,8 +122,7 @@ class FeatureExtractionPipeline(EncoderPipeline):
         model, tokenizer = load_text_model(files, options, cls.head)
         return cls(files, options, model, tokenizer, recipe)
 
-    def validate_options(self, options: dict[str, Any]) -> dict[str, Any]:
-        options = dict(options)
+    def check_options(self, options: dict[str, Any]) -> dict[str, Any]:
         pooling = options.get("pooling")
         if pooling is not None:
             pooling = str(pooling).strip().lower()
@@ -126,22 +134,23 @@ class FeatureExtractionPipeline(EncoderPipeline):
         options["pooling"] = pooling
         return options
 
-    def _resolved(self, options: dict[str, Any]) -> tuple[tuple[str, ...], bool, bool]:
+    def _resolved(self, options: FeatureExtractionOptions) -> tuple[tuple[str, ...], bool, bool]:
         """(pooling modes, normalize, truncate) after the model's recipe defaults."""
         recipe = self.recipe
-        pooling = options.get("pooling")
+        pooling = options.pooling
         modes = (() if pooling == "none" else (pooling,)) if pooling else (recipe.pooling if recipe else ())
-        normalize = options.get("normalize")
+        normalize = options.normalize
         # The recipe's Normalize module runs after Pooling: it scales sentence embeddings, so
         # token features stay raw unless the request asks (transformers' feature extraction).
         normalize = bool(recipe and recipe.normalize and modes) if normalize is None else bool(normalize)
-        truncate = options.get("truncate")
+        truncate = options.truncate
         truncate = recipe is not None if truncate is None else bool(truncate)
         return modes, normalize, truncate
 
-    def extract(self, texts: list[str], options: dict[str, Any] | None = None) -> list[Features]:
+    def extract(self, texts: list[str],
+                options: FeatureExtractionOptions | Mapping[str, Any] | None = None) -> list[Features]:
         """Embeddings of each text, in order; batched texts give the same vectors as one at a time."""
-        modes, normalize, truncate = self._resolved(self.validate_options(self.resolve_options(options or {})))
+        modes, normalize, truncate = self._resolved(self.call_options(options))
         texts = [check_text(t) for t in texts]
         rows = self.tokenizer.encode(texts, max_length=self.max_length, truncation="longest_first" if truncate else None)
         self.check_length(rows, "; set truncate to cut it")
@@ -162,3 +171,5 @@ class FeatureExtractionPipeline(EncoderPipeline):
         recipe = self.recipe
         return {**super().describe(), "pooling": "+".join(recipe.pooling) if recipe else "none",
                 "normalize": bool(recipe and recipe.normalize)}
+
+    run_batch = extract  # what the dynamic batcher runs (contracts.BatchedPipeline)

@@ -15,13 +15,14 @@ skipped only when there is a single mask.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Mapping
 
 import torch
 
 from ..errors import InvalidInput, InvalidParameter, ModelLoadFailed
 from ..tasks import Task
 from .encoder_base import EncoderPipeline, check_positive, check_text
+from .options import TaskOptions
 
 
 @dataclass(frozen=True)
@@ -32,11 +33,17 @@ class Candidate:
     sequence: str
 
 
+@dataclass(frozen=True)
+class FillMaskOptions(TaskOptions):
+    top_k: int = 5
+    targets: tuple[str, ...] | None = None  # None: the whole vocabulary
+
+
 class FillMaskPipeline(EncoderPipeline):
     task: ClassVar[Task] = Task.FILL_MASK
     head: ClassVar[str] = "masked_lm"
     per_token_outputs: ClassVar[tuple[bool, ...]] = (True,)
-    option_defaults: ClassVar[dict[str, Any]] = {"top_k": 5, "targets": None}
+    options_type: ClassVar[type[TaskOptions]] = FillMaskOptions
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -44,13 +51,14 @@ class FillMaskPipeline(EncoderPipeline):
         if self.mask_token_id is None:
             raise ModelLoadFailed(f"{self.files.name}'s tokenizer defines no mask_token", reason="TOKENIZER_INVALID")
         self.vocab = self.tokenizer.vocab()
-        self.defaults = self.validate_options(self.defaults)
+        self.settle_defaults()
 
-    def validate_options(self, options: dict[str, Any]) -> dict[str, Any]:
-        options = dict(options)
+    def check_options(self, options: dict[str, Any]) -> dict[str, Any]:
         check_positive(options, "top_k")
         targets = options.get("targets")
         options["targets"] = list(targets) if targets else None  # proto's empty repeated field = unset
+        if options["targets"]:
+            self.target_ids(options["targets"])  # bad targets fail before any compute
         return options
 
     def target_ids(self, targets: list[str]) -> torch.Tensor:
@@ -69,10 +77,10 @@ class FillMaskPipeline(EncoderPipeline):
             ids.append(token)
         return torch.tensor(sorted(set(ids)), dtype=torch.long)
 
-    def postprocess(self, ids: list[int], logits: torch.Tensor, options: dict[str, Any]) -> list[list[Candidate]]:
+    def postprocess(self, ids: list[int], logits: torch.Tensor, options: FillMaskOptions) -> list[list[Candidate]]:
         input_ids = torch.tensor(ids)
-        targets = self.target_ids(options["targets"]) if options["targets"] else None
-        top_k = options["top_k"]
+        targets = self.target_ids(options.targets) if options.targets else None
+        top_k = options.top_k
         if targets is not None:
             top_k = min(top_k, targets.shape[0])
         top_k = min(top_k, logits.shape[-1])
@@ -97,12 +105,11 @@ class FillMaskPipeline(EncoderPipeline):
             result.append(row)
         return result
 
-    def fill(self, texts: list[str], options: dict[str, Any] | None = None) -> list[list[list[Candidate]]]:
+    def fill(self, texts: list[str],
+             options: FillMaskOptions | Mapping[str, Any] | None = None) -> list[list[list[Candidate]]]:
         """For each text, one list of candidates per mask token, in text order."""
-        resolved = self.validate_options(self.resolve_options(options or {}))
+        resolved = self.call_options(options)
         texts = [check_text(t) for t in texts]
-        if resolved["targets"]:
-            self.target_ids(resolved["targets"])  # bad targets fail before any compute
         rows = self.tokenizer.encode(texts, truncation=None)
         for row in rows:
             if self.mask_token_id not in row.ids:
@@ -110,3 +117,5 @@ class FillMaskPipeline(EncoderPipeline):
                                    reason="MASK_MISSING", metadata={"mask_token": self.tokenizer.mask_token})
         self.check_length(rows)
         return [self.postprocess(row.ids, logits, resolved) for row, (logits,) in zip(rows, self.run_rows(rows))]
+
+    run_batch = fill  # what the dynamic batcher runs (contracts.BatchedPipeline)

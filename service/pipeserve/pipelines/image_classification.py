@@ -12,7 +12,8 @@ bad image does not fail the others.
 """
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import Any, ClassVar, Mapping
 
 import numpy as np
 import torch
@@ -24,14 +25,20 @@ from ..inputs.image_processing import ImageProcessor
 from ..tasks import Task
 from .base import LoadOptions, Pipeline, load_family_model
 from .classification import check_function, default_function, ranked_labels
+from .options import TaskOptions
 
 Result = list[tuple[str, float]]
 
 
+@dataclass(frozen=True)
+class ImageClassificationOptions(TaskOptions):
+    top_k: int | None = 5  # transformers: postprocess(top_k=5)
+    function_to_apply: str | None = None  # None: the config's default rule
+
+
 class ImageClassificationPipeline(Pipeline):
     task: ClassVar[Task] = Task.IMAGE_CLASSIFICATION
-    # transformers: postprocess(top_k=5); function_to_apply None = the config's default rule.
-    option_defaults: ClassVar[dict[str, Any]] = {"top_k": 5, "function_to_apply": None}
+    options_type: ClassVar[type[TaskOptions]] = ImageClassificationOptions
 
     # Decompression-bomb guard for decode_image; set from LoadOptions.max_image_pixels.
     max_pixels: int = DEFAULT_MAX_PIXELS
@@ -51,7 +58,7 @@ class ImageClassificationPipeline(Pipeline):
         self.num_labels = len(self.id2label)
         self.problem_type = config.get("problem_type")
         self.image_hw = tuple(model.config.image_hw)
-        self.defaults = self.validate_options(self.defaults)
+        self.settle_defaults()
 
     @classmethod
     def from_files(cls, files: ModelFiles, options: LoadOptions) -> "ImageClassificationPipeline":
@@ -65,9 +72,8 @@ class ImageClassificationPipeline(Pipeline):
 
     # -- options ---------------------------------------------------------------------------
 
-    def validate_options(self, options: dict[str, Any]) -> dict[str, Any]:
+    def check_options(self, options: dict[str, Any]) -> dict[str, Any]:
         """Checks top_k and function_to_apply; returns them normalised."""
-        options = dict(options)
         top_k = options.get("top_k")
         if top_k is not None:
             if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)):
@@ -101,19 +107,20 @@ class ImageClassificationPipeline(Pipeline):
         logits = self.model(batch, interpolate_pos_encoding=interpolate)
         return logits.float().cpu()
 
-    def postprocess(self, logits: torch.Tensor, options: dict[str, Any]) -> Result:
+    def postprocess(self, logits: torch.Tensor, options: ImageClassificationOptions) -> Result:
         """One image's logits (num_labels,) -> [(label, score)] best first, top_k long."""
-        function = options.get("function_to_apply") or self.default_function()
-        top_k = min(options.get("top_k") or self.num_labels, self.num_labels)
+        function = options.function_to_apply or self.default_function()
+        top_k = min(options.top_k or self.num_labels, self.num_labels)
         return ranked_labels(logits, function, self.id2label)[:top_k]
 
     # -- call ------------------------------------------------------------------------------
 
-    def classify(self, images: list[bytes], options: dict[str, Any] | None = None) -> list[Result]:
+    def classify(self, images: list[bytes],
+                 options: ImageClassificationOptions | Mapping[str, Any] | None = None) -> list[Result]:
         """Classifies each image; one result per image, in order. Batched forward passes give
         the same results as one image at a time (all images share one processed size, or are
         grouped by size). A bad image raises its typed error, naming its index in a batch."""
-        resolved = self.validate_options(self.resolve_options(options or {}))
+        resolved = self.call_options(options)
         if not images:
             raise InvalidInput("no images to classify", reason="EMPTY_INPUT")
         pixels: list[torch.Tensor] = []
@@ -144,3 +151,5 @@ class ImageClassificationPipeline(Pipeline):
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "num_labels": self.num_labels}
+
+    run_batch = classify  # what the dynamic batcher runs (contracts.BatchedPipeline)

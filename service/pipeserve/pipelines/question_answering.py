@@ -19,7 +19,7 @@ Differences, each a clear error instead of a crash or a silent choice:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Mapping
 
 import numpy as np
 
@@ -27,6 +27,7 @@ from ..errors import InvalidInput, InvalidParameter
 from ..inputs.text import Row
 from ..tasks import Task
 from .encoder_base import EncoderPipeline, check_positive, check_text
+from .options import TaskOptions
 from .span_selection import select_starts_ends
 
 
@@ -54,22 +55,29 @@ def _word_chars(row: Row, word: int | None, sequence: int) -> tuple[int, int]:
     return row.offsets[tokens[0]][0], row.offsets[tokens[-1]][1]
 
 
+@dataclass(frozen=True)
+class QuestionAnsweringOptions(TaskOptions):
+    top_k: int = 1
+    doc_stride: int | None = None  # None: min(max_seq_len // 2, 128)
+    max_answer_len: int = 15
+    max_seq_len: int | None = None  # None: min(the model's maximum, 384)
+    max_question_len: int = 64
+    handle_impossible_answer: bool = False
+    align_to_words: bool = True
+
+
 class QuestionAnsweringPipeline(EncoderPipeline):
     task: ClassVar[Task] = Task.QUESTION_ANSWERING
     head: ClassVar[str] = "question_answering"
     per_token_outputs: ClassVar[tuple[bool, ...]] = (True, True)
-    option_defaults: ClassVar[dict[str, Any]] = {
-        "top_k": 1, "doc_stride": None, "max_answer_len": 15, "max_seq_len": None, "max_question_len": 64,
-        "handle_impossible_answer": False, "align_to_words": True,
-    }
+    options_type: ClassVar[type[TaskOptions]] = QuestionAnsweringOptions
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.cls_token_id = self.tokenizer.token_id("cls_token")
-        self.defaults = self.validate_options(self.defaults)
+        self.settle_defaults()
 
-    def validate_options(self, options: dict[str, Any]) -> dict[str, Any]:
-        options = dict(options)
+    def check_options(self, options: dict[str, Any]) -> dict[str, Any]:
         for name in ("top_k", "max_answer_len", "max_seq_len", "max_question_len"):
             check_positive(options, name)
         if options.get("max_seq_len") is None:
@@ -98,10 +106,10 @@ class QuestionAnsweringPipeline(EncoderPipeline):
             return question
         return question[:row.offsets[max_question_len - 1][1]]
 
-    def windows(self, items: list[QAInput], options: dict[str, Any]) -> list[Row]:
-        questions = [self._question(check_text(i.question, "question"), options["max_question_len"]) for i in items]
+    def windows(self, items: list[QAInput], options: QuestionAnsweringOptions) -> list[Row]:
+        questions = [self._question(check_text(i.question, "question"), options.max_question_len) for i in items]
         contexts = [check_text(i.context, "context") for i in items]
-        max_seq_len, stride = options["max_seq_len"], options["doc_stride"]
+        max_seq_len, stride = options.max_seq_len, options.doc_stride
         specials = self.tokenizer.num_special_tokens(pair=True)
         for question in questions:
             [row] = self.tokenizer.encode([question], add_special_tokens=False, truncation=None)
@@ -118,8 +126,8 @@ class QuestionAnsweringPipeline(EncoderPipeline):
                                      stride=stride, overflow=True)
 
     def postprocess(self, context: str, windows: list[tuple[Row, np.ndarray, np.ndarray]],
-                    options: dict[str, Any]) -> list[Answer]:
-        top_k, align = options["top_k"], options["align_to_words"]
+                    options: QuestionAnsweringOptions) -> list[Answer]:
+        top_k, align = options.top_k, options.align_to_words
         min_null_score = 1000000  # large and positive
         answers: list[dict] = []
         for row, start, end in windows:
@@ -131,7 +139,7 @@ class QuestionAnsweringPipeline(EncoderPipeline):
             attention = np.ones((1, len(row)), dtype=np.int64)
             starts, ends, scores, min_null_score = select_starts_ends(
                 start[None], end[None], p_mask, attention, min_null_score,
-                top_k * 2 + 10 if align else top_k, options["handle_impossible_answer"], options["max_answer_len"])
+                top_k * 2 + 10 if align else top_k, options.handle_impossible_answer, options.max_answer_len)
             for s, e, score in zip(starts, ends, scores):
                 if align:
                     try:
@@ -147,17 +155,20 @@ class QuestionAnsweringPipeline(EncoderPipeline):
                     same["score"] += score.item()
                 else:
                     answers.append({"score": score.item(), "start": begin, "end": finish, "answer": text})
-        if options["handle_impossible_answer"]:
+        if options.handle_impossible_answer:
             answers.append({"score": min_null_score, "start": 0, "end": 0, "answer": ""})
         answers = sorted(answers, key=lambda a: a["score"], reverse=True)[:top_k]
         return [Answer(answer=a["answer"], score=float(a["score"]), start=int(a["start"]), end=int(a["end"]))
                 for a in answers]
 
-    def answer(self, items: list[QAInput], options: dict[str, Any] | None = None) -> list[list[Answer]]:
+    def answer(self, items: list[QAInput],
+               options: QuestionAnsweringOptions | Mapping[str, Any] | None = None) -> list[list[Answer]]:
         """Answers, best first, for each (question, context); windows of all items run batched."""
-        resolved = self.validate_options(self.resolve_options(options or {}))
+        resolved = self.call_options(options)
         rows = self.windows(items, resolved)
         per_item: list[list] = [[] for _ in items]
         for row, (start, end) in zip(rows, self.run_rows(rows)):
             per_item[row.source].append((row, start.numpy(), end.numpy()))
         return [self.postprocess(item.context, windows, resolved) for item, windows in zip(items, per_item)]
+
+    run_batch = answer  # what the dynamic batcher runs (contracts.BatchedPipeline)

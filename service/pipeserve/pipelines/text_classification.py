@@ -16,13 +16,14 @@ Ports transformers.pipelines.text_classification.TextClassificationPipeline (v5)
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Mapping
 
 import torch
 
 from ..tasks import Task
 from .classification import check_function, default_function, ranked_labels
 from .encoder_base import EncoderPipeline, check_positive, check_text
+from .options import TaskOptions
 
 Result = list[tuple[str, float]]
 
@@ -33,22 +34,27 @@ class TextInput:
     text_pair: str | None = None
 
 
+@dataclass(frozen=True)
+class TextClassificationOptions(TaskOptions):
+    top_k: int | None = None  # None: transformers' legacy single best label
+    function_to_apply: str | None = None  # None: the config's rule
+    truncation: bool = False
+
+
 class TextClassificationPipeline(EncoderPipeline):
     task: ClassVar[Task] = Task.TEXT_CLASSIFICATION
     head: ClassVar[str] = "sequence_classification"
     per_token_outputs: ClassVar[tuple[bool, ...]] = (False,)
-    # top_k None = transformers' legacy single best label.
-    option_defaults: ClassVar[dict[str, Any]] = {"top_k": None, "function_to_apply": None, "truncation": False}
+    options_type: ClassVar[type[TaskOptions]] = TextClassificationOptions
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.id2label = dict(self.config.id2label)
         self.num_labels = len(self.id2label)
         self.problem_type = self.files.config.get("problem_type")
-        self.defaults = self.validate_options(self.defaults)
+        self.settle_defaults()
 
-    def validate_options(self, options: dict[str, Any]) -> dict[str, Any]:
-        options = dict(options)
+    def check_options(self, options: dict[str, Any]) -> dict[str, Any]:
         check_positive(options, "top_k")
         check_function(options)
         options["truncation"] = bool(options.get("truncation"))
@@ -57,10 +63,10 @@ class TextClassificationPipeline(EncoderPipeline):
     def default_function(self) -> str:
         return default_function(self.problem_type, self.num_labels)
 
-    def encode(self, inputs: list[TextInput], options: dict[str, Any]):
+    def encode(self, inputs: list[TextInput], options: TextClassificationOptions):
         texts = [check_text(i.text) for i in inputs]
         pairs = [check_text(i.text_pair, "text_pair") if i.text_pair is not None else None for i in inputs]
-        truncation = "longest_first" if options["truncation"] else None
+        truncation = "longest_first" if options.truncation else None
         rows = []
         # Pairs and single texts cannot share one encode call (the post-processor differs).
         for index, (text, pair) in enumerate(zip(texts, pairs)):
@@ -70,16 +76,19 @@ class TextClassificationPipeline(EncoderPipeline):
         self.check_length(rows, "; load the model with truncation=true to truncate")
         return rows
 
-    def postprocess(self, logits: torch.Tensor, options: dict[str, Any]) -> Result:
-        function = options.get("function_to_apply") or self.default_function()
-        return ranked_labels(logits, function, self.id2label)[:options.get("top_k") or 1]
+    def postprocess(self, logits: torch.Tensor, options: TextClassificationOptions) -> Result:
+        function = options.function_to_apply or self.default_function()
+        return ranked_labels(logits, function, self.id2label)[:options.top_k or 1]
 
-    def classify(self, inputs: list[TextInput | str], options: dict[str, Any] | None = None) -> list[Result]:
+    def classify(self, inputs: list[TextInput | str],
+                 options: TextClassificationOptions | Mapping[str, Any] | None = None) -> list[Result]:
         """One result per input, in order; batched rows give the same results as one at a time."""
-        resolved = self.validate_options(self.resolve_options(options or {}))
+        resolved = self.call_options(options)
         inputs = [TextInput(i) if isinstance(i, str) else i for i in inputs]
         rows = self.encode(inputs, resolved)
         return [self.postprocess(out[0], resolved) for out in self.run_rows(rows)]
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "num_labels": self.num_labels}
+
+    run_batch = classify  # what the dynamic batcher runs (contracts.BatchedPipeline)

@@ -10,7 +10,7 @@ preceded by the prompt text when return_full_text is set.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, ClassVar, Iterator, Mapping
 
 from torch import nn
 
@@ -21,6 +21,7 @@ from ..scheduling.generation import GenerationParams
 from ..scheduling.generation_engine import DoneEvent, GenerationEngine, RequestHandle, TokenEvent
 from ..tasks import Task
 from .base import LoadOptions, Pipeline, load_family_model, replace_options
+from .options import TaskOptions
 
 # A prompt longer than this many characters per context token cannot fit (tokens average ~4
 # characters); refusing it before tokenizing keeps a huge prompt from stalling the event loop.
@@ -29,6 +30,29 @@ _MAX_CHARS_PER_TOKEN = 64
 # generation_config.json fields that are request options under the same name.
 _GENERATION_CONFIG_FIELDS = ("max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p",
                              "typical_p", "repetition_penalty", "no_repeat_ngram_size", "num_return_sequences")
+
+
+@dataclass(frozen=True)
+class TextGenerationOptions(TaskOptions):
+    """GenerateRequest's options: GenerationParams' fields (scheduling/generation.py, which
+    checks them) less the model's eos ids, with transformers' pipeline defaults."""
+
+    max_new_tokens: int = 256
+    min_new_tokens: int = 0
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 50
+    top_p: float = 1.0
+    typical_p: float = 1.0
+    repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+    stop: tuple[str, ...] | None = None
+    ignore_eos: bool = False
+    seed: int | None = None  # None: a fresh random seed per request when sampling, 0 when greedy
+    num_return_sequences: int = 1
+    return_full_text: bool = True
+    logprobs: int = 0
+    return_logprobs: bool = False
 
 
 @dataclass
@@ -74,12 +98,8 @@ def _verified_head_site(model: nn.Module) -> VerifiedHeadSite | None:
 
 class TextGenerationPipeline(Pipeline):
     task = Task.TEXT_GENERATION
-    option_defaults = {
-        "max_new_tokens": 256, "min_new_tokens": 0, "do_sample": False, "temperature": 1.0, "top_k": 50,
-        "top_p": 1.0, "typical_p": 1.0, "repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "stop": None,
-        "ignore_eos": False, "seed": None, "num_return_sequences": 1, "return_full_text": True, "logprobs": 0,
-        "return_logprobs": False,
-    }
+    options_type: ClassVar[type[TaskOptions]] = TextGenerationOptions
+
     def __init__(self, files: ModelFiles, options: LoadOptions, model, tokenizer, *, eos_ids: list[int],
                  clean_up_spaces: bool, generation_defaults: dict[str, Any]):
         if options.device == "auto":
@@ -87,7 +107,11 @@ class TextGenerationPipeline(Pipeline):
             options = replace_options(options, device=str(next(model.parameters()).device))
         super().__init__(files, options, files.config.get("model_type", ""),
                          (files.config.get("architectures") or [""])[0])
-        self.defaults = {**self.option_defaults, **generation_defaults, **options.defaults}
+        self.defaults = {**TextGenerationOptions.builtin_defaults(), **generation_defaults, **options.defaults}
+        if self.defaults.get("max_new_tokens") is not None:
+            # A default (256, as transformers' pipeline) is capped by a smaller model's context;
+            # an explicit request value beyond the context is refused instead.
+            self.defaults["max_new_tokens"] = min(int(self.defaults["max_new_tokens"]), model.max_positions)
         self.model = model
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids
@@ -97,6 +121,9 @@ class TextGenerationPipeline(Pipeline):
                                        max_batch_size=options.generation_max_batch_size,
                                        max_batch_tokens=options.generation_max_batch_tokens,
                                        max_queued=options.max_queue)
+        # The defaults are checked here, not kept checked: an unset seed must stay unset so
+        # that each sampling request draws its own.
+        self.default_options = self.options()
 
     @classmethod
     def from_files(cls, files: ModelFiles, options: LoadOptions) -> "TextGenerationPipeline":
@@ -137,23 +164,27 @@ class TextGenerationPipeline(Pipeline):
                                 metadata={"limit": server_limit})
         return ids
 
-    def parameters(self, options: dict[str, Any]) -> GenerationParams:
-        merged = self.resolve_options(options)
-        if options.get("max_new_tokens") is None and merged.get("max_new_tokens") is not None:
-            # A default (256, as transformers' pipeline) is capped by a smaller model's context;
-            # an explicit request value beyond the context is refused instead.
-            merged["max_new_tokens"] = min(int(merged["max_new_tokens"]), self.model.max_positions)
-        return GenerationParams.from_options(merged, eos_token_ids=self.eos_ids,
-                                             max_positions=self.model.max_positions)
+    # ---- options --------------------------------------------------------------------------
+    def check_options(self, options: dict[str, Any]) -> dict[str, Any]:
+        """GenerationParams' checks (the way transformers would refuse the values); the seed
+        comes back drawn when sampling without one."""
+        params = GenerationParams.from_options(options, eos_token_ids=self.eos_ids,
+                                               max_positions=self.model.max_positions)
+        return {name: getattr(params, name) for name in TextGenerationOptions.names()}
 
-    def start(self, prompt: str, options: dict[str, Any]) -> Started:
-        """Validates and submits; returns at once. Call from the thread (or event loop) that
-        will consume the handle."""
+    def parameters(self, options: TextGenerationOptions | Mapping[str, Any] | None) -> GenerationParams:
+        """The engine's parameters for these options (checked when they were built)."""
+        return GenerationParams(**self.call_options(options).as_dict(), eos_token_ids=tuple(self.eos_ids))
+
+    def start(self, prompt: str, options: TextGenerationOptions | Mapping[str, Any] | None) -> Started:
+        """Submits; returns at once. Call from the thread (or event loop) that will consume
+        the handle."""
         ids = self.encode(prompt)
         params = self.parameters(options)
         return Started(self.engine.submit(ids, params), prompt, ids, params)
 
-    def stream(self, prompt: str, options: dict[str, Any]) -> Iterator[TokenEvent | DoneEvent]:
+    def stream(self, prompt: str, options: TextGenerationOptions | Mapping[str, Any] | None
+               ) -> Iterator[TokenEvent | DoneEvent]:
         """Synchronous event stream; DoneEvent.text already includes the prompt when asked."""
         started = self.start(prompt, options)
         try:
@@ -164,7 +195,8 @@ class TextGenerationPipeline(Pipeline):
         finally:
             started.handle.cancel()  # a consumer that stops early frees the engine's work
 
-    def generate(self, prompts: list[str], options: dict[str, Any]) -> list[GenerationResult]:
+    def generate(self, prompts: list[str],
+                 options: TextGenerationOptions | Mapping[str, Any] | None = None) -> list[GenerationResult]:
         """Whole results for several prompts; they are submitted together so they share steps."""
         started = [self.start(p, options) for p in prompts]
         results = []

@@ -14,7 +14,7 @@ overlapping-window merge of `stride`, and numpy float32 scores.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Mapping
 
 import numpy as np
 
@@ -22,6 +22,7 @@ from ..errors import InvalidParameter
 from ..inputs.text import Row
 from ..tasks import Task
 from .encoder_base import EncoderPipeline, check_text
+from .options import TaskOptions
 
 STRATEGIES = ("none", "simple", "first", "average", "max")
 
@@ -38,20 +39,25 @@ class Entity:
     index: int | None = None
 
 
+@dataclass(frozen=True)
+class TokenClassificationOptions(TaskOptions):
+    aggregation_strategy: str = "none"
+    ignore_labels: tuple[str, ...] | None = None  # None: ("O",)
+    stride: int | None = None  # None: one window, truncated
+
+
 class TokenClassificationPipeline(EncoderPipeline):
     task: ClassVar[Task] = Task.TOKEN_CLASSIFICATION
     head: ClassVar[str] = "token_classification"
     per_token_outputs: ClassVar[tuple[bool, ...]] = (True,)
-    option_defaults: ClassVar[dict[str, Any]] = {"aggregation_strategy": "none", "ignore_labels": None,
-                                                 "stride": None}
+    options_type: ClassVar[type[TaskOptions]] = TokenClassificationOptions
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.id2label = dict(self.config.id2label)
-        self.defaults = self.validate_options(self.defaults)
+        self.settle_defaults()
 
-    def validate_options(self, options: dict[str, Any]) -> dict[str, Any]:
-        options = dict(options)
+    def check_options(self, options: dict[str, Any]) -> dict[str, Any]:
         strategy = str(options.get("aggregation_strategy") or "none").strip().lower()
         if strategy in ("", "unspecified", "default"):
             strategy = "none"
@@ -193,8 +199,9 @@ class TokenClassificationPipeline(EncoderPipeline):
 
     # -- call ------------------------------------------------------------------------------
 
-    def postprocess(self, sentence: str, windows: list[tuple[Row, np.ndarray]], options: dict[str, Any]) -> list[Entity]:
-        strategy, ignore = options["aggregation_strategy"], options["ignore_labels"]
+    def postprocess(self, sentence: str, windows: list[tuple[Row, np.ndarray]],
+                    options: TokenClassificationOptions) -> list[Entity]:
+        strategy, ignore = options.aggregation_strategy, options.ignore_labels
         found = []
         for row, logits in windows:
             shifted = np.exp(logits - np.max(logits, axis=-1, keepdims=True))
@@ -207,11 +214,12 @@ class TokenClassificationPipeline(EncoderPipeline):
                        start=int(e["start"]), end=int(e["end"]),
                        index=int(e["index"]) if strategy == "none" else None) for e in found]
 
-    def classify(self, texts: list[str], options: dict[str, Any] | None = None) -> list[list[Entity]]:
+    def classify(self, texts: list[str],
+                 options: TokenClassificationOptions | Mapping[str, Any] | None = None) -> list[list[Entity]]:
         """Entities of each text, in order of position; batched texts give the same results."""
-        resolved = self.validate_options(self.resolve_options(options or {}))
+        resolved = self.call_options(options)
         texts = [check_text(t) for t in texts]
-        stride = resolved.get("stride")
+        stride = resolved.stride
         rows = self.tokenizer.encode(texts, max_length=self.max_length, truncation="longest_first",
                                      stride=stride or 0, overflow=stride is not None)
         outputs = self.run_rows(rows)
@@ -219,3 +227,5 @@ class TokenClassificationPipeline(EncoderPipeline):
         for row, (logits,) in zip(rows, outputs):
             per_text[row.source].append((row, logits.numpy()))
         return [self.postprocess(text, windows, resolved) for text, windows in zip(texts, per_text)]
+
+    run_batch = classify  # what the dynamic batcher runs (contracts.BatchedPipeline)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Mapping
 
 import numpy as np
 import torch
@@ -32,6 +32,7 @@ from ..inputs.text import Row, TextTokenizer, model_max_tokens
 from ..tasks import Task
 from .base import LoadOptions
 from .encoder_base import TextModelPipeline
+from .options import TaskOptions
 
 # Each label costs one forward pass of the whole text: 128 labels of a 1,000-token text on
 # bart-large-mnli is already ~0.1 TFLOP. More is refused rather than queued for minutes.
@@ -56,13 +57,19 @@ class ZeroShotResult:
     labels: list[tuple[str, float]]  # best first
 
 
+@dataclass(frozen=True)
+class ZeroShotClassificationOptions(TaskOptions):
+    # transformers' defaults; truncation is ours (transformers always truncates the premise).
+    hypothesis_template: str = "This example is {}."
+    multi_label: bool = False
+    truncation: bool = True
+
+
 class ZeroShotClassificationPipeline(TextModelPipeline):
     task: ClassVar[Task] = Task.ZERO_SHOT_CLASSIFICATION
     head: ClassVar[str] = "sequence_classification"  # the NLI classifier
     # transformers' defaults; truncation is ours (transformers always truncates the premise).
-    option_defaults: ClassVar[dict[str, Any]] = {
-        "hypothesis_template": "This example is {}.", "multi_label": False, "truncation": True,
-    }
+    options_type: ClassVar[type[TaskOptions]] = ZeroShotClassificationOptions
     max_candidate_labels: int = MAX_CANDIDATE_LABELS
     # Pairs per forward pass (bounds activation memory of a call with many labels).
     max_batch_size: int = 32
@@ -75,12 +82,11 @@ class ZeroShotClassificationPipeline(TextModelPipeline):
         self.contradiction_id = -1 if self.entailment_id == 0 else 0
         # Only the inputs the model's forward takes (BART has no token types).
         self._takes_token_types = "token_type_ids" in inspect.signature(model.forward).parameters
-        self.defaults = self.validate_options(self.defaults)
+        self.settle_defaults()
 
     # -- options ---------------------------------------------------------------------------
 
-    def validate_options(self, options: dict[str, Any]) -> dict[str, Any]:
-        options = dict(options)
+    def check_options(self, options: dict[str, Any]) -> dict[str, Any]:
         template = options.get("hypothesis_template")
         if not isinstance(template, str):
             raise InvalidParameter(f"hypothesis_template must be a string, got {template!r}",
@@ -125,17 +131,17 @@ class ZeroShotClassificationPipeline(TextModelPipeline):
 
     # -- steps -----------------------------------------------------------------------------
 
-    def preprocess(self, request: ZeroShotRequest, options: dict[str, Any]) -> list[Row]:
+    def preprocess(self, request: ZeroShotRequest, options: ZeroShotClassificationOptions) -> list[Row]:
         """One encoded (premise, hypothesis) pair per label, the premise truncated to fit."""
         self.check_request(request)
-        hypotheses = [options["hypothesis_template"].format(label) for label in request.candidate_labels]
+        hypotheses = [options.hypothesis_template.format(label) for label in request.candidate_labels]
         premises = [self._visible_premise(request.sequence, options)] * len(hypotheses)
         full = self.tokenizer.encode(premises, hypotheses, truncation=None)
         too_long = [i for i, row in enumerate(full) if len(row) > self.max_tokens]
         if not too_long:
             return full
         longest = max(len(full[i]) for i in too_long)
-        if not options["truncation"]:
+        if not options.truncation:
             raise InputTooLarge(f"the sequence with its hypothesis is {longest} tokens; this model takes at most "
                                 f"{self.max_tokens} (set truncation to cut the sequence to fit)",
                                 metadata={"field": "sequence", "limit": str(self.max_tokens)})
@@ -150,7 +156,7 @@ class ZeroShotClassificationPipeline(TextModelPipeline):
         rows = self.tokenizer.encode(premises, hypotheses, max_length=self.max_tokens, truncation="only_first")
         return rows
 
-    def _visible_premise(self, sequence: str, options: dict[str, Any]) -> str:
+    def _visible_premise(self, sequence: str, options: ZeroShotClassificationOptions) -> str:
         """`sequence`, or for a very long one its start: the whole words holding its first
         max_tokens tokens, which is all that truncation (only_first) can keep. Tokenizers split
         words independently, so the cut text starts with the same tokens."""
@@ -159,7 +165,7 @@ class ZeroShotClassificationPipeline(TextModelPipeline):
         alone = self.tokenizer.encode([sequence], truncation=None, add_special_tokens=False)[0]
         if len(alone) <= self.max_tokens:
             return sequence
-        if not options["truncation"]:
+        if not options.truncation:
             raise InputTooLarge(f"the sequence is {len(alone)} tokens; this model takes at most {self.max_tokens} "
                                 f"with its hypothesis (set truncation to cut the sequence to fit)",
                                 metadata={"field": "sequence", "limit": str(self.max_tokens)})
@@ -181,11 +187,12 @@ class ZeroShotClassificationPipeline(TextModelPipeline):
             out.append(self.model(**inputs).float().cpu().numpy())
         return np.concatenate(out)
 
-    def postprocess(self, request: ZeroShotRequest, logits: np.ndarray, options: dict[str, Any]) -> ZeroShotResult:
+    def postprocess(self, request: ZeroShotRequest, logits: np.ndarray,
+                    options: ZeroShotClassificationOptions) -> ZeroShotResult:
         """transformers' postprocess for one sequence: logits [n_labels, num_classes]."""
         labels = request.candidate_labels
         reshaped = logits.reshape((1, len(labels), -1))
-        if options["multi_label"] or len(labels) == 1:
+        if options.multi_label or len(labels) == 1:
             pair = reshaped[..., [self.contradiction_id, self.entailment_id]]
             exp = np.exp(pair - pair.max(-1, keepdims=True))  # = np.exp(pair) / sum, without overflow
             scores = (exp / exp.sum(-1, keepdims=True))[..., 1]
@@ -198,9 +205,10 @@ class ZeroShotClassificationPipeline(TextModelPipeline):
 
     # -- call ------------------------------------------------------------------------------
 
-    def classify(self, requests: list[ZeroShotRequest], options: dict[str, Any] | None = None) -> list[ZeroShotResult]:
+    def classify(self, requests: list[ZeroShotRequest],
+                 options: ZeroShotClassificationOptions | Mapping[str, Any] | None = None) -> list[ZeroShotResult]:
         """Classifies each request's sequence against its labels; one result per request."""
-        resolved = self.validate_options(self.resolve_options(options or {}))
+        resolved = self.call_options(options)
         if not requests:
             raise InvalidInput("no sequences to classify", reason="EMPTY_INPUT")
         rows: list[Row] = []
@@ -221,6 +229,8 @@ class ZeroShotClassificationPipeline(TextModelPipeline):
             results.append(self.postprocess(request, logits[at:at + count], resolved))
             at += count
         return results
+
+    run_batch = classify  # what the dynamic batcher runs (contracts.BatchedPipeline)
 
 
 def entailment_id(label2id: dict[str, int]) -> int:

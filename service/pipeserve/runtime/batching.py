@@ -1,30 +1,30 @@
-"""Dynamic batching for the non-generation tasks: concurrent requests to the same model and
-pipeline method, with the same options, are queued and run as one batch, bounded by
-max batch size. Each queue is bounded; past it callers get QUEUE_FULL.
+"""Dynamic batching for the non-generation tasks: concurrent requests to the same model with
+equal options (the task's frozen options value is the grouping key) are queued and run as one
+batch, bounded by max batch size. Each queue is bounded; past it callers get QUEUE_FULL.
 
 When to run (as text-embeddings-inference does): a request that finds its model idle runs at
 once, alone; requests arriving while one of the model's batches runs wait for it and then go
 together as the next batch. Waiting for company on an idle model would only add latency (a
 lone call used to sit out the whole max wait: 5.2 ms of a 13 ms ExtractFeatures), while under
 load the running batch is what gathers the next one. A batch formed while another batch of the
-same model (other options or method) still runs waits at most `max_wait_ms` for company;
+same model (other options) still runs waits at most `max_wait_ms` for company;
 `wait_when_idle` makes every batch wait that long (Triton's fixed queue delay), for callers
 that prefer fuller batches to latency.
 
-A pipeline method batched here has the signature `method(items: list, options: dict) -> list`
-and pads internally, so a batched result equals the unbatched one. If a batch fails with a
+What runs is the pipeline's `run_batch(items, options) -> list` (pipelines.contracts.
+BatchedPipeline), which pads internally, so a batched result equals the unbatched one. If a batch fails with a
 typed error (one caller's corrupt input), its items are retried one by one, so that only the
 caller at fault sees the error.
 """
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Hashable
 
 from ..errors import PipeserveError, QueueFull
+from ..pipelines.contracts import BatchedPipeline
 from .manager import ModelEntry, ModelManager
 
 
@@ -75,9 +75,11 @@ class DynamicBatcher:
             out[key[0]] = out.get(key[0], 0) + len(queue.pending)
         return out
 
-    async def submit(self, entry: ModelEntry, method: str, item: Any, options: dict[str, Any]) -> BatchResult:
-        """Queues one item; returns its result once its batch has run."""
-        key = (entry.name, id(entry.pipeline), method, json.dumps(options, sort_keys=True, default=str))
+    async def submit(self, entry: ModelEntry, item: Any, options: Hashable) -> BatchResult:
+        """Queues one item for `entry.pipeline.run_batch` with `options` (built by the
+        pipeline's options(), frozen: equal options share batches); returns its result once
+        its batch has run."""
+        key = (entry.name, id(entry.pipeline), options)
         queue = self._queues.get(key)
         if queue is None:
             queue = self._queues[key] = _Queue()
@@ -88,7 +90,7 @@ class DynamicBatcher:
         queue.pending.append(pending)
         queue.wakeup.set()
         if queue.task is None or queue.task.done():
-            queue.task = asyncio.get_running_loop().create_task(self._drain(key, queue, entry, method, options))
+            queue.task = asyncio.get_running_loop().create_task(self._drain(key, queue, entry, options))
         try:
             return await asyncio.shield(pending.future)
         except asyncio.CancelledError:
@@ -97,9 +99,11 @@ class DynamicBatcher:
                 queue.pending.remove(pending)
             raise
 
-    async def _drain(self, key: tuple, queue: _Queue, entry: ModelEntry, method: str,
-                     options: dict[str, Any]) -> None:
-        call = getattr(entry.pipeline, method)
+    async def _drain(self, key: tuple, queue: _Queue, entry: ModelEntry, options: Hashable) -> None:
+        pipeline: BatchedPipeline = entry.pipeline
+        call = pipeline.run_batch
+        # The metrics label: the task's method run_batch stands for (classify, answer, ...).
+        method = getattr(call, "__name__", "run_batch")
         model = id(entry.pipeline)
         while queue.pending:
             if self.wait_when_idle or self._running.get(model, 0):
@@ -130,7 +134,7 @@ class DynamicBatcher:
             except asyncio.TimeoutError:
                 break
 
-    async def _run(self, call, batch: list[_Pending], options: dict[str, Any]) -> None:
+    async def _run(self, call, batch: list[_Pending], options: Hashable) -> None:
         started = time.perf_counter()
         try:
             results = await self.manager.run(call, [p.item for p in batch], options)

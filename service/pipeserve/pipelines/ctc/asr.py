@@ -17,7 +17,8 @@ never straddle segments; the concatenated segment chars / words are exactly the 
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, ClassVar, Iterator
+import dataclasses
+from typing import Any, ClassVar, Iterator, Mapping
 
 import torch
 
@@ -28,7 +29,10 @@ from ...models import wav2vec2
 from ...tasks import Task
 from ..asr_types import Segment, Transcription
 from ..base import LoadOptions, Pipeline, load_family_model
+from ..contracts import StopCheck
+from ..options import TaskOptions
 from .decoding import CTCVocabulary
+from .options import CTCOptions
 from .stream import CTCLiveStream, Segmenter
 
 # return_timestamps spellings (request strings, proto enum names, transformers values) -> level.
@@ -44,13 +48,7 @@ _UNSUPPORTED = {"task": ("transcribe", "unspecified", "speech_task_transcribe", 
 
 class CTCASRPipeline(Pipeline):
     task: ClassVar[Task] = Task.AUTOMATIC_SPEECH_RECOGNITION
-    option_defaults: ClassVar[dict[str, Any]] = {
-        "return_timestamps": None, "chunk_length_s": None, "stride_length_s": None, "batch_size": 1,
-        "language": None, "task": None, "num_beams": None, "temperature": None, "temperature_fallback": None,
-        "compression_ratio_threshold": None, "logprob_threshold": None, "no_speech_threshold": None,
-        "initial_prompt": None, "condition_on_previous_text": None, "max_new_tokens": None,
-        "long_form_sequential": None, "interim_interval_s": 0.5,
-    }
+    options_type: ClassVar[type[TaskOptions]] = CTCOptions
     # Unchunked attention is quadratic in length: longer inputs without chunk_length_s are
     # chunked with AUTO_CHUNK_S windows (the pipeline's default stride of chunk/6).
     max_unchunked_s: float = 60.0
@@ -80,7 +78,7 @@ class CTCASRPipeline(Pipeline):
         self.align_to = model.config.inputs_to_logits_ratio  # samples per logit frame
         self.min_samples = _receptive_field(model.config)
         self.max_audio_s = float(getattr(options, "max_audio_seconds", self.max_audio_s))
-        self.defaults = self.validate_options(self.defaults)
+        self.settle_defaults()
 
     @classmethod
     def from_files(cls, files: ModelFiles, options: LoadOptions) -> "CTCASRPipeline":
@@ -96,8 +94,7 @@ class CTCASRPipeline(Pipeline):
 
     # -- options ---------------------------------------------------------------------------
 
-    def validate_options(self, options: dict[str, Any]) -> dict[str, Any]:
-        options = dict(options)
+    def check_options(self, options: dict[str, Any]) -> dict[str, Any]:
         level = options.get("return_timestamps")
         key = level.lower().removeprefix("timestamp_granularity_") if isinstance(level, str) else level
         if key not in _TIMESTAMPS:
@@ -134,15 +131,15 @@ class CTCASRPipeline(Pipeline):
                                    metadata={"field": "interim_interval_s"})
         return options
 
-    def _chunking(self, options: dict[str, Any], n_samples: int) -> tuple[int, int, int] | None:
+    def _chunking(self, options: CTCOptions, n_samples: int) -> tuple[int, int, int] | None:
         """(chunk_len, stride_left, stride_right) in samples, aligned to whole frames as the
         reference's preprocess does, or None for one unchunked pass."""
-        chunk_s = options.get("chunk_length_s")
+        chunk_s = options.chunk_length_s
         if not chunk_s:
             if n_samples <= self.max_unchunked_s * self.sampling_rate:
                 return None
             chunk_s = self.auto_chunk_s
-        stride_s = options.get("stride_length_s")
+        stride_s = options.stride_length_s
         if stride_s is None:
             stride_s = chunk_s / 6
         left_s, right_s = stride_s if isinstance(stride_s, (list, tuple)) else (stride_s, stride_s)
@@ -197,8 +194,8 @@ class CTCASRPipeline(Pipeline):
             logprobs = logits.log_softmax(-1).gather(-1, ids[..., None])[..., 0]
         return [(ids[i, : frames[i]].cpu(), logprobs[i, : frames[i]].cpu()) for i in range(len(inputs))]
 
-    def _windows(self, waveform: torch.Tensor, options: dict[str, Any],
-                 should_stop: Callable[[], bool] | None = None) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
+    def _windows(self, waveform: torch.Tensor, options: CTCOptions,
+                 should_stop: StopCheck | None = None) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
         """Batches of (frame ids, logprobs) cut to their strided centre, in order: the reference's
         chunk_iter + _forward + postprocess slicing, `batch_size` equal-length chunks at a time."""
         n = waveform.shape[0]
@@ -218,7 +215,7 @@ class CTCASRPipeline(Pipeline):
             if should_stop is not None and should_stop():
                 return
             if chunk.shape[0] > stride[1]:
-                if pending and (len(pending) >= options["batch_size"] or pending[0][0].shape[0] != chunk.shape[0]):
+                if pending and (len(pending) >= options.batch_size or pending[0][0].shape[0] != chunk.shape[0]):
                     yield self._run_chunks(pending)
                     pending = []
                 pending.append((self.normalize(chunk), stride))
@@ -243,17 +240,17 @@ class CTCASRPipeline(Pipeline):
         validate_waveform(waveform, self.sampling_rate, max_seconds=self.max_audio_s)
         return waveform.to(torch.float32)
 
-    def transcribe_stream(self, waveform_16k: torch.Tensor, options: dict[str, Any],
-                          should_stop: Callable[[], bool] | None = None) -> Iterator[Segment | Transcription]:
+    def transcribe_stream(self, waveform_16k: torch.Tensor, options: CTCOptions | Mapping[str, Any] | None,
+                          should_stop: StopCheck | None = None) -> Iterator[Segment | Transcription]:
         """Yields final Segments as each batch of chunks is decoded, then the Transcription.
         `should_stop` (cancellation, deadline) is checked before each batch of chunks."""
-        options = self.validate_options(self.resolve_options(options))
+        options = self.call_options(options)
         waveform = self._check(waveform_16k)
         batches = self._windows(waveform, options, should_stop) if waveform.shape[0] >= self.min_samples else []
         yield from self._decode(batches, waveform, options)
 
-    def _decode(self, batches, waveform: torch.Tensor, options: dict[str, Any]) -> Iterator[Segment | Transcription]:
-        segmenter = Segmenter(self, options["return_timestamps"])
+    def _decode(self, batches, waveform: torch.Tensor, options: CTCOptions) -> Iterator[Segment | Transcription]:
+        segmenter = Segmenter(self, options.return_timestamps)
         most = 1
         for batch in batches:
             most = max(most, len(batch))
@@ -268,11 +265,12 @@ class CTCASRPipeline(Pipeline):
         yield Transcription(text=segmenter.decoder.text(), segments=segmenter.segments,
                             duration_s=waveform.shape[0] / self.sampling_rate, batch_size=most)
 
-    def transcribe(self, waveforms: list[torch.Tensor], options: dict[str, Any]) -> list[Transcription]:
+    def transcribe(self, waveforms: list[torch.Tensor],
+                   options: CTCOptions | Mapping[str, Any] | None = None) -> list[Transcription]:
         """One Transcription per input. Unchunked inputs are batched together (layer-norm
         models: padded with a mask; group-norm models: equal lengths only); each long input's
         chunks are batched with each other."""
-        resolved = self.validate_options(self.resolve_options(options))
+        resolved = self.call_options(options)
         waves = [self._check(w) for w in waveforms]
         results: list[Transcription | None] = [None] * len(waves)
         groups: dict[int, list[int]] = {}
@@ -289,14 +287,14 @@ class CTCASRPipeline(Pipeline):
                     *_, results[i] = self._decode([[output]], waves[i], resolved)
         for i, waveform in enumerate(waves):
             if results[i] is None:
-                *_, results[i] = self.transcribe_stream(waveform, options)
+                *_, results[i] = self.transcribe_stream(waveform, resolved)
         return results
 
-    def open_stream(self, options: dict[str, Any]) -> "CTCLiveStream":
+    def open_stream(self, options: CTCOptions | Mapping[str, Any] | None) -> "CTCLiveStream":
         """A live-streaming session for StreamingTranscribe (see CTCLiveStream)."""
-        options = self.validate_options(self.resolve_options(options))
-        if not options.get("chunk_length_s"):
-            options["chunk_length_s"] = self.live_chunk_s
+        options = self.call_options(options)
+        if not options.chunk_length_s:
+            options = dataclasses.replace(options, chunk_length_s=self.live_chunk_s)
         return CTCLiveStream(self, options)
 
 

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, Callable, Protocol
+from typing import Callable, Protocol
 
 import torch
 
 from ...errors import InputTooLarge, InvalidInput
 from ..asr_types import CharTiming, Segment, Transcription, WordTiming, effective_interim_interval
 from .decoding import CTCStreamDecoder, CTCVocabulary, word_offsets
+from .options import CTCOptions
 
 
 
@@ -28,7 +29,7 @@ class CTCModel(Protocol):
     max_audio_s: float
     live_decode_cost_s: float
 
-    def _chunking(self, options: dict[str, Any], n_samples: int) -> tuple[int, int, int] | None: ...
+    def _chunking(self, options: CTCOptions, n_samples: int) -> tuple[int, int, int] | None: ...
 
     def normalize(self, waveform: torch.Tensor) -> torch.Tensor: ...
 
@@ -44,14 +45,14 @@ class CTCLiveStream:
     decoded and returned as one interim segment (is_final False) carrying the id the next
     final segment will have. Only the audio of the current chunk is kept."""
 
-    def __init__(self, pipeline: CTCModel, options: dict[str, Any]):
+    def __init__(self, pipeline: CTCModel, options: CTCOptions):
         self.pipeline = pipeline
         self.options = options
         self.chunk_len, self.stride_left, self.stride_right = pipeline._chunking(options, 1 << 62)
         self.step = self.chunk_len - self.stride_left - self.stride_right
-        self.requested_interval_s = float(options["interim_interval_s"])
+        self.requested_interval_s = float(options.interim_interval_s)
         self.clock = time.perf_counter
-        self.segmenter = Segmenter(pipeline, options["return_timestamps"])
+        self.segmenter = Segmenter(pipeline, options.return_timestamps)
         self.buffer = torch.zeros(0)  # audio from `offset` on
         self.offset = 0  # absolute sample index of buffer[0] (the current chunk's start)
         self.received = 0
@@ -129,7 +130,7 @@ class CTCLiveStream:
         left = 0 if self.offset == 0 else self.stride_left
         if self.buffer.shape[0] <= left or self.buffer.shape[0] < self.pipeline.min_samples:
             return None
-        probe = Segmenter(self.pipeline, self.options["return_timestamps"])
+        probe = Segmenter(self.pipeline, self.options.return_timestamps)
         main = self.segmenter.decoder
         probe.decoder = main.tail(0)
         base = main.frames - probe.decoder.frames

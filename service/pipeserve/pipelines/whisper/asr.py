@@ -8,16 +8,15 @@ Two ways through long audio:
   the transformers pipeline does with chunk_length_s;
 - otherwise (or `long_form_sequential`): Whisper's sequential long-form decoding (the seek
   loop of WhisperGenerationMixin.generate), optionally conditioned on the previous text.
-Either way segments are yielded as soon as they close, then the Transcription.
-
-Longer than 450 lines: the chunked and the sequential long-form paths share preprocessing and
-segment delivery here; the chunked path's merging moves out with issue 14 item 4.
+Either way segments are yielded as soon as they close, then the Transcription. The options
+(WhisperOptions) and their checks against the model live in options.py.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
-from typing import Any, Callable, ClassVar, Iterator
+from typing import Any, ClassVar, Iterator, Mapping
 
 import torch
 
@@ -29,30 +28,17 @@ from ...models import whisper as whisper_family
 from ...tasks import Task
 from ..asr_types import Segment, Transcription, WordTiming, effective_interim_interval
 from ..base import LoadOptions, Pipeline, load_family_model
+from ..contracts import StopCheck
+from ..options import TaskOptions
+from . import options as whisper_options
 from .decoding import DecodeOptions, GenerationSettings, generate, text_compression_ratio
 from .features import HOP_LENGTH, N_SAMPLES, log_mel_spectrogram
-from .tokenizer import LANGUAGES, ChunkMerger, load_tokenizer
-
-_TIMESTAMPS = {None: "segment", "": "segment", "unspecified": "segment", True: "segment", "segment": "segment",
-               "true": "segment", False: "none", "none": "none", "false": "none", "word": "word", "char": "char"}
-_TASKS = {None: None, "": None, "unspecified": None, "transcribe": "transcribe", "translate": "translate"}
-
-
-def _finite(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
+from .options import WhisperOptions
+from .tokenizer import ChunkMerger, load_tokenizer
 
 class WhisperASRPipeline(Pipeline):
     task: ClassVar[Task] = Task.AUTOMATIC_SPEECH_RECOGNITION
-    # Request option names (TranscriptionOptions) -> defaults. return_timestamps defaults to
-    # segments (transformers: off) because this service streams timed segments.
-    option_defaults: ClassVar[dict[str, Any]] = {
-        "return_timestamps": "segment", "language": None, "task": None, "chunk_length_s": None,
-        "stride_length_s": None, "batch_size": 1, "num_beams": 1, "temperature": 0.0,
-        "temperature_fallback": None, "compression_ratio_threshold": None, "logprob_threshold": None,
-        "no_speech_threshold": None, "initial_prompt": None, "condition_on_previous_text": False,
-        "max_new_tokens": None, "long_form_sequential": False, "interim_interval_s": 1.0,
-    }
+    options_type: ClassVar[type[TaskOptions]] = WhisperOptions
     max_batch_size: int = 64
     max_beams: int = 16
     live_window_s: float = 30.0
@@ -67,7 +53,7 @@ class WhisperASRPipeline(Pipeline):
         self.modules_.append(model)
         self.n_mels = model.config.num_mel_bins
         self.max_audio_s = float(options.max_audio_seconds)
-        self.validate_options(self.defaults)
+        self.settle_defaults()
 
     @classmethod
     def from_files(cls, files: ModelFiles, options: LoadOptions) -> "WhisperASRPipeline":
@@ -88,77 +74,15 @@ class WhisperASRPipeline(Pipeline):
 
     # -- options ---------------------------------------------------------------------------
 
-    def validate_options(self, options: dict[str, Any]) -> dict[str, Any]:
-        """Request options -> normalised values; InvalidParameter names the bad field."""
-        o = dict(options)
+    @property
+    def max_target_positions(self) -> int:
+        return self.model.config.max_target_positions
 
-        def bad(name: str, why: str):
-            return InvalidParameter(f"{name} {why}, got {o.get(name)!r}", metadata={"field": name})
+    def check_options(self, options: dict[str, Any]) -> dict[str, Any]:
+        return whisper_options.check(options, self)
 
-        level = o.get("return_timestamps")
-        key = level.lower().removeprefix("timestamp_granularity_") if isinstance(level, str) else level
-        if key not in _TIMESTAMPS:
-            raise bad("return_timestamps", "must be none, segment or word")
-        o["return_timestamps"] = _TIMESTAMPS[key]
-        if o["return_timestamps"] == "char":
-            raise bad("return_timestamps", "cannot be char for Whisper (word or segment only)")
-        if o["return_timestamps"] == "word" and not self.settings.alignment_heads:
-            raise bad("return_timestamps", "cannot be word: this model has no alignment heads")
-        task = o.get("task")
-        task = task.lower().removeprefix("speech_task_") if isinstance(task, str) else task
-        if task not in _TASKS:
-            raise bad("task", "must be transcribe or translate")
-        o["task"] = _TASKS[task]
-        language = o.get("language") or None
-        if language is not None:
-            code = self.tok.language_code(language)
-            if not self.settings.is_multilingual:
-                if code != "en":
-                    raise bad("language", "must be English (or unset) for an English-only model")
-                code = None
-            o["language"] = code
-        if not self.settings.is_multilingual and o["task"] == "translate":
-            raise bad("task", "cannot be translate for an English-only model")
-        if not self.settings.is_multilingual:
-            o["task"] = None
-        chunk = o.get("chunk_length_s")
-        if chunk is not None and (not _finite(chunk) or chunk < 0 or chunk > 30):
-            raise bad("chunk_length_s", "must be between 0 and 30 seconds")
-        stride = o.get("stride_length_s")
-        if stride is not None and (not _finite(stride) or stride < 0 or (chunk and 2 * stride >= chunk)):
-            raise bad("stride_length_s", "must be non-negative and less than half of chunk_length_s")
-        for name, low, high in (("batch_size", 1, self.max_batch_size), ("num_beams", 1, self.max_beams),
-                                ("max_new_tokens", 1, self.model.config.max_target_positions)):
-            value = o.get(name)
-            if value is None:
-                continue
-            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-                raise bad(name, f"must be an integer in {low}..{high}")
-        temps = [o.get("temperature") or 0.0] + list(o.get("temperature_fallback") or [])
-        if any(not _finite(t) or t < 0 or t > 5 for t in temps):
-            raise bad("temperature", "and temperature_fallback must be between 0 and 5")
-        for name in ("compression_ratio_threshold", "logprob_threshold", "no_speech_threshold"):
-            if o.get(name) is not None and not _finite(o[name]):
-                raise bad(name, "must be a finite number")
-        interval = o.get("interim_interval_s")
-        if interval is not None and (not _finite(interval) or interval <= 0):
-            raise bad("interim_interval_s", "must be positive")
-        return o
-
-    def decode_options(self, o: dict[str, Any], *, timestamps: bool | None = None) -> DecodeOptions:
-        prompt = o.get("initial_prompt")
-        prompt_ids = self.tok.prompt_ids(prompt) if prompt else None
-        if prompt_ids and len(prompt_ids) > self.model.config.max_target_positions // 2 - 1:
-            raise InvalidParameter("initial_prompt is too long (at most 223 tokens)", metadata={"field": "initial_prompt"})
-        fallback = tuple(o.get("temperature_fallback") or ())
-        return DecodeOptions(
-            return_timestamps=o["return_timestamps"] != "none" if timestamps is None else timestamps,
-            word_timestamps=o["return_timestamps"] == "word", language=o.get("language"), task=o.get("task"),
-            num_beams=o.get("num_beams") or 1, temperatures=(float(o.get("temperature") or 0.0),) + fallback,
-            compression_ratio_threshold=o.get("compression_ratio_threshold"),
-            logprob_threshold=o.get("logprob_threshold"), no_speech_threshold=o.get("no_speech_threshold"),
-            prompt_ids=prompt_ids, condition_on_prev_tokens=bool(o.get("condition_on_previous_text")),
-            max_new_tokens=o.get("max_new_tokens"))
+    def decode_options(self, o: WhisperOptions, *, timestamps: bool | None = None) -> DecodeOptions:
+        return whisper_options.decode_options(o, self, timestamps=timestamps)
 
     # -- calls -----------------------------------------------------------------------------
 
@@ -168,7 +92,8 @@ class WhisperASRPipeline(Pipeline):
         validate_waveform(waveform, MODEL_SAMPLE_RATE, max_seconds=self.max_audio_s)
         return waveform.to(torch.float32)
 
-    def transcribe(self, waveforms: list[torch.Tensor], options: dict[str, Any]) -> list[Transcription]:
+    def transcribe(self, waveforms: list[torch.Tensor],
+                   options: WhisperOptions | Mapping[str, Any] | None = None) -> list[Transcription]:
         """One Transcription per input (each input's chunks are batched)."""
         results = []
         for waveform in waveforms:
@@ -176,21 +101,21 @@ class WhisperASRPipeline(Pipeline):
             results.append(done)
         return results
 
-    def transcribe_stream(self, waveform_16k: torch.Tensor, options: dict[str, Any],
-                          should_stop: Callable[[], bool] | None = None) -> Iterator[Segment | Transcription]:
+    def transcribe_stream(self, waveform_16k: torch.Tensor, options: WhisperOptions | Mapping[str, Any] | None,
+                          should_stop: StopCheck | None = None) -> Iterator[Segment | Transcription]:
         """Yields final Segments as they are decoded, then the Transcription."""
-        o = self.validate_options(self.resolve_options(options))
+        o = self.call_options(options)
         waveform = self._check(waveform_16k)
         run = _Run(self, o)
         with torch.inference_mode():
-            if o.get("chunk_length_s") and not o.get("long_form_sequential"):
+            if o.chunk_length_s and not o.long_form_sequential:
                 yield from run.chunked(waveform, should_stop)
             else:
                 yield from run.sequential(waveform, should_stop)
         yield run.transcription(waveform.shape[0] / MODEL_SAMPLE_RATE)
 
-    def open_stream(self, options: dict[str, Any]) -> "WhisperLiveStream":
-        return WhisperLiveStream(self, self.validate_options(self.resolve_options(options)))
+    def open_stream(self, options: WhisperOptions | Mapping[str, Any] | None) -> "WhisperLiveStream":
+        return WhisperLiveStream(self, self.call_options(options))
 
 
 # The last timestamp token: <|30.00|>, the end of a window.
@@ -216,14 +141,14 @@ def _chunk_relative(seg, tb: int) -> list[int]:
 class _Run:
     """The state of one transcription: merges decoded windows and turns chunks into Segments."""
 
-    def __init__(self, pipe: WhisperASRPipeline, o: dict[str, Any], *, offset_s: float = 0.0, first_id: int = 0):
+    def __init__(self, pipe: WhisperASRPipeline, o: WhisperOptions, *, offset_s: float = 0.0, first_id: int = 0):
         self.pipe, self.o, self.offset_s = pipe, o, offset_s
-        self.level = o["return_timestamps"]
+        self.level = o.return_timestamps
         merger_level = {"none": False, "segment": True, "word": "word"}[self.level]
         self.merger = ChunkMerger(pipe.tok, merger_level)
         self.segments: list[Segment] = []
         self.next_id = first_id
-        self.language = "en" if not pipe.settings.is_multilingual else (o.get("language") or "")
+        self.language = "en" if not pipe.settings.is_multilingual else (o.language or "")
         self.language_probs: dict[str, float] = {}
         self.stats: dict[str, float] = {}
         self._consumed = 0  # chunks of the replayed merger already turned into segments
@@ -309,8 +234,8 @@ class _Run:
     def chunked(self, waveform: torch.Tensor, should_stop) -> Iterator[Segment]:
         pipe, o = self.pipe, self.o
         sr = MODEL_SAMPLE_RATE
-        chunk_s = float(o["chunk_length_s"])
-        stride_s = o.get("stride_length_s")
+        chunk_s = float(o.chunk_length_s)
+        stride_s = o.stride_length_s
         stride_s = chunk_s / 6 if stride_s is None else float(stride_s)
         chunk_len, stride = int(round(chunk_s * sr)), int(round(stride_s * sr))
         step = chunk_len - 2 * stride
@@ -329,7 +254,7 @@ class _Run:
             if last:
                 break
         opts = pipe.decode_options(self.o)
-        batch = o.get("batch_size") or 1
+        batch = o.batch_size or 1
         for i in range(0, len(chunks), batch):
             group = chunks[i:i + batch]
             self.batch_size = max(self.batch_size, len(group))
@@ -369,11 +294,12 @@ class WhisperLiveStream:
     interim segments whose ids are the ones their final versions will carry. The buffer then
     restarts at the end of the last committed segment. finish() decodes what is left as final."""
 
-    def __init__(self, pipe: WhisperASRPipeline, o: dict[str, Any]):
-        if o["return_timestamps"] == "none":
-            o["return_timestamps"] = "segment"  # committing needs segment boundaries
-        self.pipe, self.o = pipe, o
-        self.requested_interval_s = float(o.get("interim_interval_s") or 1.0)
+    def __init__(self, pipe: WhisperASRPipeline, o: WhisperOptions):
+        if o.return_timestamps == "none":
+            o = dataclasses.replace(o, return_timestamps="segment")  # committing needs segment boundaries
+        # Each decode is a sequential run over the buffer.
+        self.pipe, self.o = pipe, dataclasses.replace(o, chunk_length_s=None, long_form_sequential=False)
+        self.requested_interval_s = float(o.interim_interval_s or 1.0)
         self.clock = time.perf_counter
         self.window = int(pipe.live_window_s * MODEL_SAMPLE_RATE)
         self.buffer = torch.zeros(0)
@@ -396,7 +322,7 @@ class WhisperLiveStream:
         decode costs when that is longer, so that a slow machine keeps up with real time."""
         return effective_interim_interval(self.requested_interval_s, self.last_cost_s)
 
-    def push(self, samples_16k: torch.Tensor, should_stop=None) -> list[Segment]:
+    def push(self, samples_16k: torch.Tensor, should_stop: StopCheck | None = None) -> list[Segment]:
         if self.closed:
             raise InvalidInput("the stream is already finished")
         samples = torch.as_tensor(samples_16k, dtype=torch.float32).reshape(-1)
@@ -417,7 +343,7 @@ class WhisperLiveStream:
     def _decode(self, audio: torch.Tensor, *, commit: bool, final: bool = False, should_stop=None) -> list[Segment]:
         self.since_decode = 0
         started = self.clock()
-        run = _Run(self.pipe, dict(self.o, chunk_length_s=None, long_form_sequential=False),
+        run = _Run(self.pipe, self.o,
                    offset_s=self.offset / MODEL_SAMPLE_RATE, first_id=len(self.finals))
         with torch.inference_mode():
             for _ in run.sequential(audio, should_stop):
@@ -451,7 +377,7 @@ class WhisperLiveStream:
             self.offset += audio.shape[0]
         return out
 
-    def finish(self, should_stop=None) -> tuple[list[Segment], Transcription]:
+    def finish(self, should_stop: StopCheck | None = None) -> tuple[list[Segment], Transcription]:
         self.closed = True
         out: list[Segment] = []
         if self.buffer.shape[0] > 0:
