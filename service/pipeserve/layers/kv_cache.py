@@ -250,31 +250,45 @@ class CacheView:
             return _sdpa(q, keys, values, None, scale, is_causal=T > 1)
         return _sdpa(q, keys, values, self._mask(cache_k.device, window), scale)
 
+    def _ring_mask(self, device: torch.device, R: int) -> torch.Tensor | None:
+        """The mask every ring layer of this pass shares (computed once per pass).
+
+        One new token: [B, 1, 1, R] over the ring after the write; None once every sequence has
+        filled its ring (it then holds exactly the query's window). A chunk: [B, 1, T, R + T] over
+        the ring's entries (before the write) and the chunk's keys, by absolute position."""
+        key = ("ring", device, R)
+        if key not in self._masks:
+            p = self._placement(device)
+            index, T = torch.arange(R, device=device), self.new_tokens
+            starts = p.starts[:, None]  # [B, 1]
+            if T == 1:
+                written = index[None, :] <= starts  # [B, R]: a short sequence has not filled it
+                self._masks[key] = None if min(self.start_list) + 1 >= R else written[:, None, None, :]
+            else:
+                # entry i holds the latest position p < start with p % R == i (none if i >= start)
+                held = index[None, :] + R * torch.div(starts - 1 - index[None, :], R, rounding_mode="floor")
+                key_pos = torch.cat([held, starts + torch.arange(T, device=device)[None, :]], dim=1)  # [B, R + T]
+                valid = torch.cat([index[None, :] < starts, torch.ones_like(key_pos[:, R:], dtype=torch.bool)], dim=1)
+                query_pos = starts + torch.arange(T, device=device)[None, :]  # [B, T]
+                delta = query_pos[:, :, None] - key_pos[:, None, :]  # [B, T, R + T]
+                self._masks[key] = (valid[:, None, :] & (delta >= 0) & (delta < R))[:, None]
+        return self._masks[key]
+
     def _attend_ring(self, cache_k, cache_v, q, k, v, scale):
-        """A sliding layer once some sequence of the pass goes past its ring (R = window slots)."""
+        """A sliding layer once some sequence of the pass goes past its ring (R = window positions)."""
         device, R, T = cache_k.device, cache_k.shape[2], self.new_tokens
         p = self._placement(device)
-        index = torch.arange(R, device=device)
+        rows = p.contiguous if p.contiguous is not None else p.slots  # a view when the slots are in order
         if T == 1:
             # Write first: the ring then holds exactly the query's window, q - R + 1 .. q.
             cache_k[p.slots, :, p.starts % R] = k[:, :, 0].to(cache_k.dtype)
             cache_v[p.slots, :, p.starts % R] = v[:, :, 0].to(cache_v.dtype)
-            keys, values = cache_k[p.slots], cache_v[p.slots]
-            written = index[None, :] <= p.starts[:, None]  # [B, R]: a short sequence has not filled it
-            mask = None if bool(written.all()) else written[:, None, None, :]
-            return _sdpa(q, keys, values, mask, scale)
+            return _sdpa(q, cache_k[rows], cache_v[rows], self._ring_mask(device, R), scale)
         # A prompt chunk: its early queries still need ring entries its later keys would
         # overwrite, so attend over the ring's entries and the new keys side by side, by position.
-        starts = p.starts[:, None]  # [B, 1]
-        held = index[None, :] + R * torch.div(starts - 1 - index[None, :], R, rounding_mode="floor")  # [B, R]
-        key_pos = torch.cat([held, starts + torch.arange(T, device=device)[None, :]], dim=1)  # [B, R + T]
-        valid = torch.cat([index[None, :] < starts, torch.ones_like(key_pos[:, R:], dtype=torch.bool)], dim=1)
-        query_pos = starts + torch.arange(T, device=device)[None, :]  # [B, T]
-        delta = query_pos[:, :, None] - key_pos[:, None, :]  # [B, T, R + T]
-        mask = (valid[:, None, :] & (delta >= 0) & (delta < R))[:, None]  # [B, 1, T, R + T]
-        keys = torch.cat([cache_k[p.slots], k.to(cache_k.dtype)], dim=2)
-        values = torch.cat([cache_v[p.slots], v.to(cache_v.dtype)], dim=2)
-        out = _sdpa(q, keys, values, mask, scale)
+        keys = torch.cat([cache_k[rows], k.to(cache_k.dtype)], dim=2)
+        values = torch.cat([cache_v[rows], v.to(cache_v.dtype)], dim=2)
+        out = _sdpa(q, keys, values, self._ring_mask(device, R), scale)
         kept = min(T, R)  # the chunk's last keys are the ring's newest
         for i, (slot, start) in enumerate(zip(self.slot_list, self.start_list)):
             where = torch.arange(start + T - kept, start + T, device=device) % R
