@@ -241,3 +241,56 @@ def _swap_layout(name: str, legacy: bool) -> str:
         if name.startswith(old):
             return new + name[len(old):]
     return name
+
+
+def test_bfloat16_matches_transformers_in_bfloat16(gemma):
+    """bfloat16 weights, cache and activations (the embedding scale rounded to bfloat16, the
+    norms in float32, as transformers): logits within harness.reduced_precision_tolerance of
+    transformers in bfloat16, greedy tokens equal up to the first rounding tie."""
+    import copy
+
+    from harness import assert_close_in_precision, assert_same_greedy_tokens
+
+    model, _, _, directory = gemma
+    reference_low = copy.deepcopy(model).to(torch.bfloat16)
+    pipe = load_pipeline(directory, dtype="bfloat16")
+    try:
+        assert pipe.engine.cache.dtype == torch.bfloat16
+        prompt = "The quick brown fox jumps over the lazy dog."
+        ids = torch.tensor([pipe.encode(prompt)])
+        with torch.no_grad():
+            tol = assert_close_in_precision(pipe.model(ids), reference_low(ids).logits, model(ids).logits,
+                                            torch.bfloat16)
+            generated = reference_low.generate(ids, max_new_tokens=12, min_new_tokens=12, do_sample=False,
+                                               output_scores=True, return_dict_in_generate=True,
+                                               pad_token_id=model.config.eos_token_id)
+        [result] = pipe.generate([prompt], {"max_new_tokens": 12, "min_new_tokens": 12})
+        assert_same_greedy_tokens([t.token for t in result.sequences[0].tokens],
+                                  generated.sequences[0, ids.shape[1]:].tolist(),
+                                  [score[0] for score in generated.scores], tol, at_least=4)
+    finally:
+        pipe.close()
+
+
+def test_load_passes_apply_to_gemma(gemma):
+    """The post-load passes take Gemma as every causal LM: int8 weights (every projection
+    quantized, fewer bytes, still generating) and a device map (same text as without)."""
+    from torch import nn
+
+    from pipeserve.layers.quantization import Int8Linear
+
+    _, _, plain, directory = gemma
+    int8 = load_pipeline(directory, load_in_8bit=True)
+    auto = load_pipeline(directory, device="auto")
+    try:
+        assert any(isinstance(m, Int8Linear) for m in int8.model.modules())
+        assert not any(isinstance(m, nn.Linear) for m in int8.model.modules())
+        assert int8.memory_bytes() < plain.memory_bytes()
+        options = {"max_new_tokens": 12, "min_new_tokens": 12}
+        assert int8.generate(["Hello world"], options)[0].sequences[0].generated_tokens == 12
+        assert auto.model.layer_devices == [torch.device("cpu")] * auto.model.num_layers
+        assert auto.generate(["Hello world"], options)[0].sequences[0].text == \
+            plain.generate(["Hello world"], options)[0].sequences[0].text
+    finally:
+        int8.close()
+        auto.close()
