@@ -294,3 +294,27 @@ def test_load_passes_apply_to_gemma(gemma):
     finally:
         int8.close()
         auto.close()
+
+
+@pytest.mark.parametrize("change", [
+    {"layer_types": ["sliding_attention", "chunked_attention", "full_attention", "sliding_attention",
+                     "sliding_attention"]},
+    {"layer_types": ["full_attention"]},
+    {"layer_types": None, "sliding_window_pattern": 0},
+    {"sliding_window": 0},
+    {"num_key_value_heads": 3},
+    {"use_bidirectional_attention": True},
+    {"hidden_activation": "no_such_activation"},
+])
+def test_unservable_configs_are_refused_at_load(gemma, tmp_path, change):
+    from pipeserve.errors import ModelLoadFailed
+
+    directory = gemma[3]
+    for name in ("model.safetensors", "tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / name).write_bytes((directory / name).read_bytes())
+    config = json.loads((directory / "config.json").read_text())
+    config.update(change)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelLoadFailed) as caught:
+        load_pipeline(tmp_path)
+    assert caught.value.reason == "UNSUPPORTED_CONFIG"

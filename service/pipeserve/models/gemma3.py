@@ -280,6 +280,13 @@ def parse_config(raw: dict[str, Any]) -> Gemma3TextConfig:
     if config.use_bidirectional_attention:
         raise ModelLoadFailed("use_bidirectional_attention (an embedding model's setting) is not supported for "
                               "text generation", reason="UNSUPPORTED_CONFIG")
+    if config.num_key_value_heads < 1 or config.num_attention_heads % config.num_key_value_heads:
+        raise ModelLoadFailed(f"num_attention_heads {config.num_attention_heads} is not a multiple of "
+                              f"num_key_value_heads {config.num_key_value_heads}", reason="UNSUPPORTED_CONFIG")
+    if config.layer_types is None and not (isinstance(config.sliding_window_pattern, int)
+                                           and config.sliding_window_pattern >= 1):
+        raise ModelLoadFailed(f"sliding_window_pattern must be a positive integer, got "
+                              f"{config.sliding_window_pattern!r}", reason="UNSUPPORTED_CONFIG")
     if config.layer_types is not None and len(config.layer_types) != config.num_hidden_layers:
         raise ModelLoadFailed(f"layer_types has {len(config.layer_types)} entries for {config.num_hidden_layers} "
                               "layers", reason="UNSUPPORTED_CONFIG")
