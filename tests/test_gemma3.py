@@ -222,11 +222,14 @@ def test_conditional_generation_checkpoint_serves_its_language_model(gemma, tmp_
     # its in-memory names (and other writers) are model.language_model.* / model.vision_tower.*.
     legacy = any(k.startswith("language_model.model.") for k in saved)
     other = {_swap_layout(k, legacy): v for k, v in saved.items()}
+    # without generation_config.json the end-of-sequence ids come from the nested text config
+    (tmp_path / "generation_config.json").unlink(missing_ok=True)
     for state in (saved, other):
         save_file(state, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
         pipe = load_pipeline(tmp_path)
         try:
             assert pipe.task.value == "text-generation"
+            assert pipe.eos_ids == [model.config.eos_token_id]
             with torch.no_grad():
                 assert_close(pipe.model(ids), expected)
         finally:

@@ -112,7 +112,9 @@ class TextGenerationPipeline(Pipeline):
         model = load_family_model(files, options, "causal_lm", verified_head=_verified_head_site)
         generation = files.read_json("generation_config.json") or {}
         tok_config = files.read_json("tokenizer_config.json") or {}
-        eos = generation.get("eos_token_id", files.config.get("eos_token_id"))
+        # a multimodal checkpoint (gemma3) keeps its language model's ids in text_config
+        text_config = files.config.get("text_config") or {}
+        eos = generation.get("eos_token_id", files.config.get("eos_token_id", text_config.get("eos_token_id")))
         eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
         defaults = {k: generation[k] for k in _GENERATION_CONFIG_FIELDS if generation.get(k) is not None}
         return cls(files, options, model, tokenizer, eos_ids=eos_ids,
