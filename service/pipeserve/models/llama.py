@@ -280,6 +280,8 @@ class LlamaForCausalLM(CausalLM):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.num_layers, self.kv_heads = config.num_hidden_layers, config.kv_heads
         self.head_dim, self.max_positions = config.dim_per_head, config.max_position_embeddings
+        # Mistral's and Qwen2's sliding layers keep only their window in the KV cache (a ring).
+        self.layer_windows = [config.window(i) for i in range(config.num_hidden_layers)]
         if config.rope["rope_type"] in ("dynamic", "linear", "yarn") and config.rope.get("factor"):
             # these scalings exist to stretch the context past the trained length by `factor`
             self.max_positions = int(config.max_position_embeddings * config.rope["factor"])
