@@ -108,3 +108,30 @@ def test_bad_chats_are_invalid_argument_and_the_server_keeps_serving(grpc_server
             == "INPUT_TOO_LARGE"
     response = stub.Generate(_request(pb.GenerateRequest, name, user), timeout=120)
     assert response.sequences[0].generated_tokens == NEW
+
+
+def test_the_python_clients_take_messages(grpc_server, chat_models):
+    import asyncio
+
+    from pipeserve_client import AsyncClient, Client
+    from pipeserve_client.errors import InputError
+
+    name, _, expected = chat_models
+    chat, (prompt_tokens, reply) = CHATS[1], expected[1]
+    with Client(grpc_server.address, timeout=120) as client:
+        response = client.generate(messages=chat, model=name, max_new_tokens=NEW, min_new_tokens=NEW)
+        assert response.sequences[0].text == reply["content"] and response.prompt_tokens == prompt_tokens
+        streamed = list(client.generate(messages=chat, model=name, max_new_tokens=NEW, min_new_tokens=NEW,
+                                        stream=True))
+        assert streamed[-1].done.text == reply["content"]
+        for bad in ([], [{"role": "user"}], {"role": "user", "content": "x"}):
+            with pytest.raises(InputError):
+                client.generate(messages=bad, model=name)
+        with pytest.raises(InputError):
+            client.generate("a prompt", messages=chat, model=name)
+
+    async def call_async():
+        async with AsyncClient(grpc_server.address, timeout=120) as client:
+            return await client.generate(messages=chat, model=name, max_new_tokens=NEW, min_new_tokens=NEW)
+
+    assert asyncio.run(call_async()).sequences[0].text == reply["content"]
