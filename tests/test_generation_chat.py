@@ -85,9 +85,23 @@ def _saved(tmp_path, template=None, where="tokenizer_config"):
     return load_pipeline(tmp_path)
 
 
-@pytest.mark.parametrize("form", ["jinja", "named-list", "jinja-over-config"])
+# Every helper transformers gives a template: strftime_now, namespace, tojson (non-ASCII kept),
+# dict, loop controls, the {% generation %} tag, raise_exception (not reached), eos_token.
+HELPERS = (
+    "{{ bos_token }}Date: {{ strftime_now('%Y') }}\n{% set ns = namespace(n=0) %}"
+    "{% for m in messages %}{% if m.role == 'skip' %}{% continue %}{% endif %}{% set ns.n = ns.n + 1 %}"
+    "{% if m.role == 'assistant' %}{% generation %}{{ m.content }}{{ eos_token }}{% endgeneration %}"
+    "{% else %}{{ (dict(role=m.role, n=ns.n) | tojson) + m.content }}{% endif %}"
+    "{% if m.role == 'never' %}{{ raise_exception('unreached') }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}ANSWER:{% endif %}"
+)
+
+
+@pytest.mark.parametrize("form", ["jinja", "named-list", "jinja-over-config", "helpers"])
 def test_templates_are_read_where_transformers_reads_them(tmp_path, form):
-    if form == "jinja":
+    if form == "helpers":
+        pipe = _saved(tmp_path, HELPERS)
+    elif form == "jinja":
         pipe = _saved(tmp_path, LLAMA_STYLE, where="jinja")
     elif form == "named-list":
         pipe = _saved(tmp_path, [{"name": "tool_use", "template": "{{ raise_exception('not this one') }}"},
@@ -135,6 +149,15 @@ def test_chats_the_model_cannot_take_are_refused_with_their_reason(tmp_path):
         reason, message = _refusal(nameless, CHATS[0])
         assert reason == "CHAT_TEMPLATE_INVALID" and "tool_use" in message
         # a template's sandbox holds: no attribute escapes to Python internals
+        unreadable = _saved(tmp_path / "unreadable")
+        (tmp_path / "unreadable" / "chat_template.jinja").write_bytes(b"{{ bos_token }}\xff\xfe")
+        pipe = load_pipeline(tmp_path / "unreadable")  # loads: prompts are still served
+        try:
+            assert _refusal(pipe, CHATS[0])[0] == "CHAT_TEMPLATE_INVALID"
+            assert pipe.generate(["The quick"], {"max_new_tokens": 2})[0].sequences[0].generated_tokens >= 1
+        finally:
+            pipe.close()
+            unreadable.close()
         escape = _saved(tmp_path / "escape", "{{ messages.__class__.__mro__[1].__subclasses__() }}")
         try:
             assert _refusal(escape, CHATS[0])[0] == "CHAT_TEMPLATE_ERROR"

@@ -90,10 +90,13 @@ class ChatTemplate:
     def from_files(cls, files: ModelFiles, tokenizer_config: dict[str, Any] | None = None) -> "ChatTemplate | None":
         """The checkpoint's template, None when it has none (module docstring says where from)."""
         config = tokenizer_config if tokenizer_config is not None else (files.read_json("tokenizer_config.json") or {})
-        templates = _template_files(files) or _config_templates(config.get("chat_template"))
-        if not templates:
-            legacy = files.read_json("chat_template.json") if _directory_layout(files) else None
-            templates = _config_templates((legacy or {}).get("chat_template"))
+        try:
+            templates = _template_files(files) or _config_templates(config.get("chat_template"))
+            if not templates:
+                legacy = files.read_json("chat_template.json") if _directory_layout(files) else None
+                templates = _config_templates((legacy or {}).get("chat_template") if isinstance(legacy, dict) else None)
+        except (OSError, ValueError) as exc:  # unreadable, not UTF-8, not JSON: prompts are still served
+            return cls._unusable(f"the model's chat template cannot be read: {_first_line(exc)}")
         if not templates:
             return None
         source = templates.get("default")
