@@ -3,7 +3,12 @@
 GPT-2/OPT get a byte-level BPE tokenizer (GPT-2 style); the Llama family gets a metaspace
 BPE with byte fallback (the Llama/Mistral tokenizer.json layout), whose decoder strips the
 leading space and builds multi-byte characters from <0xNN> tokens: the hard cases for
-incremental detokenization.
+incremental detokenization. Gemma 3 uses the metaspace tokenizer too.
+
+With `special_tokens=True` each tokenizer gets its family's tokenizer.json post-processor, which
+decides what tokenizing a prompt adds: Llama and Gemma put their BOS first (TemplateProcessing),
+OPT its BOS (here the one special token), GPT-2 nothing (ByteLevel). Without it there is no
+post-processor and nothing is added.
 """
 from __future__ import annotations
 
@@ -25,8 +30,15 @@ VOCAB = 320
 EOS = "<|endoftext|>"
 
 
-def byte_level_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def _bos_template(bos: str, bos_id: int):
+    from tokenizers import processors
+
+    return processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bos_id)])
+
+
+def byte_level_tokenizer(post_processor: str | None = None):
+    """post_processor: None, "bos" (OPT's template) or "byte_level" (GPT-2's)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
@@ -35,10 +47,14 @@ def byte_level_tokenizer():
     trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=[EOS],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(CORPUS, trainer)
+    if post_processor == "bos":
+        tok.post_processor = _bos_template(EOS, tok.token_to_id(EOS))
+    elif post_processor == "byte_level":
+        tok.post_processor = processors.ByteLevel(trim_offsets=True)
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS, unk_token=EOS)
 
 
-def metaspace_tokenizer():
+def metaspace_tokenizer(bos_template: bool = False):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -60,6 +76,8 @@ def metaspace_tokenizer():
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
     tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
                                      decoders.Strip(" ", 1, 0)])
+    if bos_template:
+        tok.post_processor = _bos_template("<s>", vocab["<s>"])
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
 
@@ -68,16 +86,27 @@ def _sizes(tokenizer) -> dict:
             "bos_token_id": tokenizer.bos_token_id, "pad_token_id": None}
 
 
-def build(family: str, directory: Path, **overrides):
-    """Saves a tiny random `family` checkpoint + tokenizer to `directory`; returns (model, tokenizer)."""
+# Gemma 3's parity shape: 5 layers, local (sliding window 4) and global interleaved with the
+# pattern 3 (layers 0, 1, 3, 4 local; 2 global), one KV head, a query_pre_attn_scalar unlike
+# head_dim, two RoPE bases and linear scaling on the global layers.
+GEMMA3_SMALL = dict(intermediate_size=64, num_hidden_layers=5, num_attention_heads=4, num_key_value_heads=1,
+                    head_dim=8, sliding_window=4, sliding_window_pattern=3, query_pre_attn_scalar=12,
+                    rope_theta=1000.0, rope_local_base_freq=50.0,
+                    rope_scaling={"rope_type": "linear", "factor": 2.0})
+
+
+def build(family: str, directory: Path, special_tokens: bool = False, **overrides):
+    """Saves a tiny random `family` checkpoint + tokenizer to `directory`; returns (model, tokenizer).
+    special_tokens: the tokenizer gets the family's post-processor (module docstring)."""
     import transformers
     from harness import perturb_parameters
 
     torch.manual_seed(0)
     if family in ("gpt2", "opt"):
-        tokenizer = byte_level_tokenizer()
+        post_processor = {"gpt2": "byte_level", "opt": "bos"}[family] if special_tokens else None
+        tokenizer = byte_level_tokenizer(post_processor)
     else:
-        tokenizer = metaspace_tokenizer()
+        tokenizer = metaspace_tokenizer(bos_template=special_tokens)
     ids = _sizes(tokenizer)
     small = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                  max_position_embeddings=overrides.pop("max_position_embeddings", 128))
@@ -88,6 +117,10 @@ def build(family: str, directory: Path, **overrides):
     elif family == "opt":
         config = transformers.OPTConfig(ffn_dim=64, **small, **ids, **overrides)
         model = transformers.OPTForCausalLM(config)
+    elif family == "gemma3":
+        config = transformers.Gemma3TextConfig(hidden_size=32, max_position_embeddings=small["max_position_embeddings"],
+                                               **{**GEMMA3_SMALL, **ids, **overrides})
+        model = transformers.Gemma3ForCausalLM(config)
     else:
         cls_config, cls_model = {
             "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),

@@ -105,7 +105,7 @@ def test_dynamic_rope_past_trained_length():
 def test_greedy_generation_matches_transformers(checkpoint):
     name, model, tokenizer, pipe = checkpoint
     for prompt in ["The quick brown fox", "Hello world, this"]:
-        inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+        inputs = tokenizer(prompt, return_tensors="pt")  # as the pipeline tokenizes: the defaults
         with torch.no_grad():
             expected = model.generate(**inputs, max_new_tokens=30, do_sample=False, min_new_tokens=30,
                                       pad_token_id=tokenizer.eos_token_id)

@@ -57,7 +57,7 @@ def test_generate_matches_transformers(grpc_server, gpt2):
     assert sequence.finish_reason == pb.FINISH_REASON_LENGTH
     assert sequence.generated_tokens == 12 and len(sequence.tokens) == 12
     assert all(len(t.top_logprobs) == 2 and t.logprob <= 0 for t in sequence.tokens)
-    assert response.prompt_tokens == len(tokenizer("Hello world", add_special_tokens=False)["input_ids"])
+    assert response.prompt_tokens == len(tokenizer("Hello world")["input_ids"])
     assert response.run.model == name and response.run.compute_ms > 0
 
 

@@ -22,6 +22,8 @@ FAMILIES: dict[str, str] = {
     "llama": "pipeserve.models.llama",
     "mistral": "pipeserve.models.llama",
     "qwen2": "pipeserve.models.llama",
+    "gemma3_text": "pipeserve.models.gemma3",
+    "gemma3": "pipeserve.models.gemma3",  # Gemma3ForConditionalGeneration: its language model
     "bert": "pipeserve.models.bert",
     "roberta": "pipeserve.models.bert",
     "xlm-roberta": "pipeserve.models.bert",
@@ -63,6 +65,9 @@ _ARCHITECTURE_SUFFIXES: list[tuple[str, Task]] = [
 
 _LAYOUT_MODEL_TYPES = {"layoutlm", "layoutlmv2", "layoutlmv3"}
 
+# ForConditionalGeneration checkpoints whose language model we serve for text generation.
+_TEXT_CONDITIONAL_MODEL_TYPES = {"gemma3"}
+
 
 def is_nli_config(config: dict[str, Any]) -> bool:
     """An NLI head has an 'entailment' label, which is how the zero-shot pipeline finds its id."""
@@ -82,6 +87,8 @@ def infer_task(config: dict[str, Any]) -> Task:
                 return Task.ZERO_SHOT_CLASSIFICATION
             if task is Task.QUESTION_ANSWERING and model_type in _LAYOUT_MODEL_TYPES:
                 return Task.DOCUMENT_QUESTION_ANSWERING
+            if suffix == "ForConditionalGeneration" and model_type in _TEXT_CONDITIONAL_MODEL_TYPES:
+                return Task.TEXT_GENERATION
             if task is Task.AUTOMATIC_SPEECH_RECOGNITION and suffix == "ForConditionalGeneration" and model_type != "whisper":
                 continue
             return task

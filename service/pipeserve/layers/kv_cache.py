@@ -8,6 +8,12 @@ each sequence's own prefix (a boolean mask hides other sequences' longer tails).
 capacity grow by doubling up to the configured bounds, and the tensors are dropped when the
 last sequence leaves so an idle model holds no cache memory.
 
+A sliding-window layer (`windows[layer]`, Gemma 3's local layers, Mistral's) keeps a ring of
+`window` positions per slot instead: position p lives at index p % window, so a long generation
+does not grow those layers' memory. A query at position q sees the keys q - window + 1 .. q, which
+are exactly what the ring holds after q is written; a prompt chunk attends over the ring's older
+entries and its own new keys together, then leaves its last `window` keys in the ring.
+
 Models call `view.attend(layer_idx, q, k, v, ...)` and never see the layout; `FullAttention`
 is the same interface without a cache (one causal pass, used for logits parity tests).
 """
@@ -77,10 +83,15 @@ class KVCache:
 
     def __init__(self, num_layers: int, kv_heads: int, head_dim: int, max_length: int, *,
                  dtype: torch.dtype = torch.float32, devices: Sequence[torch.device | str] | torch.device | str = "cpu",
-                 max_slots: int = 64, initial_slots: int = 4, initial_capacity: int = 64):
+                 max_slots: int = 64, initial_slots: int = 4, initial_capacity: int = 64,
+                 windows: Sequence[int | None] | None = None):
         if isinstance(devices, (str, torch.device)):
             devices = [devices] * num_layers
         self.devices = [torch.device(d) for d in devices]
+        # per layer: the sliding window whose ring it keeps, or None for the whole prefix
+        self.windows = [w or None for w in windows] if windows is not None else [None] * num_layers
+        if len(self.windows) != num_layers:
+            raise ValueError(f"{len(self.windows)} windows for {num_layers} layers")
         self.num_layers, self.kv_heads, self.head_dim = num_layers, kv_heads, head_dim
         self.max_length, self.max_slots, self.dtype = max_length, max_slots, dtype
         self._initial_slots, self._initial_capacity = initial_slots, initial_capacity
@@ -122,19 +133,32 @@ class KVCache:
         """Duplicates a sequence's cache (num_return_sequences share one prompt pass)."""
         n = self.lengths[source]
         for cache in self.keys + self.values:
-            cache[target, :, :n] = cache[source, :, :n]
+            kept = min(n, cache.shape[2])  # a ring holds at most its window
+            cache[target, :, :kept] = cache[source, :, :kept]
         self.lengths[target] = n
+
+    def layer_capacity(self, layer: int, capacity: int) -> int:
+        """Positions a layer's tensor holds per slot: a ring stops growing at its window. It
+        reaches the window before any sequence passes it, so no ring wraps at a smaller size."""
+        window = self.windows[layer]
+        return min(capacity, window) if window else capacity
 
     def _resize(self, slots: int, capacity: int) -> None:
         capacity = min(capacity, self.max_length)
         new_k, new_v = [], []
         for layer, device in enumerate(self.devices):
-            shape = (slots, self.kv_heads, capacity, self.head_dim)
+            positions = self.layer_capacity(layer, capacity)
+            if self.slots == slots and self.keys and self.keys[layer].shape[2] == positions:
+                new_k.append(self.keys[layer])  # a full ring: nothing to grow
+                new_v.append(self.values[layer])
+                continue
+            shape = (slots, self.kv_heads, positions, self.head_dim)
             k = torch.zeros(shape, dtype=self.dtype, device=device)
             v = torch.zeros(shape, dtype=self.dtype, device=device)
             if self.slots:
-                k[: self.slots, :, : self.capacity] = self.keys[layer]
-                v[: self.slots, :, : self.capacity] = self.values[layer]
+                held = self.keys[layer].shape[2]
+                k[: self.slots, :, :held] = self.keys[layer]
+                v[: self.slots, :, :held] = self.values[layer]
             new_k.append(k)
             new_v.append(v)
         self._free.extend(range(self.slots, slots))
@@ -198,6 +222,11 @@ class CacheView:
     def attend(self, layer: int, q, k, v, *, scale: float | None = None, window: int | None = None):
         """Stores k, v ([B, Hkv, T, D]) and attends q ([B, H, T, D]) over each sequence's prefix."""
         cache_k, cache_v = self.cache.keys[layer], self.cache.values[layer]
+        ring = self.cache.windows[layer]
+        if ring and self.key_len > cache_k.shape[2]:
+            if window != ring:
+                raise ValueError(f"layer {layer} attends with window {window}; its cache keeps {ring}")
+            return self._attend_ring(cache_k, cache_v, q, k, v, scale)
         p = self._placement(cache_k.device)
         T = self.new_tokens
         if T == 1 and p.contiguous is not None and self._uniform_start is not None:
@@ -217,8 +246,41 @@ class CacheView:
         else:
             keys, values = cache_k[p.slots, :, :L], cache_v[p.slots, :, :L]
         if not any(self.start_list) and (not window or window >= L):
-            return _sdpa(q, keys, values, None, scale, is_causal=T > 1)  # fresh prompts of one length
+            # fresh prompts of one length
+            return _sdpa(q, keys, values, None, scale, is_causal=T > 1)
         return _sdpa(q, keys, values, self._mask(cache_k.device, window), scale)
+
+    def _attend_ring(self, cache_k, cache_v, q, k, v, scale):
+        """A sliding layer once some sequence of the pass goes past its ring (R = window slots)."""
+        device, R, T = cache_k.device, cache_k.shape[2], self.new_tokens
+        p = self._placement(device)
+        index = torch.arange(R, device=device)
+        if T == 1:
+            # Write first: the ring then holds exactly the query's window, q - R + 1 .. q.
+            cache_k[p.slots, :, p.starts % R] = k[:, :, 0].to(cache_k.dtype)
+            cache_v[p.slots, :, p.starts % R] = v[:, :, 0].to(cache_v.dtype)
+            keys, values = cache_k[p.slots], cache_v[p.slots]
+            written = index[None, :] <= p.starts[:, None]  # [B, R]: a short sequence has not filled it
+            mask = None if bool(written.all()) else written[:, None, None, :]
+            return _sdpa(q, keys, values, mask, scale)
+        # A prompt chunk: its early queries still need ring entries its later keys would
+        # overwrite, so attend over the ring's entries and the new keys side by side, by position.
+        starts = p.starts[:, None]  # [B, 1]
+        held = index[None, :] + R * torch.div(starts - 1 - index[None, :], R, rounding_mode="floor")  # [B, R]
+        key_pos = torch.cat([held, starts + torch.arange(T, device=device)[None, :]], dim=1)  # [B, R + T]
+        valid = torch.cat([index[None, :] < starts, torch.ones_like(key_pos[:, R:], dtype=torch.bool)], dim=1)
+        query_pos = starts + torch.arange(T, device=device)[None, :]  # [B, T]
+        delta = query_pos[:, :, None] - key_pos[:, None, :]  # [B, T, R + T]
+        mask = (valid[:, None, :] & (delta >= 0) & (delta < R))[:, None]  # [B, 1, T, R + T]
+        keys = torch.cat([cache_k[p.slots], k.to(cache_k.dtype)], dim=2)
+        values = torch.cat([cache_v[p.slots], v.to(cache_v.dtype)], dim=2)
+        out = _sdpa(q, keys, values, mask, scale)
+        kept = min(T, R)  # the chunk's last keys are the ring's newest
+        for i, (slot, start) in enumerate(zip(self.slot_list, self.start_list)):
+            where = torch.arange(start + T - kept, start + T, device=device) % R
+            cache_k[slot, :, where] = k[i, :, T - kept:].to(cache_k.dtype)
+            cache_v[slot, :, where] = v[i, :, T - kept:].to(cache_v.dtype)
+        return out
 
     def commit(self) -> None:
         """Records the pass's tokens as cached (call after the forward pass succeeded)."""

@@ -20,7 +20,9 @@ class CausalLM(nn.Module):
     pass from position 0. Families implement `hidden` (the same arguments -> the input of
     `lm_head`, on its device). Attributes the engine reads: num_layers, kv_heads, head_dim,
     max_positions, `layer_devices` (set by device_map; else all on the embedding's device) and,
-    when the pipeline installed one, `verified_head` (a submodule: layers/verified_head.py).
+    when the pipeline installed one, `verified_head` (a submodule: layers/verified_head.py), and
+    `layer_windows` (per layer, the sliding window or None; the KV cache keeps only the window of
+    a sliding layer; None for all means every layer attends to the whole prefix).
     """
 
     num_layers: int
@@ -28,12 +30,18 @@ class CausalLM(nn.Module):
     head_dim: int
     max_positions: int
     layer_devices: list[torch.device] | None = None
+    layer_windows: list[int | None] | None = None
     # The post-load passes (layers/passes.py) that only some families take: int8 weights, a
     # device map over the decoder layers, a column-major CPU output projection.
     post_load = frozenset({"int8", "device_map", "column_major_head"})
 
     def forward(self, input_ids: torch.Tensor, cache_view=None, last_only: bool = False) -> torch.Tensor:
-        return self.lm_head(self.hidden(input_ids, cache_view, last_only)).float()
+        return self.finish_logits(self.lm_head(self.hidden(input_ids, cache_view, last_only)).float())
+
+    def finish_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """What the family does to the output projection's scores (Gemma's soft cap); the
+        engine applies it to every score it reads from the head."""
+        return logits
 
     def view_or_full(self, input_ids: torch.Tensor, cache_view):
         if cache_view is None:

@@ -3,9 +3,11 @@ the model's continuous-batching engine -> text.
 
 Option defaults: transformers' (max_new_tokens 256 as the pipeline sets it, top_k 50, ...),
 overridden by the checkpoint's generation_config.json, then by LoadModel's defaults, then by
-each request. Prompts are tokenized without special tokens, as the transformers pipeline does
-(add_special_tokens=False), and the new text is decode(generated ids, skip_special_tokens),
-preceded by the prompt text when return_full_text is set.
+each request. Prompts are tokenized with the tokenizer's special tokens, as transformers'
+pipeline does (it calls the tokenizer with its defaults): tokenizer.json's post-processor decides,
+so Llama, Gemma and OPT prompts start with their BOS and GPT-2's get nothing added. The new text
+is decode(generated ids, skip_special_tokens), preceded by the prompt text when return_full_text
+is set.
 """
 from __future__ import annotations
 
@@ -125,7 +127,7 @@ class TextGenerationPipeline(Pipeline):
         if len(prompt) > self.model.max_positions * _MAX_CHARS_PER_TOKEN:
             raise InputTooLarge(f"the prompt has {len(prompt)} characters, far more than this model's context of "
                                 f"{self.model.max_positions} tokens holds")
-        ids = self.tokenizer.encode(prompt, add_special_tokens=False).ids
+        ids = self.tokenizer.encode(prompt, add_special_tokens=True).ids
         if not ids:
             raise InvalidInput("the prompt has no tokens")
         limit = self.model.max_positions - 1  # room for at least one new token

@@ -43,7 +43,8 @@ class GenerationEngine:
                  prefill_chunk: int = 512):
         self.tokenizer = tokenizer
         self.cache = KVCache(model.num_layers, model.kv_heads, model.head_dim, model.max_positions,
-                             dtype=model.cache_dtype(), devices=model.cache_devices(), max_slots=max_batch_size)
+                             dtype=model.cache_dtype(), devices=model.cache_devices(), max_slots=max_batch_size,
+                             windows=getattr(model, "layer_windows", None))
         self.runner = StepRunner(model, self.cache, prefill_chunk=prefill_chunk)
         self.outputs = OutputProcessor(tokenizer, special_ids=special_ids, max_positions=model.max_positions,
                                        clean_up_spaces=clean_up_spaces)

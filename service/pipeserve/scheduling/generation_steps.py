@@ -99,7 +99,7 @@ class StepRunner:
         started = time.perf_counter()
         ids = torch.tensor([[s.last] for s in seqs], device=self.device)
         view = self.cache.view([s.slot for s in seqs], 1)
-        logits = self._scores(self.model.hidden(ids, view)[:, -1], seqs)  # [B, V]
+        logits = self._finish(self._scores(self.model.hidden(ids, view)[:, -1], seqs))  # [B, V]
         view.commit()
         self.steps += 1
         self.batch_sizes = (self.batch_sizes + [len(seqs)])[-RECENT_BATCH_SIZES:]
@@ -130,6 +130,11 @@ class StepRunner:
                                        self.model.lm_head)
         logits[exact] = self.model.lm_head(hidden[exact]).float()
         return logits
+
+    def _finish(self, logits: torch.Tensor) -> torch.Tensor:
+        """The family's last word on the scores (Gemma's soft cap; models/causal_lm.py)."""
+        finish = getattr(self.model, "finish_logits", None)
+        return finish(logits) if finish is not None else logits
 
     @staticmethod
     def _charge(handles: set[RequestHandle], elapsed: float, batch: int) -> None:

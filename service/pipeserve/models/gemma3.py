@@ -1,0 +1,306 @@
+"""The Gemma 3 text family: Gemma3ForCausalLM (model_type gemma3_text) and the language model of
+Gemma3ForConditionalGeneration checkpoints (model_type gemma3; the vision tower is not loaded).
+
+What sets it apart from Llama: the token embeddings are scaled by sqrt(hidden_size) (in the
+embedding's dtype), RMSNorm scales by (1 + weight) in float32, queries and keys are RMS-normed
+per head, each block has a norm before and after both attention and MLP, the MLP is gated GELU
+(tanh), attention scores are scaled by query_pre_attn_scalar^-0.5, and the layers alternate between sliding-window ("sliding_attention", RoPE base
+rope_local_base_freq) and global ("full_attention", RoPE base rope_theta plus rope_scaling)
+attention. The output projection is tied to the embedding; the logits may be tanh-softcapped.
+attn_logit_softcapping is read but, as in transformers' Gemma3Attention (which does not pass it to
+the attention function: Gemma 3 replaced Gemma 2's score soft cap with the q/k norms), not applied.
+
+Ports transformers/models/gemma3/modeling_gemma3.py (Gemma3TextScaledWordEmbedding, Gemma3RMSNorm,
+Gemma3MLP, Gemma3Attention, Gemma3DecoderLayer, Gemma3TextModel, Gemma3ForCausalLM) and the rope
+parameters of configuration_gemma3.py (Gemma3TextConfig.convert_rope_params_to_dict). RoPE itself
+is Llama's (models/llama.py) with each layer type's parameters.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..checkpoints.family_config import config_from_dict
+from ..checkpoints.formats import Checkpoint
+from ..checkpoints.loader import ModuleRecipe, load_module
+from ..checkpoints.weights import module_device
+from ..errors import ModelLoadFailed
+from ..layers.activations import activation
+from .causal_lm import CausalLM, run_layers
+from .llama import LlamaConfig, RotaryEmbedding, apply_rotary
+
+SLIDING, FULL = "sliding_attention", "full_attention"
+
+
+@dataclass(frozen=True)
+class Gemma3TextConfig:
+    """Gemma3TextConfig's fields (transformers' names and defaults)."""
+
+    model_type: str = "gemma3_text"
+    vocab_size: int = 262_208
+    hidden_size: int = 2304
+    intermediate_size: int = 9216
+    num_hidden_layers: int = 26
+    num_attention_heads: int = 8
+    num_key_value_heads: int = 4
+    head_dim: int = 256
+    hidden_activation: str = "gelu_pytorch_tanh"
+    max_position_embeddings: int = 131_072
+    rms_norm_eps: float = 1e-6
+    pad_token_id: int | None = 0
+    eos_token_id: int | tuple[int, ...] | None = 1
+    bos_token_id: int | None = 2
+    tie_word_embeddings: bool = True
+    attention_bias: bool = False
+    query_pre_attn_scalar: float = 256
+    sliding_window: int | None = 4096
+    sliding_window_pattern: int = 6
+    layer_types: tuple[str, ...] | None = None
+    final_logit_softcapping: float | None = None
+    attn_logit_softcapping: float | None = None  # not applied, as in transformers (module docstring)
+    use_bidirectional_attention: bool = False
+    # RoPE: transformers >= 5 writes rope_parameters {"sliding_attention": {...}, "full_attention": {...}};
+    # older configs write rope_theta (global), rope_local_base_freq (sliding) and rope_scaling (global).
+    rope_parameters: dict[str, Any] | None = None
+    rope_theta: float | None = None
+    rope_local_base_freq: float | None = None
+    rope_scaling: dict[str, Any] | None = None
+
+    def layer_type(self, layer: int) -> str:
+        if self.layer_types is not None:
+            return self.layer_types[layer]
+        # Gemma3TextConfig.__post_init__: every sliding_window_pattern-th layer is global
+        return SLIDING if (layer + 1) % self.sliding_window_pattern else FULL
+
+    def window(self, layer: int) -> int | None:
+        return self.sliding_window if self.layer_type(layer) == SLIDING else None
+
+    def rope(self, layer_type: str) -> dict[str, Any]:
+        """One layer type's rope parameters, as convert_rope_params_to_dict standardizes them."""
+        nested = self.rope_parameters or {}
+        params = dict(nested.get(layer_type) or {"rope_type": "default"})
+        if layer_type == FULL:
+            if self.rope_scaling and not nested:
+                params.update(self.rope_scaling)
+                if "type" in self.rope_scaling and "rope_type" not in self.rope_scaling:
+                    params["rope_type"] = self.rope_scaling["type"]  # the oldest configs' key
+            params.setdefault("rope_theta", self.rope_theta if self.rope_theta is not None else 1_000_000.0)
+        else:
+            base = self.rope_local_base_freq
+            params.setdefault("rope_theta", base if base is not None else 10_000.0)
+        return params
+
+    def rope_config(self, layer_type: str) -> LlamaConfig:
+        """Llama's rope code reads its parameters from a LlamaConfig: one per layer type."""
+        return LlamaConfig(hidden_size=self.hidden_size, num_attention_heads=self.num_attention_heads,
+                           head_dim=self.head_dim, max_position_embeddings=self.max_position_embeddings,
+                           rope_parameters=self.rope(layer_type))
+
+
+class ScaledWordEmbedding(nn.Embedding):
+    """Gemma3TextScaledWordEmbedding: the scale is rounded to the weight's dtype first (sqrt(640)
+    is 25.30 in float32, 25.25 in bfloat16), as transformers does."""
+
+    def __init__(self, vocab: int, hidden: int):
+        super().__init__(vocab, hidden)
+        self.scale = hidden ** 0.5
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        scale = torch.tensor(self.scale, dtype=self.weight.dtype, device=self.weight.device)
+        return super().forward(input_ids) * scale
+
+
+class RMSNorm(nn.Module):
+    """Gemma3RMSNorm: (x / rms(x)) * (1 + weight), all in float32, then cast back."""
+
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (h * (1.0 + self.weight.float())).type_as(x)
+
+
+class MLP(nn.Module):
+    """Gemma3MLP: gated GELU (tanh approximation in every released config)."""
+
+    def __init__(self, config: Gemma3TextConfig):
+        super().__init__()
+        h, i = config.hidden_size, config.intermediate_size
+        self.gate_proj = nn.Linear(h, i, bias=False)
+        self.up_proj = nn.Linear(h, i, bias=False)
+        self.down_proj = nn.Linear(i, h, bias=False)
+        self.act = activation(config.hidden_activation)
+
+    def forward(self, x):
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Attention(nn.Module):
+    """Gemma3Attention: grouped-query attention with q/k RMS norms before RoPE."""
+
+    def __init__(self, config: Gemma3TextConfig, layer_idx: int):
+        super().__init__()
+        h, d, bias = config.hidden_size, config.head_dim, config.attention_bias
+        self.n_head, self.kv_heads, self.head_dim = config.num_attention_heads, config.num_key_value_heads, d
+        self.layer_idx, self.window = layer_idx, config.window(layer_idx)
+        self.scale = config.query_pre_attn_scalar ** -0.5
+        self.q_proj = nn.Linear(h, self.n_head * d, bias=bias)
+        self.k_proj = nn.Linear(h, self.kv_heads * d, bias=bias)
+        self.v_proj = nn.Linear(h, self.kv_heads * d, bias=bias)
+        self.o_proj = nn.Linear(self.n_head * d, h, bias=bias)
+        self.q_norm = RMSNorm(d, config.rms_norm_eps)
+        self.k_norm = RMSNorm(d, config.rms_norm_eps)
+
+    def forward(self, x, cos, sin, view):
+        B, T, _ = x.shape
+        q = self.q_norm(self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2))  # [B, H, T, D]
+        k = self.k_norm(self.k_proj(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2))  # [B, Hkv, T, D]
+        v = self.v_proj(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        y = view.attend(self.layer_idx, q, k, v, scale=self.scale, window=self.window)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class DecoderLayer(nn.Module):
+    """Gemma3DecoderLayer: x + post_norm(attn(pre_norm(x))), then the same around the MLP."""
+
+    def __init__(self, config: Gemma3TextConfig, layer_idx: int):
+        super().__init__()
+        h, eps = config.hidden_size, config.rms_norm_eps
+        self.layer_type = config.layer_type(layer_idx)
+        self.self_attn = Attention(config, layer_idx)
+        self.mlp = MLP(config)
+        self.input_layernorm = RMSNorm(h, eps)
+        self.post_attention_layernorm = RMSNorm(h, eps)
+        self.pre_feedforward_layernorm = RMSNorm(h, eps)
+        self.post_feedforward_layernorm = RMSNorm(h, eps)
+
+    def forward(self, x, rotary: dict[str, tuple[torch.Tensor, torch.Tensor]], view):
+        cos, sin = rotary[self.layer_type]
+        attn = self.self_attn(self.input_layernorm(x), cos.to(x.device), sin.to(x.device), view)
+        x = x + self.post_attention_layernorm(attn)
+        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+
+
+class Rotary(nn.Module):
+    """Gemma3RotaryEmbedding: one table per layer type (Llama's, with that type's parameters)."""
+
+    def __init__(self, config: Gemma3TextConfig):
+        super().__init__()
+        types = sorted({config.layer_type(i) for i in range(config.num_hidden_layers)})
+        self.tables = nn.ModuleDict({t: RotaryEmbedding(config.rope_config(t)) for t in types})
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        return {t: table(positions, dtype) for t, table in self.tables.items()}
+
+
+class _Gemma3TextModel(nn.Module):
+    def __init__(self, config: Gemma3TextConfig):
+        super().__init__()
+        self.embed_tokens = ScaledWordEmbedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = Rotary(config)
+
+
+class Gemma3ForCausalLM(CausalLM):
+    """Gemma3ForCausalLM (and Gemma3ForConditionalGeneration's language model)."""
+
+    def __init__(self, config: Gemma3TextConfig):
+        super().__init__()
+        self.config = config
+        self.model = _Gemma3TextModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.num_layers, self.kv_heads = config.num_hidden_layers, config.num_key_value_heads
+        self.head_dim, self.max_positions = config.head_dim, config.max_position_embeddings
+        # The sliding layers' caches keep only their window (layers/kv_cache.py rings).
+        self.layer_windows = [config.window(i) for i in range(config.num_hidden_layers)]
+
+    def tie_weights(self):
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def finish_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """final_logit_softcapping: cap * tanh(logits / cap) (monotonic: the argmax is kept)."""
+        cap = self.config.final_logit_softcapping
+        if cap is None:
+            return logits
+        return torch.tanh(logits / cap) * cap
+
+    def hidden(self, input_ids: torch.Tensor, cache_view=None, last_only: bool = False) -> torch.Tensor:
+        view = self.view_or_full(input_ids, cache_view)
+        m = self.model
+        x = m.embed_tokens(input_ids)
+        rotary = m.rotary_emb(view.positions.to(input_ids.device), x.dtype)
+        x = run_layers(m.layers, x, lambda layer, h: layer(h, rotary, view), self.layer_devices)
+        if last_only:
+            x = x[:, -1:]
+        x = m.norm(x.to(m.norm.weight.device))
+        return x.to(module_device(self.lm_head))
+
+
+def text_config(raw: dict[str, Any]) -> dict[str, Any]:
+    """The language model's config: gemma3 (multimodal) nests it under text_config, and keeps
+    tie_word_embeddings at the top level."""
+    if raw.get("model_type") != "gemma3":
+        return dict(raw)
+    nested = dict(raw.get("text_config") or {})
+    nested.setdefault("model_type", "gemma3_text")
+    if nested.get("tie_word_embeddings") is None and raw.get("tie_word_embeddings") is not None:
+        nested["tie_word_embeddings"] = raw["tie_word_embeddings"]
+    return nested
+
+
+# Checkpoint name prefixes of Gemma3ForConditionalGeneration's language model: transformers >= 5
+# saves model.language_model.* (and lm_head.*), earlier versions language_model.model.* and
+# language_model.lm_head.*. The vision tower and projector are not ours to load.
+_PREFIXES = (("model.language_model.", "model."), ("language_model.model.", "model."),
+             ("language_model.lm_head.", "lm_head."))
+_SKIPPED = ("model.vision_tower.", "vision_tower.", "model.multi_modal_projector.", "multi_modal_projector.")
+
+
+def _rename(name: str) -> str | None:
+    if name.startswith(_SKIPPED) or ".rotary_emb." in name:
+        return None
+    for prefix, ours in _PREFIXES:
+        if name.startswith(prefix):
+            return ours + name[len(prefix):]
+    return name
+
+
+def parse_config(raw: dict[str, Any]) -> Gemma3TextConfig:
+    config = config_from_dict(Gemma3TextConfig, text_config(raw))
+    if config.use_bidirectional_attention:
+        raise ModelLoadFailed("use_bidirectional_attention (an embedding model's setting) is not supported for "
+                              "text generation", reason="UNSUPPORTED_CONFIG")
+    if config.layer_types is not None and len(config.layer_types) != config.num_hidden_layers:
+        raise ModelLoadFailed(f"layer_types has {len(config.layer_types)} entries for {config.num_hidden_layers} "
+                              "layers", reason="UNSUPPORTED_CONFIG")
+    unknown = {config.layer_type(i) for i in range(config.num_hidden_layers)} - {SLIDING, FULL}
+    if unknown:
+        raise ModelLoadFailed(f"unknown layer types {sorted(unknown)}; supported: {SLIDING}, {FULL}",
+                              reason="UNSUPPORTED_CONFIG")
+    if any(config.window(i) is not None for i in range(config.num_hidden_layers)) and not (
+            isinstance(config.sliding_window, int) and config.sliding_window > 0):
+        raise ModelLoadFailed(f"sliding_window must be a positive integer, got {config.sliding_window!r}",
+                              reason="UNSUPPORTED_CONFIG")
+    return config
+
+
+def load_model(files, options, head: str = "causal_lm") -> nn.Module:
+    if head not in ("causal_lm", "base"):
+        raise ValueError(f"{files.config.get('model_type')} has no {head!r} head here")
+
+    def recipe(checkpoint: Checkpoint) -> ModuleRecipe:
+        config = parse_config(checkpoint.config)
+        return ModuleRecipe(lambda: Gemma3ForCausalLM(config), rename=_rename,
+                            tied={"lm_head.weight": "model.embed_tokens.weight"})
+
+    return load_module(files, options, recipe)
