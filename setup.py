@@ -34,6 +34,8 @@ RUNTIME = [
     "soundfile>=0.12,<0.15",
     "numpy>=1.24,<3",
     "prometheus-client>=0.20,<0.27",  # /metrics endpoint (pipeserve.serving.metrics); see README
+    # llama.cpp's GGUF format: block types and dequantization (checkpoints/gguf.py); pure Python + numpy.
+    "gguf>=0.17,<0.20",
 ]
 
 setup(version=VERSION, install_requires=[f"pipeserve-client=={VERSION}", *RUNTIME])
