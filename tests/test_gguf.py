@@ -170,6 +170,7 @@ def test_loadmodel_serves_a_gguf_file_over_grpc(grpc_server, tiny_gguf):
     qtype, path, _, pipe = tiny_gguf
     info = load_model(grpc_server, path)
     assert info.task == model_pb2.TASK_TEXT_GENERATION and info.family == pipe.files.config["model_type"]
+    assert info.source_path == str(path.resolve()), "GetModel names the file it serves, not only its folder"
     stub = text_generation_pb2_grpc.TextGenerationServiceStub(grpc_server.channel)
     response = stub.Generate(pb.GenerateRequest(model=str(path), prompt="The quick brown fox",
                                                 options=pb.GenerationOptions(max_new_tokens=8, min_new_tokens=8)),
