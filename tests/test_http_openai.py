@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 import urllib.error
 import urllib.request
 
@@ -32,7 +33,7 @@ CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{{
 @pytest.fixture(scope="module")
 def server():
     handle = make_server(http_listen="127.0.0.1:0", auth_tokens=(USER,), admin_tokens=(ADMIN,),
-                         max_message_bytes=MAX_BODY, max_audio_seconds=600.0)
+                         max_message_bytes=MAX_BODY, max_audio_seconds=600.0, metrics_listen="127.0.0.1:0")
     yield handle
     handle.stop()
 
@@ -280,3 +281,35 @@ def test_models_and_health(server, client, gpt2):
         urllib.request.urlopen(request, timeout=30)
     assert info.value.code == 401
     assert json.loads(info.value.read())["error"]["type"] == "authentication_error"
+
+
+def _handled(server, code: str) -> float:
+    labels = {"grpc_type": "server_stream", "grpc_service": "pipeserve.v1.TextGenerationService",
+              "grpc_method": "GenerateStream", "grpc_code": code}
+    return server.running.metrics.registry.get_sample_value("grpc_server_handled_total", labels) or 0.0
+
+
+def test_a_client_that_goes_away_cancels_its_call(server, gpt2):
+    """An HTTP client that closes its connection mid-stream cancels the gRPC call behind it
+    (counted CANCELLED by the server's own telemetry), so the generation stops."""
+    import http.client
+
+    name, _ = gpt2
+    before = _handled(server, "CANCELLED")
+    connection = http.client.HTTPConnection("127.0.0.1", server.running.http.port, timeout=60)
+    body = json.dumps({"model": name, "prompt": "Hello", "max_tokens": 120, "ignore_eos": True, "stream": True})
+    connection.request("POST", "/v1/completions", body=body, headers={
+        "Authorization": f"Bearer {USER}", "Content-Type": "application/json"})
+    answer = connection.getresponse()
+    assert answer.status == 200
+    assert answer.readline().startswith(b"data: {")  # the first token arrived: mid-stream
+    connection.sock.close()
+    answer.close()
+    deadline = time.time() + 60
+    while _handled(server, "CANCELLED") == before and time.time() < deadline:
+        time.sleep(0.05)
+    assert _handled(server, "CANCELLED") == before + 1
+    pipe = server.manager.get(name).pipeline
+    while (pipe.engine.active() or pipe.engine.queued()) and time.time() < deadline:
+        time.sleep(0.05)
+    assert pipe.engine.active() == 0 and pipe.engine.queued() == 0

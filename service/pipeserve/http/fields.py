@@ -69,6 +69,18 @@ def generation_options(body: dict, *, chat_api: bool):
     n = number(body, "n", int, 1, 128)
     if n is not None:
         options.num_return_sequences = n
+    # Beyond OpenAI's fields, the ones vLLM's OpenAI-compatible server also takes (same names).
+    top_k = number(body, "top_k", int, 0, 1 << 20)
+    if top_k is not None:
+        options.top_k = top_k
+    min_tokens = number(body, "min_tokens", int, 0, 1 << 20)
+    if min_tokens is not None:
+        options.min_new_tokens = min_tokens
+    repetition_penalty = number(body, "repetition_penalty", float, 0.01, 100.0)
+    if repetition_penalty is not None:
+        options.repetition_penalty = repetition_penalty
+    if body.get("ignore_eos") is not None:
+        options.ignore_eos = boolean(body["ignore_eos"], "ignore_eos")
     stop = body.get("stop")
     if isinstance(stop, str):
         stop = [stop]
