@@ -1,7 +1,8 @@
 """The HTTP front door's error mapping and its answers while the server drains: each gRPC
 code becomes its HTTP status in OpenAI's error shape with our reason, 429 and 503 carry
 Retry-After (the server's retry_after_ms when it names one), and a draining server answers
-/readyz and every call with 503 DRAINING while /healthz stays 200."""
+/readyz and every call with 503 DRAINING while /healthz stays 200; a chunked body over
+max_message_bytes is 413 too."""
 from __future__ import annotations
 
 import json
@@ -69,10 +70,28 @@ def _get(url: str):
         return error.code, dict(error.headers), json.loads(error.read())
 
 
+def _post_chunked(port: int, path: str, pieces) -> tuple[int, dict]:
+    """A body with no Content-Length (chunked): its size is known only while it is read."""
+    import http.client
+
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        connection.request("POST", path, body=iter(pieces), encode_chunked=True,
+                           headers={"Content-Type": "application/json"})
+        answer = connection.getresponse()
+        return answer.status, json.loads(answer.read())
+    finally:
+        connection.close()
+
+
 def test_draining_server_answers_503():
-    handle = make_server(http_listen="127.0.0.1:0")
+    handle = make_server(http_listen="127.0.0.1:0", max_message_bytes=4096)
     try:
         base = f"http://127.0.0.1:{handle.running.http.port}"
+        # Over max_message_bytes without a Content-Length: refused while reading, still 413.
+        status, body = _post_chunked(handle.running.http.port, "/v1/embeddings",
+                                     [b'{"input": "', *[b"x" * 1024] * 8, b'"}'])
+        assert status == 413 and body["error"]["reason"] == "INPUT_TOO_LARGE"
         assert _get(base + "/readyz")[0] == 200
         assert _get(base + "/v1/models")[0] == 200
         handle.call(handle.running.drain_calls(0))

@@ -68,6 +68,6 @@ async def start(settings: Settings, loopback: str, folder: Path) -> FrontDoor:
     host, port = _split(settings.http_listen)
     site = web.TCPSite(runner, host, port)
     await site.start()
-    bound = site._server.sockets[0].getsockname()[1] if port == 0 else port
+    bound = runner.addresses[0][1]  # the port asked for, or the free one port 0 found
     log.info("HTTP/JSON (OpenAI-compatible) listening on %s (port %d)", settings.http_listen, bound)
     return FrontDoor(runner=runner, channel=channel, folder=folder, port=bound)
