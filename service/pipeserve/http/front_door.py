@@ -65,9 +65,15 @@ async def start(settings: Settings, loopback: str, folder: Path) -> FrontDoor:
     # handler_cancellation: a client that goes away cancels its handler, hence its gRPC call.
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
     await runner.setup()
-    host, port = _split(settings.http_listen)
-    site = web.TCPSite(runner, host, port)
+    listen = settings.http_listen
+    if listen.startswith(("unix:", "unix-abstract:")):  # the forms `address()` accepts, as for gRPC
+        scheme, _, path = listen.partition(":")
+        site = web.UnixSite(runner, "\0" + path if scheme == "unix-abstract" else path)
+    else:
+        host, port = _split(listen)
+        site = web.TCPSite(runner, host, port)
     await site.start()
-    bound = runner.addresses[0][1]  # the port asked for, or the free one port 0 found
+    address = runner.addresses[0]
+    bound = address[1] if isinstance(address, tuple) else 0  # the port asked for, or the free one port 0 found
     log.info("HTTP/JSON (OpenAI-compatible) listening on %s (port %d)", settings.http_listen, bound)
     return FrontDoor(runner=runner, channel=channel, folder=folder, port=bound)
