@@ -17,8 +17,7 @@ VERSION = (re.search(r'^__version__ = "([^"]+)"', VERSION_FILE.read_text(), re.M
 # tested: the next major version, or for 0.x packages (and torch, whose minor releases change
 # kernels and numerics) the next minor one. Tested together: torch 2.13.0, grpcio 1.85,
 # protobuf 7.36, huggingface_hub 2.4, safetensors 0.8, tokenizers 0.23, pillow 13,
-# soundfile 0.14, numpy 2.4, prometheus-client 0.26,
-# jinja2 3.1.
+# soundfile 0.14, numpy 2.4, prometheus-client 0.26, aiohttp 3.14, jinja2 3.1.
 RUNTIME = [
     # A range: a GPU user keeps the CUDA build they have; scripts/setup installs the CPU
     # wheel first on machines without a GPU (scripts/torch-choice).
@@ -35,7 +34,10 @@ RUNTIME = [
     "soundfile>=0.12,<0.15",
     "numpy>=1.24,<3",
     "prometheus-client>=0.20,<0.27",  # /metrics endpoint (pipeserve.serving.metrics); see README
-    # Chat templates (pipeserve.inputs.chat); 3.1.6 fixed sandbox escapes, as transformers requires.
+    # llama.cpp's GGUF format: block types and dequantization (checkpoints/gguf.py); pure Python + numpy.
+    "gguf>=0.17,<0.20",
+    "aiohttp>=3.9,<4",  # the OpenAI-compatible HTTP/JSON front door (pipeserve.http); see README
+    # Chat templates (pipeserve.inputs.chat); 3.1.6 closed sandbox escapes, as transformers requires.
     "jinja2>=3.1.6,<4",
 ]
 

@@ -56,7 +56,10 @@ MUTANTS = [
            "torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-5)",
            ("tests/test_generation_models.py", "-k", "llama and full_pass")),
     Mutant("whisper-self-attn-layernorm-bias-dropped", "service/pipeserve/models/whisper.py",
-           "h = self.self_attn_layer_norm(x)", "h = self.self_attn_layer_norm(x) - self.self_attn_layer_norm.bias",
+           # the encoder layer's (the decoder layer's own line is followed by other statements)
+           "h = self.self_attn_layer_norm(x)\n        q, k, v = self.self_attn.qkv(h)\n        x = x +",
+           "h = self.self_attn_layer_norm(x) - self.self_attn_layer_norm.bias\n        q, k, v = self.self_attn.qkv(h)\n"
+           "        x = x +",
            ("tests/test_whisper_parity.py", "-k", "logits_parity")),
     Mutant("wav2vec2-stable-layernorm-weight-ignored", "service/pipeserve/models/wav2vec2.py",
            "x = x + self.attention(self.layer_norm(x), mask)",
@@ -76,7 +79,7 @@ MUTANTS = [
     Mutant("gpt2-inverse-layer-idx-scale-skipped", "service/pipeserve/models/gpt2.py",
            "scale /= float(layer_idx + 1)", "scale /= 1.0",
            ("tests/test_generation_models.py", "-k", "config_variant and gpt2")),
-    Mutant("whisper-alignment-head-layer-off-by-one", "service/pipeserve/pipelines/whisper/decoding.py",
+    Mutant("whisper-alignment-head-layer-off-by-one", "service/pipeserve/pipelines/whisper/word_timing.py",
            "attentions[layer][0, head] for layer, head in s.alignment_heads",
            "attentions[layer - 1][0, head] for layer, head in s.alignment_heads",
            # real weights: random ones attend near-uniformly, so DTW cannot tell heads apart
@@ -84,8 +87,8 @@ MUTANTS = [
     Mutant("int8-quantizer-7-bit", "service/pipeserve/layers/quantization.py",
            "QMAX = 127", "QMAX = 63",
            ("tests/test_generation_int8_device_map.py", "-k", "int8")),
-    Mutant("beam-length-normalisation-dropped", "service/pipeserve/pipelines/whisper/decoding.py",
-           "norm = top_scores / ((step + 1) ** length_penalty)", "norm = top_scores",
+    Mutant("beam-length-normalisation-dropped", "service/pipeserve/pipelines/whisper/token_decoders.py",
+           "norm = top_scores / ((self.step + 1) ** penalty)", "norm = top_scores",
            ("tests/test_whisper_real.py", "-k", "length_penalty")),
 ]
 

@@ -100,6 +100,9 @@ class Settings:
     # empty = off), log format ("text" or "json") and level ("debug" logs every call, "info"
     # the failed ones), one OpenTelemetry span per RPC when opentelemetry is installed and on.
     metrics_listen: str = ""
+    # OpenAI-compatible HTTP/JSON endpoints (pipeserve.http), "host:port"; empty = off. Served
+    # by this process through its own gRPC services, so auth, limits and metrics are the same.
+    http_listen: str = ""
     log_format: str = "text"
     log_level: str = "info"
     tracing: bool = False
@@ -229,6 +232,9 @@ RULES: dict[str, Rule] = {
                                         "reserve in the key/value cache", at_least(1)),
     "hub_offline": Rule("never contact the Hugging Face Hub: Hub ids resolve from the local cache only"),
     "metrics_listen": Rule("Prometheus /metrics HTTP address, HOST:PORT; empty = off", address(allow_empty=True)),
+    "http_listen": Rule("OpenAI-compatible HTTP/JSON address (/v1/audio/transcriptions, /v1/embeddings, "
+                        "/v1/completions, /v1/chat/completions, /v1/models, /healthz, /readyz), HOST:PORT "
+                        "(port 0: a free port); empty = off", address(allow_empty=True)),
     "log_format": Rule("log format: text or json", one_of("text", "json")),
     "log_level": Rule("log level: debug (every call), info (failed calls), warning, error or critical",
                       one_of("debug", "info", "warning", "error", "critical")),

@@ -8,6 +8,7 @@ import logging
 import signal
 import sys
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 # Before anything imports torch: OpenMP reads its settings once, when it loads.
 from .serving.openmp_defaults import apply_openmp_defaults  # imports nothing heavy
@@ -33,6 +34,9 @@ from .serving.security import SecurityInterceptor, server_credentials
 from .serving.startup import Startup
 from .serving.tracing import make_tracer
 from .tasks import Task
+
+if TYPE_CHECKING:
+    from .http.front_door import FrontDoor
 
 log = logging.getLogger("pipeserve.server")
 
@@ -102,6 +106,8 @@ class RunningServer:
     # Prometheus metrics (None when `metrics_listen` is empty); `metrics.port` is the HTTP port.
     metrics: Metrics | None = None
     security: SecurityInterceptor | None = None
+    # The OpenAI-compatible HTTP/JSON front door (None when `http_listen` is empty); `http.port`.
+    http: "FrontDoor | None" = None
     startup: Startup = field(default_factory=lambda: Startup((), starting=False))
     # The background load of the default models, when the server preloads them.
     preloading: asyncio.Task | None = None
@@ -121,7 +127,9 @@ class RunningServer:
         return left
 
     async def release(self) -> None:
-        """Frees the models and closes the metrics endpoint."""
+        """Closes the HTTP front door, frees the models and closes the metrics endpoint."""
+        if self.http is not None:
+            await self.http.close()
         await self.app.manager.close()
         if self.metrics is not None:
             self.metrics.close()
@@ -222,11 +230,20 @@ async def start(settings: Settings, *, preload_defaults: bool = False) -> Runnin
             else server.add_insecure_port(settings.listen))
     if port == 0:
         raise SystemExit(f"cannot listen on {settings.listen}")
+    loopback = None
+    if settings.http_listen:  # the HTTP front door calls this server through a private socket
+        from .http import front_door  # aiohttp is imported only by servers that serve HTTP
+
+        loopback, loopback_folder = front_door.loopback_address()
+        if server.add_insecure_port(loopback) == 0:
+            raise SystemExit(f"cannot listen on {loopback} (the HTTP front door's loopback)")
     await server.start()
     if metrics is not None:
         metrics.serve(settings.metrics_listen)
     running = RunningServer(server=server, app=app, port=port, health=health_servicer, drain=drain,
                             metrics=metrics, security=security, startup=startup)
+    if loopback is not None:
+        running.http = await front_door.start(settings, loopback, loopback_folder)
     holder["server"] = running
     await health_state.refresh(manager)
     if startup.starting:

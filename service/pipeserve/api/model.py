@@ -63,7 +63,7 @@ def model_info(entry: ModelEntry, is_default: bool) -> pb.ModelInfo:
         is_default=is_default,
         loaded_at=_timestamp(entry.loaded_at),
         last_used_at=_timestamp(entry.last_used_at),
-        source_path=str(entry.files.path) if entry.files else "",
+        source_path=str(entry.files.gguf or entry.files.path) if entry.files else "",  # a GGUF: its file
         quantized_int8=entry.options.load_in_8bit,
         default_options=_options_struct(entry.options.defaults),
     )

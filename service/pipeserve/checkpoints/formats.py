@@ -3,7 +3,10 @@
 * transformers layout: config.json + safetensors (single or sharded), or pickled
   pytorch_model*.bin only when the load allows pickle (weights.load_state_dict);
 * CTranslate2 (faster-whisper) layout: model.bin + tokenizer.json, no config.json with a
-  model_type; the sizes come from the tensor shapes (ctranslate2.read_whisper).
+  model_type; the sizes come from the tensor shapes (ctranslate2.read_whisper);
+* GGUF (llama.cpp): one .gguf file holding metadata, tokenizer and tensors; the config comes
+  from the metadata (gguf_families.gguf_config, at resolve time), the tensors are dequantized
+  to float and renamed to transformers' names (gguf_families.read_gguf_state).
 
 Families never open files: they receive a Checkpoint and say how its tensors map onto their
 modules (checkpoints/loader.py).
@@ -17,6 +20,8 @@ from typing import Any, Callable
 import torch
 
 from .ctranslate2 import read_whisper
+from .gguf import open_gguf
+from .gguf_families import read_gguf_state
 from .hub import ModelFiles
 from .weights import load_state_dict
 
@@ -32,7 +37,7 @@ class Checkpoint:
     def __init__(self, config: dict[str, Any], read_state: Callable[[], MutableMapping[str, torch.Tensor]],
                  format: str):
         self.config = config
-        self.format = format  # "transformers" or "ctranslate2"
+        self.format = format  # "transformers", "ctranslate2" or "gguf"
         self._read_state: Callable[[], MutableMapping[str, torch.Tensor]] | None = read_state
         self._state: MutableMapping[str, torch.Tensor] | None = None
 
@@ -55,6 +60,9 @@ def read_checkpoint(files: ModelFiles, *, device: str | torch.device, dtype: tor
                     allow_pickle: bool = False) -> Checkpoint:
     """The checkpoint in `files`, floating tensors in `dtype` on `device` (CTranslate2 tensors
     stay float32 on CPU: assignment casts them into the module's own storage)."""
+    if files.gguf is not None:
+        gguf, config = open_gguf(files.gguf), dict(files.config)
+        return Checkpoint(config, lambda: read_gguf_state(gguf, config, dtype, device), "gguf")
     if is_ctranslate2_whisper(files):
         sizes, state = read_whisper(files.path / "model.bin")  # sizes come from the tensors
         return Checkpoint(dataclasses.asdict(sizes), lambda: state, "ctranslate2")

@@ -28,21 +28,52 @@ _PICKLE_PATTERNS = ["pytorch_model*.bin"]
 @dataclass(frozen=True)
 class ModelFiles:
     """A resolved checkpoint: where its files are and its parsed config.json (may be empty for
-    formats without one, e.g. CTranslate2 Whisper)."""
+    formats without one, e.g. CTranslate2 Whisper). A GGUF checkpoint names its file in `gguf`;
+    its config is built from the file's metadata, and its tokenizer files are too: the file is
+    the whole checkpoint, whatever lies beside it."""
 
     name: str
     path: Path
     config: dict[str, Any] = field(default_factory=dict)
     revision: str | None = None
+    gguf: Path | None = None
 
     def read_json(self, filename: str) -> dict[str, Any] | None:
+        if self.gguf is not None:
+            return self._gguf_json(filename)
         path = self.path / filename
         if not path.is_file():
             return None
         return json.loads(path.read_text(encoding="utf-8"))
 
     def has(self, filename: str) -> bool:
+        if self.gguf is not None and filename in _GGUF_PROVIDES:
+            return True
         return (self.path / filename).exists()
+
+    def tokenizer_json(self) -> str | None:
+        """The tokenizer.json text: the file, or the one a GGUF file's metadata describes."""
+        if self.gguf is not None:
+            return json.dumps(self._gguf_json("tokenizer.json"), ensure_ascii=False)
+        path = self.path / "tokenizer.json"
+        return path.read_text(encoding="utf-8") if path.is_file() else None
+
+    def _gguf_json(self, filename: str) -> dict[str, Any] | None:
+        from .gguf import open_gguf
+        from .gguf_tokenizer import tokenizer_config, tokenizer_json
+
+        assert self.gguf is not None
+        if filename == "tokenizer.json":
+            return tokenizer_json(open_gguf(self.gguf))
+        if filename == "tokenizer_config.json":
+            return tokenizer_config(open_gguf(self.gguf))
+        if filename == "config.json":
+            return dict(self.config)
+        return None
+
+
+# The files a GGUF checkpoint's metadata stands in for.
+_GGUF_PROVIDES = ("config.json", "tokenizer.json", "tokenizer_config.json")
 
 
 def _is_offline(offline: bool | None) -> bool:
@@ -75,10 +106,12 @@ def resolve(reference: str, revision: str | None = None, *, offline: bool | None
         if path is None:
             raise ModelNotFound(f"embedded model {reference!r} is not installed; known: {sorted(NAMES)} "
                                 "(scripts/setup installs them)")
-        return ModelFiles(reference, path, _read_config(path), revision)
+        return _local_files(reference, path, revision)
     local = Path(reference).expanduser()
+    if local.is_file() and local.suffix == ".gguf":
+        return _gguf_files(reference, local.resolve(), revision)
     if local.is_dir():
-        return ModelFiles(reference, local.resolve(), _read_config(local), revision)
+        return _local_files(reference, local, revision)
     attempts.append(f"local directory {local} does not exist")
     if reference.startswith(("/", "./", "../", "~")) or reference.count("/") > 1:
         raise ModelNotFound(f"model {reference!r} not found: " + "; ".join(attempts))
@@ -104,6 +137,24 @@ def resolve(reference: str, revision: str | None = None, *, offline: bool | None
                         "an operator can set hub_offline=false on a server that reaches the Hub, or put the "
                         "model in the cache above (HF_HOME / HF_HUB_CACHE choose where it is)")
     raise ModelNotFound(f"model {reference!r} not found: " + "; ".join(attempts))
+
+
+def _local_files(reference: str, directory: Path, revision: str | None) -> ModelFiles:
+    """A directory: a transformers or CTranslate2 layout, or (no config.json) one GGUF file."""
+    if not (directory / "config.json").is_file():
+        from .gguf import find_gguf
+
+        found = find_gguf(directory)
+        if found is not None:
+            return _gguf_files(reference, found.resolve(), revision)
+    return ModelFiles(reference, directory.resolve(), _read_config(directory), revision)
+
+
+def _gguf_files(reference: str, path: Path, revision: str | None) -> ModelFiles:
+    from .gguf import open_gguf
+    from .gguf_families import gguf_config
+
+    return ModelFiles(reference, path.parent, gguf_config(open_gguf(path)), revision, gguf=path)
 
 
 def _attempt(where: str, revision: str | None, exc: Exception) -> str:

@@ -47,7 +47,8 @@ def canonical_name(name: str) -> str:
     if not name:
         return name
     local = os.path.expanduser(name)  # an unknown "~user" stays as it is
-    if looks_like_path(name) or os.path.isdir(local):  # isdir: any OSError (too long...) is False
+    if looks_like_path(name) or os.path.isdir(local) or (local.endswith(".gguf") and os.path.isfile(local)):
+        # isdir/isfile: any OSError (too long...) is False
         return os.path.realpath(local)
     return name
 

@@ -107,17 +107,18 @@ class TextTokenizer:
 
     @classmethod
     def from_files(cls, files: ModelFiles) -> "TextTokenizer":
-        path = files.path / "tokenizer.json"
-        if not path.is_file():
+        tokenizer_json = files.tokenizer_json()  # tokenizer.json, or built from GGUF metadata
+        if tokenizer_json is None:
             raise ModelLoadFailed(f"{files.path} has no tokenizer.json (only fast tokenizers are supported)",
                                   reason="TOKENIZER_MISSING")
         config = files.read_json("tokenizer_config.json") or {}
         special_map = files.read_json("special_tokens_map.json") or {}
         config = {**{k: v for k, v in special_map.items() if k in _SPECIAL_NAMES}, **config}
         try:
-            return cls(path.read_text(encoding="utf-8"), config, files.config)
+            return cls(tokenizer_json, config, files.config)
         except Exception as exc:  # the tokenizers library raises plain Exceptions for bad files
-            raise ModelLoadFailed(f"cannot read {path}: {exc}", reason="TOKENIZER_INVALID") from None
+            raise ModelLoadFailed(f"cannot read the tokenizer of {files.path}: {exc}",
+                                  reason="TOKENIZER_INVALID") from None
 
     # --- vocabulary -------------------------------------------------------------------------
     def token_id(self, name: str) -> int | None:

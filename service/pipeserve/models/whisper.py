@@ -116,7 +116,7 @@ class WhisperAttention(nn.Module):
         return self.split(q), self.split(k), self.split(v)
 
     def forward(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal_offset: int | None = None,
-                return_weights: bool = False, q: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                q: torch.Tensor | None = None) -> torch.Tensor:
         if q is None:
             q = self.split(self.q_proj(x))
         mask = None
@@ -124,31 +124,23 @@ class WhisperAttention(nn.Module):
             # query i (absolute position offset+i) sees keys 0..offset+i.
             qpos = torch.arange(q.shape[2], device=x.device)[:, None] + causal_offset
             mask = torch.arange(k.shape[2], device=x.device)[None, :] <= qpos
-        if return_weights:
-            scores = (q * self.head_dim ** -0.5) @ k.transpose(-1, -2)
-            if mask is not None:
-                scores = scores.masked_fill(~mask, float("-inf"))
-            w = scores.float().softmax(-1).to(q.dtype)
-            out = w @ v
-        else:
-            w = None
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         out = out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1)
-        return self.out_proj(out), w
+        return self.out_proj(out)
 
-
-    def attend_encoder(self, x: torch.Tensor, keys_t: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    def attend_encoder(self, x: torch.Tensor, keys_t: torch.Tensor, values: torch.Tensor, *,
+                       return_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Cross-attention of the decoder on cached encoder keys stored transposed
         [B, H, head_dim, frames] and values [B, H, frames, head_dim], both contiguous. Decoding
         reads 1500 keys and values per layer per token; two plain matmuls over contiguous
         memory stream them faster than attention over the head-split views of the projections
         (measured per layer and step, cache cold: 194 us for SDPA on views, 140 us on
-        contiguous copies, 117 us here)."""
+        contiguous copies, 117 us here). -> (output, the weights [B, H, T, frames] when asked)."""
         q = self.split(self.q_proj(x)) * self.head_dim ** -0.5
         scores = q @ keys_t
         w = scores.softmax(-1) if scores.dtype == torch.float32 else scores.float().softmax(-1).to(scores.dtype)
         out = (w @ values).transpose(1, 2).reshape(x.shape[0], x.shape[1], -1)
-        return self.out_proj(out)
+        return self.out_proj(out), (w if return_weights else None)
 
 
 class WhisperEncoderLayer(nn.Module):
@@ -164,7 +156,7 @@ class WhisperEncoderLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.self_attn_layer_norm(x)
         q, k, v = self.self_attn.qkv(h)
-        x = x + self.self_attn(h, k, v, q=q)[0]
+        x = x + self.self_attn(h, k, v, q=q)
         return x + self.fc2(linear_activation(self.fc1, self.final_layer_norm(x), self.act_name, self.act))
 
 
@@ -213,6 +205,27 @@ class WhisperDecoderLayer(nn.Module):
         self.final_layer_norm = nn.LayerNorm(c.d_model)
         self.act_name, self.act = c.activation_function, activation(c.activation_function)
 
+    def forward(self, x: torch.Tensor, self_kv: tuple[torch.Tensor, torch.Tensor], start: int,
+                cross_kv: tuple[torch.Tensor, torch.Tensor], *, return_cross_weights: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x [B, T, d_model] at positions start..start+T-1 -> (x, cross-attention weights
+        [B, H, T, frames] when asked). `self_kv` is this layer's preallocated key and value
+        buffers [B, H, max_len, head_dim] (KVCache.k[i], KVCache.v[i]): the new keys and values
+        are written at start..start+T-1 and attention reads positions 0..start+T-1 causally.
+        `cross_kv` is the encoder's keys (transposed) and values (WhisperDecoder.cross_kv)."""
+        keys, values = self_kv
+        end = start + x.shape[1]
+        h = self.self_attn_layer_norm(x)
+        q, k, v = self.self_attn.qkv(h)
+        keys[:, :, start:end] = k
+        values[:, :, start:end] = v
+        x = x + self.self_attn(h, keys[:, :, :end], values[:, :, :end], causal_offset=start, q=q)
+        h, weights = self.encoder_attn.attend_encoder(self.encoder_attn_layer_norm(x), *cross_kv,
+                                                      return_weights=return_cross_weights)
+        x = x + h
+        x = x + self.fc2(linear_activation(self.fc1, self.final_layer_norm(x), self.act_name, self.act))
+        return x, weights
+
 
 class WhisperDecoder(nn.Module):
     """modeling_whisper.WhisperDecoder with our preallocated cache."""
@@ -257,42 +270,35 @@ class WhisperDecoder(nn.Module):
 
     def hidden(self, tokens: torch.Tensor, cache: KVCache, logits_at: list[int] | None = None) -> torch.Tensor:
         """`forward` up to the vocabulary projection: the final layer norm's output [B, T, d_model]."""
-        start, steps = cache.length, tokens.shape[1]
-        if start + steps > cache.k[0].shape[2]:
-            raise ValueError(f"decoder length {start + steps} exceeds {cache.k[0].shape[2]} positions")
-        x = self.embed_tokens(tokens) * self.embed_scale + self.embed_positions.weight[start:start + steps]
-        for i, layer in enumerate(self.layers):
-            h = layer.self_attn_layer_norm(x)
-            q, k, v = layer.self_attn.qkv(h)
-            cache.k[i][:, :, start:start + steps] = k
-            cache.v[i][:, :, start:start + steps] = v
-            keys, values = cache.k[i][:, :, :start + steps], cache.v[i][:, :, :start + steps]
-            x = x + layer.self_attn(h, keys, values, causal_offset=start, q=q)[0]
-            keys_t, values = cache.cross[i]
-            x = x + layer.encoder_attn.attend_encoder(layer.encoder_attn_layer_norm(x), keys_t, values)
-            x = x + layer.fc2(linear_activation(layer.fc1, layer.final_layer_norm(x), layer.act_name, layer.act))
-        cache.length = start + steps
+        steps = tokens.shape[1]
+        x = self._layers(tokens, cache)[0]
         if logits_at is not None:
             x = x[:, [p % steps for p in logits_at]]
         return self.layer_norm(x)
 
     def cross_attentions(self, tokens: torch.Tensor, encoder_out: torch.Tensor
                          ) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """Full (uncached) pass returning each layer's cross-attention weights [B, H, T, frames],
-        for word-level alignment, and the logits [B, T, vocab] of the same pass (for the word
-        probabilities openai-whisper's timing pass reports alongside)."""
-        x = self.embed_tokens(tokens) * self.embed_scale + self.embed_positions.weight[: tokens.shape[1]]
-        out = []
-        for layer in self.layers:
-            h = layer.self_attn_layer_norm(x)
-            q, k, v = layer.self_attn.qkv(h)
-            x = x + layer.self_attn(h, k, v, causal_offset=0, q=q)[0]
-            ck, cv = layer.encoder_attn.kv(encoder_out)
-            h, w = layer.encoder_attn(layer.encoder_attn_layer_norm(x), ck, cv, return_weights=True)
-            x = x + h
-            x = x + layer.fc2(linear_activation(layer.fc1, layer.final_layer_norm(x), layer.act_name, layer.act))
-            out.append(w)
-        return out, self.proj_out(self.layer_norm(x))
+        """Full pass over `tokens` from position 0 returning each layer's cross-attention weights
+        [B, H, T, frames], for word-level alignment, and the logits [B, T, vocab] of the same
+        pass (for the word probabilities openai-whisper's timing pass reports alongside)."""
+        x, weights = self._layers(tokens, self.new_cache(encoder_out, tokens.shape[1]), return_cross_weights=True)
+        return weights, self.proj_out(self.layer_norm(x))
+
+    def _layers(self, tokens: torch.Tensor, cache: KVCache, *, return_cross_weights: bool = False
+                ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """tokens [B, T] following the cache's contents through every layer -> (the last layer's
+        output [B, T, d_model], per layer the cross-attention weights when asked); the cache grows by T."""
+        start, steps = cache.length, tokens.shape[1]
+        if start + steps > cache.k[0].shape[2]:
+            raise ValueError(f"decoder length {start + steps} exceeds {cache.k[0].shape[2]} positions")
+        x = self.embed_tokens(tokens) * self.embed_scale + self.embed_positions.weight[start:start + steps]
+        weights = []
+        for layer, keys, values, cross in zip(self.layers, cache.k, cache.v, cache.cross):
+            x, w = layer(x, (keys, values), start, cross, return_cross_weights=return_cross_weights)
+            if w is not None:
+                weights.append(w)
+        cache.length = start + steps
+        return x, weights
 
 
 class WhisperModel(nn.Module):

@@ -138,9 +138,10 @@ class TextGenerationPipeline(Pipeline):
     def from_files(cls, files: ModelFiles, options: LoadOptions) -> "TextGenerationPipeline":
         from tokenizers import Tokenizer
 
-        if not files.has("tokenizer.json"):
+        tokenizer_json = files.tokenizer_json()  # tokenizer.json, or built from GGUF metadata
+        if tokenizer_json is None:
             raise ModelLoadFailed(f"{files.path} has no tokenizer.json", reason="TOKENIZER_MISSING")
-        tokenizer = Tokenizer.from_file(str(files.path / "tokenizer.json"))
+        tokenizer = Tokenizer.from_str(tokenizer_json)
         tokenizer.no_padding()
         tokenizer.no_truncation()
         model = load_family_model(files, options, "causal_lm", verified_head=_verified_head_site)
