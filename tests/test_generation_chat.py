@@ -169,3 +169,27 @@ def test_chats_the_model_cannot_take_are_refused_with_their_reason(tmp_path):
     finally:
         for pipe in (none, gemma, broken, nameless):
             pipe.close()
+
+
+def test_a_gguf_files_chat_template_is_used_and_files_beside_it_are_not(tmp_path):
+    """A GGUF checkpoint's `tokenizer.chat_template` reaches the template (its loader provides it
+    as tokenizer_config.json's chat_template); a chat_template.jinja beside the file is not read,
+    as transformers' from_pretrained(gguf_file=...) reads none. Ids equal transformers' tokenizer
+    from the same file; greedy tokens equal the model the file was written from."""
+    from gguf_checkpoints import build_llama_gguf
+
+    path, model = build_llama_gguf(tmp_path, chat_template=LLAMA_STYLE, max_position_embeddings=512)
+    (path.parent / "chat_template.jinja").write_text("{{ raise_exception('not this one') }}", encoding="utf-8")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    expected = tokenizer.apply_chat_template(CHATS[1], add_generation_prompt=True)["input_ids"]
+    pipe = load_pipeline(path.parent)
+    try:
+        [result] = pipe.generate([_messages(CHATS[1])], {"max_new_tokens": NEW, "min_new_tokens": NEW})
+        assert result.prompt_tokens == len(expected)
+        assert pipe.encode(pipe.render_chat(_messages(CHATS[1]))[0], chat=True) == expected
+        with torch.no_grad():
+            generated = model.generate(torch.tensor([expected]), max_new_tokens=NEW, min_new_tokens=NEW,
+                                       do_sample=False, pad_token_id=tokenizer.eos_token_id)
+        assert [t.token for t in result.sequences[0].tokens] == generated[0, len(expected):].tolist()
+    finally:
+        pipe.close()
