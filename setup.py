@@ -37,7 +37,8 @@ RUNTIME = [
     # llama.cpp's GGUF format: block types and dequantization (checkpoints/gguf.py); pure Python + numpy.
     "gguf>=0.17,<0.20",
     "aiohttp>=3.9,<4",  # the OpenAI-compatible HTTP/JSON front door (pipeserve.http); see README
-    "jinja2>=3.1,<4",  # chat templates (tokenizer_config.json chat_template) in pipeserve.http.chat
+    # Chat templates (pipeserve.inputs.chat); 3.1.6 closed sandbox escapes, as transformers requires.
+    "jinja2>=3.1.6,<4",
 ]
 
 setup(version=VERSION, install_requires=[f"pipeserve-client=={VERSION}", *RUNTIME])

@@ -104,8 +104,9 @@ def _state(model) -> dict[str, torch.Tensor]:
     return state
 
 
-def write_llama(model, tokenizer, path: Path, qtype: str = "F32") -> Path:
-    """`model` (a transformers LlamaForCausalLM) and its tokenizer as a GGUF file at `path`."""
+def write_llama(model, tokenizer, path: Path, qtype: str = "F32", chat_template: str | None = None) -> Path:
+    """`model` (a transformers LlamaForCausalLM) and its tokenizer as a GGUF file at `path`
+    (with `tokenizer.chat_template` when given)."""
     import gguf
 
     config = model.config
@@ -122,6 +123,8 @@ def write_llama(model, tokenizer, path: Path, qtype: str = "F32") -> Path:
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(config.vocab_size)
     add_sentencepiece_tokenizer(writer, tokens_of(tokenizer), bos="<s>", eos="</s>", unk="<unk>")
+    if chat_template is not None:
+        writer.add_chat_template(chat_template)
 
     def permute(name: str, array: np.ndarray) -> np.ndarray:
         if name.endswith("q_proj.weight"):
@@ -191,7 +194,7 @@ def build_gemma3_gguf(directory: Path, qtype: str = "F32"):
     return write_gemma3(model, tokens, target / f"tiny-gemma3-{qtype.lower()}.gguf", qtype), model
 
 
-def build_llama_gguf(directory: Path, qtype: str = "F32", **overrides):
+def build_llama_gguf(directory: Path, qtype: str = "F32", chat_template: str | None = None, **overrides):
     """A tiny random Llama (generation_checkpoints.build) written as `directory`/gguf/tiny-<qtype>.gguf,
     alone in its directory. Returns (gguf path, the transformers model it was written from)."""
     from generation_checkpoints import build
@@ -200,4 +203,4 @@ def build_llama_gguf(directory: Path, qtype: str = "F32", **overrides):
     model, tokenizer = build("llama", directory / "hf", **overrides)
     target = directory / "gguf"
     target.mkdir(parents=True, exist_ok=True)
-    return write_llama(model, tokenizer, target / f"tiny-{qtype.lower()}.gguf", qtype), model
+    return write_llama(model, tokenizer, target / f"tiny-{qtype.lower()}.gguf", qtype, chat_template), model

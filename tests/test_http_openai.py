@@ -191,11 +191,12 @@ def test_embeddings_float_and_base64(server, client, bert):
     np.testing.assert_allclose(single.data[0].embedding, list(expected[0].sentence_embedding.values), atol=1e-6)
 
 
-def _generate_grpc(server, model, prompt, max_new_tokens):
+def _generate_grpc(server, model, prompt, max_new_tokens, messages=()):
     from pipeserve.v1 import text_generation_pb2 as pb, text_generation_pb2_grpc as pb_grpc
 
     stub = pb_grpc.TextGenerationServiceStub(server.channel)
-    return stub.Generate(pb.GenerateRequest(model=model, prompt=prompt, options=pb.GenerationOptions(
+    chat = [pb.ChatMessage(role=m["role"], content=m["content"]) for m in messages]
+    return stub.Generate(pb.GenerateRequest(model=model, prompt=prompt, messages=chat, options=pb.GenerationOptions(
         max_new_tokens=max_new_tokens, do_sample=False, return_full_text=False)), metadata=_auth(), timeout=120)
 
 
@@ -222,7 +223,10 @@ def test_chat_completion_applies_the_models_template(server, client, gpt2_chat):
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}]
     prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     assert prompt.startswith("<|system|>Be brief.")  # the oracle rendered the template written above
-    expected = _generate_grpc(server, name, prompt, 6).sequences[0]
+    # the front door sends the messages, and the server's rendering equals transformers'
+    expected = _generate_grpc(server, name, "", 6, messages=messages)
+    assert expected.prompt_tokens == len(tokenizer.apply_chat_template(messages, add_generation_prompt=True)["input_ids"])
+    expected = expected.sequences[0]
 
     chunks = list(client.chat.completions.create(model=name, messages=messages, max_tokens=6, temperature=0,
                                                  stream=True))
@@ -238,7 +242,7 @@ def test_chat_without_a_template_is_400(client, gpt2):
     name, _ = gpt2
     with pytest.raises(openai.BadRequestError) as info:
         client.chat.completions.create(model=name, messages=[{"role": "user", "content": "hi"}], max_tokens=2)
-    assert info.value.body["reason"] == "NO_CHAT_TEMPLATE" and "chat template" in info.value.body["message"]
+    assert info.value.body["reason"] == "CHAT_TEMPLATE_MISSING" and "chat template" in info.value.body["message"]
 
 
 def test_errors_in_openai_shape(server, client, gpt2):

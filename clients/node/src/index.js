@@ -95,7 +95,9 @@ const SERVICES = {
  * @typedef {CallOptions & {maxNewTokens?: number, minNewTokens?: number, doSample?: boolean, temperature?: number,
  *   topK?: number, topP?: number, typicalP?: number, repetitionPenalty?: number, noRepeatNgramSize?: number,
  *   stop?: string[], ignoreEos?: boolean, seed?: number|string, numReturnSequences?: number,
- *   returnFullText?: boolean, logprobs?: number, returnLogprobs?: boolean}} GenerateOptions
+ *   returnFullText?: boolean, logprobs?: number, returnLogprobs?: boolean,
+ *   messages?: ChatMessage[]}} GenerateOptions
+ * @typedef {{role: string, content: string}} ChatMessage  one message of a chat ('system', 'user', 'assistant', ...)
  * @typedef {CallOptions & {topK?: number, functionToApply?: 'sigmoid'|'softmax'|'none'}} ImageClassificationOptions
  * @typedef {CallOptions & {hypothesisTemplate?: string, multiLabel?: boolean}} ZeroShotOptions
  * @typedef {CallOptions & {wordBoxes?: Array<[string, [number, number, number, number]]>, topK?: number,
@@ -215,6 +217,26 @@ function oneInput(method, input) {
     throw new InputError(`${method}() takes one input, not an array: stream each input in turn, or call the `
       + 'non-streaming method to get an array of responses');
   }
+}
+
+/**
+ * A chat's messages as the request carries them; checked here so a mistake fails before a call.
+ * @param {string} prompt
+ * @param {ChatMessage[]|undefined} messages
+ * @returns {ChatMessage[]}
+ */
+function chatMessages(prompt, messages) {
+  if (messages === undefined || messages === null) return [];
+  if (!Array.isArray(messages) || messages.length === 0) {
+    throw new InputError('messages must be a non-empty array of {role, content} messages');
+  }
+  if (prompt) throw new InputError('generate() takes a prompt or messages, not both');
+  return messages.map((message, index) => {
+    if (typeof message?.role !== 'string' || typeof message?.content !== 'string') {
+      throw new InputError(`messages[${index}] needs a role and a content string`);
+    }
+    return { role: message.role, content: message.content };
+  });
 }
 
 /** Marks the error of a failed input of an array with its index ("input 2: ..."). */
@@ -547,7 +569,9 @@ export class PipeserveClient {
   }
 
   /**
-   * Prompt -> text (pipeline("text-generation")).
+   * Prompt -> text (pipeline("text-generation")). For a chat, pass '' and `options.messages`
+   * ([{role, content}, ...]): the model's chat template renders it and the text is the
+   * assistant's reply.
    * @overload
    * @param {string[]} prompt  several prompts: one call each, responses in order
    * @param {GenerateOptions} [options]
@@ -585,7 +609,8 @@ export class PipeserveClient {
   }
 
   _generateRequest(prompt, options) {
-    return { model: options.model ?? '', request_id: options.requestId ?? '', prompt, options: fields(options, CALL_KEYS) };
+    return { model: options.model ?? '', request_id: options.requestId ?? '', prompt,
+      messages: chatMessages(prompt, options.messages), options: fields(options, [...CALL_KEYS, 'messages']) };
   }
 
   /**

@@ -228,6 +228,19 @@ describe('pipeserve Node client', () => {
     assert.ok((await client.generate('The', { model: names.gpt2, maxNewTokens: 2 })).sequences.length);
   });
 
+  task('text_generation', 'generate with chat messages reaches the model\'s chat template', async () => {
+    const messages = [{ role: 'user', content: 'Hello' }];
+    // this GPT-2 has no chat template: the server says so, which it can only do for messages it received
+    await assert.rejects(client.generate('', { model: names.gpt2, messages }),
+      (e) => e instanceof InvalidArgumentError && e.reason === 'CHAT_TEMPLATE_MISSING');
+    const stream = client.generateStream('', { model: names.gpt2, messages });
+    await assert.rejects(stream.next(), (e) => e instanceof InvalidArgumentError && e.reason === 'CHAT_TEMPLATE_MISSING');
+    await assert.rejects(client.generate('', { model: names.gpt2, messages: [] }), (e) => e instanceof InputError);
+    await assert.rejects(client.generate('', { model: names.gpt2, messages: [{ role: 'user' }] }),
+      (e) => e instanceof InputError);
+    await assert.rejects(client.generate('Hi', { model: names.gpt2, messages }), (e) => e instanceof InputError);
+  });
+
   task('zero_shot_classification', 'zeroShot', async () => {
     const response = await client.zeroShot('The fox jumps.', 'animals, politics', { model: names.nli });
     assert.deepEqual(response.labels.map((l) => l.label).sort(), ['animals', 'politics']);

@@ -110,19 +110,22 @@ class AsyncClientMethods(AsyncCalls):
     async def generate(self, prompt: list[str], *, stream: Literal[False] = False,
                        **options: Unpack[build.GenerateOptions]) -> list[text_generation_pb2.GenerateResponse]: ...
     @overload
-    async def generate(self, prompt: str, *, stream: Literal[False] = False,
+    async def generate(self, prompt: str = "", *, stream: Literal[False] = False,
                        **options: Unpack[build.GenerateOptions]) -> text_generation_pb2.GenerateResponse: ...
     @overload
-    async def generate(self, prompt: str, *, stream: Literal[True], **options: Unpack[build.GenerateOptions]) -> (
+    async def generate(self, prompt: str = "", *, stream: Literal[True],
+                       **options: Unpack[build.GenerateOptions]) -> (
             AsyncIterator[text_generation_pb2.GenerateStreamResponse]): ...
 
-    async def generate(self, prompt: str | list[str], *, stream: bool = False,
+    async def generate(self, prompt: str | list[str] = "", *, stream: bool = False,
                        **options: Unpack[build.GenerateOptions]) -> (
             text_generation_pb2.GenerateResponse
             | list[text_generation_pb2.GenerateResponse]
             | AsyncIterator[text_generation_pb2.GenerateStreamResponse]):
-        """Prompt -> continuation, like pipeline("text-generation")(prompt, ...). Options
-        (GenerateOptions): model, max_new_tokens, min_new_tokens, do_sample, temperature, top_k,
+        """Prompt -> continuation, like pipeline("text-generation")(prompt, ...); or, instead of
+        a prompt, messages=[{"role": "user", "content": "..."}, ...]: a chat the model's chat
+        template renders, answered with the assistant's reply. Options
+        (GenerateOptions): model, messages, max_new_tokens, min_new_tokens, do_sample, temperature, top_k,
         top_p, typical_p, repetition_penalty, no_repeat_ngram_size, stop, ignore_eos, seed,
         num_return_sequences, return_full_text, logprobs, return_logprobs, request_id, timeout.
         stream=True yields one GenerateStreamResponse per token (`token`), then `done` per

@@ -105,19 +105,21 @@ class ClientMethods(SyncCalls):
     def generate(self, prompt: list[str], *, stream: Literal[False] = False,
                  **options: Unpack[build.GenerateOptions]) -> list[text_generation_pb2.GenerateResponse]: ...
     @overload
-    def generate(self, prompt: str, *, stream: Literal[False] = False,
+    def generate(self, prompt: str = "", *, stream: Literal[False] = False,
                  **options: Unpack[build.GenerateOptions]) -> text_generation_pb2.GenerateResponse: ...
     @overload
-    def generate(self, prompt: str, *, stream: Literal[True], **options: Unpack[build.GenerateOptions]) -> (
+    def generate(self, prompt: str = "", *, stream: Literal[True], **options: Unpack[build.GenerateOptions]) -> (
             Iterator[text_generation_pb2.GenerateStreamResponse]): ...
 
-    def generate(self, prompt: str | list[str], *, stream: bool = False,
+    def generate(self, prompt: str | list[str] = "", *, stream: bool = False,
                  **options: Unpack[build.GenerateOptions]) -> (
             text_generation_pb2.GenerateResponse
             | list[text_generation_pb2.GenerateResponse]
             | Iterator[text_generation_pb2.GenerateStreamResponse]):
-        """Prompt -> continuation, like pipeline("text-generation")(prompt, ...). Options
-        (GenerateOptions): model, max_new_tokens, min_new_tokens, do_sample, temperature, top_k,
+        """Prompt -> continuation, like pipeline("text-generation")(prompt, ...); or, instead of
+        a prompt, messages=[{"role": "user", "content": "..."}, ...]: a chat the model's chat
+        template renders, answered with the assistant's reply. Options
+        (GenerateOptions): model, messages, max_new_tokens, min_new_tokens, do_sample, temperature, top_k,
         top_p, typical_p, repetition_penalty, no_repeat_ngram_size, stop, ignore_eos, seed,
         num_return_sequences, return_full_text, logprobs, return_logprobs, request_id, timeout.
         stream=True yields one GenerateStreamResponse per token (`token`), then `done` per

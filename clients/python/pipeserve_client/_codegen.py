@@ -170,6 +170,8 @@ def _parameters(signature: inspect.Signature, stream: str | None = None,
         if param.name == "stream" and stream is not None:
             annotation = f"Literal[{stream}]"
             default = False if stream == "False" else inspect.Parameter.empty
+        if annotations and param.name in annotations and annotations[param.name].startswith("list["):
+            default = inspect.Parameter.empty  # the list overload is chosen by a list given, never by a default
         text = prefix + param.name + ("" if annotation is inspect.Parameter.empty else f": {annotation}")
         if default is not inspect.Parameter.empty:
             text += f" = {_default(default)}"

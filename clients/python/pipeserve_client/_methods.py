@@ -151,9 +151,11 @@ def transcribe_live(chunks: Iterable[Any], *, sampling_rate: int, channels: int 
 
 # --- text generation ----------------------------------------------------------------------
 
-def generate(prompt: str, *, stream: bool = False, **options: Unpack[build.GenerateOptions]) -> Call:
-    """Prompt -> continuation, like pipeline("text-generation")(prompt, ...). Options
-    (GenerateOptions): model, max_new_tokens, min_new_tokens, do_sample, temperature, top_k,
+def generate(prompt: str = "", *, stream: bool = False, **options: Unpack[build.GenerateOptions]) -> Call:
+    """Prompt -> continuation, like pipeline("text-generation")(prompt, ...); or, instead of
+    a prompt, messages=[{"role": "user", "content": "..."}, ...]: a chat the model's chat
+    template renders, answered with the assistant's reply. Options
+    (GenerateOptions): model, messages, max_new_tokens, min_new_tokens, do_sample, temperature, top_k,
     top_p, typical_p, repetition_penalty, no_repeat_ngram_size, stop, ignore_eos, seed,
     num_return_sequences, return_full_text, logprobs, return_logprobs, request_id, timeout.
     stream=True yields one GenerateStreamResponse per token (`token`), then `done` per

@@ -106,6 +106,7 @@ class GenerateOptions(TypedDict, total=False):
     """Keyword arguments of generate(); every option unset = the model's default."""
 
     model: str
+    messages: Sequence[Any] | None
     max_new_tokens: int | None
     min_new_tokens: int | None
     do_sample: bool | None
@@ -219,9 +220,32 @@ def generate(prompt: str, *, model: str, request_id: str, stream: bool,
     stop = options.pop("stop", None)
     if isinstance(stop, str):
         stop = [stop]
+    messages = chat_messages(options.pop("messages", None))
+    if messages and prompt:
+        raise InputError("generate() takes a prompt or messages, not both")
     cls = gen_pb.GenerateStreamRequest if stream else gen_pb.GenerateRequest
-    return cls(model=model, request_id=request_id, prompt=prompt,
+    return cls(model=model, request_id=request_id, prompt=prompt, messages=messages,
                options=_set(gen_pb.GenerationOptions(), stop=stop, **options))
+
+
+def chat_messages(messages: Sequence[Any] | None) -> list[gen_pb.ChatMessage]:
+    """A chat as transformers' pipeline takes it ({"role", "content"} dicts), or objects with
+    role and content attributes (OpenAI SDK messages, ChatMessage) -> ChatMessage list."""
+    if messages is None:
+        return []
+    if isinstance(messages, (str, bytes, Mapping)):
+        raise InputError("messages must be a list of {'role': ..., 'content': ...} messages")
+    chat = []
+    for i, message in enumerate(messages):
+        fields = message if isinstance(message, Mapping) else {
+            name: getattr(message, name) for name in ("role", "content") if hasattr(message, name)}
+        role, content = fields.get("role"), fields.get("content")
+        if not isinstance(role, str) or not isinstance(content, str):
+            raise InputError(f"messages[{i}] needs a 'role' and a 'content' string; got {str(message)[:80]}")
+        chat.append(gen_pb.ChatMessage(role=role, content=content))
+    if not chat:
+        raise InputError("messages is empty: give at least one message")
+    return chat
 
 
 # --- images -------------------------------------------------------------------------------

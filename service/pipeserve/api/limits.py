@@ -102,6 +102,10 @@ _ENCODED_IMAGE = Elsewhere("max_message_bytes, then image.open_image: max_image_
 _ENCODED_AUDIO = Elsewhere("max_message_bytes, then audio.decode_audio: rate range, max_audio_seconds and "
                            "decoded samples per input byte, before and while decoding")
 _RAW_SAMPLES = Elsewhere("audio.decode_raw_pcm: whole frames, max_audio_seconds")
+# A chat: the whole of it must still fit a context, which no model we serve makes longer than
+# MAX_TOKENS; 4096 turns is far past any conversation a template is rendered for.
+MAX_CHAT_MESSAGES = 4096
+_CHAT = Items(MAX_CHAT_MESSAGES)
 # Whisper's thresholds are log-probabilities and ratios; nothing sensible lies beyond these.
 _THRESHOLD = Number(-1e6, 1e6)
 
@@ -133,8 +137,10 @@ RULES: dict[str, dict[str, Rule]] = {
         "stop": Items(16, Size(4 * 256)), "seed": Number(0, (1 << 64) - 1), "num_return_sequences": Number(1, 16),
         "logprobs": Number(0, 20),
     },
-    "pipeserve.v1.GenerateRequest": {"prompt": _TEXT, "options": Nested()},
-    "pipeserve.v1.GenerateStreamRequest": {"prompt": _TEXT, "options": Nested()},
+    "pipeserve.v1.GenerateRequest": {"prompt": _TEXT, "options": Nested(), "messages": _CHAT},
+    "pipeserve.v1.GenerateStreamRequest": {"prompt": _TEXT, "options": Nested(), "messages": _CHAT},
+    # A role longer than this is refused by inputs/chat.check_messages anyway (32 characters).
+    "pipeserve.v1.ChatMessage": {"role": Size(64), "content": _TEXT},
     "pipeserve.v1.ClassifyImageRequest": {"image": Nested(), "top_k": _TOP_K},
     "pipeserve.v1.ClassifyTextRequest": {"text": _TEXT, "text_pair": _TEXT, "top_k": _TOP_K},
     "pipeserve.v1.ClassifyTokensRequest": {"text": _TEXT, "ignore_labels": Items(1024, _SHORT), "stride": _STRIDE},

@@ -1,4 +1,4 @@
-"""TextGenerationService: GenerateRequest -> the request's options built once
+"""TextGenerationService: GenerateRequest (a prompt, or a chat of messages) -> the request's options built once
 (`pipeline.options`) -> pipeline.start (pipelines.contracts.GenerativePipeline: the model's
 continuous-batching engine) -> GenerateResponse, or one GenerateStreamResponse per token plus one done message per
 sequence.
@@ -9,6 +9,8 @@ decoding step. No torch here.
 """
 from __future__ import annotations
 
+from ..errors import InvalidParameter
+from ..inputs.chat import Chat, ChatMessage, check_messages
 from ..pipelines.contracts import GenerativePipeline
 from ..scheduling.generation_engine import DoneEvent, TokenEvent
 from ..tasks import Task
@@ -38,6 +40,17 @@ def _option_fields(request) -> dict:
     return options
 
 
+def _prompt_or_chat(request) -> str | Chat:
+    """The request's prompt, or its chat (messages) when it sends one instead."""
+    if not request.messages:
+        return request.prompt
+    if request.prompt:
+        raise InvalidParameter("send a prompt or messages, not both", metadata={"field": "messages"})
+    chat = [ChatMessage(m.role, m.content) for m in request.messages]
+    check_messages(chat)
+    return chat
+
+
 def _token(pipeline, event: TokenEvent, with_logprobs: bool) -> pb.Token:
     token = pb.Token(id=event.token, text=event.text, special=event.special)
     if with_logprobs:
@@ -62,7 +75,7 @@ class TextGenerationServicer(pb_grpc.TextGenerationServiceServicer):
         limits.check(request)
         async with self.app.manager.use(request.model, TASK) as entry:
             pipeline: GenerativePipeline = entry.pipeline
-            started = pipeline.start(request.prompt, pipeline.options(_option_fields(request)))
+            started = pipeline.start(_prompt_or_chat(request), pipeline.options(_option_fields(request)))
             done: list[DoneEvent] = []
             try:
                 async for event in started.handle:
@@ -84,7 +97,7 @@ class TextGenerationServicer(pb_grpc.TextGenerationServiceServicer):
         limits.check(request)
         async with self.app.manager.use(request.model, TASK) as entry:
             pipeline: GenerativePipeline = entry.pipeline
-            started = pipeline.start(request.prompt, pipeline.options(_option_fields(request)))
+            started = pipeline.start(_prompt_or_chat(request), pipeline.options(_option_fields(request)))
             logprobs = started.params.return_logprobs
             try:
                 async for event in started.handle:

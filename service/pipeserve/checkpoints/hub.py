@@ -20,6 +20,7 @@ _ALLOW_PATTERNS = [
     "tokenizer*",
     "model.bin",  # CTranslate2 (faster-whisper) checkpoints
     "vocabulary*",
+    "*.jinja",  # chat templates: chat_template.jinja, additional_chat_templates/*.jinja
 ]
 _PICKLE_PATTERNS = ["pytorch_model*.bin"]
 

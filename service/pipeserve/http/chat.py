@@ -1,56 +1,12 @@
-"""Chat messages -> a prompt, with the model's own chat template (tokenizer_config.json's
-`chat_template`, Jinja as in transformers' apply_chat_template), rendered in Jinja's
-immutable sandbox: a template may not reach Python objects or change its inputs. A model
-without a template cannot take chat messages (400 NO_CHAT_TEMPLATE): guessing a format would
-produce text the model was never trained on."""
+"""OpenAI chat messages -> the ChatMessage list GenerateRequest.messages carries. The model's
+own chat template renders them on the server (inputs/chat.py, jinja2's sandbox, as
+transformers' pipeline does), so /v1/chat/completions and gRPC Generate with messages give the
+same prompt ids; a model without a template answers 400 CHAT_TEMPLATE_MISSING from there."""
 from __future__ import annotations
 
-import json
-from functools import lru_cache
-from pathlib import Path
+from .errors import invalid
 
-from .errors import HttpError, invalid
-
-# tokenizer_config.json files are a few KiB; a bigger one is not read whole into memory.
-MAX_TOKENIZER_CONFIG_BYTES = 16 << 20
 ROLES = ("system", "user", "assistant", "developer", "tool")
-
-
-def no_template(model: str) -> HttpError:
-    return HttpError(400, f"model {model!r} has no chat template (tokenizer_config.json chat_template); "
-                          "use /v1/completions with a prompt instead", reason="NO_CHAT_TEMPLATE", param="model")
-
-
-@lru_cache(maxsize=64)
-def _read_template(source_path: str, mtime_ns: int) -> tuple[str | None, dict]:
-    """(template, special tokens) from a checkpoint folder; cached per file version."""
-    path = Path(source_path) / "tokenizer_config.json"
-    if path.stat().st_size > MAX_TOKENIZER_CONFIG_BYTES:
-        return None, {}
-    config = json.loads(path.read_text(encoding="utf-8"))
-    template = config.get("chat_template")
-    if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}, ...]
-        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
-        template = named.get("default")
-    if template is None:
-        chat_file = Path(source_path) / "chat_template.jinja"  # newer checkpoints keep it apart
-        if chat_file.is_file() and chat_file.stat().st_size <= MAX_TOKENIZER_CONFIG_BYTES:
-            template = chat_file.read_text(encoding="utf-8")
-
-    def token(name: str) -> str:
-        value = config.get(name)
-        return value.get("content", "") if isinstance(value, dict) else (value or "")
-
-    return (template if isinstance(template, str) else None,
-            {name: token(name) for name in ("bos_token", "eos_token", "unk_token", "pad_token")})
-
-
-def template_for(source_path: str) -> tuple[str | None, dict]:
-    path = Path(source_path) / "tokenizer_config.json"
-    try:
-        return _read_template(source_path, path.stat().st_mtime_ns)
-    except (OSError, ValueError):
-        return None, {}
 
 
 def check_messages(messages) -> list[dict]:
@@ -77,18 +33,8 @@ def check_messages(messages) -> list[dict]:
     return checked
 
 
-def render(template: str, special_tokens: dict, messages: list[dict]) -> str:
-    from jinja2 import TemplateError
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
+def chat_messages(messages) -> list:
+    """The checked messages as GenerateRequest.messages."""
+    from pipeserve.v1 import text_generation_pb2 as pb
 
-    def raise_exception(message):
-        raise TemplateError(message)
-
-    environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    environment.globals["raise_exception"] = raise_exception
-    try:
-        return environment.from_string(template).render(messages=messages, add_generation_prompt=True,
-                                                        **special_tokens)
-    except TemplateError as exc:  # the template refuses these messages (e.g. roles out of order)
-        raise invalid(f"the model's chat template refused these messages: {str(exc)[:300]}", "messages",
-                      reason="INVALID_INPUT") from None
+    return [pb.ChatMessage(role=m["role"], content=m["content"]) for m in check_messages(messages)]

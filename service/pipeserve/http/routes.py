@@ -254,28 +254,6 @@ class Routes:
                                   "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
 
     # ---- text generation --------------------------------------------------------------------
-    async def _resolve_chat_prompt(self, request, body: dict) -> str:
-        from pipeserve.v1 import model_pb2
-
-        messages = chat.check_messages(body.get("messages"))
-        model = fields.string(body, "model")
-        metadata = self._metadata(request)
-        if model:
-            info = (await self.models.GetModel(model_pb2.GetModelRequest(model=model), metadata=metadata)).model
-        else:
-            listed = await self.models.ListModels(model_pb2.ListModelsRequest(task=model_pb2.TASK_TEXT_GENERATION),
-                                                  metadata=metadata)
-            info = next((m for m in listed.models if m.is_default), None)
-            if info is None:
-                raise HttpError(404, "no text-generation model is loaded", "NO_DEFAULT_MODEL", "model")
-        if info.task != model_pb2.TASK_TEXT_GENERATION:
-            raise HttpError(400, f"model {info.name!r} does not generate text", "WRONG_TASK", "model")
-        template, special_tokens = (await asyncio.get_running_loop().run_in_executor(
-            None, chat.template_for, info.source_path)) if info.source_path else (None, {})
-        if template is None:
-            raise chat.no_template(info.name)
-        return chat.render(template, special_tokens, messages)
-
     async def completions(self, request: web.Request) -> web.StreamResponse:
         body = await self._json(request)
         prompt = body.get("prompt")
@@ -283,15 +261,18 @@ class Routes:
             prompt = prompt[0]
         if not isinstance(prompt, str):
             raise invalid("prompt must be a string (or a list of one string)", "prompt")
-        return await self._generate(request, body, prompt, chat_api=False)
+        return await self._generate(request, body, prompt=prompt)
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         body = await self._json(request)
-        prompt = await self._resolve_chat_prompt(request, body)
-        return await self._generate(request, body, prompt, chat_api=True)
+        return await self._generate(request, body, messages=chat.chat_messages(body.get("messages")))
 
-    async def _generate(self, request, body: dict, prompt: str, *, chat_api: bool) -> web.StreamResponse:
+    async def _generate(self, request, body: dict, *, prompt: str = "", messages: list | None = None
+                        ) -> web.StreamResponse:
+        """A completion (prompt) or a chat completion (messages, rendered by the server's chat template)."""
         from pipeserve.v1 import text_generation_pb2 as pb
+
+        chat_api = messages is not None
 
         options = fields.generation_options(body, chat_api=chat_api)
         stream = fields.boolean(body.get("stream", False), "stream")
@@ -301,10 +282,10 @@ class Routes:
         created = int(time.time())
         if stream:
             return await self._stream_generation(request, pb.GenerateStreamRequest(
-                model=model, prompt=prompt, options=options), metadata, ident, created, chat_api,
+                model=model, prompt=prompt, messages=messages, options=options), metadata, ident, created, chat_api,
                 include_usage=bool((body.get("stream_options") or {}).get("include_usage")))
-        answer = await self.generation.Generate(pb.GenerateRequest(model=model, prompt=prompt, options=options),
-                                                metadata=metadata)
+        answer = await self.generation.Generate(pb.GenerateRequest(model=model, prompt=prompt, messages=messages,
+                                                                   options=options), metadata=metadata)
         completion_tokens = sum(s.generated_tokens for s in answer.sequences)
         choices = []
         for index, sequence in enumerate(answer.sequences):

@@ -6,7 +6,7 @@
   `Segment` events as they are decoded, then one `Transcription`; `open_stream(options)` opens
   a `LiveTranscription` fed with live audio. Every ASR family takes `should_stop` (checked
   between decoding steps), so callers never inspect signatures.
-- GenerativePipeline: `start(prompt, options)` -> the request started on the model's
+- GenerativePipeline: `start(prompt or chat, options)` -> the request started on the model's
   continuous-batching engine.
 
 Each takes its task's frozen options (pipelines/options.py), built once per request by
@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterator, Mapping, Protocol, runtime_checkable
 
 import torch
 
+from ..inputs.chat import Chat
 from ..tasks import Task
 from .asr_types import Segment, Transcription
 from .options import TaskOptions
@@ -71,9 +72,9 @@ class SpeechRecognitionPipeline(OptionsBuilder, Protocol):
 
 @runtime_checkable
 class GenerativePipeline(OptionsBuilder, Protocol):
-    def start(self, prompt: str, options: TaskOptions) -> Any:
-        """Starts generating on the model's engine; returns the started request, whose events
-        the servicer streams."""
+    def start(self, prompt: str | Chat, options: TaskOptions) -> Any:
+        """Starts generating on the model's engine from a prompt or a chat (inputs/chat.py);
+        returns the started request, whose events the servicer streams."""
 
 
 def contract_for(task: Task) -> type:

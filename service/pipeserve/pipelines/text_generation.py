@@ -8,16 +8,22 @@ pipeline does (it calls the tokenizer with its defaults): tokenizer.json's post-
 so Llama, Gemma and OPT prompts start with their BOS and GPT-2's get nothing added. The new text
 is decode(generated ids, skip_special_tokens), preceded by the prompt text when return_full_text
 is set.
+
+Chat input (a list of role/content messages) is rendered by the model's chat template
+(inputs/chat.py) and tokenized without adding special tokens, as transformers' pipeline does for
+a chat: the template wrote them. The text is then the assistant's reply, preceded (with
+return_full_text) by the final assistant message the chat asked to continue.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Iterator, Mapping
+from typing import Any, ClassVar, Iterator, Mapping, Sequence
 
 from torch import nn
 
 from ..checkpoints.hub import ModelFiles
 from ..errors import InputTooLarge, InvalidInput, ModelLoadFailed
+from ..inputs.chat import Chat, ChatTemplate
 from ..layers.passes import VerifiedHeadSite
 from ..scheduling.generation import GenerationParams
 from ..scheduling.generation_engine import DoneEvent, GenerationEngine, RequestHandle, TokenEvent
@@ -77,7 +83,7 @@ class Started:
     """A submitted generation: iterate `handle` for TokenEvent/DoneEvent (sync or async)."""
 
     handle: RequestHandle
-    prompt: str
+    prompt: str  # what return_full_text puts before the new text (for a chat: the continued message)
     prompt_ids: list[int]
     params: GenerationParams
 
@@ -103,7 +109,7 @@ class TextGenerationPipeline(Pipeline):
     options_type: ClassVar[type[TaskOptions]] = TextGenerationOptions
 
     def __init__(self, files: ModelFiles, options: LoadOptions, model, tokenizer, *, eos_ids: list[int],
-                 clean_up_spaces: bool, generation_defaults: dict[str, Any]):
+                 clean_up_spaces: bool, generation_defaults: dict[str, Any], chat_template: ChatTemplate | None = None):
         if options.device == "auto":
             # device_map placed the model; the pipeline's device is where its inputs go
             options = replace_options(options, device=str(next(model.parameters()).device))
@@ -117,6 +123,7 @@ class TextGenerationPipeline(Pipeline):
         self.model = model
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids
+        self.chat_template = chat_template
         self.modules_.append(model)
         special = {i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special}
         self.engine = GenerationEngine(model, tokenizer, special_ids=special, clean_up_spaces=clean_up_spaces,
@@ -147,16 +154,30 @@ class TextGenerationPipeline(Pipeline):
         defaults = {k: generation[k] for k in _GENERATION_CONFIG_FIELDS if generation.get(k) is not None}
         return cls(files, options, model, tokenizer, eos_ids=eos_ids,
                    clean_up_spaces=bool(tok_config.get("clean_up_tokenization_spaces", False)),
-                   generation_defaults=defaults)
+                   generation_defaults=defaults, chat_template=ChatTemplate.from_files(files, tok_config))
 
     # ---- calls ----------------------------------------------------------------------------
-    def encode(self, prompt: str) -> list[int]:
-        if not isinstance(prompt, str) or not prompt:
-            raise InvalidInput("the prompt is empty")
-        if len(prompt) > self.model.max_positions * _MAX_CHARS_PER_TOKEN:
-            raise InputTooLarge(f"the prompt has {len(prompt)} characters, far more than this model's context of "
+    def render_chat(self, messages: Chat) -> tuple[str, str]:
+        """(the prompt text the chat template renders, the continued assistant message or "")."""
+        if self.chat_template is None:
+            raise InvalidInput(f"model {self.files.name!r} has no chat template (tokenizer_config.json "
+                               "chat_template, chat_template.jinja): send a prompt instead of messages",
+                               reason="CHAT_TEMPLATE_MISSING")
+        self._check_length(sum(len(m.content) for m in messages), "chat")
+        rendered = self.chat_template.render(messages)
+        return rendered.text, rendered.continued
+
+    def _check_length(self, chars: int, what: str) -> None:
+        if chars > self.model.max_positions * _MAX_CHARS_PER_TOKEN:
+            raise InputTooLarge(f"the {what} has {chars} characters, far more than this model's context of "
                                 f"{self.model.max_positions} tokens holds")
-        ids = self.tokenizer.encode(prompt, add_special_tokens=True).ids
+
+    def encode(self, prompt: str, *, chat: bool = False) -> list[int]:
+        """Prompt ids; `chat`: text a chat template rendered, which already holds its special tokens."""
+        if not isinstance(prompt, str) or not prompt:
+            raise InvalidInput("the chat template rendered nothing" if chat else "the prompt is empty")
+        self._check_length(len(prompt), "prompt")
+        ids = self.tokenizer.encode(prompt, add_special_tokens=not chat).ids
         if not ids:
             raise InvalidInput("the prompt has no tokens")
         limit = self.model.max_positions - 1  # room for at least one new token
@@ -181,14 +202,18 @@ class TextGenerationPipeline(Pipeline):
         """The engine's parameters for these options (checked when they were built)."""
         return GenerationParams(**self.call_options(options).as_dict(), eos_token_ids=tuple(self.eos_ids))
 
-    def start(self, prompt: str, options: TextGenerationOptions | Mapping[str, Any] | None) -> Started:
-        """Submits; returns at once. Call from the thread (or event loop) that will consume
-        the handle."""
-        ids = self.encode(prompt)
+    def start(self, prompt: str | Chat, options: TextGenerationOptions | Mapping[str, Any] | None) -> Started:
+        """Submits a prompt, or a chat (a list of ChatMessage); returns at once. Call from the
+        thread (or event loop) that will consume the handle."""
+        if isinstance(prompt, str):
+            ids, before = self.encode(prompt), prompt
+        else:
+            text, before = self.render_chat(prompt)
+            ids = self.encode(text, chat=True)
         params = self.parameters(options)
-        return Started(self.engine.submit(ids, params), prompt, ids, params)
+        return Started(self.engine.submit(ids, params), before, ids, params)
 
-    def stream(self, prompt: str, options: TextGenerationOptions | Mapping[str, Any] | None
+    def stream(self, prompt: str | Chat, options: TextGenerationOptions | Mapping[str, Any] | None
                ) -> Iterator[TokenEvent | DoneEvent]:
         """Synchronous event stream; DoneEvent.text already includes the prompt when asked."""
         started = self.start(prompt, options)
@@ -200,7 +225,7 @@ class TextGenerationPipeline(Pipeline):
         finally:
             started.handle.cancel()  # a consumer that stops early frees the engine's work
 
-    def generate(self, prompts: list[str],
+    def generate(self, prompts: Sequence[str | Chat],
                  options: TextGenerationOptions | Mapping[str, Any] | None = None) -> list[GenerationResult]:
         """Whole results for several prompts; they are submitted together so they share steps."""
         started = [self.start(p, options) for p in prompts]
