@@ -61,6 +61,19 @@ WHEELS: tuple[Wheel, ...] = (
     Wheel("cffi", "2.1.1", "1.0"),
     Wheel("pycparser", "3.12", "2.0"),
     Wheel("prometheus-client", "0.26.0", "0.20"),
+    # The HTTP/JSON front door (aiohttp and what it imports), chat templates, GGUF checkpoints
+    # (gguf's own numpy, pyyaml, tqdm and requests come with transformers).
+    Wheel("aiohttp", "3.14.5", "3.9", group="aiohttp"),
+    Wheel("aiohappyeyeballs", "2.7.1", "2.5", group="aiohttp"),
+    Wheel("aiosignal", "1.4.0", "1.4", group="aiohttp"),
+    Wheel("attrs", "26.1.0", "17.3", group="aiohttp"),
+    Wheel("frozenlist", "1.8.0", "1.1", group="aiohttp"),
+    Wheel("multidict", "7.2.1", "4.5", group="aiohttp"),
+    Wheel("propcache", "0.5.4", "0.2", group="aiohttp"),
+    Wheel("yarl", "1.25.1", "1.17", group="aiohttp"),
+    Wheel("jinja2", "3.1.6", "3.1.6"),
+    Wheel("markupsafe", "3.0.4", "2.0"),
+    Wheel("gguf", "0.19.0", "0.17"),
     # Usually present with transformers; carried because the server imports them directly.
     Wheel("safetensors", "0.8.0", "0.4"),
     Wheel("pillow", "13.0.0", "10"),
