@@ -117,16 +117,28 @@ def load_state_dict(path: Path, *, device: str | torch.device = "cpu", dtype: to
     return state
 
 
+def _take(dest: torch.Tensor, tensor: torch.Tensor) -> None:
+    """Puts `tensor`'s values into the module's `dest`. A checkpoint tensor already in the
+    module's dtype, on its device and contiguous becomes the module's storage (no copy: the
+    load never holds the model twice, and a view of a mapped file stays mapped); any other is
+    copied into `dest`'s own storage."""
+    if tensor.dtype == dest.dtype and tensor.device == dest.device and tensor.is_contiguous() \
+            and not tensor.requires_grad:
+        dest.data = tensor
+    else:
+        dest.copy_(tensor)
+
+
 def assign(module: nn.Module, state: Mapping[str, torch.Tensor], *,
            rename: Callable[[str], str | None] = lambda name: name,
            ignore_missing: Iterable[str] = (), tied: Mapping[str, str] | None = None) -> None:
-    """Copies checkpoint tensors into `module` by name, strictly.
+    """Puts checkpoint tensors into `module` by name, strictly (see _take: taken, not copied, where they fit).
 
     rename: checkpoint name -> our parameter name, or None to skip the tensor.
     ignore_missing: our names that a checkpoint may lack (buffers we compute ourselves).
     tied: our name -> our name it shares storage with when the checkpoint omits it.
     """
-    ours = dict(module.state_dict())
+    ours = dict(module.state_dict(keep_vars=True))
     seen: set[str] = set()
     unexpected: list[str] = []
     with torch.no_grad():
@@ -142,11 +154,12 @@ def assign(module: nn.Module, state: Mapping[str, torch.Tensor], *,
                 raise ModelLoadFailed(
                     f"checkpoint tensor {name} has shape {tuple(tensor.shape)}, model expects "
                     f"{tuple(dest.shape)} for {target}", reason="WEIGHTS_MISMATCH")
-            dest.copy_(tensor)
+            _take(dest, tensor)
             seen.add(target)
         for name, source in (tied or {}).items():
             if name not in seen and source in seen:
-                ours[name].copy_(ours[source])
+                if ours[name] is not ours[source]:  # tie_weights made them one Parameter already
+                    ours[name].copy_(ours[source])
                 seen.add(name)
     ignore = set(ignore_missing)
     missing = [n for n in ours if n not in seen and n not in ignore]
