@@ -29,6 +29,10 @@ class FakePipeline(Pipeline):
         self.size = size
         self.closed = False
 
+    def memory_usage(self) -> dict[str, int]:
+        """By kind, as Pipeline.memory_usage (layers/memory.py); the manager's budget sums them."""
+        return {"weights": self.size, "packed": 0, "screening": 0, "cache": 0}
+
     def memory_bytes(self) -> int:
         return self.size
 

@@ -66,6 +66,7 @@ def model_info(entry: ModelEntry, is_default: bool) -> pb.ModelInfo:
         source_path=str(entry.files.gguf or entry.files.path) if entry.files else "",  # a GGUF: its file
         quantized_int8=entry.options.load_in_8bit,
         default_options=_options_struct(entry.options.defaults),
+        memory=pb.ModelMemory(**{f"{kind}_bytes": n for kind, n in entry.memory.items()}),
     )
 
 

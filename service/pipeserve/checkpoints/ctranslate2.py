@@ -12,8 +12,10 @@ bias does not exist in Whisper (stored as zeros in the fused bias).
 """
 from __future__ import annotations
 
+import mmap
 import re
 import struct
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,10 +70,22 @@ class _Reader:
         return bytes(self.take(self.u16())).rstrip(b"\0").decode("utf-8")
 
 
+def map_file(path: Path) -> memoryview:
+    """The file's bytes mapped copy-on-write, not read: pages come from the page cache when a
+    tensor touches them (shared with every process mapping the same file), and a tensor that
+    keeps the file's dtype holds no private copy at all. Copy-on-write (not read-only) so that
+    torch may view the bytes as a writable tensor; nothing writes to the weights."""
+    with open(path, "rb") as handle:
+        if handle.seek(0, 2) == 0:
+            return memoryview(b"")
+        return memoryview(mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY))
+
+
 def read_variables(path: Path) -> tuple[str, dict[str, torch.Tensor]]:
-    """All named tensors of a CTranslate2 model.bin (aliases resolved), and its spec name."""
-    raw = Path(path).read_bytes()
-    r = _Reader(memoryview(raw))
+    """All named tensors of a CTranslate2 model.bin (aliases resolved), and its spec name.
+    The tensors are views of the mapped file (map_file): reading copies nothing."""
+    raw = map_file(path)
+    r = _Reader(raw)
     version = r.u32()
     if version < 5 or version > 6:
         raise ModelLoadFailed(f"{path}: CTranslate2 format version {version} is not supported (5-6)",
@@ -86,9 +100,23 @@ def read_variables(path: Path) -> tuple[str, dict[str, torch.Tensor]]:
         nbytes = r.u32()
         if code not in _DTYPES:
             raise ModelLoadFailed(f"{path}: variable {name} has unknown dtype code {code}", reason="BAD_WEIGHTS")
-        buf = bytearray(r.take(nbytes))
-        tensors[name] = torch.frombuffer(buf, dtype=_DTYPES[code]).reshape(dims) if nbytes else \
-            torch.empty(dims, dtype=_DTYPES[code])
+        dtype = _DTYPES[code]
+        expected = dtype.itemsize
+        for d in dims:
+            expected *= d
+        if nbytes != expected:
+            raise ModelLoadFailed(f"{path}: variable {name} holds {nbytes} bytes, its shape {dims} needs {expected}",
+                                  reason="BAD_WEIGHTS")
+        chunk = r.take(nbytes)
+        if nbytes == 0:
+            tensors[name] = torch.empty(dims, dtype=dtype)
+        elif (raw_offset := r.pos - nbytes) % dtype.itemsize:  # unaligned: a view is not allowed
+            tensors[name] = torch.frombuffer(bytearray(chunk), dtype=dtype).reshape(dims)
+        else:
+            with warnings.catch_warnings():  # "non-writable buffer": ACCESS_COPY is writable; older torch warns anyway
+                warnings.simplefilter("ignore", UserWarning)
+                tensors[name] = torch.frombuffer(raw, dtype=dtype, count=nbytes // dtype.itemsize,
+                                                 offset=raw_offset).reshape(dims)
     if r.pos < len(raw):
         for _ in range(r.u32()):
             alias, target = r.string(), r.string()
@@ -114,12 +142,14 @@ def _int(t: torch.Tensor) -> int:
     return int(t.reshape(-1)[0].item())
 
 
-def read_whisper(path: Path) -> tuple[WhisperSizes, dict[str, torch.Tensor]]:
-    """model.bin -> (sizes inferred from shapes, state dict in transformers' names, float32)."""
+def read_whisper(path: Path, dtype: torch.dtype = torch.float32) -> tuple[WhisperSizes, dict[str, torch.Tensor]]:
+    """model.bin -> (sizes inferred from shapes, state dict in transformers' names, floating
+    tensors in `dtype`). Tensors already in `dtype` stay views of the mapped file (the split
+    fused projections too: rows of a row-major matrix), so only a dtype change copies."""
     spec, v = read_variables(path)
     if spec != "WhisperSpec":
         raise ModelLoadFailed(f"{path} holds a CTranslate2 {spec!r}, not a WhisperSpec", reason="UNSUPPORTED_FAMILY")
-    v = {k: (t.float() if t.is_floating_point() else t) for k, t in _dequantize(v).items()}
+    v = {k: (t.to(dtype) if t.is_floating_point() else t) for k, t in _dequantize(v).items()}
     layer_ids = lambda side: sorted({int(m.group(1)) for k in v if (m := re.match(rf"{side}/layer_(\d+)/", k))})
     enc_layers, dec_layers = layer_ids("encoder"), layer_ids("decoder")
     d_model = v["encoder/conv1/weight"].shape[0]

@@ -59,12 +59,13 @@ def is_ctranslate2_whisper(files: ModelFiles) -> bool:
 def read_checkpoint(files: ModelFiles, *, device: str | torch.device, dtype: torch.dtype,
                     allow_pickle: bool = False) -> Checkpoint:
     """The checkpoint in `files`, floating tensors in `dtype` on `device` (CTranslate2 tensors
-    stay float32 on CPU: assignment casts them into the module's own storage)."""
+    are CPU tensors in `dtype`, views of the mapped file where the file has that dtype:
+    assignment moves them to the device or takes them as they are)."""
     if files.gguf is not None:
         gguf, config = open_gguf(files.gguf), dict(files.config)
         return Checkpoint(config, lambda: read_gguf_state(gguf, config, dtype, device), "gguf")
     if is_ctranslate2_whisper(files):
-        sizes, state = read_whisper(files.path / "model.bin")  # sizes come from the tensors
+        sizes, state = read_whisper(files.path / "model.bin", dtype)  # sizes come from the tensors
         return Checkpoint(dataclasses.asdict(sizes), lambda: state, "ctranslate2")
     return Checkpoint(dict(files.config), lambda: load_state_dict(files.path, device=device, dtype=dtype,
                                                                   allow_pickle=allow_pickle), "transformers")

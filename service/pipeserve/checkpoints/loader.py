@@ -66,7 +66,11 @@ def load_module(files: ModelFiles, options, recipe: Callable[[Checkpoint], Modul
     if plan.prepare is not None:
         plan.prepare(state)
     ignore = plan.ignore_missing(model) if callable(plan.ignore_missing) else plan.ignore_missing
-    assign(model, state, rename=plan.rename, tied=plan.tied, ignore_missing=ignore)
+    # CTranslate2 tensors are the reader's own float32 conversions (views of model.bin only in
+    # the file's dtype, float16, which the reader maps copy-on-write): the module takes them
+    # instead of copying, so the load does not hold the model twice. Safetensors views: copied.
+    assign(model, state, rename=plan.rename, tied=plan.tied, ignore_missing=ignore,
+           take=checkpoint.format == "ctranslate2")
     if plan.finish is not None:
         plan.finish(model, state)
     del state

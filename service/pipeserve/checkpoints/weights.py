@@ -117,16 +117,31 @@ def load_state_dict(path: Path, *, device: str | torch.device = "cpu", dtype: to
     return state
 
 
+def _take(dest: torch.Tensor, tensor: torch.Tensor, take: bool) -> None:
+    """Puts `tensor`'s values into the module's `dest`. With `take`, a checkpoint tensor already
+    in the module's dtype, on its device and contiguous becomes the module's storage (no copy:
+    the load never holds the model twice); any other is copied into `dest`'s own storage.
+    Safetensors' tensors are views of the file's mapping: taking them would leave the model
+    reading a file that a rewrite in place (save_pretrained truncates) turns into SIGBUS, so
+    the loader takes only tensors it owns (checkpoints/loader.py)."""
+    if take and tensor.dtype == dest.dtype and tensor.device == dest.device and tensor.is_contiguous() \
+            and not tensor.requires_grad:
+        dest.data = tensor
+    else:
+        dest.copy_(tensor)
+
+
 def assign(module: nn.Module, state: Mapping[str, torch.Tensor], *,
            rename: Callable[[str], str | None] = lambda name: name,
-           ignore_missing: Iterable[str] = (), tied: Mapping[str, str] | None = None) -> None:
-    """Copies checkpoint tensors into `module` by name, strictly.
+           ignore_missing: Iterable[str] = (), tied: Mapping[str, str] | None = None, take: bool = False) -> None:
+    """Puts checkpoint tensors into `module` by name, strictly (see _take: taken, not copied, where they fit).
 
     rename: checkpoint name -> our parameter name, or None to skip the tensor.
     ignore_missing: our names that a checkpoint may lack (buffers we compute ourselves).
     tied: our name -> our name it shares storage with when the checkpoint omits it.
+    take: the tensors are the caller's own (not views of a file someone may rewrite): see _take.
     """
-    ours = dict(module.state_dict())
+    ours = dict(module.state_dict(keep_vars=True))
     seen: set[str] = set()
     unexpected: list[str] = []
     with torch.no_grad():
@@ -142,11 +157,12 @@ def assign(module: nn.Module, state: Mapping[str, torch.Tensor], *,
                 raise ModelLoadFailed(
                     f"checkpoint tensor {name} has shape {tuple(tensor.shape)}, model expects "
                     f"{tuple(dest.shape)} for {target}", reason="WEIGHTS_MISMATCH")
-            dest.copy_(tensor)
+            _take(dest, tensor, take)
             seen.add(target)
         for name, source in (tied or {}).items():
             if name not in seen and source in seen:
-                ours[name].copy_(ours[source])
+                if ours[name] is not ours[source]:  # tie_weights made them one Parameter already
+                    ours[name].copy_(ours[source])
                 seen.add(name)
     ignore = set(ignore_missing)
     missing = [n for n in ours if n not in seen and n not in ignore]

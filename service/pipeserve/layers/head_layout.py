@@ -5,6 +5,14 @@ from __future__ import annotations
 from torch import nn
 
 
+def store_column_major(weight: nn.Parameter) -> None:
+    """Gives `weight` column-major storage in place (the same Parameter object, so every
+    module and site holding it, a tied embedding included, sees the new layout); the old
+    storage is freed."""
+    if weight.dim() == 2 and not weight.t().is_contiguous():
+        weight.data = weight.data.t().contiguous().t()
+
+
 def column_major_head_applies(model: nn.Module) -> bool:
     """The model has a plain float `lm_head` on the CPU not yet stored column-major."""
     head = getattr(model, "lm_head", None)

@@ -29,6 +29,7 @@ from torch import nn
 
 from .activations import ONEDNN_POST_OPS
 from .conv1d import Conv1D
+from .head_layout import store_column_major
 
 _DTYPES = (torch.float32, torch.bfloat16)
 
@@ -83,13 +84,30 @@ def packable(model: nn.Module) -> bool:
     return any(found is not None and supported(found[0]) for found in map(_dense_weight, model.modules()))
 
 
-def pack_linears(model: nn.Module) -> int:
-    """Replaces the model's eligible linear layers with PackedLinear in place; -> how many."""
+def embedding_weights(model: nn.Module) -> set[int]:
+    """ids of the weights the model's embeddings gather rows from."""
+    return {id(module.weight) for module in model.modules() if isinstance(module, nn.Embedding)}
+
+
+def pack_linears(model: nn.Module, share_tied: bool = False) -> int:
+    """Replaces the model's eligible linear layers with PackedLinear in place; -> how many.
+
+    share_tied: a linear whose weight an embedding shares (a tied head) is not packed but
+    keeps that one weight, stored column-major (head_layout.store_column_major): for a family
+    whose greedy steps read a screened head (layers/verified_head.py), a packed float32 copy
+    beside the dense one costs the whole head's size again (Whisper tiny: 76 MiB, half the
+    model) for the steps that are not greedy, where a column-major GEMM is about as fast as
+    the packed one (51864 x 384, 1-16 rows, measured within the noise of our loaded 2-core
+    machine) and the embedding reads the strided rows as before."""
     count = 0
+    tied = embedding_weights(model) if share_tied else set()
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             found = _dense_weight(child)
             if found is None or not supported(found[0]):
+                continue
+            if type(child) is nn.Linear and id(child.weight) in tied:
+                store_column_major(child.weight)
                 continue
             # The dense weight goes with `child` unless an embedding shares it.
             setattr(parent, name, PackedLinear(*found))

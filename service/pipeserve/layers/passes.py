@@ -9,7 +9,9 @@ decides which weights stay on the CPU before packing (only CPU weights pack), an
 head screens the dense weight that packing leaves to the tied embedding. Each pass has its own
 predicate and is skipped where it does not apply (the option is off, the weights are on a GPU,
 the family has no such head). A family opts into the passes that only some families take
-through its `post_load` attribute ("int8", "device_map", "column_major_head"; models/causal_lm.py);
+through its `post_load` attribute ("int8", "device_map", "column_major_head"; models/causal_lm.py;
+"share_tied_head": the tied head keeps the embedding's one weight, column-major, instead of a
+packed copy; models/whisper.py);
 the pipeline that owns a model says where its verified head goes (VerifiedHeadSite), because
 only it knows which rows are timestamps.
 """
@@ -81,7 +83,7 @@ def _pack_applies(model: nn.Module, context: PostLoad) -> bool:
 
 def _pack(model: nn.Module, context: PostLoad) -> None:
     if context.options.packed_linear:
-        pack_linears(model)
+        pack_linears(model, share_tied=accepts(model, "share_tied_head"))
     if accepts(model, "column_major_head"):
         column_major_head(model)  # a head packing did not take: one GEMM over contiguous memory
 

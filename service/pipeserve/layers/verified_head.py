@@ -71,17 +71,22 @@ class VerifiedHead(nn.Module):
         exact_from = weight.shape[0] if exact_from is None else exact_from
         self.weight, self.exact_from, self.margin, self.max_rescored = weight, exact_from, margin, max_rescored
         self._calls, self._fallback_rate = 0, 0.0  # see _worth_screening
-        screened = weight[:exact_from]
-        low = screened.bfloat16()
+        screened = weight[:exact_from]  # row- or column-major (a shared tied head: layers/head_layout.py)
+        low = screened.to(torch.bfloat16, memory_format=torch.contiguous_format)
         self.register_buffer("low", torch.ops.mkldnn._reorder_linear_weight(low), persistent=False)
         tail = weight[exact_from:]
         self.register_buffer("exact_tail", torch.ops.mkldnn._reorder_linear_weight(tail.contiguous())
                              if tail.shape[0] else None, persistent=False)
         # The largest row norm of the bfloat16 rounding and of the rows themselves: one bound
         # for all rows costs a few scalar operations per step instead of vocabulary-sized ones,
-        # and widens the rescored band by a fraction of a logit.
-        self.rounding_norm = float((screened - low.float()).norm(dim=1).max())
-        self.row_norm = float(screened.norm(dim=1).max())
+        # and widens the rescored band by a fraction of a logit. Computed in blocks of rows:
+        # a float32 difference of the whole head would add its size to the load's peak.
+        self.rounding_norm, self.row_norm = 0.0, 0.0
+        for start in range(0, exact_from, 4096):
+            rows = screened[start:start + 4096]
+            self.rounding_norm = max(self.rounding_norm, float((rows - low[start:start + 4096].float()).norm(dim=1).max()))
+            self.row_norm = max(self.row_norm, float(rows.norm(dim=1).max()))
+        del low
 
     # Flat distributions (noise, random weights) rescore too much and fall back to the float32
     # projection after paying for the screen: when most recent steps fell back, the head

@@ -311,6 +311,10 @@ class WhisperModel(nn.Module):
 class WhisperForConditionalGeneration(nn.Module):
     """modeling_whisper.WhisperForConditionalGeneration; `proj_out` is the tied embedding."""
 
+    # layers/passes.py: the tied head keeps the embedding's one float32 weight (column-major)
+    # instead of a packed copy; greedy steps read the verified head's screening copy.
+    post_load = frozenset({"share_tied_head"})
+
     def __init__(self, c: WhisperConfig):
         super().__init__()
         self.config = c

@@ -12,8 +12,9 @@ from torch import nn
 
 from ..checkpoints.hub import ModelFiles
 from ..checkpoints.registry import family_module
-from ..checkpoints.weights import module_bytes, parse_dtype
+from ..checkpoints.weights import parse_dtype
 from ..devices import require_device
+from ..layers.memory import module_memory
 from ..layers.passes import PostLoad, VerifiedHeadSite, apply_post_load_passes
 from ..tasks import Task
 from .options import TaskOptions
@@ -128,8 +129,12 @@ class Pipeline:
                             f"not {type(options).__name__}")
         return self.options(options)
 
+    def memory_usage(self) -> dict[str, int]:
+        """Resident bytes by kind (layers/memory.py): weights, packed, screening, cache."""
+        return module_memory(self.modules_)
+
     def memory_bytes(self) -> int:
-        return sum(module_bytes(m) for m in self.modules_)
+        return sum(self.memory_usage().values())
 
     def close(self) -> None:
         """Drops the modules so their memory can be reclaimed."""

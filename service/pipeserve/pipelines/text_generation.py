@@ -241,9 +241,11 @@ class TextGenerationPipeline(Pipeline):
                 s.handle.cancel()
         return results
 
-    def memory_bytes(self) -> int:
+    def memory_usage(self) -> dict[str, int]:
         """Weights plus the KV cache the engine holds right now (none when idle)."""
-        return super().memory_bytes() + self.engine.cache.memory_bytes()
+        usage = super().memory_usage()
+        usage["cache"] += self.engine.cache.memory_bytes()
+        return usage
 
     def token_text(self, token: int) -> str:
         """One token's text on its own (for top-alternative listings)."""

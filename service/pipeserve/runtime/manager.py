@@ -43,6 +43,7 @@ from ..errors import (InvalidParameter, MemoryBudgetExceeded, ModelLoadFailed, M
 from ..pipelines.base import LoadOptions, Pipeline
 from ..scheduling import compute
 from ..tasks import Task
+from .heap import release_free_heap
 from .loading import load_pipeline, model_type_of, task_of
 
 log = logging.getLogger("pipeserve.manager")
@@ -79,6 +80,7 @@ class ModelEntry:
     exception: PipeserveError | None = None
     in_flight: int = 0
     bytes: int = 0
+    memory: dict[str, int] = field(default_factory=dict)  # bytes by kind (layers/memory.py), summing to `bytes`
     loaded_at: float = 0.0
     last_used_at: float = 0.0
     failed_at: float = 0.0  # time.monotonic() of a failed load, for expiry
@@ -281,7 +283,8 @@ class ModelManager:
             model_type_of(files)  # fail fast on unsupported formats before evicting anything
             await self._make_room(entry, _estimate_bytes(files, entry.options))
             entry.pipeline = await loop.run_in_executor(self.executor, self._loader, files, entry.options, entry.task)
-            entry.bytes = entry.pipeline.memory_bytes()
+            entry.memory = entry.pipeline.memory_usage()  # by kind; their sum is what the budget counts
+            entry.bytes = sum(entry.memory.values())
             self._fit_resident(entry)
             entry.state = ModelState.READY
             entry.loaded_at = entry.last_used_at = time.time()
@@ -293,6 +296,7 @@ class ModelManager:
             log.exception("loading %s failed", entry.name)
             self._fail(entry, ModelLoadFailed(f"{type(exc).__name__}: {exc}"))
         finally:
+            release_free_heap()  # the load's transient copies (runtime/heap.py)
             entry.loaded.set()
             self._on_change()
 
@@ -378,6 +382,7 @@ class ModelManager:
         if entry.pipeline is not None:
             entry.pipeline.close()
             entry.pipeline = None
+            release_free_heap()
         self._on_change()
 
     async def unload(self, name: str) -> ModelEntry:

@@ -212,6 +212,9 @@ class _AppCollector:
         resident = GaugeMetricFamily("pipeserve_model_resident_bytes",
                                      "Bytes of weights and buffers a loaded model holds on its device.",
                                      labels=["model", "task", "device", "dtype"])
+        memory = GaugeMetricFamily("pipeserve_model_memory_bytes",
+                                   "A loaded model's resident bytes by kind (weights, packed, screening, cache); "
+                                   "the kinds add up to pipeserve_model_resident_bytes.", labels=["model", "kind"])
         state = GaugeMetricFamily("pipeserve_model_state", "1 for the state each known model is in.",
                                   labels=["model", "state"])
         busy = GaugeMetricFamily("pipeserve_model_in_flight", "Calls currently using each model.", labels=["model"])
@@ -224,6 +227,8 @@ class _AppCollector:
                 resident.add_metric([name, entry.task.value if entry.task else "",
                                      described.get("device") or entry.options.device,
                                      described.get("dtype") or entry.options.dtype], entry.bytes)
+                for kind, n in entry.memory.items():
+                    memory.add_metric([name, kind], n)
                 state.add_metric([name, entry.state.value], 1)
                 busy.add_metric([name], entry.in_flight)
-        yield from (depth, resident, state, busy)
+        yield from (depth, resident, memory, state, busy)

@@ -1,0 +1,144 @@
+"""Issue #16 item 3: every resident byte of a model accounted by kind, in GetModel and /metrics,
+adding up to what the manager's budget counts; the copies that did not pay are gone (Whisper's
+tied head keeps one float32 form, shared with the embedding, beside the screening copy); and
+CTranslate2 weights are mapped from the file, not copied, where the dtype allows."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import whisper_checkpoints as wc
+from grpc_testing import load_model, make_server
+from test_metrics import scrape
+
+
+
+@pytest.fixture(scope="module")
+def server():
+    handle = make_server(metrics_listen="127.0.0.1:0")
+    yield handle
+    handle.stop()
+
+
+def test_get_model_and_metrics_break_down_the_budgeted_bytes(server):
+    from pipeserve.v1 import model_pb2, model_pb2_grpc
+
+    info = load_model(server, "embedded/whisper-tiny.en")
+    memory = info.memory
+    kinds = [memory.weights_bytes, memory.packed_bytes, memory.screening_bytes, memory.cache_bytes]
+    assert sum(kinds) == info.bytes > 0
+    entry = server.manager.find(info.name)
+    assert entry.bytes == info.bytes  # what the budget counts
+
+    # The tied head is stored once: the float32 weights are Whisper tiny.en's 37.8M parameters
+    # (no second 76 MiB float32 head), the screening copy is the bfloat16 head's text rows.
+    pipeline = entry.pipeline
+    decoder = pipeline.model.decoder
+    vocab, width = decoder.embed_tokens.weight.shape
+    assert decoder.proj_out.weight is decoder.embed_tokens.weight
+    assert decoder.proj_out.weight.t().is_contiguous()  # column-major, shared with the embedding
+    from pipeserve.checkpoints.ctranslate2 import read_whisper
+
+    _, state = read_whisper(wc.embedded_dir() / "model.bin")
+    checkpoint_bytes = 4 * sum(t.numel() for t in state.values() if t.is_floating_point())
+    del state
+    # Every float32 weight once (packed ones instead of their dense form), plus computed
+    # buffers (encoder positions): no second head, no dense copy beside a packed one.
+    assert checkpoint_bytes <= memory.weights_bytes + memory.packed_bytes <= checkpoint_bytes + (4 << 20)
+    assert 4 * vocab * width <= memory.weights_bytes < 2 * 4 * vocab * width
+    assert memory.screening_bytes >= 2 * (vocab - 1501) * width  # the bfloat16 text rows
+    assert memory.screening_bytes < 2 * vocab * width + 4 * 1501 * width + (1 << 20)
+
+    again = model_pb2_grpc.ModelServiceStub(server.channel).GetModel(
+        model_pb2.GetModelRequest(model=info.name), timeout=30)
+    assert again.model.memory == memory
+
+    samples = scrape(server)
+    by_kind = {labels["kind"]: v for labels, v in samples["pipeserve_model_memory_bytes"]
+               if labels["model"] == info.name}
+    assert by_kind == {"weights": memory.weights_bytes, "packed": memory.packed_bytes,
+                       "screening": memory.screening_bytes, "cache": memory.cache_bytes}
+    resident = [v for labels, v in samples["pipeserve_model_resident_bytes"] if labels["model"] == info.name]
+    assert resident == [sum(by_kind.values())]
+
+
+def test_the_memory_kinds_count_shared_storage_once():
+    from torch import nn
+    from pipeserve.layers.memory import module_memory
+    from pipeserve.layers.packed_linear import pack_linears, supported
+
+    embedding = nn.Embedding(64, 16)
+    head = nn.Linear(16, 64, bias=False)
+    head.weight = embedding.weight
+    model = nn.ModuleDict({"embed": embedding, "head": head, "mlp": nn.Linear(16, 16)})
+    assert module_memory([model]) == {"weights": 64 * 16 * 4 + 16 * 16 * 4 + 16 * 4, "packed": 0,
+                                      "screening": 0, "cache": 0}
+    if not supported(model["mlp"].weight):
+        pytest.skip("no oneDNN packed linear on this build")
+    pack_linears(model, share_tied=True)
+    assert type(model["head"]) is nn.Linear and model["head"].weight is model["embed"].weight
+    assert model["head"].weight.t().is_contiguous()
+    usage = module_memory([model])
+    assert usage["weights"] == 64 * 16 * 4 + 16 * 4  # the shared head once, the mlp's bias
+    assert usage["packed"] == 16 * 16 * 4  # the mlp's packed weight replaced its dense one
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(model["head"](x), x @ model["embed"].weight.t())
+
+
+def _mapped_ranges(path: Path) -> list[tuple[int, int]]:
+    ranges = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        if line.rstrip().endswith(str(path)):
+            start, end = (int(x, 16) for x in line.split()[0].split("-"))
+            ranges.append((start, end))
+    return ranges
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs /proc")
+def test_ctranslate2_tensors_in_the_files_dtype_are_views_of_the_mapped_file():
+    from pipeserve.checkpoints.ctranslate2 import read_whisper
+
+    path = (wc.embedded_dir() / "model.bin").resolve()
+    config, state = read_whisper(path, torch.float16)  # the file's dtype: nothing to convert
+    ranges = _mapped_ranges(path)
+    assert ranges, "model.bin is not mapped"
+    inside = lambda t: any(start <= t.data_ptr() < end for start, end in ranges)
+    assert all(t.dtype == torch.float16 for t in state.values() if t.is_floating_point())
+    # A tensor at an odd byte offset is copied (CTranslate2 does not align its variables, and
+    # kernels may assume element alignment); every aligned one is a view of the mapping.
+    views = [t for t in state.values() if t.is_floating_point() and inside(t)]
+    copies = [t for t in state.values() if t.is_floating_point() and not inside(t)]
+    assert views, "no tensor is a view of the mapped file"
+    print(f"mapped {sum(t.numel() for t in views) * 2 >> 20} MiB, copied {sum(t.numel() for t in copies) * 2 >> 20} MiB")
+
+    config32, state32 = read_whisper(path, torch.float32)  # a dtype change is the one copy
+    emb = state32["model.decoder.embed_tokens.weight"]
+    assert emb.dtype == torch.float32 and not inside(emb)
+    torch.testing.assert_close(emb, state["model.decoder.embed_tokens.weight"].float(), rtol=0, atol=0)
+
+
+def test_a_truncated_or_inconsistent_ctranslate2_file_is_refused(tmp_path):
+    from pipeserve.checkpoints.ctranslate2 import read_variables
+    from pipeserve.errors import ModelLoadFailed
+    import struct
+
+    def variable(name: bytes, dims: list[int], code: int, payload: bytes) -> bytes:
+        return (struct.pack("<H", len(name) + 1) + name + b"\0" + struct.pack("<B", len(dims))
+                + struct.pack(f"<{len(dims)}I", *dims) + struct.pack("<BI", code, len(payload)) + payload)
+
+    header = struct.pack("<I", 6) + struct.pack("<H", 12) + b"WhisperSpec\0" + struct.pack("<I", 1)
+    good = header + struct.pack("<I", 1) + variable(b"w", [2, 3], 0, bytes(24)) + struct.pack("<I", 0)
+    (tmp_path / "good.bin").write_bytes(good)
+    spec, tensors = read_variables(tmp_path / "good.bin")
+    assert spec == "WhisperSpec" and tensors["w"].shape == (2, 3)
+
+    # A byte count that disagrees with the shape (before any allocation) and a truncated file.
+    (tmp_path / "mismatch.bin").write_bytes(header + struct.pack("<I", 1) + variable(b"w", [1000, 1000], 0, bytes(24)))
+    with pytest.raises(ModelLoadFailed, match="shape"):
+        read_variables(tmp_path / "mismatch.bin")
+    (tmp_path / "short.bin").write_bytes(good[:-10])
+    with pytest.raises(ModelLoadFailed, match="truncated"):
+        read_variables(tmp_path / "short.bin")
