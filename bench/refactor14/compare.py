@@ -4,7 +4,7 @@ ratio as new time / old time (>1: the new tree is slower). Reference rows (trans
 in the same processes on both trees, so their ratio shows the run's noise. Also checks the
 outputs the benches record (texts, output differences against transformers) are equal.
 
-    python bench/refactor14/compare.py /tmp/b14 > bench/refactor14/results.md
+    python bench/refactor14/compare.py /tmp/b14 bench/refactor14/results/results.json > bench/refactor14/results/results.md
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from pathlib import Path
 TIME_KEYS = {"seconds", "p50_total_ms", "p50_compute_ms", "ttft_s", "ttft_ms", "seconds_per_run"}
 RATE_SUFFIXES = ("_per_s", "tokens_per_s", "tok_s")
 OUTPUT_WORDS = ("text", "same", "equal", "diff", "match", "wer", "in_process", "grpc", "tokens")
+REFERENCE_ROWS = ("transformers", "reference")  # generation's rows are reference_* / ours_*
 SKIP = {"environment", "all_seconds", "every_round_seconds", "options"}
 
 
@@ -25,9 +26,9 @@ def leaves(node, path=()):
             if key not in SKIP:
                 yield from leaves(value, path + (str(key),))
     elif isinstance(node, list):
-        named = all(isinstance(x, dict) and "name" in x for x in node)
+        key = next((k for k in ("name", "engine") if all(isinstance(x, dict) and k in x for x in node)), None)
         for i, value in enumerate(node):
-            yield from leaves(value, path + ((value["name"] if named else str(i)),))
+            yield from leaves(value, path + ((value[key] if key else str(i)),))
     else:
         yield path, node
 
@@ -53,12 +54,13 @@ def runs(bench_dir: Path, tree: str) -> list[dict]:
 def normalized(result: dict) -> dict[tuple, float]:
     """Each pipeserve time leaf over the first transformers row's time under the same parent in
     the same run: the machine's load at that moment divides out."""
-    times = [(p, float(v)) for p, v in leaves(result) if kind(p) == "time" and isinstance(v, (int, float))]
+    times = [(p, float(v) if kind(p) == "time" else 1 / float(v)) for p, v in leaves(result)
+             if kind(p) and isinstance(v, (int, float)) and not isinstance(v, bool) and v and len(p) >= 2]
     out = {}
     for path, value in times:
-        if path[-2].startswith("transformers") or len(path) < 2:
+        if path[-2].startswith(REFERENCE_ROWS):
             continue
-        refs = [v for p, v in times if p[:-2] == path[:-2] and p[-2].startswith("transformers") and p[-1] == path[-1]]
+        refs = [v for p, v in times if p[:-2] == path[:-2] and p[-2].startswith(REFERENCE_ROWS) and p[-1] == path[-1]]
         if refs:
             out[path] = value / refs[0]
     return out
@@ -90,6 +92,8 @@ def compare(bench_dir: Path) -> tuple[list[tuple], list[str]]:
             for path, value in leaves(result):
                 if isinstance(value, (int, float)) and not isinstance(value, bool) and kind(path):
                     series.setdefault(path, {"old": [], "new": []})[tree].append(float(value))
+                elif "limit" in path[-1]:
+                    continue  # a measured bound (memory bandwidth), not an output
                 elif any(w in path[-1] for w in OUTPUT_WORDS) or any("diff" in p or "match" in p for p in path):
                     series.setdefault(("output",) + path, {"old": [], "new": []})[tree].append(value)
     for path, sides in series.items():
@@ -107,7 +111,7 @@ def compare(bench_dir: Path) -> tuple[list[tuple], list[str]]:
             continue
         o, n = best(sides["old"], how), best(sides["new"], how)
         ratio = n / o if how == "time" else o / n
-        if how == "rate" and any(p[:-1] == path[:-1] and kind(p) == "time" for p in series):
+        if how == "rate" and any(p[:-1] == path[:-1] and p[-1] == "seconds" for p in series):
             continue  # the same row's time says it already
         against = norm.get(path)
         against_ratio = geomean(against["new"]) / geomean(against["old"]) if against and against["old"] and against["new"] else None
@@ -119,14 +123,20 @@ def main() -> None:
     root = Path(sys.argv[1])
     print("| bench | row | metric | old best | new best | new/old time | new/old, each run over its transformers row | runs old/new |")
     print("| --- | --- | --- | ---: | ---: | ---: | ---: | --- |")
-    notes = []
+    notes, table = [], []
     for bench_dir in sorted(p for p in root.iterdir() if p.is_dir()):
         rows, output_notes = compare(bench_dir)
         for row, metric, o, n, ratio, against, no, nn in rows:
+            table.append({"bench": bench_dir.name, "row": row, "metric": metric, "old_best": o, "new_best": n,
+                          "new_over_old_time": ratio, "new_over_old_against_transformers": against,
+                          "runs_old": no, "runs_new": nn})
             shown = f"{against:.3f}" if against is not None else "–"
             print(f"| {bench_dir.name} | {row} | {metric} | {o:.4g} | {n:.4g} | {ratio:.3f} | {shown} | {no}/{nn} |")
         notes += [f"- {bench_dir.name}: {note}" for note in output_notes]
     print("\nOutputs:\n" + "\n".join(notes))
+    if len(sys.argv) > 2:
+        every_run = {d.name: {tree: runs(d, tree) for tree in ("old", "new")} for d in sorted(root.iterdir()) if d.is_dir()}
+        Path(sys.argv[2]).write_text(json.dumps({"ratios": table, "outputs": notes, "runs": every_run}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

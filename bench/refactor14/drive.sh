@@ -1,6 +1,6 @@
 #!/bin/bash
 # Interleaved old/new runs of the existing benches (short settings), 2 rounds each, old then
-# new; each run writes its JSON under $OUT/<bench>/<old|new>-<round>/. Args: bench names
+# new (rounds FIRST..LAST, default 1..2); each run writes its JSON under $OUT/<bench>/<old|new>-<round>/. Args: bench names
 # (whisper lone encoders zero_shot image wav2vec2 generation). compare.py reads $OUT.
 export HF_HUB_OFFLINE=1
 OLD=${OLD:?the old tree, e.g. git worktree add /tmp/old333 333f10a}; NEW=${NEW:-$(cd "$(dirname "$0")/../.." && pwd)}; OUT=${OUT:-/tmp/b14}
@@ -20,4 +20,4 @@ run() { # tree tag bench round
   esac > $O/stdout 2> $O/stderr
   echo "$b $tag $r rc=$? $(( $(date +%s)-s ))s" >> $OUT/log
 }
-for b in "$@"; do for r in 1 2; do run $OLD old $b $r; run $NEW new $b $r; done; done
+for b in "$@"; do for r in $(seq ${FIRST:-1} ${LAST:-2}); do run $OLD old $b $r; run $NEW new $b $r; done; done
