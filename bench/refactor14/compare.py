@@ -121,6 +121,12 @@ def compare(bench_dir: Path) -> tuple[list[tuple], list[str]]:
 
 def main() -> None:
     root = Path(sys.argv[1])
+    for tree in ("old", "new"):
+        env = next((r["environment"] for d in sorted(root.iterdir()) if d.is_dir() for r in runs(d, tree)
+                    if isinstance(r.get("environment"), dict)), {})
+        print(f"{tree}: pipeserve {env.get('pipeserve_commit')}, CPU {env.get('cpu_model')} "
+              f"({env.get('cpu_family_model_stepping')}, {env.get('cpu_count')} cores), torch {env.get('torch')}, "
+              f"load average at a start {env.get('load_average_at_start')}\n")
     print("| bench | row | metric | old best | new best | new/old time | new/old, each run over its transformers row | runs old/new |")
     print("| --- | --- | --- | ---: | ---: | ---: | ---: | --- |")
     notes, table = [], []
