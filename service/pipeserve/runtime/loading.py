@@ -1,6 +1,8 @@
 """Checkpoint files -> a ready task pipeline. The manager adds residency and budgets on top."""
 from __future__ import annotations
 
+import dataclasses
+
 from ..checkpoints.formats import is_ctranslate2_whisper
 from ..checkpoints.hub import ModelFiles
 from ..checkpoints.registry import infer_task, pipeline_class
@@ -23,8 +25,20 @@ def task_of(files: ModelFiles) -> Task:
     return infer_task(files.config)
 
 
+def with_source_defaults(files: ModelFiles, options: LoadOptions) -> LoadOptions:
+    """`options` with the choices left to the source made: a GGUF file on the CPU keeps int8
+    weights (already quantized to 4-6 bits, its float32 form is ~8x the file; int8 decoded
+    Gemma 3 270M at 10.2 vs 5.6 tokens/s, best of 4 interleaved, on 2 shared cores); every
+    other source loads as stored unless load_in_8bit says otherwise."""
+    if options.load_in_8bit is not None:
+        return options
+    quantize = files.gguf is not None and options.torch_device.type == "cpu"
+    return dataclasses.replace(options, load_in_8bit=quantize)
+
+
 def load_pipeline(files: ModelFiles, options: LoadOptions, task: Task | str | None = None) -> Pipeline:
     """Builds the pipeline serving `task` (inferred when None) from `files`."""
+    options = with_source_defaults(files, options)
     model_type = model_type_of(files)
     inferred = task_of(files)
     wanted = Task.parse(task) if task else inferred

@@ -43,7 +43,7 @@ from ..errors import (InvalidParameter, MemoryBudgetExceeded, ModelLoadFailed, M
 from ..pipelines.base import LoadOptions, Pipeline
 from ..scheduling import compute
 from ..tasks import Task
-from .loading import load_pipeline, model_type_of, task_of
+from .loading import load_pipeline, model_type_of, task_of, with_source_defaults
 
 log = logging.getLogger("pipeserve.manager")
 
@@ -277,6 +277,7 @@ class ModelManager:
             files = await loop.run_in_executor(self.executor, lambda: resolve(
                 entry.name, entry.revision, offline=offline, allow_pickle=entry.options.allow_pickle))
             entry.files = files
+            entry.options = with_source_defaults(files, entry.options)  # GGUF: int8 unless chosen
             entry.task = task or task_of(files)
             model_type_of(files)  # fail fast on unsupported formats before evicting anything
             await self._make_room(entry, _estimate_bytes(files, entry.options))
