@@ -25,8 +25,7 @@ class LoadOptions:
 
     device: str = "cpu"
     dtype: str = "float32"
-    # int8 weights (layers/quantization.py); None: the source's default (loading.with_source_defaults:
-    # int8 for GGUF files on the CPU, where it measured ~1.8x float32's decode speed; float otherwise).
+    # int8 weights (layers/quantization.py); None: the source's default (loading.with_source_defaults).
     load_in_8bit: bool | None = None
     allow_pickle: bool = False
     # CPU float32/bfloat16 linear layers run on oneDNN-prepacked weights (layers/packed_linear.py):
