@@ -256,7 +256,8 @@ class ModelManager:
         differs = [
             ("device" in chosen and want.device.strip().lower() != have.device.strip().lower()),
             ("dtype" in chosen and want.dtype != have.dtype),
-            ("load_in_8bit" in chosen and want.load_in_8bit != have.load_in_8bit),
+            # None (the source's default) is float for every source (loading.with_source_defaults)
+            ("load_in_8bit" in chosen and bool(want.load_in_8bit) != bool(have.load_in_8bit)),
             ("revision" in chosen and revision is not None and revision != (entry.revision or "main")),
             ("defaults" in chosen and want.defaults != have.defaults),
         ]
