@@ -43,7 +43,8 @@ def tiny_gguf(request, tmp_path_factory):
     family, qtype = request.param.split("-")
     path, original = BUILDERS[family](tmp_path_factory.mktemp(f"gguf-{request.param}"), qtype)
     reference = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name).eval()
-    pipe = load_pipeline(path.parent)  # the directory holding the file, as LoadModel names it
+    # the directory holding the file, as LoadModel names it; float weights for exact parity (int8 is the default)
+    pipe = load_pipeline(path.parent, load_in_8bit=False)
     pipe.original = original  # the transformers model the file was written from
     yield qtype, path, reference, pipe
     pipe.close()
@@ -116,7 +117,7 @@ def test_greedy_generation_matches_transformers(tiny_gguf):
 
 def test_the_file_itself_loads_too(tiny_gguf):
     qtype, path, reference, _ = tiny_gguf
-    pipe = load_pipeline(path)
+    pipe = load_pipeline(path, load_in_8bit=False)
     try:
         assert pipe.files.gguf == path.resolve()
         ids = torch.arange(3, 19).reshape(1, -1)
@@ -169,6 +170,7 @@ def test_loadmodel_serves_a_gguf_file_over_grpc(grpc_server, tiny_gguf):
 
     qtype, path, _, pipe = tiny_gguf
     info = load_model(grpc_server, path)
+    assert not info.quantized_int8, "GGUF files load with float weights unless LoadModel asks for int8"
     assert info.task == model_pb2.TASK_TEXT_GENERATION and info.family == pipe.files.config["model_type"]
     assert info.source_path == str(path.resolve()), "GetModel names the file it serves, not only its folder"
     stub = text_generation_pb2_grpc.TextGenerationServiceStub(grpc_server.channel)

@@ -96,32 +96,44 @@ def test_task_without_implementation_is_unimplemented(monkeypatch):
     finally:
         server.stop()
 
+@pytest.mark.slow  # loads Gemma 3 270M from its GGUF file (~20-40 s on 2 shared cores)
 def test_embedded_defaults_preload_under_friendly_names():
-    """The serve command's defaults: packaged Whisper tiny.en and all-MiniLM-L6-v2, listed as
-    embedded/..., SERVING in health, addressed by an empty model name."""
+    """The serve command's defaults: packaged Whisper tiny.en, all-MiniLM-L6-v2 and Gemma 3
+    270M, listed as embedded/..., SERVING in health, addressed by an empty model name."""
     from grpc_testing import make_server
     from pipeserve.checkpoints.embedded import embedded_models
     from pipeserve.server import preload
-    from pipeserve.v1 import feature_extraction_pb2, feature_extraction_pb2_grpc, model_pb2, model_pb2_grpc
+    from pipeserve.v1 import (feature_extraction_pb2, feature_extraction_pb2_grpc, model_pb2, model_pb2_grpc,
+                              text_generation_pb2, text_generation_pb2_grpc)
 
     expected = embedded_models()
-    assert set(expected) == {"automatic-speech-recognition", "feature-extraction"}, \
-        "scripts/setup installs both embedded model packages"
+    assert set(expected) == {"automatic-speech-recognition", "feature-extraction", "text-generation"}, \
+        "scripts/setup installs the embedded model packages"
     server = make_server(embedded_defaults=True)
     try:
         server.call(preload(server.running))
         models = model_pb2_grpc.ModelServiceStub(server.channel).ListModels(model_pb2.ListModelsRequest(), timeout=30)
         assert sorted((m.name, m.state, m.is_default) for m in models.models) == [
             ("embedded/all-MiniLM-L6-v2", model_pb2.MODEL_STATE_READY, True),
+            ("embedded/gemma-3-270m", model_pb2.MODEL_STATE_READY, True),
             ("embedded/whisper-tiny.en", model_pb2.MODEL_STATE_READY, True),
         ]
+        [gemma] = [m for m in models.models if m.name == "embedded/gemma-3-270m"]
+        assert gemma.family == "gemma3_text" and not gemma.quantized_int8 and gemma.source_path.endswith(".gguf")
         health = health_pb2_grpc.HealthStub(server.channel)
-        for service in ("pipeserve.v1.SpeechRecognitionService", "pipeserve.v1.FeatureExtractionService"):
+        for service in ("pipeserve.v1.SpeechRecognitionService", "pipeserve.v1.FeatureExtractionService",
+                        "pipeserve.v1.TextGenerationService"):
             assert health.Check(health_pb2.HealthCheckRequest(service=service)).status == \
                 health_pb2.HealthCheckResponse.SERVING
         embedding = feature_extraction_pb2_grpc.FeatureExtractionServiceStub(server.channel).ExtractFeatures(
             feature_extraction_pb2.ExtractFeaturesRequest(text="pipeserve serves pipelines"), timeout=60)
         assert embedding.dimensions == 384 and embedding.run.model == "embedded/all-MiniLM-L6-v2"
+        generated = text_generation_pb2_grpc.TextGenerationServiceStub(server.channel).Generate(
+            text_generation_pb2.GenerateRequest(prompt="The capital of France is",
+                                                options=text_generation_pb2.GenerationOptions(max_new_tokens=8)),
+            timeout=120)
+        assert generated.run.model == "embedded/gemma-3-270m"
+        assert generated.sequences[0].generated_tokens >= 1 and generated.sequences[0].text.strip()
     finally:
         server.stop()
 

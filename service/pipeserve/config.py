@@ -42,7 +42,7 @@ class ModelSpec:
     revision: str | None = None
     device: str | None = None
     dtype: str | None = None
-    load_in_8bit: bool = False
+    load_in_8bit: bool | None = None  # None: the source's default (LoadOptions)
     options: dict[str, Any] = field(default_factory=dict)
 
 

@@ -64,7 +64,7 @@ def model_info(entry: ModelEntry, is_default: bool) -> pb.ModelInfo:
         loaded_at=_timestamp(entry.loaded_at),
         last_used_at=_timestamp(entry.last_used_at),
         source_path=str(entry.files.gguf or entry.files.path) if entry.files else "",  # a GGUF: its file
-        quantized_int8=entry.options.load_in_8bit,
+        quantized_int8=bool(entry.options.load_in_8bit),  # None (not yet resolved): the default, float
         default_options=_options_struct(entry.options.defaults),
         memory=pb.ModelMemory(**{f"{kind}_bytes": n for kind, n in entry.memory.items()}),
     )

@@ -60,7 +60,7 @@ class TensorInfo:
 @dataclass
 class GGUFFile:
     """A parsed GGUF header: metadata values (Python scalars, strings and lists) and the tensor
-    table. `read(name)` dequantizes one tensor to a float32 torch tensor."""
+    table. `read(name)` dequantizes one tensor to a float32 torch tensor, when asked for."""
 
     path: Path
     version: int
@@ -74,30 +74,47 @@ class GGUFFile:
             raise corrupt(self.path, "general.architecture is missing")
         return value
 
-    def read_all(self):
-        """(name, float32 tensor) for every tensor, in file order, from one memory map; each
-        tensor is copied out of the map as it is dequantized."""
+    def read(self, name: str) -> torch.Tensor:
+        """One tensor dequantized to float32, straight into its own storage: the rows are
+        dequantized a slice at a time, so reading a tensor costs its float32 size plus one
+        slice, never a second full-size copy."""
+        info = self.tensors[name]
         with open(self.path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as view:
-            for info in self.tensors.values():
-                raw = np.frombuffer(view, dtype=np.uint8, count=info.nbytes, offset=info.offset)
-                values = _dequantize(raw, info)
+            raw = np.frombuffer(view, dtype=np.uint8, count=info.nbytes, offset=info.offset)
+            try:
+                return _dequantize_into(raw, info)
+            finally:
                 del raw  # no view into the map may outlive it
-                yield info.name, torch.from_numpy(values).reshape(info.shape)
+
+    def read_all(self):
+        """(name, float32 tensor) for every tensor, in file order, each read when asked for."""
+        for name in self.tensors:
+            yield name, self.read(name)
 
 
-def _dequantize(raw: np.ndarray, info: TensorInfo) -> np.ndarray:
+# Rows dequantized per slice: bounds the gguf package's temporaries (a few float32 copies of
+# the slice) to a few MiB whatever the tensor's size.
+_SLICE_ELEMENTS = 1 << 20
+
+
+def _dequantize_into(raw: np.ndarray, info: TensorInfo) -> torch.Tensor:
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize
 
     qtype = GGMLQuantizationType(info.ggml_type)
-    rows = raw.reshape(-1, info.nbytes // max(1, _row_count(info.shape)))
+    row_count = _row_count(info.shape)
+    rows = raw.reshape(row_count, info.nbytes // max(1, row_count))
+    out = torch.empty(info.shape, dtype=torch.float32)
+    flat = out.view(row_count, -1).numpy()
+    step = max(1, _SLICE_ELEMENTS // max(1, flat.shape[1]))
     try:
-        values = dequantize(rows, qtype)
+        for start in range(0, row_count, step):
+            # an assignment copies: F32 data would otherwise be a view into the memory map
+            flat[start:start + step] = dequantize(rows[start:start + step], qtype)
     except NotImplementedError:
         raise ModelLoadFailed(f"tensor {info.name}: the gguf package cannot dequantize {qtype.name}",
                               reason="GGUF_UNSUPPORTED_TYPE") from None
-    # a copy: F32 data is otherwise a view into the memory map, closed after reading
-    return np.array(values, dtype=np.float32, copy=True)
+    return out
 
 
 def _row_count(shape: tuple[int, ...]) -> int:

@@ -17,6 +17,7 @@ transformers/modeling_gguf_pytorch_utils.py (LlamaTensorProcessor, Gemma2TensorP
 from __future__ import annotations
 
 import re
+from collections.abc import MutableMapping
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -223,15 +224,46 @@ def transformers_name(gguf_name: str, layer_names: dict[str, str]) -> str | None
     raise ModelLoadFailed(f"tensor {gguf_name[:80]} is not part of this architecture", reason="WEIGHTS_MISMATCH")
 
 
+class GGUFState(MutableMapping):
+    """The checkpoint's tensors by transformers' name, each dequantized, renamed and fixed when
+    it is read and not kept: the loader copies tensor by tensor into the module
+    (weights.assign), so loading holds the model plus one float tensor, never the whole file
+    dequantized beside it. A family's `prepare` may still set or delete names (kept apart)."""
+
+    def __init__(self, gguf: GGUFFile, config: dict[str, Any], dtype: torch.dtype, device: torch.device | str):
+        self._gguf, self._config, self._dtype, self._device = gguf, config, dtype, device
+        self._arch = architecture_of(gguf)
+        self._sources: dict[str, str] = {}  # transformers name -> GGUF name
+        for name in gguf.tensors:
+            target = transformers_name(name, self._arch.layer_names)
+            if target is not None:
+                self._sources[target] = name
+        self._overrides: dict[str, torch.Tensor] = {}
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key in self._overrides:
+            return self._overrides[key]
+        name = self._sources[key]
+        tensor = self._arch.fix(name, self._gguf.read(name), self._config)
+        return tensor.to(device=self._device, dtype=self._dtype if tensor.is_floating_point() else tensor.dtype)
+
+    def __setitem__(self, key: str, value: torch.Tensor) -> None:
+        self._overrides[key] = value
+
+    def __delitem__(self, key: str) -> None:
+        found = self._overrides.pop(key, None) is not None
+        if self._sources.pop(key, None) is None and not found:
+            raise KeyError(key)
+
+    def __iter__(self):
+        yield from self._sources
+        yield from (key for key in self._overrides if key not in self._sources)
+
+    def __len__(self) -> int:
+        return len(self._sources.keys() | self._overrides.keys())
+
+
 def read_gguf_state(gguf: GGUFFile, config: dict[str, Any], dtype: torch.dtype,
-                    device: torch.device | str) -> dict[str, torch.Tensor]:
-    """Every tensor dequantized, renamed and un-permuted, in `dtype` on `device`."""
-    arch = architecture_of(gguf)
-    state: dict[str, torch.Tensor] = {}
-    for name, tensor in gguf.read_all():
-        target = transformers_name(name, arch.layer_names)
-        if target is None:
-            continue
-        tensor = arch.fix(name, tensor, config)
-        state[target] = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
-    return state
+                    device: torch.device | str) -> GGUFState:
+    """Every tensor dequantized, renamed and un-permuted, in `dtype` on `device`, read lazily."""
+    return GGUFState(gguf, config, dtype, device)

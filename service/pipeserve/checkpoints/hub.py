@@ -54,7 +54,12 @@ class ModelFiles:
     def tokenizer_json(self) -> str | None:
         """The tokenizer.json text: the file, or the one a GGUF file's metadata describes."""
         if self.gguf is not None:
-            return json.dumps(self._gguf_json("tokenizer.json"), ensure_ascii=False)
+            from . import gguf_tokenizer
+            from .gguf_cache import cached_text
+
+            # built once per file version, then read back from the cache (seconds -> milliseconds)
+            return cached_text(self.gguf, "tokenizer.json", Path(gguf_tokenizer.__file__),
+                               lambda: json.dumps(self._gguf_json("tokenizer.json"), ensure_ascii=False))
         path = self.path / "tokenizer.json"
         return path.read_text(encoding="utf-8") if path.is_file() else None
 

@@ -23,11 +23,22 @@ from torch import nn
 QMAX = 127
 
 
+# Rows quantized per slice: the float temporaries stay a few MiB however large the weight (a
+# 262k-row output projection would otherwise need several float32 copies of itself at once).
+_SLICE_ELEMENTS = 1 << 20
+
+
 def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """[out, in] float -> (int8 [out, in], float32 scales [out])."""
-    w = weight.detach().float()
-    scale = w.abs().amax(dim=1).clamp(min=1e-12) / QMAX
-    q = torch.round(w / scale[:, None]).clamp(-QMAX, QMAX).to(torch.int8)
+    w = weight.detach()
+    q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
+    scale = torch.empty(w.shape[0], dtype=torch.float32, device=w.device)
+    step = max(1, _SLICE_ELEMENTS // max(1, w.shape[1]))
+    for start in range(0, w.shape[0], step):
+        rows = w[start:start + step].float()
+        row_scale = rows.abs().amax(dim=1).clamp(min=1e-12) / QMAX
+        q[start:start + step] = torch.round(rows / row_scale[:, None]).clamp(-QMAX, QMAX)
+        scale[start:start + step] = row_scale
     return q, scale
 
 

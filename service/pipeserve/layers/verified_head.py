@@ -59,6 +59,17 @@ def enabled(weight: torch.Tensor, options) -> bool:
     return options.packed_linear and not options.load_in_8bit and available(weight)
 
 
+def _largest_row_norms(weight: torch.Tensor, low: torch.Tensor, rows_per_slice: int = 4096) -> tuple[float, float]:
+    """(max row norm of weight - low, max row norm of weight), a slice of rows at a time: the
+    difference of a whole 262k-row head would be a float32 copy of it (and low.float() another)."""
+    rounding = largest = 0.0
+    for start in range(0, weight.shape[0], rows_per_slice):
+        rows = weight[start:start + rows_per_slice]
+        rounding = max(rounding, float((rows - low[start:start + rows_per_slice].float()).norm(dim=1).max()))
+        largest = max(largest, float(rows.norm(dim=1).max()))
+    return rounding, largest
+
+
 class VerifiedHead(nn.Module):
     """x @ weight.T for greedy decoding: screened rows [0, exact_from), exact rows [exact_from, V).
     `weight` (the tied embedding) is shared, not copied; the derived tensors are buffers outside
@@ -79,13 +90,8 @@ class VerifiedHead(nn.Module):
                              if tail.shape[0] else None, persistent=False)
         # The largest row norm of the bfloat16 rounding and of the rows themselves: one bound
         # for all rows costs a few scalar operations per step instead of vocabulary-sized ones,
-        # and widens the rescored band by a fraction of a logit. Computed in blocks of rows:
-        # a float32 difference of the whole head would add its size to the load's peak.
-        self.rounding_norm, self.row_norm = 0.0, 0.0
-        for start in range(0, exact_from, 4096):
-            rows = screened[start:start + 4096]
-            self.rounding_norm = max(self.rounding_norm, float((rows - low[start:start + 4096].float()).norm(dim=1).max()))
-            self.row_norm = max(self.row_norm, float(rows.norm(dim=1).max()))
+        # and widens the rescored band by a fraction of a logit.
+        self.rounding_norm, self.row_norm = _largest_row_norms(screened, low)
         del low
 
     # Flat distributions (noise, random weights) rescore too much and fall back to the float32

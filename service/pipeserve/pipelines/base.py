@@ -26,7 +26,8 @@ class LoadOptions:
 
     device: str = "cpu"
     dtype: str = "float32"
-    load_in_8bit: bool = False
+    # int8 weights (layers/quantization.py); None: the source's default (loading.with_source_defaults).
+    load_in_8bit: bool | None = None
     allow_pickle: bool = False
     # CPU float32/bfloat16 linear layers run on oneDNN-prepacked weights (layers/packed_linear.py):
     # 2-4x faster at inference batch sizes, same arithmetic up to summation order.

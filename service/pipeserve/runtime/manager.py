@@ -44,7 +44,7 @@ from ..pipelines.base import LoadOptions, Pipeline
 from ..scheduling import compute
 from ..tasks import Task
 from .heap import release_free_heap
-from .loading import load_pipeline, model_type_of, task_of
+from .loading import load_pipeline, model_type_of, task_of, with_source_defaults
 
 log = logging.getLogger("pipeserve.manager")
 
@@ -258,7 +258,8 @@ class ModelManager:
         differs = [
             ("device" in chosen and want.device.strip().lower() != have.device.strip().lower()),
             ("dtype" in chosen and want.dtype != have.dtype),
-            ("load_in_8bit" in chosen and want.load_in_8bit != have.load_in_8bit),
+            # None (the source's default) is float for every source (loading.with_source_defaults)
+            ("load_in_8bit" in chosen and bool(want.load_in_8bit) != bool(have.load_in_8bit)),
             ("revision" in chosen and revision is not None and revision != (entry.revision or "main")),
             ("defaults" in chosen and want.defaults != have.defaults),
         ]
@@ -279,6 +280,7 @@ class ModelManager:
             files = await loop.run_in_executor(self.executor, lambda: resolve(
                 entry.name, entry.revision, offline=offline, allow_pickle=entry.options.allow_pickle))
             entry.files = files
+            entry.options = with_source_defaults(files, entry.options)  # GGUF: int8 unless chosen
             entry.task = task or task_of(files)
             model_type_of(files)  # fail fast on unsupported formats before evicting anything
             await self._make_room(entry, _estimate_bytes(files, entry.options))
