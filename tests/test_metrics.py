@@ -9,17 +9,15 @@ import io
 import json
 import logging
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
 
 from grpc_testing import load_model, make_server
-from ops_testing import build_tiny_vit, classify_request
+from ops_testing import build_tiny_vit, classify_request, scrape_metrics as scrape
 
 prometheus_client = pytest.importorskip("prometheus_client")
-from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 IMAGE_SERVICE = "pipeserve.v1.ImageClassificationService"
 
@@ -39,15 +37,6 @@ def server(vit_dir):
     handle.stop()
 
 
-def scrape(handle) -> dict[str, list]:
-    """{sample name: [(labels, value), ...]} from the live /metrics endpoint."""
-    port = handle.running.metrics.port
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    samples: dict[str, list] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            samples.setdefault(sample.name, []).append((sample.labels, sample.value))
-    return samples
 
 
 def value(samples, name: str, **labels) -> float:

@@ -10,17 +10,15 @@ import asyncio
 import io
 import json
 import logging
-import urllib.request
 from contextlib import AsyncExitStack
 
 import grpc
 import pytest
 
 from grpc_testing import load_model, make_server
-from ops_testing import build_tiny_vit, classify_request, in_memory_spans, png
+from ops_testing import build_tiny_vit, classify_request, in_memory_spans, png, scrape_metrics as scrape
 
 prometheus_client = pytest.importorskip("prometheus_client")
-from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 IMAGE_SERVICE = "pipeserve.v1.ImageClassificationService"
 GENERATION_SERVICE = "pipeserve.v1.TextGenerationService"
@@ -47,14 +45,6 @@ def server(checkpoints):
     handle.stop()
 
 
-def scrape(handle) -> dict[str, list]:
-    port = handle.running.metrics.port
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    samples: dict[str, list] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            samples.setdefault(sample.name, []).append((sample.labels, sample.value))
-    return samples
 
 
 def total(samples, name: str, **labels) -> float:
