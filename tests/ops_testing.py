@@ -153,3 +153,26 @@ def scrape_metrics(handle) -> dict[str, list]:
         for sample in family.samples:
             samples.setdefault(sample.name, []).append((sample.labels, sample.value))
     return samples
+
+
+class StandInContext:
+    """The parts of a grpc.aio ServicerContext that interceptors read, for calling a wrapped
+    handler directly in a test."""
+
+    def __init__(self, metadata=()):
+        self._metadata = metadata
+
+    def invocation_metadata(self):
+        return self._metadata
+
+    def peer(self):
+        return "ipv4:127.0.0.1:1"
+
+    def code(self):
+        return None
+
+    def time_remaining(self):
+        return None
+
+    def trailing_metadata(self):
+        return ()

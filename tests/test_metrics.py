@@ -16,6 +16,7 @@ import pytest
 
 from grpc_testing import load_model, make_server
 from ops_testing import build_tiny_vit, classify_request, scrape_metrics as scrape
+from ops_testing import StandInContext as _Context
 
 prometheus_client = pytest.importorskip("prometheus_client")
 
@@ -174,26 +175,6 @@ def _request():
     from pipeserve.v1 import image_classification_pb2 as pb
 
     return pb.ClassifyImageRequest(model="some-model")
-
-
-class _Context:
-    def __init__(self, metadata=()):
-        self._metadata = metadata
-
-    def invocation_metadata(self):
-        return self._metadata
-
-    def peer(self):
-        return "ipv4:127.0.0.1:1"
-
-    def code(self):
-        return None
-
-    def time_remaining(self):
-        return None
-
-    def trailing_metadata(self):
-        return ()
 
 
 def test_json_logs_carry_the_request_id(server, vit_dir):

@@ -17,6 +17,7 @@ import pytest
 
 from grpc_testing import load_model, make_server
 from ops_testing import build_tiny_vit, classify_request, in_memory_spans, png, scrape_metrics as scrape
+from ops_testing import StandInContext as _Context
 
 prometheus_client = pytest.importorskip("prometheus_client")
 
@@ -132,23 +133,6 @@ async def test_bidi_stream_messages_are_counted_both_ways():
     assert registry.get_sample_value("grpc_server_msg_sent_total", labels) == 6
     assert registry.get_sample_value("grpc_server_started_total", labels) == 1
     assert registry.get_sample_value("grpc_server_handled_total", dict(labels, grpc_code="OK")) == 1
-
-
-class _Context:
-    def invocation_metadata(self):
-        return ()
-
-    def peer(self):
-        return "ipv4:127.0.0.1:1"
-
-    def code(self):
-        return None
-
-    def time_remaining(self):
-        return None
-
-    def trailing_metadata(self):
-        return ()
 
 
 def test_queue_depth_is_zero_when_idle_and_counts_speech_admission(server, checkpoints):
