@@ -38,7 +38,7 @@ class Tied(nn.Module):
         self.head = nn.Linear(8, 16, bias=False)
         self.head.weight = self.embed.weight
         self.norm = nn.LayerNorm(8)
-        self.register_buffer("ids", torch.arange(4), persistent=False)
+        self.register_buffer("ids", torch.zeros(4, dtype=torch.int64), persistent=False)
 
 from pipeserve.checkpoints.weights import empty_module
 m = empty_module(Tied, dtype=torch.bfloat16)
@@ -55,3 +55,35 @@ print(json.dumps({"heavy": sorted(name for name in ("torch._dynamo", "sympy", "t
     assert result["devices"] == ["cpu"] and result["shape"] == [16, 8]
     assert result["dtypes"] == ["torch.bfloat16", "torch.int64"]
     assert result["tied"] is True and result["parameters"] == 3 and result["training"] is False
+
+
+def test_the_server_module_imports_no_torch_and_the_servicers_nothing_a_speech_server_skips():
+    """pipeserve.server binds its port before importing torch, so importing it must not pull
+    torch in; the servicers import torch but not what only other tasks or off-by-default
+    features need (PIL for images, aiohttp for the HTTP front door, gguf, torch's compiler)."""
+    result = _fresh_python("""
+import json, sys
+import pipeserve.server as server
+first = sorted(m for m in ("torch", "numpy", "PIL", "aiohttp", "gguf") if m in sys.modules)
+server._import_runtime(); server._import_servicers()
+then = sorted(m for m in ("PIL", "aiohttp", "gguf", "sympy", "torch._dynamo", "transformers") if m in sys.modules)
+print(json.dumps({"first": first, "then": then, "torch": "torch" in sys.modules}))
+""")
+    assert result == {"first": [], "then": [], "torch": True}
+
+
+def test_a_server_process_listens_before_its_runtime_is_imported(tmp_path):
+    """The real entry point: the start-up log says the port listened before the runtime was
+    imported, and the process then serves (health SERVING)."""
+    from ops_testing import ServerProcess
+
+    server = ServerProcess()
+    try:
+        server.wait_serving(timeout=180)
+        log = server.output()
+        order = [log.find(f"startup_timeline: {stage}") for stage in ("listening", "runtime imported",
+                                                                      "services bound")]
+        assert -1 not in order and order == sorted(order), log[-3000:]
+    finally:
+        server.terminate()
+        server.kill()

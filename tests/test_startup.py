@@ -111,3 +111,101 @@ def test_a_server_without_defaults_to_load_serves_at_once():
         assert _health(server, "") == Status.SERVING
     finally:
         server.stop()
+
+
+def _held_runtime_import(monkeypatch) -> threading.Event:
+    """Holds the server's import of its torch-backed half (the runtime) until the returned
+    event is set: the window a cold start spends importing, as long as the test needs."""
+    from pipeserve import server as server_module
+
+    release = threading.Event()
+    original = server_module._import_runtime
+
+    def held():
+        release.wait(120)
+        return original()
+
+    monkeypatch.setattr(server_module, "_import_runtime", held)
+    return release
+
+
+def test_the_port_answers_health_while_the_runtime_is_still_importing(monkeypatch, vit_dir):
+    """The port is bound and health answers NOT_SERVING before the runtime is imported; every
+    other service answers UNAVAILABLE/STARTING (retryable), ModelService included; once the
+    runtime is in and the default has loaded, everything serves."""
+    from pipeserve import server as server_module
+    from pipeserve.config import ModelSpec, Settings
+    from pipeserve.v1 import image_classification_pb2_grpc, model_pb2, model_pb2_grpc
+    from ops_testing import free_port
+
+    release = _held_runtime_import(monkeypatch)
+    address = f"127.0.0.1:{free_port()}"
+    settings = Settings(listen=address, embedded_defaults=False,
+                        preload={"image-classification": ModelSpec(model=str(vit_dir), task="image-classification")})
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    starting = asyncio.run_coroutine_threadsafe(server_module.start(settings, preload_defaults=True), loop)
+    channel = grpc.insecure_channel(address)
+    running = None
+    try:
+        health = health_pb2_grpc.HealthStub(channel)
+        request = health_pb2.HealthCheckRequest(service="")
+        assert health.Check(request, timeout=60, wait_for_ready=True).status == Status.NOT_SERVING
+        for service in (IMAGES, "pipeserve.v1.ModelService"):
+            assert health.Check(health_pb2.HealthCheckRequest(service=service), timeout=30).status == Status.NOT_SERVING
+        calls = [lambda: image_classification_pb2_grpc.ImageClassificationServiceStub(channel).ClassifyImage(
+                     classify_request(""), timeout=30),
+                 lambda: model_pb2_grpc.ModelServiceStub(channel).ListModels(model_pb2.ListModelsRequest(), timeout=30)]
+        for call in calls:
+            with pytest.raises(grpc.RpcError) as info:
+                call()
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert error_reason(info.value) == "STARTING"
+        assert not starting.done()  # still importing: the answers above came from the early stage
+
+        release.set()
+        running = starting.result(120)
+        asyncio.run_coroutine_threadsafe(asyncio.wait_for(asyncio.shield(running.preloading), 120), loop).result(130)
+        assert health.Check(request, timeout=30).status == Status.SERVING
+        assert health.Check(health_pb2.HealthCheckRequest(service=IMAGES), timeout=30).status == Status.SERVING
+        response = image_classification_pb2_grpc.ImageClassificationServiceStub(channel).ClassifyImage(
+            classify_request(""), timeout=60)
+        assert response.labels and response.run.model == str(vit_dir)
+    finally:
+        release.set()
+        channel.close()
+        running = running or starting.result(120)
+        asyncio.run_coroutine_threadsafe(running.drain_and_stop(0), loop).result(60)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+
+
+def test_defaults_load_concurrently_and_one_failing_leaves_the_others_serving(monkeypatch, vit_dir, tmp_path):
+    """Preloads run side by side (the second starts before the first ends); a default that
+    cannot load ends the start like one that loads, its task NOT_SERVING, the other SERVING."""
+    from pipeserve.runtime.manager import ModelManager
+
+    started: list[str] = []
+    both_started = threading.Event()
+    original = ModelManager.load
+
+    async def load_once_both_started(self, name, *args, **kwargs):
+        started.append(name)
+        if len(started) == 2:
+            both_started.set()
+        while not both_started.is_set():  # a sequential preload would wait here for ever
+            await asyncio.sleep(0.01)
+        return await original(self, name, *args, **kwargs)
+
+    monkeypatch.setattr(ModelManager, "load", load_once_both_started)
+    server = _server(**{"image-classification": vit_dir, "feature-extraction": tmp_path / "missing"})
+    try:
+        server.call(asyncio.wait_for(asyncio.shield(server.running.preloading), 120))
+        assert len(started) == 2
+        assert _health(server, "") == Status.SERVING
+        assert _health(server, IMAGES) == Status.SERVING
+        assert _health(server, "pipeserve.v1.FeatureExtractionService") == Status.NOT_SERVING
+    finally:
+        both_started.set()
+        server.stop()
