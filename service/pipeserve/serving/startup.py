@@ -67,6 +67,12 @@ def seconds_since_exec() -> float:
         return time.monotonic() - _IMPORTED_AT
 
 
+def startup_timeline(stage: str) -> None:
+    """Logs that `stage` of the start ended: seconds since exec, and the CPU seconds the
+    process has used (all threads; on a loaded machine the wall time stretches, these less)."""
+    log.info("startup_timeline: %s at %.2fs after exec (cpu %.2fs)", stage, seconds_since_exec(), time.process_time())
+
+
 def _weight_files(model: str) -> list[Path]:
     """The weight files of a local or embedded (single-file) model, without loading anything
     heavy; [] for Hub ids and assembled embedded files (assembling is the load's job)."""
