@@ -209,3 +209,13 @@ def test_defaults_load_concurrently_and_one_failing_leaves_the_others_serving(mo
     finally:
         both_started.set()
         server.stop()
+
+
+def test_metrics_label_no_client_model_name_before_the_app_is_bound():
+    """While a server imports its runtime, calls are refused but still counted: the model a
+    caller named must not become a label (the manager that would vouch for it is not there)."""
+    from pipeserve.serving.metrics import UNKNOWN_MODEL, Metrics
+
+    metrics = Metrics()
+    metrics.awaiting_app = True
+    assert metrics.model_label("attacker-chosen-name-1") == UNKNOWN_MODEL

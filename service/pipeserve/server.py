@@ -226,6 +226,8 @@ async def start(settings: Settings, *, preload_defaults: bool = False) -> Runnin
         ("grpc.keepalive_permit_without_calls", 1),
     ]
     metrics = Metrics() if settings.metrics_listen else None
+    if metrics is not None:
+        metrics.awaiting_app = True  # calls before the app is bound label their model "unknown"
     security = SecurityInterceptor(settings)
 
     def default_model(task: str) -> str | None:
