@@ -219,3 +219,27 @@ def test_metrics_label_no_client_model_name_before_the_app_is_bound():
     metrics = Metrics()
     metrics.awaiting_app = True
     assert metrics.model_label("attacker-chosen-name-1") == UNKNOWN_MODEL
+
+
+def test_a_runtime_that_fails_to_import_leaves_no_server_listening(monkeypatch):
+    """The port answers before the runtime imports; if that import fails, start() raises and
+    the port is closed again rather than left answering STARTING for ever."""
+    import socket
+
+    from pipeserve import server as server_module
+    from pipeserve.config import Settings
+    from ops_testing import free_port
+
+    def broken():
+        raise RuntimeError("a servicer module is broken")
+
+    monkeypatch.setattr(server_module, "_import_servicers", broken)
+    port = free_port()
+    loop = asyncio.new_event_loop()
+    try:
+        with pytest.raises(RuntimeError, match="broken"):
+            loop.run_until_complete(server_module.start(Settings(listen=f"127.0.0.1:{port}", embedded_defaults=False)))
+        with socket.socket() as probe:
+            assert probe.connect_ex(("127.0.0.1", port)) != 0
+    finally:
+        loop.close()

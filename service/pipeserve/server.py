@@ -263,53 +263,60 @@ async def start(settings: Settings, *, preload_defaults: bool = False) -> Runnin
         if server.add_insecure_port(loopback) == 0:
             raise SystemExit(f"cannot listen on {loopback} (the HTTP front door's loopback)")
     await server.start()
-    await health_state.refresh(None)
-    log.info("pipeserve listening on %s (port %d); loading the runtime", settings.listen, port)
-    startup_timeline("listening")
+    preloading: asyncio.Task | None = None
+    try:
+        await health_state.refresh(None)
+        log.info("pipeserve listening on %s (port %d); loading the runtime", settings.listen, port)
+        startup_timeline("listening")
 
-    with _collector_paused():
-        runtime = await asyncio.to_thread(_import_runtime)
-    if settings.compute_lane and settings.device == "cpu":
-        runtime["compute"].install(lanes=settings.compute_lanes)
-    manager = runtime["ModelManager"](settings, on_change=on_change)
-    holder["manager"] = manager
-    batcher = runtime["DynamicBatcher"](manager, max_batch_size=settings.max_batch_size,
-                                        max_wait_ms=settings.max_batch_wait_ms, max_queue=settings.max_queue)
-    app = runtime["App"](settings=settings, manager=manager, batcher=batcher)
-    running = RunningServer(server=server, app=app, port=port, health=health_servicer, drain=drain,
-                            metrics=metrics, security=security, startup=startup)
-    holder["server"] = running
-    startup_timeline("runtime imported")
-    if specs:
-        async def preload_then_open() -> None:
-            try:
-                await preload(running, specs)
-            finally:  # loaded, failed or cancelled: the server is no longer starting
-                startup.finish()
-                startup_timeline("default models done")
-                if not drain.active and startup.bound:
-                    await health_state.refresh(manager)
+        with _collector_paused():
+            runtime = await asyncio.to_thread(_import_runtime)
+        if settings.compute_lane and settings.device == "cpu":
+            runtime["compute"].install(lanes=settings.compute_lanes)
+        manager = runtime["ModelManager"](settings, on_change=on_change)
+        holder["manager"] = manager
+        batcher = runtime["DynamicBatcher"](manager, max_batch_size=settings.max_batch_size,
+                                            max_wait_ms=settings.max_batch_wait_ms, max_queue=settings.max_queue)
+        app = runtime["App"](settings=settings, manager=manager, batcher=batcher)
+        running = RunningServer(server=server, app=app, port=port, health=health_servicer, drain=drain,
+                                metrics=metrics, security=security, startup=startup)
+        holder["server"] = running
+        startup_timeline("runtime imported")
+        if specs:
+            async def preload_then_open() -> None:
+                try:
+                    await preload(running, specs)
+                finally:  # loaded, failed or cancelled: the server is no longer starting
+                    startup.finish()
+                    startup_timeline("default models done")
+                    if not drain.active and startup.bound:
+                        await health_state.refresh(manager)
 
-        # The defaults load while the servicers import: the load's torch work releases the GIL.
-        running.preloading = loop.create_task(preload_then_open())
+            # The defaults load while the servicers import: the load's torch work releases the GIL.
+            running.preloading = preloading = loop.create_task(preload_then_open())
 
-    with _collector_paused():
-        servicers = await asyncio.to_thread(_import_servicers)
-    for service_name, module in servicers.items():
-        if module is None:
-            log.warning("%s has no implementation yet: it answers UNIMPLEMENTED", service_name)
-            services.bind(refusing_handlers(service_name, _unimplemented_error(service_name)))
-        else:
-            module.register(services, app)
-    if metrics is not None:
-        metrics.bind(app)
-        metrics.serve(settings.metrics_listen)
-    if loopback is not None:
-        running.http = await front_door.start(settings, loopback, loopback_folder)
-    startup.bound = True
-    await health_state.refresh(manager)
-    startup_timeline("services bound")
-    return running
+        with _collector_paused():
+            servicers = await asyncio.to_thread(_import_servicers)
+        for service_name, module in servicers.items():
+            if module is None:
+                log.warning("%s has no implementation yet: it answers UNIMPLEMENTED", service_name)
+                services.bind(refusing_handlers(service_name, _unimplemented_error(service_name)))
+            else:
+                module.register(services, app)
+        if metrics is not None:
+            metrics.bind(app)
+            metrics.serve(settings.metrics_listen)
+        if loopback is not None:
+            running.http = await front_door.start(settings, loopback, loopback_folder)
+        startup.bound = True
+        await health_state.refresh(manager)
+        startup_timeline("services bound")
+        return running
+    except BaseException:  # a runtime that fails to import or bind leaves no server behind
+        if preloading is not None:
+            preloading.cancel()
+        await server.stop(0)
+        raise
 
 
 def preload_specs(settings: Settings) -> list[ModelSpec]:
