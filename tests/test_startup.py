@@ -243,3 +243,53 @@ def test_a_runtime_that_fails_to_import_leaves_no_server_listening(monkeypatch):
             assert probe.connect_ex(("127.0.0.1", port)) != 0
     finally:
         loop.close()
+
+
+def test_a_task_whose_default_has_loaded_serves_while_another_default_still_loads(monkeypatch, vit_dir, tmp_path):
+    """Defaults open one by one: a quick model does not wait for a slow one. The held task
+    answers STARTING and is NOT_SERVING, the loaded one serves, the server ("") is
+    NOT_SERVING until the last preload has ended."""
+    from pipeserve.runtime.manager import ModelManager
+    from pipeserve.v1 import image_classification_pb2_grpc
+
+    release = threading.Event()
+    original = ModelManager.load
+
+    async def hold_features(self, name, *args, **kwargs):
+        while kwargs.get("task") == "feature-extraction" and not release.is_set():
+            await asyncio.sleep(0.01)
+        return await original(self, name, *args, **kwargs)
+
+    monkeypatch.setattr(ModelManager, "load", hold_features)
+    features = "pipeserve.v1.FeatureExtractionService"
+    server = _server(**{"image-classification": vit_dir, "feature-extraction": tmp_path / "slow"})
+    try:
+        _wait_for_health(server, IMAGES, Status.SERVING)
+        response = image_classification_pb2_grpc.ImageClassificationServiceStub(server.channel).ClassifyImage(
+            classify_request(""), timeout=60)
+        assert response.labels
+        assert _health(server, "") == Status.NOT_SERVING
+        assert _health(server, features) == Status.NOT_SERVING
+        from pipeserve.v1 import feature_extraction_pb2, feature_extraction_pb2_grpc
+
+        with pytest.raises(grpc.RpcError) as info:
+            feature_extraction_pb2_grpc.FeatureExtractionServiceStub(server.channel).ExtractFeatures(
+                feature_extraction_pb2.ExtractFeaturesRequest(text="hello"), timeout=30)
+        assert error_reason(info.value) == "STARTING"
+
+        release.set()
+        server.call(asyncio.wait_for(asyncio.shield(server.running.preloading), 120))
+        assert _health(server, "") == Status.SERVING
+    finally:
+        release.set()
+        server.stop()
+
+
+def _wait_for_health(handle, service: str, status, timeout: float = 120.0) -> None:
+    """Checks `service`'s health until it reports `status` (a load takes what it takes)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while _health(handle, service) != status:
+        assert time.monotonic() < deadline, f"{service} never became {status}"
+        time.sleep(0.02)

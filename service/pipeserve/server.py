@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import gc
 import importlib
 import logging
@@ -18,7 +19,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 # Before anything imports torch: OpenMP reads its settings once, when it loads.
 from .serving.openmp_defaults import apply_openmp_defaults  # imports nothing heavy
@@ -136,7 +137,8 @@ class RunningServer:
 
 class _Health:
     """grpc.health.v1 statuses: "" tracks the process (NOT_SERVING while it starts); a task
-    service is SERVING only once the server has started and while a model for its task is ready."""
+    service is SERVING once the servicers are bound and its own default (if it preloads one)
+    has finished loading, and while a model for its task is ready."""
 
     def __init__(self, servicer, startup: Startup) -> None:
         self.servicer = servicer
@@ -149,11 +151,11 @@ class _Health:
         async with self._lock:
             bound = self.startup.bound and manager is not None
             open_ = bound and self.startup.open
-            serving = manager.serving_tasks() if open_ else set()
+            serving = manager.serving_tasks() if bound else set()
             await self.servicer.set("", health_pb2.HealthCheckResponse.SERVING if open_
                                     else health_pb2.HealthCheckResponse.NOT_SERVING)
             for name, (_, task) in SERVICES.items():
-                ok = bound if task is None else task in serving
+                ok = bound if task is None else task in serving and self.startup.task_open(task.value)
                 await self.servicer.set(name, health_pb2.HealthCheckResponse.SERVING if ok
                                         else health_pb2.HealthCheckResponse.NOT_SERVING)
 
@@ -207,8 +209,8 @@ async def start(settings: Settings, *, preload_defaults: bool = False) -> Runnin
     holder: dict[str, Any] = {}
     health_servicer = health.aio.HealthServicer()
     drain = Drain()
-    startup = Startup((name for name, (_, task) in SERVICES.items() if task is not None), starting=bool(specs),
-                      bound=False)
+    startup = Startup({name: task.value for name, (_, task) in SERVICES.items() if task is not None},
+                      starting=bool(specs), bound=False, loading=(Task.parse(spec.task).value for spec in specs))
     health_state = _Health(health_servicer, startup)
     loop = asyncio.get_running_loop()
 
@@ -284,8 +286,13 @@ async def start(settings: Settings, *, preload_defaults: bool = False) -> Runnin
         startup_timeline("runtime imported")
         if specs:
             async def preload_then_open() -> None:
+                def loaded(spec: ModelSpec) -> None:
+                    startup.loaded(Task.parse(spec.task).value)
+                    if not drain.active:
+                        loop.create_task(health_state.refresh(manager))
+
                 try:
-                    await preload(running, specs)
+                    await preload(running, specs, on_loaded=loaded)
                 finally:  # loaded, failed or cancelled: the server is no longer starting
                     startup.finish()
                     startup_timeline("default models done")
@@ -321,8 +328,9 @@ async def start(settings: Settings, *, preload_defaults: bool = False) -> Runnin
 
 def preload_specs(settings: Settings) -> list[ModelSpec]:
     """Models to load at start: the configured ones, then the embedded defaults for the
-    tasks the configuration leaves open."""
-    specs = dict(settings.preload)
+    tasks the configuration leaves open. Each names its task (the table's key where the spec
+    leaves it out): its service opens when that load ends."""
+    specs = {task: spec if spec.task else dataclasses.replace(spec, task=task) for task, spec in settings.preload.items()}
     if settings.embedded_defaults:
         try:
             from .checkpoints.embedded import embedded_models
@@ -333,9 +341,11 @@ def preload_specs(settings: Settings) -> list[ModelSpec]:
     return list(specs.values())
 
 
-async def preload(running: RunningServer, specs: list[ModelSpec] | None = None) -> None:
+async def preload(running: RunningServer, specs: list[ModelSpec] | None = None,
+                  on_loaded: Callable[[ModelSpec], None] = lambda spec: None) -> None:
     """Loads the defaults concurrently: each load's torch work runs on its own executor thread
-    with one OpenMP thread (scheduling/compute.py), so two models load on two cores."""
+    with one OpenMP thread (scheduling/compute.py), so two models load on two cores.
+    `on_loaded(spec)` as each ends, loaded or failed (its task's service opens then)."""
     manager = running.app.manager
 
     async def one(spec: ModelSpec) -> None:
@@ -344,6 +354,8 @@ async def preload(running: RunningServer, specs: list[ModelSpec] | None = None) 
                                options=manager.load_options(spec), set_default=True)
         except Exception as exc:  # a default that fails to load is reported; the rest still serve
             log.error("preloading %s for %s failed: %s", spec.model, spec.task, exc)
+        finally:
+            on_loaded(spec)
 
     specs = preload_specs(running.app.settings) if specs is None else specs
     await asyncio.gather(*(one(spec) for spec in specs))

@@ -1,9 +1,9 @@
 """The server's starting state. Until its servicers are bound (they import torch, after the
 port is already answering) every service but health and reflection answers
-UNAVAILABLE/STARTING; then, until the models it preloads at start have loaded (or failed to),
-task services still answer UNAVAILABLE/STARTING, which clients retry, instead of the
-NOT_FOUND/NO_DEFAULT_MODEL an empty model name would get, and health reports them (and the
-server, "") NOT_SERVING. ModelService, health and reflection stay open while the models load:
+UNAVAILABLE/STARTING; then, until the default model a task preloads at start has loaded (or
+failed to), that task's service still answers UNAVAILABLE/STARTING, which clients retry,
+instead of the NOT_FOUND/NO_DEFAULT_MODEL an empty model name would get, and health reports it
+NOT_SERVING; the server as a whole ("") is NOT_SERVING until every preload has ended. ModelService, health and reflection stay open while the models load:
 an operator can watch them load.
 
 Also the two helpers of a quick start: reading the preloaded weights ahead while the process
@@ -15,7 +15,7 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Mapping
 
 from ..errors import Starting
 
@@ -26,29 +26,50 @@ WEIGHT_PATTERNS = ("model.bin", "*.safetensors", "*.gguf")
 
 
 class Startup:
-    def __init__(self, task_services: Iterable[str], starting: bool, *, bound: bool = True) -> None:
-        """`task_services`: full names of the services that serve a task. `starting`: default
-        models are still loading. `bound`: the servicers are in place (False while the server
-        imports them after binding its port)."""
-        self.task_services = frozenset(task_services)
+    def __init__(self, task_services: Mapping[str, str] | Iterable[str], starting: bool, *, bound: bool = True,
+                 loading: Iterable[str] | None = None) -> None:
+        """`task_services`: the services that serve a task, full name -> task name (a bare
+        iterable of names: each counts as loading while `starting`). `starting`: default models
+        are still loading. `bound`: the servicers are in place (False while the server imports
+        them after binding its port). `loading`: the tasks whose default is still loading; a
+        task's service opens when its own default has loaded (or failed to), so a quick model
+        does not wait for a slow one."""
+        self.task_services: dict[str, str | None] = (dict(task_services) if isinstance(task_services, Mapping)
+                                                     else dict.fromkeys(task_services))
         self.starting = starting
         self.bound = bound
+        self.loading: set[str] = set(loading or ())
 
     @property
     def open(self) -> bool:
         """Every service serves (the servicers are bound and the preload has ended)."""
         return self.bound and not self.starting
 
+    def task_open(self, task: str | None) -> bool:
+        """Calls of `task`'s service are served: the servicers are bound and its default (if
+        it preloads one) is no longer loading."""
+        if not self.bound:
+            return False
+        if task is None:  # a service named without its task: open with the whole start
+            return not self.starting
+        return task not in self.loading
+
     def check(self, method: str) -> None:
-        """Refuses a call to a task service while the server is starting, and to any service
-        while the servicers are not bound yet (health and reflection are not checked here)."""
+        """Refuses a call to a task service while its default loads, and to any service while
+        the servicers are not bound yet (health and reflection are not checked here)."""
         if not self.bound:
             raise Starting("the server is starting (its services are still being loaded); retry shortly")
-        if self.starting and method.lstrip("/").partition("/")[0] in self.task_services:
-            raise Starting("the server is starting and still loading its default models; retry shortly")
+        service = method.lstrip("/").partition("/")[0]
+        if self.starting and service in self.task_services and not self.task_open(self.task_services[service]):
+            raise Starting("the server is starting and still loading its default model for this task; retry shortly")
+
+    def loaded(self, task: str) -> None:
+        """`task`'s default has loaded or failed to: its service opens."""
+        self.loading.discard(task)
 
     def finish(self) -> None:
         self.starting = False
+        self.loading.clear()
 
 
 _IMPORTED_AT = time.monotonic()
