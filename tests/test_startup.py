@@ -293,3 +293,35 @@ def _wait_for_health(handle, service: str, status, timeout: float = 120.0) -> No
     while _health(handle, service) != status:
         assert time.monotonic() < deadline, f"{service} never became {status}"
         time.sleep(0.02)
+
+
+def test_defaults_load_one_at_a_time_under_a_memory_budget(monkeypatch, vit_dir, tmp_path):
+    """A memory budget counts resident models: loads side by side would hold their transient
+    copies at once, so under a budget the defaults load one after another."""
+    from pipeserve.config import ModelSpec, Settings
+    from pipeserve.runtime.manager import ModelManager
+
+    running_now, most = [0], [0]
+    original = ModelManager.load
+
+    async def counting_load(self, *args, **kwargs):
+        running_now[0] += 1
+        most[0] = max(most[0], running_now[0])
+        try:
+            await asyncio.sleep(0.05)  # room for a concurrent load to start, if one would
+            return await original(self, *args, **kwargs)
+        finally:
+            running_now[0] -= 1
+
+    monkeypatch.setattr(ModelManager, "load", counting_load)
+    settings = Settings(listen="127.0.0.1:0", embedded_defaults=False, memory_budget_bytes=1 << 30,
+                        preload={"image-classification": ModelSpec(model=str(vit_dir), task="image-classification"),
+                                 "feature-extraction": ModelSpec(model=str(tmp_path / "missing"),
+                                                                 task="feature-extraction")})
+    server = ServerHandle(settings, preload_defaults=True)
+    try:
+        server.call(asyncio.wait_for(asyncio.shield(server.running.preloading), 120))
+        assert most[0] == 1
+        assert _health(server, IMAGES) == Status.SERVING
+    finally:
+        server.stop()

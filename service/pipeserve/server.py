@@ -343,8 +343,9 @@ def preload_specs(settings: Settings) -> list[ModelSpec]:
 
 async def preload(running: RunningServer, specs: list[ModelSpec] | None = None,
                   on_loaded: Callable[[ModelSpec], None] = lambda spec: None) -> None:
-    """Loads the defaults concurrently: each load's torch work runs on its own executor thread
-    with one OpenMP thread (scheduling/compute.py), so two models load on two cores.
+    """Loads the defaults concurrently (one at a time under a memory budget): each load's torch
+    work runs on its own executor thread with one OpenMP thread (scheduling/compute.py), so two
+    models load on two cores.
     `on_loaded(spec)` as each ends, loaded or failed (its task's service opens then)."""
     manager = running.app.manager
 
@@ -358,7 +359,13 @@ async def preload(running: RunningServer, specs: list[ModelSpec] | None = None,
             on_loaded(spec)
 
     specs = preload_specs(running.app.settings) if specs is None else specs
-    await asyncio.gather(*(one(spec) for spec in specs))
+    if running.app.settings.memory_budget_bytes > 0:
+        # Under a memory budget, one at a time: the budget counts resident models, and loads
+        # side by side would hold their transient copies at once.
+        for spec in specs:
+            await one(spec)
+    else:
+        await asyncio.gather(*(one(spec) for spec in specs))
 
 
 async def serve(settings: Settings) -> None:
