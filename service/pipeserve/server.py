@@ -17,7 +17,6 @@ import importlib
 import logging
 import signal
 import sys
-import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -201,8 +200,8 @@ async def start(settings: Settings, *, preload_defaults: bool = False) -> Runnin
     """Starts serving: binds and answers health first, then imports the runtime and the
     servicers (their calls answer UNAVAILABLE/STARTING meanwhile); returns once every service
     is bound. With `preload_defaults` the models of `preload_specs` load in the background
-    (`RunningServer.preloading`), and task services answer UNAVAILABLE/STARTING until that
-    ends, however it ends."""
+    (`RunningServer.preloading`), and each task's service answers UNAVAILABLE/STARTING until
+    its own default's load ends, however it ends."""
     _import_generated()
     specs = preload_specs(settings) if preload_defaults else []
     prefetch_weights(spec.model for spec in specs)  # the disk reads the weights while torch imports
