@@ -2,8 +2,10 @@
 
 pipeserve: a fresh `python -m pipeserve.server --embedded-defaults false --preload
 automatic-speech-recognition=embedded/whisper-tiny.en` process per run; the clock starts just
-before exec and stops at the first TranscribeResponse (the client retries UNAVAILABLE while
-the server starts: connection refused, then STARTING). Memory is read from the server's own
+before exec and stops at the first TranscribeResponse. The client waits as a client should: a health
+Watch on SpeechRecognitionService (connecting with a 20-50 ms reconnect backoff until the port
+is bound) until it is SERVING, then Transcribe (retrying UNAVAILABLE, which a server that
+reports SERVING should not answer). Memory is read from the server's own
 /proc/<pid>/status: VmRSS one second after the first transcript ("at rest"), then VmHWM after
 `--calls` more transcriptions (the peak of the whole process, load included).
 
@@ -15,6 +17,14 @@ Runs alternate between the engines (pipeserve, faster-whisper, pipeserve, ...) s
 load hits both alike; the report gives the median and the best of the runs. The clip is
 espeak-ng speech (about 5 s).
 
+The breakdown: pipeserve's own start-up log (`startup_timeline` lines: port listening,
+runtime imported, services bound, default models loaded, in seconds since exec), the first
+call (first transcript minus the later of "models loaded" and "services bound"), and each
+process's CPU seconds (user + system) at its first transcript: on a machine shared with
+other work the wall times stretch, the CPU seconds much less, so they are the quiet-machine
+equivalent to compare (a quiet 2-core machine runs them in about that wall time, less what
+two threads overlap). faster-whisper's child reports its import, load and transcribe times.
+
     .venv/bin/python bench/asr/bench_cold_start.py --runs 5 [--float16] [--out bench/asr/results]
 """
 from __future__ import annotations
@@ -22,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import socket
 import statistics
 import subprocess
@@ -53,27 +64,63 @@ def proc_status(pid: int) -> dict[str, float]:
     return fields
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far (/proc/<pid>/stat, fields 14 and 15)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+TIMELINE = re.compile(r"startup_timeline: (listening|runtime imported|default models done|services bound)"
+                      r" at (\d+\.\d+)s after exec \(cpu (\d+\.\d+)s\)")
+
+
+def timeline(log: str) -> dict[str, float]:
+    """The server's `startup_timeline` log lines: stage -> seconds after exec, and the
+    process's CPU seconds then (stage_cpu_s)."""
+    stages = {}
+    for stage, at, cpu in TIMELINE.findall(log):
+        stages[f"{stage.replace(' ', '_')}_s"] = float(at)
+        stages[f"{stage.replace(' ', '_')}_cpu_s"] = float(cpu)
+    return stages
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def run_pipeserve(clip: Path, calls: int, extra: list[str]) -> dict:
+def run_pipeserve(clip: Path, calls: int, extra: list[str], tree: Path | None = None) -> dict:
     import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
     from pipeserve.v1 import common_pb2, speech_recognition_pb2 as pb, speech_recognition_pb2_grpc as pb_grpc
 
     port = free_port()
     env = dict(os.environ, HF_HUB_OFFLINE="1")
+    if tree is not None:  # another source tree's server (its service/ first on the path)
+        env["PYTHONPATH"] = os.pathsep.join([str(tree / "service"), str(ROOT / "clients" / "python")])
+    log = tempfile.TemporaryFile("w+")
     started = time.perf_counter()
     server = subprocess.Popen([sys.executable, "-m", "pipeserve.server", "--listen", f"127.0.0.1:{port}",
                                "--embedded-defaults", "false",
                                "--preload", "automatic-speech-recognition=embedded/whisper-tiny.en", *extra],
-                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                              env=env, stdout=subprocess.DEVNULL, stderr=log)
     try:
-        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        # Reconnect quickly while the port is not bound yet (grpc's default backoff waits ~1 s).
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=[
+            ("grpc.initial_reconnect_backoff_ms", 20), ("grpc.min_reconnect_backoff_ms", 20),
+            ("grpc.max_reconnect_backoff_ms", 50)])
         stub = pb_grpc.SpeechRecognitionServiceStub(channel)
         request = pb.TranscribeRequest(audio=common_pb2.AudioInput(data=clip.read_bytes()))
+        # As a client should wait: a health Watch on the service, which the server answers as
+        # soon as its port is bound and updates when the service turns SERVING (no polling).
+        watch = health_pb2_grpc.HealthStub(channel).Watch(
+            health_pb2.HealthCheckRequest(service="pipeserve.v1.SpeechRecognitionService"), timeout=300,
+            wait_for_ready=True)
+        for reply in watch:
+            if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                watch.cancel()
+                break
         while True:
             try:
                 response = stub.Transcribe(request, timeout=60, wait_for_ready=False)
@@ -83,29 +130,41 @@ def run_pipeserve(clip: Path, calls: int, extra: list[str]) -> dict:
                     raise
                 time.sleep(0.01)
         first = time.perf_counter() - started
+        cpu = cpu_seconds(server.pid)
         time.sleep(1.0)
         rest = proc_status(server.pid)["VmRSS"]
         for _ in range(calls):
             stub.Transcribe(request, timeout=60)
         after = proc_status(server.pid)
         channel.close()
-        return {"first_transcript_s": first, "rss_rest_mib": rest, "rss_after_mib": after["VmRSS"],
+        log.seek(0)
+        stages = timeline(log.read())
+        ready = max(stages.get("default_models_done_s", 0.0), stages.get("services_bound_s", 0.0))
+        return {"first_transcript_s": first, "cpu_s": cpu, **stages, "first_call_s": first - ready,
+                "rss_rest_mib": rest, "rss_after_mib": after["VmRSS"],
                 "peak_mib": after["VmHWM"], "text": response.transcription.text.strip()}
     finally:
         server.terminate()
         server.wait(30)
+        log.close()
 
 
 FASTER_WHISPER_CHILD = """
-import sys, time
+import os, sys, time
+started = time.perf_counter()
 from pathlib import Path
 from faster_whisper import WhisperModel
+imported = time.perf_counter()
 model = WhisperModel(sys.argv[1], device="cpu", compute_type=sys.argv[3], cpu_threads=2)
+loaded = time.perf_counter()
 segments, info = model.transcribe(sys.argv[2], beam_size=1, temperature=0.0)
 text = "".join(s.text for s in segments)
+done = time.perf_counter()
+cpu = os.times().user + os.times().system
 status = {l.split(':')[0]: int(l.split()[1]) / 1024 for l in Path('/proc/self/status').read_text().splitlines()
           if l.startswith(('VmRSS', 'VmHWM'))}
-print(repr((text.strip(), status['VmRSS'], status['VmHWM'])))
+print(repr((text.strip(), status['VmRSS'], status['VmHWM'], cpu,
+            imported - started, loaded - imported, done - loaded)))
 """
 
 
@@ -115,12 +174,13 @@ def run_faster_whisper(clip: Path, model_dir: Path, compute: str) -> dict:
     out = subprocess.run([sys.executable, "-c", FASTER_WHISPER_CHILD, str(model_dir), str(clip), compute],
                          env=env, capture_output=True, text=True, check=True)
     elapsed = time.perf_counter() - started
-    text, rss, peak = eval(out.stdout.strip().splitlines()[-1])  # our own child's repr
-    return {"first_transcript_s": elapsed, "rss_rest_mib": rss, "peak_mib": peak, "text": text}
+    text, rss, peak, cpu, imports, load, call = eval(out.stdout.strip().splitlines()[-1])  # our own child's repr
+    return {"first_transcript_s": elapsed, "cpu_s": cpu, "import_s": imports, "load_s": load, "first_call_s": call,
+            "rss_rest_mib": rss, "peak_mib": peak, "text": text}
 
 
 def summary(rows: list[dict]) -> dict:
-    keys = [k for k in rows[0] if k != "text"]
+    keys = [k for k in rows[0] if k != "text" and all(k in r for r in rows)]
     return {"runs": len(rows), "text": rows[0]["text"],
             **{f"{k}_median": statistics.median(r[k] for r in rows) for k in keys},
             **{f"{k}_best": min(r[k] for r in rows) for k in keys}}
@@ -133,12 +193,16 @@ def main() -> None:
     parser.add_argument("--float16", action="store_true", help="also run the server with --weights-dtype float16")
     parser.add_argument("--fw-compute", default="float32")
     parser.add_argument("--no-faster-whisper", action="store_true")
+    parser.add_argument("--baseline-tree", type=Path,
+                        help="also run the server of this source tree (e.g. `git archive <commit> service | tar -x`)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     from pipeserve.checkpoints.embedded import embedded_model_dir
 
     model_dir = embedded_model_dir("automatic-speech-recognition")
     engines = {"pipeserve": lambda clip: run_pipeserve(clip, args.calls, [])}
+    if args.baseline_tree:
+        engines["pipeserve baseline"] = lambda clip: run_pipeserve(clip, args.calls, [], args.baseline_tree.resolve())
     if args.float16:
         engines["pipeserve float16 weights"] = lambda clip: run_pipeserve(clip, args.calls,
                                                                           ["--weights-dtype", "float16"])
@@ -152,7 +216,10 @@ def main() -> None:
             for name, run in engines.items():
                 row = run(clip)
                 results[name].append(row)
-                print(f"round {round_} {name}: first transcript {row['first_transcript_s']:.2f} s, "
+                stages = ", ".join(f"{k[:-2]} {v:.2f}" for k, v in row.items()
+                                   if k.endswith("_s") and not k.endswith("cpu_s") and k != "first_transcript_s")
+                print(f"round {round_} {name}: first transcript {row['first_transcript_s']:.2f} s "
+                      f"(cpu {row['cpu_s']:.2f} s; {stages}), "
                       f"rest {row['rss_rest_mib']:.0f} MiB, peak {row['peak_mib']:.0f} MiB  {row['text'][:50]!r}",
                       flush=True)
     report = {name: summary(rows) for name, rows in results.items()}

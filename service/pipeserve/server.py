@@ -1,14 +1,24 @@
 """The gRPC server: every service of the contracts, health per service, reflection, one error
-interceptor, preloaded default models, and a draining shutdown on SIGTERM."""
+interceptor, preloaded default models, and a draining shutdown on SIGTERM.
+
+Start order (issue #16, cold start): this module imports only grpc and the serving layer, so
+the port is bound and health answers (NOT_SERVING) within a few hundred milliseconds of exec;
+torch, the model manager and the servicers are imported next in a worker thread while the
+event loop answers, and their services reply UNAVAILABLE/STARTING until they are bound
+(serving/late_services.py). The default models start loading as soon as the manager exists,
+alongside the import of the servicers. `startup_timeline` logs when each stage ended."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
+import gc
 import importlib
 import logging
 import signal
 import sys
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Callable
 
 # Before anything imports torch: OpenMP reads its settings once, when it loads.
 from .serving.openmp_defaults import apply_openmp_defaults  # imports nothing heavy
@@ -19,24 +29,23 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from .api.common import App
 from .config import ConfigError, ModelSpec, Settings, load_settings
-from .errors import TaskNotImplemented
-from .runtime.batching import DynamicBatcher
-from .runtime.manager import ModelManager
-from .scheduling import compute
+from .errors import Starting, TaskNotImplemented
 from .serving.drain import Drain
 from .serving.interceptors import ErrorInterceptor
+from .serving.late_services import LateServices, refusing_handlers
 from .serving.logs import configure_logging
 from .serving.metrics import Metrics
 from .serving.observability import TelemetryInterceptor
 from .serving.security import SecurityInterceptor, server_credentials
-from .serving.startup import Startup
+from .serving.startup import Startup, prefetch_weights, startup_timeline
 from .serving.tracing import make_tracer
 from .tasks import Task
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # torch-backed: imported by _import_runtime, after the port is bound
+    from .api.common import App
     from .http.front_door import FrontDoor
+    from .runtime.manager import ModelManager
 
 log = logging.getLogger("pipeserve.server")
 
@@ -57,49 +66,31 @@ SERVICES: dict[str, tuple[str, Task | None]] = {
 }
 
 
-def _unimplemented_handler(service_name: str) -> grpc.GenericRpcHandler:
-    """Answers every method of a service without an implementation with UNIMPLEMENTED."""
-    from google.protobuf import descriptor_pool
+def _starting_error(method_name: str) -> Starting:
+    return Starting("the server is starting (its services are still being loaded); retry shortly")
 
-    service = descriptor_pool.Default().FindServiceByName(service_name)
 
-    def behaviour(method_name: str):
-        async def unary(request, context):
-            raise TaskNotImplemented(f"{service_name}.{method_name} is not implemented in this server yet")
-
-        async def streaming(request, context):
-            raise TaskNotImplemented(f"{service_name}.{method_name} is not implemented in this server yet")
-            yield  # pragma: no cover - makes this an async generator
-
-        return unary, streaming
-
-    handlers = {}
-    for method in service.methods:
-        unary, streaming = behaviour(method.name)
-        passthrough = dict(request_deserializer=None, response_serializer=lambda m: m.SerializeToString())
-        if method.client_streaming and method.server_streaming:
-            handlers[method.name] = grpc.stream_stream_rpc_method_handler(streaming, **passthrough)
-        elif method.client_streaming:
-            handlers[method.name] = grpc.stream_unary_rpc_method_handler(unary, **passthrough)
-        elif method.server_streaming:
-            handlers[method.name] = grpc.unary_stream_rpc_method_handler(streaming, **passthrough)
-        else:
-            handlers[method.name] = grpc.unary_unary_rpc_method_handler(unary, **passthrough)
-    return grpc.method_handlers_generic_handler(service_name, handlers)
+def _unimplemented_error(service_name: str):
+    return lambda method_name: TaskNotImplemented(
+        f"{service_name}.{method_name} is not implemented in this server yet")
 
 
 def _import_generated() -> None:
-    """Registers every contract in the descriptor pool (reflection and fallbacks need them)."""
-    from pathlib import Path
+    """Registers every contract in the descriptor pool (reflection and the placeholders of
+    services not bound yet need them). pipeserve.v1 lives in the client distribution's folder
+    (pipeserve/__init__.py), so its own search path is listed, not this file's neighbour."""
+    import pkgutil
 
-    for path in sorted((Path(__file__).parent / "v1").glob("*_pb2.py")):
-        importlib.import_module(f"pipeserve.v1.{path.stem}")
+    from . import v1
+
+    for module in sorted(m.name for m in pkgutil.iter_modules(v1.__path__) if m.name.endswith("_pb2")):
+        importlib.import_module(f"pipeserve.v1.{module}")
 
 
 @dataclass
 class RunningServer:
     server: grpc.aio.Server
-    app: App
+    app: "App"
     port: int
     health: health.aio.HealthServicer if hasattr(health, "aio") else object
     drain: Drain = field(default_factory=Drain)
@@ -145,7 +136,8 @@ class RunningServer:
 
 class _Health:
     """grpc.health.v1 statuses: "" tracks the process (NOT_SERVING while it starts); a task
-    service is SERVING only once the server has started and while a model for its task is ready."""
+    service is SERVING once the servicers are bound and its own default (if it preloads one)
+    has finished loading, and while a model for its task is ready."""
 
     def __init__(self, servicer, startup: Startup) -> None:
         self.servicer = servicer
@@ -154,27 +146,70 @@ class _Health:
         # must not finish after a newer one with the statuses it read before.
         self._lock = asyncio.Lock()
 
-    async def refresh(self, manager: ModelManager) -> None:
+    async def refresh(self, manager: "ModelManager | None") -> None:
         async with self._lock:
-            serving = set() if self.startup.starting else manager.serving_tasks()
-            await self.servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING if self.startup.starting
-                                    else health_pb2.HealthCheckResponse.SERVING)
+            bound = self.startup.bound and manager is not None
+            open_ = bound and self.startup.open
+            serving = manager.serving_tasks() if bound else set()
+            await self.servicer.set("", health_pb2.HealthCheckResponse.SERVING if open_
+                                    else health_pb2.HealthCheckResponse.NOT_SERVING)
             for name, (_, task) in SERVICES.items():
-                ok = task is None or task in serving
+                ok = bound if task is None else task in serving and self.startup.task_open(task.value)
                 await self.servicer.set(name, health_pb2.HealthCheckResponse.SERVING if ok
                                         else health_pb2.HealthCheckResponse.NOT_SERVING)
 
 
+@contextlib.contextmanager
+def _collector_paused():
+    """Python's cyclic garbage collector off while the runtime imports: torch and the servicers
+    create ~280k objects that all live on, and the collections they trigger only traverse
+    them: 1.43-1.53 -> 1.13-1.19 CPU seconds for the imports (issue #16). Restored after."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _import_runtime() -> dict[str, Any]:
+    """The torch-backed half of the server (runs in a worker thread while the port answers)."""
+    from .api.common import App
+    from .runtime.batching import DynamicBatcher
+    from .runtime.manager import ModelManager
+    from .scheduling import compute
+
+    return dict(App=App, DynamicBatcher=DynamicBatcher, ModelManager=ModelManager, compute=compute)
+
+
+def _import_servicers() -> dict[str, Any]:
+    """Servicer modules by service name; None where a service has no implementation yet."""
+    modules: dict[str, Any] = {}
+    for service_name, (module_name, _task) in SERVICES.items():
+        try:
+            modules[service_name] = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name != module_name:
+                raise
+            modules[service_name] = None
+    return modules
+
+
 async def start(settings: Settings, *, preload_defaults: bool = False) -> RunningServer:
-    """Starts serving. With `preload_defaults` the models of `preload_specs` load in the
-    background (`RunningServer.preloading`), and task services answer UNAVAILABLE/STARTING
-    until that ends, however it ends."""
+    """Starts serving: binds and answers health first, then imports the runtime and the
+    servicers (their calls answer UNAVAILABLE/STARTING meanwhile); returns once every service
+    is bound. With `preload_defaults` the models of `preload_specs` load in the background
+    (`RunningServer.preloading`), and each task's service answers UNAVAILABLE/STARTING until
+    its own default's load ends, however it ends."""
     _import_generated()
-    holder: dict[str, RunningServer] = {}
+    specs = preload_specs(settings) if preload_defaults else []
+    prefetch_weights(spec.model for spec in specs)  # the disk reads the weights while torch imports
+    holder: dict[str, Any] = {}
     health_servicer = health.aio.HealthServicer()
     drain = Drain()
-    startup = Startup((name for name, (_, task) in SERVICES.items() if task is not None),
-                      starting=preload_defaults and bool(preload_specs(settings)))
+    startup = Startup({name: task.value for name, (_, task) in SERVICES.items() if task is not None},
+                      starting=bool(specs), bound=False, loading=(Task.parse(spec.task).value for spec in specs))
     health_state = _Health(health_servicer, startup)
     loop = asyncio.get_running_loop()
 
@@ -183,12 +218,6 @@ async def start(settings: Settings, *, preload_defaults: bool = False) -> Runnin
         if running is not None and not drain.active:
             loop.create_task(health_state.refresh(running.app.manager))
 
-    if settings.compute_lane and settings.device == "cpu":
-        compute.install(lanes=settings.compute_lanes)
-    manager = ModelManager(settings, on_change=on_change)
-    batcher = DynamicBatcher(manager, max_batch_size=settings.max_batch_size,
-                             max_wait_ms=settings.max_batch_wait_ms, max_queue=settings.max_queue)
-    app = App(settings=settings, manager=manager, batcher=batcher)
     options = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
@@ -199,12 +228,17 @@ async def start(settings: Settings, *, preload_defaults: bool = False) -> Runnin
     ]
     metrics = Metrics() if settings.metrics_listen else None
     if metrics is not None:
-        metrics.bind(app)
+        metrics.awaiting_app = True  # calls before the app is bound label their model "unknown"
     security = SecurityInterceptor(settings)
+
+    def default_model(task: str) -> str | None:
+        manager = holder.get("manager")
+        return manager.default_name(Task(task)) if task and manager is not None else None
+
     telemetry = TelemetryInterceptor(
         metrics=metrics, tracer=make_tracer(settings.tracing),
         tasks={name: task.value if task else "" for name, (_, task) in SERVICES.items()},
-        default_model=lambda task: manager.default_name(Task(task)) if task else None)
+        default_model=default_model)
     # Outermost first: telemetry sees the final status; errors raised by security checks
     # become statuses with ErrorInfo in the error interceptor around them.
     server = grpc.aio.server(
@@ -212,16 +246,8 @@ async def start(settings: Settings, *, preload_defaults: bool = False) -> Runnin
                       ErrorInterceptor(drain, startup),
                       security],
         options=options)
-    for service_name, (module_name, _task) in SERVICES.items():
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name != module_name:
-                raise
-            log.warning("%s has no implementation yet: it answers UNIMPLEMENTED", service_name)
-            server.add_generic_rpc_handlers((_unimplemented_handler(service_name),))
-            continue
-        module.register(server, app)
+    services = LateServices(SERVICES, _starting_error)
+    server.add_generic_rpc_handlers((services,))
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         [*SERVICES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server)
@@ -238,32 +264,72 @@ async def start(settings: Settings, *, preload_defaults: bool = False) -> Runnin
         if server.add_insecure_port(loopback) == 0:
             raise SystemExit(f"cannot listen on {loopback} (the HTTP front door's loopback)")
     await server.start()
-    if metrics is not None:
-        metrics.serve(settings.metrics_listen)
-    running = RunningServer(server=server, app=app, port=port, health=health_servicer, drain=drain,
-                            metrics=metrics, security=security, startup=startup)
-    if loopback is not None:
-        running.http = await front_door.start(settings, loopback, loopback_folder)
-    holder["server"] = running
-    await health_state.refresh(manager)
-    if startup.starting:
-        async def preload_then_open() -> None:
-            try:
-                await preload(running)
-            finally:  # loaded, failed or cancelled: the server is no longer starting
-                startup.finish()
-                if not drain.active:
-                    await health_state.refresh(manager)
+    preloading: asyncio.Task | None = None
+    try:
+        await health_state.refresh(None)
+        log.info("pipeserve listening on %s (port %d); loading the runtime", settings.listen, port)
+        startup_timeline("listening")
 
-        running.preloading = loop.create_task(preload_then_open())
-    log.info("pipeserve listening on %s (port %d)", settings.listen, port)
-    return running
+        with _collector_paused():
+            runtime = await asyncio.to_thread(_import_runtime)
+        if settings.compute_lane and settings.device == "cpu":
+            runtime["compute"].install(lanes=settings.compute_lanes)
+        manager = runtime["ModelManager"](settings, on_change=on_change)
+        holder["manager"] = manager
+        batcher = runtime["DynamicBatcher"](manager, max_batch_size=settings.max_batch_size,
+                                            max_wait_ms=settings.max_batch_wait_ms, max_queue=settings.max_queue)
+        app = runtime["App"](settings=settings, manager=manager, batcher=batcher)
+        running = RunningServer(server=server, app=app, port=port, health=health_servicer, drain=drain,
+                                metrics=metrics, security=security, startup=startup)
+        holder["server"] = running
+        startup_timeline("runtime imported")
+        if specs:
+            async def preload_then_open() -> None:
+                def loaded(spec: ModelSpec) -> None:
+                    startup.loaded(Task.parse(spec.task).value)
+                    if not drain.active:
+                        loop.create_task(health_state.refresh(manager))
+
+                try:
+                    await preload(running, specs, on_loaded=loaded)
+                finally:  # loaded, failed or cancelled: the server is no longer starting
+                    startup.finish()
+                    startup_timeline("default models done")
+                    if not drain.active and startup.bound:
+                        await health_state.refresh(manager)
+
+            # The defaults load while the servicers import: the load's torch work releases the GIL.
+            running.preloading = preloading = loop.create_task(preload_then_open())
+
+        with _collector_paused():
+            servicers = await asyncio.to_thread(_import_servicers)
+        for service_name, module in servicers.items():
+            if module is None:
+                log.warning("%s has no implementation yet: it answers UNIMPLEMENTED", service_name)
+                services.bind(refusing_handlers(service_name, _unimplemented_error(service_name)))
+            else:
+                module.register(services, app)
+        if metrics is not None:
+            metrics.bind(app)
+            metrics.serve(settings.metrics_listen)
+        if loopback is not None:
+            running.http = await front_door.start(settings, loopback, loopback_folder)
+        startup.bound = True
+        await health_state.refresh(manager)
+        startup_timeline("services bound")
+        return running
+    except BaseException:  # a runtime that fails to import or bind leaves no server behind
+        if preloading is not None:
+            preloading.cancel()
+        await server.stop(0)
+        raise
 
 
 def preload_specs(settings: Settings) -> list[ModelSpec]:
     """Models to load at start: the configured ones, then the embedded defaults for the
-    tasks the configuration leaves open."""
-    specs = dict(settings.preload)
+    tasks the configuration leaves open. Each names its task (the table's key where the spec
+    leaves it out): its service opens when that load ends."""
+    specs = {task: spec if spec.task else dataclasses.replace(spec, task=task) for task, spec in settings.preload.items()}
     if settings.embedded_defaults:
         try:
             from .checkpoints.embedded import embedded_models
@@ -274,14 +340,31 @@ def preload_specs(settings: Settings) -> list[ModelSpec]:
     return list(specs.values())
 
 
-async def preload(running: RunningServer) -> None:
+async def preload(running: RunningServer, specs: list[ModelSpec] | None = None,
+                  on_loaded: Callable[[ModelSpec], None] = lambda spec: None) -> None:
+    """Loads the defaults concurrently (one at a time under a memory budget): each load's torch
+    work runs on its own executor thread with one OpenMP thread (scheduling/compute.py), so two
+    models load on two cores.
+    `on_loaded(spec)` as each ends, loaded or failed (its task's service opens then)."""
     manager = running.app.manager
-    for spec in preload_specs(running.app.settings):
+
+    async def one(spec: ModelSpec) -> None:
         try:
             await manager.load(spec.model, revision=spec.revision, task=spec.task,
                                options=manager.load_options(spec), set_default=True)
         except Exception as exc:  # a default that fails to load is reported; the rest still serve
             log.error("preloading %s for %s failed: %s", spec.model, spec.task, exc)
+        finally:
+            on_loaded(spec)
+
+    specs = preload_specs(running.app.settings) if specs is None else specs
+    if running.app.settings.memory_budget_bytes > 0:
+        # Under a memory budget, one at a time: the budget counts resident models, and loads
+        # side by side would hold their transient copies at once.
+        for spec in specs:
+            await one(spec)
+    else:
+        await asyncio.gather(*(one(spec) for spec in specs))
 
 
 async def serve(settings: Settings) -> None:

@@ -4,7 +4,6 @@ The image is optional when the caller sends the page's words and boxes."""
 from __future__ import annotations
 
 from ..inputs.ocr import Word
-from ..pipelines.document_question_answering import DocumentQuery
 from ..tasks import Task
 from ..v1 import document_question_answering_pb2 as pb, document_question_answering_pb2_grpc as pb_grpc
 from . import limits
@@ -26,6 +25,10 @@ class DocumentQuestionAnsweringServicer(pb_grpc.DocumentQuestionAnsweringService
 
     async def AnswerDocumentQuestion(self, request: pb.AnswerDocumentQuestionRequest,
                                      context) -> pb.AnswerDocumentQuestionResponse:
+        # Imported here: the pipeline module imports PIL, which a server without this task's
+        # model never needs at start (issue #16, cold start).
+        from ..pipelines.document_question_answering import DocumentQuery
+
         rid = request_id(request)
         limits.check(request)
         image = None

@@ -12,6 +12,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from ..errors import ModelLoadFailed
 
@@ -193,6 +194,52 @@ def module_device(module: nn.Module) -> torch.device:
     return next(itertools.chain(module.parameters(), module.buffers())).device
 
 
+class _SkipRandomInitOnMeta(TorchFunctionMode):
+    """Random initialisation of meta tensors becomes a no-op. It computes nothing there, but
+    normal_'s meta kernel (nn.Embedding's init) imports torch._dynamo on its first call: 1-2 s
+    of a server's start (issue #16). A function mode is per thread, so a model built
+    elsewhere meanwhile still initialises."""
+
+    # nn.init's functions dispatch to a mode themselves (and call the tensor methods with the
+    # modes off), so both levels are listed.
+    _RANDOM_INIT = frozenset({
+        torch.Tensor.normal_, torch.Tensor.uniform_,
+        *(getattr(nn.init, name) for name in ("normal_", "uniform_", "trunc_normal_", "kaiming_normal_",
+                                              "kaiming_uniform_", "xavier_normal_", "xavier_uniform_",
+                                              "orthogonal_", "sparse_")),
+    })
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self._RANDOM_INIT:
+            tensor = args[0] if args else kwargs.get("tensor")  # nn.init passes it by keyword
+            if isinstance(tensor, torch.Tensor) and tensor.is_meta:
+                return tensor
+        return func(*args, **kwargs)
+
+
+def _give_storage(module: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """Module.to_empty(device).to(dtype) without their cost: to_empty's empty_like on meta
+    tensors imports torch.fx's symbolic shapes and sympy on first use (1-1.5 s and ~40 MiB of a
+    server's start, issue #16). Floating tensors get `dtype`, others keep theirs; a tensor
+    shared by several modules (a tied head) stays shared."""
+    made: dict[int, torch.Tensor] = {}
+
+    def real(tensor: torch.Tensor) -> torch.Tensor:
+        if id(tensor) not in made:
+            empty = torch.empty(tensor.shape, device=device,
+                                dtype=dtype if tensor.is_floating_point() else tensor.dtype)
+            made[id(tensor)] = (nn.Parameter(empty, requires_grad=tensor.requires_grad)
+                                if isinstance(tensor, nn.Parameter) else empty)
+        return made[id(tensor)]
+
+    for sub in module.modules():
+        for slots in (sub._parameters, sub._buffers):
+            for name, tensor in slots.items():
+                if tensor is not None:
+                    slots[name] = real(tensor)
+
+
 def empty_module(factory: Callable[[], nn.Module], *, device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float32) -> nn.Module:
     """Builds a module without random initialisation (weights come from the checkpoint next).
@@ -201,10 +248,9 @@ def empty_module(factory: Callable[[], nn.Module], *, device: str | torch.device
     that the checkpoint does not carry (position tables, masks) are recomputed by the
     module's `init_buffers()` where it has one.
     """
-    with torch.device("meta"):
+    with torch.device("meta"), _SkipRandomInitOnMeta():
         module = factory()
-    module = module.to_empty(device=device)
-    module = module.to(dtype)
+    _give_storage(module, torch.device(device), dtype)
     for sub in module.modules():
         init = getattr(sub, "init_buffers", None)
         if callable(init):

@@ -87,6 +87,8 @@ class Metrics:
         PlatformCollector(registry=r)
         GCCollector(registry=r)
         self._app: App | None = None
+        # Set by a server whose app is bound later (it answers STARTING meanwhile).
+        self.awaiting_app = False
         r.register(_BuildInfoCollector())
         r.register(_AppCollector(self))
         self.http_server: Any = None
@@ -105,7 +107,8 @@ class Metrics:
         if not name:
             return UNKNOWN_MODEL
         if self._app is None:
-            return metric_label(name)
+            # A server binds its app after its port answers: until then no name is known.
+            return UNKNOWN_MODEL if self.awaiting_app else metric_label(name)
         try:
             entry = self._app.manager.find(name)
         except PipeserveError:  # a name no model can have (too long, control characters)
