@@ -168,3 +168,39 @@ def test_yield_point_off_the_lane_and_errors_inside_nested_tasks(lane):
         lane.call(failing)
     worker.join(5)
     assert results["long"] == "done"  # the nested error stayed with its caller
+
+
+def test_a_yield_point_runs_only_the_calls_already_waiting_so_a_long_task_is_not_starved(lane):
+    """Under steady load the queue never empties: a yield point that drained it until empty kept
+    the task that yielded waiting for as long as the load lasted (the ASR concurrency bench saw
+    the first of 4 callers answered after the whole 123 s run). A yield point runs the calls
+    waiting when it is reached, and new arrivals wait for the next one."""
+    import time
+
+    ran = []
+    at_finish = {}
+    started = threading.Event()
+
+    def chain():  # a caller that sends its next call as soon as the last one is answered
+        ran.append(1)
+        if len(ran) < 200:
+            lane._submit(chain, (), {})
+
+    def long_task():
+        started.set()
+        for _ in range(3):
+            time.sleep(lane.slice_s * 1.5)  # the slice is used up: the yield point lets calls in
+            compute.yield_point()
+        at_finish["ran"] = len(ran)
+
+    worker = threading.Thread(target=lambda: lane.call(long_task))
+    worker.start()
+    assert started.wait(5)
+    lane._submit(chain, (), {})
+    worker.join(10)
+    assert not worker.is_alive()
+    assert at_finish["ran"] <= 3, at_finish  # one waiting call per yield point, not the whole stream
+    deadline = time.monotonic() + 10
+    while len(ran) < 200 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(ran) == 200  # the stream still runs to its end, after the long task

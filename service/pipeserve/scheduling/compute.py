@@ -112,15 +112,18 @@ class ComputeLane:
         return threading.get_ident() in self._idents
 
     def yield_point(self) -> None:
-        """Runs the tasks waiting for the lanes when the current task's slice is used up."""
+        """Runs the tasks waiting for the lanes when the current task's slice is used up: those
+        waiting now, not those arriving while they run. Under steady load the queue never
+        empties, and draining it would keep the yielding task (and its caller) waiting for as
+        long as the load lasts; arrivals wait for the next yield point or the lane's loop."""
         local = self._local
         if not self.on_lane() or time.monotonic() - local.slice_start < self.slice_s \
                 or local.depth >= self.max_nesting:
             return
-        while True:
+        for _ in range(self._queue.qsize()):
             try:
                 item = self._queue.get_nowait()
-            except queue.Empty:
+            except queue.Empty:  # another lane took it
                 break
             self._run(item)  # restarts this task's slice when it returns
 
