@@ -13,7 +13,8 @@ import time
 from pathlib import Path
 
 # The speech-only server of issue #16: nothing but the embedded Whisper tiny.en preloaded.
-SPEECH_ONLY_ARGS = ("--embedded-defaults", "false", "--preload", "automatic-speech-recognition=embedded/whisper-tiny.en")
+SPEECH_ONLY_ARGS = ("--embedded-defaults", "false",
+                    "--preload", "automatic-speech-recognition=embedded/whisper-tiny.en")
 
 
 def free_port() -> int:
