@@ -37,8 +37,9 @@ max_initial_timestamp to 0; the others use 1.0 s as pipeserve.)
     PYTHONPATH=service:clients/python:tests .venv/bin/python bench/asr/bench_concurrency.py [--quick]
 
 --quick: 16 short clips, N = 1, 4, 16, one round, three engines (~3 minutes on a quiet machine).
-Results: JSON and markdown in bench/asr/results/concurrency.{json,md}. faster-whisper is installed for the bench only (see
-bench_whisper.ensure_faster_whisper); it is skipped with --no-faster-whisper.
+Results: JSON and markdown in bench/asr/results/concurrency.{json,md}. faster-whisper is installed
+for the bench only (see bench_whisper.ensure_faster_whisper); it is skipped with
+--no-faster-whisper.
 """
 from __future__ import annotations
 
