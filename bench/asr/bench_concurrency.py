@@ -285,7 +285,7 @@ def compare_texts(rows: dict, scripts: dict) -> list[dict]:
     return out
 
 
-def write_report(report: dict, out_dir: Path) -> None:
+def write_report(report: dict, out_dir: Path, quiet: bool = False) -> None:
     from bench_env import environment_markdown
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -322,7 +322,8 @@ def write_report(report: dict, out_dir: Path) -> None:
             for e in c["examples"]:
                 lines.append(f"- {c['engine']} {c['run']} request {e['request']}: {e['this']!r} vs {e['pipeserve']!r}")
     (out_dir / "concurrency.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    if not quiet:
+        print("\n".join(lines))
 
 
 def main() -> None:
@@ -371,6 +372,7 @@ def main() -> None:
     short = np.load(work / "short.npz")
     long_ = np.load(work / "long.npz")
     rows: dict[str, dict] = {}
+    report = None
     for round_ in range(rounds):
         for name, key in engines.items():
             # faster-whisper's packages go after the project's: only what the project lacks.
@@ -394,12 +396,15 @@ def main() -> None:
                     r["every_round_requests_per_s"] = best.get(run_key, {}).get("every_round_requests_per_s", [])
                     best[run_key] = r
                 best[run_key].setdefault("every_round_requests_per_s", []).append(round(r["requests_per_s"], 3))
-    report = {"rounds": rounds, "short_count": short_count, "long_count": len(long_.files),
-              "short_audio_s": sum(len(short[k]) for k in short.files) / RATE,
-              "long_file_s": (sum(len(long_[k]) for k in long_.files) / RATE / len(long_.files)) if long_.files else 0,
-              "callers": {"short": short_callers, "long": long_callers}, "environment": env,
-              "faster_whisper_options": FW_MATCHED, "rows": rows}
-    report["texts"] = compare_texts(rows, scripts)
+            report = {"rounds": rounds, "short_count": short_count, "long_count": len(long_.files),
+                      "short_audio_s": sum(len(short[k]) for k in short.files) / RATE,
+                      "long_file_s": sum(len(long_[k]) for k in long_.files) / RATE / max(1, len(long_.files)),
+                      "callers": {"short": short_callers, "long": long_callers}, "environment": env,
+                      "faster_whisper_options": FW_MATCHED, "rows": rows, "texts": compare_texts(rows, scripts)}
+            # Written after every engine, so a run cut short still leaves what it measured.
+            write_report(report, args.out, quiet=True)
+    if report is None:
+        raise SystemExit("every engine failed")
     write_report(report, args.out)
 
 
