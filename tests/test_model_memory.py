@@ -142,3 +142,34 @@ def test_a_truncated_or_inconsistent_ctranslate2_file_is_refused(tmp_path):
     (tmp_path / "short.bin").write_bytes(good[:-10])
     with pytest.raises(ModelLoadFailed, match="truncated"):
         read_variables(tmp_path / "short.bin")
+
+
+def test_building_a_module_imports_neither_dynamo_nor_sympy():
+    """Building on the meta device ran the layers' random initialisers through torch._refs,
+    whose first call imports torch._dynamo and sympy: +71 MiB resident for the life of the
+    server and 1-3 s of start, for values the checkpoint overwrites. A fresh interpreter
+    loads the real Whisper tiny.en and must not have imported them."""
+    import subprocess
+    import sys
+
+    script = ("import sys; from pipeserve.checkpoints.hub import resolve; "
+              "from pipeserve.pipelines.base import LoadOptions; from pipeserve.models import whisper; "
+              f"model = whisper.load_model(resolve({str(wc.embedded_dir())!r}), LoadOptions(), "
+              "'conditional_generation'); "
+              "assert model.model.decoder.embed_tokens.weight.abs().sum() > 0; "
+              "print(sorted(m for m in ('torch._dynamo', 'sympy') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_the_initialisers_are_back_after_a_build():
+    from torch import nn
+    from pipeserve.checkpoints.weights import empty_module
+
+    built = empty_module(lambda: nn.Linear(4, 3))
+    assert built.weight.device.type == "cpu" and built.weight.dtype == torch.float32
+    fresh = nn.Linear(4, 3)  # initialised as usual again: not left uninitialised
+    assert fresh.weight.abs().sum() > 0 and torch.isfinite(fresh.weight).all()
+    assert nn.init.normal_(torch.zeros(1000)).std() > 0.5

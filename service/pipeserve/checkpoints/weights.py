@@ -4,8 +4,10 @@ with a short table of renames so that family modules keep checkpoint names.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
+import threading
 from pathlib import Path
 from collections.abc import MutableMapping
 from typing import Any, Callable, Iterable, Iterator, Mapping
@@ -193,18 +195,47 @@ def module_device(module: nn.Module) -> torch.device:
     return next(itertools.chain(module.parameters(), module.buffers())).device
 
 
+# torch.nn.init's random initialisers, which the layers' constructors call (reset_parameters).
+_INITIALISERS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_", "dirac_",
+                 "xavier_uniform_", "xavier_normal_", "kaiming_uniform_", "kaiming_normal_", "orthogonal_",
+                 "sparse_")
+_INIT_LOCK = threading.Lock()
+
+
+def _leave_as_is(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    return tensor
+
+
+@contextlib.contextmanager
+def _initialisers_skipped() -> Iterator[None]:
+    """torch.nn.init's initialisers do nothing inside: a meta tensor's `normal_` goes through
+    torch._refs, whose first call imports torch._dynamo and sympy (measured: +71 MiB resident
+    for the life of the process, 1-3 s), for values nobody reads. Module-wide, so builds are
+    serialised; nothing else in a server initialises layers at random."""
+    with _INIT_LOCK:
+        saved = {name: getattr(nn.init, name) for name in _INITIALISERS if hasattr(nn.init, name)}
+        try:
+            for name in saved:
+                setattr(nn.init, name, _leave_as_is)
+            yield
+        finally:
+            for name, function in saved.items():
+                setattr(nn.init, name, function)
+
+
 def empty_module(factory: Callable[[], nn.Module], *, device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float32) -> nn.Module:
     """Builds a module without random initialisation (weights come from the checkpoint next).
 
-    Built on the meta device, then given real but uninitialised storage on `device`. Buffers
-    that the checkpoint does not carry (position tables, masks) are recomputed by the
-    module's `init_buffers()` where it has one.
+    Built on the meta device with the initialisers skipped, then given real but uninitialised
+    storage on `device`. Buffers that the checkpoint does not carry (position tables, masks)
+    are recomputed by the module's `init_buffers()` where it has one.
     """
-    with torch.device("meta"):
+    with torch.device("meta"), _initialisers_skipped():
         module = factory()
-    module = module.to_empty(device=device)
-    module = module.to(dtype)
+    # Not to_empty(): its empty_like on a meta tensor goes through torch._refs too (above).
+    module = module._apply(lambda t: torch.empty(t.shape, device=device,
+                                                 dtype=dtype if t.is_floating_point() else t.dtype))
     for sub in module.modules():
         init = getattr(sub, "init_buffers", None)
         if callable(init):
