@@ -59,7 +59,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_pipeserve(clip: Path, calls: int, extra: list[str]) -> dict:
+def run_pipeserve(clip: Path, calls: int, extra: list[str],
+                  preload: tuple[str, ...] = ("--preload", "automatic-speech-recognition=embedded/whisper-tiny.en")) -> dict:
     import grpc
     from pipeserve.v1 import common_pb2, speech_recognition_pb2 as pb, speech_recognition_pb2_grpc as pb_grpc
 
@@ -67,8 +68,7 @@ def run_pipeserve(clip: Path, calls: int, extra: list[str]) -> dict:
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     started = time.perf_counter()
     server = subprocess.Popen([sys.executable, "-m", "pipeserve.server", "--listen", f"127.0.0.1:{port}",
-                               "--embedded-defaults", "false",
-                               "--preload", "automatic-speech-recognition=embedded/whisper-tiny.en", *extra],
+                               "--embedded-defaults", "false", *preload, *extra],
                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         channel = grpc.insecure_channel(f"127.0.0.1:{port}")
@@ -130,7 +130,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--calls", type=int, default=5, help="transcriptions after the first, for the peak")
-    parser.add_argument("--float16", action="store_true", help="also run the server with --weights-dtype float16")
+    parser.add_argument("--float16", action="store_true",
+                        help="also run the server with the model's weights_dtype = \"float16\" ([preload] spec)")
     parser.add_argument("--fw-compute", default="float32")
     parser.add_argument("--no-faster-whisper", action="store_true")
     parser.add_argument("--out", type=Path)
@@ -140,8 +141,11 @@ def main() -> None:
     model_dir = embedded_model_dir("automatic-speech-recognition")
     engines = {"pipeserve": lambda clip: run_pipeserve(clip, args.calls, [])}
     if args.float16:
-        engines["pipeserve float16 weights"] = lambda clip: run_pipeserve(clip, args.calls,
-                                                                          ["--weights-dtype", "float16"])
+        settings = Path(tempfile.mkdtemp()) / "float16.toml"
+        settings.write_text('[preload]\n"automatic-speech-recognition" = '
+                            '{model = "embedded/whisper-tiny.en", weights_dtype = "float16"}\n')
+        engines["pipeserve float16 weights"] = lambda clip: run_pipeserve(clip, args.calls, [],
+                                                                          ("--config", str(settings)))
     if not args.no_faster_whisper and (FASTER_WHISPER_DEPS / "faster_whisper").is_dir():
         engines[f"faster-whisper {args.fw_compute}"] = lambda clip: run_faster_whisper(clip, model_dir,
                                                                                        args.fw_compute)

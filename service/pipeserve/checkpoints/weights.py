@@ -126,8 +126,8 @@ def _take(dest: torch.Tensor, tensor: torch.Tensor, take: bool) -> None:
     Safetensors' tensors are views of the file's mapping: taking them would leave the model
     reading a file that a rewrite in place (save_pretrained truncates) turns into SIGBUS, so
     the loader takes only tensors it owns (checkpoints/loader.py)."""
-    if take and tensor.dtype == dest.dtype and tensor.device == dest.device and tensor.is_contiguous() \
-            and not tensor.requires_grad:
+    dense = tensor.is_contiguous() or (tensor.dim() == 2 and tensor.t().is_contiguous())  # column-major too
+    if take and tensor.dtype == dest.dtype and tensor.device == dest.device and dense and not tensor.requires_grad:
         dest.data = tensor
     else:
         dest.copy_(tensor)
