@@ -64,6 +64,12 @@ def test_get_model_and_metrics_break_down_the_budgeted_bytes(server):
                        "screening": memory.screening_bytes, "cache": memory.cache_bytes}
     resident = [v for labels, v in samples["pipeserve_model_resident_bytes"] if labels["model"] == info.name]
     assert resident == [sum(by_kind.values())]
+    # The allocator's side, process-wide (runtime/heap.heap_usage): in use covers the models.
+    heap = {labels["state"]: v for labels, v in samples.get("pipeserve_heap_bytes", [])}
+    from pipeserve.runtime.heap import heap_usage
+
+    if heap_usage() is not None:
+        assert set(heap) == {"in_use", "free"} and heap["in_use"] > 0 and heap["free"] >= 0
 
 
 def test_the_memory_kinds_count_shared_storage_once():

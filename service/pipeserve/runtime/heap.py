@@ -45,6 +45,26 @@ def release_free_heap() -> bool:
     return True
 
 
+class _MallInfo2(ctypes.Structure):  # glibc >= 2.33 struct mallinfo2
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                 "keepcost")]
+
+
+def heap_usage() -> dict[str, int] | None:
+    """The C heap, process-wide (models, activations, the interpreter and libraries alike):
+    "in_use" bytes allocated (heap chunks and mapped blocks), "free" bytes the heap holds
+    freed but not yet returned (the allocator's slack; malloc_trim returns their pages, so
+    only part of it is resident). None where the C library has no mallinfo2 (not glibc 2.33+)."""
+    libc = _libc()
+    mallinfo2 = getattr(libc, "mallinfo2", None) if libc is not None else None
+    if mallinfo2 is None:
+        return None
+    mallinfo2.restype = _MallInfo2
+    info = mallinfo2()
+    return {"in_use": info.uordblks + info.hblkhd, "free": info.fordblks}
+
+
 def limit_heap_slack(mmap_threshold: int) -> bool:
     """Blocks of `mmap_threshold` bytes or more are mapped (their pages return when freed),
     and the heap trims its free top past 4 x that; 0 leaves glibc's adaptive defaults.
