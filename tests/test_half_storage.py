@@ -62,6 +62,18 @@ def test_weights_dtype_is_validated(tmp_path):
         assert caught.value.reason == "INVALID_DTYPE"
 
 
+def test_a_family_without_float16_storage_refuses_it_before_reading_weights():
+    from pipeserve.checkpoints.embedded import embedded_model_dir
+    from pipeserve.errors import ModelLoadFailed
+
+    directory = embedded_model_dir("feature-extraction")  # MiniLM (BERT): its recipe does not allow it
+    if directory is None:
+        pytest.skip("the embedded MiniLM package is not installed")
+    with pytest.raises(ModelLoadFailed, match="not available for this model's family") as caught:
+        load_pipeline(directory, weights_dtype="float16")
+    assert caught.value.reason == "INVALID_DTYPE"
+
+
 def test_the_manager_passes_the_spec_on():
     from pipeserve.config import ModelSpec, Settings
     from pipeserve.runtime.manager import ModelManager
