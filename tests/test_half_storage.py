@@ -16,10 +16,10 @@ from harness import load_pipeline
 
 
 def test_half_storage_linear_is_the_float32_product_of_the_float16_values():
-    from pipeserve.layers.half_storage import ROW_BLOCK, keep_half_storage
+    from pipeserve.layers.half_storage import WHOLE_ROWS, keep_half_storage
 
     torch.manual_seed(0)
-    vocab, width = ROW_BLOCK * 2 + 123, 16  # more rows than one block: the blocked path
+    vocab, width = WHOLE_ROWS * 2 + 123, 16  # more rows than are widened whole: the blocked path
     model = nn.ModuleDict({"embed": nn.Embedding(vocab, width), "head": nn.Linear(width, vocab, bias=False),
                            "mlp": nn.Linear(width, 32), "norm": nn.LayerNorm(width)}).half()
     model["head"].weight = model["embed"].weight  # tied, as Whisper's projection is
