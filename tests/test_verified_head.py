@@ -110,17 +110,22 @@ def test_real_speech_decodes_the_same_with_and_without_the_verified_head(tmp_pat
     from pipeserve.checkpoints.embedded import embedded_model_dir
 
     pipe = load_pipeline(embedded_model_dir("automatic-speech-recognition"))
-    head = pipe.model.decoder.verified_head
-    assert head is not None  # CPU float32 with native bfloat16: the pipeline installs it
+    if not verified_head.available(pipe.model.decoder.embed_tokens.weight):
+        pytest.skip("no native bfloat16 oneDNN on this CPU")
+    # Whisper no longer installs it by default (models/whisper.py "exact_head": it did not pay
+    # for its 39 MiB there); installed here at the site the pipeline names, it must still
+    # decode exactly as the float32 projection does.
+    assert pipe.model.decoder.verified_head is None
+    head = verified_head.VerifiedHead(pipe.model.decoder.embed_tokens.weight,
+                                      pipe.settings.no_timestamps_token_id + 1)
+    pipe.model.decoder.verified_head = head
     audio = load_audio_input(data=wc.speak(" ".join(wc.SENTENCES[:3]), tmp_path / "a.wav"))
     options = pipe.options({"logprob_threshold": -1.0,
                           "temperature_fallback": [0.2, 0.4]})
     verified = pipe.transcribe([audio], options)[0]
+    assert head._calls > 0  # the greedy steps read it
     pipe.model.decoder.verified_head = None
-    try:
-        plain = pipe.transcribe([audio], options)[0]
-    finally:
-        pipe.model.decoder.verified_head = head
+    plain = pipe.transcribe([audio], options)[0]
     assert [s.tokens for s in verified.segments] == [s.tokens for s in plain.segments]
     assert [(s.start_s, s.end_s, s.temperature) for s in verified.segments] == \
         [(s.start_s, s.end_s, s.temperature) for s in plain.segments]

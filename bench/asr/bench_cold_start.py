@@ -90,7 +90,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_pipeserve(clip: Path, calls: int, extra: list[str], tree: Path | None = None) -> dict:
+def run_pipeserve(clip: Path, calls: int, extra: list[str], tree: Path | None = None,
+                  preload: tuple[str, ...] = ("--preload", "automatic-speech-recognition=embedded/whisper-tiny.en")) -> dict:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
     from pipeserve.v1 import common_pb2, speech_recognition_pb2 as pb, speech_recognition_pb2_grpc as pb_grpc
@@ -102,8 +103,7 @@ def run_pipeserve(clip: Path, calls: int, extra: list[str], tree: Path | None = 
     log = tempfile.TemporaryFile("w+")
     started = time.perf_counter()
     server = subprocess.Popen([sys.executable, "-m", "pipeserve.server", "--listen", f"127.0.0.1:{port}",
-                               "--embedded-defaults", "false",
-                               "--preload", "automatic-speech-recognition=embedded/whisper-tiny.en", *extra],
+                               "--embedded-defaults", "false", *preload, *extra],
                               env=env, stdout=subprocess.DEVNULL, stderr=log)
     try:
         # Reconnect quickly while the port is not bound yet (grpc's default backoff waits ~1 s).
@@ -190,7 +190,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--calls", type=int, default=5, help="transcriptions after the first, for the peak")
-    parser.add_argument("--float16", action="store_true", help="also run the server with --weights-dtype float16")
+    parser.add_argument("--float16", action="store_true",
+                        help="also run the server with the model's weights_dtype = \"float16\" ([preload] spec)")
     parser.add_argument("--fw-compute", default="float32")
     parser.add_argument("--no-faster-whisper", action="store_true")
     parser.add_argument("--baseline-tree", type=Path,
@@ -204,8 +205,11 @@ def main() -> None:
     if args.baseline_tree:
         engines["pipeserve baseline"] = lambda clip: run_pipeserve(clip, args.calls, [], args.baseline_tree.resolve())
     if args.float16:
-        engines["pipeserve float16 weights"] = lambda clip: run_pipeserve(clip, args.calls,
-                                                                          ["--weights-dtype", "float16"])
+        settings = Path(tempfile.mkdtemp()) / "float16.toml"
+        settings.write_text('[preload]\n"automatic-speech-recognition" = '
+                            '{model = "embedded/whisper-tiny.en", weights_dtype = "float16"}\n')
+        engines["pipeserve float16 weights"] = lambda clip: run_pipeserve(clip, args.calls, [],
+                                                                          ("--config", str(settings)))
     if not args.no_faster_whisper and (FASTER_WHISPER_DEPS / "faster_whisper").is_dir():
         engines[f"faster-whisper {args.fw_compute}"] = lambda clip: run_faster_whisper(clip, model_dir,
                                                                                        args.fw_compute)

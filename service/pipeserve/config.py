@@ -43,6 +43,8 @@ class ModelSpec:
     device: str | None = None
     dtype: str | None = None
     load_in_8bit: bool | None = None  # None: the source's default (LoadOptions)
+    # "float16": float16 weights under a float32 model (LoadOptions.weights_dtype); None: as dtype.
+    weights_dtype: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
 
 
@@ -57,6 +59,9 @@ class Settings:
     dtype: str = "float32"
     # Bytes of model weights allowed resident per device; 0 = unlimited.
     memory_budget_bytes: int = 0
+    # C heap blocks this large or larger are mapped and unmapped, so their pages leave when
+    # freed (runtime/heap.limit_heap_slack); 0 = glibc's adaptive threshold.
+    heap_mmap_threshold_bytes: int = 256 * 1024
     max_message_bytes: int = 64 * MiB
     keepalive_time_s: float = 30.0
     keepalive_timeout_s: float = 10.0
@@ -200,6 +205,10 @@ RULES: dict[str, Rule] = {
     "device": Rule("default device for models: cpu, cuda, cuda:N, mps, or auto (text generation spreads layers "
                    "over the GPUs, then CPU)", device()),
     "dtype": Rule("default weight dtype: float32, float16 or bfloat16", one_of(*DTYPE_NAMES)),
+    "heap_mmap_threshold_bytes": Rule("C heap blocks of this many bytes or more are mapped, so the pages of "
+                                      "freed activations go back to the system; 0 = glibc's adaptive "
+                                      "threshold (faster by the page faults, up to ~90 MiB more resident)",
+                                      between(0, 1 << 30)),
     "memory_budget_bytes": Rule("bytes of model weights allowed resident per device (idle models are evicted "
                                 "to make room); 0 = unlimited"),
     "max_message_bytes": Rule("largest gRPC message received or sent, in bytes; also the URI fetch size limit",
@@ -352,7 +361,10 @@ def _did_you_mean(name: str, known: list[str]) -> str:
 
 # ---- preloads ---------------------------------------------------------------------------------
 
-_SPEC_KEYS = {"model": str, "revision": str, "device": str, "dtype": str, "load_in_8bit": bool, "options": dict}
+_SPEC_KEYS = {"model": str, "revision": str, "device": str, "dtype": str, "load_in_8bit": bool,
+              "weights_dtype": str, "options": dict}
+# Weights stored narrower than they compute: float16 under a float32 model (layers/half_storage.py).
+WEIGHTS_DTYPE_NAMES = ("float32", "float16", "fp32", "fp16", "half")
 
 
 def _parse_preload(entries: dict[str, tuple[Any, str]]) -> dict[str, ModelSpec]:
@@ -368,7 +380,7 @@ def _parse_preload(entries: dict[str, tuple[Any, str]]) -> dict[str, ModelSpec]:
             value = {"model": value}
         if not isinstance(value, dict):
             raise ConfigError(f"{label}: expected a model name or a table with model, revision, device, dtype, "
-                              f"load_in_8bit, options")
+                              f"weights_dtype, load_in_8bit, options")
         for key, item in value.items():
             if key not in _SPEC_KEYS:
                 raise ConfigError(f"{label}: unknown key {key!r}{_did_you_mean(key, list(_SPEC_KEYS))}; "
@@ -377,7 +389,8 @@ def _parse_preload(entries: dict[str, tuple[Any, str]]) -> dict[str, ModelSpec]:
                 raise ConfigError(f"{label}.{key}: {_shown(item)} is not a {_SPEC_KEYS[key].__name__}")
         if not value.get("model", "").strip():
             raise ConfigError(f"{label}: needs a model (a local directory or a Hub id)")
-        for key, check in (("device", device()), ("dtype", one_of(*DTYPE_NAMES))):
+        for key, check in (("device", device()), ("dtype", one_of(*DTYPE_NAMES)),
+                           ("weights_dtype", one_of(*WEIGHTS_DTYPE_NAMES))):
             problem = check(value[key]) if key in value else None
             if problem:
                 raise ConfigError(f"{label}.{key}: {_shown(value[key])} {problem}")
@@ -436,8 +449,8 @@ def build_parser(environ: dict[str, str] | None = None) -> argparse.ArgumentPars
     parser.add_argument("--version", action="version", version=f"pipeserve {__version__}")
     parser.add_argument("--config", default=environ.get("PIPESERVE_CONFIG"), metavar="FILE",
                         help="TOML settings file: keys are the setting names with underscores; a [preload] table "
-                             "maps task = \"model\" or task = {model, revision, device, dtype, load_in_8bit, "
-                             "options} [env PIPESERVE_CONFIG]")
+                             "maps task = \"model\" or task = {model, revision, device, dtype, weights_dtype, "
+                             "load_in_8bit, options} [env PIPESERVE_CONFIG]")
     parser.add_argument("--preload", action="append", default=[], metavar="TASK=MODEL",
                         help="preload MODEL (local directory or Hub id) as TASK's default; repeatable "
                              "[env PIPESERVE_PRELOAD, pairs separated by ';']")

@@ -12,6 +12,7 @@ bias does not exist in Whisper (stored as zeros in the fused bias).
 """
 from __future__ import annotations
 
+import math
 import mmap
 import re
 import struct
@@ -81,9 +82,58 @@ def map_file(path: Path) -> memoryview:
         return memoryview(mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY))
 
 
-def read_variables(path: Path) -> tuple[str, dict[str, torch.Tensor]]:
+def _drop_pages(raw: memoryview, start: int, end: int) -> None:
+    """The mapping's pages wholly inside bytes [start, end) leave this process's resident set
+    (they stay in the page cache, and come back from it if touched again): a variable that was
+    copied or converted is read once, and its file pages would otherwise count as resident as
+    long as any view keeps the mapping (measured: 56 MiB of tiny.en's unaligned variables, or
+    the whole file during a float32 load's conversion). Nothing was written to them, so
+    dropping them loses nothing."""
+    mapping = raw.obj
+    if not isinstance(mapping, mmap.mmap) or not hasattr(mapping, "madvise"):
+        return
+    first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE
+    last = end // mmap.PAGESIZE * mmap.PAGESIZE
+    if last > first:
+        mapping.madvise(mmap.MADV_DONTNEED, first, last - first)
+
+
+def _load_variable(raw: memoryview, offset: int, dims: list[int], dtype: torch.dtype,
+                   convert_to: torch.dtype | None, column_major: bool) -> torch.Tensor:
+    """One variable at raw[offset:]: a view of the mapping where it keeps the file's dtype and
+    is element-aligned; otherwise a copy (converted to `convert_to` for floating variables,
+    column-major when asked: [out, in] stored as the transpose of a contiguous [in, out]) whose
+    file pages are then dropped."""
+    nbytes = dtype.itemsize * math.prod(dims)
+    if nbytes == 0:
+        return torch.empty(dims, dtype=dtype)
+    aligned = offset % dtype.itemsize == 0
+    with warnings.catch_warnings():  # "non-writable buffer": ACCESS_COPY is writable; older torch warns anyway
+        warnings.simplefilter("ignore", UserWarning)
+        source = (torch.frombuffer(raw, dtype=dtype, count=nbytes // dtype.itemsize, offset=offset) if aligned
+                  else torch.frombuffer(bytearray(raw[offset:offset + nbytes]), dtype=dtype)).reshape(dims)
+    convert = convert_to is not None and dtype.is_floating_point and convert_to != dtype
+    if not convert and aligned:
+        return source
+    target = convert_to if convert else dtype
+    if column_major and len(dims) == 2:
+        out = torch.empty(dims[::-1], dtype=target).t()
+        out.copy_(source)
+    else:
+        out = source.to(target, copy=True)
+    del source
+    _drop_pages(raw, offset, offset + nbytes)
+    return out
+
+
+def read_variables(path: Path, convert_to: torch.dtype | None = None,
+                   column_major: frozenset[str] = frozenset()) -> tuple[str, dict[str, torch.Tensor]]:
     """All named tensors of a CTranslate2 model.bin (aliases resolved), and its spec name.
-    The tensors are views of the mapped file (map_file): reading copies nothing."""
+    Tensors in the file's dtype are views of the mapped file (map_file): reading copies
+    nothing. With `convert_to`, floating variables of another dtype are converted one at a
+    time as they are read, each variable's file pages dropped once converted, so a load holds
+    the converted model and one variable, not the file as well; names in `column_major` are
+    converted into that layout (Whisper's tied head: layers/head_layout.py)."""
     raw = map_file(path)
     r = _Reader(raw)
     version = r.u32()
@@ -107,16 +157,10 @@ def read_variables(path: Path) -> tuple[str, dict[str, torch.Tensor]]:
         if nbytes != expected:
             raise ModelLoadFailed(f"{path}: variable {name} holds {nbytes} bytes, its shape {dims} needs {expected}",
                                   reason="BAD_WEIGHTS")
-        chunk = r.take(nbytes)
-        if nbytes == 0:
-            tensors[name] = torch.empty(dims, dtype=dtype)
-        elif (raw_offset := r.pos - nbytes) % dtype.itemsize:  # unaligned: a view is not allowed
-            tensors[name] = torch.frombuffer(bytearray(chunk), dtype=dtype).reshape(dims)
-        else:
-            with warnings.catch_warnings():  # "non-writable buffer": ACCESS_COPY is writable; older torch warns anyway
-                warnings.simplefilter("ignore", UserWarning)
-                tensors[name] = torch.frombuffer(raw, dtype=dtype, count=nbytes // dtype.itemsize,
-                                                 offset=raw_offset).reshape(dims)
+        r.take(nbytes)
+        # An unaligned variable is copied: CTranslate2 does not align them, and kernels may
+        # assume element alignment.
+        tensors[name] = _load_variable(raw, r.pos - nbytes, dims, dtype, convert_to, name in column_major)
     if r.pos < len(raw):
         for _ in range(r.u32()):
             alias, target = r.string(), r.string()
@@ -146,10 +190,12 @@ def read_whisper(path: Path, dtype: torch.dtype = torch.float32) -> tuple[Whispe
     """model.bin -> (sizes inferred from shapes, state dict in transformers' names, floating
     tensors in `dtype`). Tensors already in `dtype` stay views of the mapped file (the split
     fused projections too: rows of a row-major matrix), so only a dtype change copies."""
-    spec, v = read_variables(path)
+    # The tied head is read column-major when converted: the layout Whisper keeps it in
+    # (layers/packed_linear.pack_linears share_tied), which would otherwise cost a second copy.
+    spec, v = read_variables(path, dtype, frozenset({"decoder/embeddings/weight"}))
     if spec != "WhisperSpec":
         raise ModelLoadFailed(f"{path} holds a CTranslate2 {spec!r}, not a WhisperSpec", reason="UNSUPPORTED_FAMILY")
-    v = {k: (t.to(dtype) if t.is_floating_point() else t) for k, t in _dequantize(v).items()}
+    v = {k: (t.to(dtype) if t.is_floating_point() else t) for k, t in _dequantize(v).items()}  # int8 files
     layer_ids = lambda side: sorted({int(m.group(1)) for k in v if (m := re.match(rf"{side}/layer_(\d+)/", k))})
     enc_layers, dec_layers = layer_ids("encoder"), layer_ids("decoder")
     d_model = v["encoder/conv1/weight"].shape[0]

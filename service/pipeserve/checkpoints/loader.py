@@ -17,6 +17,7 @@ from typing import Callable, Iterable, Mapping
 import torch
 from torch import nn
 
+from ..errors import ModelLoadFailed
 from .formats import Checkpoint, read_checkpoint
 from .hub import ModelFiles
 from .weights import assign, empty_module, parse_dtype
@@ -45,6 +46,9 @@ class ModuleRecipe:
     ignore_missing: Iterable[str] | Callable[[nn.Module], Iterable[str]] = ()
     prepare: Callable[[MutableMapping[str, torch.Tensor]], None] | None = None
     finish: Callable[[nn.Module, Mapping[str, torch.Tensor]], None] | None = None
+    # The family computes correctly with its linear and embedding weights kept in a narrower
+    # storage dtype (LoadOptions.weights_dtype; layers/half_storage.py widens them per product).
+    half_storage: bool = False
 
 
 def build_device(options) -> torch.device:
@@ -52,11 +56,32 @@ def build_device(options) -> torch.device:
     return torch.device("cpu") if options.device == "auto" else torch.device(options.device)
 
 
+def storage_dtype(options) -> torch.dtype:
+    """The dtype the weights are read and stored in: LoadOptions.weights_dtype where set (only
+    float16 under a float32 model: layers/half_storage.py), else the compute dtype."""
+    compute = parse_dtype(options.dtype)
+    storage = parse_dtype(getattr(options, "weights_dtype", "") or None, compute)
+    if storage != compute and not (storage == torch.float16 and compute == torch.float32):
+        raise ModelLoadFailed(f"weights_dtype {options.weights_dtype!r} with dtype {options.dtype!r}: weights "
+                              "can be stored in float16 under a float32 model, or as the model's dtype",
+                              reason="INVALID_DTYPE")
+    if storage != compute and getattr(options, "load_in_8bit", False):
+        raise ModelLoadFailed("weights_dtype float16 and load_in_8bit are two ways to store the weights; "
+                              "choose one", reason="INVALID_DTYPE")
+    return storage
+
+
 def load_module(files: ModelFiles, options, recipe: Callable[[Checkpoint], ModuleRecipe]) -> nn.Module:
-    """`options` is a LoadOptions (device, dtype, allow_pickle); `recipe` the family's."""
-    device, dtype = build_device(options), parse_dtype(options.dtype)
+    """`options` is a LoadOptions (device, dtype, weights_dtype, allow_pickle); `recipe` the
+    family's. With float16 weights_dtype the module is built and filled in float16 (a
+    CTranslate2 file's float16 tensors stay views of its mapping); the post-load passes
+    (layers/passes.py HALF_STORAGE) then make it compute in float32."""
+    device, dtype = build_device(options), storage_dtype(options)
     checkpoint = read_checkpoint(files, device=device, dtype=dtype, allow_pickle=options.allow_pickle)
     plan = recipe(checkpoint)
+    if dtype != parse_dtype(options.dtype) and not plan.half_storage:
+        raise ModelLoadFailed(f"weights_dtype {options.weights_dtype!r} is not available for this model's "
+                              "family: it loads with weights in its dtype", reason="INVALID_DTYPE")
     model = empty_module(plan.build, device=device, dtype=dtype)
     for module in model.modules():
         tie = getattr(module, "tie_weights", None)

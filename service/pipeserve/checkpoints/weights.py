@@ -125,8 +125,8 @@ def _take(dest: torch.Tensor, tensor: torch.Tensor, take: bool) -> None:
     Safetensors' tensors are views of the file's mapping: taking them would leave the model
     reading a file that a rewrite in place (save_pretrained truncates) turns into SIGBUS, so
     the loader takes only tensors it owns (checkpoints/loader.py)."""
-    if take and tensor.dtype == dest.dtype and tensor.device == dest.device and tensor.is_contiguous() \
-            and not tensor.requires_grad:
+    dense = tensor.is_contiguous() or (tensor.dim() == 2 and tensor.t().is_contiguous())  # column-major too
+    if take and tensor.dtype == dest.dtype and tensor.device == dest.device and dense and not tensor.requires_grad:
         dest.data = tensor
     else:
         dest.copy_(tensor)
@@ -244,9 +244,9 @@ def empty_module(factory: Callable[[], nn.Module], *, device: str | torch.device
                  dtype: torch.dtype = torch.float32) -> nn.Module:
     """Builds a module without random initialisation (weights come from the checkpoint next).
 
-    Built on the meta device, then given real but uninitialised storage on `device`. Buffers
-    that the checkpoint does not carry (position tables, masks) are recomputed by the
-    module's `init_buffers()` where it has one.
+    Built on the meta device with the initialisers skipped, then given real but uninitialised
+    storage on `device`. Buffers that the checkpoint does not carry (position tables, masks)
+    are recomputed by the module's `init_buffers()` where it has one.
     """
     with torch.device("meta"), _SkipRandomInitOnMeta():
         module = factory()

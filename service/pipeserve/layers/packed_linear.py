@@ -101,16 +101,20 @@ def pack_linears(model: nn.Module, share_tied: bool = False) -> int:
     machine) and the embedding reads the strided rows as before."""
     count = 0
     tied = embedding_weights(model) if share_tied else set()
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            found = _dense_weight(child)
-            if found is None or not supported(found[0]):
-                continue
-            if type(child) is nn.Linear and id(child.weight) in tied:
-                store_column_major(child.weight)
-                continue
-            # The dense weight goes with `child` unless an embedding shares it.
-            setattr(parent, name, PackedLinear(*found))
-            count += 1
+    # (parent, name) slots, not the modules: a list of modules would keep every replaced layer
+    # and its dense weight alive until the end (a load peak of the whole model's linears again).
+    slots = [(parent, name) for parent in model.modules() for name, child in parent.named_children()
+             if _dense_weight(child) is not None]
+    for parent, name in slots:
+        child = getattr(parent, name)
+        found = _dense_weight(child)
+        if not supported(found[0]):
+            continue
+        if type(child) is nn.Linear and id(child.weight) in tied:
+            store_column_major(child.weight)
+            continue
+        # The dense weight goes with `child` unless an embedding shares it.
+        setattr(parent, name, PackedLinear(*found))
+        count += 1
     return count
 

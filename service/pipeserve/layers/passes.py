@@ -1,6 +1,6 @@
 """The post-load passes, one ordered list applied to every freshly loaded model from outside it:
 
-    quantize (int8 weights) -> place (device "auto": a device map) -> pack (oneDNN packed
+    half storage (float16 weights, float32 compute) -> quantize (int8 weights) -> place (device "auto": a device map) -> pack (oneDNN packed
     linears; a head left dense is stored column-major) -> verified head (greedy steps' screened
     output projection)
 
@@ -11,7 +11,8 @@ predicate and is skipped where it does not apply (the option is off, the weights
 the family has no such head). A family opts into the passes that only some families take
 through its `post_load` attribute ("int8", "device_map", "column_major_head"; models/causal_lm.py;
 "share_tied_head": the tied head keeps the embedding's one weight, column-major, instead of a
-packed copy; models/whisper.py);
+packed copy; "exact_head": greedy steps take the exact projection, no screening copy;
+models/whisper.py);
 the pipeline that owns a model says where its verified head goes (VerifiedHeadSite), because
 only it knows which rows are timestamps.
 """
@@ -25,6 +26,7 @@ from torch import nn
 
 from . import verified_head as verified
 from .device_map import dispatch
+from .half_storage import keep_half_storage
 from .head_layout import column_major_head, column_major_head_applies
 from .packed_linear import pack_linears, packable
 from .quantization import quantize_int8
@@ -90,7 +92,7 @@ def _pack(model: nn.Module, context: PostLoad) -> None:
 
 def _verified_head_applies(model: nn.Module, context: PostLoad) -> bool:
     site = context.verified_head
-    if site is None or not verified.enabled(site.weight, context.options):
+    if site is None or accepts(model, "exact_head") or not verified.enabled(site.weight, context.options):
         return False
     return site.exact_from is None or 0 < site.exact_from < site.weight.shape[0]
 
@@ -100,12 +102,20 @@ def _install_verified_head(model: nn.Module, context: PostLoad) -> None:
     setattr(site.owner, site.attribute, verified.VerifiedHead(site.weight, site.exact_from))
 
 
+def _half_storage_applies(model: nn.Module, context: PostLoad) -> bool:
+    # checkpoints/loader.storage_dtype allowed only float16 storage under a float32 model.
+    options = context.options
+    return (getattr(options, "weights_dtype", "") or options.dtype) != options.dtype and any(
+        p.dtype == torch.float16 for p in model.parameters())
+
+
+HALF_STORAGE = Pass("half_storage", _half_storage_applies, lambda model, c: keep_half_storage(model))
 QUANTIZE = Pass("quantize", lambda model, c: c.options.load_in_8bit and accepts(model, "int8"), _quantize)
 PLACE = Pass("place", lambda model, c: c.options.device == "auto", _place)
 PACK = Pass("pack", _pack_applies, _pack)
 VERIFIED_HEAD = Pass("verified_head", _verified_head_applies, _install_verified_head)
 
-POST_LOAD_PASSES: tuple[Pass, ...] = (QUANTIZE, PLACE, PACK, VERIFIED_HEAD)
+POST_LOAD_PASSES: tuple[Pass, ...] = (HALF_STORAGE, QUANTIZE, PLACE, PACK, VERIFIED_HEAD)
 
 
 def apply_post_load_passes(model: nn.Module, context: PostLoad,

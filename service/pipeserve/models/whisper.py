@@ -312,8 +312,10 @@ class WhisperForConditionalGeneration(nn.Module):
     """modeling_whisper.WhisperForConditionalGeneration; `proj_out` is the tied embedding."""
 
     # layers/passes.py: the tied head keeps the embedding's one float32 weight (column-major)
-    # instead of a packed copy; greedy steps read the verified head's screening copy.
-    post_load = frozenset({"share_tied_head"})
+    # instead of a packed copy, and greedy steps read it too ("exact_head"): the verified head's
+    # bfloat16 screening copy (39 MiB for tiny.en) did not pay for itself in a whole
+    # transcription (CPU time per 5 s clip 0.95-0.98x without it; bench/asr/bench_memory_tradeoffs.py).
+    post_load = frozenset({"share_tied_head", "exact_head"})
 
     def __init__(self, c: WhisperConfig):
         super().__init__()
@@ -361,4 +363,4 @@ def _recipe(checkpoint: Checkpoint) -> ModuleRecipe:
     return ModuleRecipe(lambda: WhisperForConditionalGeneration(config), rename=_rename,
                         ignore_missing=["model.encoder.embed_positions.weight"],
                         tied={"model.decoder.proj_out.weight": "model.decoder.embed_tokens.weight"},
-                        finish=_fuse_self_attention)
+                        finish=_fuse_self_attention, half_storage=True)

@@ -26,6 +26,10 @@ class LoadOptions:
 
     device: str = "cpu"
     dtype: str = "float32"
+    # How the weights are stored when that differs from `dtype`: "float16" keeps a float32
+    # model's linear and embedding weights in float16, widened per product (layers/
+    # half_storage.py; families whose recipe allows it); "" = as `dtype`.
+    weights_dtype: str = ""
     # int8 weights (layers/quantization.py); None: the source's default (loading.with_source_defaults).
     load_in_8bit: bool | None = None
     allow_pickle: bool = False

@@ -43,7 +43,7 @@ from ..errors import (InvalidParameter, MemoryBudgetExceeded, ModelLoadFailed, M
 from ..pipelines.base import LoadOptions, Pipeline
 from ..scheduling import compute
 from ..tasks import Task
-from .heap import release_free_heap
+from .heap import limit_heap_slack, release_free_heap
 from .loading import load_pipeline, model_type_of, task_of, with_source_defaults
 
 log = logging.getLogger("pipeserve.manager")
@@ -133,6 +133,9 @@ class ModelManager:
                  on_change: Callable[[], None] = lambda: None, workers: int = 4):
         _check_settings(settings)
         self.settings = settings
+        # Activations' pages go back as they are freed (runtime/heap.py): process-wide, set once
+        # by the server's manager before any model loads.
+        limit_heap_slack(settings.heap_mmap_threshold_bytes)
         self._loader = loader
         self._on_change = on_change
         self._models: dict[str, ModelEntry] = {}
@@ -187,6 +190,7 @@ class ModelManager:
             "device": spec.device or self.settings.device,
             "dtype": spec.dtype or self.settings.dtype,
             "load_in_8bit": spec.load_in_8bit,
+            "weights_dtype": spec.weights_dtype or "",
             "allow_pickle": self.settings.allow_pickle,
             "defaults": dict(spec.options),
             "max_image_pixels": self.settings.max_image_pixels,

@@ -32,6 +32,7 @@ from prometheus_client.process_collector import ProcessCollector
 
 from ..bounds import metric_label
 from ..errors import PipeserveError
+from ..runtime.heap import heap_usage
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..api.common import App
@@ -221,6 +222,12 @@ class _AppCollector:
         state = GaugeMetricFamily("pipeserve_model_state", "1 for the state each known model is in.",
                                   labels=["model", "state"])
         busy = GaugeMetricFamily("pipeserve_model_in_flight", "Calls currently using each model.", labels=["model"])
+        heap = GaugeMetricFamily("pipeserve_heap_bytes",
+                                 "The process's C heap (glibc): bytes in use, and bytes freed but held "
+                                 "(allocator slack; not all of it resident), beside the models' own kinds.",
+                                 labels=["state"])
+        for state_name, n in (heap_usage() or {}).items():
+            heap.add_metric([state_name], n)
         if app is not None:
             for model, waiting in queue_depth_by_model(app).items():
                 depth.add_metric([metric_label(model)], waiting)
@@ -234,4 +241,4 @@ class _AppCollector:
                     memory.add_metric([name, kind], n)
                 state.add_metric([name, entry.state.value], 1)
                 busy.add_metric([name], entry.in_flight)
-        yield from (depth, resident, memory, state, busy)
+        yield from (depth, resident, memory, state, busy, heap)
