@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from . import verified_head as verified
+from .int8_head import Int8ScreenedHead, int8_screen_available
 from .device_map import dispatch
 from .head_layout import column_major_head, column_major_head_applies
 from .packed_linear import pack_linears, packable
@@ -40,6 +41,9 @@ class VerifiedHeadSite:
     attribute: str
     weight: torch.Tensor
     exact_from: int | None = None
+    # "bfloat16" (VerifiedHead: argmax, log-softmax, timestamp rows) or "int8" (Int8ScreenedHead:
+    # the argmax only, a quarter of float32's bytes; layers/int8_head.py)
+    screen: str = "bfloat16"
 
 
 @dataclass(frozen=True)
@@ -90,6 +94,9 @@ def _pack(model: nn.Module, context: PostLoad) -> None:
 
 def _verified_head_applies(model: nn.Module, context: PostLoad) -> bool:
     site = context.verified_head
+    if site is not None and site.screen == "int8":
+        # int8 weights elsewhere (load_in_8bit) leave the float32 embedding this screen rescores with
+        return context.options.packed_linear and int8_screen_available(site.weight) and site.exact_from is None
     if site is None or not verified.enabled(site.weight, context.options):
         return False
     return site.exact_from is None or 0 < site.exact_from < site.weight.shape[0]
@@ -97,7 +104,9 @@ def _verified_head_applies(model: nn.Module, context: PostLoad) -> bool:
 
 def _install_verified_head(model: nn.Module, context: PostLoad) -> None:
     site = context.verified_head
-    setattr(site.owner, site.attribute, verified.VerifiedHead(site.weight, site.exact_from))
+    head = (Int8ScreenedHead(site.weight) if site.screen == "int8"
+            else verified.VerifiedHead(site.weight, site.exact_from))
+    setattr(site.owner, site.attribute, head)
 
 
 QUANTIZE = Pass("quantize", lambda model, c: c.options.load_in_8bit and accepts(model, "int8"), _quantize)
