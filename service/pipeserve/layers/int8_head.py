@@ -71,7 +71,8 @@ class Int8ScreenedHead(nn.Module):
     memory_kind = "screening"
     PROBE_EVERY = 32
 
-    def __init__(self, weight: torch.Tensor, margin: float = 0.0, max_rescored: int | None = None):
+    def __init__(self, weight: torch.Tensor, margin: float = 0.0, max_rescored: int | None = None,
+                 quantized: tuple[torch.Tensor, torch.Tensor] | None = None):
         super().__init__()
         weight = weight.detach()
         self.weight, self.margin = weight, margin
@@ -79,7 +80,9 @@ class Int8ScreenedHead(nn.Module):
         # of the vocabulary the float32 projection is as cheap.
         self.max_rescored = max_rescored if max_rescored is not None else max(1, weight.shape[0] // 16)
         self._calls, self._fallback_rate = 0, 0.0
-        q, scale = quantize_per_channel(weight)
+        # `quantized`: (int8 [V, D], bfloat16 scales [V]) of this weight made elsewhere (a
+        # weight-only int8 lm_head, layers/weight_only.py), shared instead of made again
+        q, scale = quantized if quantized is not None else quantize_per_channel(weight)
         scale = scale.to(torch.bfloat16)  # the kernel takes scales in the activation's dtype
         rounding, largest = _rounding_norms(weight, q, scale)
         self.register_buffer("q", q, persistent=False)

@@ -29,6 +29,7 @@ from .device_map import dispatch
 from .head_layout import column_major_head, column_major_head_applies
 from .packed_linear import pack_linears, packable
 from .quantization import quantize_int8
+from .weight_only import available as weight_only_available, quantize_weight_only
 
 
 @dataclass(frozen=True)
@@ -69,8 +70,16 @@ def accepts(model: nn.Module, what: str) -> bool:
 def _quantize(model: nn.Module, context: PostLoad) -> None:
     # A tied lm_head gets its own int8 copy: decoding reads it every step, the embedding only
     # gathers rows, so the copy buys bandwidth for little memory.
-    quantize_int8(model)
+    if accepts(model, "weight_only_int8") and _weight_only_applies(model):
+        quantize_weight_only(model)  # bfloat16 activations (layers/weight_only.py)
+    else:
+        quantize_int8(model)
     model.eval()  # the new Int8Linear modules too
+
+
+def _weight_only_applies(model: nn.Module) -> bool:
+    weight = next((m.weight for m in model.modules() if isinstance(m, nn.Linear)), None)
+    return weight is not None and weight_only_available(weight)
 
 
 def _place(model: nn.Module, context: PostLoad) -> None:
@@ -104,8 +113,12 @@ def _verified_head_applies(model: nn.Module, context: PostLoad) -> bool:
 
 def _install_verified_head(model: nn.Module, context: PostLoad) -> None:
     site = context.verified_head
-    head = (Int8ScreenedHead(site.weight) if site.screen == "int8"
-            else verified.VerifiedHead(site.weight, site.exact_from))
+    if site.screen == "int8":
+        # a weight-only int8 head (load_in_8bit) is the screen's int8 form already: shared, not copied
+        form = getattr(getattr(model, "lm_head", None), "int8_form", None)
+        head = Int8ScreenedHead(site.weight, quantized=form() if form is not None else None)
+    else:
+        head = verified.VerifiedHead(site.weight, site.exact_from)
     setattr(site.owner, site.attribute, head)
 
 
