@@ -14,7 +14,7 @@ pytestmark = pytest.mark.skipif(not weight_only.available(torch.ones(1, 1)),
 
 
 @pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("shape", [(1, 1, 96), (2, 7, 96), (5, 96)])
+@pytest.mark.parametrize("shape", [(1, 1, 96), (2, 7, 96), (5, 96), (33, 96)])  # 14 and 33 rows: the widened GEMM
 def test_matches_the_float_linear_within_the_rounding_bound(bias, shape):
     torch.manual_seed(0)
     linear = nn.Linear(96, 200, bias=bias)
