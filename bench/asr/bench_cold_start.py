@@ -33,7 +33,6 @@ import argparse
 import json
 import os
 import re
-import socket
 import statistics
 import subprocess
 import sys
@@ -42,6 +41,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "bench"))
+
+from bench_server import free_port, process_memory  # noqa: E402
+
+MiB = 1 << 20
 FASTER_WHISPER_DEPS = Path.home() / ".cache" / "pipeserve-bench" / "faster-whisper-1.2.1"
 SENTENCE = "The quick brown fox jumps over the lazy dog. Speech recognition should start quickly."
 
@@ -56,12 +60,9 @@ def make_clip(work: Path) -> Path:
 
 
 def proc_status(pid: int) -> dict[str, float]:
-    fields = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
-            fields[key] = int(value.split()[0]) / 1024  # MiB
-    return fields
+    """VmRSS and VmHWM in MiB."""
+    memory = process_memory(pid)
+    return {"VmRSS": memory["rss_bytes"] / MiB, "VmHWM": memory["peak_bytes"] / MiB}
 
 
 def cpu_seconds(pid: int) -> float:
@@ -82,12 +83,6 @@ def timeline(log: str) -> dict[str, float]:
         stages[f"{stage.replace(' ', '_')}_s"] = float(at)
         stages[f"{stage.replace(' ', '_')}_cpu_s"] = float(cpu)
     return stages
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_pipeserve(clip: Path, calls: int, extra: list[str], tree: Path | None = None,

@@ -30,7 +30,6 @@ Results: results.json and results.md in --out (default bench/generation/results)
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import sys
 import tempfile
@@ -47,6 +46,7 @@ apply_openmp_defaults()  # the server's OpenMP settings, before torch loads (bot
 import torch  # noqa: E402
 
 from bench_env import environment, environment_markdown, print_environment  # noqa: E402
+from streams import first_difference, grpc_crowd  # noqa: E402
 
 # GPT-2 small: 12 layers, 768 wide, 12 heads, 50257-token vocabulary, 1024 positions.
 GPT2_SMALL = dict(n_embd=768, n_layer=12, n_head=12, n_positions=1024, vocab_size=50257)
@@ -253,37 +253,6 @@ def interleaved_batches(runners: dict, prompts: list[list[int]], new_tokens: int
                    "every_round_tokens_per_s": every[name]} for name, total in best.items()}, tokens
 
 
-def grpc_crowd(address: str, model: str, prompt_texts: list[str], new_tokens: int) -> tuple[float, list]:
-    """Runs in a separate client process: one concurrent GenerateStream call per prompt."""
-    import grpc
-
-    sys.path[:0] = [str(ROOT / "service")]
-    from pipeserve.v1 import text_generation_pb2 as pb, text_generation_pb2_grpc
-
-    options = pb.GenerationOptions(max_new_tokens=new_tokens, min_new_tokens=new_tokens)
-
-    async def one(stub, text):
-        start = time.perf_counter()
-        first = None
-        ids = []
-        async for message in stub.GenerateStream(pb.GenerateStreamRequest(
-                model=model, prompt=text, options=options), timeout=3600):
-            if message.WhichOneof("event") == "token":
-                ids.append(message.token.id)
-                if first is None:
-                    first = time.perf_counter() - start
-        return ids, first
-
-    async def crowd():
-        async with grpc.aio.insecure_channel(address) as channel:
-            stub = text_generation_pb2_grpc.TextGenerationServiceStub(channel)
-            start = time.perf_counter()
-            results = await asyncio.gather(*(one(stub, text) for text in prompt_texts))
-            return time.perf_counter() - start, results
-
-    return asyncio.run(crowd())
-
-
 def ours_concurrent_grpc(directory: Path, prompt_texts: list[str], new_tokens: int, repeats: int,
                          device: str) -> tuple[dict, list[list[int]]]:
     """The server in this process (the model loaded through ModelService.LoadModel), the clients
@@ -301,21 +270,17 @@ def ours_concurrent_grpc(directory: Path, prompt_texts: list[str], new_tokens: i
             pool.apply(grpc_crowd, (server.address, str(directory), prompt_texts[:2], 4))  # warm-up
             for _ in range(repeats):
                 wall, results = pool.apply(grpc_crowd, (server.address, str(directory), prompt_texts, new_tokens))
-                assert all(len(ids) == new_tokens for ids, _ in results)
+                assert all(len(stream["ids"]) == new_tokens for stream in results)
                 every.append(round(produced / wall, 1))
                 if wall < best:
-                    best, tokens = wall, [ids for ids, _ in results]
-                    mean_ttft = sum(f for _, f in results) / len(results)
+                    best, tokens = wall, [stream["ids"] for stream in results]
+                    mean_ttft = sum(stream["ttft_s"] for stream in results) / len(results)
         pipe = server.manager.get(str(directory)).pipeline
         return {"streams": len(prompt_texts), "aggregate_tokens_per_s": produced / best,
                 "every_round_tokens_per_s": every, "mean_ttft_ms": 1000 * mean_ttft,
                 "max_batch": max(pipe.engine.batch_sizes)}, tokens
     finally:
         server.stop()
-
-
-def first_difference(a: list[int], b: list[int]) -> int | None:
-    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None if len(a) == len(b) else min(len(a), len(b)))
 
 
 def main() -> None:

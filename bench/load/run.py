@@ -29,7 +29,6 @@ import json
 import os
 import platform
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -39,7 +38,10 @@ import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path[:0] = [str(ROOT / "service"), str(ROOT / "tests")]
+sys.path[:0] = [str(ROOT / "service"), str(ROOT / "tests"), str(ROOT / "bench")]
+
+import bench_server  # noqa: E402
+from bench_server import free_port, process_memory, wait_serving  # noqa: E402
 
 LOOPBACK = "127.0.0.1"
 TASKS = ("image-classification", "text-generation", "text-classification", "speech-recognition",
@@ -129,50 +131,13 @@ def request_makers(max_new_tokens: int):
 
 
 # ---- the server -----------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((LOOPBACK, 0))
-        return s.getsockname()[1]
-
-
-def rss_bytes(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
 def start_server(models: dict[str, str], extra: list[str], log_path: Path) -> tuple[subprocess.Popen, int, int]:
-    port, metrics_port = free_port(), free_port()
-    args = [sys.executable, "-m", "pipeserve.server", "--listen", f"{LOOPBACK}:{port}",
-            "--metrics-listen", f"{LOOPBACK}:{metrics_port}", "--embedded-defaults", "false", *extra]
+    metrics_port = free_port()
+    args = ["--metrics-listen", f"{LOOPBACK}:{metrics_port}", "--embedded-defaults", "false", *extra]
     for task, path in models.items():
         args += ["--preload", f"{task}={path}"]
-    env = dict(os.environ, HF_HUB_OFFLINE="1",
-               PYTHONPATH=os.pathsep.join([str(ROOT / "service"), os.environ.get("PYTHONPATH", "")]))
-    process = subprocess.Popen(args, env=env, stdout=open(log_path, "w"), stderr=subprocess.STDOUT)
+    process, port = bench_server.start_server(args, log_path)
     return process, port, metrics_port
-
-
-def wait_serving(port: int, services: list[str], process: subprocess.Popen, timeout: float = 300) -> None:
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    deadline = time.time() + timeout
-    with grpc.insecure_channel(f"{LOOPBACK}:{port}") as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        for service in services:
-            while True:
-                if process.poll() is not None:
-                    raise SystemExit(f"server exited with {process.returncode}")
-                try:
-                    if stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=2).status == 1:
-                        break
-                except grpc.RpcError:
-                    pass
-                if time.time() > deadline:
-                    raise SystemExit(f"{service} did not become SERVING")
-                time.sleep(0.2)
 
 
 def batch_sizes(metrics_port: int) -> dict[str, float]:
@@ -364,11 +329,11 @@ def main(argv: list[str] | None = None) -> dict:
             warm_s = max(1.0, args.warmup_calls * len(tasks) * 0.05)
             asyncio.run(run_load(port, tasks, args.clients, warm_s, args.max_new_tokens, args.timeout))
             time.sleep(1.0)
-            baseline = rss_bytes(process.pid)
+            baseline = process_memory(process.pid)["rss_bytes"]
             raw = asyncio.run(run_load(port, tasks, args.clients, args.duration, args.max_new_tokens, args.timeout))
-            end_of_load = rss_bytes(process.pid)
+            end_of_load = process_memory(process.pid)["rss_bytes"]
             time.sleep(args.settle)
-            settled = rss_bytes(process.pid)
+            settled = process_memory(process.pid)["rss_bytes"]
             mean_batch = batch_sizes(metrics_port)
         finally:
             process.send_signal(signal.SIGTERM)
