@@ -35,6 +35,19 @@ def process_memory(pid: int | str = "self") -> dict[str, int]:
     return {"rss_bytes": fields.get("VmRSS", 0), "peak_bytes": fields.get("VmHWM", 0)}
 
 
+def process_memory_mib(pid: int | str = "self") -> dict[str, float]:
+    """VmRSS and VmHWM (peak) in MiB, keyed as /proc names them."""
+    memory = process_memory(pid)
+    return {"VmRSS": memory["rss_bytes"] / (1 << 20), "VmHWM": memory["peak_bytes"] / (1 << 20)}
+
+
+def cpu_seconds(pid: int | str = "self") -> float:
+    """User + system CPU time a process has used so far (all its threads), in seconds. Unlike
+    wall time, other processes' load on a shared machine hardly changes it."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
 def start_server(args: list[str], log_path: Path, env: dict[str, str] | None = None) -> tuple[subprocess.Popen, int]:
     """`python -m pipeserve.server --listen <free port> *args`, this checkout's service/ first on
     the path, HF_HUB_OFFLINE; output to `log_path`. Returns the process and its port."""

@@ -43,7 +43,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench_server import free_port, process_memory  # noqa: E402
+from bench_server import cpu_seconds, free_port, process_memory_mib as proc_status  # noqa: E402
 
 MiB = 1 << 20
 FASTER_WHISPER_DEPS = Path.home() / ".cache" / "pipeserve-bench" / "faster-whisper-1.2.1"
@@ -57,18 +57,6 @@ def make_clip(work: Path) -> Path:
     out = work / "clip16.wav"
     subprocess.run(["sox", str(wav), "-r", "16000", "-c", "1", str(out)], check=True)
     return out
-
-
-def proc_status(pid: int) -> dict[str, float]:
-    """VmRSS and VmHWM in MiB."""
-    memory = process_memory(pid)
-    return {"VmRSS": memory["rss_bytes"] / MiB, "VmHWM": memory["peak_bytes"] / MiB}
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process so far (/proc/<pid>/stat, fields 14 and 15)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 TIMELINE = re.compile(r"startup_timeline: (listening|runtime imported|default models done|services bound)"

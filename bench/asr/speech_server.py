@@ -6,38 +6,22 @@ transcript (the server answers UNAVAILABLE while it starts), and a process's mem
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+# Re-exported for the ASR benches: one copy of each in bench/bench_server.py.
+from bench_server import cpu_seconds, free_port, process_memory_mib as proc_status  # noqa: E402
+
+__all__ = ["SPEECH_ONLY_ARGS", "call_when_ready", "cpu_seconds", "free_port", "proc_status", "start_server",
+           "stop_server"]
+
 # The speech-only server of issue #16: nothing but the embedded Whisper tiny.en preloaded.
 SPEECH_ONLY_ARGS = ("--embedded-defaults", "false",
                     "--preload", "automatic-speech-recognition=embedded/whisper-tiny.en")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def proc_status(pid: int) -> dict[str, float]:
-    """VmRSS and VmHWM (peak) of a process, in MiB."""
-    fields = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
-            fields[key] = int(value.split()[0]) / 1024
-    return fields
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time a process has used so far (all its threads), in seconds. Unlike
-    wall time, other processes' load on a shared machine hardly changes it."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
 
 
 def start_server(port: int, extra: list[str] | tuple[str, ...] = SPEECH_ONLY_ARGS) -> subprocess.Popen:
