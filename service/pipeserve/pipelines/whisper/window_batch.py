@@ -126,10 +126,10 @@ class WindowBatch:
                 continue
             try:
                 score(h, group)
-            except Exception as exc:
+            except Exception as exc:  # the shared projection failed: the group's callers hear of it
                 for w, _ in group:
                     w.fail(exc)
-                self.windows = [w for w in self.windows if not w.future.done()]
+        self.windows = [w for w in live if not w.future.done()]
 
     @staticmethod
     def _rows_of(h: torch.Tensor, group: list[tuple[ActiveWindow, tuple[int, int]]]):
@@ -144,24 +144,40 @@ class WindowBatch:
         return torch.cat([h[a:b] for _, (a, b) in group]), local
 
     def _score_screened(self, h: torch.Tensor, group) -> None:
-        """Greedy windows: the verified head over all their rows, each window's masks on its rows."""
+        """Greedy windows: the verified head over all their rows, each window's masks on its
+        rows; a window whose filters fail leaves (its caller gets the error)."""
         rows, local = self._rows_of(h, group)
         windows = [w for w, _ in group]
+        failed: dict[int, Exception] = {}
 
         def mask(x: torch.Tensor) -> None:
-            for w, (a, b) in zip(windows, local):
-                w.filters.mask(x[a:b], w.decoder.sequences)
+            for i, (w, (a, b)) in enumerate(zip(windows, local)):
+                if i not in failed:
+                    try:
+                        w.filters.mask(x[a:b], w.decoder.sequences)
+                    except Exception as exc:
+                        failed[i] = exc
 
         scores = self.model_decoder.verified_head.scores(rows, mask, lambda x: project(self.model_decoder, x))
-        for w, (a, b) in zip(windows, local):
-            w.scores = w.filters.read(scores[a:b], w.decoder.sequences)
+        for i, (w, (a, b)) in enumerate(zip(windows, local)):
+            self._set_scores(w, lambda: w.filters.read(scores[a:b], w.decoder.sequences), failed.get(i))
 
     def _score_exact(self, h: torch.Tensor, group) -> None:
         """Sampling and beam-search windows: the float32 projection, each window's filters."""
         rows, local = self._rows_of(h, group)
         logits = project(self.model_decoder, rows)
         for (w, _), (a, b) in zip(group, local):
-            w.scores = w.filters(w.decoder.scores(logits[a:b]), w.decoder.sequences)
+            self._set_scores(w, lambda: w.filters(w.decoder.scores(logits[a:b]), w.decoder.sequences), None)
+
+    @staticmethod
+    def _set_scores(w: ActiveWindow, scores: Callable[[], torch.Tensor], failed: Exception | None) -> None:
+        if failed is None:
+            try:
+                w.scores = scores()
+                return
+            except Exception as exc:
+                failed = exc
+        w.fail(failed)
 
     def fail_all(self, exc: BaseException) -> None:
         for w in self.windows:
