@@ -50,15 +50,23 @@ def _window(pipe, encoder_out, row: int, *, timestamps: bool, rows: int = 1, sho
 
 
 def _alone(pipe, window):
+    """decode_window (the inline path) on the compute lane when there is one, where the
+    scheduler's steps run too (same thread count, same kernels)."""
     from pipeserve.pipelines.whisper.decoding import decode_window
+    from pipeserve.scheduling import compute
 
-    with torch.inference_mode():
-        return decode_window(pipe.model, window.encoder_out, window.prompt, window.sot_index, window.settings,
-                             window.filters, window.decoder, window.should_stop)
+    return compute.call(decode_window, pipe.model, window.encoder_out, window.prompt, window.sot_index,
+                        window.settings, window.filters, window.decoder, window.should_stop)
 
 
 def _run(batch, joins: dict[int, list]) -> int:
     """Steps the batch until it is empty; joins[k]: windows that join before step k. -> steps."""
+    from pipeserve.scheduling import compute
+
+    return compute.call(_steps, batch, joins)
+
+
+def _steps(batch, joins: dict[int, list]) -> int:
     steps = 0
     with torch.inference_mode():
         while True:
@@ -148,8 +156,12 @@ def test_closing_the_scheduler_refuses_with_draining_and_later_calls_run_inline(
     from pipeserve.pipelines.whisper.batch_scheduler import BatchScheduler
     from pipeserve.pipelines.whisper.decoding import InlineRunner
 
+    from pipeserve.scheduling import compute
+
+    compute.install()  # batching needs the lane (process-wide, as every in-process server test leaves it)
     scheduler = BatchScheduler(pipe.model, 4)
     session = scheduler.session()
+    assert not isinstance(session, InlineRunner)
     w = _window(pipe, encoder_out, 0, timestamps=True)
     with torch.inference_mode():
         out = session.decode(pipe.model, w.encoder_out, w.prompt, 0, w.settings, w.filters, w.decoder, None)
@@ -166,6 +178,7 @@ def test_a_caller_on_the_compute_lane_decodes_inline(pipe, encoder_out, monkeypa
     from pipeserve.pipelines.whisper.batch_scheduler import BatchScheduler
 
     scheduler = BatchScheduler(pipe.model, 4)
+    monkeypatch.setattr(batch_scheduler.compute, "installed", lambda: True)
     monkeypatch.setattr(batch_scheduler.compute, "on_lane", lambda: True)
     session = scheduler.session()
     w = _window(pipe, encoder_out, 1, timestamps=True)

@@ -3,8 +3,9 @@ decoding steps and encoder passes (pipelines/whisper/batch_scheduler.py, window_
 each call gets exactly what it gets alone: tokens, timestamps (segment and word), fallback
 temperatures, languages; log-probabilities within the verified head's documented tolerance.
 
-"Alone" is the inline path (InlineRunner: the code every call ran before batching); the
-batched runs start together from threads, as a server's concurrent calls do."""
+"Alone" is the inline path (InlineRunner: the code every call ran before batching) on the
+compute lane; the batched runs start together from threads, as a server's drivers do (batching
+needs the lane, which servers install: scheduling/compute.py)."""
 from __future__ import annotations
 
 import shutil
@@ -21,6 +22,13 @@ pytestmark = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espea
 # The verified head's log-softmax sums a screened tail (layers/verified_head.py: <= 5e-5 on
 # real speech); whether a step screens or falls back depends on the rows screened together.
 LOGPROB_TOL = 2e-4
+
+
+@pytest.fixture(scope="module", autouse=True)
+def lane():
+    from pipeserve.scheduling import compute
+
+    return compute.install()  # process-wide, as every in-process server test leaves it
 
 
 @pytest.fixture(scope="module")
@@ -62,11 +70,13 @@ def _assert_same(alone, batched):
 
 
 def _inline(pipe, fn):
-    """`fn()` with the pipeline's scheduler off: every call computes on its own thread."""
+    """`fn()` on the compute lane with the pipeline's scheduler off: each call alone, inline."""
+    from pipeserve.scheduling import compute
+
     saved = pipe.scheduler.max_rows
     pipe.scheduler.max_rows = 1
     try:
-        return fn()
+        return compute.call(fn)
     finally:
         pipe.scheduler.max_rows = saved
 
@@ -135,7 +145,7 @@ def test_concurrent_transcriptions_equal_each_alone(tiny_en, clips):
     assert max(t.batch_size for t in batched) > 1
     assert all(t.batch_size <= tiny_en.scheduler.max_rows for t in batched)
     # One call alone on the scheduler is the inline path exactly.
-    _assert_same(alone[2], tiny_en.transcribe([short[2]], cases[2][1])[0])
+    _assert_same(alone[2], _together([lambda: tiny_en.transcribe([short[2]], cases[2][1])[0]])[0])
 
 
 def test_chunked_and_live_calls_batch_with_the_others(tiny_en, clips):
@@ -170,6 +180,7 @@ def test_sampling_fallback_decisions_equal_alone(tiny_en, clips):
     projection) takes the same decisions and samples the same tokens as alone."""
     from pipeserve.pipelines.whisper.decoding import DecodeOptions, InlineRunner, generate
     from pipeserve.pipelines.whisper.features import log_mel_spectrogram
+    from pipeserve.scheduling import compute
 
     short, _ = clips
     pipe = tiny_en
@@ -178,13 +189,13 @@ def test_sampling_fallback_decisions_equal_alone(tiny_en, clips):
         opts = DecodeOptions(return_timestamps=True, temperatures=(0.0, 0.4, 0.8), logprob_threshold=-0.25,
                              seed=seed)
         with torch.inference_mode():
-            features = log_mel_spectrogram(audio, pipe.n_mels)
+            features = compute.call(log_mel_spectrogram, audio, pipe.n_mels)
             segs = [seg for _, window in generate(pipe.model, features[None], [features.shape[-1]], pipe.settings,
                                                   pipe.tok, opts, runner=runner or pipe.scheduler.session())
                     for seg in window]
         return [(tuple(s.tokens), s.temperature, s.start, s.end) for s in segs]
 
-    alone = [run(audio, InlineRunner(), seed) for seed, audio in enumerate(short)]
+    alone = [compute.call(run, audio, InlineRunner(), seed) for seed, audio in enumerate(short)]
     assert any(t > 0 for segs in alone for _, t, _, _ in segs), "the threshold should force a fallback"
     batched = _together([lambda a=audio, s=seed: run(a, None, s) for seed, audio in enumerate(short)])
     assert batched == alone

@@ -167,6 +167,11 @@ def submit(fn: Callable[..., T], *args: Any) -> Future:
     return future
 
 
+def installed() -> bool:
+    """A compute lane runs this process's model work (servers install one)."""
+    return _lane is not None
+
+
 def on_lane() -> bool:
     """The calling thread is a compute lane (work waiting for other lane work would deadlock)."""
     lane = _lane

@@ -19,8 +19,9 @@ window counts once); one call alone decodes exactly as with InlineRunner. A fail
 
 Threading: the scheduler's work runs as compute-lane tasks (one slice of steps each, ~20 ms),
 driven by a scheduler thread that starts with the first window and ends when idle; callers
-wait outside the lane. A caller that is itself on the lane (work waiting on a lane task from
-the lane would deadlock) computes inline instead.
+wait outside the lane, and their other model work (features, language detection, word
+timing) is lane work too. A caller that is itself on the lane (work waiting on a lane task
+from the lane would deadlock), or a process without a lane (library use), computes inline.
 """
 from __future__ import annotations
 
@@ -64,8 +65,12 @@ class BatchScheduler:
         self._closed = False
 
     def session(self) -> WindowRunner:
-        """A runner for one transcription: batched when this scheduler can batch, else inline."""
-        if self.max_rows <= 1 or self._closed:
+        """A runner for one transcription: batched when this scheduler can batch, else inline.
+        Batching needs the compute lane (servers install it): without one, a call's torch work
+        would run on two threads (its own and the scheduler's), and two OpenMP teams on the
+        same cores slow every operator (scheduling/compute.py), so each call computes alone
+        on its own thread, as a library call always did."""
+        if self.max_rows <= 1 or self._closed or not compute.installed():
             return InlineRunner()
         return _Session(self)
 
