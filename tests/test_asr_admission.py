@@ -1,6 +1,6 @@
 """Speech recognition is admitted through a bounded queue like every other task (issue 12,
 item 5): under overload, text tasks answered QUEUE_FULL at once while transcriptions queued
-without bound (59 s waits, deadline expiries). Per model, max_batch_size calls run, max_queue
+without bound (59 s waits, deadline expiries). Per model, asr_max_batch_rows calls run, max_queue
 wait, and the next one is refused at once with RESOURCE_EXHAUSTED / QUEUE_FULL."""
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ def server(tmp_path_factory):
     import whisper_checkpoints as wc
 
     directory = wc.build(tmp_path_factory.mktemp("admission") / "whisper", multilingual=False)
-    handle = make_server(max_queue=MAX_QUEUE, max_batch_size=RUNNING, hub_offline=True)
+    handle = make_server(max_queue=MAX_QUEUE, asr_max_batch_rows=RUNNING, hub_offline=True)
     info = load_model(handle, directory)
     yield handle, info.name
     handle.stop()

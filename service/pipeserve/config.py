@@ -100,6 +100,9 @@ class Settings:
     # (prompt + max_new_tokens) they may reserve in the key/value cache.
     generation_max_batch_size: int = 32
     generation_max_batch_tokens: int = 65536
+    # Speech recognition: per model, the Whisper windows of concurrent calls decoding together,
+    # and the calls running at once (more wait in max_queue).
+    asr_max_batch_rows: int = 16
     hub_offline: bool = False
     # Observability (pipeserve.serving.metrics / observability): Prometheus HTTP endpoint ("host:port";
     # empty = off), log format ("text" or "json") and level ("debug" logs every call, "info"
@@ -239,6 +242,8 @@ RULES: dict[str, Rule] = {
     "generation_max_batch_size": Rule("text-generation sequences decoding together", at_least(1)),
     "generation_max_batch_tokens": Rule("tokens (prompt + max_new_tokens) the sequences decoding together may "
                                         "reserve in the key/value cache", at_least(1)),
+    "asr_max_batch_rows": Rule("speech-recognition calls running at once per model; their Whisper windows "
+                               "decode together, at most this many per step", between(1, 256)),
     "hub_offline": Rule("never contact the Hugging Face Hub: Hub ids resolve from the local cache only"),
     "metrics_listen": Rule("Prometheus /metrics HTTP address, HOST:PORT; empty = off", address(allow_empty=True)),
     "http_listen": Rule("OpenAI-compatible HTTP/JSON address (/v1/audio/transcriptions, /v1/embeddings, "

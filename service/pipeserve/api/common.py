@@ -32,12 +32,13 @@ class App:
     batcher: "DynamicBatcher"
     extras: dict[str, Any] = field(default_factory=dict)
     # Calls that neither the batcher nor the generation engine bounds (speech recognition)
-    # are admitted here: per model, max_batch_size running and max_queue waiting.
+    # are admitted here: per model, asr_max_batch_rows running (their windows batch
+    # together) and max_queue waiting.
     admission: Admission | None = None
 
     def __post_init__(self) -> None:
         if self.admission is None:
-            self.admission = Admission(running=self.settings.max_batch_size, max_waiting=self.settings.max_queue)
+            self.admission = Admission(running=self.settings.asr_max_batch_rows, max_waiting=self.settings.max_queue)
 
     def admitted(self, entry: ModelEntry):
         """`async with app.admitted(entry) as waited_s:` holds one of the model's slots, or
@@ -100,8 +101,10 @@ async def input_bytes(app: App, *, data: bytes, uri: str, which: str, max_bytes:
 
 
 async def iterate_in_thread(make_iterator: Callable[[], Iterator[Any]], executor,
-                            max_buffered: int = 64) -> AsyncIterator[Any]:
+                            max_buffered: int = 64, on_lane: bool = True) -> AsyncIterator[Any]:
     """Runs a blocking generator on a worker thread and yields its items on the event loop.
+    With `on_lane` each step is a compute-lane task; without, the generator runs on the worker
+    itself (one whose model work is scheduled elsewhere and waits for it off the lane).
 
     When the consumer stops early (client cancelled, deadline passed), the producer sees the
     stop flag before its next item, closes the generator (its `finally` frees memory), and
@@ -124,10 +127,11 @@ async def iterate_in_thread(make_iterator: Callable[[], Iterator[Any]], executor
     def produce() -> None:
         # Each step of the generator is one compute-lane task, so concurrent calls interleave.
         iterator = None
+        run = compute.call if on_lane else (lambda fn, *args: fn(*args))
         try:
-            iterator = compute.call(make_iterator)
+            iterator = run(make_iterator)
             while not stop.is_set():
-                item = compute.call(next, iterator, done)
+                item = run(next, iterator, done)
                 if item is done:
                     break
                 put(("item", item))
@@ -136,7 +140,7 @@ async def iterate_in_thread(make_iterator: Callable[[], Iterator[Any]], executor
         finally:
             close = getattr(iterator, "close", None)
             if close:
-                compute.call(close)
+                run(close)
             put(("end", done))
 
     worker = loop.run_in_executor(executor, produce)

@@ -14,7 +14,9 @@ full) before it decodes audio or opens a live stream, which holds its slot while
 """
 from __future__ import annotations
 
+import asyncio
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ..errors import InputTooLarge, InvalidInput
@@ -73,6 +75,22 @@ def _transcription(t) -> pb.Transcription:
 class SpeechRecognitionServicer(pb_grpc.SpeechRecognitionServiceServicer):
     def __init__(self, app: App):
         self.app = app
+        # Calls of pipelines that schedule their own model work (Whisper batches concurrent
+        # calls: `schedules_compute`) run their generators here, off the compute lane, where
+        # they wait for their batch; one thread per running call, so a burst of transcriptions
+        # never takes the manager's workers (loads) or the lane.
+        self._drivers = ThreadPoolExecutor(max_workers=app.settings.asr_max_batch_rows + 4,
+                                           thread_name_prefix="pipeserve-asr")
+
+    def _off_lane(self, pipeline) -> bool:
+        return bool(getattr(pipeline, "schedules_compute", False))
+
+    async def _run(self, pipeline, fn):
+        """Blocking pipeline work of a live stream: on the lane, or on a driver thread for a
+        pipeline that schedules its own model work."""
+        if self._off_lane(pipeline):
+            return await asyncio.get_running_loop().run_in_executor(self._drivers, fn)
+        return await self.app.manager.run(fn)
 
     @property
     def max_seconds(self) -> float:
@@ -103,8 +121,10 @@ class SpeechRecognitionServicer(pb_grpc.SpeechRecognitionServiceServicer):
         stop = threading.Event()
         pipeline: SpeechRecognitionPipeline = entry.pipeline
         try:
+            off_lane = self._off_lane(pipeline)
             async for item in iterate_in_thread(lambda: pipeline.transcribe_stream(waveform, options, stop.is_set),
-                                                self.app.manager.executor):
+                                                self._drivers if off_lane else self.app.manager.executor,
+                                                on_lane=not off_lane):
                 yield item
         finally:
             stop.set()
@@ -166,8 +186,10 @@ class SpeechRecognitionServicer(pb_grpc.SpeechRecognitionServiceServicer):
         # A live stream holds its model's admission slot while open: its state and its
         # compute are those of a running call.
         async with self.app.manager.use(config.model, TASK) as entry, self.app.admitted(entry):
-            run = self.app.manager.run
             pipeline: SpeechRecognitionPipeline = entry.pipeline
+
+            def run(fn):
+                return self._run(pipeline, fn)
             options = pipeline.options(fields)
             live = await run(lambda: pipeline.open_stream(options))
             stop = threading.Event()

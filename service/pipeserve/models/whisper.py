@@ -61,6 +61,19 @@ def sinusoids(length: int, channels: int, max_timescale: float = 10000.0) -> tor
     return torch.cat([scaled_time.sin(), scaled_time.cos()], dim=1)
 
 
+def one_row_as_two(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """`fn(x)` for a linear map over the rows of x [..., features], computed on two rows when x
+    holds one. oneDNN's packed kernels read a row the same way for any number of rows from
+    two up (measured to 32 on the build machine), but take another summation order for a
+    single row (Whisper tiny's fc2, 1536 inputs: 1.4e-6 apart): so a decoding step's rows
+    give the same numbers whether a window decodes alone or batched with others
+    (pipelines/whisper/batch_scheduler.py). A second row costs nothing in a memory-bound
+    product."""
+    if x.shape[:-1].numel() != 1:
+        return fn(x)
+    return fn(torch.cat([x, x]))[:1]
+
+
 class KVCache:
     """Preallocated self-attention keys/values of every decoder layer: [batch, heads, max_len, head_dim].
     Cross-attention keys/values are computed once per audio window (`cross`)."""
@@ -111,14 +124,14 @@ class WhisperAttention(nn.Module):
 
     def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if not hasattr(self, "qkv_proj"):
-            return self.split(self.q_proj(x)), *self.kv(x)
-        q, k, v = self.qkv_proj(x).chunk(3, dim=-1)
+            return self.split(one_row_as_two(self.q_proj, x)), *self.kv(x)
+        q, k, v = one_row_as_two(self.qkv_proj, x).chunk(3, dim=-1)
         return self.split(q), self.split(k), self.split(v)
 
     def forward(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal_offset: int | None = None,
                 q: torch.Tensor | None = None) -> torch.Tensor:
         if q is None:
-            q = self.split(self.q_proj(x))
+            q = self.split(one_row_as_two(self.q_proj, x))
         mask = None
         if causal_offset is not None and q.shape[2] > 1:
             # query i (absolute position offset+i) sees keys 0..offset+i.
@@ -126,7 +139,7 @@ class WhisperAttention(nn.Module):
             mask = torch.arange(k.shape[2], device=x.device)[None, :] <= qpos
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         out = out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1)
-        return self.out_proj(out)
+        return one_row_as_two(self.out_proj, out)
 
     def attend_encoder(self, x: torch.Tensor, keys_t: torch.Tensor, values: torch.Tensor, *,
                        return_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -136,11 +149,11 @@ class WhisperAttention(nn.Module):
         memory stream them faster than attention over the head-split views of the projections
         (measured per layer and step, cache cold: 194 us for SDPA on views, 140 us on
         contiguous copies, 117 us here). -> (output, the weights [B, H, T, frames] when asked)."""
-        q = self.split(self.q_proj(x)) * self.head_dim ** -0.5
+        q = self.split(one_row_as_two(self.q_proj, x)) * self.head_dim ** -0.5
         scores = q @ keys_t
         w = scores.softmax(-1) if scores.dtype == torch.float32 else scores.float().softmax(-1).to(scores.dtype)
         out = (w @ values).transpose(1, 2).reshape(x.shape[0], x.shape[1], -1)
-        return self.out_proj(out), (w if return_weights else None)
+        return one_row_as_two(self.out_proj, out), (w if return_weights else None)
 
 
 class WhisperEncoderLayer(nn.Module):
@@ -205,6 +218,9 @@ class WhisperDecoderLayer(nn.Module):
         self.final_layer_norm = nn.LayerNorm(c.d_model)
         self.act_name, self.act = c.activation_function, activation(c.activation_function)
 
+    def mlp(self, h: torch.Tensor) -> torch.Tensor:
+        return self.fc2(linear_activation(self.fc1, h, self.act_name, self.act))
+
     def forward(self, x: torch.Tensor, self_kv: tuple[torch.Tensor, torch.Tensor], start: int,
                 cross_kv: tuple[torch.Tensor, torch.Tensor], *, return_cross_weights: bool = False
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -223,8 +239,35 @@ class WhisperDecoderLayer(nn.Module):
         h, weights = self.encoder_attn.attend_encoder(self.encoder_attn_layer_norm(x), *cross_kv,
                                                       return_weights=return_cross_weights)
         x = x + h
-        x = x + self.fc2(linear_activation(self.fc1, self.final_layer_norm(x), self.act_name, self.act))
-        return x, weights
+        return x + one_row_as_two(self.mlp, self.final_layer_norm(x)), weights
+
+    def step_groups(self, x: torch.Tensor, groups: list[tuple[int, int, KVCache]], layer: int) -> torch.Tensor:
+        """One decoding step of several windows at once: x [R, 1, d_model], rows a..b of each
+        group (a, b, cache) at that cache's own position, with its own self-attention
+        keys/values (this `layer`'s) and encoder. The projections and the MLP run over all R
+        rows together (their weights are read once per step); attention runs per group, over
+        that group's own cache and encoder keys, exactly as `forward` does for one window."""
+        rows = x.shape[0]
+        h = self.self_attn_layer_norm(x)
+        q, k, v = self.self_attn.qkv(h)
+        outs = []
+        for a, b, cache in groups:
+            start = cache.length
+            keys, values = cache.k[layer], cache.v[layer]
+            keys[:, :, start:start + 1] = k[a:b]
+            values[:, :, start:start + 1] = v[a:b]
+            outs.append(F.scaled_dot_product_attention(q[a:b], keys[:, :, :start + 1], values[:, :, :start + 1]))
+        x = x + one_row_as_two(self.self_attn.out_proj, torch.cat(outs).transpose(1, 2).reshape(rows, 1, -1))
+        cross = self.encoder_attn
+        q = cross.split(one_row_as_two(cross.q_proj, self.encoder_attn_layer_norm(x))) * cross.head_dim ** -0.5
+        outs = []
+        for a, b, cache in groups:
+            keys_t, values = cache.cross[layer]
+            scores = q[a:b] @ keys_t
+            w = scores.softmax(-1) if scores.dtype == torch.float32 else scores.float().softmax(-1).to(scores.dtype)
+            outs.append(w @ values)
+        x = x + one_row_as_two(cross.out_proj, torch.cat(outs).transpose(1, 2).reshape(rows, 1, -1))
+        return x + one_row_as_two(self.mlp, self.final_layer_norm(x))
 
 
 class WhisperDecoder(nn.Module):
@@ -275,6 +318,29 @@ class WhisperDecoder(nn.Module):
         if logits_at is not None:
             x = x[:, [p % steps for p in logits_at]]
         return self.layer_norm(x)
+
+    def hidden_step(self, tokens: torch.Tensor, caches: list[KVCache]) -> torch.Tensor:
+        """One decoding step of several windows decoding together ("ragged": each its own
+        cache, position and encoder output): tokens [R] are the next input of every row, rows
+        in the order of `caches` (cache i owns its batch-size rows) -> the final layer norm's
+        output [R, d_model]; every cache grows by one. For one cache this equals
+        `hidden(tokens[:, None], cache)[:, -1]`."""
+        groups, a = [], 0
+        for cache in caches:
+            b = a + cache.k[0].shape[0]
+            if cache.length + 1 > cache.k[0].shape[2]:
+                raise ValueError(f"decoder length {cache.length + 1} exceeds {cache.k[0].shape[2]} positions")
+            groups.append((a, b, cache))
+            a = b
+        if a != tokens.shape[0]:
+            raise ValueError(f"{tokens.shape[0]} tokens for {a} cache rows")
+        positions = torch.cat([torch.full((b - a,), cache.length, dtype=torch.long) for a, b, cache in groups])
+        x = self.embed_tokens(tokens[:, None]) * self.embed_scale + self.embed_positions.weight[positions.to(tokens.device)][:, None]
+        for i, layer in enumerate(self.layers):
+            x = layer.step_groups(x, groups, i)
+        for cache in caches:
+            cache.length += 1
+        return self.layer_norm(x)[:, -1]
 
     def cross_attentions(self, tokens: torch.Tensor, encoder_out: torch.Tensor
                          ) -> tuple[list[torch.Tensor], torch.Tensor]:

@@ -46,6 +46,8 @@ class LoadOptions:
     max_queue: int = 256
     generation_max_batch_size: int = 32
     generation_max_batch_tokens: int = 65536
+    # Whisper windows of concurrent calls decoding together (pipelines/whisper/batch_scheduler.py).
+    asr_max_batch_rows: int = 16
 
     def __post_init__(self) -> None:
         # Before anything is built: torch's own error for a device that is not there is a bare

@@ -210,6 +210,7 @@ class ModelManager:
             "max_queue": self.settings.max_queue,
             "generation_max_batch_size": self.settings.generation_max_batch_size,
             "generation_max_batch_tokens": self.settings.generation_max_batch_tokens,
+            "asr_max_batch_rows": self.settings.asr_max_batch_rows,
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return LoadOptions(**values)

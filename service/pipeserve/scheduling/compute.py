@@ -154,6 +154,33 @@ def call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     return fn(*args, **kwargs) if lane is None else lane.call(fn, *args, **kwargs)
 
 
+def submit(fn: Callable[..., T], *args: Any) -> Future:
+    """Queues model work on the lane without waiting for it (a batch scheduler keeps stepping
+    while an encoder pass runs; its steps run at the pass's yield points). Without a lane, or
+    from the lane itself, it runs here and the future is already done."""
+    lane = _lane
+    if lane is not None and not lane.on_lane():
+        return lane._submit(fn, args, {})
+    future: Future = Future()
+    future.set_running_or_notify_cancel()
+    try:
+        future.set_result(fn(*args))
+    except BaseException as exc:  # the caller reads it from the future
+        future.set_exception(exc)
+    return future
+
+
+def installed() -> bool:
+    """A compute lane runs this process's model work (servers install one)."""
+    return _lane is not None
+
+
+def on_lane() -> bool:
+    """The calling thread is a compute lane (work waiting for other lane work would deadlock)."""
+    lane = _lane
+    return lane is not None and lane.on_lane()
+
+
 async def run(fn: Callable[..., T], *args: Any, executor: Executor | None = None) -> T:
     """Awaits blocking model work: on the lane when one is installed, else on `executor`."""
     lane = _lane

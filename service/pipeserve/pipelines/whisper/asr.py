@@ -31,6 +31,7 @@ from ..base import LoadOptions, Pipeline, load_family_model
 from ..contracts import StopCheck
 from ..options import TaskOptions
 from . import options as whisper_options
+from .batch_scheduler import BatchScheduler
 from .decoding import DecodeOptions, GenerationSettings, generate, text_compression_ratio
 from .features import HOP_LENGTH, N_SAMPLES, log_mel_spectrogram
 from .options import WhisperOptions
@@ -45,6 +46,9 @@ class WhisperASRPipeline(Pipeline):
     # What this model's last live decode cost (s): a new stream's interim interval starts from
     # it, so the interval reported in its first response is already one the model can afford.
     live_decode_cost_s: float = 0.0
+    # The model work of concurrent calls is batched by its scheduler (batch_scheduler.py), so
+    # a server runs these calls' generators off the compute lane and lets them wait there.
+    schedules_compute: ClassVar[bool] = True
 
     def __init__(self, files: ModelFiles, options: LoadOptions, model, tok, settings: GenerationSettings):
         super().__init__(files, options, family="whisper",
@@ -53,6 +57,7 @@ class WhisperASRPipeline(Pipeline):
         self.modules_.append(model)
         self.n_mels = model.config.num_mel_bins
         self.max_audio_s = float(options.max_audio_seconds)
+        self.scheduler = BatchScheduler(model, options.asr_max_batch_rows)
         self.settle_defaults()
 
     @classmethod
@@ -117,6 +122,10 @@ class WhisperASRPipeline(Pipeline):
     def open_stream(self, options: WhisperOptions | Mapping[str, Any] | None) -> "WhisperLiveStream":
         return WhisperLiveStream(self, self.call_options(options))
 
+    def close(self) -> None:
+        self.scheduler.close()
+        super().close()
+
 
 # The last timestamp token: <|30.00|>, the end of a window.
 _LAST_TIMESTAMP = 1500
@@ -154,6 +163,7 @@ class _Run:
         self._consumed = 0  # chunks of the replayed merger already turned into segments
         self._last_end_s = offset_s  # where the last final segment ended (or started)
         self.batch_size = 1  # the most windows decoded together
+        self.runner = pipe.scheduler.session()  # where the model work runs (batched with other calls)
 
     def _on_language(self, found: list[int | None], probs: torch.Tensor | None) -> None:
         if found and found[0] is not None and not self.language:
@@ -202,14 +212,16 @@ class _Run:
         n = waveform.shape[0]
         # The pipeline pads <= 30 s inputs to one window; longer ones keep their length, and the
         # log-mel clamp then spans the whole input (feature extractor with padding="longest").
-        features = log_mel_spectrogram(waveform.to(pipe.device), pipe.n_mels, pad_to=N_SAMPLES if n <= N_SAMPLES else None)
+        features = self.runner.call(log_mel_spectrogram, waveform.to(pipe.device), pipe.n_mels,
+                                    pad_to=N_SAMPLES if n <= N_SAMPLES else None)
         num_frames = math.ceil(n / HOP_LENGTH) if n <= N_SAMPLES else n // HOP_LENGTH
         opts = pipe.decode_options(self.o)
         tokens: list[int] = []
         times: list[float] = []
         probs: list[float] = []
         for _, segs in generate(pipe.model, features[None], [num_frames], pipe.settings, pipe.tok, opts,
-                                should_stop=should_stop, on_language=self._on_language):
+                                should_stop=should_stop, on_language=self._on_language, runner=self.runner):
+            self.batch_size = max(self.batch_size, self.runner.batch_rows)
             self._window_stats(segs)
             for seg in segs:
                 tokens.extend(seg.tokens)
@@ -258,14 +270,15 @@ class _Run:
         for i in range(0, len(chunks), batch):
             group = chunks[i:i + batch]
             self.batch_size = max(self.batch_size, len(group))
-            features = log_mel_spectrogram(torch.stack([torch.nn.functional.pad(c, (0, N_SAMPLES - c.shape[0]))
-                                                        for c, _ in group]).to(pipe.device), pipe.n_mels)
+            features = self.runner.call(log_mel_spectrogram, torch.stack([
+                torch.nn.functional.pad(c, (0, N_SAMPLES - c.shape[0])) for c, _ in group]).to(pipe.device), pipe.n_mels)
             frames = [math.ceil(c.shape[0] / HOP_LENGTH) for c, _ in group]
             rows: list[list] = [[] for _ in group]
             for r, segs in generate(pipe.model, features, frames, pipe.settings, pipe.tok,
                                     DecodeOptions(**vars(opts)), should_stop=should_stop,
-                                    on_language=self._on_language if i == 0 else None):
+                                    on_language=self._on_language if i == 0 else None, runner=self.runner):
                 rows[r].extend(segs)
+            self.batch_size = max(self.batch_size, self.runner.batch_rows)
             if should_stop is not None and should_stop():
                 return
             for (_, stride_info), segs in zip(group, rows):

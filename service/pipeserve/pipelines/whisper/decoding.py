@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ...errors import InvalidParameter
+from ...models.whisper import one_row_as_two
 from ...scheduling import compute
 from .features import N_FRAMES
 from .generation_settings import GenerationSettings
@@ -30,9 +31,12 @@ from .token_decoders import BeamSearchDecoder, GreedyDecoder, TokenDecoder, Wind
 from .tokenizer import WhisperTokenizer
 from .word_timing import token_times
 
-__all__ = ["DecodeOptions", "GenerationSettings", "Segment", "generate", "compression_ratio", "text_compression_ratio"]
+__all__ = ["DecodeOptions", "GenerationSettings", "InlineRunner", "Segment", "WindowRunner", "generate",
+           "compression_ratio", "text_compression_ratio"]
 
-ENCODER_BATCH = 2  # windows encoded together (see generate)
+# Windows go through the encoder a few at a time: its 1500x1500 attention maps are the largest
+# activations (B x heads x 9 MB), and bigger batches do not run faster.
+ENCODER_BATCH = 2
 
 
 @dataclass
@@ -74,6 +78,22 @@ def window_filters(s: GenerationSettings, vocab: int, device, timestamps: bool) 
     return LogitFilters(filters)
 
 
+def prefill(model_decoder, encoder_out: torch.Tensor, prompt: torch.Tensor, sot_index: int,
+            s: GenerationSettings, filters: LogitFilters, decoder: TokenDecoder):
+    """A window's prompt through the decoder -> (its cache, the no-speech probability of each
+    row, read at the <|startoftranscript|> position `sot_index`, the first step's scores)."""
+    cache = model_decoder.new_cache(encoder_out, prompt.shape[1] + decoder.max_new)
+    logits = model_decoder(prompt, cache, logits_at=[sot_index, -1])
+    no_speech = _no_speech_prob(logits[:, 0], s)
+    return cache, no_speech, filters(decoder.scores(logits[:, 1]), decoder.sequences)
+
+
+def project(model_decoder, h: torch.Tensor) -> torch.Tensor:
+    """The float32 vocabulary projection of hidden states [rows, d_model], one row computed as
+    two so that a row's logits do not depend on how many rows decode together."""
+    return one_row_as_two(model_decoder.proj_out, h)
+
+
 def decode_window(model, encoder_out: torch.Tensor, prompt: torch.Tensor, sot_index: int, s: GenerationSettings,
                   filters: LogitFilters, decoder: TokenDecoder,
                   should_stop: Callable[[], bool] | None = None) -> list[WindowResult]:
@@ -81,12 +101,10 @@ def decode_window(model, encoder_out: torch.Tensor, prompt: torch.Tensor, sot_in
     (the no-speech probability is read at its <|startoftranscript|>, `sot_index`), then one cached
     decoder step per token; the filters shape each step's scores and `decoder` chooses, until it
     is done or `should_stop` says so. Between steps the compute lane lets short calls through:
-    a window holds it for ~0.3 s."""
+    a window holds it for ~0.3 s. (batch_scheduler.py runs the same loop over the windows of
+    many calls at once.)"""
     model_decoder = model.decoder
-    cache = model_decoder.new_cache(encoder_out, prompt.shape[1] + decoder.max_new)
-    logits = model_decoder(prompt, cache, logits_at=[sot_index, -1])
-    no_speech = _no_speech_prob(logits[:, 0], s)
-    scores = filters(decoder.scores(logits[:, 1]), decoder.sequences)
+    cache, no_speech, scores = prefill(model_decoder, encoder_out, prompt, sot_index, s, filters, decoder)
     # Greedy steps after the first read the projection through the verified head: the same
     # choices and log-probabilities as float32 logits at half the bytes.
     screened = model_decoder.verified_head if decoder.screened_head_ok else None
@@ -100,26 +118,67 @@ def decode_window(model, encoder_out: torch.Tensor, prompt: torch.Tensor, sot_in
         h = model_decoder.hidden(torch.tensor(step.tokens, device=prompt.device)[:, None], cache)[:, -1]
         generated = decoder.sequences
         if screened is not None:
-            scores = filters.read(screened.scores(h, lambda x: filters.mask(x, generated), model_decoder.proj_out),
-                                  generated)
+            scores = filters.read(screened.scores(h, lambda x: filters.mask(x, generated),
+                                                  lambda x: project(model_decoder, x)), generated)
         else:
-            scores = filters(decoder.scores(model_decoder.proj_out(h)), generated)
+            scores = filters(decoder.scores(project(model_decoder, h)), generated)
     return decoder.finalize(no_speech)
+
+
+class WindowRunner:
+    """Where a transcription's model work runs: `InlineRunner` on the caller's thread (one call
+    alone), or a session of the model's batch scheduler (batch_scheduler.py), which encodes and
+    decodes the windows of concurrent calls together. `batch_rows`: the most windows one of
+    this caller's decoding steps served together."""
+
+    batch_rows = 1
+
+    def encode(self, model, windows: torch.Tensor) -> torch.Tensor:
+        """Log-mel windows [n, n_mels, 3000] (the model's dtype) -> encoder output [n, 1500, d]."""
+        raise NotImplementedError
+
+    def decode(self, model, encoder_out: torch.Tensor, prompt: torch.Tensor, sot_index: int, s: GenerationSettings,
+               filters: LogitFilters, decoder: TokenDecoder,
+               should_stop: Callable[[], bool] | None) -> list[WindowResult]:
+        """`decode_window`'s results for one window's rows."""
+        raise NotImplementedError
+
+    def call(self, fn: Callable, *args, **kwargs):
+        """Other model work of the call (features, language detection, word timing)."""
+        raise NotImplementedError
+
+
+class InlineRunner(WindowRunner):
+    """The caller computes: on the compute lane when the caller is a lane task, yielding to
+    other lane work between encoder layers and decoder steps."""
+
+    def encode(self, model, windows: torch.Tensor) -> torch.Tensor:
+        return torch.cat([model.encoder(windows[k:k + ENCODER_BATCH], after_layer=compute.yield_point)
+                          for k in range(0, windows.shape[0], ENCODER_BATCH)])
+
+    def decode(self, model, encoder_out, prompt, sot_index, s, filters, decoder, should_stop):
+        self.batch_rows = max(self.batch_rows, prompt.shape[0] if isinstance(decoder, GreedyDecoder) else 1)
+        return decode_window(model, encoder_out, prompt, sot_index, s, filters, decoder, should_stop)
+
+    def call(self, fn: Callable, *args, **kwargs):
+        return fn(*args, **kwargs)
 
 
 def decode_rows(model, encoder_out: torch.Tensor, prompt: torch.Tensor, sot_index: int, max_new: int,
                 s: GenerationSettings, filters: LogitFilters, opts: DecodeOptions, temperature: float,
-                generator: torch.Generator | None, should_stop: Callable[[], bool] | None) -> list[WindowResult]:
+                generator: torch.Generator | None, should_stop: Callable[[], bool] | None,
+                runner: WindowRunner | None = None) -> list[WindowResult]:
     """One window of every row at one temperature: greedy or sampled rows decode together; beam
     search decodes each row on its own `num_beams` decoder rows."""
+    runner = runner or InlineRunner()
     if temperature > 0 or opts.num_beams <= 1:
         decoder = GreedyDecoder(prompt.shape[0], max_new, s.eos_token_id, s.pad_token_id, temperature, generator)
-        return decode_window(model, encoder_out, prompt, sot_index, s, filters, decoder, should_stop)
+        return runner.decode(model, encoder_out, prompt, sot_index, s, filters, decoder, should_stop)
     beams = opts.num_beams
     results = []
     for r in range(prompt.shape[0]):
         decoder = BeamSearchDecoder(beams, max_new, s.eos_token_id, opts.length_penalty, prompt.device)
-        results += decode_window(model, encoder_out[r:r + 1].expand(beams, -1, -1),
+        results += runner.decode(model, encoder_out[r:r + 1].expand(beams, -1, -1),
                                  prompt[r:r + 1].expand(beams, -1).contiguous(), sot_index, s, filters, decoder,
                                  should_stop)
     return results
@@ -194,11 +253,12 @@ def language_probabilities(model, encoder_out: torch.Tensor, s: GenerationSettin
 def generate(model, features: torch.Tensor, num_frames: list[int], s: GenerationSettings,
              tok: WhisperTokenizer, opts: DecodeOptions, *, should_stop: Callable[[], bool] | None = None,
              on_language: Callable[[list[int | None], torch.Tensor | None], None] | None = None,
-             ) -> Iterator[tuple[int, list[Segment]]]:
+             runner: WindowRunner | None = None) -> Iterator[tuple[int, list[Segment]]]:
     """The seek loop of WhisperGenerationMixin.generate for rows of log-mel `features`
     [B, n_mels, frames] with `num_frames` real frames each. Yields (row, new segments) after
     every decoded window, so callers can stream; windows of several rows decode as one batch
-    when their prompts have equal length."""
+    when their prompts have equal length. The model work runs on `runner` (default: here)."""
+    runner = runner or InlineRunner()
     device = features.device
     total = features.shape[-1]
     shortform = total <= N_FRAMES
@@ -227,14 +287,10 @@ def generate(model, features: torch.Tensor, num_frames: list[int], s: Generation
             part = features[r:r + 1, :, seek[r]:seek[r] + n]
             windows.append(F.pad(part, (0, N_FRAMES - part.shape[-1])))
         dtype = next(model.parameters()).dtype
-        # Windows go through the encoder a few at a time: its 1500x1500 attention maps are
-        # the largest activations (B x heads x 9 MB), and bigger batches do not run faster.
-        encoder_out = torch.cat([model.encoder(torch.cat(windows[k:k + ENCODER_BATCH]).to(dtype),
-                                               after_layer=compute.yield_point)
-                                 for k in range(0, len(windows), ENCODER_BATCH)])
+        encoder_out = runner.encode(model, torch.cat(windows).to(dtype))
         if starts is None:  # language detection on the first window, as generate() does
-            probs = language_probabilities(model, encoder_out, s) if s.lang_to_id and opts.language is None \
-                and s.is_multilingual else None
+            probs = runner.call(language_probabilities, model, encoder_out, s) if s.lang_to_id \
+                and opts.language is None and s.is_multilingual else None
             langs = list(s.lang_to_id.values())
             starts, found = [], []
             for i in range(len(rows)):
@@ -257,7 +313,7 @@ def generate(model, features: torch.Tensor, num_frames: list[int], s: Generation
             else:
                 prompts.append(list(start))
         results = _decode_with_fallback(model, encoder_out, prompts, [starts[r] for r in rows], s, filters, opts,
-                                        vocab, generator, should_stop)
+                                        vocab, generator, should_stop, runner)
         # transformers crops the alignment heads' attention to the rows' remaining frames once for
         # the batch when they all have the same count, then once more per row; see token_times.
         uniform_frames = len({num_frames[r] - seek[r] for r in rows}) == 1
@@ -279,7 +335,7 @@ def generate(model, features: torch.Tensor, num_frames: list[int], s: Generation
             time_offset = seek[r] * FRAME_SECONDS
             segments, consumed, ranges = retrieve_segments(seq, tb, time_offset, n, extra) if seq else ([], n, [])
             if opts.word_timestamps and seq and s.alignment_heads:
-                times, probs = token_times(model, encoder_out[i:i + 1], prompts[i], res.tokens, s,
+                times, probs = runner.call(token_times, model, encoder_out[i:i + 1], prompts[i], res.tokens, s,
                                            num_frames=min(num_frames[r] - seek[r], N_FRAMES) if num_frames[r] else None,
                                            crop_twice=uniform_frames)
                 p = len(prompts[i])
@@ -291,7 +347,8 @@ def generate(model, features: torch.Tensor, num_frames: list[int], s: Generation
             yield r, segments
 
 
-def _decode_with_fallback(model, encoder_out, prompts, starts, s, filters, opts, vocab, generator, should_stop):
+def _decode_with_fallback(model, encoder_out, prompts, starts, s, filters, opts, vocab, generator, should_stop,
+                          runner):
     """generate_with_fallback: decode all rows, retry those failing the thresholds at the next
     temperature. -> per row (WindowResult, temperature, skip)."""
     out: list[tuple[WindowResult, float, bool] | None] = [None] * len(prompts)
@@ -314,7 +371,7 @@ def _decode_with_fallback(model, encoder_out, prompts, starts, s, filters, opts,
             sot_index = plen - slen
             enc = encoder_out[idx]
             res = decode_rows(model, enc, prompt, sot_index, max_new, s, filters, opts, temperature, generator,
-                              should_stop)
+                              should_stop, runner)
             decoded.update(zip(idx, res))
         still = []
         for i in pending:
