@@ -45,8 +45,10 @@ def test_overload_past_max_queue_is_refused_only_with_queue_full_and_memory_retu
         import run as load_bench
     finally:
         sys.path.remove(str(ROOT / "bench" / "load"))
+    # Speech admits asr_max_batch_rows calls at once (their windows batch together): 2 here too.
     report = load_bench.main(["--clients", "16", "--duration", "5", "--max-queue", "2", "--max-batch-size", "2",
-                              "--max-new-tokens", "4", "--settle", "2", "--out", str(tmp_path)])
+                              "--asr-max-batch-rows", "2", "--max-new-tokens", "4", "--settle", "2",
+                              "--out", str(tmp_path)])
     assert report["refusals"]["only_queue_full"], report["refusals"]
     for task in load_bench.TASKS:
         row = report["results"][task]

@@ -263,7 +263,7 @@ def markdown(report: dict) -> str:
     lines = [f"# Load test: {c['clients']} clients, {c['duration_s']} s, tasks {', '.join(c['tasks'])}", "",
              f"Machine: {report['machine']}. Server on {LOOPBACK}, one call in flight per client, "
              f"max_batch_size {c['max_batch_size']}, max_batch_wait_ms {c['max_batch_wait_ms']}, "
-             f"max_queue {c['max_queue']}.", "",
+             f"max_queue {c['max_queue']}, asr_max_batch_rows {c.get('asr_max_batch_rows', '-')}.", "",
              "| task | calls | refused / errors | refusal p99 ms | calls/s | p50 ms | p90 ms | p99 ms |",
              "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
     for task, row in report["results"].items():
@@ -296,6 +296,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--max-batch-size", type=int, default=8)
     parser.add_argument("--max-batch-wait-ms", type=float, default=5.0)
     parser.add_argument("--max-queue", type=int, default=256)
+    parser.add_argument("--asr-max-batch-rows", type=int, default=16,
+                        help="speech-recognition calls running at once per model (the server's setting)")
     parser.add_argument("--compute-lanes", type=int, default=1, help="the server's compute_lanes setting")
     parser.add_argument("--warmup-calls", type=int, default=3, help="per client and task, before the baseline")
     parser.add_argument("--settle", type=float, default=5.0, help="idle seconds before the last RSS reading")
@@ -317,7 +319,7 @@ def main(argv: list[str] | None = None) -> dict:
         models.update(build_models([t for t in model_tasks if t not in models], Path(tmp)))
         process, port, metrics_port = start_server(
             models, ["--max-batch-size", str(args.max_batch_size), "--max-batch-wait-ms", str(args.max_batch_wait_ms),
-                     "--max-queue", str(args.max_queue),
+                     "--max-queue", str(args.max_queue), "--asr-max-batch-rows", str(args.asr_max_batch_rows),
                      "--compute-lanes", str(args.compute_lanes)], Path(tmp) / "server.log")
         try:
             try:
@@ -349,7 +351,7 @@ def main(argv: list[str] | None = None) -> dict:
     report = {
         "config": {"clients": args.clients, "duration_s": args.duration, "tasks": tasks,
                    "max_new_tokens": args.max_new_tokens, "max_batch_size": args.max_batch_size,
-                   "max_batch_wait_ms": args.max_batch_wait_ms, "max_queue": args.max_queue,
+                   "max_batch_wait_ms": args.max_batch_wait_ms, "max_queue": args.max_queue, "asr_max_batch_rows": args.asr_max_batch_rows,
                    "models": {t: Path(p).name for t, p in models.items()}},
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
         "results": results,

@@ -8,6 +8,8 @@ import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 
+import { PipeserveClient, UnavailableError } from '../../src/index.js';
+
 export const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..', '..', '..');
 
 /** $PIPESERVE_PYTHON, else the repository's .venv, else python3 on PATH. */
@@ -74,6 +76,24 @@ export async function startServer() {
     if (up) break;
     if (Date.now() > deadline) throw new Error(`the server did not start:\n${log}`);
     await new Promise((r) => setTimeout(r, 300));
+  }
+  // The port answers before the server's services are bound (health NOT_SERVING, every call
+  // UNAVAILABLE/STARTING while the runtime imports): wait as a client should, until it serves.
+  const probe = new PipeserveClient(address, { timeoutMs: 5_000, retry: { maxAttempts: 1 } });
+  try {
+    for (;;) {
+      if (child.exitCode !== null) throw new Error(`the server exited (${child.exitCode}):\n${log}`);
+      try {
+        await probe.models.list();
+        break;
+      } catch (error) {
+        if (!(error instanceof UnavailableError)) throw error;
+      }
+      if (Date.now() > deadline) throw new Error(`the server did not finish starting:\n${log}`);
+      await new Promise((r) => setTimeout(r, 100));
+    }
+  } finally {
+    probe.close();
   }
   return {
     address,
