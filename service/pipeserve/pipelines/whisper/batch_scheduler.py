@@ -25,8 +25,10 @@ from the lane would deadlock), or a process without a lane (library use), comput
 """
 from __future__ import annotations
 
+import atexit
 import threading
 import time
+import weakref
 from collections import deque
 from concurrent.futures import Future
 from typing import Callable
@@ -42,6 +44,20 @@ from .window_batch import ActiveWindow, WindowBatch
 STEP_SLICE_S = 0.02
 # The scheduler thread ends after this long without work (the next window starts another).
 IDLE_S = 2.0
+
+
+# Live schedulers, closed at interpreter exit: a daemon thread still inside a torch operator
+# while the process finalises libtorch aborts it ("terminate called without an active exception").
+_LIVE: "weakref.WeakSet[BatchScheduler]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_at_exit() -> None:
+    for scheduler in list(_LIVE):
+        scheduler.close()
+        thread = scheduler._thread
+        if thread is not None:
+            thread.join(timeout=5.0)
 
 
 class _EncodeJob:
@@ -63,6 +79,7 @@ class BatchScheduler:
         self._batch = WindowBatch(model.decoder)
         self._thread: threading.Thread | None = None
         self._closed = False
+        _LIVE.add(self)
 
     def session(self) -> WindowRunner:
         """A runner for one transcription: batched when this scheduler can batch, else inline.
