@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from .quantization import quantize_per_channel
-from .verified_head import ACCUMULATION, SAFETY, ScreenPolicy, available
+from .verified_head import ACCUMULATION, SAFETY, available
 
 OUTPUT_ROUNDING = 2.0 ** -8  # bfloat16 output: relative error <= 2^-9, doubled for the bound
 _ROWS_PER_SLICE = 8192  # the rounding norms are computed a slice at a time (no float32 copy)
@@ -65,12 +65,13 @@ def _rounding_norms(weight: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) 
     return rounding, largest
 
 
-class Int8ScreenedHead(ScreenPolicy, nn.Module):
+class Int8ScreenedHead(nn.Module):
     """x @ weight.T's argmax for greedy decoding, the weight screened in int8. `weight` (the
     tied embedding, float32) is shared, not copied; the derived tensors are buffers outside the
     state dict, counted as "screening" memory (layers/memory.py)."""
 
     memory_kind = "screening"
+    PROBE_EVERY = 32
 
     def __init__(self, weight: torch.Tensor, margin: float = 0.0, max_rescored: int | None = None,
                  quantized: tuple[torch.Tensor, torch.Tensor] | None = None):
@@ -95,6 +96,12 @@ class Int8ScreenedHead(ScreenPolicy, nn.Module):
         """The screened logits [rows, V] float32 (int8 weights, bfloat16 activations)."""
         return torch.ops.aten._weight_int8pack_mm(h.bfloat16(), self.q, self.scale).float()
 
+    def _worth_screening(self) -> bool:
+        self._calls += 1
+        return self._fallback_rate <= 0.5 or self._calls % self.PROBE_EVERY == 0
+
+    def _record(self, fell_back: bool) -> None:
+        self._fallback_rate = 0.8 * self._fallback_rate + 0.2 * float(fell_back)
 
     def scores(self, h: torch.Tensor, mask: Callable[[torch.Tensor], None],
                exact: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:

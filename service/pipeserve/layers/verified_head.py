@@ -70,25 +70,7 @@ def _largest_row_norms(weight: torch.Tensor, low: torch.Tensor, rows_per_slice: 
     return rounding, largest
 
 
-class ScreenPolicy:
-    """When a screened head bothers to screen. Flat distributions (noise, random weights)
-    rescore too much and fall back to the float32 projection after paying for the screen: when
-    most recent steps fell back, the head screens only one step in PROBE_EVERY until screening
-    pays again. Shared by the bfloat16 screen here and the int8 one (int8_head.py)."""
-
-    PROBE_EVERY = 32
-    _calls = 0
-    _fallback_rate = 0.0
-
-    def _worth_screening(self) -> bool:
-        self._calls += 1
-        return self._fallback_rate <= 0.5 or self._calls % self.PROBE_EVERY == 0
-
-    def _record(self, fell_back: bool) -> None:
-        self._fallback_rate = 0.8 * self._fallback_rate + 0.2 * float(fell_back)
-
-
-class VerifiedHead(ScreenPolicy, nn.Module):
+class VerifiedHead(nn.Module):
     """x @ weight.T for greedy decoding: screened rows [0, exact_from), exact rows [exact_from, V).
     `weight` (the tied embedding) is shared, not copied; the derived tensors are buffers outside
     the state dict, so the model's memory accounting sees them."""
@@ -111,6 +93,18 @@ class VerifiedHead(ScreenPolicy, nn.Module):
         # and widens the rescored band by a fraction of a logit.
         self.rounding_norm, self.row_norm = _largest_row_norms(screened, low)
         del low
+
+    # Flat distributions (noise, random weights) rescore too much and fall back to the float32
+    # projection after paying for the screen: when most recent steps fell back, the head
+    # screens only one step in PROBE_EVERY until screening pays again.
+    PROBE_EVERY = 32
+
+    def _worth_screening(self) -> bool:
+        self._calls += 1
+        return self._fallback_rate <= 0.5 or self._calls % self.PROBE_EVERY == 0
+
+    def _record(self, fell_back: bool) -> None:
+        self._fallback_rate = 0.8 * self._fallback_rate + 0.2 * float(fell_back)
 
     def scores(self, h: torch.Tensor, mask: Callable[[torch.Tensor], None],
                exact: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
