@@ -277,19 +277,16 @@ def test_bfloat16_matches_transformers_in_bfloat16(gemma):
 
 def test_load_passes_apply_to_gemma(gemma):
     """The post-load passes take Gemma as every causal LM: int8 weights (every projection
-    quantized, weight-only with bfloat16 activations where the CPU runs that kernel, fewer bytes,
-    still generating) and a device map (same text as without)."""
+    quantized, fewer bytes, still generating) and a device map (same text as without)."""
     from torch import nn
 
     from pipeserve.layers.quantization import Int8Linear
-    from pipeserve.layers.weight_only import WeightOnlyInt8Linear, available
 
     _, _, plain, directory = gemma
     int8 = load_pipeline(directory, load_in_8bit=True)
     auto = load_pipeline(directory, device="auto")
     try:
-        kind = WeightOnlyInt8Linear if available(torch.ones(1, 1)) else Int8Linear
-        assert any(isinstance(m, kind) for m in int8.model.modules())
+        assert any(isinstance(m, Int8Linear) for m in int8.model.modules())
         assert not any(isinstance(m, nn.Linear) for m in int8.model.modules())
         assert int8.memory_bytes() < plain.memory_bytes()
         options = {"max_new_tokens": 12, "min_new_tokens": 12}

@@ -1,7 +1,6 @@
 """Gemma 3 270M (the real GGUF file, the embedded text-generation default) with int8 weights
-(weight-only, bfloat16 activations: the GGUF default where the CPU runs that kernel) against the
-float path (load_in_8bit=false, exact parity): greedy agreement, and the memory a load takes.
-Slow: loads of the real file."""
+(the load_in_8bit option) against the float path (the default, exact parity): greedy
+agreement, and the memory a load takes. Slow: loads of the real file."""
 from __future__ import annotations
 
 import json
@@ -36,20 +35,14 @@ def gemma_file():
 def test_int8_deviation_from_float(gemma_file):
     """The float path's greedy continuation, read back by the int8 model in one pass: how often
     the int8 model's top-1 choice agrees (a free-running comparison would only count tokens up
-    to the first near-tie). Weight-only int8 with bfloat16 activations (layers/weight_only.py)
-    agreed on 98.6% of 6 prompts x 128 teacher-forced steps, max logit error 0.07 of the largest
-    logit; fbgemm's dynamic int8 (7-bit activations) managed 76% and 0.47 here, which kept int8
-    from being the GGUF default until the weight-only kernel."""
-    from pipeserve.layers.weight_only import available
-
-    float_pipe = load_pipeline(gemma_file, load_in_8bit=False)
-    int8_pipe = load_pipeline(gemma_file)  # no choice made: the GGUF default
+    to the first near-tie). CPU int8 quantizes activations too (fbgemm dynamic, 7-bit), which
+    Gemma's large activations feel: measured 76% agreement, max logit error 0.47 of the largest
+    logit, the reason int8 is not the GGUF default (runtime/loading.with_source_defaults). The
+    bounds catch a broken int8 path (wrong scales give ~0% agreement), not that known loss."""
+    float_pipe = load_pipeline(gemma_file)  # no choice made: float, the default
+    int8_pipe = load_pipeline(gemma_file, load_in_8bit=True)
     try:
-        assert float_pipe.load_options.load_in_8bit is False
-        assert int8_pipe.load_options.load_in_8bit is available(torch.ones(1, 1))
-        if not int8_pipe.load_options.load_in_8bit:
-            int8_pipe.close()
-            int8_pipe = load_pipeline(gemma_file, load_in_8bit=True)
+        assert int8_pipe.load_options.load_in_8bit is True and float_pipe.load_options.load_in_8bit is False
         assert int8_pipe.memory_bytes() < 0.6 * float_pipe.memory_bytes()
         agree = total = identical_prefix = 0
         worst = 0.0
@@ -67,9 +60,8 @@ def test_int8_deviation_from_float(gemma_file):
             worst = max(worst, ((quantized - exact).abs().max() / exact.abs().max()).item())
         print(f"int8 vs float: top-1 agreement {agree}/{total}, identical greedy prefix {identical_prefix} tokens "
               f"over {len(PROMPTS)} prompts, worst max|dlogit|/max|logit| {worst:.3f}")
-        weight_only = available(torch.ones(1, 1))
-        assert agree / total >= (0.9 if weight_only else 0.5), f"int8 agrees with float on {agree}/{total} greedy steps"
-        assert worst < (0.2 if weight_only else 0.75)
+        assert agree / total >= 0.5, f"int8 agrees with float on {agree}/{total} greedy steps"
+        assert worst < 0.75
     finally:
         float_pipe.close()
         int8_pipe.close()

@@ -25,13 +25,11 @@ import torch
 from torch import nn
 
 from . import verified_head as verified
-from .int8_head import Int8ScreenedHead, int8_screen_available
 from .device_map import dispatch
 from .half_storage import keep_half_storage
 from .head_layout import column_major_head, column_major_head_applies
 from .packed_linear import pack_linears, packable
 from .quantization import quantize_int8
-from .weight_only import available as weight_only_available, quantize_weight_only
 
 
 @dataclass(frozen=True)
@@ -44,9 +42,6 @@ class VerifiedHeadSite:
     attribute: str
     weight: torch.Tensor
     exact_from: int | None = None
-    # "bfloat16" (VerifiedHead: argmax, log-softmax, timestamp rows) or "int8" (Int8ScreenedHead:
-    # the argmax only, a quarter of float32's bytes; layers/int8_head.py)
-    screen: str = "bfloat16"
 
 
 @dataclass(frozen=True)
@@ -72,16 +67,8 @@ def accepts(model: nn.Module, what: str) -> bool:
 def _quantize(model: nn.Module, context: PostLoad) -> None:
     # A tied lm_head gets its own int8 copy: decoding reads it every step, the embedding only
     # gathers rows, so the copy buys bandwidth for little memory.
-    if accepts(model, "weight_only_int8") and _weight_only_applies(model):
-        quantize_weight_only(model)  # bfloat16 activations (layers/weight_only.py)
-    else:
-        quantize_int8(model)
+    quantize_int8(model)
     model.eval()  # the new Int8Linear modules too
-
-
-def _weight_only_applies(model: nn.Module) -> bool:
-    weight = next((m.weight for m in model.modules() if isinstance(m, nn.Linear)), None)
-    return weight is not None and weight_only_available(weight)
 
 
 def _place(model: nn.Module, context: PostLoad) -> None:
@@ -105,25 +92,14 @@ def _pack(model: nn.Module, context: PostLoad) -> None:
 
 def _verified_head_applies(model: nn.Module, context: PostLoad) -> bool:
     site = context.verified_head
-    if site is not None and accepts(model, "exact_head"):
-        return False
-    if site is not None and site.screen == "int8":
-        # int8 weights elsewhere (load_in_8bit) leave the float32 embedding this screen rescores with
-        return context.options.packed_linear and int8_screen_available(site.weight) and site.exact_from is None
-    if site is None or not verified.enabled(site.weight, context.options):
+    if site is None or accepts(model, "exact_head") or not verified.enabled(site.weight, context.options):
         return False
     return site.exact_from is None or 0 < site.exact_from < site.weight.shape[0]
 
 
 def _install_verified_head(model: nn.Module, context: PostLoad) -> None:
     site = context.verified_head
-    if site.screen == "int8":
-        # a weight-only int8 head (load_in_8bit) is the screen's int8 form already: shared, not copied
-        form = getattr(getattr(model, "lm_head", None), "int8_form", None)
-        head = Int8ScreenedHead(site.weight, quantized=form() if form is not None else None)
-    else:
-        head = verified.VerifiedHead(site.weight, site.exact_from)
-    setattr(site.owner, site.attribute, head)
+    setattr(site.owner, site.attribute, verified.VerifiedHead(site.weight, site.exact_from))
 
 
 def _half_storage_applies(model: nn.Module, context: PostLoad) -> bool:

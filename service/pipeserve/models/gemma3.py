@@ -34,10 +34,6 @@ from .llama import LlamaConfig, RotaryEmbedding, apply_rotary
 
 SLIDING, FULL = "sliding_attention", "full_attention"
 
-# GGUF sources of this family load with weight-only int8 weights unless load_in_8bit=false
-# (runtime/loading.with_source_defaults; Gemma3ForCausalLM.post_load takes "weight_only_int8").
-WEIGHT_ONLY_INT8 = True
-
 
 @dataclass(frozen=True)
 class Gemma3TextConfig:
@@ -216,10 +212,6 @@ class _Gemma3TextModel(nn.Module):
 
 class Gemma3ForCausalLM(CausalLM):
     """Gemma3ForCausalLM (and Gemma3ForConditionalGeneration's language model)."""
-
-    # int8 weights keep bfloat16 activations (layers/weight_only.py): fbgemm's 7-bit activations
-    # moved Gemma's greedy choice on a quarter of the steps
-    post_load = CausalLM.post_load | {"weight_only_int8"}
 
     def __init__(self, config: Gemma3TextConfig):
         super().__init__()

@@ -3,13 +3,10 @@ from __future__ import annotations
 
 import dataclasses
 
-import torch
-
 from ..checkpoints.formats import is_ctranslate2_whisper
 from ..checkpoints.hub import ModelFiles
-from ..checkpoints.registry import family_module, infer_task, pipeline_class
+from ..checkpoints.registry import infer_task, pipeline_class
 from ..errors import ModelLoadFailed, WrongTask
-from ..layers.weight_only import available as weight_only_available
 from ..pipelines.base import LoadOptions, Pipeline
 from ..tasks import Task
 
@@ -29,26 +26,16 @@ def task_of(files: ModelFiles) -> Task:
 
 
 def with_source_defaults(files: ModelFiles, options: LoadOptions) -> LoadOptions:
-    """`options` with the choices left to the source made. A GGUF file of a family whose int8
-    weights keep bfloat16 activations (weight-only, layers/weight_only.py; its `load_model`
-    module says WEIGHT_ONLY_INT8) loads with int8 weights on a CPU with that kernel's fast path:
-    the file is already 4-6 bits, its float32 form ~8x the file. Measured on Gemma 3 270M:
-    resident 0.94 vs 1.91 GB, decoding 1.2-1.5x float32's tokens/s, greedy choices equal to float32's
-    on 98.6% of teacher-forced steps (fbgemm's dynamic int8, which quantizes activations to 7
-    bits, managed 76%: why it never became the default). Every other source, and
-    load_in_8bit=false (the exact float path, transformers' parity), loads as stored."""
+    """`options` with the choices left to the source made. Every source, GGUF included, loads
+    with float weights unless load_in_8bit says otherwise. Measured on Gemma 3 270M (GGUF):
+    int8 decoded 10.2 vs float32's 5.6 tokens/s (best of 4 interleaved, 2 shared cores) in
+    0.94 vs 2.08 GB, but the CPU int8 kernel quantizes activations too (fbgemm, 7-bit), and on
+    Gemma's large activations that moved the greedy choice on 24-42% of steps (max logit error
+    0.45 of the largest logit); weight-only int8 kept 92% (0.05) but ran 3-6x slower than
+    float32. So int8 stays an option until a fast weight-only CPU kernel exists."""
     if options.load_in_8bit is not None:
         return options
-    return dataclasses.replace(options, load_in_8bit=_int8_by_default(files, options))
-
-
-def _int8_by_default(files: ModelFiles, options: LoadOptions) -> bool:
-    if files.gguf is None or options.torch_device.type != "cpu" or not weight_only_available(torch.ones(1, 1)):
-        return False
-    try:
-        return bool(getattr(family_module(model_type_of(files)), "WEIGHT_ONLY_INT8", False))
-    except ModelLoadFailed:
-        return False  # an unsupported family fails later, with its own message
+    return dataclasses.replace(options, load_in_8bit=False)
 
 
 def load_pipeline(files: ModelFiles, options: LoadOptions, task: Task | str | None = None) -> Pipeline:

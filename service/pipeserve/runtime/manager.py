@@ -116,17 +116,6 @@ def _placement(options: LoadOptions, revision: str | None) -> str:
     return words + (f", revision {revision}" if revision else "")
 
 
-def _resolved_int8(entry: "ModelEntry", want: LoadOptions) -> bool:
-    """Whether `want` loads int8 weights: unset (None) is the source's default
-    (loading.with_source_defaults: int8 for a GGUF Gemma), decided by the entry's files once
-    resolved; before that, whatever the entry itself resolves to."""
-    if want.load_in_8bit is not None:
-        return want.load_in_8bit
-    if entry.files is not None:
-        return bool(with_source_defaults(entry.files, want).load_in_8bit)
-    return bool(entry.options.load_in_8bit)
-
-
 def _estimate_bytes(files: ModelFiles, options: LoadOptions) -> int:
     """Weight bytes once loaded, before loading: file sizes, scaled from the stored element size
     to the target. Only a first check (quantized GGUF blocks, for one, grow when dequantized):
@@ -274,7 +263,8 @@ class ModelManager:
         differs = [
             ("device" in chosen and want.device.strip().lower() != have.device.strip().lower()),
             ("dtype" in chosen and want.dtype != have.dtype),
-            ("load_in_8bit" in chosen and _resolved_int8(entry, want) != bool(have.load_in_8bit)),
+            # None (the source's default) is float for every source (loading.with_source_defaults)
+            ("load_in_8bit" in chosen and bool(want.load_in_8bit) != bool(have.load_in_8bit)),
             ("revision" in chosen and revision is not None and revision != (entry.revision or "main")),
             ("defaults" in chosen and want.defaults != have.defaults),
         ]
