@@ -12,6 +12,8 @@ refuses a model that still has a constant float tensor.
 """
 from __future__ import annotations
 
+import threading
+
 from pathlib import Path
 from typing import Any
 
@@ -143,3 +145,27 @@ def assert_same_greedy_tokens(ours: list[int], reference: list[int], reference_s
             assert margin <= 2 * tol, f"token {i}: ours {a} != reference {b} with a clear margin {margin:.3g} > {2 * tol:.3g}"
             assert i >= at_least, f"only {i} tokens agree before a tie; need {at_least} to test anything"
             return
+
+
+def run_together(calls: list) -> list:
+    """Runs the calls at once from threads (a barrier starts them together) -> their results;
+    a call's exception is re-raised in the caller's thread."""
+    results: list = [None] * len(calls)
+    start = threading.Barrier(len(calls))
+
+    def run(i):
+        start.wait()
+        try:
+            results[i] = calls[i]()
+        except BaseException as exc:  # re-raised below, in the test's thread
+            results[i] = exc
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(600)
+    for r in results:
+        if isinstance(r, BaseException):
+            raise r
+    return results

@@ -4,12 +4,12 @@ RunInfo.batch_size reports the windows decoded together (1 alone, more under con
 from __future__ import annotations
 
 import shutil
-import threading
 
 import pytest
 
 import whisper_checkpoints as wc
 from grpc_testing import load_model, make_server
+from harness import run_together
 
 pytestmark = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is not installed")
 
@@ -74,24 +74,7 @@ def test_concurrent_calls_answer_as_alone_and_report_the_batch(server, model, cl
     calls = _calls(server, model, clips)
     alone = [call() for call in calls]
     assert [size for _, size in alone] == [1] * len(calls)
-    results: list = [None] * len(calls)
-    start = threading.Barrier(len(calls))
-
-    def run(i):
-        start.wait()
-        try:
-            results[i] = calls[i]()
-        except BaseException as exc:  # re-raised in the test's thread
-            results[i] = exc
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(600)
-    for r in results:
-        if isinstance(r, BaseException):
-            raise r
+    results = run_together(calls)
     assert [a for a, _ in results] == [a for a, _ in alone]
     sizes = [size for _, size in results]
     assert max(sizes) > 1, sizes

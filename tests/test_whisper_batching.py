@@ -9,13 +9,12 @@ needs the lane, which servers install: scheduling/compute.py)."""
 from __future__ import annotations
 
 import shutil
-import threading
 
 import pytest
 import torch
 
 import whisper_checkpoints as wc
-from harness import load_pipeline
+from harness import load_pipeline, run_together
 
 pytestmark = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is not installed")
 
@@ -81,27 +80,6 @@ def _inline(pipe, fn):
         pipe.scheduler.max_rows = saved
 
 
-def _together(calls):
-    """Runs the calls at once from threads (a barrier starts them together) -> their results."""
-    results: list = [None] * len(calls)
-    start = threading.Barrier(len(calls))
-
-    def run(i):
-        start.wait()
-        try:
-            results[i] = calls[i]()
-        except BaseException as exc:  # re-raised below, in the test's thread
-            results[i] = exc
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(600)
-    for r in results:
-        if isinstance(r, BaseException):
-            raise r
-    return results
 
 
 def test_a_batched_step_equals_each_window_stepped_alone(tiny_en):
@@ -139,13 +117,13 @@ def test_concurrent_transcriptions_equal_each_alone(tiny_en, clips):
              (long, {"return_timestamps": "segment"}), (short[0], {"return_timestamps": "word"})]
     alone = _inline(tiny_en, lambda: [tiny_en.transcribe([audio], o)[0] for audio, o in cases])
     assert all(t.batch_size == 1 for t in alone)
-    batched = _together([lambda a=audio, o=o: tiny_en.transcribe([a], o)[0] for audio, o in cases])
+    batched = run_together([lambda a=audio, o=o: tiny_en.transcribe([a], o)[0] for audio, o in cases])
     for a, b in zip(alone, batched):
         _assert_same(a, b)
     assert max(t.batch_size for t in batched) > 1
     assert all(t.batch_size <= tiny_en.scheduler.max_rows for t in batched)
     # One call alone on the scheduler is the inline path exactly.
-    _assert_same(alone[2], _together([lambda: tiny_en.transcribe([short[2]], cases[2][1])[0]])[0])
+    _assert_same(alone[2], run_together([lambda: tiny_en.transcribe([short[2]], cases[2][1])[0]])[0])
 
 
 def test_chunked_and_live_calls_batch_with_the_others(tiny_en, clips):
@@ -168,7 +146,7 @@ def test_chunked_and_live_calls_batch_with_the_others(tiny_en, clips):
 
     calls = [chunked, lambda: live(short[1]), lambda: tiny_en.transcribe([short[2]], {})[0]]
     alone = _inline(tiny_en, lambda: [c() for c in calls])
-    batched = _together(calls)
+    batched = run_together(calls)
     _assert_same(alone[0], batched[0])
     assert batched[1] == alone[1]
     _assert_same(alone[2], batched[2])
@@ -197,7 +175,7 @@ def test_sampling_fallback_decisions_equal_alone(tiny_en, clips):
 
     alone = [compute.call(run, audio, InlineRunner(), seed) for seed, audio in enumerate(short)]
     assert any(t > 0 for segs in alone for _, t, _, _ in segs), "the threshold should force a fallback"
-    batched = _together([lambda a=audio, s=seed: run(a, None, s) for seed, audio in enumerate(short)])
+    batched = run_together([lambda a=audio, s=seed: run(a, None, s) for seed, audio in enumerate(short)])
     assert batched == alone
 
 
@@ -210,7 +188,7 @@ def test_languages_mix_on_a_multilingual_checkpoint(tmp_path_factory):
                {"max_new_tokens": 12}, {"language": "es", "task": "translate", "max_new_tokens": 12,
                                         "return_timestamps": "segment"}]
     alone = _inline(pipe, lambda: [pipe.transcribe([a], o)[0] for a, o in zip(audio, options)])
-    batched = _together([lambda a=a, o=o: pipe.transcribe([a], o)[0] for a, o in zip(audio, options)])
+    batched = run_together([lambda a=a, o=o: pipe.transcribe([a], o)[0] for a, o in zip(audio, options)])
     for a, b in zip(alone, batched):
         _assert_same(a, b)
     assert [t.language for t in batched][:2] == ["fr", "de"]
