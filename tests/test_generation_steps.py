@@ -146,3 +146,33 @@ def test_choice_reads_the_sequence_tokens_for_its_penalties():
     choice = runner.choose(with_logprob, logits)
     assert choice.token == 4 and [t for t, _ in choice.top] == [4, 9]
     assert abs(choice.logprob - float(torch.log_softmax(logits[0], -1)[4])) < 1e-6
+
+
+def test_choose_all_takes_one_batched_argmax_and_equals_each_rows_own_choice():
+    """Plain greedy rows (min_new_tokens included) share one argmax; sampling, penalty and
+    log-probability rows keep their own chooser; every row's token is the one its own chooser
+    picks from its row alone."""
+    _, cache, runner = setup()
+    rows = [
+        sequences(runner, cache, [1, 2])[0],
+        sequences(runner, cache, [3, 4], min_new_tokens=3, eos_token_ids=(5,))[0],
+        sequences(runner, cache, [5, 6], do_sample=True, seed=11, top_k=4)[0],
+        sequences(runner, cache, [7], repetition_penalty=1.3)[0],
+        sequences(runner, cache, [8, 9], return_logprobs=True, logprobs=2)[0],
+        sequences(runner, cache, [2, 2], min_new_tokens=1, eos_token_ids=(5,))[0],
+    ]
+    logits = torch.randn(len(rows), VOCAB, generator=torch.Generator().manual_seed(2))
+    logits[1, 5] = logits[5, 5] = 50.0  # end-of-sequence on top where min_new_tokens forbids it
+    alone_runner = setup()[2]
+    alone = [alone_runner.choose(seq, logits[i:i + 1].clone()) for i, seq in
+             enumerate(_fresh_copies(alone_runner, rows))]
+    chosen = runner.choose_all(rows, logits.clone())
+    assert [c.token for c in chosen] == [c.token for c in alone]
+    assert chosen[1].token != 5 and chosen[5].token != 5
+    assert chosen[4].top == alone[4].top and chosen[4].logprob == alone[4].logprob
+
+
+def _fresh_copies(runner: StepRunner, rows: list[Sequence]) -> list[Sequence]:
+    """The same sequences with their own new choosers (a sampling row's generator starts over)."""
+    return [Sequence(s.handle, s.index, s.slot, runner.chooser(s.params, s.index), text=None, ids=list(s.ids))
+            for s in rows]

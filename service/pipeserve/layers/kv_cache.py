@@ -35,7 +35,10 @@ def _decode_attention(q, k, v, mask, scale):
     B, H, _, D = q.shape
     Hkv = k.shape[1]
     q = q.reshape(B, Hkv, H // Hkv, D)  # [B, Hkv, groups, D]
-    scores = (q @ k.transpose(-1, -2)) * (scale if scale is not None else D ** -0.5)  # [B, Hkv, groups, L]
+    scores = q @ k.transpose(-1, -2)  # [B, Hkv, groups, L]
+    scale = scale if scale is not None else D ** -0.5
+    if scale != 1.0:  # a model that folded the scale into its queries passes 1.0
+        scores = scores * scale
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))  # mask [B, 1, 1, L] broadcasts
     return (scores.softmax(-1) @ v).reshape(B, H, 1, D)

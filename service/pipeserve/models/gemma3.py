@@ -196,10 +196,14 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(d, config.rms_norm_eps)
 
     def qk_scale(self) -> torch.Tensor:
-        """[H + Hkv, D]: each query head's (1 + q_norm.weight), then each key head's (1 + k_norm.weight)."""
+        """[H + Hkv, D]: each query head's (1 + q_norm.weight) times the attention's score scale
+        (query_pre_attn_scalar^-0.5, folded into the queries: one multiply fewer per layer; a power
+        of two in the released configs, 1/16, so exactly the same scores), then each key head's
+        (1 + k_norm.weight)."""
         q, k = self.q_norm.weight, self.k_norm.weight
-        return _cached(self, "_qk_scale", (q, k), lambda: torch.cat(
-            [self.q_norm.scale().expand(self.n_head, -1), self.k_norm.scale().expand(self.kv_heads, -1)]))
+        return _cached(self, "_qk_scale", (q, k), lambda: torch.cat([
+            (self.q_norm.scale() * self.scale).expand(self.n_head, -1),
+            self.k_norm.scale().expand(self.kv_heads, -1)]))
 
     def qkv(self, x: torch.Tensor) -> torch.Tensor:
         if self.qkv_proj is not None:
@@ -219,7 +223,7 @@ class Attention(nn.Module):
         qk = rotate(qk, cos, sin_signed)  # [B, T, H + Hkv, D]
         q, k = qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2)  # [B, H, T, D], [B, Hkv, T, D]
         v = qkv[:, :, H + Hkv:].transpose(1, 2)
-        y = view.attend(self.layer_idx, q, k, v, scale=self.scale, window=self.window)
+        y = view.attend(self.layer_idx, q, k, v, scale=1.0, window=self.window)  # the scale is in q
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 

@@ -113,6 +113,25 @@ class StepRunner:
         input_ids = torch.tensor([seq.ids], device=logits.device) if needs_ids else None
         return seq.chooser.choose(logits, input_ids, seq.generated)
 
+    def choose_all(self, seqs: list[Sequence], logits: torch.Tensor) -> list[Choice]:
+        """Every sequence's next token from a step's logits [B, V]: the rows whose choice is a
+        plain argmax (argmax_only, min_new_tokens applied as a mask) take one batched argmax and
+        one read of the results, instead of an argmax and a sync per row; the others go through
+        their own chooser. The greedy rows of `logits` are masked in place (nothing else reads
+        them)."""
+        greedy = [i for i, seq in enumerate(seqs) if argmax_only(seq)]
+        choices: list[Choice | None] = [None] * len(seqs)
+        if greedy:
+            every = len(greedy) == len(seqs)
+            rows = logits if every else logits[greedy]
+            eos_masks([seqs[i] for i in greedy], rows.shape[-1])(rows)
+            for i, token in zip(greedy, rows.argmax(dim=-1).tolist()):
+                choices[i] = Choice(token)
+        for i, seq in enumerate(seqs):
+            if choices[i] is None:
+                choices[i] = self.choose(seq, logits[i:i + 1])
+        return choices
+
     def _scores(self, hidden: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         """The step's scores [B, V] float32 from the final hidden states [B, C]: rows whose
         next token is a plain argmax go through the model's verified head when it has one, the
