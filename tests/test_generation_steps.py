@@ -122,16 +122,33 @@ def test_plain_argmax_rows_take_the_verified_head_the_others_the_float32_head():
     logprobs = sequences(runner, cache, [1, 2], return_logprobs=True)[0]
     rows = [greedy, at_least, sampled, logprobs]
     with torch.inference_mode():
-        runner.prefill([[s] for s in rows])
+        first = runner.prefill([[s] for s in rows])
+        [(prompt_rows, prompt_screened)] = model.verified_head.calls
+        model.verified_head.calls.clear()
         for seq in rows:
             seq.last = 3
         logits = runner.decode(rows)
+    assert prompt_rows == 2 and torch.equal(first[:2], prompt_screened), "a prompt's scores: the same rule"
+    assert (first[2:] < 500).all()
     [(screened_rows, screened)] = model.verified_head.calls
     assert screened_rows == 2, "greedy and min_new_tokens rows only"
     assert screened[1, eos] == -torch.inf and screened[0, eos] != -torch.inf, "the min_new_tokens rule masked"
     assert torch.equal(logits[:2], screened)
     exact = logits[2:]
     assert (exact < 500).all(), "sampled and log-probability rows read the float32 head"
+
+
+def test_only_a_prompts_last_chunk_runs_the_head():
+    model, cache, runner = setup(prefill_chunk=2)
+    calls = []
+    model.lm_head.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    seq = sequences(runner, cache, [3, 1, 4, 1, 5])[0]
+    with torch.inference_mode():
+        assert runner.prefill([[seq]]) is None and runner.prefill([[seq]]) is None
+        assert calls == []
+        logits = runner.prefill([[seq]])
+    assert calls == [1]
+    torch.testing.assert_close(logits[0], model.uncached_next_logits([3, 1, 4, 1, 5]))
 
 
 def test_choice_reads_the_sequence_tokens_for_its_penalties():

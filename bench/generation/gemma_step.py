@@ -163,6 +163,7 @@ def main():
     parser.add_argument("--mode", choices=("float32", "int8"), default="float32")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--engine", action="store_true")
+    parser.add_argument("--profile-steps", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--streams", type=int, default=16)
@@ -182,7 +183,7 @@ def main():
            "load_avg": os.getloadavg()[0], "memory_bytes": pipe.memory_usage()}
     if args.profile:
         for batch in (1, 16):
-            report = profile_steps(pipe, batch, 24)
+            report = profile_steps(pipe, batch, args.profile_steps)
             print(report.pop("self_cpu_top"), file=sys.stderr)
             out[f"profile_b{batch}"] = report
     if args.engine:
