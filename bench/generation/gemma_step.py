@@ -13,6 +13,7 @@ tokens/s through the engine, with CPU seconds per token. Prints one JSON line of
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import os
 import resource
@@ -22,11 +23,26 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import torch
+from pipeserve.serving.openmp_defaults import apply_openmp_defaults
+
+apply_openmp_defaults()  # before torch loads, as the server does
+
+import torch  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from real_gemma import PROMPTS  # noqa: E402
+
+
+def _bench_prompts() -> list[str]:
+    """real_gemma.py's PROMPTS, read without importing it: it puts its own tree's service/ first
+    on sys.path, and this script must run whichever tree PYTHONPATH names."""
+    tree = ast.parse((HERE / "real_gemma.py").read_text())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "PROMPTS" for t in node.targets):
+            return ast.literal_eval(node.value)
+    raise SystemExit("real_gemma.py has no PROMPTS")
+
+
+PROMPTS = _bench_prompts()
 
 GGUF = Path(os.environ.get("PIPESERVE_CACHE_DIR", Path.home() / ".cache" / "pipeserve")) / "embedded" / \
     "gemma-3-270m" / "gemma-3-270m-q4_k_m.gguf"
@@ -179,7 +195,9 @@ def main():
         compute.install(args.threads)  # as the server does: the engine computes on the lane
     started = time.perf_counter()
     pipe = load(args.mode)
-    out = {"label": args.label, "mode": args.mode, "load_s": round(time.perf_counter() - started, 1),
+    import pipeserve
+
+    out = {"label": args.label, "tree": str(Path(pipeserve.__file__).parents[2]), "mode": args.mode, "load_s": round(time.perf_counter() - started, 1),
            "load_avg": os.getloadavg()[0], "memory_bytes": pipe.memory_usage()}
     if args.profile:
         for batch in (1, 16):

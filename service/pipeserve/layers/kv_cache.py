@@ -40,7 +40,7 @@ def _decode_attention(q, k, v, mask, scale):
     if scale != 1.0:  # a model that folded the scale into its queries passes 1.0
         scores = scores * scale
     if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))  # mask [B, 1, 1, L] broadcasts
+        scores = torch.where(mask, scores, float("-inf"))  # mask [B, 1, 1, L] broadcasts; one op, no ~mask
     return (scores.softmax(-1) @ v).reshape(B, H, 1, D)
 
 
@@ -266,8 +266,11 @@ class CacheView:
         """Stores one decoding step's k, v [B, Hkv, 1, D] at each sequence's position."""
         rows = self._write_rows(cache_k, ring)
         D = cache_k.shape[-1]
-        cache_k.view(-1, D).index_copy_(0, rows, k.reshape(-1, D).to(cache_k.dtype))
-        cache_v.view(-1, D).index_copy_(0, rows, v.reshape(-1, D).to(cache_v.dtype))
+        k, v = k.reshape(-1, D), v.reshape(-1, D)
+        if k.dtype != cache_k.dtype:
+            k, v = k.to(cache_k.dtype), v.to(cache_v.dtype)
+        cache_k.view(-1, D).index_copy_(0, rows, k)
+        cache_v.view(-1, D).index_copy_(0, rows, v)
 
     def _ring_mask(self, device: torch.device, R: int) -> torch.Tensor | None:
         """The mask every ring layer of this pass shares (computed once per pass).
