@@ -162,6 +162,13 @@ def profile_steps(pipe, batch: int, steps: int) -> dict:
     for e in events:
         ops[e.key] = e.count
         timings[e.key] = e.cpu_time_total / 1000
+    # torch calls made from Python in the layers (direct children of step.layers): the
+    # dispatches the model's code pays for, nested aten ops (inside rms_norm, say) not counted
+    direct = 0
+    try:
+        direct = sum(1 for e in prof.events() if e.cpu_parent is not None and e.cpu_parent.name == "step.layers")
+    except Exception:  # an older profiler without parents: leave it out
+        pass
     parts = {k: round(timings[k], 1) for k in ("step.decode", "step.layers", "step.choose+emit")}
     n_decode = ops["step.decode"]
     top = sorted(((k, c) for k, c in ops.items() if k.startswith("aten::")), key=lambda kv: -kv[1])[:25]
@@ -169,6 +176,7 @@ def profile_steps(pipe, batch: int, steps: int) -> dict:
             "ms_per_decode_step": round(parts["step.decode"] / max(1, n_decode), 2),
             "ms_layers_per_step": round(parts["step.layers"] / max(1, ops["step.layers"]), 2),
             "ms_choose_emit_per_step": round(parts["step.choose+emit"] / max(1, n_decode), 2),
+            "torch_calls_in_layers_per_step": round(direct / max(1, ops["step.layers"])),
             "aten_ops_per_step": round(sum(c for k, c in ops.items() if k.startswith("aten::")) / max(1, n_decode)),
             "top_ops_per_step": {k: round(c / max(1, n_decode), 1) for k, c in top},
             "self_cpu_top": prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18)}
