@@ -180,12 +180,13 @@ def test_choose_all_takes_one_batched_argmax_and_equals_each_rows_own_choice():
     ]
     logits = torch.randn(len(rows), VOCAB, generator=torch.Generator().manual_seed(2))
     logits[1, 5] = logits[5, 5] = 50.0  # end-of-sequence on top where min_new_tokens forbids it
+    logits[0, 2] = logits[0, 9] = 60.0  # a tie: the first maximum, as argmax
     alone_runner = setup()[2]
     alone = [alone_runner.choose(seq, logits[i:i + 1].clone()) for i, seq in
              enumerate(_fresh_copies(alone_runner, rows))]
     chosen = runner.choose_all(rows, logits.clone())
     assert [c.token for c in chosen] == [c.token for c in alone]
-    assert chosen[1].token != 5 and chosen[5].token != 5
+    assert chosen[0].token == 2 and chosen[1].token != 5 and chosen[5].token != 5
     assert chosen[4].top == alone[4].top and chosen[4].logprob == alone[4].logprob
 
 

