@@ -122,16 +122,33 @@ def test_plain_argmax_rows_take_the_verified_head_the_others_the_float32_head():
     logprobs = sequences(runner, cache, [1, 2], return_logprobs=True)[0]
     rows = [greedy, at_least, sampled, logprobs]
     with torch.inference_mode():
-        runner.prefill([[s] for s in rows])
+        first = runner.prefill([[s] for s in rows])
+        [(prompt_rows, prompt_screened)] = model.verified_head.calls
+        model.verified_head.calls.clear()
         for seq in rows:
             seq.last = 3
         logits = runner.decode(rows)
+    assert prompt_rows == 2 and torch.equal(first[:2], prompt_screened), "a prompt's scores: the same rule"
+    assert (first[2:] < 500).all()
     [(screened_rows, screened)] = model.verified_head.calls
     assert screened_rows == 2, "greedy and min_new_tokens rows only"
     assert screened[1, eos] == -torch.inf and screened[0, eos] != -torch.inf, "the min_new_tokens rule masked"
     assert torch.equal(logits[:2], screened)
     exact = logits[2:]
     assert (exact < 500).all(), "sampled and log-probability rows read the float32 head"
+
+
+def test_only_a_prompts_last_chunk_runs_the_head():
+    model, cache, runner = setup(prefill_chunk=2)
+    calls = []
+    model.lm_head.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    seq = sequences(runner, cache, [3, 1, 4, 1, 5])[0]
+    with torch.inference_mode():
+        assert runner.prefill([[seq]]) is None and runner.prefill([[seq]]) is None
+        assert calls == []
+        logits = runner.prefill([[seq]])
+    assert calls == [1]
+    torch.testing.assert_close(logits[0], model.uncached_next_logits([3, 1, 4, 1, 5]))
 
 
 def test_choice_reads_the_sequence_tokens_for_its_penalties():
@@ -146,3 +163,34 @@ def test_choice_reads_the_sequence_tokens_for_its_penalties():
     choice = runner.choose(with_logprob, logits)
     assert choice.token == 4 and [t for t, _ in choice.top] == [4, 9]
     assert abs(choice.logprob - float(torch.log_softmax(logits[0], -1)[4])) < 1e-6
+
+
+def test_choose_all_takes_one_batched_argmax_and_equals_each_rows_own_choice():
+    """Plain greedy rows (min_new_tokens included) share one argmax; sampling, penalty and
+    log-probability rows keep their own chooser; every row's token is the one its own chooser
+    picks from its row alone."""
+    _, cache, runner = setup()
+    rows = [
+        sequences(runner, cache, [1, 2])[0],
+        sequences(runner, cache, [3, 4], min_new_tokens=3, eos_token_ids=(5,))[0],
+        sequences(runner, cache, [5, 6], do_sample=True, seed=11, top_k=4)[0],
+        sequences(runner, cache, [7], repetition_penalty=1.3)[0],
+        sequences(runner, cache, [8, 9], return_logprobs=True, logprobs=2)[0],
+        sequences(runner, cache, [2, 2], min_new_tokens=1, eos_token_ids=(5,))[0],
+    ]
+    logits = torch.randn(len(rows), VOCAB, generator=torch.Generator().manual_seed(2))
+    logits[1, 5] = logits[5, 5] = 50.0  # end-of-sequence on top where min_new_tokens forbids it
+    logits[0, 2] = logits[0, 9] = 60.0  # a tie: the first maximum, as argmax
+    alone_runner = setup()[2]
+    alone = [alone_runner.choose(seq, logits[i:i + 1].clone()) for i, seq in
+             enumerate(_fresh_copies(alone_runner, rows))]
+    chosen = runner.choose_all(rows, logits.clone())
+    assert [c.token for c in chosen] == [c.token for c in alone]
+    assert chosen[0].token == 2 and chosen[1].token != 5 and chosen[5].token != 5
+    assert chosen[4].top == alone[4].top and chosen[4].logprob == alone[4].logprob
+
+
+def _fresh_copies(runner: StepRunner, rows: list[Sequence]) -> list[Sequence]:
+    """The same sequences with their own new choosers (a sampling row's generator starts over)."""
+    return [Sequence(s.handle, s.index, s.slot, runner.chooser(s.params, s.index), text=None, ids=list(s.ids))
+            for s in rows]

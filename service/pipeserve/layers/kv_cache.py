@@ -35,9 +35,12 @@ def _decode_attention(q, k, v, mask, scale):
     B, H, _, D = q.shape
     Hkv = k.shape[1]
     q = q.reshape(B, Hkv, H // Hkv, D)  # [B, Hkv, groups, D]
-    scores = (q @ k.transpose(-1, -2)) * (scale if scale is not None else D ** -0.5)  # [B, Hkv, groups, L]
+    scores = q @ k.transpose(-1, -2)  # [B, Hkv, groups, L]
+    scale = scale if scale is not None else D ** -0.5
+    if scale != 1.0:  # a model that folded the scale into its queries passes 1.0
+        scores = scores * scale
     if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))  # mask [B, 1, 1, L] broadcasts
+        scores = torch.where(mask, scores, float("-inf"))  # mask [B, 1, 1, L] broadcasts; one op, no ~mask
     return (scores.softmax(-1) @ v).reshape(B, H, 1, D)
 
 
@@ -229,13 +232,8 @@ class CacheView:
             return self._attend_ring(cache_k, cache_v, q, k, v, scale)
         p = self._placement(cache_k.device)
         T = self.new_tokens
-        if T == 1 and p.contiguous is not None and self._uniform_start is not None:
-            # sequences that joined together: one strided copy instead of an index_put
-            cache_k[p.contiguous, :, self._uniform_start] = k[:, :, 0].to(cache_k.dtype)
-            cache_v[p.contiguous, :, self._uniform_start] = v[:, :, 0].to(cache_v.dtype)
-        elif T == 1:
-            cache_k[p.slots, :, p.starts] = k[:, :, 0].to(cache_k.dtype)
-            cache_v[p.slots, :, p.starts] = v[:, :, 0].to(cache_v.dtype)
+        if T == 1:
+            self._write_step(cache_k, cache_v, k, v, ring=False)
         else:
             for i, (slot, start) in enumerate(zip(self.slot_list, self.start_list)):
                 cache_k[slot, :, start:start + T] = k[i]
@@ -249,6 +247,30 @@ class CacheView:
             # fresh prompts of one length
             return _sdpa(q, keys, values, None, scale, is_causal=T > 1)
         return _sdpa(q, keys, values, self._mask(cache_k.device, window), scale)
+
+    def _write_rows(self, cache: torch.Tensor, ring: bool) -> torch.Tensor:
+        """[B * Hkv] rows of `cache` seen as [slots * Hkv * positions, D] where a decoding step
+        writes each sequence's new key (position start, or start % positions in a ring): made
+        once per pass for every layer of that shape, so that each layer's write is one
+        index_copy_ (no gather, no per-layer index arithmetic)."""
+        S, Hkv, C, _ = cache.shape
+        key = ("rows", cache.device, S, C, ring)
+        if key not in self._masks:
+            p = self._placement(cache.device)
+            where = p.starts % C if ring else p.starts
+            rows = (p.slots[:, None] * Hkv + torch.arange(Hkv, device=cache.device)[None, :]) * C + where[:, None]
+            self._masks[key] = rows.reshape(-1)
+        return self._masks[key]
+
+    def _write_step(self, cache_k, cache_v, k, v, ring: bool) -> None:
+        """Stores one decoding step's k, v [B, Hkv, 1, D] at each sequence's position."""
+        rows = self._write_rows(cache_k, ring)
+        D = cache_k.shape[-1]
+        k, v = k.reshape(-1, D), v.reshape(-1, D)
+        if k.dtype != cache_k.dtype:
+            k, v = k.to(cache_k.dtype), v.to(cache_v.dtype)
+        cache_k.view(-1, D).index_copy_(0, rows, k)
+        cache_v.view(-1, D).index_copy_(0, rows, v)
 
     def _ring_mask(self, device: torch.device, R: int) -> torch.Tensor | None:
         """The mask every ring layer of this pass shares (computed once per pass).
@@ -281,8 +303,7 @@ class CacheView:
         rows = p.contiguous if p.contiguous is not None else p.slots  # a view when the slots are in order
         if T == 1:
             # Write first: the ring then holds exactly the query's window, q - R + 1 .. q.
-            cache_k[p.slots, :, p.starts % R] = k[:, :, 0].to(cache_k.dtype)
-            cache_v[p.slots, :, p.starts % R] = v[:, :, 0].to(cache_v.dtype)
+            self._write_step(cache_k, cache_v, k, v, ring=True)
             return _sdpa(q, cache_k[rows], cache_v[rows], self._ring_mask(device, R), scale)
         # A prompt chunk: its early queries still need ring entries its later keys would
         # overwrite, so attend over the ring's entries and the new keys side by side, by position.

@@ -1,15 +1,18 @@
 """The post-load passes, one ordered list applied to every freshly loaded model from outside it:
 
-    half storage (float16 weights, float32 compute) -> quantize (int8 weights) -> place (device "auto": a device map) -> pack (oneDNN packed
+    fuse projections (q/k/v, gate/up: one linear each) -> half storage (float16 weights,
+    float32 compute) -> quantize (int8 weights) -> place (device "auto": a device map) -> pack (oneDNN packed
     linears; a head left dense is stored column-major) -> verified head (greedy steps' screened
     output projection)
 
-The order matters: int8 replaces linears before anything measures or moves them, placement
+The order matters: fusing comes first so that every later pass sees the fused linears as
+ordinary ones (one int8 scale per output row either way), int8 replaces linears before anything measures or moves them, placement
 decides which weights stay on the CPU before packing (only CPU weights pack), and the verified
 head screens the dense weight that packing leaves to the tied embedding. Each pass has its own
 predicate and is skipped where it does not apply (the option is off, the weights are on a GPU,
 the family has no such head). A family opts into the passes that only some families take
 through its `post_load` attribute ("int8", "device_map", "column_major_head"; models/causal_lm.py;
+"fuse_projections": the groups its `fusable_projections()` lists become one linear each;
 "share_tied_head": the tied head keeps the embedding's one weight, column-major, instead of a
 packed copy; "exact_head": greedy steps take the exact projection, no screening copy;
 models/whisper.py);
@@ -26,6 +29,7 @@ from torch import nn
 
 from . import verified_head as verified
 from .device_map import dispatch
+from .fused_linear import fuse_projections
 from .half_storage import keep_half_storage
 from .head_layout import column_major_head, column_major_head_applies
 from .packed_linear import pack_linears, packable
@@ -109,13 +113,15 @@ def _half_storage_applies(model: nn.Module, context: PostLoad) -> bool:
         p.dtype == torch.float16 for p in model.parameters())
 
 
+FUSE = Pass("fuse_projections", lambda model, c: accepts(model, "fuse_projections"),
+            lambda model, c: fuse_projections(model))
 HALF_STORAGE = Pass("half_storage", _half_storage_applies, lambda model, c: keep_half_storage(model))
 QUANTIZE = Pass("quantize", lambda model, c: c.options.load_in_8bit and accepts(model, "int8"), _quantize)
 PLACE = Pass("place", lambda model, c: c.options.device == "auto", _place)
 PACK = Pass("pack", _pack_applies, _pack)
 VERIFIED_HEAD = Pass("verified_head", _verified_head_applies, _install_verified_head)
 
-POST_LOAD_PASSES: tuple[Pass, ...] = (HALF_STORAGE, QUANTIZE, PLACE, PACK, VERIFIED_HEAD)
+POST_LOAD_PASSES: tuple[Pass, ...] = (FUSE, HALF_STORAGE, QUANTIZE, PLACE, PACK, VERIFIED_HEAD)
 
 
 def apply_post_load_passes(model: nn.Module, context: PostLoad,

@@ -24,7 +24,7 @@ import torch
 
 from ..layers.kv_cache import KVCache
 from . import compute
-from .generation import GenerationParams
+from .generation import Choice, GenerationParams
 from .generation_output import OutputProcessor
 from .generation_requests import (FINISH_CANCELLED, FINISH_EOS, FINISH_LENGTH, FINISH_STOP, DoneEvent,
                                   RequestHandle, Sequence, TokenEvent)
@@ -150,7 +150,7 @@ class GenerationEngine:
         self.scheduler.prefill_done()
         for row, seqs in enumerate(group):
             for seq in seqs:
-                self._advance(seq, logits[row:row + 1])
+                self._advance(seq, self.runner.choose(seq, logits[row:row + 1]))
 
     def _decode(self, seqs: list[Sequence]) -> None:
         try:
@@ -159,16 +159,16 @@ class GenerationEngine:
             for handle in {s.handle for s in seqs}:
                 self._fail(handle, exc)
             return
-        for i, seq in enumerate(seqs):
+        for seq, choice in zip(seqs, self.runner.choose_all(seqs, logits)):
             if seq in self.scheduler.active:
-                self._advance(seq, logits[i:i + 1])
+                self._advance(seq, choice)
 
-    def _advance(self, seq: Sequence, logits: torch.Tensor) -> None:
-        """Chooses the sequence's next token from its logits [1, V] and emits it."""
+    def _advance(self, seq: Sequence, choice: Choice) -> None:
+        """Emits the sequence's next token (unless it was cancelled meanwhile)."""
         if seq.handle.cancelled.is_set():
             self._finish(seq, FINISH_CANCELLED)
             return
-        reason = self.outputs.emit(seq, self.runner.choose(seq, logits))
+        reason = self.outputs.emit(seq, choice)
         if reason is not None:
             self._finish(seq, reason)
 
