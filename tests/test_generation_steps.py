@@ -122,11 +122,15 @@ def test_plain_argmax_rows_take_the_verified_head_the_others_the_float32_head():
     logprobs = sequences(runner, cache, [1, 2], return_logprobs=True)[0]
     rows = [greedy, at_least, sampled, logprobs]
     with torch.inference_mode():
-        runner.prefill([[s] for s in rows])
+        first = runner.prefill([[s] for s in rows])
         for seq in rows:
             seq.last = 3
         logits = runner.decode(rows)
-    [(screened_rows, screened)] = model.verified_head.calls
+    # the prompt's last position (TTFT) and the decoding step both screen the argmax-only rows
+    [(prompt_rows, prompt_screened), (screened_rows, screened)] = model.verified_head.calls
+    assert prompt_rows == 2 and torch.equal(first[:2], prompt_screened)
+    assert prompt_screened[1, eos] == -torch.inf, "no end-of-sequence before min_new_tokens, from the first token"
+    assert (first[2:] < 500).all()
     assert screened_rows == 2, "greedy and min_new_tokens rows only"
     assert screened[1, eos] == -torch.inf and screened[0, eos] != -torch.inf, "the min_new_tokens rule masked"
     assert torch.equal(logits[:2], screened)

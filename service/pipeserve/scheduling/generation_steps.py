@@ -6,9 +6,10 @@ A prompt is passed `prefill_chunk` tokens at a time (one chunk per engine iterat
 running streams are not stalled by a long prompt), one row per request; when the last chunk is
 through, a request's extra sequences (num_return_sequences) copy its first sequence's cache. A
 decoding step feeds each sequence its last token and writes one key/value per layer at that
-sequence's own position. The step's scores come from the model's float32 head, or for rows
-whose choice is a plain argmax from its verified head when it has one (layers/verified_head.py:
-the float32 argmax at half the head's bytes). The time each pass took is charged to the requests
+sequence's own position. The scores of a decoding step, and of a prompt's last position, come
+from the model's float32 head, or for rows whose choice is a plain argmax from its verified
+head when it has one (layers/int8_head.py, layers/verified_head.py: the float32 argmax at a
+quarter or half of the head's bytes). The time each pass took is charged to the requests
 it served (`compute_s`, `max_batch`).
 
 The model is any causal LM with the engine's contract (models/causal_lm.py CausalLM: `hidden`,
@@ -82,7 +83,13 @@ class StepRunner:
         started = time.perf_counter()
         ids = torch.tensor([s.handle.prompt_ids[done:end] for s in firsts], device=self.device)
         view = self.cache.view([s.slot for s in firsts], end - done)
-        logits = self.model(ids, view, last_only=True)[:, -1]  # [B, V]
+        if end < prompt_len:
+            self.model.hidden(ids, view, last_only=True)  # an early chunk fills the cache; no scores
+            logits = None
+        else:
+            # the last position's scores only, through the verified head for argmax-only rows
+            # (the float32 head is most of a short prompt's pass: TTFT)
+            logits = self._finish(self._scores(self.model.hidden(ids, view, last_only=True)[:, -1], firsts))  # [B, V]
         view.commit()
         self._charge({s.handle for s in firsts}, time.perf_counter() - started, len(group))
         if end < prompt_len:
