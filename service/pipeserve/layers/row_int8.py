@@ -42,10 +42,9 @@ def _has_vnni() -> bool:
     return any(check() for check in checks if check is not None)
 
 
-def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """[M, K] float -> (int8 [M, K], float32 scales [M, 1]), symmetric per row."""
-    scale = x.abs().amax(dim=1, keepdim=True).clamp_(min=_TINY) / QMAX
-    return torch.round(x / scale).to(torch.int8), scale
+def row_steps(x: torch.Tensor) -> torch.Tensor:
+    """[M, K] float -> [M, 1] float32: per row, 1 / the int8 step (symmetric: max|x| -> 127)."""
+    return torch.div(QMAX, x.abs().amax(dim=1, keepdim=True).clamp_(min=_TINY))
 
 
 class RowInt8Linear(nn.Module):
@@ -72,14 +71,16 @@ class RowInt8Linear(nn.Module):
         shape = x.shape
         flat = x.reshape(-1, shape[-1]).float()
         rows = flat.shape[0]
-        q, scale = quantize_rows(flat)
+        inverse_step = row_steps(flat)
+        scaled = flat * inverse_step  # in [-127, 127]
+        q = scaled.round()
         if self.residual_rows:
-            fine = scale / _RESIDUAL_DIVISOR
-            rest = torch.round((flat - q.float() * scale) / fine).clamp_(-QMAX, QMAX).to(torch.int8)
-            both = self._int8_matmul(torch.cat([q, rest]))  # one pass over the weight for both
-            y = both[:rows] * scale + both[rows:] * fine
+            # what the rounding left is within +-1/2 a step: times 254 it fits int8 again
+            rest = (scaled - q).mul_(_RESIDUAL_DIVISOR).round_()
+            both = self._int8_matmul(torch.cat([q, rest]).to(torch.int8))  # one pass over the weight for both
+            y = torch.add(both[:rows], both[rows:], alpha=1.0 / _RESIDUAL_DIVISOR).div_(inverse_step)
         else:
-            y = self._int8_matmul(q) * scale
+            y = self._int8_matmul(q.to(torch.int8)).div_(inverse_step)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*shape[:-1], self.out_features)
