@@ -58,16 +58,30 @@ def test_the_per_row_bound_holds():
     head = int8_head.Int8ScreenedHead(weight)
     for seed in range(10):
         h = _hidden(2, 20.0, seed=seed)
+        h[:, 3] = 400.0  # a large activation: a coarse per-row step
         exact = (h.double() @ weight.double().T)
-        screened = head.project(h).double()
-        hi = h.bfloat16().float()
+        screened, quantization = head.project(h)
+        screened = screened.double()
         h_norm = h.norm(dim=1, keepdim=True).double()
+        quantization = quantization.double()
         bound = (head.rounding_norms.double()[None, :] * h_norm
-                 + head.row_norm * ((h - hi).norm(dim=1, keepdim=True).double() + 2.0 ** -12 * h_norm)
-                 + 2.0 ** -8 * screened.abs())
+                 + head.row_norm * (quantization + 2.0 ** -12 * h_norm + 2.0 ** -20 * (h_norm + quantization)))
         assert ((exact - screened).abs() <= bound).all()
         # and the bound is not vacuous: within a few percent of the logits' spread
         assert bound.max() < 0.1 * (exact.max() - exact.min())
+
+
+def test_a_row_chooses_the_same_token_in_any_batch():
+    """Scores of a row screened alone and among other rows: bitwise equal (per-row activation
+    scales, integer sums), so the rescored set and the choice are too."""
+    weight = _weight(outliers=True)
+    head = int8_head.Int8ScreenedHead(weight, max_rescored=VOCAB)
+    crowd = _hidden(12, 30.0) * torch.logspace(-1, 1, 12)[:, None]
+    alone = torch.cat([head.project(crowd[i:i + 1])[0] for i in range(12)])
+    assert torch.equal(head.project(crowd)[0], alone)
+    exact = lambda x: x @ weight.T  # noqa: E731
+    chosen = head.scores(crowd, _no_mask, exact).argmax(-1)
+    assert chosen.tolist() == [head.scores(crowd[i:i + 1], _no_mask, exact).argmax().item() for i in range(12)]
 
 
 def test_masked_tokens_stay_masked_and_a_fully_masked_row_is_fine():
@@ -107,33 +121,6 @@ def test_too_many_candidates_take_the_float32_projection_and_later_probe_again()
     for _ in range(3 * head.PROBE_EVERY):
         head.scores(flat, _no_mask, exact)
     assert head._fallback_rate < 0.5
-
-
-def test_more_rows_than_the_screen_pays_for_go_to_the_wider_head_or_the_float32_projection():
-    """The int8 kernel re-reads the head every 4 rows (int8_head.SCREEN_MAX_ROWS): a call with
-    more rows takes `wider` (the bfloat16 screen) or, without one, the float32 projection."""
-    weight = _weight()
-    seen = []
-
-    class Wider(torch.nn.Module):
-        def scores(self, h, mask, exact):
-            seen.append(h.shape[0])
-            return exact(h)
-
-    calls = []
-
-    def exact(x):
-        calls.append(x.shape[0])
-        return x @ weight.T
-
-    screened = int8_head.Int8ScreenedHead(weight, max_rows=2, wider=Wider())
-    plain = int8_head.Int8ScreenedHead(weight, max_rows=2)
-    for rows in (1, 2, 3, 16):
-        h = _hidden(rows, 30.0)
-        for head in (screened, plain):
-            assert torch.equal(head.scores(h, _no_mask, exact).argmax(-1), (h @ weight.T).argmax(-1))
-    assert seen == [3, 16], "only the calls above max_rows reach the wider head"
-    assert calls == [3, 3, 16, 16], "the screen itself never took the float32 projection"
 
 
 def test_memory_is_counted_as_screening():

@@ -5,17 +5,17 @@ A batch-1 decoding step of a small language model is memory-bound, and a large t
 most of what it reads (Gemma 3 270M: 262144 x 640, 671 MB in float32 of a step's ~1.1 GB).
 Plain greedy decoding needs from it only the argmax. So:
 
-1. screen: every logit from an int8 copy of the weight (one scale per row) and the bfloat16
-   rounding of the hidden state, with torch's weight-only int8 kernel (aten._weight_int8pack_mm:
-   bfloat16 activations, float32 accumulation, the scale applied in float32, the result rounded
-   to bfloat16): a quarter of float32's bytes;
+1. screen: every logit from an int8 copy of the weight (one scale per row) and the hidden state
+   quantized per row to int8 plus a residual int8 row (layers/row_int8.py: oneDNN's int8 GEMM,
+   exact int32 sums): a quarter of float32's bytes;
 2. bound, per row r, rigorously: |float32 logit_r - screened_r| <= e_r with
-   e_r = a_r ||h|| + b (||h - hi|| + 2^-12 ||hi||) + 2^-8 |screened_r|, where a_r = ||W_r -
-   s_r q_r|| (the row's int8 rounding; Cauchy-Schwarz), b = max_r ||s_r q_r|| (the activation's
-   bfloat16 rounding, and float32 accumulation over up to 4096 features), 2^-8 the output's
-   bfloat16 rounding (2^-9, doubled), the whole bound times 1.01. Per-row a_r matters: a row
-   with one outlier weight has a coarse scale (on Gemma the largest a_r is 4x the median), and
-   a bound for all rows from the worst one would rescore 10-100x more rows;
+   e_r = a_r ||h|| + b (||h - h_q|| + 2^-12 ||h||) + 2^-20 b (||h|| + ||h - h_q||), where
+   a_r = ||W_r - s_r q_r|| (the row's int8 rounding; Cauchy-Schwarz), b = max_r ||s_r q_r||,
+   ||h - h_q|| the activation's quantization (measured per call), 2^-12 the float32 accumulation
+   over up to 4096 features, 2^-20 the few float32 roundings after the exact integer sums, the
+   whole bound times 1.01. Per-row a_r matters: a row with one outlier weight has a coarse
+   scale (on Gemma the largest a_r is 4x the median), and one bound for all rows from the worst
+   would rescore 10-100x more rows;
 3. rescore in float32 every row whose upper bound reaches the largest lower bound (and every
    row within `margin` above that, for callers that want near-ties exact): the true argmax is
    among them, and every row left out has a screened value below the rescored maximum.
@@ -26,23 +26,13 @@ use it (scheduling/generation_steps.argmax_only). When a step would rescore more
 `max_rescored` rows per sequence (flat distributions: random weights), it takes the float32
 projection instead, and after mostly falling back probes one step in PROBE_EVERY.
 
-Only few rows are screened: the CPU kernel is a blocked GEMV that reads the whole int8 head
-again for every 4 rows and turns compute-bound beyond 1-2 rows, where a bfloat16 GEMM (oneDNN,
-AMX) does not. A call with more than `max_rows` rows (SCREEN_MAX_ROWS) goes to `wider` (the
-bfloat16 VerifiedHead where the model has one) or to the float32 projection. Measured per call
-on the build machine (CPU ms, 1 thread, loaded machine: int8 / bfloat16 screen / float32):
-1 row 29.8 / 32.3 / 52.2, 2 rows 34.2 / 33.6 / 55.3, 4 rows 46.9 / 37.2 / 52.7, 8 rows
-102 / 46 / 63, 16 rows 205 / 74 / 78 (/tmp-free reproduction: bench/generation/head_rows.py).
-A prompt's last position is one row per request: screened too (TTFT).
-
-Measured on the 2-core Xeon build machine (AVX512-BF16), Gemma 3 270M: token choices equal to
-the float32 head's on every teacher-forced step tried (tests/test_int8_head.py); the kernel reads
-the head in 12.7 ms where the bfloat16 screen's takes 32.9 and float32's 53.2 (quiet machine,
-batch 1); whole screened steps, best of 36 on the busy machine:
-46.8 ms against the bfloat16 screen's 56.6 and the float32 head's 58.1, at half the bfloat16
-screen's memory (168 vs 336 MB; shared with a weight-only int8 lm_head, layers/weight_only.py).
-The bfloat16 screen's availability rule holds here too: a CPU float32 weight and native
-bfloat16 in oneDNN (where bfloat16 is emulated the screen would cost more than it saves).
+Rows are computed alone (per-row scales, integer sums), so a row's choice does not depend on the
+batch, and oneDNN's int8 GEMM reads the head once for all of a call's rows. Measured per call on
+the 2-core build machine (1 thread, CPU ms, busy machine; bench/generation/head_rows.py):
+1 row 17.3 (torch's weight-only kernel `_weight_int8pack_mm` with bfloat16 activations 28.7,
+the bfloat16 screen of layers/verified_head.py 32.3, float32 52.2), 16 rows 35.2 (int8pack 156,
+bfloat16 screen 74, float32 78). Needs VNNI (row_int8.available); elsewhere the pipeline keeps
+the bfloat16 screen where oneDNN runs bfloat16 natively, else the float32 head.
 """
 from __future__ import annotations
 
@@ -52,15 +42,11 @@ import torch
 from torch import nn
 
 from .quantization import quantize_per_channel
-from .verified_head import ACCUMULATION, SAFETY, available
+from .row_int8 import RowInt8Linear, available as row_int8_available
+from .verified_head import ACCUMULATION, SAFETY
 
-SCREEN_MAX_ROWS = 2  # the crossover in rows measured above
-OUTPUT_ROUNDING = 2.0 ** -8  # bfloat16 output: relative error <= 2^-9, doubled for the bound
+OUTPUT_ROUNDING = 2.0 ** -20  # int32 -> float32 and the scalings after it (4 roundings of 2^-24)
 _ROWS_PER_SLICE = 8192  # the rounding norms are computed a slice at a time (no float32 copy)
-
-
-def int8pack_available() -> bool:
-    return hasattr(torch.ops.aten, "_weight_int8pack_mm")
 
 
 def _rounding_norms(weight: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, float]:
@@ -83,31 +69,26 @@ class Int8ScreenedHead(nn.Module):
     memory_kind = "screening"
     PROBE_EVERY = 32
 
-    def __init__(self, weight: torch.Tensor, margin: float = 0.0, max_rescored: int | None = None,
-                 quantized: tuple[torch.Tensor, torch.Tensor] | None = None,
-                 max_rows: int = SCREEN_MAX_ROWS, wider: nn.Module | None = None):
+    def __init__(self, weight: torch.Tensor, margin: float = 0.0, max_rescored: int | None = None):
         super().__init__()
         weight = weight.detach()
-        self.weight, self.margin, self.max_rows = weight, margin, max_rows
-        # the head for calls with more rows (same `scores` contract), or None: the float32 projection
-        self.wider = wider
+        self.weight, self.margin = weight, margin
         # Rescoring a row reads it in float32 (4 bytes a weight, gathered): beyond a sixteenth
         # of the vocabulary the float32 projection is as cheap.
         self.max_rescored = max_rescored if max_rescored is not None else max(1, weight.shape[0] // 16)
         self._calls, self._fallback_rate = 0, 0.0
-        # `quantized`: (int8 [V, D], bfloat16 scales [V]) of this weight made elsewhere (a
-        # weight-only int8 lm_head, layers/weight_only.py), shared instead of made again
-        q, scale = quantized if quantized is not None else quantize_per_channel(weight)
-        scale = scale.to(torch.bfloat16)  # the kernel takes scales in the activation's dtype
+        q, scale = quantize_per_channel(weight)
         rounding, largest = _rounding_norms(weight, q, scale)
-        self.register_buffer("q", q, persistent=False)
-        self.register_buffer("scale", scale, persistent=False)
+        shape = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+        self.screen = RowInt8Linear(shape, quantized=(q, scale))
+        self.screen.memory_kind = "screening"
+        del q
         self.register_buffer("rounding_norms", rounding, persistent=False)
         self.row_norm = largest
 
-    def project(self, h: torch.Tensor) -> torch.Tensor:
-        """The screened logits [rows, V] float32 (int8 weights, bfloat16 activations)."""
-        return torch.ops.aten._weight_int8pack_mm(h.bfloat16(), self.q, self.scale).float()
+    def project(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(screened logits [rows, V] float32, per row ||h - h_q|| [rows, 1])."""
+        return self.screen.project_with_error(h)
 
     def _worth_screening(self) -> bool:
         self._calls += 1
@@ -122,20 +103,17 @@ class Int8ScreenedHead(nn.Module):
         place) whose argmax is the float32 logits' argmax: every row that could hold the maximum
         (or lie within `margin` of it) is the float32 logit, the rest screened values below it."""
         rows = h.shape[0]
-        if rows > self.max_rows:
-            return self.wider.scores(h, mask, exact) if self.wider is not None else self._exact(h, mask, exact)
         if not self._worth_screening():
             return self._exact(h, mask, exact)
-        hi = h.bfloat16()
-        scores = torch.ops.aten._weight_int8pack_mm(hi, self.q, self.scale).float()
+        scores, quantization = self.project(h)
         mask(scores)
         h_norm = h.norm(dim=1, keepdim=True)  # [rows, 1]
-        shared = SAFETY * self.row_norm * ((h - hi.float()).norm(dim=1, keepdim=True) + ACCUMULATION * h_norm)
+        shared = SAFETY * self.row_norm * (quantization + ACCUMULATION * h_norm
+                                           + OUTPUT_ROUNDING * (h_norm + quantization))
         # Each float32 logit lies in [lower, upper]. A masked score (-inf) gets a NaN upper
         # bound (-inf + inf), which compares False: never picked.
         spread = torch.addcmul(shared, self.rounding_norms[None, :], h_norm, value=SAFETY)  # [rows, V]
-        rounding = scores.abs().mul_(SAFETY * OUTPUT_ROUNDING).add_(spread)
-        upper, lower = scores + rounding, scores - rounding
+        upper, lower = scores + spread, scores - spread
         best = lower.amax(dim=1, keepdim=True).clamp_(min=-1e30)  # a fully masked row has no finite score
         picked = (upper >= best - self.margin).nonzero()
         self._record(fell_back := picked.shape[0] > self.max_rescored * rows)
@@ -157,5 +135,5 @@ class Int8ScreenedHead(nn.Module):
 
 
 def int8_screen_available(weight: torch.Tensor) -> bool:
-    """The screen runs where the bfloat16 screen does (native bfloat16) and torch has the kernel."""
-    return available(weight) and int8pack_available()
+    """A CPU float32 matrix and oneDNN's int8 GEMM with VNNI (layers/row_int8.available)."""
+    return weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.dim() == 2 and row_int8_available()

@@ -117,23 +117,26 @@ def _pack(model: nn.Module, context: PostLoad) -> None:
 
 def _verified_head_applies(model: nn.Module, context: PostLoad) -> bool:
     site = context.verified_head
-    if site is not None and accepts(model, "exact_head"):
+    if site is None or accepts(model, "exact_head"):
         return False
-    if site is not None and site.screen == "int8":
-        # the float32 embedding it rescores with stays (fbgemm int8 heads keep their own copy)
-        return context.options.packed_linear and int8_screen_available(site.weight) and site.exact_from is None
-    if site is None or not verified.enabled(site.weight, context.options):
+    if site.screen == "int8" and _int8_screen_applies(site, context):
+        return True
+    if not verified.enabled(site.weight, context.options):
         return False
     return site.exact_from is None or 0 < site.exact_from < site.weight.shape[0]
 
 
+def _int8_screen_applies(site: VerifiedHeadSite, context: PostLoad) -> bool:
+    # the float32 embedding it rescores with stays (an fbgemm int8 head keeps its own copy)
+    return context.options.packed_linear and site.exact_from is None and int8_screen_available(site.weight)
+
+
 def _install_verified_head(model: nn.Module, context: PostLoad) -> None:
+    # An int8 site takes the int8 screen where the CPU has oneDNN's int8 GEMM (VNNI), else the
+    # bfloat16 screen where it runs bfloat16 natively (layers/int8_head.py).
     site = context.verified_head
-    if site.screen == "int8":
-        # Calls with more rows than the int8 screen pays for go to the bfloat16 screen where the
-        # float path has one (layers/int8_head.py), else to the float32 projection.
-        wider = verified.VerifiedHead(site.weight) if verified.enabled(site.weight, context.options) else None
-        head = Int8ScreenedHead(site.weight, wider=wider)
+    if site.screen == "int8" and _int8_screen_applies(site, context):
+        head = Int8ScreenedHead(site.weight)
     else:
         head = verified.VerifiedHead(site.weight, site.exact_from)
     setattr(site.owner, site.attribute, head)

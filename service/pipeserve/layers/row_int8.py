@@ -50,9 +50,11 @@ def row_steps(x: torch.Tensor) -> torch.Tensor:
 class RowInt8Linear(nn.Module):
     """nn.Linear's map (float32 in and out) with int8 weights and per-row int8 activations."""
 
-    def __init__(self, linear: nn.Linear, residual_rows: bool = True):
+    def __init__(self, linear: nn.Linear, residual_rows: bool = True,
+                 quantized: tuple[torch.Tensor, torch.Tensor] | None = None):
         super().__init__()
-        q, scale = quantize_per_channel(linear.weight)
+        # `quantized`: (int8 [N, K], scales [N]) of this weight made by the caller, not made again
+        q, scale = quantized if quantized is not None else quantize_per_channel(linear.weight)
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.residual_rows = residual_rows
         # oneDNN's packed int8 weight (opaque; counted as "packed" memory) and its scales
@@ -69,21 +71,34 @@ class RowInt8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        flat = x.reshape(-1, shape[-1]).float()
+        y = self._project(x.reshape(-1, shape[-1]).float())[0]
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def _project(self, flat: torch.Tensor, with_error: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """[M, K] float32 -> ([M, N] float32 without bias, per row ||x - x_quantized|| [M, 1] when
+        asked: what an error bound needs, layers/int8_head.py)."""
         rows = flat.shape[0]
         inverse_step = row_steps(flat)
         scaled = flat * inverse_step  # in [-127, 127]
         q = scaled.round()
+        left = scaled - q  # within +-1/2
         if self.residual_rows:
-            # what the rounding left is within +-1/2 a step: times 254 it fits int8 again
-            rest = (scaled - q).mul_(_RESIDUAL_DIVISOR).round_()
+            # what the rounding left, times 254, fits int8 again
+            rest = (left * _RESIDUAL_DIVISOR).round_()
             both = self._int8_matmul(torch.cat([q, rest]).to(torch.int8))  # one pass over the weight for both
             y = torch.add(both[:rows], both[rows:], alpha=1.0 / _RESIDUAL_DIVISOR).div_(inverse_step)
+            if with_error:
+                left = left - rest / _RESIDUAL_DIVISOR
         else:
             y = self._int8_matmul(q.to(torch.int8)).div_(inverse_step)
-        if self.bias is not None:
-            y = y + self.bias
-        return y.reshape(*shape[:-1], self.out_features)
+        error = left.norm(dim=1, keepdim=True) / inverse_step if with_error else None
+        return y, error
+
+    def project_with_error(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[M, K] float32 -> (x W_q^T [M, N] float32, ||x - x_q|| per row [M, 1])."""
+        return self._project(flat.float(), with_error=True)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, int8 weights, "
