@@ -37,10 +37,11 @@ def test_int8_deviation_from_float(gemma_file):
     the int8 model's top-1 choice agrees (a free-running comparison would only count tokens up
     to the first near-tie). Where oneDNN has its int8 kernel (VNNI), Gemma's int8 quantizes
     activations per row with a residual row (layers/row_int8.py): measured 505/512 = 98.6% over
-    4 prompts x 128 tokens, max logit error 0.069 of the largest (8-bit rows alone: 96.3%,
-    0.163); fbgemm's per-batch 7-bit activations, the fallback elsewhere, managed 76% and 0.47.
-    The bounds catch a broken int8 path (wrong scales give ~0% agreement)."""
+    4 prompts x 128 tokens (121/128 on these 4 x 32), max logit error 0.069 of the largest
+    (8-bit rows alone: 96.3%, 0.163); fbgemm's per-batch 7-bit activations, the fallback
+    elsewhere, 76% and 0.47. The bounds catch a broken int8 path (wrong scales: ~0%)."""
     from pipeserve.layers.row_int8 import available
+
     float_pipe = load_pipeline(gemma_file)  # no choice made: float, the default
     int8_pipe = load_pipeline(gemma_file, load_in_8bit=True)
     try:
@@ -63,7 +64,7 @@ def test_int8_deviation_from_float(gemma_file):
         print(f"int8 vs float: top-1 agreement {agree}/{total}, identical greedy prefix {identical_prefix} tokens "
               f"over {len(PROMPTS)} prompts, worst max|dlogit|/max|logit| {worst:.3f}")
         rows = available()
-        assert agree / total >= (0.93 if rows else 0.5), f"int8 agrees with float on {agree}/{total} greedy steps"
+        assert agree / total >= (0.9 if rows else 0.5), f"int8 agrees with float on {agree}/{total} greedy steps"
         assert worst < (0.15 if rows else 0.75)
     finally:
         float_pipe.close()
