@@ -123,14 +123,14 @@ def test_plain_argmax_rows_take_the_verified_head_the_others_the_float32_head():
     rows = [greedy, at_least, sampled, logprobs]
     with torch.inference_mode():
         first = runner.prefill([[s] for s in rows])
-        [(prompt_rows, prompt_screened)] = model.verified_head.calls
-        model.verified_head.calls.clear()
         for seq in rows:
             seq.last = 3
         logits = runner.decode(rows)
-    assert prompt_rows == 2 and torch.equal(first[:2], prompt_screened), "a prompt's scores: the same rule"
+    # the prompt's last position (TTFT) and the decoding step both screen the argmax-only rows
+    [(prompt_rows, prompt_screened), (screened_rows, screened)] = model.verified_head.calls
+    assert prompt_rows == 2 and torch.equal(first[:2], prompt_screened)
+    assert prompt_screened[1, eos] == -torch.inf, "no end-of-sequence before min_new_tokens, from the first token"
     assert (first[2:] < 500).all()
-    [(screened_rows, screened)] = model.verified_head.calls
     assert screened_rows == 2, "greedy and min_new_tokens rows only"
     assert screened[1, eos] == -torch.inf and screened[0, eos] != -torch.inf, "the min_new_tokens rule masked"
     assert torch.equal(logits[:2], screened)

@@ -35,10 +35,13 @@ def gemma_file():
 def test_int8_deviation_from_float(gemma_file):
     """The float path's greedy continuation, read back by the int8 model in one pass: how often
     the int8 model's top-1 choice agrees (a free-running comparison would only count tokens up
-    to the first near-tie). CPU int8 quantizes activations too (fbgemm dynamic, 7-bit), which
-    Gemma's large activations feel: measured 76% agreement, max logit error 0.47 of the largest
-    logit, the reason int8 is not the GGUF default (runtime/loading.with_source_defaults). The
-    bounds catch a broken int8 path (wrong scales give ~0% agreement), not that known loss."""
+    to the first near-tie). Where oneDNN has its int8 kernel (VNNI), Gemma's int8 quantizes
+    activations per row with a residual row (layers/row_int8.py): measured 505/512 = 98.6% over
+    4 prompts x 128 tokens (121/128 on these 4 x 32), max logit error 0.069 of the largest
+    (8-bit rows alone: 96.3%, 0.163); fbgemm's per-batch 7-bit activations, the fallback
+    elsewhere, 76% and 0.47. The bounds catch a broken int8 path (wrong scales: ~0%)."""
+    from pipeserve.layers.row_int8 import available
+
     float_pipe = load_pipeline(gemma_file)  # no choice made: float, the default
     int8_pipe = load_pipeline(gemma_file, load_in_8bit=True)
     try:
@@ -60,11 +63,30 @@ def test_int8_deviation_from_float(gemma_file):
             worst = max(worst, ((quantized - exact).abs().max() / exact.abs().max()).item())
         print(f"int8 vs float: top-1 agreement {agree}/{total}, identical greedy prefix {identical_prefix} tokens "
               f"over {len(PROMPTS)} prompts, worst max|dlogit|/max|logit| {worst:.3f}")
-        assert agree / total >= 0.5, f"int8 agrees with float on {agree}/{total} greedy steps"
-        assert worst < 0.75
+        rows = available()
+        assert agree / total >= (0.9 if rows else 0.5), f"int8 agrees with float on {agree}/{total} greedy steps"
+        assert worst < (0.15 if rows else 0.75)
     finally:
         float_pipe.close()
         int8_pipe.close()
+
+
+def test_int8_tokens_do_not_depend_on_the_batch(gemma_file):
+    """A request's greedy tokens with int8 weights are the same alone and decoded in one batch
+    with other requests (per-row activation scales, integer sums; the tied head's choice is the
+    float32 argmax in both). fbgemm's dynamic int8 shares one activation scale per batch."""
+    from pipeserve.layers.row_int8 import available
+
+    if not available():
+        pytest.skip("no oneDNN int8 kernel (VNNI): load_in_8bit is fbgemm's per-batch int8 here")
+    pipe = load_pipeline(gemma_file, load_in_8bit=True)
+    try:
+        options = {"max_new_tokens": 24, "min_new_tokens": 24}
+        alone = [pipe.generate([prompt], options)[0].sequences[0].text for prompt in PROMPTS]
+        together = [r.sequences[0].text for r in pipe.generate(PROMPTS, options)]
+        assert together == alone
+    finally:
+        pipe.close()
 
 
 _MEASURE = """

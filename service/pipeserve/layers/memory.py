@@ -42,7 +42,7 @@ def module_memory(modules: Iterable[nn.Module]) -> dict[str, int]:
             for tensor in direct:
                 if tensor is None:
                     continue
-                kind = ("screening" if isinstance(owner, VerifiedHead)
+                kind = ("screening" if isinstance(owner, VerifiedHead) or getattr(owner, "memory_kind", "") == "screening"
                         else "packed" if tensor.is_mkldnn else "weights")
                 usage[kind] += _nbytes(tensor, seen)
     return usage

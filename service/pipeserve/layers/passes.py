@@ -13,6 +13,7 @@ predicate and is skipped where it does not apply (the option is off, the weights
 the family has no such head). A family opts into the passes that only some families take
 through its `post_load` attribute ("int8", "device_map", "column_major_head"; models/causal_lm.py;
 "fuse_projections": the groups its `fusable_projections()` lists become one linear each;
+"row_int8": int8 weights quantize activations per row, layers/row_int8.py, models/gemma3.py;
 "share_tied_head": the tied head keeps the embedding's one weight, column-major, instead of a
 packed copy; "exact_head": greedy steps take the exact projection, no screening copy;
 models/whisper.py);
@@ -28,12 +29,14 @@ import torch
 from torch import nn
 
 from . import verified_head as verified
+from .int8_head import Int8ScreenedHead, int8_screen_available
 from .device_map import dispatch
 from .fused_linear import fuse_projections
 from .half_storage import keep_half_storage
 from .head_layout import column_major_head, column_major_head_applies
 from .packed_linear import pack_linears, packable
 from .quantization import quantize_int8
+from .row_int8 import available as row_int8_available, quantize_row_int8
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,9 @@ class VerifiedHeadSite:
     attribute: str
     weight: torch.Tensor
     exact_from: int | None = None
+    # "bfloat16" (VerifiedHead: argmax, log-softmax, timestamp rows) or "int8" (Int8ScreenedHead:
+    # the argmax only, a quarter of float32's bytes; layers/int8_head.py)
+    screen: str = "bfloat16"
 
 
 @dataclass(frozen=True)
@@ -69,10 +75,27 @@ def accepts(model: nn.Module, what: str) -> bool:
 
 
 def _quantize(model: nn.Module, context: PostLoad) -> None:
-    # A tied lm_head gets its own int8 copy: decoding reads it every step, the embedding only
-    # gathers rows, so the copy buys bandwidth for little memory.
-    quantize_int8(model)
-    model.eval()  # the new Int8Linear modules too
+    if _row_int8(model, context):
+        # Per-row activations (batch-invariant; layers/row_int8.py). The tied head stays the
+        # embedding's float32 weight: greedy rows read it through the int8 screen (exact choice,
+        # whatever the batch), the others exactly.
+        quantize_row_int8(model, skip=_tied_linears(model))
+    else:
+        # A tied lm_head gets its own int8 copy: decoding reads it every step, the embedding only
+        # gathers rows, so the copy buys bandwidth for little memory.
+        quantize_int8(model)
+    model.eval()  # the new int8 modules too
+
+
+def _row_int8(model: nn.Module, context: PostLoad) -> bool:
+    """The family takes per-row int8 activations (its `post_load` says "row_int8"), the model
+    is on the CPU and oneDNN has the int8 kernel (VNNI); elsewhere fbgemm's dynamic int8."""
+    return accepts(model, "row_int8") and context.options.torch_device.type == "cpu" and row_int8_available()
+
+
+def _tied_linears(model: nn.Module) -> set[int]:
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    return {id(m) for m in model.modules() if isinstance(m, nn.Linear) and id(m.weight) in embeddings}
 
 
 def _place(model: nn.Module, context: PostLoad) -> None:
@@ -89,21 +112,38 @@ def _pack_applies(model: nn.Module, context: PostLoad) -> bool:
 
 def _pack(model: nn.Module, context: PostLoad) -> None:
     if context.options.packed_linear:
-        pack_linears(model, share_tied=accepts(model, "share_tied_head"))
+        # a row-int8 model's tied head stays the embedding's one weight (no float32 copy)
+        share = accepts(model, "share_tied_head") or (context.options.load_in_8bit and _row_int8(model, context))
+        pack_linears(model, share_tied=share)
     if accepts(model, "column_major_head"):
         column_major_head(model)  # a head packing did not take: one GEMM over contiguous memory
 
 
 def _verified_head_applies(model: nn.Module, context: PostLoad) -> bool:
     site = context.verified_head
-    if site is None or accepts(model, "exact_head") or not verified.enabled(site.weight, context.options):
+    if site is None or accepts(model, "exact_head"):
+        return False
+    if site.screen == "int8" and _int8_screen_applies(site, context):
+        return True
+    if not verified.enabled(site.weight, context.options):
         return False
     return site.exact_from is None or 0 < site.exact_from < site.weight.shape[0]
 
 
+def _int8_screen_applies(site: VerifiedHeadSite, context: PostLoad) -> bool:
+    # the float32 embedding it rescores with stays (an fbgemm int8 head keeps its own copy)
+    return context.options.packed_linear and site.exact_from is None and int8_screen_available(site.weight)
+
+
 def _install_verified_head(model: nn.Module, context: PostLoad) -> None:
+    # An int8 site takes the int8 screen where the CPU has oneDNN's int8 GEMM (VNNI), else the
+    # bfloat16 screen where it runs bfloat16 natively (layers/int8_head.py).
     site = context.verified_head
-    setattr(site.owner, site.attribute, verified.VerifiedHead(site.weight, site.exact_from))
+    if site.screen == "int8" and _int8_screen_applies(site, context):
+        head = Int8ScreenedHead(site.weight)
+    else:
+        head = verified.VerifiedHead(site.weight, site.exact_from)
+    setattr(site.owner, site.attribute, head)
 
 
 def _half_storage_applies(model: nn.Module, context: PostLoad) -> bool:

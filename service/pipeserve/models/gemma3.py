@@ -281,7 +281,10 @@ class _Gemma3TextModel(nn.Module):
 class Gemma3ForCausalLM(CausalLM):
     """Gemma3ForCausalLM (and Gemma3ForConditionalGeneration's language model)."""
 
-    post_load = CausalLM.post_load | {"fuse_projections"}
+    # load_in_8bit quantizes activations per row (layers/row_int8.py: batch-invariant, with a
+    # residual row): fbgemm's per-batch 7-bit activations moved Gemma's greedy choice on a
+    # quarter of the steps, and made a row's tokens depend on its batch
+    post_load = CausalLM.post_load | {"fuse_projections", "row_int8"}
 
     def __init__(self, config: Gemma3TextConfig):
         super().__init__()

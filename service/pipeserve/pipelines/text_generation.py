@@ -92,15 +92,15 @@ class Started:
 
 
 def _verified_head_site(model: nn.Module) -> VerifiedHeadSite | None:
-    """Plain greedy steps read the output projection through a bfloat16 screen (layers/verified_head.py)
-    where it pays (the pass checks: CPU float32 with native bfloat16, the float32 head, not int8)
-    and where the head is tied to the input embedding, whose dense weight stays for the float32
-    rescoring (an untied head keeps only its packed copy)."""
+    """Plain greedy rows read the output projection through an int8 screen (layers/int8_head.py;
+    the pass checks: a CPU float32 head and oneDNN's int8 GEMM with VNNI, else the bfloat16
+    screen where bfloat16 is native) where the head is tied to the input embedding, whose dense
+    float32 weight stays for the exact rescoring (an untied head keeps only its packed copy)."""
     head = getattr(model, "lm_head", None)
     if type(head) is not nn.Linear:
         return None
     if any(isinstance(m, nn.Embedding) and m.weight is head.weight for m in model.modules()):
-        return VerifiedHeadSite(model, "verified_head", head.weight)
+        return VerifiedHeadSite(model, "verified_head", head.weight, screen="int8")
     return None
 
 

@@ -6,11 +6,11 @@ A prompt is passed `prefill_chunk` tokens at a time (one chunk per engine iterat
 running streams are not stalled by a long prompt), one row per request; when the last chunk is
 through, a request's extra sequences (num_return_sequences) copy its first sequence's cache. A
 decoding step feeds each sequence its last token and writes one key/value per layer at that
-sequence's own position. The scores of a decoding step and of a prompt's last chunk come from
-the model's float32 head, or for rows whose choice is a plain argmax from its verified head when
-it has one (layers/verified_head.py: the float32 argmax at half the head's bytes); a prompt's
-earlier chunks run no head at all. The time each pass took is charged to the requests
-it served (`compute_s`, `max_batch`).
+sequence's own position. The scores of a decoding step, and of a prompt's last position, come
+from the model's float32 head, or for rows whose choice is a plain argmax from its verified
+head when it has one (layers/int8_head.py, layers/verified_head.py: the float32 argmax at a
+quarter or half of the head's bytes); a prompt's earlier chunks run no head at all. The time
+each pass took is charged to the requests it served (`compute_s`, `max_batch`).
 
 The model is any causal LM with the engine's contract (models/causal_lm.py CausalLM: `hidden`,
 `lm_head`, forward with `last_only`, `max_positions`, optional `verified_head`).

@@ -1,0 +1,170 @@
+"""The int8-screened head (layers/int8_head.py): greedy text generation's output projection
+screened with int8 weights gives the float32 argmax, on random heads (outlier rows, masks, flat
+and peaked logits) and on the real Gemma 3 270M head over teacher-forced greedy steps."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from pipeserve.layers import int8_head
+
+pytestmark = pytest.mark.skipif(not int8_head.int8_screen_available(torch.ones(1, 1)),
+                                reason="no native bfloat16 or no int8 kernel on this CPU: the head is not used")
+
+VOCAB, DIM = 6000, 96
+
+
+def _weight(seed: int = 0, outliers: bool = False) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    weight = torch.randn(VOCAB, DIM, generator=g) * 0.05
+    if outliers:
+        # one large weight in some rows: those rows get a coarse int8 scale (large rounding)
+        rows = torch.arange(0, VOCAB, 7)
+        weight[rows, rows % DIM] *= 40
+    return weight
+
+
+def _hidden(rows: int, scale: float, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(rows, DIM, generator=g) * scale
+
+
+def _no_mask(scores: torch.Tensor) -> None:
+    pass
+
+
+@pytest.mark.parametrize("outliers", [False, True])
+@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("scale", [3.0, 30.0, 300.0])  # flat to sharply peaked logits
+def test_choice_and_maximum_equal_float32(outliers, rows, scale):
+    weight = _weight(outliers=outliers)
+    head = int8_head.Int8ScreenedHead(weight, max_rescored=VOCAB)
+    for seed in range(5):
+        h = _hidden(rows, scale, seed=seed)
+        exact = h @ weight.T
+        got = head.scores(h, _no_mask, lambda x: x @ weight.T)
+        assert torch.equal(got.argmax(-1), exact.argmax(-1))
+        noise = 1e-6 * exact.abs().max().item() + 1e-6  # float32 summation order
+        torch.testing.assert_close(got.amax(-1), exact.amax(-1), rtol=0, atol=noise)
+        # every unrescored score is below the maximum, so no wrong token can win
+        assert (got <= got.amax(-1, keepdim=True)).all()
+
+
+def test_the_per_row_bound_holds():
+    """|float32 logit - screened| <= the bound the head computes, on every row and input."""
+    weight = _weight(outliers=True)
+    head = int8_head.Int8ScreenedHead(weight)
+    for seed in range(10):
+        h = _hidden(2, 20.0, seed=seed)
+        h[:, 3] = 400.0  # a large activation: a coarse per-row step
+        exact = (h.double() @ weight.double().T)
+        screened, quantization = head.project(h)
+        screened = screened.double()
+        h_norm = h.norm(dim=1, keepdim=True).double()
+        quantization = quantization.double()
+        bound = (head.rounding_norms.double()[None, :] * h_norm
+                 + head.row_norm * (quantization + 2.0 ** -12 * h_norm + 2.0 ** -20 * (h_norm + quantization)))
+        assert ((exact - screened).abs() <= bound).all()
+        # and the bound is not vacuous: within a few percent of the logits' spread
+        assert bound.max() < 0.1 * (exact.max() - exact.min())
+
+
+def test_a_row_chooses_the_same_token_in_any_batch():
+    """Scores of a row screened alone and among other rows: bitwise equal (per-row activation
+    scales, integer sums), so the rescored set and the choice are too."""
+    weight = _weight(outliers=True)
+    head = int8_head.Int8ScreenedHead(weight, max_rescored=VOCAB)
+    crowd = _hidden(12, 30.0) * torch.logspace(-1, 1, 12)[:, None]
+    alone = torch.cat([head.project(crowd[i:i + 1])[0] for i in range(12)])
+    assert torch.equal(head.project(crowd)[0], alone)
+    exact = lambda x: x @ weight.T  # noqa: E731
+    chosen = head.scores(crowd, _no_mask, exact).argmax(-1)
+    assert chosen.tolist() == [head.scores(crowd[i:i + 1], _no_mask, exact).argmax().item() for i in range(12)]
+
+
+def test_masked_tokens_stay_masked_and_a_fully_masked_row_is_fine():
+    weight = _weight()
+    head = int8_head.Int8ScreenedHead(weight, max_rescored=VOCAB)
+    h = _hidden(2, 30.0)
+    exact = h @ weight.T
+    best = exact[0].argmax().item()
+
+    def mask(scores):
+        scores[0, best] = -math.inf  # the float32 winner is suppressed: the runner-up must win
+        scores[1, :] = -math.inf
+
+    got = head.scores(h, mask, lambda x: x @ weight.T)
+    expected = exact.clone()
+    mask(expected)
+    assert got[0].argmax().item() == expected[0].argmax().item()
+    assert got[0, best] == -math.inf and torch.isinf(got[1]).all()
+    assert not torch.isnan(got).any()
+
+
+def test_too_many_candidates_take_the_float32_projection_and_later_probe_again():
+    # rows that differ by less than int8 rounding: every row is a candidate
+    weight = _weight(seed=2) * 1e-3 + torch.linspace(0.5, 1.0, DIM)[None, :]
+    head = int8_head.Int8ScreenedHead(weight, max_rescored=10)
+    flat = _hidden(1, 1.0)
+    calls = []
+
+    def exact(x):
+        calls.append(1)
+        return x @ weight.T
+
+    for _ in range(40):
+        torch.testing.assert_close(head.scores(flat, _no_mask, exact), flat @ weight.T)
+    assert len(calls) == 40 and head._fallback_rate > 0.5
+    head.max_rescored = VOCAB  # screening pays again: the next probe succeeds and screening resumes
+    for _ in range(3 * head.PROBE_EVERY):
+        head.scores(flat, _no_mask, exact)
+    assert head._fallback_rate < 0.5
+
+
+def test_memory_is_counted_as_screening():
+    from pipeserve.layers.memory import module_memory
+
+    weight = _weight()
+    model = torch.nn.Module()
+    model.embed = torch.nn.Embedding.from_pretrained(weight)
+    model.head = int8_head.Int8ScreenedHead(model.embed.weight)
+    usage = module_memory([model])
+    assert usage["weights"] == weight.numel() * 4  # the shared float32 weight once
+    assert usage["screening"] >= weight.numel()  # the int8 copy (+ scales, norms)
+    assert usage["screening"] < weight.numel() * 1.2
+
+
+@pytest.mark.slow
+def test_real_gemma_greedy_choices_equal_float32():
+    """Teacher-forced over the float path's own greedy tokens on several prompts: the screen's
+    choice is the float32 head's on every step."""
+    from harness import load_pipeline
+    from pipeserve.checkpoints.embedded import embedded_model_dir
+
+    [path] = embedded_model_dir("text-generation").glob("*.gguf")
+    pipe = load_pipeline(path, load_in_8bit=False)
+    try:
+        model = pipe.model
+        head = model.verified_head
+        assert isinstance(head, int8_head.Int8ScreenedHead)
+        prompts = ["The capital of France is", "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
+                   "Once upon a time, in a small village by the sea, there lived"]
+        steps = 0
+        for prompt in prompts:
+            [result] = pipe.generate([prompt], {"max_new_tokens": 32, "min_new_tokens": 32})
+            tokens = [t.token for t in result.sequences[0].tokens]
+            ids = torch.tensor([pipe.encode(prompt) + tokens])
+            with torch.no_grad():
+                hidden = model.hidden(ids)[0, -33:-1]
+                exact = model.lm_head(hidden).float()
+            assert exact.argmax(-1).tolist() == tokens
+            for i in range(32):
+                got = head.scores(hidden[i:i + 1], _no_mask, model.lm_head)
+                assert got.argmax().item() == tokens[i]
+                steps += 1
+        assert head._fallback_rate < 0.5  # the screen, not the float32 fallback, made the choices
+        assert steps == 96
+    finally:
+        pipe.close()
