@@ -35,7 +35,6 @@ from .serving.drain import Drain
 from .serving.interceptors import ErrorInterceptor
 from .serving.late_services import LateServices, refusing_handlers
 from .serving.logs import configure_logging
-from .serving.metrics import Metrics
 from .serving.observability import TelemetryInterceptor
 from .serving.security import SecurityInterceptor, server_credentials
 from .serving.startup import Startup, prefetch_weights, startup_timeline
@@ -44,6 +43,7 @@ from .tasks import Task
 
 if TYPE_CHECKING:  # torch-backed: imported by _import_runtime, after the port is bound
     from .api.common import App
+    from .serving.metrics import Metrics  # prometheus_client: only when metrics_listen is set
     from .http.front_door import FrontDoor
     from .runtime.manager import ModelManager
 
@@ -226,8 +226,11 @@ async def start(settings: Settings, *, preload_defaults: bool = False) -> Runnin
         ("grpc.http2.min_ping_interval_without_data_ms", 5000),
         ("grpc.keepalive_permit_without_calls", 1),
     ]
-    metrics = Metrics() if settings.metrics_listen else None
-    if metrics is not None:
+    metrics: Metrics | None = None
+    if settings.metrics_listen:
+        from .serving.metrics import Metrics
+
+        metrics = Metrics()
         metrics.awaiting_app = True  # calls before the app is bound label their model "unknown"
     security = SecurityInterceptor(settings)
 
