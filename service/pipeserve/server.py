@@ -160,15 +160,25 @@ class _Health:
 
 
 @contextlib.contextmanager
-def _collector_paused():
+def _collector_paused(freeze: bool = False):
     """Python's cyclic garbage collector off while the runtime imports: torch and the servicers
     create ~280k objects that all live on, and the collections they trigger only traverse
-    them: 1.43-1.53 -> 1.13-1.19 CPU seconds for the imports (issue #16). Restored after."""
+    them: 1.43-1.53 -> 1.13-1.19 CPU seconds for the imports (issue #16). Restored after.
+
+    Pausing alone only defers those traversals: the objects wait in the youngest generation,
+    and the first collections after it (generation 0, 1, then a full one, 0.09-0.11 CPU s each
+    on tiny.en's server) fall on the load and the first call. `freeze` moves everything alive
+    into the permanent generation instead (gc.freeze), which no collection traverses: what
+    the imports created lives as long as the process anyway. Only a server process freezes
+    (serve()): in a process that also holds other objects (tests), a cycle frozen alive would
+    never be collected once it became garbage."""
     enabled = gc.isenabled()
     gc.disable()
     try:
         yield
     finally:
+        if freeze:
+            gc.freeze()
         if enabled:
             gc.enable()
 
@@ -196,12 +206,13 @@ def _import_servicers() -> dict[str, Any]:
     return modules
 
 
-async def start(settings: Settings, *, preload_defaults: bool = False) -> RunningServer:
+async def start(settings: Settings, *, preload_defaults: bool = False, freeze_imports: bool = False) -> RunningServer:
     """Starts serving: binds and answers health first, then imports the runtime and the
     servicers (their calls answer UNAVAILABLE/STARTING meanwhile); returns once every service
     is bound. With `preload_defaults` the models of `preload_specs` load in the background
     (`RunningServer.preloading`), and each task's service answers UNAVAILABLE/STARTING until
-    its own default's load ends, however it ends."""
+    its own default's load ends, however it ends. `freeze_imports`: what the runtime's import
+    created is exempted from garbage collection (see _collector_paused; server processes)."""
     _import_generated()
     specs = preload_specs(settings) if preload_defaults else []
     prefetch_weights(spec.model for spec in specs)  # the disk reads the weights while torch imports
@@ -273,7 +284,9 @@ async def start(settings: Settings, *, preload_defaults: bool = False) -> Runnin
         log.info("pipeserve listening on %s (port %d); loading the runtime", settings.listen, port)
         startup_timeline("listening")
 
-        with _collector_paused():
+        # Frozen before any model exists: the preload starts below, and the servicers' import
+        # (paused, not frozen) runs beside it.
+        with _collector_paused(freeze=freeze_imports):
             runtime = await asyncio.to_thread(_import_runtime)
         if settings.compute_lane and settings.device == "cpu":
             runtime["compute"].install(lanes=settings.compute_lanes)
@@ -371,7 +384,7 @@ async def preload(running: RunningServer, specs: list[ModelSpec] | None = None,
 
 
 async def serve(settings: Settings) -> None:
-    running = await start(settings, preload_defaults=True)
+    running = await start(settings, preload_defaults=True, freeze_imports=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
