@@ -16,8 +16,9 @@ the same clip; its own VmRSS/VmHWM at the end.
 Both engines start from byte-compiled code, as installed packages do (pip compiles every
 module it installs; faster-whisper's bench copy was installed so): the bench compiles the
 server trees it runs first (`compileall`, into their gitignored __pycache__ folders), since a
-source checkout under PYTHONDONTWRITEBYTECODE would otherwise compile pipeserve's ~200
-modules in every run (0.1-0.15 CPU s on the path to the first transcript). `--no-compile`
+source checkout under PYTHONDONTWRITEBYTECODE would otherwise compile the ~130 pipeserve
+modules a speech server imports in every run (0.1-0.15 CPU s on the path to the first
+transcript). `--no-compile`
 measures a source tree as it is.
 
 Runs alternate between the engines (pipeserve, faster-whisper, pipeserve, ...) so machine
