@@ -169,9 +169,11 @@ def _collector_paused(freeze: bool = False):
     and the first collections after it (generation 0, 1, then a full one, 0.09-0.11 CPU s each
     on tiny.en's server) fall on the load and the first call. `freeze` moves everything alive
     into the permanent generation instead (gc.freeze), which no collection traverses: what
-    the imports created lives as long as the process anyway. Only a server process freezes
-    (serve()): in a process that also holds other objects (tests), a cycle frozen alive would
-    never be collected once it became garbage."""
+    the imports created lives as long as the process anyway. So does whatever calls answered
+    meanwhile (health, STARTING refusals) leave in reference cycles: once per process, at most
+    what the calls of that second of start leave. Only a server process freezes (serve()): in
+    a process that also holds other objects (tests), a cycle frozen alive would never be
+    collected once it became garbage."""
     enabled = gc.isenabled()
     gc.disable()
     try:
