@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -60,13 +62,15 @@ print(json.dumps({"heavy": sorted(name for name in ("torch._dynamo", "sympy", "t
 def test_the_server_module_imports_no_torch_and_the_servicers_nothing_a_speech_server_skips():
     """pipeserve.server binds its port before importing torch, so importing it must not pull
     torch in; the servicers import torch but not what only other tasks or off-by-default
-    features need (PIL for images, aiohttp for the HTTP front door, gguf, torch's compiler)."""
+    features need (PIL for images, aiohttp for the HTTP front door, prometheus_client for the
+    metrics endpoint, gguf, torch's compiler)."""
     result = _fresh_python("""
 import json, sys
 import pipeserve.server as server
-first = sorted(m for m in ("torch", "numpy", "PIL", "aiohttp", "gguf") if m in sys.modules)
+first = sorted(m for m in ("torch", "numpy", "PIL", "aiohttp", "gguf", "prometheus_client") if m in sys.modules)
 server._import_runtime(); server._import_servicers()
-then = sorted(m for m in ("PIL", "aiohttp", "gguf", "sympy", "torch._dynamo", "transformers") if m in sys.modules)
+then = sorted(m for m in ("PIL", "aiohttp", "gguf", "sympy", "torch._dynamo", "transformers", "prometheus_client")
+              if m in sys.modules)
 print(json.dumps({"first": first, "then": then, "torch": "torch" in sys.modules}))
 """)
     assert result == {"first": [], "then": [], "torch": True}
@@ -87,3 +91,81 @@ def test_a_server_process_listens_before_its_runtime_is_imported(tmp_path):
     finally:
         server.terminate()
         server.kill()
+
+
+def test_a_speech_only_server_process_loads_and_transcribes_without_other_tasks_modules():
+    """What a speech-only server holds after loading Whisper tiny.en and transcribing: none of
+    the modules only other tasks or off-by-default features need, and no compiler."""
+    result = _fresh_python("""
+import json, sys
+import torch
+import pipeserve.server as server
+server._import_runtime(); server._import_servicers()
+from pipeserve.checkpoints.hub import resolve
+from pipeserve.pipelines.base import LoadOptions
+from pipeserve.runtime.loading import load_pipeline
+pipeline = load_pipeline(resolve("embedded/whisper-tiny.en", None, offline=True), LoadOptions(),
+                         "automatic-speech-recognition")
+text = pipeline.transcribe([torch.zeros(16000)])[0].text
+skipped = ("PIL", "aiohttp", "gguf", "sympy", "torch._dynamo", "transformers", "prometheus_client", "safetensors")
+print(json.dumps({"held": sorted(m for m in skipped if m in sys.modules), "text": isinstance(text, str)}))
+""")
+    assert result == {"held": [], "text": True}
+
+
+def test_the_tied_head_converts_into_column_major_exactly_block_by_block(tmp_path):
+    """CTranslate2's float16 head is converted to float32 straight into the column-major layout
+    in blocks of rows: every value equals a plain conversion's, across a last partial block."""
+    import struct
+
+    from pipeserve.checkpoints import ctranslate2
+
+    rows, cols = 2 * ctranslate2._TRANSPOSE_BLOCK_ROWS + 37, 12
+    head = torch.randn(rows, cols).half()
+    name = b"decoder/embeddings/weight"
+    variable = (struct.pack("<H", len(name) + 1) + name + b"\0" + struct.pack("<B2I", 2, rows, cols)
+                + struct.pack("<BI", 4, head.numel() * 2) + head.numpy().tobytes())
+    path = tmp_path / "model.bin"
+    path.write_bytes(struct.pack("<I", 6) + struct.pack("<H", 12) + b"WhisperSpec\0" + struct.pack("<I", 1)
+                     + struct.pack("<I", 1) + variable + struct.pack("<I", 0))
+    _, tensors = ctranslate2.read_variables(path, torch.float32, frozenset({name.decode()}))
+    converted = tensors[name.decode()]
+    assert converted.dtype == torch.float32 and converted.shape == (rows, cols) and converted.t().is_contiguous()
+    assert torch.equal(converted, head.float())
+
+
+def test_the_whisper_tokenizer_takes_the_added_tokens_of_tokenizer_json(tmp_path):
+    """The special tokens come from the parsed tokenizer (not a second parse of the file): the
+    same content -> id table as tokenizer.json's added_tokens, English and multilingual."""
+    import whisper_checkpoints as wc
+    from pipeserve.pipelines.whisper.tokenizer import WhisperTokenizer
+
+    for label, data in (("english", json.loads((wc.tokenizer_dir() / "tokenizer.json").read_text("utf-8"))),
+                        ("multilingual", wc.multilingual_tokenizer_json())):
+        path = tmp_path / f"{label}.json"
+        path.write_text(json.dumps(data), encoding="utf-8")
+        tok = WhisperTokenizer(path)
+        assert tok.added == {t["content"]: t["id"] for t in data["added_tokens"]}, label
+    assert tok.is_multilingual and tok.lang_to_id["en"] == tok.sot + 1
+
+
+def test_a_whisper_load_with_a_broken_tokenizer_fails_as_such_and_leaves_no_thread(tmp_path):
+    """The tokenizer loads on a helper thread beside the weights: its failure is still the
+    load's BAD_TOKENIZER error, and the helper thread does not outlive the load."""
+    import threading
+
+    import pytest
+    import whisper_checkpoints as wc
+    from pipeserve.checkpoints.hub import resolve
+    from pipeserve.errors import ModelLoadFailed
+    from pipeserve.pipelines.base import LoadOptions
+    from pipeserve.runtime.loading import load_pipeline
+
+    for name in ("model.bin", "config.json"):
+        (tmp_path / name).symlink_to(wc.embedded_dir() / name)
+    (tmp_path / "tokenizer.json").write_text('{"model": {"type": "BPE", "vocab": ', encoding="utf-8")
+    files = resolve(str(tmp_path), None, offline=True)
+    with pytest.raises(ModelLoadFailed) as failed:
+        load_pipeline(files, LoadOptions(), "automatic-speech-recognition")
+    assert failed.value.reason == "BAD_TOKENIZER"
+    assert not [t for t in threading.enumerate() if t.name.startswith("pipeserve-tokenizer")]

@@ -13,6 +13,14 @@ faster-whisper: a fresh process that imports faster_whisper, loads the same CTra
 weights (float32 compute, as pipeserve, unless --fw-compute says otherwise) and transcribes
 the same clip; its own VmRSS/VmHWM at the end.
 
+Both engines start from byte-compiled code, as installed packages do (pip compiles every
+module it installs; faster-whisper's bench copy was installed so): the bench compiles the
+server trees it runs first (`compileall`, into their gitignored __pycache__ folders), since a
+source checkout under PYTHONDONTWRITEBYTECODE would otherwise compile the ~130 pipeserve
+modules a speech server imports in every run (0.1-0.15 CPU s on the path to the first
+transcript). `--no-compile`
+measures a source tree as it is.
+
 Runs alternate between the engines (pipeserve, faster-whisper, pipeserve, ...) so machine
 load hits both alike; the report gives the median and the best of the runs. The clip is
 espeak-ng speech (about 5 s).
@@ -30,6 +38,7 @@ two threads overlap). faster-whisper's child reports its import, load and transc
 from __future__ import annotations
 
 import argparse
+import compileall
 import json
 import os
 import re
@@ -179,8 +188,15 @@ def main() -> None:
     parser.add_argument("--no-faster-whisper", action="store_true")
     parser.add_argument("--baseline-tree", type=Path,
                         help="also run the server of this source tree (e.g. `git archive <commit> service | tar -x`)")
+    parser.add_argument("--no-compile", action="store_true",
+                        help="do not byte-compile the server trees first (run them as the checkout is)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
+    if not args.no_compile:
+        for tree in (ROOT, args.baseline_tree):
+            if tree is not None:
+                for folder in (tree / "service", ROOT / "clients" / "python"):
+                    compileall.compile_dir(folder, quiet=1)
     from pipeserve.checkpoints.embedded import embedded_model_dir
 
     model_dir = embedded_model_dir("automatic-speech-recognition")

@@ -35,7 +35,6 @@ from .serving.drain import Drain
 from .serving.interceptors import ErrorInterceptor
 from .serving.late_services import LateServices, refusing_handlers
 from .serving.logs import configure_logging
-from .serving.metrics import Metrics
 from .serving.observability import TelemetryInterceptor
 from .serving.security import SecurityInterceptor, server_credentials
 from .serving.startup import Startup, prefetch_weights, startup_timeline
@@ -44,6 +43,7 @@ from .tasks import Task
 
 if TYPE_CHECKING:  # torch-backed: imported by _import_runtime, after the port is bound
     from .api.common import App
+    from .serving.metrics import Metrics  # prometheus_client: only when metrics_listen is set
     from .http.front_door import FrontDoor
     from .runtime.manager import ModelManager
 
@@ -160,15 +160,27 @@ class _Health:
 
 
 @contextlib.contextmanager
-def _collector_paused():
+def _collector_paused(freeze: bool = False):
     """Python's cyclic garbage collector off while the runtime imports: torch and the servicers
     create ~280k objects that all live on, and the collections they trigger only traverse
-    them: 1.43-1.53 -> 1.13-1.19 CPU seconds for the imports (issue #16). Restored after."""
+    them: 1.43-1.53 -> 1.13-1.19 CPU seconds for the imports (issue #16). Restored after.
+
+    Pausing alone only defers those traversals: the objects wait in the youngest generation,
+    and the first collections after it (generation 0, 1, then a full one, 0.09-0.11 CPU s each
+    on tiny.en's server) fall on the load and the first call. `freeze` moves everything alive
+    into the permanent generation instead (gc.freeze), which no collection traverses: what
+    the imports created lives as long as the process anyway. So does whatever calls answered
+    meanwhile (health, STARTING refusals) leave in reference cycles: once per process, at most
+    what the calls of that second of start leave. Only a server process freezes (serve()): in
+    a process that also holds other objects (tests), a cycle frozen alive would never be
+    collected once it became garbage."""
     enabled = gc.isenabled()
     gc.disable()
     try:
         yield
     finally:
+        if freeze:
+            gc.freeze()
         if enabled:
             gc.enable()
 
@@ -196,12 +208,13 @@ def _import_servicers() -> dict[str, Any]:
     return modules
 
 
-async def start(settings: Settings, *, preload_defaults: bool = False) -> RunningServer:
+async def start(settings: Settings, *, preload_defaults: bool = False, freeze_imports: bool = False) -> RunningServer:
     """Starts serving: binds and answers health first, then imports the runtime and the
     servicers (their calls answer UNAVAILABLE/STARTING meanwhile); returns once every service
     is bound. With `preload_defaults` the models of `preload_specs` load in the background
     (`RunningServer.preloading`), and each task's service answers UNAVAILABLE/STARTING until
-    its own default's load ends, however it ends."""
+    its own default's load ends, however it ends. `freeze_imports`: what the runtime's import
+    created is exempted from garbage collection (see _collector_paused; server processes)."""
     _import_generated()
     specs = preload_specs(settings) if preload_defaults else []
     prefetch_weights(spec.model for spec in specs)  # the disk reads the weights while torch imports
@@ -226,8 +239,11 @@ async def start(settings: Settings, *, preload_defaults: bool = False) -> Runnin
         ("grpc.http2.min_ping_interval_without_data_ms", 5000),
         ("grpc.keepalive_permit_without_calls", 1),
     ]
-    metrics = Metrics() if settings.metrics_listen else None
-    if metrics is not None:
+    metrics: Metrics | None = None
+    if settings.metrics_listen:
+        from .serving.metrics import Metrics
+
+        metrics = Metrics()
         metrics.awaiting_app = True  # calls before the app is bound label their model "unknown"
     security = SecurityInterceptor(settings)
 
@@ -270,7 +286,9 @@ async def start(settings: Settings, *, preload_defaults: bool = False) -> Runnin
         log.info("pipeserve listening on %s (port %d); loading the runtime", settings.listen, port)
         startup_timeline("listening")
 
-        with _collector_paused():
+        # Frozen before any model exists: the preload starts below, and the servicers' import
+        # (paused, not frozen) runs beside it.
+        with _collector_paused(freeze=freeze_imports):
             runtime = await asyncio.to_thread(_import_runtime)
         if settings.compute_lane and settings.device == "cpu":
             runtime["compute"].install(lanes=settings.compute_lanes)
@@ -368,7 +386,7 @@ async def preload(running: RunningServer, specs: list[ModelSpec] | None = None,
 
 
 async def serve(settings: Settings) -> None:
-    running = await start(settings, preload_defaults=True)
+    running = await start(settings, preload_defaults=True, freeze_imports=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -24,6 +24,8 @@ import torch
 
 from ..errors import ModelLoadFailed
 
+# Rows converted at a time into a column-major layout (see _load_variable).
+_TRANSPOSE_BLOCK_ROWS = 256
 # dtype code -> torch dtype (CTranslate2 DataType enum order).
 _DTYPES = {0: torch.float32, 1: torch.int8, 2: torch.int16, 3: torch.int32, 4: torch.float16, 5: torch.bfloat16}
 
@@ -118,7 +120,11 @@ def _load_variable(raw: memoryview, offset: int, dims: list[int], dtype: torch.d
     target = convert_to if convert else dtype
     if column_major and len(dims) == 2:
         out = torch.empty(dims[::-1], dtype=target).t()
-        out.copy_(source)
+        # Row blocks: each block's rows land as short contiguous runs in every column, which
+        # the caches keep; one strided copy of the whole matrix converted Whisper tiny's head
+        # (51864 x 384, float16 -> float32) in 0.17 CPU s, blocks of 256 rows in 0.06 s.
+        for first in range(0, dims[0], _TRANSPOSE_BLOCK_ROWS):
+            out[first:first + _TRANSPOSE_BLOCK_ROWS].copy_(source[first:first + _TRANSPOSE_BLOCK_ROWS])
     else:
         out = source.to(target, copy=True)
     del source

@@ -44,9 +44,6 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
                    120.0, 300.0)
 # Items per batch: powers of two up to the largest max_batch_size anyone sensibly configures.
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
-# The grpc_type label of go-grpc-prometheus, by (request streaming, response streaming).
-GRPC_TYPES = {(False, False): "unary", (True, False): "client_stream", (False, True): "server_stream",
-              (True, True): "bidi_stream"}
 # Label for a model name the manager does not hold (a typo, a fuzzer): keeps cardinality bounded.
 UNKNOWN_MODEL = "unknown"
 

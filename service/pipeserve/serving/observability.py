@@ -11,18 +11,23 @@ import asyncio
 import logging
 import time
 import uuid
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import grpc
 
 from ..bounds import MAX_REQUEST_ID_CHARS, for_log
 from .interceptors import wrap_handler
 from .logs import request_id_var
-from .metrics import GRPC_TYPES, Metrics
 from .tracing import finish_span, rpc_span
+
+if TYPE_CHECKING:  # prometheus_client is imported only by servers that serve metrics
+    from .metrics import Metrics
 
 log = logging.getLogger("pipeserve.access")
 
+# The grpc_type label of go-grpc-prometheus, by (request streaming, response streaming).
+GRPC_TYPES = {(False, False): "unary", (True, False): "client_stream", (False, True): "server_stream",
+              (True, True): "bidi_stream"}
 # Probes and discovery: always open, logged at DEBUG only (kubelet checks every few seconds).
 OPEN_PREFIXES = ("/grpc.health.", "/grpc.reflection.")
 

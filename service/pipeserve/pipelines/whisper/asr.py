@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ClassVar, Iterator, Mapping
 
 import torch
@@ -35,7 +36,16 @@ from .batch_scheduler import BatchScheduler
 from .decoding import DecodeOptions, GenerationSettings, generate, text_compression_ratio
 from .features import HOP_LENGTH, N_SAMPLES, log_mel_spectrogram
 from .options import WhisperOptions
-from .tokenizer import ChunkMerger, load_tokenizer
+from .tokenizer import ChunkMerger, WhisperTokenizer, load_tokenizer
+
+
+def _tokenizer_and_settings(files: ModelFiles) -> tuple[WhisperTokenizer, GenerationSettings]:
+    tok = load_tokenizer(files.path)
+    if files.config.get("model_type"):
+        return tok, GenerationSettings.from_config(files.read_json("generation_config.json"), tok, files.config)
+    # CTranslate2 directory: its config.json holds alignment heads and suppressed ids
+    return tok, GenerationSettings.from_config(None, tok, ct2_config=files.config or {})
+
 
 class WhisperASRPipeline(Pipeline):
     task: ClassVar[Task] = Task.AUTOMATIC_SPEECH_RECOGNITION
@@ -62,19 +72,21 @@ class WhisperASRPipeline(Pipeline):
 
     @classmethod
     def from_files(cls, files: ModelFiles, options: LoadOptions) -> "WhisperASRPipeline":
-        tok = load_tokenizer(files.path)
-        if files.config.get("model_type"):
-            settings = GenerationSettings.from_config(files.read_json("generation_config.json"), tok, files.config)
-        else:  # CTranslate2 directory: its config.json holds alignment heads and suppressed ids
-            settings = GenerationSettings.from_config(None, tok, ct2_config=files.config or {})
-        timestamps_from = settings.no_timestamps_token_id + 1
+        # The tokenizer (0.15 CPU s, holding the GIL) loads on a second thread while this one
+        # reads the weights, whose conversion releases the GIL: a cold start waits for the
+        # longer of the two instead of their sum (issue #16).
+        with ThreadPoolExecutor(1, thread_name_prefix="pipeserve-tokenizer") as helper:
+            text_side = helper.submit(_tokenizer_and_settings, files)
 
-        def verified_head_site(model) -> VerifiedHeadSite:
-            # Greedy steps screen the text rows of the tied projection; timestamp rows stay exact.
-            return VerifiedHeadSite(model.decoder, "verified_head", model.decoder.embed_tokens.weight, timestamps_from)
+            def verified_head_site(model) -> VerifiedHeadSite:
+                # Greedy steps screen the text rows of the tied projection; timestamp rows stay exact.
+                timestamps_from = text_side.result()[1].no_timestamps_token_id + 1
+                return VerifiedHeadSite(model.decoder, "verified_head", model.decoder.embed_tokens.weight,
+                                        timestamps_from)
 
-        model = load_family_model(files, options, "conditional_generation", family=whisper_family,
-                                  verified_head=verified_head_site)
+            model = load_family_model(files, options, "conditional_generation", family=whisper_family,
+                                      verified_head=verified_head_site)
+            tok, settings = text_side.result()
         return cls(files, options, model, tok, settings)
 
     # -- options ---------------------------------------------------------------------------
