@@ -36,12 +36,11 @@ import torch
 from pipeserve.serving import openmp_defaults  # noqa: F401  (the server's OpenMP settings)
 from pipeserve.scheduling import compute
 compute.install(THREADS)
-if HEAP:
-    try:
-        from pipeserve.runtime.heap import limit_heap_slack
-        limit_heap_slack(HEAP)
-    except ImportError:  # a tree from before the setting: glibc's adaptive heap, as its server ran
-        pass
+# The server's manager sets the process's heap policy (runtime/manager.py, where the tree has one).
+from pipeserve.config import Settings
+from pipeserve.runtime.manager import ModelManager
+heap = {"heap_mmap_threshold_bytes": HEAP} if "heap_mmap_threshold_bytes" in getattr(Settings, "__dataclass_fields__", {}) else {}
+manager = ModelManager(Settings(**heap))
 from pipeserve.checkpoints.embedded import embedded_model_dir
 from pipeserve.checkpoints.hub import resolve
 from pipeserve.pipelines.base import LoadOptions
@@ -106,8 +105,8 @@ def run_child(tree: str, clips: list[str], threads: int, repeats: int, heap: int
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tree", action="append", required=True,
-                        help="name=path of a source tree, or name=path@bytes: its heap mmap threshold "
-                             "(runtime/heap.limit_heap_slack; default 262144, the server's; 0 = glibc's adaptive heap)")
+                        help="name=path of a source tree, or name=path@bytes: its server setting heap_mmap_threshold_bytes "
+                             "(default 262144, the server's; 0 = glibc's adaptive heap; ignored by trees without it)")
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3, help="passes over the clips in one process (best kept)")
     parser.add_argument("--clips", type=int, default=5)
