@@ -204,3 +204,32 @@ def test_a_yield_point_runs_only_the_calls_already_waiting_so_a_long_task_is_not
     while len(ran) < 200 and time.monotonic() < deadline:
         time.sleep(0.01)
     assert len(ran) == 200  # the stream still runs to its end, after the long task
+
+
+def test_activity_hooks_run_when_the_lanes_start_working_and_after_they_idle(lane, monkeypatch):
+    """The server keeps freed activations in the heap while the lanes work and returns them once
+    idle (runtime/manager.py): on_busy runs once when work starts after idleness, on_idle once
+    the lanes have waited IDLE_AFTER_S without a task, never while a task runs."""
+    import time
+
+    monkeypatch.setattr(compute, "IDLE_AFTER_S", 0.05)
+    lanes = compute.ComputeLane(threads=1, lanes=2)  # a fresh pool reads the short idle time
+    events = []
+    compute.set_activity_hooks(lambda: events.append("busy"), lambda: events.append("idle"))
+    try:
+        time.sleep(0.3)  # earlier tests' work ends in an idle report: start from quiet lanes
+        events.clear()
+
+        def long_task():
+            time.sleep(0.3)  # the other lane waits IDLE_AFTER_S several times meanwhile
+            return list(events)
+
+        assert lanes.call(long_task) == ["busy"]  # no idle hook while a task runs
+        deadline = time.monotonic() + 5
+        while events == ["busy"] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert events == ["busy", "idle"]
+        lanes.call(lambda: None)
+        assert events == ["busy", "idle", "busy"]
+    finally:
+        compute.set_activity_hooks(None, None)

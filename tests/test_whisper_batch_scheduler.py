@@ -70,8 +70,7 @@ def _steps(batch, joins: dict[int, list]) -> int:
     steps = 0
     with torch.inference_mode():
         while True:
-            for w in joins.pop(steps, []):
-                batch.join(w)
+            batch.join(joins.pop(steps, []))
             if not batch.active and not joins:
                 return steps
             batch.step()
@@ -131,6 +130,39 @@ def test_a_failing_window_fails_its_caller_only(pipe, encoder_out):
     with pytest.raises(_Boom):
         bad.future.result()
     assert _tokens(ok.future.result()) == alone
+
+
+def test_windows_joining_together_share_one_projection_and_a_failing_one_leaves_alone(pipe, encoder_out):
+    """Windows that join at the same step prefill their prompts one by one but project their
+    first positions through the vocabulary head once (it is read whole for any rows); a window
+    whose first scores fail leaves, the others get their alone results."""
+    from pipeserve.pipelines.whisper.logit_filters import LogitFilter
+    from pipeserve.pipelines.whisper.window_batch import WindowBatch
+
+    class BoomAtOnce(LogitFilter):
+        def apply(self, scores, generated):
+            raise _Boom("a filter failed on the first scores")
+
+    kinds = [dict(row=0, timestamps=True), dict(row=1, timestamps=False, rows=2), dict(row=2, timestamps=True)]
+    alone = [_tokens(_alone(pipe, _window(pipe, encoder_out, **k))) for k in kinds]
+    windows = [_window(pipe, encoder_out, **k) for k in kinds]
+    bad = _window(pipe, encoder_out, 1, timestamps=True, extra=BoomAtOnce())
+    projections = []
+    hook = pipe.model.decoder.proj_out.register_forward_hook(lambda m, args, out: projections.append(args[0].shape))
+    try:
+        batch = WindowBatch(pipe.model.decoder)
+        from pipeserve.scheduling import compute
+
+        compute.call(lambda: batch.join([windows[0], bad, *windows[1:]]))
+        # one projection of 2 positions x (1 + 1 + 2 + 1) rows
+        assert [tuple(p) for p in projections] == [(10, pipe.model.config.d_model)]
+        assert [w for w in batch.windows] == windows
+        _run(batch, {})
+    finally:
+        hook.remove()
+    with pytest.raises(_Boom):
+        bad.future.result()
+    assert [_tokens(w.future.result()) for w in windows] == alone
 
 
 def test_a_stopped_caller_leaves_at_the_next_step(pipe, encoder_out):

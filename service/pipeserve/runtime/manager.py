@@ -136,6 +136,16 @@ class ModelManager:
         # Activations' pages go back as they are freed (runtime/heap.py): process-wide, set once
         # by the server's manager before any model loads.
         limit_heap_slack(settings.heap_mmap_threshold_bytes)
+        # ...except while the compute lanes work (heap_mmap_threshold_busy_bytes): then freed
+        # activations stay in the heap for the next pass (a fresh mapping per activation faults
+        # its pages in again, 10-15 % of a transcription's CPU time), and once the lanes are
+        # idle the threshold comes back and the free pages go (compute.set_activity_hooks).
+        threshold, busy = settings.heap_mmap_threshold_bytes, settings.heap_mmap_threshold_busy_bytes
+        if threshold > 0 and busy > threshold:
+            compute.set_activity_hooks(lambda: limit_heap_slack(busy),
+                                       lambda: (limit_heap_slack(threshold), release_free_heap()))
+        else:
+            compute.set_activity_hooks(None, None)
         self._loader = loader
         self._on_change = on_change
         self._models: dict[str, ModelEntry] = {}

@@ -20,6 +20,10 @@ this one thread, and the outer guard keeps each task's mode independent of that 
 
 Without `install()` (library use, most tests) `call` and `run` just run the work where they
 are called, as before.
+
+Activity hooks (`set_activity_hooks`): the process is told when the lanes start working after
+being idle and when they have been idle for IDLE_AFTER_S; the server keeps freed activations
+in the C heap while busy and returns them when idle (runtime/manager.py, runtime/heap.py).
 """
 from __future__ import annotations
 
@@ -40,6 +44,60 @@ _lane: "ComputeLane | None" = None
 # from a thread that has not computed yet.
 DEFAULT_THREADS = torch.get_num_threads()
 _install_lock = threading.Lock()
+
+
+# The lanes count as idle after this long without a task (a Whisper batch scheduler's slices
+# follow each other within microseconds; a server between requests waits far longer).
+IDLE_AFTER_S = 1.0
+
+
+class _Activity:
+    """Busy/idle transitions of all lanes together, reported to the hooks (module doc)."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.running = 0
+        self.busy = False
+        self.on_busy: Callable[[], Any] | None = None
+        self.on_idle: Callable[[], Any] | None = None
+
+    def started(self) -> None:
+        with self.lock:
+            self.running += 1
+            hook = None if self.busy else self.on_busy
+            self.busy = True
+        if hook is not None:
+            _call_hook(hook)
+
+    def finished(self) -> None:
+        with self.lock:
+            self.running -= 1
+
+    def quiet(self) -> None:
+        """A lane waited IDLE_AFTER_S for a task."""
+        with self.lock:
+            hook = self.on_idle if self.busy and self.running == 0 else None
+            if hook is not None:
+                self.busy = False
+        if hook is not None:
+            _call_hook(hook)
+
+
+def _call_hook(hook: Callable[[], Any]) -> None:
+    try:
+        hook()
+    except Exception:  # a hook is housekeeping: it must never fail the lane
+        pass
+
+
+_activity = _Activity()
+
+
+def set_activity_hooks(on_busy: Callable[[], Any] | None, on_idle: Callable[[], Any] | None) -> None:
+    """`on_busy()` runs on a lane when it takes a task after the lanes were idle; `on_idle()`
+    once they have all waited IDLE_AFTER_S without one (both from a lane thread; None: no hook)."""
+    with _activity.lock:
+        _activity.on_busy, _activity.on_idle = on_busy, on_idle
 
 
 def _init_lane_thread(threads: int) -> None:
@@ -83,7 +141,16 @@ class ComputeLane:
         self._local.depth = 0
         ready.wait()
         while True:
-            self._run(self._queue.get())
+            try:
+                item = self._queue.get(timeout=IDLE_AFTER_S)
+            except queue.Empty:
+                _activity.quiet()
+                continue
+            _activity.started()
+            try:
+                self._run(item)
+            finally:
+                _activity.finished()
 
     def _run(self, item: tuple[Future, Callable, tuple, dict]) -> None:
         future, fn, args, kwargs = item

@@ -8,10 +8,10 @@ the scheduler two kinds of work, waiting on a future for each:
 - encode: log-mel windows; queued windows of all callers go through the encoder together,
   ENCODER_BATCH at a time, one pass in flight (its yield points let decoding steps through);
 - decode: one window's rows with their logit filters, token decoder (greedy, sampling, beam
-  search) and stop check. The window's prompt is prefilled alone, then its rows JOIN the
-  running batch; every step runs the rows of all active windows together (window_batch.py);
-  a window LEAVES when its decoder is done or its caller stops, and its caller gets its
-  results at once (a streamed segment is not held for the rest of the batch).
+  search) and stop check. The window's prompt is prefilled (windows joining together share
+  the projection of their first positions), then its rows JOIN the running batch; every step
+  runs the rows of all active windows together (window_batch.py); a window LEAVES when its
+  decoder is done or its caller stops, and its caller gets its results at once (a streamed segment is not held for the rest of the batch).
 
 The batch adapts to load: it takes what is waiting, up to `max_rows` windows (a beam-search
 window counts once); one call alone decodes exactly as with InlineRunner. A failing window
@@ -201,13 +201,13 @@ class BatchScheduler:
         started = time.monotonic()
         batch = self._batch
         while True:
-            while True:
-                with self._cond:
-                    fits = self._joining and (not batch.active or batch.rows + self._joining[0].rows <= self.max_rows)
-                    window = self._joining.popleft() if fits else None
-                if window is None:
-                    break
-                batch.join(window)
+            with self._cond:
+                joining, rows = [], batch.rows
+                while self._joining and (not (batch.active or joining) or rows + self._joining[0].rows <= self.max_rows):
+                    joining.append(self._joining.popleft())
+                    rows += joining[-1].rows
+            if joining:
+                batch.join(joining)
             if not batch.active:
                 return
             batch.step()

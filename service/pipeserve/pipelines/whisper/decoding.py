@@ -78,14 +78,27 @@ def window_filters(s: GenerationSettings, vocab: int, device, timestamps: bool) 
     return LogitFilters(filters)
 
 
+def prefill_hidden(model_decoder, encoder_out: torch.Tensor, prompt: torch.Tensor, sot_index: int,
+                   decoder: TokenDecoder):
+    """A window's prompt through the decoder layers -> (its cache, the final hidden states at
+    the <|startoftranscript|> position `sot_index` and the last position [rows, 2, d_model]):
+    `first_scores` reads the vocabulary projection of those two positions."""
+    cache = model_decoder.new_cache(encoder_out, prompt.shape[1] + decoder.max_new)
+    return cache, model_decoder.hidden(prompt, cache, logits_at=[sot_index, -1])
+
+
+def first_scores(logits: torch.Tensor, s: GenerationSettings, filters: LogitFilters, decoder: TokenDecoder):
+    """The projection of prefill_hidden's positions [rows, 2, vocab] -> (the no-speech
+    probability of each row, the first step's scores)."""
+    return _no_speech_prob(logits[:, 0], s), filters(decoder.scores(logits[:, 1]), decoder.sequences)
+
+
 def prefill(model_decoder, encoder_out: torch.Tensor, prompt: torch.Tensor, sot_index: int,
             s: GenerationSettings, filters: LogitFilters, decoder: TokenDecoder):
     """A window's prompt through the decoder -> (its cache, the no-speech probability of each
     row, read at the <|startoftranscript|> position `sot_index`, the first step's scores)."""
-    cache = model_decoder.new_cache(encoder_out, prompt.shape[1] + decoder.max_new)
-    logits = model_decoder(prompt, cache, logits_at=[sot_index, -1])
-    no_speech = _no_speech_prob(logits[:, 0], s)
-    return cache, no_speech, filters(decoder.scores(logits[:, 1]), decoder.sequences)
+    cache, h = prefill_hidden(model_decoder, encoder_out, prompt, sot_index, decoder)
+    return (cache, *first_scores(project(model_decoder, h), s, filters, decoder))
 
 
 def project(model_decoder, h: torch.Tensor) -> torch.Tensor:

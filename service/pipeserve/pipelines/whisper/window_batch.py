@@ -19,7 +19,7 @@ from typing import Callable
 
 import torch
 
-from .decoding import prefill, project
+from .decoding import first_scores, prefill_hidden, project
 from .generation_settings import GenerationSettings
 from .logit_filters import LogitFilters
 from .token_decoders import GreedyDecoder, TokenDecoder
@@ -42,10 +42,15 @@ class ActiveWindow:
         self.scores: torch.Tensor | None = None
         self.tokens: list[int] = []
 
-    def start(self, model_decoder) -> None:
-        self.cache, self.no_speech, self.scores = prefill(model_decoder, self.encoder_out, self.prompt, self.sot_index,
-                                                          self.settings, self.filters, self.decoder)
+    def start(self, model_decoder) -> torch.Tensor:
+        """The prompt through the decoder layers -> the hidden states whose projection
+        `started` takes [rows, 2, d_model] (decoding.prefill_hidden)."""
+        self.cache, h = prefill_hidden(model_decoder, self.encoder_out, self.prompt, self.sot_index, self.decoder)
         self.encoder_out = None  # the cache holds its keys and values
+        return h
+
+    def started(self, logits: torch.Tensor) -> None:
+        self.no_speech, self.scores = first_scores(logits, self.settings, self.filters, self.decoder)
 
     def screened(self, model_decoder) -> bool:
         return self.decoder.screened_head_ok and model_decoder.verified_head is not None
@@ -79,14 +84,35 @@ class WindowBatch:
     def rows(self) -> int:
         return sum(w.rows for w in self.windows)
 
-    def join(self, window: ActiveWindow) -> None:
-        """Prefills the window's prompt (alone) and adds its rows to the batch."""
-        try:
-            window.start(self.model_decoder)
-        except Exception as exc:  # its caller gets it; the batch goes on
-            window.fail(exc)
+    def join(self, windows: list[ActiveWindow]) -> None:
+        """Prefills the windows' prompts and adds their rows to the batch. Each prompt runs
+        through the decoder layers alone; the vocabulary projection of their first positions
+        runs once for all of them (it reads the whole head, the largest weight, whatever the
+        rows; a row's logits do not depend on the rows projected with it: models/whisper.py
+        one_row_as_two). A window whose prefill fails leaves (its caller gets the error)."""
+        hidden = []
+        for window in windows:
+            try:
+                hidden.append((window, window.start(self.model_decoder)))
+            except Exception as exc:  # its caller gets it; the batch goes on
+                window.fail(exc)
+        if not hidden:
             return
-        self.windows.append(window)
+        try:
+            h = torch.cat([x.reshape(-1, x.shape[-1]) for _, x in hidden])
+            logits = project(self.model_decoder, h)
+        except Exception as exc:  # the shared projection failed: these callers hear of it
+            for window, _ in hidden:
+                window.fail(exc)
+            return
+        start = 0
+        for window, x in hidden:
+            end = start + x.shape[0] * x.shape[1]
+            self._set_scores(window, lambda w=window, a=start, b=end, shape=x.shape: w.started(
+                logits[a:b].view(shape[0], shape[1], -1)), None)
+            start = end
+            if not window.future.done():
+                self.windows.append(window)
 
     def step(self) -> None:
         live = []
@@ -170,10 +196,13 @@ class WindowBatch:
             self._set_scores(w, lambda: w.filters(w.decoder.scores(logits[a:b]), w.decoder.sequences), None)
 
     @staticmethod
-    def _set_scores(w: ActiveWindow, scores: Callable[[], torch.Tensor], failed: Exception | None) -> None:
+    def _set_scores(w: ActiveWindow, scores: Callable[[], torch.Tensor | None], failed: Exception | None) -> None:
+        """w.scores = scores() (None: `scores` set them itself); an error fails the window."""
         if failed is None:
             try:
-                w.scores = scores()
+                result = scores()
+                if result is not None:
+                    w.scores = result
                 return
             except Exception as exc:
                 failed = exc
