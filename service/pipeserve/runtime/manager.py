@@ -43,6 +43,7 @@ from ..errors import (InvalidParameter, MemoryBudgetExceeded, ModelLoadFailed, M
 from ..pipelines.base import LoadOptions, Pipeline
 from ..scheduling import compute
 from ..tasks import Task
+from .code_pages import release_code_pages
 from .heap import limit_heap_slack, release_free_heap
 from .loading import load_pipeline, model_type_of, task_of, with_source_defaults
 
@@ -320,6 +321,8 @@ class ModelManager:
             entry.task = task or task_of(files)
             model_type_of(files)  # fail fast on unsupported formats before evicting anything
             await self._make_room(entry, _estimate_bytes(files, entry.options))
+            if self.settings.release_code_pages:  # the imports' code leaves before the weights come (peak)
+                release_code_pages()
             entry.pipeline = await loop.run_in_executor(self.executor, self._loader, files, entry.options, entry.task)
             entry.memory = entry.pipeline.memory_usage()  # by kind; their sum is what the budget counts
             entry.bytes = sum(entry.memory.values())
@@ -335,6 +338,8 @@ class ModelManager:
             self._fail(entry, ModelLoadFailed(f"{type(exc).__name__}: {exc}"))
         finally:
             release_free_heap()  # the load's transient copies (runtime/heap.py)
+            if self.settings.release_code_pages:  # import- and load-only code (runtime/code_pages.py), ~15 ms
+                release_code_pages()
             entry.loaded.set()
             self._on_change()
 
