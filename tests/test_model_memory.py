@@ -224,3 +224,109 @@ def test_the_heap_threshold_setting_is_validated():
     assert load_settings(["--heap-mmap-threshold-bytes", "0"], environ={}).heap_mmap_threshold_bytes == 0
     with pytest.raises(ConfigError, match="heap_mmap_threshold_bytes|heap-mmap-threshold-bytes"):
         load_settings(["--heap-mmap-threshold-bytes", "-5"], environ={})
+
+
+def test_a_copied_variable_is_filled_block_by_block_with_the_same_values(tmp_path, monkeypatch):
+    """Unaligned or converted CTranslate2 variables are copied COPY_BLOCK_BYTES of the file at a
+    time (the load's transient is one block, not the variable twice): the values, dtype and
+    layout (column-major where asked) are those of the whole-variable copy."""
+    import struct
+
+    from pipeserve.checkpoints import ctranslate2
+
+    def variable(name: bytes, tensor: torch.Tensor, code: int) -> bytes:
+        payload = tensor.numpy().tobytes()
+        return (struct.pack("<H", len(name) + 1) + name + b"\0" + struct.pack("<B", tensor.dim())
+                + struct.pack(f"<{tensor.dim()}I", *tensor.shape) + struct.pack("<BI", code, len(payload)) + payload)
+
+    torch.manual_seed(0)
+    head, scalar = torch.randn(301, 7).half(), torch.tensor(6, dtype=torch.int32)
+    header = struct.pack("<I", 6) + struct.pack("<H", 12) + b"WhisperSpec\0" + struct.pack("<I", 1)
+    body = variable(b"odd", torch.zeros(1, dtype=torch.int8), 1)  # 1 byte: what follows is unaligned
+    (tmp_path / "model.bin").write_bytes(header + struct.pack("<I", 3) + body + variable(b"head", head, 4)
+                                         + variable(b"heads", scalar, 3) + struct.pack("<I", 0))
+    monkeypatch.setattr(ctranslate2, "COPY_BLOCK_BYTES", 5 * 7 * 2 + 3)  # 5 rows a block: 61 blocks, a short last
+    _, same = ctranslate2.read_variables(tmp_path / "model.bin")
+    _, wide = ctranslate2.read_variables(tmp_path / "model.bin", torch.float32, frozenset({"head"}))
+    assert same["head"].dtype == torch.float16 and torch.equal(same["head"], head)
+    assert wide["head"].dtype == torch.float32 and torch.equal(wide["head"], head.float())
+    assert wide["head"].t().is_contiguous()  # column-major, as asked
+    assert int(same["heads"]) == int(wide["heads"]) == 6
+
+
+def test_clean_code_mappings_are_only_unmodified_executable_file_mappings():
+    from pipeserve.runtime.code_pages import clean_code_mappings
+
+    smaps = "\n".join([
+        "7f0000000000-7f0000100000 r-xp 00000000 08:01 11 /usr/lib/libtorch_cpu.so", "Anonymous:  0 kB",
+        "7f0000100000-7f0000200000 r--p 00100000 08:01 11 /usr/lib/libtorch_cpu.so", "Anonymous:  0 kB",
+        "7f0000200000-7f0000300000 r-xp 00000000 08:01 12 /opt/textrel.so", "Anonymous:  8 kB",
+        "7f0000300000-7f0000400000 r-xp 00000000 08:01 13 /tmp/gone.so (deleted)", "Anonymous:  0 kB",
+        "7f0000400000-7f0000500000 rw-p 00000000 08:01 14 /models/model.bin", "Anonymous:  0 kB",
+        "7f0000500000-7f0000600000 r-xp 00000000 00:00 0 ", "Anonymous:  0 kB",  # JIT code: no file
+        "7f0000600000-7f0000700000 r-xp 00000000 08:01 15 /usr/lib/libc.so.6", "Rss:  4 kB",
+    ])
+    assert clean_code_mappings(smaps) == [(0x7F0000000000, 0x7F0000100000), (0x7F0000600000, 0x7F0000700000)]
+
+
+_CODE_PAGES_SCRIPT = """
+import torch
+from pathlib import Path
+from pipeserve.runtime.code_pages import release_code_pages
+status = lambda key: int(next(l for l in Path('/proc/self/status').read_text().splitlines()
+                              if l.startswith(key)).split()[1]) // 1024
+x = torch.randn(64, 64)
+before, anon = status('RssFile'), status('RssAnon')
+released = release_code_pages()
+after = status('RssFile')
+y = (x @ x).sum().item()  # the code that runs again comes back: the process works as before
+print(released >> 20, before, after, status('RssAnon') - anon, torch.allclose(torch.tensor(y), (x @ x).sum()))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs /proc")
+def test_released_code_pages_leave_the_resident_set_and_come_back_when_run():
+    """runtime/code_pages.release_code_pages (the manager calls it around each load): the code
+    torch's import ran leaves RssFile; the anonymous memory (data, heap) is untouched."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _CODE_PAGES_SCRIPT], capture_output=True, text=True, timeout=120,
+                         env={**os.environ})
+    assert out.returncode == 0, out.stderr[-2000:]
+    released_mib, before, after, anon_change, same = out.stdout.split()
+    assert int(released_mib) > 50 and same == "True"  # libtorch alone maps well over 50 MiB of code
+    assert int(before) - int(after) > 20  # of torch's import-time code pages (~45 MiB resident)
+    assert abs(int(anon_change)) < 8
+
+
+def test_the_manager_releases_code_pages_around_a_load_unless_told_not_to(monkeypatch, tmp_path):
+    import asyncio
+
+    from pipeserve.config import Settings
+    from pipeserve.runtime import manager as manager_module
+
+    directory = wc.build(tmp_path / "whisper", multilingual=False)
+    for enabled, expected in ((True, 2), (False, 0)):
+        calls = []
+        monkeypatch.setattr(manager_module, "release_code_pages", lambda: calls.append(1) or 0)
+
+        async def load():
+            manager = manager_module.ModelManager(Settings(embedded_defaults=False, release_code_pages=enabled))
+            try:
+                return (await manager.load(str(directory))).state
+            finally:
+                await manager.close()
+
+        assert asyncio.run(load()) == manager_module.ModelState.READY
+        assert len(calls) == expected  # before the load and after it
+
+
+def test_the_code_pages_setting_is_validated():
+    from pipeserve.config import ConfigError, load_settings
+
+    assert load_settings([], environ={}).release_code_pages is True
+    assert load_settings(["--release-code-pages", "false"], environ={}).release_code_pages is False
+    assert load_settings([], environ={"PIPESERVE_RELEASE_CODE_PAGES": "0"}).release_code_pages is False
+    with pytest.raises(ConfigError, match="release.code.pages"):
+        load_settings(["--release-code-pages", "maybe"], environ={})

@@ -82,6 +82,14 @@ def timeline(log: str) -> dict[str, float]:
     return stages
 
 
+def rss_split(pid: int) -> dict[str, float]:
+    """VmRSS's two parts: RssAnon (private memory: weights, heap, Python objects) and RssFile
+    (mapped file pages: shared library code, weights mapped from their file), in MiB."""
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+    return {"rss_anon_rest_mib": int(fields["RssAnon"].split()[0]) / 1024,
+            "rss_file_rest_mib": int(fields["RssFile"].split()[0]) / 1024}
+
+
 def run_pipeserve(clip: Path, calls: int, extra: list[str], tree: Path | None = None,
                   preload: tuple[str, ...] = ("--preload", "automatic-speech-recognition=embedded/whisper-tiny.en")) -> dict:
     import grpc
@@ -125,6 +133,7 @@ def run_pipeserve(clip: Path, calls: int, extra: list[str], tree: Path | None = 
         cpu = cpu_seconds(server.pid)
         time.sleep(1.0)
         rest = proc_status(server.pid)["VmRSS"]
+        split = rss_split(server.pid)  # at rest: private (anonymous) and file-backed pages
         for _ in range(calls):
             stub.Transcribe(request, timeout=60)
         after = proc_status(server.pid)
@@ -133,7 +142,7 @@ def run_pipeserve(clip: Path, calls: int, extra: list[str], tree: Path | None = 
         stages = timeline(log.read())
         ready = max(stages.get("default_models_done_s", 0.0), stages.get("services_bound_s", 0.0))
         return {"first_transcript_s": first, "cpu_s": cpu, **stages, "first_call_s": first - ready,
-                "rss_rest_mib": rest, "rss_after_mib": after["VmRSS"],
+                "rss_rest_mib": rest, "rss_after_mib": after["VmRSS"], **split,
                 "peak_mib": after["VmHWM"], "text": response.transcription.text.strip()}
     finally:
         server.terminate()
@@ -154,8 +163,8 @@ text = "".join(s.text for s in segments)
 done = time.perf_counter()
 cpu = os.times().user + os.times().system
 status = {l.split(':')[0]: int(l.split()[1]) / 1024 for l in Path('/proc/self/status').read_text().splitlines()
-          if l.startswith(('VmRSS', 'VmHWM'))}
-print(repr((text.strip(), status['VmRSS'], status['VmHWM'], cpu,
+          if l.startswith(('VmRSS', 'VmHWM', 'RssAnon', 'RssFile'))}
+print(repr((text.strip(), status['VmRSS'], status['VmHWM'], status['RssAnon'], status['RssFile'], cpu,
             imported - started, loaded - imported, done - loaded)))
 """
 
@@ -166,9 +175,10 @@ def run_faster_whisper(clip: Path, model_dir: Path, compute: str) -> dict:
     out = subprocess.run([sys.executable, "-c", FASTER_WHISPER_CHILD, str(model_dir), str(clip), compute],
                          env=env, capture_output=True, text=True, check=True)
     elapsed = time.perf_counter() - started
-    text, rss, peak, cpu, imports, load, call = eval(out.stdout.strip().splitlines()[-1])  # our own child's repr
+    text, rss, peak, anon, file, cpu, imports, load, call = eval(out.stdout.strip().splitlines()[-1])  # our own child's repr
     return {"first_transcript_s": elapsed, "cpu_s": cpu, "import_s": imports, "load_s": load, "first_call_s": call,
-            "rss_rest_mib": rss, "peak_mib": peak, "text": text}
+            "rss_rest_mib": rss, "rss_anon_rest_mib": anon, "rss_file_rest_mib": file, "peak_mib": peak,
+            "text": text}
 
 
 def summary(rows: list[dict]) -> dict:
@@ -208,7 +218,10 @@ def main() -> None:
         settings.write_text('[preload]\n"automatic-speech-recognition" = '
                             '{model = "embedded/whisper-tiny.en", weights_dtype = "float16"}\n')
         engines["pipeserve float16 weights"] = lambda clip: run_pipeserve(clip, args.calls, [],
-                                                                          ("--config", str(settings)))
+                                                                          preload=("--config", str(settings)))
+        if args.baseline_tree:
+            engines["pipeserve baseline float16 weights"] = lambda clip: run_pipeserve(
+                clip, args.calls, [], args.baseline_tree.resolve(), ("--config", str(settings)))
     if not args.no_faster_whisper and (FASTER_WHISPER_DEPS / "faster_whisper").is_dir():
         engines[f"faster-whisper {args.fw_compute}"] = lambda clip: run_faster_whisper(clip, model_dir,
                                                                                        args.fw_compute)
@@ -223,7 +236,9 @@ def main() -> None:
                                    if k.endswith("_s") and not k.endswith("cpu_s") and k != "first_transcript_s")
                 print(f"round {round_} {name}: first transcript {row['first_transcript_s']:.2f} s "
                       f"(cpu {row['cpu_s']:.2f} s; {stages}), "
-                      f"rest {row['rss_rest_mib']:.0f} MiB, peak {row['peak_mib']:.0f} MiB  {row['text'][:50]!r}",
+                      f"rest {row['rss_rest_mib']:.0f} MiB (anon {row.get('rss_anon_rest_mib', 0):.0f}, "
+                      f"file {row.get('rss_file_rest_mib', 0):.0f}), peak {row['peak_mib']:.0f} MiB  "
+                      f"{row['text'][:50]!r}",
                       flush=True)
     report = {name: summary(rows) for name, rows in results.items()}
     print(json.dumps(report, indent=1))

@@ -14,6 +14,9 @@ Variants:
   screening head      greedy steps read the verified head's bfloat16 screen (a 39 MiB copy;
                       layers/verified_head.py) instead of the float32 projection, as Whisper
                       did before models/whisper.py opted out ("exact_head"); adaptive heap
+  code pages released runtime/code_pages.release_code_pages() before every call (the server
+                      releases them around each load only): the worst case of what the
+                      first call after a load pays to fault its code back in; mapped blocks
   float16 weights     a second copy of the model loaded with weights_dtype="float16"
                       (layers/half_storage.py), mapped blocks as the server runs it: compare
                       it with "mapped blocks"
@@ -47,6 +50,7 @@ def main() -> None:
     from pipeserve.checkpoints.embedded import embedded_model_dir
     from pipeserve.checkpoints.hub import resolve
     from pipeserve.pipelines.base import LoadOptions
+    from pipeserve.runtime.code_pages import release_code_pages
     from pipeserve.runtime.heap import limit_heap_slack, release_free_heap
     from pipeserve.runtime.loading import load_pipeline
 
@@ -73,12 +77,17 @@ def main() -> None:
         release_free_heap()
         decoder.verified_head = None
 
+    def released() -> None:
+        mapped()
+        release_code_pages()
+
     def screened() -> None:
         adaptive()
         decoder.verified_head = head
 
     variants = {"adaptive heap": (adaptive, pipe), "mapped blocks": (mapped, pipe),
-                "screening head": (screened, pipe), "float16 weights": (mapped, half)}
+                "screening head": (screened, pipe), "code pages released": (released, pipe),
+                "float16 weights": (mapped, half)}
     cpu: dict[str, list[float]] = {name: [] for name in variants}
     wall: dict[str, list[float]] = {name: [] for name in variants}
     texts = {}

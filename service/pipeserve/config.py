@@ -65,6 +65,9 @@ class Settings:
     # ...while the compute lanes work: freed activations stay on the heap for the next pass
     # (runtime/manager.py); 0 = heap_mmap_threshold_bytes throughout.
     heap_mmap_threshold_busy_bytes: int = 32 * MiB
+    # Before and after each model load, code pages only start-up and loading ran leave the
+    # resident set (runtime/code_pages.py); false keeps them until the kernel reclaims them.
+    release_code_pages: bool = True
     max_message_bytes: int = 64 * MiB
     keepalive_time_s: float = 30.0
     keepalive_timeout_s: float = 10.0
@@ -220,6 +223,9 @@ RULES: dict[str, Rule] = {
                                            "~14 % of a transcription's CPU time); heap_mmap_threshold_bytes comes "
                                            "back and the free pages go once the lanes have been idle 1 s; 0 = "
                                            "heap_mmap_threshold_bytes throughout", between(0, 1 << 30)),
+    "release_code_pages": Rule("before and after each model load, drop the code pages that only start-up and "
+                               "loading ran from the resident set (madvise; pages that run again come back from "
+                               "the page cache): ~60 MiB less VmRSS on the speech-only server"),
     "memory_budget_bytes": Rule("bytes of model weights allowed resident per device (idle models are evicted "
                                 "to make room); 0 = unlimited"),
     "max_message_bytes": Rule("largest gRPC message received or sent, in bytes; also the URI fetch size limit",

@@ -140,6 +140,7 @@ const ENUM_OPTIONS = {
   aggregation_strategy: 'AGGREGATION_STRATEGY_',
   pooling: 'POOLING_',
   dtype: 'D_TYPE_',
+  weights_dtype: 'D_TYPE_',
 };
 
 /** Options object -> request fields: camelCase to snake_case, enum short names, unset dropped. */
@@ -348,7 +349,8 @@ export class PipeserveClient {
       get: async (model, call = {}) => (await this._unary('models', 'GetModel', { model }, call)).model,
       /**
        * @param {string} model a local directory or Hub id
-       * @param {{task?: string, revision?: string, device?: string, dtype?: string, loadIn8bit?: boolean,
+       * @param {{task?: string, revision?: string, device?: string, dtype?: string, weightsDtype?: string,
+       *          loadIn8bit?: boolean,
        *          allowPickle?: boolean, setDefault?: boolean, defaultOptions?: object, timeoutMs?: number}} [options]
        * @returns {Promise<M.ModelInfo>}
        */

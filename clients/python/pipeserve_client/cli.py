@@ -120,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--revision")
     load.add_argument("--device", help='"cpu", "cuda", "cuda:1" or "auto"')
     load.add_argument("--dtype", choices=["float32", "float16", "bfloat16"])
+    load.add_argument("--weights-dtype", choices=["float32", "float16"],
+                      help="store the weights in this dtype: float16 under a float32 model halves its memory "
+                           "(slower; Whisper)")
     load.add_argument("--int8", action="store_true", default=None, help="quantize weights to int8")
     load.add_argument("--allow-pickle", action="store_true", default=None,
                       help="allow pickled .bin checkpoints (they can run code)")
@@ -310,7 +313,7 @@ def cmd_models(client: Any, args: argparse.Namespace) -> None:
         info = client.models.load(name, task=args.task, revision=args.revision, device=args.device,
                                   dtype=args.dtype, load_in_8bit=args.int8, allow_pickle=args.allow_pickle,
                                   set_default=args.default, default_options=options or None,
-                                  timeout=_opt(args, "timeout"))
+                                  timeout=_opt(args, "timeout"), weights_dtype=args.weights_dtype)
     elif args.verb == "get":
         info = client.models.get(args.name, timeout=_opt(args, "timeout"))
     else:
@@ -334,11 +337,16 @@ def cmd_models(client: Any, args: argparse.Namespace) -> None:
 
 
 def _dtype(info: Any) -> str:
-    """The weights' dtype, marked when int8-quantized (the float dtype is what they compute in)."""
+    """The weights' dtype, marked when int8-quantized or stored narrower (float16/float32: float16
+    weights, float32 compute; the float dtype after the slash is what they compute in)."""
     from pipeserve.v1 import model_pb2
 
     dtype = model_pb2.DType.Name(info.dtype).removeprefix("D_TYPE_").lower()
-    return f"int8/{dtype}" if info.quantized_int8 else dtype
+    if info.quantized_int8:
+        return f"int8/{dtype}"
+    if info.weights_dtype:
+        return model_pb2.DType.Name(info.weights_dtype).removeprefix("D_TYPE_").lower() + f"/{dtype}"
+    return dtype
 
 
 def _local_model_path(name: str) -> str:

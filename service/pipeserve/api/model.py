@@ -67,7 +67,26 @@ def model_info(entry: ModelEntry, is_default: bool) -> pb.ModelInfo:
         quantized_int8=bool(entry.options.load_in_8bit),  # None (not yet resolved): the default, float
         default_options=_options_struct(entry.options.defaults),
         memory=pb.ModelMemory(**{f"{kind}_bytes": n for kind, n in entry.memory.items()}),
+        weights_dtype=_storage_dtype(entry.options.weights_dtype, dtype),
     )
+
+
+# The other spellings a preload spec may use (config.DTYPE_NAMES).
+_DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}
+
+
+def _storage_dtype(weights_dtype: str | None, dtype: str) -> int:
+    """ModelInfo.weights_dtype: the storage dtype where it differs from the compute dtype."""
+    storage = _DTYPE_ALIASES.get(weights_dtype or "", weights_dtype or "")
+    return _DTYPES.get(storage, pb.D_TYPE_UNSPECIFIED) if storage != _DTYPE_ALIASES.get(dtype, dtype) \
+        else pb.D_TYPE_UNSPECIFIED
+
+
+def _dtype_field(request: pb.LoadModelRequest, field: str) -> str | None:
+    """The dtype name a DType field of the request names; None when unset or UNSPECIFIED (an
+    enum number outside DType never gets here: serving/ refuses it, INVALID_ENUM_VALUE)."""
+    value = getattr(request, field)
+    return _DTYPE_NAMES[value] if request.HasField(field) and value != pb.D_TYPE_UNSPECIFIED else None
 
 
 def _options_struct(options: dict) -> Struct:
@@ -107,18 +126,19 @@ class ModelServicer(pb_grpc.ModelServiceServicer):
         if not request.model.strip():
             raise InvalidParameter("LoadModel needs a model: a local directory or a Hub id")
         manager = self.app.manager
-        dtype = None
-        if request.HasField("dtype") and request.dtype != pb.D_TYPE_UNSPECIFIED:
-            dtype = _DTYPE_NAMES[request.dtype]
+        dtype = _dtype_field(request, "dtype")
+        weights_dtype = _dtype_field(request, "weights_dtype")
         # allow_pickle is a ceiling (load_options refuses raising it); the others are choices.
         options = manager.load_options(
             device=request.device if request.HasField("device") else None,
             dtype=dtype,
+            weights_dtype=weights_dtype,
             load_in_8bit=request.load_in_8bit if request.HasField("load_in_8bit") else None,
             allow_pickle=request.allow_pickle if request.HasField("allow_pickle") else None,
             defaults=_struct_options(request) if request.HasField("default_options") else None,
         )
         chosen = [name for name, given in [("device", request.HasField("device")), ("dtype", dtype is not None),
+                                           ("weights_dtype", weights_dtype is not None),
                                            ("load_in_8bit", request.HasField("load_in_8bit")),
                                            ("revision", request.HasField("revision")),
                                            ("defaults", request.HasField("default_options"))] if given]

@@ -100,36 +100,58 @@ def _drop_pages(raw: memoryview, start: int, end: int) -> None:
         mapping.madvise(mmap.MADV_DONTNEED, first, last - first)
 
 
+# A variable that is copied (converted, or not element-aligned in the file) is copied this many
+# bytes of the file at a time, so the load's transient is one block rather than the variable
+# (Whisper's head: 38 MiB of float16, which an unaligned whole-variable copy held twice over on
+# top of its file pages: +76 MiB at the load's peak).
+COPY_BLOCK_BYTES = 1 << 20
+
+
 def _load_variable(raw: memoryview, offset: int, dims: list[int], dtype: torch.dtype,
                    convert_to: torch.dtype | None, column_major: bool) -> torch.Tensor:
     """One variable at raw[offset:]: a view of the mapping where it keeps the file's dtype and
     is element-aligned; otherwise a copy (converted to `convert_to` for floating variables,
-    column-major when asked: [out, in] stored as the transpose of a contiguous [in, out]) whose
-    file pages are then dropped."""
-    nbytes = dtype.itemsize * math.prod(dims)
+    column-major when asked: [out, in] stored as the transpose of a contiguous [in, out]),
+    filled a block of rows at a time, each block's file pages dropped once copied."""
+    count = math.prod(dims)
+    nbytes = dtype.itemsize * count
     if nbytes == 0:
         return torch.empty(dims, dtype=dtype)
     aligned = offset % dtype.itemsize == 0
-    with warnings.catch_warnings():  # "non-writable buffer": ACCESS_COPY is writable; older torch warns anyway
-        warnings.simplefilter("ignore", UserWarning)
-        source = (torch.frombuffer(raw, dtype=dtype, count=nbytes // dtype.itemsize, offset=offset) if aligned
-                  else torch.frombuffer(bytearray(raw[offset:offset + nbytes]), dtype=dtype)).reshape(dims)
     convert = convert_to is not None and dtype.is_floating_point and convert_to != dtype
     if not convert and aligned:
-        return source
+        return _frombuffer(raw, dtype, count, offset).reshape(dims)
     target = convert_to if convert else dtype
+    out = (torch.empty(dims[::-1], dtype=target).t() if column_major and len(dims) == 2
+           else torch.empty(dims, dtype=target))
+    rows = dims[0] if dims else 1
+    row_shape, row_count = dims[1:], count // rows
+    step = max(1, COPY_BLOCK_BYTES // (row_count * dtype.itemsize))
     if column_major and len(dims) == 2:
-        out = torch.empty(dims[::-1], dtype=target).t()
-        # Row blocks: each block's rows land as short contiguous runs in every column, which
-        # the caches keep; one strided copy of the whole matrix converted Whisper tiny's head
-        # (51864 x 384, float16 -> float32) in 0.17 CPU s, blocks of 256 rows in 0.06 s.
-        for first in range(0, dims[0], _TRANSPOSE_BLOCK_ROWS):
-            out[first:first + _TRANSPOSE_BLOCK_ROWS].copy_(source[first:first + _TRANSPOSE_BLOCK_ROWS])
-    else:
-        out = source.to(target, copy=True)
-    del source
-    _drop_pages(raw, offset, offset + nbytes)
+        # Row blocks into a column-major matrix land as short contiguous runs in every column,
+        # which the caches keep while the block lasts: one strided copy of Whisper tiny's head
+        # (51864 x 384, float16 -> float32) took 0.17 CPU s, blocks of 256 rows 0.06 s.
+        step = min(step, _TRANSPOSE_BLOCK_ROWS)
+    for first in range(0, rows, step):
+        last = min(rows, first + step)
+        start, end = offset + first * row_count * dtype.itemsize, offset + last * row_count * dtype.itemsize
+        # An unaligned block goes through an aligned private copy of its bytes (kernels may
+        # assume element alignment; CTranslate2 does not align variables).
+        block = (_frombuffer(raw, dtype, (last - first) * row_count, start) if aligned
+                 else torch.frombuffer(bytearray(raw[start:end]), dtype=dtype))
+        if dims:
+            out[first:last].copy_(block.view(last - first, *row_shape))
+        else:
+            out.copy_(block.view(dims))
+        _drop_pages(raw, start, end)
+    _drop_pages(raw, offset, offset + nbytes)  # the pages blocks shared at their edges
     return out
+
+
+def _frombuffer(raw: memoryview, dtype: torch.dtype, count: int, offset: int) -> torch.Tensor:
+    with warnings.catch_warnings():  # "non-writable buffer": ACCESS_COPY is writable; older torch warns anyway
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.frombuffer(raw, dtype=dtype, count=count, offset=offset)
 
 
 def read_variables(path: Path, convert_to: torch.dtype | None = None,

@@ -43,6 +43,7 @@ from ..errors import (InvalidParameter, MemoryBudgetExceeded, ModelLoadFailed, M
 from ..pipelines.base import LoadOptions, Pipeline
 from ..scheduling import compute
 from ..tasks import Task
+from .code_pages import release_code_pages
 from .heap import limit_heap_slack, release_free_heap
 from .loading import load_pipeline, model_type_of, task_of, with_source_defaults
 
@@ -113,7 +114,34 @@ def _mib(n: int) -> str:
 def _placement(options: LoadOptions, revision: str | None) -> str:
     """How a model is loaded, in words: "float32 on cpu, int8 weights, revision main"."""
     words = f"{options.dtype} on {options.device}" + (", int8 weights" if options.load_in_8bit else "")
+    if _storage_name(options) != _dtype_name(options.dtype):
+        words += f", {_storage_name(options)} weights"
     return words + (f", revision {revision}" if revision else "")
+
+
+_DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}
+
+
+def _dtype_name(name: str) -> str:
+    return _DTYPE_ALIASES.get(name.strip().lower(), name.strip().lower())
+
+
+def _storage_name(options: LoadOptions) -> str:
+    """The dtype the weights are stored in: weights_dtype where set, else the compute dtype."""
+    return _dtype_name(options.weights_dtype or options.dtype)
+
+
+def _check_storage(options: LoadOptions) -> None:
+    """A request's weights_dtype: float16 under a float32 model (layers/half_storage.py) or the
+    compute dtype itself; not together with int8 (another storage). Whether the family can
+    compute that way is the loader's check (it needs the checkpoint)."""
+    storage, compute = _storage_name(options), _dtype_name(options.dtype)
+    if storage != compute and not (storage == "float16" and compute == "float32"):
+        raise InvalidParameter(f"weights_dtype {storage} with dtype {compute}: weights can be stored in float16 "
+                               "under a float32 model, or as the model's dtype", reason="INVALID_DTYPE")
+    if storage != compute and options.load_in_8bit:
+        raise InvalidParameter("weights_dtype float16 and load_in_8bit are two ways to store the weights; "
+                               "choose one", reason="INVALID_DTYPE")
 
 
 def _estimate_bytes(files: ModelFiles, options: LoadOptions) -> int:
@@ -124,7 +152,7 @@ def _estimate_bytes(files: ModelFiles, options: LoadOptions) -> int:
     for pattern in ("*.safetensors", "model.bin", "pytorch_model*.bin", "*.gguf"):
         total += sum(p.stat().st_size for p in files.path.glob(pattern))
     stored = 2 if files.config.get("torch_dtype") in ("float16", "bfloat16") or files.has("model.bin") else 4
-    target = 1 if options.load_in_8bit else options.torch_dtype.itemsize
+    target = 1 if options.load_in_8bit else 2 if _storage_name(options) == "float16" else options.torch_dtype.itemsize
     return total * target // stored
 
 
@@ -212,7 +240,10 @@ class ModelManager:
             "asr_max_batch_rows": self.settings.asr_max_batch_rows,
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
-        return LoadOptions(**values)
+        options = LoadOptions(**values)
+        if overrides.get("weights_dtype") is not None:  # a request's; a config file's was checked at start
+            _check_storage(options)
+        return options
 
     async def load(self, name: str, *, revision: str | None = None, task: Task | str | None = None,
                    options: LoadOptions | None = None, set_default: bool | None = None,
@@ -273,6 +304,7 @@ class ModelManager:
         differs = [
             ("device" in chosen and want.device.strip().lower() != have.device.strip().lower()),
             ("dtype" in chosen and want.dtype != have.dtype),
+            ("weights_dtype" in chosen and _storage_name(want) != _storage_name(have)),
             # None (the source's default) is float for every source (loading.with_source_defaults)
             ("load_in_8bit" in chosen and bool(want.load_in_8bit) != bool(have.load_in_8bit)),
             ("revision" in chosen and revision is not None and revision != (entry.revision or "main")),
@@ -299,6 +331,8 @@ class ModelManager:
             entry.task = task or task_of(files)
             model_type_of(files)  # fail fast on unsupported formats before evicting anything
             await self._make_room(entry, _estimate_bytes(files, entry.options))
+            if self.settings.release_code_pages:  # the imports' code leaves before the weights come (peak)
+                release_code_pages()
             entry.pipeline = await loop.run_in_executor(self.executor, self._loader, files, entry.options, entry.task)
             entry.memory = entry.pipeline.memory_usage()  # by kind; their sum is what the budget counts
             entry.bytes = sum(entry.memory.values())
@@ -314,6 +348,8 @@ class ModelManager:
             self._fail(entry, ModelLoadFailed(f"{type(exc).__name__}: {exc}"))
         finally:
             release_free_heap()  # the load's transient copies (runtime/heap.py)
+            if self.settings.release_code_pages:  # import- and load-only code (runtime/code_pages.py), ~15 ms
+                release_code_pages()
             entry.loaded.set()
             self._on_change()
 
