@@ -73,3 +73,18 @@ def pytest_make_collect_report(collector):
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
         report.outcome = "failed"
         report.longrepr = f"{collector.nodeid} skipped in CI (CI=true), which counts as a failure: {reason}"
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_torch_mode():
+    """A test must leave the main thread's autograd state as it found it: a generator closed
+    on the wrong thread once left it in the compute lane's inference mode, and every later
+    test that read a weight's version counter failed far from the cause."""
+    yield
+    import torch
+
+    leaked = torch.is_inference_mode_enabled() or not torch.is_grad_enabled()
+    if leaked:
+        torch.set_grad_enabled(True)
+        pytest.fail(f"this test left inference mode {torch.is_inference_mode_enabled()}, "
+                    f"grad mode {torch.is_grad_enabled()} on the main thread", pytrace=False)

@@ -77,6 +77,26 @@ def test_generators_advanced_step_by_step_interleave_on_the_lane(lane):
         out_a.append(compute.call(next, a))
         out_b.append(compute.call(next, b))
     assert out_a == [1.0, 3.0, 6.0] and out_b == [10.0, 30.0, 60.0]
+    # Closed where they ran, as iterate_in_thread does: a generator closed on another thread
+    # leaves that thread in the lane's inference mode (its `with` restores the lane's state).
+    compute.call(a.close)
+    compute.call(b.close)
+    assert not torch.is_inference_mode_enabled()
+
+
+def test_a_waiting_lane_keeps_no_reference_to_the_last_tasks_arguments(lane):
+    import gc
+    import weakref
+
+    class Payload:
+        pass
+
+    payload = Payload()
+    alive = weakref.ref(payload)
+    assert compute.call(lambda p: p is not None, payload)
+    del payload
+    gc.collect()
+    assert alive() is None, "the lane still holds the finished task's arguments"
 
 
 def test_grpc_stream_runs_on_the_lane(lane):

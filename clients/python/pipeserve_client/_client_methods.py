@@ -37,7 +37,8 @@ class Models:
              set_default: bool | None = None, default_options: Mapping[str, Any] | None = None,
              timeout: float | None = None, weights_dtype: str | None = None) -> model_pb2.ModelInfo:
         """Loads a local directory or Hub id; returns once the model is ready. Loading can
-        take minutes for large models, so give a generous timeout."""
+        take minutes for large models, so give a generous timeout. weights_dtype "float16" keeps
+        float16 weights under a float32 model (about half its memory, slower; Whisper)."""
         request, timeout = _methods.load_model(model, task=task, revision=revision, device=device, dtype=dtype,
                                                load_in_8bit=load_in_8bit, allow_pickle=allow_pickle,
                                                set_default=set_default, default_options=default_options,

@@ -105,7 +105,9 @@ def _cached(owner: nn.Module, name: str, sources: tuple[torch.Tensor, ...], buil
     """A tensor derived from `sources` (weights), rebuilt only when one of them changes (another
     storage, or written in place): the decode loop then allocates nothing for it per step. Built
     outside inference mode so that a model used for gradients later can still read it."""
-    key = tuple((t.data_ptr(), t._version, t.dtype) for t in sources)
+    # Inference tensors (weights made under inference mode) keep no version counter; they
+    # cannot be written outside inference mode, so their storage alone identifies them.
+    key = tuple((t.data_ptr(), -1 if t.is_inference() else t._version, t.dtype) for t in sources)
     cached = owner.__dict__.get(name)
     if cached is None or cached[0] != key:
         with torch.inference_mode(False), torch.no_grad():

@@ -150,6 +150,9 @@ class ComputeLane:
             try:
                 self._run(item)
             finally:
+                # The finished task's function and arguments (a request's audio, a stream's
+                # generator) must not stay alive while the lane waits for the next task.
+                del item
                 _activity.finished()
 
     def _run(self, item: tuple[Future, Callable, tuple, dict]) -> None:
