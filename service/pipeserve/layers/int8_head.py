@@ -43,7 +43,7 @@ from torch import nn
 
 from .quantization import quantize_per_channel
 from .row_int8 import RowInt8Linear, available as row_int8_available
-from .verified_head import ACCUMULATION, SAFETY
+from .verified_head import ACCUMULATION, SAFETY, ScreenPolicy
 
 OUTPUT_ROUNDING = 2.0 ** -20  # int32 -> float32 and the scalings after it (4 roundings of 2^-24)
 _ROWS_PER_SLICE = 8192  # the rounding norms are computed a slice at a time (no float32 copy)
@@ -61,13 +61,12 @@ def _rounding_norms(weight: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) 
     return rounding, largest
 
 
-class Int8ScreenedHead(nn.Module):
+class Int8ScreenedHead(ScreenPolicy, nn.Module):
     """x @ weight.T's argmax for greedy decoding, the weight screened in int8. `weight` (the
     tied embedding, float32) is shared, not copied; the derived tensors are buffers outside the
     state dict, counted as "screening" memory (layers/memory.py)."""
 
     memory_kind = "screening"
-    PROBE_EVERY = 32
 
     def __init__(self, weight: torch.Tensor, margin: float = 0.0, max_rescored: int | None = None):
         super().__init__()
@@ -89,13 +88,6 @@ class Int8ScreenedHead(nn.Module):
     def project(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(screened logits [rows, V] float32, per row ||h - h_q|| [rows, 1])."""
         return self.screen.project_with_error(h)
-
-    def _worth_screening(self) -> bool:
-        self._calls += 1
-        return self._fallback_rate <= 0.5 or self._calls % self.PROBE_EVERY == 0
-
-    def _record(self, fell_back: bool) -> None:
-        self._fallback_rate = 0.8 * self._fallback_rate + 0.2 * float(fell_back)
 
     def scores(self, h: torch.Tensor, mask: Callable[[torch.Tensor], None],
                exact: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:

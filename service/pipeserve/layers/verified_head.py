@@ -70,7 +70,26 @@ def _largest_row_norms(weight: torch.Tensor, low: torch.Tensor, rows_per_slice: 
     return rounding, largest
 
 
-class VerifiedHead(nn.Module):
+# Flat distributions (noise, random weights) rescore too much and fall back to the float32
+# projection after paying for the screen: when most recent steps fell back, a screened head
+# screens only one step in PROBE_EVERY until screening pays again.
+class ScreenPolicy:
+    """When a screened head screens (mixed into VerifiedHead and layers/int8_head.py's head;
+    their __init__ sets `_calls, _fallback_rate = 0, 0.0`)."""
+
+    PROBE_EVERY = 32
+    _calls: int
+    _fallback_rate: float
+
+    def _worth_screening(self) -> bool:
+        self._calls += 1
+        return self._fallback_rate <= 0.5 or self._calls % self.PROBE_EVERY == 0
+
+    def _record(self, fell_back: bool) -> None:
+        self._fallback_rate = 0.8 * self._fallback_rate + 0.2 * float(fell_back)
+
+
+class VerifiedHead(ScreenPolicy, nn.Module):
     """x @ weight.T for greedy decoding: screened rows [0, exact_from), exact rows [exact_from, V).
     `weight` (the tied embedding) is shared, not copied; the derived tensors are buffers outside
     the state dict, so the model's memory accounting sees them."""
@@ -93,18 +112,6 @@ class VerifiedHead(nn.Module):
         # and widens the rescored band by a fraction of a logit.
         self.rounding_norm, self.row_norm = _largest_row_norms(screened, low)
         del low
-
-    # Flat distributions (noise, random weights) rescore too much and fall back to the float32
-    # projection after paying for the screen: when most recent steps fell back, the head
-    # screens only one step in PROBE_EVERY until screening pays again.
-    PROBE_EVERY = 32
-
-    def _worth_screening(self) -> bool:
-        self._calls += 1
-        return self._fallback_rate <= 0.5 or self._calls % self.PROBE_EVERY == 0
-
-    def _record(self, fell_back: bool) -> None:
-        self._fallback_rate = 0.8 * self._fallback_rate + 0.2 * float(fell_back)
 
     def scores(self, h: torch.Tensor, mask: Callable[[torch.Tensor], None],
                exact: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
