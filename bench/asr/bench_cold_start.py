@@ -6,7 +6,8 @@ before exec and stops at the first TranscribeResponse. The client waits as a cli
 Watch on SpeechRecognitionService (connecting with a 20-50 ms reconnect backoff until the port
 is bound) until it is SERVING, then Transcribe (retrying UNAVAILABLE, which a server that
 reports SERVING should not answer). Memory is read from the server's own
-/proc/<pid>/status: VmRSS one second after the first transcript ("at rest"), then VmHWM after
+/proc/<pid>/status: VmRSS one second after the first transcript ("at rest"), again two seconds
+later ("idle": the lanes have handed the heap's free pages back), then VmHWM after
 `--calls` more transcriptions (the peak of the whole process, load included).
 
 faster-whisper: a fresh process that imports faster_whisper, loads the same CTranslate2
@@ -134,6 +135,11 @@ def run_pipeserve(clip: Path, calls: int, extra: list[str], tree: Path | None = 
         time.sleep(1.0)
         rest = proc_status(server.pid)["VmRSS"]
         split = rss_split(server.pid)  # at rest: private (anonymous) and file-backed pages
+        # ...and once the compute lanes have been idle long enough to hand the heap's free
+        # pages back (IDLE_AFTER_S = 1 s in scheduling/compute.py, heap_mmap_threshold_busy_bytes)
+        time.sleep(2.0)
+        idle = proc_status(server.pid)["VmRSS"]
+        idle_split = {key.replace("_rest_", "_idle_"): value for key, value in rss_split(server.pid).items()}
         for _ in range(calls):
             stub.Transcribe(request, timeout=60)
         after = proc_status(server.pid)
@@ -142,7 +148,7 @@ def run_pipeserve(clip: Path, calls: int, extra: list[str], tree: Path | None = 
         stages = timeline(log.read())
         ready = max(stages.get("default_models_done_s", 0.0), stages.get("services_bound_s", 0.0))
         return {"first_transcript_s": first, "cpu_s": cpu, **stages, "first_call_s": first - ready,
-                "rss_rest_mib": rest, "rss_after_mib": after["VmRSS"], **split,
+                "rss_rest_mib": rest, "rss_idle_mib": idle, **idle_split, "rss_after_mib": after["VmRSS"], **split,
                 "peak_mib": after["VmHWM"], "text": response.transcription.text.strip()}
     finally:
         server.terminate()
@@ -237,7 +243,8 @@ def main() -> None:
                 print(f"round {round_} {name}: first transcript {row['first_transcript_s']:.2f} s "
                       f"(cpu {row['cpu_s']:.2f} s; {stages}), "
                       f"rest {row['rss_rest_mib']:.0f} MiB (anon {row.get('rss_anon_rest_mib', 0):.0f}, "
-                      f"file {row.get('rss_file_rest_mib', 0):.0f}), peak {row['peak_mib']:.0f} MiB  "
+                      f"file {row.get('rss_file_rest_mib', 0):.0f}), idle {row.get('rss_idle_mib', row['rss_rest_mib']):.0f} MiB, "
+                      f"peak {row['peak_mib']:.0f} MiB  "
                       f"{row['text'][:50]!r}",
                       flush=True)
     report = {name: summary(rows) for name, rows in results.items()}
