@@ -18,7 +18,6 @@ import json
 import os
 import resource
 import sys
-import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -28,6 +27,7 @@ from pipeserve.serving.openmp_defaults import apply_openmp_defaults
 apply_openmp_defaults()  # before torch loads, as the server does
 
 import torch  # noqa: E402
+from streams import engine_crowd, engine_once  # noqa: E402  (this script's folder, sys.path[0])
 
 HERE = Path(__file__).resolve().parent
 
@@ -59,55 +59,22 @@ def load(mode: str):
     return load_pipeline(GGUF, load_in_8bit=(mode == "int8"))
 
 
-def run_once(pipe, ids: list[int], new_tokens: int):
-    from pipeserve.scheduling.generation_engine import TokenEvent
-
-    params = pipe.parameters({"max_new_tokens": new_tokens, "min_new_tokens": new_tokens})
-    start = time.perf_counter()
-    first, tokens = None, []
-    for event in pipe.engine.submit(ids, params):
-        if isinstance(event, TokenEvent):
-            tokens.append(event.token)
-            if first is None:
-                first = time.perf_counter() - start
-    return first, time.perf_counter() - start, tokens
-
-
-def run_crowd(pipe, prompts: list[list[int]], new_tokens: int):
-    from pipeserve.scheduling.generation_engine import TokenEvent
-
-    params = pipe.parameters({"max_new_tokens": new_tokens, "min_new_tokens": new_tokens})
-    start = time.perf_counter()
-    handles = [pipe.engine.submit(p, params) for p in prompts]
-    tokens: list[list[int]] = [[] for _ in prompts]
-
-    def drain(i):
-        tokens[i] = [e.token for e in handles[i] if isinstance(e, TokenEvent)]
-
-    threads = [threading.Thread(target=drain, args=(i,)) for i in range(len(prompts))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return time.perf_counter() - start, tokens
-
-
 def engine_bench(pipe, args) -> dict:
     ids = pipe.encode(PROMPTS[0])
     crowd = [pipe.encode(p) for p in PROMPTS[:args.streams]]
-    run_once(pipe, ids, 4)
-    run_crowd(pipe, crowd, 4)
+    engine_once(pipe, ids, 4)
+    engine_crowd(pipe, crowd, 4)
     single, ttft, aggregate = [], [], []
     single_cpu, crowd_cpu = [], []
     tokens = crowd_tokens = None
     for _ in range(args.repeats):
-        ttft.append(min(run_once(pipe, ids, 1)[0] for _ in range(3)) * 1000)
+        ttft.append(min(engine_once(pipe, ids, 1)[0] for _ in range(3)) * 1000)
         c = cpu_s()
-        _, total, tokens = run_once(pipe, ids, args.new_tokens)
+        _, total, tokens = engine_once(pipe, ids, args.new_tokens)
         single_cpu.append((cpu_s() - c) / args.new_tokens * 1000)
         single.append(args.new_tokens / total)
         c = cpu_s()
-        total, crowd_tokens = run_crowd(pipe, crowd, args.new_tokens)
+        total, crowd_tokens = engine_crowd(pipe, crowd, args.new_tokens)
         crowd_cpu.append((cpu_s() - c) / (args.new_tokens * len(crowd)) * 1000)
         aggregate.append(args.new_tokens * len(crowd) / total)
     return {"tok_s": max(single), "ttft_ms": min(ttft), "crowd_tok_s": max(aggregate),

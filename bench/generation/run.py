@@ -46,7 +46,7 @@ apply_openmp_defaults()  # the server's OpenMP settings, before torch loads (bot
 import torch  # noqa: E402
 
 from bench_env import environment, environment_markdown, print_environment  # noqa: E402
-from streams import first_difference, grpc_crowd  # noqa: E402
+from streams import engine_crowd, engine_once, first_difference, grpc_crowd  # noqa: E402
 
 # GPT-2 small: 12 layers, 768 wide, 12 heads, 50257-token vocabulary, 1024 positions.
 GPT2_SMALL = dict(n_embd=768, n_layer=12, n_head=12, n_positions=1024, vocab_size=50257)
@@ -179,41 +179,13 @@ class Ours:
         self.pipe = pipe
 
     def once(self, prompt: list[int], new_tokens: int) -> tuple[float, float, list[int]]:
-        from pipeserve.scheduling.generation_engine import TokenEvent
-
-        params = self.pipe.parameters({"max_new_tokens": new_tokens, "min_new_tokens": new_tokens})
-        start = time.perf_counter()
-        first = None
-        tokens = []
-        for event in self.pipe.engine.submit(prompt, params):
-            if isinstance(event, TokenEvent):
-                tokens.append(event.token)
-                if first is None:
-                    first = time.perf_counter() - start
-        total = time.perf_counter() - start
+        first, total, tokens = engine_once(self.pipe, prompt, new_tokens)
         assert len(tokens) == new_tokens
         return first, total, tokens
 
     def batch(self, prompts: list[list[int]], new_tokens: int) -> tuple[float, list[list[int]]]:
         """All prompts submitted at once: the engine's continuous batching decodes them together."""
-        import threading
-
-        from pipeserve.scheduling.generation_engine import TokenEvent
-
-        params = self.pipe.parameters({"max_new_tokens": new_tokens, "min_new_tokens": new_tokens})
-        start = time.perf_counter()
-        handles = [self.pipe.engine.submit(p, params) for p in prompts]
-        tokens: list[list[int]] = [[] for _ in prompts]
-
-        def drain(i):
-            tokens[i] = [e.token for e in handles[i] if isinstance(e, TokenEvent)]
-
-        threads = [threading.Thread(target=drain, args=(i,)) for i in range(len(prompts))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        total = time.perf_counter() - start
+        total, tokens = engine_crowd(self.pipe, prompts, new_tokens)
         assert all(len(t) == new_tokens for t in tokens)
         return total, tokens
 

@@ -1,13 +1,16 @@
 """The client side of the generation benchmarks: concurrent GenerateStream calls over a real gRPC
-channel, timed per stream, and how two greedy token sequences compare.
+channel, timed per stream; one request or a crowd submitted to a text-generation pipeline's
+engine in process; and how two greedy token sequences compare.
 
-Used by run.py (its client process, spawned) and real_gemma.py (the bench process itself, the
-server being another process). Needs the generated protobuf code (clients/python or service/ on
-the path) and grpc; nothing else of pipeserve.
+Used by run.py (its client process, spawned, and its in-process runners), real_gemma.py (the
+bench process itself, the server being another process) and gemma_step.py. The gRPC side needs
+the generated protobuf code (clients/python or service/ on the path) and grpc; the engine side
+the pipeline it is given.
 """
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 
@@ -48,6 +51,44 @@ def grpc_crowd(address: str, model: str, prompt_texts: list[str], new_tokens: in
             return time.perf_counter() - start, results
 
     return asyncio.run(crowd())
+
+
+def engine_once(pipe, prompt: list[int], new_tokens: int) -> tuple[float | None, float, list[int]]:
+    """One request on the pipeline's engine, exactly `new_tokens` greedy tokens: (seconds to the
+    first token, seconds in all, the token ids)."""
+    from pipeserve.scheduling.generation_engine import TokenEvent
+
+    params = pipe.parameters({"max_new_tokens": new_tokens, "min_new_tokens": new_tokens})
+    start = time.perf_counter()
+    first = None
+    tokens = []
+    for event in pipe.engine.submit(prompt, params):
+        if isinstance(event, TokenEvent):
+            tokens.append(event.token)
+            if first is None:
+                first = time.perf_counter() - start
+    return first, time.perf_counter() - start, tokens
+
+
+def engine_crowd(pipe, prompts: list[list[int]], new_tokens: int) -> tuple[float, list[list[int]]]:
+    """All prompts submitted at once (the engine's continuous batching decodes them together),
+    each drained by its own thread: (seconds in all, each request's token ids)."""
+    from pipeserve.scheduling.generation_engine import TokenEvent
+
+    params = pipe.parameters({"max_new_tokens": new_tokens, "min_new_tokens": new_tokens})
+    start = time.perf_counter()
+    handles = [pipe.engine.submit(p, params) for p in prompts]
+    tokens: list[list[int]] = [[] for _ in prompts]
+
+    def drain(i):
+        tokens[i] = [e.token for e in handles[i] if isinstance(e, TokenEvent)]
+
+    threads = [threading.Thread(target=drain, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - start, tokens
 
 
 def first_difference(a: list[int], b: list[int]) -> int | None:
