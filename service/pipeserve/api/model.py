@@ -8,6 +8,7 @@ from google.protobuf.struct_pb2 import Struct
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from ..checkpoints.model_names import check_model_name
+from ..checkpoints.weights import dtype_name
 from ..errors import InvalidParameter
 from ..runtime.manager import ModelEntry, ModelState
 from ..tasks import Task
@@ -71,15 +72,11 @@ def model_info(entry: ModelEntry, is_default: bool) -> pb.ModelInfo:
     )
 
 
-# The other spellings a preload spec may use (config.DTYPE_NAMES).
-_DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}
-
-
 def _storage_dtype(weights_dtype: str | None, dtype: str) -> int:
-    """ModelInfo.weights_dtype: the storage dtype where it differs from the compute dtype."""
-    storage = _DTYPE_ALIASES.get(weights_dtype or "", weights_dtype or "")
-    return _DTYPES.get(storage, pb.D_TYPE_UNSPECIFIED) if storage != _DTYPE_ALIASES.get(dtype, dtype) \
-        else pb.D_TYPE_UNSPECIFIED
+    """ModelInfo.weights_dtype: the storage dtype where it differs from the compute dtype (a
+    preload spec may spell either another way: config.DTYPE_NAMES)."""
+    storage = dtype_name(weights_dtype or "")
+    return _DTYPES.get(storage, pb.D_TYPE_UNSPECIFIED) if storage != dtype_name(dtype) else pb.D_TYPE_UNSPECIFIED
 
 
 def _dtype_field(request: pb.LoadModelRequest, field: str) -> str | None:

@@ -34,6 +34,13 @@ def parse_dtype(name: str | torch.dtype | None, default: torch.dtype = torch.flo
     return DTYPES[key]
 
 
+def dtype_name(name: str) -> str:
+    """The canonical spelling of a dtype name ("fp16", "half" -> "float16"); a name DTYPES does
+    not know comes back as given (lower case), for the caller's own check to refuse."""
+    key = name.strip().lower()
+    return str(DTYPES[key]).removeprefix("torch.") if key in DTYPES else key
+
+
 def weight_files(path: Path, *, prefix: str = "model", allow_pickle: bool = False) -> list[Path]:
     """The files holding a checkpoint's tensors, safetensors first."""
     single = path / f"{prefix}.safetensors"

@@ -37,6 +37,7 @@ from typing import Any, AsyncIterator, Callable, Collection
 from .. import caller as callers
 from ..checkpoints.hub import ModelFiles, resolve
 from ..checkpoints.model_names import EMBEDDED_PREFIX, canonical_name, check_model_name, inside_root, is_local
+from ..checkpoints.weights import dtype_name
 from ..config import ModelSpec, Settings
 from ..errors import (InvalidParameter, MemoryBudgetExceeded, ModelLoadFailed, ModelNotFound, PermissionDenied,
                      TaskNotImplemented, PipeserveError, WrongTask)
@@ -114,28 +115,21 @@ def _mib(n: int) -> str:
 def _placement(options: LoadOptions, revision: str | None) -> str:
     """How a model is loaded, in words: "float32 on cpu, int8 weights, revision main"."""
     words = f"{options.dtype} on {options.device}" + (", int8 weights" if options.load_in_8bit else "")
-    if _storage_name(options) != _dtype_name(options.dtype):
+    if _storage_name(options) != dtype_name(options.dtype):
         words += f", {_storage_name(options)} weights"
     return words + (f", revision {revision}" if revision else "")
 
 
-_DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}
-
-
-def _dtype_name(name: str) -> str:
-    return _DTYPE_ALIASES.get(name.strip().lower(), name.strip().lower())
-
-
 def _storage_name(options: LoadOptions) -> str:
     """The dtype the weights are stored in: weights_dtype where set, else the compute dtype."""
-    return _dtype_name(options.weights_dtype or options.dtype)
+    return dtype_name(options.weights_dtype or options.dtype)
 
 
 def _check_storage(options: LoadOptions) -> None:
     """A request's weights_dtype: float16 under a float32 model (layers/half_storage.py) or the
     compute dtype itself; not together with int8 (another storage). Whether the family can
     compute that way is the loader's check (it needs the checkpoint)."""
-    storage, compute = _storage_name(options), _dtype_name(options.dtype)
+    storage, compute = _storage_name(options), dtype_name(options.dtype)
     if storage != compute and not (storage == "float16" and compute == "float32"):
         raise InvalidParameter(f"weights_dtype {storage} with dtype {compute}: weights can be stored in float16 "
                                "under a float32 model, or as the model's dtype", reason="INVALID_DTYPE")
