@@ -23,10 +23,11 @@ import torch
 from torch import nn
 
 
-def fuse_linears(owner: nn.Module, parts: Sequence[str], fused: str) -> bool:
+def fuse_linears(owner: nn.Module, parts: Sequence[str], fused: str, *, missing_bias_as_zeros: bool = False) -> bool:
     """owner.<fused> = one nn.Linear whose rows are the parts' rows in order; the parts are
     removed. Leaves the owner as it is (-> False) unless every part is a plain nn.Linear with
-    the same input size, dtype and device, and all or none have a bias."""
+    the same input size, dtype and device, and all or none have a bias; with
+    `missing_bias_as_zeros` a part without one contributes zeros (Whisper's k projection)."""
     linears = [getattr(owner, name, None) for name in parts]
     if not linears or any(type(linear) is not nn.Linear for linear in linears):
         return False
@@ -35,11 +36,12 @@ def fuse_linears(owner: nn.Module, parts: Sequence[str], fused: str) -> bool:
            for l in linears):
         return False
     biased = [l.bias is not None for l in linears]
-    if any(biased) and not all(biased):
+    if any(biased) and not all(biased) and not missing_bias_as_zeros:
         return False
     with torch.no_grad():
         weight = torch.cat([l.weight.detach() for l in linears])  # [sum(out), in]
-        bias = torch.cat([l.bias.detach() for l in linears]) if all(biased) else None
+        bias = torch.cat([l.bias.detach() if l.bias is not None else l.weight.new_zeros(l.out_features)
+                          for l in linears]) if any(biased) else None
     for name in parts:
         delattr(owner, name)  # the parts' weights go with them: no second copy stays resident
     # On the meta device: nn.Linear's own initial weight would be a throwaway allocation.

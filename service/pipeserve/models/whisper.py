@@ -22,6 +22,7 @@ from ..checkpoints.formats import Checkpoint
 from ..checkpoints.loader import ModuleRecipe, load_module
 from ..errors import ModelLoadFailed
 from ..layers.activations import activation
+from ..layers.fused_linear import fuse_linears
 from ..layers.packed_linear import linear_activation
 
 
@@ -114,17 +115,9 @@ class WhisperAttention(nn.Module):
     def fuse(self) -> None:
         """Self-attention only: replaces q, k, v by one projection (k has no bias: zeros), so
         they take one matmul instead of three; called once the weights are loaded."""
-        # q_proj's module takes the stacked weights: a new nn.Linear would draw random
-        # initial values first (0.03-0.06 CPU s of a tiny.en load) only to overwrite them.
-        fused, q = self.q_proj, self.q_proj.weight
-        with torch.no_grad():
-            weight = torch.cat([q, self.k_proj.weight, self.v_proj.weight])
-            bias = torch.cat([fused.bias, torch.zeros_like(fused.bias), self.v_proj.bias])
-        fused.weight = nn.Parameter(weight, requires_grad=q.requires_grad)
-        fused.bias = nn.Parameter(bias, requires_grad=q.requires_grad)
-        fused.out_features = weight.shape[0]
-        self.qkv_proj = fused
-        del self.q_proj, self.k_proj, self.v_proj
+        if not fuse_linears(self, ("q_proj", "k_proj", "v_proj"), "qkv_proj", missing_bias_as_zeros=True):
+            raise ModelLoadFailed("Whisper self-attention: q, k and v projections of different shapes or dtypes",
+                                  reason="WEIGHTS_MISMATCH")
 
     def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if not hasattr(self, "qkv_proj"):
