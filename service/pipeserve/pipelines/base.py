@@ -32,6 +32,11 @@ class LoadOptions:
     weights_dtype: str = ""
     # int8 weights (layers/quantization.py); None: the source's default (loading.with_source_defaults).
     load_in_8bit: bool | None = None
+    # The quantized form of the weights: "none" (float), "int8" (what load_in_8bit=True
+    # selects), "grouped" (groups of 32 weights on grids of up to 256 levels, a GGUF's
+    # Q4_K/Q5_0/Q8_0 values exactly, held as one or two int4 planes; layers/grid_int4.py);
+    # None: load_in_8bit decides, else the source's default (loading.with_source_defaults).
+    quantization: str | None = None
     allow_pickle: bool = False
     # CPU float32/bfloat16 linear layers run on oneDNN-prepacked weights (layers/packed_linear.py):
     # 2-4x faster at inference batch sizes, same arithmetic up to summation order.
