@@ -45,6 +45,8 @@ class ModelSpec:
     load_in_8bit: bool | None = None  # None: the source's default (LoadOptions)
     # "float16": float16 weights under a float32 model (LoadOptions.weights_dtype); None: as dtype.
     weights_dtype: str | None = None
+    # "none", "int8" or "grouped" (LoadOptions.quantization); None: load_in_8bit, else the source's default.
+    quantization: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
 
 
@@ -381,9 +383,26 @@ def _did_you_mean(name: str, known: list[str]) -> str:
 # ---- preloads ---------------------------------------------------------------------------------
 
 _SPEC_KEYS = {"model": str, "revision": str, "device": str, "dtype": str, "load_in_8bit": bool,
-              "weights_dtype": str, "options": dict}
+              "weights_dtype": str, "quantization": str, "options": dict}
 # Weights stored narrower than they compute: float16 under a float32 model (layers/half_storage.py).
 WEIGHTS_DTYPE_NAMES = ("float32", "float16", "fp32", "fp16", "half")
+# The weights' quantized forms (LoadOptions.quantization): float, int8 per output channel, groups
+# of 32 on grids of up to 256 levels (layers/grid_int4.py).
+QUANTIZATIONS = ("none", "int8", "grouped")
+
+
+def chosen_quantization(quantization: str | None, load_in_8bit: bool | None) -> str | None:
+    """The form a load asks for: `quantization` where set, else "int8" or "none" as load_in_8bit
+    says; None when neither is set (the source decides). ValueError for an unknown form, or one
+    that load_in_8bit contradicts."""
+    if quantization is None:
+        return None if load_in_8bit is None else ("int8" if load_in_8bit else "none")
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization {quantization!r} is not one of {', '.join(QUANTIZATIONS)}")
+    if load_in_8bit is not None and load_in_8bit != (quantization == "int8"):
+        raise ValueError(f"quantization {quantization} and load_in_8bit {str(load_in_8bit).lower()} contradict each "
+                         "other: set one of them")
+    return quantization
 
 
 def _parse_preload(entries: dict[str, tuple[Any, str]]) -> dict[str, ModelSpec]:
@@ -399,7 +418,7 @@ def _parse_preload(entries: dict[str, tuple[Any, str]]) -> dict[str, ModelSpec]:
             value = {"model": value}
         if not isinstance(value, dict):
             raise ConfigError(f"{label}: expected a model name or a table with model, revision, device, dtype, "
-                              f"weights_dtype, load_in_8bit, options")
+                              f"weights_dtype, load_in_8bit, quantization, options")
         for key, item in value.items():
             if key not in _SPEC_KEYS:
                 raise ConfigError(f"{label}: unknown key {key!r}{_did_you_mean(key, list(_SPEC_KEYS))}; "
@@ -413,6 +432,10 @@ def _parse_preload(entries: dict[str, tuple[Any, str]]) -> dict[str, ModelSpec]:
             problem = check(value[key]) if key in value else None
             if problem:
                 raise ConfigError(f"{label}.{key}: {_shown(value[key])} {problem}")
+        try:
+            chosen_quantization(value.get("quantization"), value.get("load_in_8bit"))
+        except ValueError as exc:
+            raise ConfigError(f"{label}: {exc}") from None
         specs[task] = ModelSpec(**{**value, "task": task})
     return specs
 
@@ -469,7 +492,7 @@ def build_parser(environ: dict[str, str] | None = None) -> argparse.ArgumentPars
     parser.add_argument("--config", default=environ.get("PIPESERVE_CONFIG"), metavar="FILE",
                         help="TOML settings file: keys are the setting names with underscores; a [preload] table "
                              "maps task = \"model\" or task = {model, revision, device, dtype, weights_dtype, "
-                             "load_in_8bit, options} [env PIPESERVE_CONFIG]")
+                             "load_in_8bit, quantization, options} [env PIPESERVE_CONFIG]")
     parser.add_argument("--preload", action="append", default=[], metavar="TASK=MODEL",
                         help="preload MODEL (local directory or Hub id) as TASK's default; repeatable "
                              "[env PIPESERVE_PRELOAD, pairs separated by ';']")

@@ -141,6 +141,7 @@ const ENUM_OPTIONS = {
   pooling: 'POOLING_',
   dtype: 'D_TYPE_',
   weights_dtype: 'D_TYPE_',
+  quantization: 'QUANTIZATION_',
 };
 
 /** Options object -> request fields: camelCase to snake_case, enum short names, unset dropped. */

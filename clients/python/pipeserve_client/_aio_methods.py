@@ -36,14 +36,17 @@ class AsyncModels:
                    device: str | None = None, dtype: str | None = None, load_in_8bit: bool | None = None,
                    allow_pickle: bool | None = None, set_default: bool | None = None,
                    default_options: Mapping[str, Any] | None = None, timeout: float | None = None,
-                   weights_dtype: str | None = None) -> model_pb2.ModelInfo:
+                   weights_dtype: str | None = None, quantization: str | None = None) -> model_pb2.ModelInfo:
         """Loads a local directory or Hub id; returns once the model is ready. Loading can
         take minutes for large models, so give a generous timeout. weights_dtype "float16" keeps
-        float16 weights under a float32 model (about half its memory, slower; Whisper)."""
+        float16 weights under a float32 model (about half its memory, slower; Whisper).
+        quantization "none", "int8" or "grouped" (groups of 32 weights on grids of up to 256
+        levels: a GGUF file's quantized values, 4-bit kernels; CPU, Gemma 3)."""
         request, timeout = _methods.load_model(model, task=task, revision=revision, device=device, dtype=dtype,
                                                load_in_8bit=load_in_8bit, allow_pickle=allow_pickle,
                                                set_default=set_default, default_options=default_options,
-                                               timeout=timeout, weights_dtype=weights_dtype)
+                                               timeout=timeout, weights_dtype=weights_dtype,
+                                               quantization=quantization)
         return _methods.model_of(await self._client._unary("models", "LoadModel", request, timeout))
 
     async def unload(self, model: str, *, timeout: float | None = None) -> model_pb2.ModelInfo:

@@ -65,10 +65,11 @@ def list_models(task: str | None = None) -> model_pb2.ListModelsRequest:
 def load_model(model: str, *, task: str | None = None, revision: str | None = None, device: str | None = None,
                dtype: str | None = None, load_in_8bit: bool | None = None, allow_pickle: bool | None = None,
                set_default: bool | None = None, default_options: Mapping[str, Any] | None = None,
-               weights_dtype: str | None = None) -> model_pb2.LoadModelRequest:
+               weights_dtype: str | None = None, quantization: str | None = None) -> model_pb2.LoadModelRequest:
     request = _set(model_pb2.LoadModelRequest(model=str(model)), task=task_value(task), revision=revision,
                    device=device, dtype=enum_value(model_pb2.DType, "D_TYPE_", dtype, "dtype"),
                    weights_dtype=enum_value(model_pb2.DType, "D_TYPE_", weights_dtype, "weights_dtype"),
+                   quantization=enum_value(model_pb2.Quantization, "QUANTIZATION_", quantization, "quantization"),
                    load_in_8bit=load_in_8bit, allow_pickle=allow_pickle, set_default=set_default)
     if default_options:
         struct = struct_pb2.Struct()

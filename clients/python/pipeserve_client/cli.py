@@ -124,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="store the weights in this dtype: float16 under a float32 model halves its memory "
                            "(slower; Whisper)")
     load.add_argument("--int8", action="store_true", default=None, help="quantize weights to int8")
+    load.add_argument("--quantization", choices=["none", "int8", "grouped"],
+                      help="the weights' quantized form: float, int8, or grouped (groups of 32 on grids of up to "
+                           "256 levels: a GGUF file's own values, 4-bit kernels; CPU, Gemma 3)")
     load.add_argument("--allow-pickle", action="store_true", default=None,
                       help="allow pickled .bin checkpoints (they can run code)")
     load.add_argument("--default", action="store_true", default=None, help="make it its task's default model")
@@ -313,7 +316,8 @@ def cmd_models(client: Any, args: argparse.Namespace) -> None:
         info = client.models.load(name, task=args.task, revision=args.revision, device=args.device,
                                   dtype=args.dtype, load_in_8bit=args.int8, allow_pickle=args.allow_pickle,
                                   set_default=args.default, default_options=options or None,
-                                  timeout=_opt(args, "timeout"), weights_dtype=args.weights_dtype)
+                                  timeout=_opt(args, "timeout"), weights_dtype=args.weights_dtype,
+                                  quantization=args.quantization)
     elif args.verb == "get":
         info = client.models.get(args.name, timeout=_opt(args, "timeout"))
     else:
@@ -344,6 +348,8 @@ def _dtype(info: Any) -> str:
     dtype = model_pb2.DType.Name(info.dtype).removeprefix("D_TYPE_").lower()
     if info.quantized_int8:
         return f"int8/{dtype}"
+    if info.quantization == model_pb2.QUANTIZATION_GROUPED:
+        return f"grouped/{dtype}"
     if info.weights_dtype:
         return model_pb2.DType.Name(info.weights_dtype).removeprefix("D_TYPE_").lower() + f"/{dtype}"
     return dtype

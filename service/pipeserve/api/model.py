@@ -26,6 +26,8 @@ _STATES = {
 }
 _DTYPES = {"float32": pb.D_TYPE_FLOAT32, "float16": pb.D_TYPE_FLOAT16, "bfloat16": pb.D_TYPE_BFLOAT16}
 _DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
+_QUANTIZATIONS = {"none": pb.QUANTIZATION_NONE, "int8": pb.QUANTIZATION_INT8, "grouped": pb.QUANTIZATION_GROUPED}
+_QUANTIZATION_NAMES = {v: k for k, v in _QUANTIZATIONS.items()}
 
 
 def task_to_proto(task: Task | None) -> int:
@@ -69,6 +71,8 @@ def model_info(entry: ModelEntry, is_default: bool) -> pb.ModelInfo:
         default_options=_options_struct(entry.options.defaults),
         memory=pb.ModelMemory(**{f"{kind}_bytes": n for kind, n in entry.memory.items()}),
         weights_dtype=_storage_dtype(entry.options.weights_dtype, dtype),
+        # resolved when the load starts (loading.with_source_defaults); unset before that
+        quantization=_QUANTIZATIONS.get(entry.options.quantization, pb.QUANTIZATION_UNSPECIFIED),
     )
 
 
@@ -84,6 +88,14 @@ def _dtype_field(request: pb.LoadModelRequest, field: str) -> str | None:
     enum number outside DType never gets here: serving/ refuses it, INVALID_ENUM_VALUE)."""
     value = getattr(request, field)
     return _DTYPE_NAMES[value] if request.HasField(field) and value != pb.D_TYPE_UNSPECIFIED else None
+
+
+def _quantization_field(request: pb.LoadModelRequest) -> str | None:
+    """The form LoadModelRequest.quantization names; None when unset or UNSPECIFIED."""
+    value = request.quantization
+    if not request.HasField("quantization") or value == pb.QUANTIZATION_UNSPECIFIED:
+        return None
+    return _QUANTIZATION_NAMES[value]
 
 
 def _options_struct(options: dict) -> Struct:
@@ -125,18 +137,21 @@ class ModelServicer(pb_grpc.ModelServiceServicer):
         manager = self.app.manager
         dtype = _dtype_field(request, "dtype")
         weights_dtype = _dtype_field(request, "weights_dtype")
+        quantization = _quantization_field(request)
         # allow_pickle is a ceiling (load_options refuses raising it); the others are choices.
         options = manager.load_options(
             device=request.device if request.HasField("device") else None,
             dtype=dtype,
             weights_dtype=weights_dtype,
             load_in_8bit=request.load_in_8bit if request.HasField("load_in_8bit") else None,
+            quantization=quantization,
             allow_pickle=request.allow_pickle if request.HasField("allow_pickle") else None,
             defaults=_struct_options(request) if request.HasField("default_options") else None,
         )
         chosen = [name for name, given in [("device", request.HasField("device")), ("dtype", dtype is not None),
                                            ("weights_dtype", weights_dtype is not None),
                                            ("load_in_8bit", request.HasField("load_in_8bit")),
+                                           ("quantization", quantization is not None),
                                            ("revision", request.HasField("revision")),
                                            ("defaults", request.HasField("default_options"))] if given]
         entry = await manager.load(

@@ -65,8 +65,10 @@ def storage_dtype(options) -> torch.dtype:
         raise ModelLoadFailed(f"weights_dtype {options.weights_dtype!r} with dtype {options.dtype!r}: weights "
                               "can be stored in float16 under a float32 model, or as the model's dtype",
                               reason="INVALID_DTYPE")
-    if storage != compute and getattr(options, "load_in_8bit", False):
-        raise ModelLoadFailed("weights_dtype float16 and load_in_8bit are two ways to store the weights; "
+    quantized = getattr(options, "load_in_8bit", False) or getattr(options, "quantization", None) not in (None, "none")
+    if storage != compute and quantized:
+        way = "load_in_8bit" if getattr(options, "load_in_8bit", False) else f"quantization {options.quantization}"
+        raise ModelLoadFailed(f"weights_dtype float16 and {way} are two ways to store the weights; "
                               "choose one", reason="INVALID_DTYPE")
     return storage
 

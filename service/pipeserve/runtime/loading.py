@@ -6,6 +6,8 @@ import dataclasses
 from ..checkpoints.formats import is_ctranslate2_whisper
 from ..checkpoints.hub import ModelFiles
 from ..checkpoints.registry import infer_task, pipeline_class
+from ..checkpoints.weights import dtype_name
+from ..config import chosen_quantization
 from ..errors import ModelLoadFailed, WrongTask
 from ..pipelines.base import LoadOptions, Pipeline
 from ..tasks import Task
@@ -26,16 +28,29 @@ def task_of(files: ModelFiles) -> Task:
 
 
 def with_source_defaults(files: ModelFiles, options: LoadOptions) -> LoadOptions:
-    """`options` with the choices left to the source made. Every source, GGUF included, loads
-    with float weights unless load_in_8bit says otherwise. Measured on Gemma 3 270M (GGUF):
-    int8 decoded 10.2 vs float32's 5.6 tokens/s (best of 4 interleaved, 2 shared cores) in
-    0.94 vs 2.08 GB, but the CPU int8 kernel quantizes activations too (fbgemm, 7-bit), and on
-    Gemma's large activations that moved the greedy choice on 24-42% of steps (max logit error
-    0.45 of the largest logit); weight-only int8 kept 92% (0.05) but ran 3-6x slower than
-    float32. So int8 stays an option until a fast weight-only CPU kernel exists."""
-    if options.load_in_8bit is not None:
-        return options
-    return dataclasses.replace(options, load_in_8bit=False)
+    """`options` with the choices left to the source made: `quantization` resolved to one form
+    ("none", "int8" or "grouped") and load_in_8bit saying whether it is "int8". Every source,
+    GGUF included, loads with float weights unless the request chose a quantization (README:
+    embedded defaults, with the measured speed of each form). A form this machine cannot run
+    fails here, before any weight is read."""
+    try:
+        form = chosen_quantization(options.quantization, options.load_in_8bit)
+    except ValueError as exc:  # a spec that skipped the manager's checks
+        raise ModelLoadFailed(str(exc), reason="INVALID_QUANTIZATION") from None
+    form = form or "none"
+    if form == "grouped":
+        _check_grouped(options)
+    return dataclasses.replace(options, quantization=form, load_in_8bit=form == "int8")
+
+
+def _check_grouped(options: LoadOptions) -> None:
+    """The grouped form computes on the CPU in float32 around bfloat16 4-bit kernels."""
+    if options.torch_device.type != "cpu" or options.device == "auto":
+        raise ModelLoadFailed(f"quantization grouped runs on the CPU; this load asks for device {options.device!r}",
+                              reason="QUANTIZATION_UNAVAILABLE")
+    if dtype_name(options.dtype) != "float32":
+        raise ModelLoadFailed(f"quantization grouped computes in float32; this load asks for dtype {options.dtype}",
+                              reason="QUANTIZATION_UNAVAILABLE")
 
 
 def load_pipeline(files: ModelFiles, options: LoadOptions, task: Task | str | None = None) -> Pipeline:

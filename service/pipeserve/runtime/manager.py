@@ -38,7 +38,7 @@ from .. import caller as callers
 from ..checkpoints.hub import ModelFiles, resolve
 from ..checkpoints.model_names import EMBEDDED_PREFIX, canonical_name, check_model_name, inside_root, is_local
 from ..checkpoints.weights import dtype_name
-from ..config import ModelSpec, Settings
+from ..config import ModelSpec, Settings, chosen_quantization
 from ..errors import (InvalidParameter, MemoryBudgetExceeded, ModelLoadFailed, ModelNotFound, PermissionDenied,
                      TaskNotImplemented, PipeserveError, WrongTask)
 from ..pipelines.base import LoadOptions, Pipeline
@@ -57,7 +57,7 @@ ON_DEMAND_MODES = ("off", "local", "any")
 FAILED_ENTRIES_MAX = 16
 FAILED_ENTRY_TTL_S = 300.0
 # LoadModel fields that pick how a model is loaded; a second load asking for other values is refused.
-LOAD_CHOICES = ("device", "dtype", "load_in_8bit", "revision", "defaults")
+LOAD_CHOICES = ("device", "dtype", "load_in_8bit", "quantization", "revision", "defaults")
 
 
 class ModelState(str, Enum):
@@ -114,7 +114,8 @@ def _mib(n: int) -> str:
 
 def _placement(options: LoadOptions, revision: str | None) -> str:
     """How a model is loaded, in words: "float32 on cpu, int8 weights, revision main"."""
-    words = f"{options.dtype} on {options.device}" + (", int8 weights" if options.load_in_8bit else "")
+    form = _quantization(options)
+    words = f"{options.dtype} on {options.device}" + (f", {form} weights" if form != "none" else "")
     if _storage_name(options) != dtype_name(options.dtype):
         words += f", {_storage_name(options)} weights"
     return words + (f", revision {revision}" if revision else "")
@@ -125,6 +126,20 @@ def _storage_name(options: LoadOptions) -> str:
     return dtype_name(options.weights_dtype or options.dtype)
 
 
+def _quantization(options: LoadOptions) -> str:
+    """The quantized form `options` ask for or (once resolved) hold; "none" where the source
+    decides (every source's default: loading.with_source_defaults)."""
+    return chosen_quantization(options.quantization, options.load_in_8bit) or "none"
+
+
+def _check_quantization(options: LoadOptions) -> None:
+    """A request's quantization: a known form that its load_in_8bit does not contradict."""
+    try:
+        chosen_quantization(options.quantization, options.load_in_8bit)
+    except ValueError as exc:
+        raise InvalidParameter(str(exc), reason="INVALID_QUANTIZATION") from None
+
+
 def _check_storage(options: LoadOptions) -> None:
     """A request's weights_dtype: float16 under a float32 model (layers/half_storage.py) or the
     compute dtype itself; not together with int8 (another storage). Whether the family can
@@ -133,8 +148,9 @@ def _check_storage(options: LoadOptions) -> None:
     if storage != compute and not (storage == "float16" and compute == "float32"):
         raise InvalidParameter(f"weights_dtype {storage} with dtype {compute}: weights can be stored in float16 "
                                "under a float32 model, or as the model's dtype", reason="INVALID_DTYPE")
-    if storage != compute and options.load_in_8bit:
-        raise InvalidParameter("weights_dtype float16 and load_in_8bit are two ways to store the weights; "
+    if storage != compute and _quantization(options) != "none":
+        way = "load_in_8bit" if options.load_in_8bit else f"quantization {options.quantization}"
+        raise InvalidParameter(f"weights_dtype float16 and {way} are two ways to store the weights; "
                                "choose one", reason="INVALID_DTYPE")
 
 
@@ -146,7 +162,7 @@ def _estimate_bytes(files: ModelFiles, options: LoadOptions) -> int:
     for pattern in ("*.safetensors", "model.bin", "pytorch_model*.bin", "*.gguf"):
         total += sum(p.stat().st_size for p in files.path.glob(pattern))
     stored = 2 if files.config.get("torch_dtype") in ("float16", "bfloat16") or files.has("model.bin") else 4
-    target = 1 if options.load_in_8bit else 2 if _storage_name(options) == "float16" else options.torch_dtype.itemsize
+    target = 1 if _quantization(options) != "none" else 2 if _storage_name(options) == "float16" else options.torch_dtype.itemsize
     return total * target // stored
 
 
@@ -223,6 +239,7 @@ class ModelManager:
             "dtype": spec.dtype or self.settings.dtype,
             "load_in_8bit": spec.load_in_8bit,
             "weights_dtype": spec.weights_dtype or "",
+            "quantization": spec.quantization,
             "allow_pickle": self.settings.allow_pickle,
             "defaults": dict(spec.options),
             "max_image_pixels": self.settings.max_image_pixels,
@@ -235,7 +252,9 @@ class ModelManager:
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         options = LoadOptions(**values)
-        if overrides.get("weights_dtype") is not None:  # a request's; a config file's was checked at start
+        if overrides.get("quantization") is not None or overrides.get("load_in_8bit") is not None:
+            _check_quantization(options)  # a request's; a config file's was checked at start
+        if overrides.get("weights_dtype") is not None or overrides.get("quantization") is not None:
             _check_storage(options)
         return options
 
@@ -300,7 +319,7 @@ class ModelManager:
             ("dtype" in chosen and want.dtype != have.dtype),
             ("weights_dtype" in chosen and _storage_name(want) != _storage_name(have)),
             # None (the source's default) is float for every source (loading.with_source_defaults)
-            ("load_in_8bit" in chosen and bool(want.load_in_8bit) != bool(have.load_in_8bit)),
+            (("load_in_8bit" in chosen or "quantization" in chosen) and _quantization(want) != _quantization(have)),
             ("revision" in chosen and revision is not None and revision != (entry.revision or "main")),
             ("defaults" in chosen and want.defaults != have.defaults),
         ]
