@@ -4,7 +4,7 @@ A GGUF's quantized blocks are grids: per group of 32 weights, value = origin + s
 with at most 256 levels (Q5_0: d * (q - 16), 32 levels; Q8_0: d * q, 255; a Q4_K sub-block:
 d * sc * q - dmin * m, 16). Dequantized to float32 at load, they keep that form exactly, so it
 can be found again from the floats alone (`detect_grids`, no knowledge of the file's block
-types), and the weights held as their levels instead of float32 (4x fewer bytes read per step).
+types), and the weights held as their levels instead of float32 (3-6x fewer bytes per step).
 
 The kernel, aten._weight_int4pack_mm_for_cpu, computes x @ W^T with W in groups of 32 along K,
 each weight (q - 8) * scale + zero, q a 4-bit value, scale and zero bfloat16 per group and
@@ -24,6 +24,14 @@ a step, (max - min) / 510).
 Batch invariance: every output is one row's dot products accumulated in float32 in the
 kernel's fixed order whatever the number of rows (measured bitwise equal from 1 to 200 rows),
 and the bfloat16 casts are elementwise: a row's result does not depend on its batch.
+
+Cost: the kernel dequantizes each weight once per block of 4 rows and multiplies in float32
+FMAs, so its work grows with the planes (two planes: twice one's) and, past a few rows, with
+the rows, where oneDNN's int8 GEMM (layers/row_int8.py) uses VNNI / AMX. On Gemma 3 270M's 72
+fused block linears (bench/generation/block_linears.py, 1 thread, CPU ms per step): 14.5 at
+1 row and 74 at 16, row int8 17.0 and 27, float32 41 and 57; whole Gemma decoding 44.6 CPU
+ms per token alone (row int8 48.6), 13.5 at 16 streams (8.9), a 37-token prompt 226 ms (86).
+No kernel is switched by row count: a row's result must not depend on its batch.
 """
 from __future__ import annotations
 
@@ -179,7 +187,8 @@ def encode_planes(grids: GroupGrids, planes: int | None = None) -> tuple[Int4Pla
     offset = torch.round(-grids.origin / safe).clamp_(max=-low_c).maximum(top - high_c)
     offset = torch.where(grids.step > 0, offset, 0.0)
     zero = grids.origin + grids.step * offset
-    centred = grids.levels.view(n, k // GROUP, GROUP).long() - offset.long()[..., None]
+    # int16: levels 0..255 minus an offset in [-119, 136] (half the bytes of int64 temporaries)
+    centred = grids.levels.view(n, k // GROUP, GROUP).to(torch.int16) - offset.to(torch.int16)[..., None]
     scale = grids.step.bfloat16()
     if planes == 1:
         codes = (centred + 8).view(n, k)
