@@ -42,7 +42,7 @@ PACKAGES = [name for name in ALLOWED if name not in ("core", "entry")]
 # may use the building blocks in layers/ (Conv1D, the KV cache, the packed linear's fused
 # activation) but not the passes themselves.
 PASSES = {"pipeserve.layers.quantization", "pipeserve.layers.device_map", "pipeserve.layers.verified_head",
-          "pipeserve.layers.head_layout", "pipeserve.layers.passes"}
+          "pipeserve.layers.head_layout", "pipeserve.layers.passes", "pipeserve.layers.grid_int4"}
 
 # (importer, imported) -> why the rule above does not hold there yet.
 EXCEPTIONS: dict[tuple[str, str], str] = {}

@@ -4,6 +4,7 @@ service/ first on PYTHONPATH, alternating (A B A B), and compare best-of figures
 
     PYTHONPATH=service:tests .venv/bin/python bench/generation/gemma_step.py --mode float32 --profile
     PYTHONPATH=service:tests .venv/bin/python bench/generation/gemma_step.py --mode int8 --engine
+    PYTHONPATH=service:tests .venv/bin/python bench/generation/gemma_step.py --mode grouped --engine
 
 --profile: torch.profiler over decode steps at batch 1 and 16 (ops per step by name, and the
 wall time of each part of the step: layers, head, choice). --engine: single-stream tokens/s and
@@ -53,9 +54,17 @@ def cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def process_memory() -> dict:
+    """The process's resident set now and its peak (VmRSS, VmHWM), bytes."""
+    status = dict(line.split(":", 1) for line in open("/proc/self/status") if line.startswith("Vm"))
+    return {key: int(status[name].split()[0]) * 1024 for key, name in (("rss", "VmRSS"), ("peak", "VmHWM"))}
+
+
 def load(mode: str):
     from harness import load_pipeline
 
+    if mode == "grouped":  # the file's own grids in int4 planes (layers/grid_int4.py)
+        return load_pipeline(GGUF, quantization="grouped")
     return load_pipeline(GGUF, load_in_8bit=(mode == "int8"))
 
 
@@ -151,7 +160,7 @@ def profile_steps(pipe, batch: int, steps: int) -> dict:
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--mode", choices=("float32", "int8"), default="float32")
+    parser.add_argument("--mode", choices=("float32", "int8", "grouped"), default="float32")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--engine", action="store_true")
     parser.add_argument("--profile-steps", type=int, default=16)
@@ -173,7 +182,7 @@ def main():
     import pipeserve
 
     out = {"label": args.label, "tree": str(Path(pipeserve.__file__).parents[2]), "mode": args.mode, "load_s": round(time.perf_counter() - started, 1),
-           "load_avg": os.getloadavg()[0], "memory_bytes": pipe.memory_usage()}
+           "load_avg": os.getloadavg()[0], "memory_bytes": pipe.memory_usage(), "process": process_memory()}
     if args.profile:
         for batch in (1, 16):
             report = profile_steps(pipe, batch, args.profile_steps)

@@ -1,9 +1,9 @@
 """The post-load passes, one ordered list applied to every freshly loaded model from outside it:
 
     fuse projections (q/k/v, gate/up: one linear each) -> half storage (float16 weights,
-    float32 compute) -> quantize (int8 weights) -> place (device "auto": a device map) -> pack (oneDNN packed
-    linears; a head left dense is stored column-major) -> verified head (greedy steps' screened
-    output projection)
+    float32 compute) -> quantize (int8 weights, or the "grouped" int4 planes) -> place (device
+    "auto": a device map) -> pack (oneDNN packed linears; a head left dense is stored
+    column-major) -> verified head (greedy steps' screened output projection)
 
 The order matters: fusing comes first so that every later pass sees the fused linears as
 ordinary ones (one int8 scale per output row either way), int8 replaces linears before anything measures or moves them, placement
@@ -14,6 +14,7 @@ the family has no such head). A family opts into the passes that only some famil
 through its `post_load` attribute ("int8", "device_map", "column_major_head"; models/causal_lm.py;
 "fuse_projections": the groups its `fusable_projections()` lists become one linear each;
 "row_int8": int8 weights quantize activations per row, layers/row_int8.py, models/gemma3.py;
+"grid_int4": the quantization "grouped" form, layers/grid_int4.py;
 "share_tied_head": the tied head keeps the embedding's one weight, column-major, instead of a
 packed copy; "exact_head": greedy steps take the exact projection, no screening copy;
 models/whisper.py);
@@ -28,10 +29,12 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from ..errors import ModelLoadFailed
 from . import verified_head as verified
 from .int8_head import Int8ScreenedHead, int8_screen_available
 from .device_map import dispatch
 from .fused_linear import fuse_projections
+from .grid_int4 import quantize_grid_int4, unavailable_reason as grid_int4_unavailable
 from .half_storage import keep_half_storage
 from .head_layout import column_major_head, column_major_head_applies
 from .packed_linear import pack_linears, packable
@@ -74,8 +77,15 @@ def accepts(model: nn.Module, what: str) -> bool:
     return what in getattr(model, "post_load", ())
 
 
+def _quantize_applies(model: nn.Module, context: PostLoad) -> bool:
+    # "grouped" is checked in _quantize: a family or CPU it cannot serve is refused, not skipped
+    return grouped(context.options) or (context.options.load_in_8bit and accepts(model, "int8"))
+
+
 def _quantize(model: nn.Module, context: PostLoad) -> None:
-    if _row_int8(model, context):
+    if grouped(context.options):
+        _quantize_grouped(model, context)
+    elif _row_int8(model, context):
         # Per-row activations (batch-invariant; layers/row_int8.py). The tied head stays the
         # embedding's float32 weight: greedy rows read it through the int8 screen (exact choice,
         # whatever the batch), the others exactly.
@@ -84,7 +94,22 @@ def _quantize(model: nn.Module, context: PostLoad) -> None:
         # A tied lm_head gets its own int8 copy: decoding reads it every step, the embedding only
         # gathers rows, so the copy buys bandwidth for little memory.
         quantize_int8(model)
-    model.eval()  # the new int8 modules too
+    model.eval()  # the new modules too
+
+
+def grouped(options: Any) -> bool:
+    """LoadOptions.quantization selects the grouped int4 planes (layers/grid_int4.py)."""
+    return getattr(options, "quantization", None) == "grouped"
+
+
+def _quantize_grouped(model: nn.Module, context: PostLoad) -> None:
+    # Refused, not silently float, where the form cannot apply: the caller asked for its memory.
+    why = grid_int4_unavailable(context.options.torch_device) if accepts(model, "grid_int4") else (
+        f"{type(model).__name__} does not take the grouped int4 form")
+    if why:
+        raise ModelLoadFailed(f"quantization 'grouped' is not available: {why}", reason="QUANTIZATION_UNAVAILABLE")
+    # The tied head stays the embedding's float32 weight, as with row int8 (see _quantize).
+    quantize_grid_int4(model, skip=_tied_linears(model))
 
 
 def _row_int8(model: nn.Module, context: PostLoad) -> bool:
@@ -112,8 +137,9 @@ def _pack_applies(model: nn.Module, context: PostLoad) -> bool:
 
 def _pack(model: nn.Module, context: PostLoad) -> None:
     if context.options.packed_linear:
-        # a row-int8 model's tied head stays the embedding's one weight (no float32 copy)
-        share = accepts(model, "share_tied_head") or (context.options.load_in_8bit and _row_int8(model, context))
+        # a row-int8 or grouped model's tied head stays the embedding's one weight (no float32 copy)
+        share = (accepts(model, "share_tied_head") or (context.options.load_in_8bit and _row_int8(model, context))
+                 or grouped(context.options))
         pack_linears(model, share_tied=share)
     if accepts(model, "column_major_head"):
         column_major_head(model)  # a head packing did not take: one GEMM over contiguous memory
@@ -156,7 +182,7 @@ def _half_storage_applies(model: nn.Module, context: PostLoad) -> bool:
 FUSE = Pass("fuse_projections", lambda model, c: accepts(model, "fuse_projections"),
             lambda model, c: fuse_projections(model))
 HALF_STORAGE = Pass("half_storage", _half_storage_applies, lambda model, c: keep_half_storage(model))
-QUANTIZE = Pass("quantize", lambda model, c: c.options.load_in_8bit and accepts(model, "int8"), _quantize)
+QUANTIZE = Pass("quantize", _quantize_applies, _quantize)
 PLACE = Pass("place", lambda model, c: c.options.device == "auto", _place)
 PACK = Pass("pack", _pack_applies, _pack)
 VERIFIED_HEAD = Pass("verified_head", _verified_head_applies, _install_verified_head)

@@ -285,8 +285,9 @@ class Gemma3ForCausalLM(CausalLM):
 
     # load_in_8bit quantizes activations per row (layers/row_int8.py: batch-invariant, with a
     # residual row): fbgemm's per-batch 7-bit activations moved Gemma's greedy choice on a
-    # quarter of the steps, and made a row's tokens depend on its batch
-    post_load = CausalLM.post_load | {"fuse_projections", "row_int8"}
+    # quarter of the steps, and made a row's tokens depend on its batch. quantization "grouped"
+    # keeps a GGUF's own 4-8 bit grids in int4 planes (layers/grid_int4.py)
+    post_load = CausalLM.post_load | {"fuse_projections", "row_int8", "grid_int4"}
 
     def __init__(self, config: Gemma3TextConfig):
         super().__init__()

@@ -273,6 +273,9 @@ class _LlamaModel(nn.Module):
 class LlamaForCausalLM(CausalLM):
     """LlamaForCausalLM (also Mistral and Qwen2, which differ only in config)."""
 
+    # quantization "grouped": a GGUF's own 4-8 bit grids in int4 planes (layers/grid_int4.py)
+    post_load = CausalLM.post_load | {"grid_int4"}
+
     def __init__(self, config: LlamaConfig):
         super().__init__()
         self.config = config
