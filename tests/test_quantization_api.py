@@ -130,3 +130,27 @@ def test_the_python_client_and_cli_send_the_form():
     assert not _requests.load_model("m").HasField("quantization")
     with pytest.raises(ValueError):
         _requests.load_model("m", quantization="int3")
+
+
+def test_grouped_loads_reports_and_serves(server, gemma, tmp_path):
+    from pipeserve.v1 import model_pb2
+
+    copy = shutil.copytree(gemma, tmp_path / "grouped-serves")
+    info = load_model(server, copy, quantization=model_pb2.QUANTIZATION_GROUPED)
+    assert info.quantization == model_pb2.QUANTIZATION_GROUPED and not info.quantized_int8
+    assert _generate(server, str(copy))
+    with pytest.raises(grpc.RpcError) as caught:
+        load_model(server, copy, load_in_8bit=False)  # float asked of the grouped copy
+    assert error_reason(caught.value) == "MODEL_LOADED_WITH_OTHER_OPTIONS"
+    assert "grouped weights" in caught.value.details()
+
+
+def test_grouped_for_a_family_without_it_fails_the_load(server, tmp_path):
+    from pipeserve.v1 import model_pb2
+
+    gpt2 = tmp_path / "gpt2"
+    build("gpt2", gpt2)
+    with pytest.raises(grpc.RpcError) as caught:
+        load_model(server, gpt2, quantization=model_pb2.QUANTIZATION_GROUPED)
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert error_reason(caught.value) == "QUANTIZATION_UNAVAILABLE"
