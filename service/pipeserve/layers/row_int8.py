@@ -79,6 +79,13 @@ class RowInt8Linear(nn.Module):
     def _project(self, flat: torch.Tensor, with_error: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """[M, K] float32 -> ([M, N] float32 without bias, per row ||x - x_quantized|| [M, 1] when
         asked: what an error bound needs, layers/int8_head.py)."""
+        scaled, inverse_step, error = self._scaled_sums(flat, with_error)
+        return scaled.div_(inverse_step), error
+
+    def _scaled_sums(self, flat: torch.Tensor, with_error: bool) -> tuple[torch.Tensor, torch.Tensor,
+                                                                          torch.Tensor | None]:
+        """[M, K] float32 -> (x_q W_q^T times each row's 1 / step [M, N], that 1 / step [M, 1],
+        ||x - x_q|| [M, 1] or None)."""
         rows = flat.shape[0]
         inverse_step = row_steps(flat)
         scaled = flat * inverse_step  # in [-127, 127]
@@ -88,13 +95,19 @@ class RowInt8Linear(nn.Module):
             # what the rounding left, times 254, fits int8 again
             rest = (left * _RESIDUAL_DIVISOR).round_()
             both = self._int8_matmul(torch.cat([q, rest]).to(torch.int8))  # one pass over the weight for both
-            y = torch.add(both[:rows], both[rows:], alpha=1.0 / _RESIDUAL_DIVISOR).div_(inverse_step)
+            sums = both[:rows].add_(both[rows:], alpha=1.0 / _RESIDUAL_DIVISOR)  # in place: no third [M, N]
             if with_error:
                 left = left - rest / _RESIDUAL_DIVISOR
         else:
-            y = self._int8_matmul(q.to(torch.int8)).div_(inverse_step)
+            sums = self._int8_matmul(q.to(torch.int8))
         error = left.norm(dim=1, keepdim=True) / inverse_step if with_error else None
-        return y, error
+        return sums, inverse_step, error
+
+    def project_scaled(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """[M, K] float32 -> (x_q W_q^T [M, N] times each row's 1 / step, that 1 / step [M, 1],
+        ||x - x_q|| [M, 1]): a row's scores up to its positive factor, without the [M, N] division
+        (a screen compares scores within a row; layers/int8_head.py)."""
+        return self._scaled_sums(flat.float(), with_error=True)
 
     def project_with_error(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """[M, K] float32 -> (x W_q^T [M, N] float32, ||x - x_q|| per row [M, 1])."""
