@@ -275,3 +275,19 @@ def test_the_bound_holds_and_the_choice_is_exact_at_extreme_scales(weight_scale,
     assert ((exact - screened.double()).abs() <= bound).all()
     got = head.scores(h, _no_mask, lambda x: x @ weight.T)
     assert torch.equal(got.argmax(-1), exact.argmax(-1))
+
+
+def test_a_screen_in_slices_gives_the_sums_of_one_call():
+    """The int8 screen packs the weight in slices (layers/int8_screen.py): integer sums make the
+    scores of every slicing, and of a row alone or in a batch, bitwise the same."""
+    from pipeserve.layers.int8_screen import Int8Screen
+    from pipeserve.layers.quantization import quantize_per_channel
+
+    q, scale = quantize_per_channel(_weight(outliers=True))
+    whole, sliced = Int8Screen(q, scale, chunk_rows=VOCAB), Int8Screen(q, scale, chunk_rows=1024)
+    assert len(sliced.bounds) == 6 and sliced.bounds[-1] == (5120, VOCAB)
+    h = _hidden(5, 30.0)
+    one, inverse_step, quantization = whole.project_scaled(h)
+    many = sliced.project_scaled(h)
+    assert torch.equal(one, many[0]) and torch.equal(inverse_step, many[1]) and torch.equal(quantization, many[2])
+    assert torch.equal(sliced.project_scaled(h[3:4])[0], one[3:4])

@@ -70,7 +70,7 @@ def real_head_and_states() -> tuple[torch.Tensor, torch.Tensor]:
             ids = torch.tensor([pipe.encode(prompt) + [t.token for t in result.sequences[0].tokens]])
             with torch.no_grad():
                 states.append(pipe.model.hidden(ids)[0, -49:-1].clone())
-        return pipe.model.lm_head.weight.detach().clone(), torch.cat(states)
+        return pipe.model.verified_head.weight.detach().clone(), torch.cat(states)  # the tied embedding
     finally:
         pipe.close()
 

@@ -49,7 +49,8 @@ import torch
 from torch import nn
 
 from .quantization import quantize_per_channel
-from .row_int8 import RowInt8Linear, available as row_int8_available
+from .int8_screen import Int8Screen
+from .row_int8 import available as row_int8_available
 from .screen_search import block_maxima, rows_to_rescore
 from .verified_head import ACCUMULATION, SAFETY, ScreenPolicy
 
@@ -104,9 +105,7 @@ class Int8ScreenedHead(ScreenPolicy, nn.Module):
         q, scale = quantize_per_channel(weight)
         rounding, largest = _rounding_norms(weight, q, scale)
         order = rounding.argsort()
-        shape = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
-        self.screen = RowInt8Linear(shape, quantized=(q[order], scale[order]))
-        self.screen.memory_kind = "screening"
+        self.screen = Int8Screen(q[order], scale[order])
         del q
         # int32 indices (1 MiB each for 262k tokens): screen position -> token id and back
         self.register_buffer("order", order.int(), persistent=False)
