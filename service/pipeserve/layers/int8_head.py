@@ -34,11 +34,16 @@ projection instead, and after mostly falling back probes one step in PROBE_EVERY
 
 Rows are computed alone (per-row scales, integer sums), so a row's choice does not depend on the
 batch, and oneDNN's int8 GEMM reads the head once for all of a call's rows. Measured per call on
-the 2-core build machine (1 thread, CPU ms, busy machine; bench/generation/head_rows.py):
-1 row 17.3 (torch's weight-only kernel `_weight_int8pack_mm` with bfloat16 activations 28.7,
-the bfloat16 screen of layers/verified_head.py 32.3, float32 52.2), 16 rows 35.2 (int8pack 156,
-bfloat16 screen 74, float32 78). Needs VNNI (row_int8.available); elsewhere the pipeline keeps
-the bfloat16 screen where oneDNN runs bfloat16 natively, else the float32 head.
+Gemma 3 270M's head and real hidden states (bench/generation/head_rows.py --real; 1 thread,
+median CPU ms, 2-core Xeon with AMX, load ~3): 1 row 16-17, 8 rows 20-21, 16 rows 29-33, against
+17-19, 28-33 and 81-85 when the bound was computed over all V scores (at 16 rows those passes and
+the page faults of a 33.5 MB kernel output, layers/int8_screen.py, cost more than the GEMM). At
+1 row the GEMM is the call: 168 MB of int8 weights. An int4 screen (84 MB; torch's
+`_weight_int4pack_mm_for_cpu`, 11-13 CPU ms at 1 row) is not used: its rigorous bound (int4
+rounding ~0.09-0.13 of a row's norm, times ||h|| by Cauchy-Schwarz) leaves a median of 34k
+(group 32) to 222k (group 128) of the 262k tokens to rescore on the same states. Needs VNNI
+(row_int8.available); elsewhere the pipeline keeps the bfloat16 screen where oneDNN runs
+bfloat16 natively, else the float32 head.
 """
 from __future__ import annotations
 
