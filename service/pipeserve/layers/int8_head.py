@@ -53,8 +53,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .quantization import quantize_per_channel
 from .int8_screen import Int8Screen
+from .quantization import quantize_per_channel
 from .row_int8 import available as row_int8_available
 from .screen_search import block_maxima, rows_to_rescore
 from .verified_head import ACCUMULATION, SAFETY, ScreenPolicy
