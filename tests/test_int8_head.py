@@ -133,7 +133,8 @@ def test_memory_is_counted_as_screening():
     usage = module_memory([model])
     assert usage["weights"] == weight.numel() * 4  # the shared float32 weight once
     assert usage["screening"] >= weight.numel()  # the int8 copy (+ scales, norms)
-    assert usage["screening"] < weight.numel() * 1.2
+    # per token: a scale, a zero point, a rounding norm, its screen position and back
+    assert usage["screening"] <= weight.numel() + VOCAB * (4 + 8 + 4 + 4 + 4) + 4 * (VOCAB // 64 + 1)
 
 
 @pytest.mark.slow
@@ -168,3 +169,125 @@ def test_real_gemma_greedy_choices_equal_float32():
         assert steps == 96
     finally:
         pipe.close()
+
+
+def _rescored_by_full_bounds(scores, rounding, alpha, beta, margin):
+    """The rows to rescore computed over every score (what screen_search avoids): [R, V] bool."""
+    spread = alpha[:, None] * rounding[None, :] + beta[:, None]
+    best = (scores - spread).amax(dim=1, keepdim=True).clamp(min=-1e30)  # a fully masked row: none
+    return (scores + spread) >= best - margin[:, None]
+
+
+@pytest.mark.parametrize("vocab", [64 * 50, 64 * 50 + 37])  # whole blocks, and a short last block
+@pytest.mark.parametrize("sort", [True, False])
+def test_the_block_search_picks_exactly_the_rows_the_full_bound_picks(vocab, sort):
+    from pipeserve.layers.screen_search import block_maxima, rows_to_rescore
+
+    g = torch.Generator().manual_seed(vocab + sort)
+    rows = 6
+    rounding = torch.rand(vocab, generator=g) ** 4 * 0.05  # a few large norms, as outlier rows give
+    if sort:
+        rounding = rounding.sort().values
+    scores = torch.randn(rows, vocab, generator=g) * 3
+    scores[1] *= 0.01  # nearly flat: many rows within the bound
+    scores[2, 100:110] = scores[2].max() + 0.001 * torch.arange(10)  # near-ties at the top
+    scores[3, torch.randint(0, vocab, (vocab // 3,), generator=g)] = -math.inf  # masked tokens
+    scores[3, scores[3].argmax()] = -math.inf  # ... the top one among them
+    scores[4] = -math.inf  # a fully masked row
+    scores[5, -1] = 50.0  # the top in the last (maybe short) block
+    alpha = torch.rand(rows, generator=g) * 40
+    beta = torch.rand(rows, generator=g) * 0.1
+    margin = torch.tensor([0.0, 0.0, 0.5, 0.0, 1.0, 2.0])
+    r, p = rows_to_rescore(scores, rounding, block_maxima(rounding), alpha, beta, margin)
+    got = torch.zeros(rows, vocab, dtype=torch.bool)
+    got[r, p] = True
+    assert r.shape[0] == got.sum(), "no row returned twice"
+    expected = _rescored_by_full_bounds(scores, rounding, alpha, beta, margin)
+    assert torch.equal(got, expected)
+    assert not got[4].any() and got[1].sum() > 100
+
+
+def _eos_style_mask(entries):
+    def mask(scores):
+        for row, ids in entries:
+            scores[row, ids] = -math.inf
+    mask.entries = entries
+    return mask
+
+
+def test_a_mask_that_lists_its_entries_and_one_that_does_not_choose_alike():
+    weight = _weight(outliers=True)
+    head = int8_head.Int8ScreenedHead(weight, max_rescored=VOCAB)
+    h = _hidden(3, 30.0)
+    exact = h @ weight.T
+    entries = [(0, [int(exact[0].argmax()), 5]), (2, [int(i) for i in exact[2].topk(3).indices])]
+    listed = _eos_style_mask(entries)
+    expected = exact.clone()
+    listed(expected)
+
+    def unlisted(scores):
+        listed(scores)
+
+    for mask in (listed, unlisted):
+        got = head.scores(h, mask, lambda x: x @ weight.T)
+        assert torch.equal(got.argmax(-1), expected.argmax(-1))
+        for row, ids in entries:
+            assert (got[row, ids] == -math.inf).all()
+
+
+def test_near_ties_below_the_screens_resolution_choose_as_float32():
+    """Tokens whose logits differ by far less than int8 rounding (but more than float32 noise):
+    both are rescored, and the float32 order decides."""
+    g = torch.Generator().manual_seed(5)
+    weight = _weight()
+    base = torch.arange(0, VOCAB, VOCAB // 40)
+    twins = base + 1
+    # a twin is its pair's row scaled by 1 +- 1e-4: the logits differ by 1e-4 relative, a hundred
+    # times float32's noise and a hundredth of int8's rounding; the sign decides who wins
+    sign = torch.randint(0, 2, (len(base), 1), generator=g) * 2 - 1
+    weight[twins] = weight[base] * (1 + 1e-4 * sign)
+    head = int8_head.Int8ScreenedHead(weight, max_rescored=VOCAB)
+    h = weight[base] * 400  # each row peaks at one of the twin pairs
+    exact = (h.double() @ weight.double().T)
+    gap = (exact[torch.arange(len(base)), base] - exact[torch.arange(len(base)), twins]).abs()
+    assert (gap > 5e-5 * exact[torch.arange(len(base)), base].abs()).all()
+    got = head.scores(h, _no_mask, lambda x: x @ weight.T)
+    assert torch.equal(got.argmax(-1), exact.argmax(-1))
+    winners = exact.argmax(-1)
+    assert ((winners == base) | (winners == twins)).all()  # every row's top is its pair
+    assert (winners == base).any() and (winners == twins).any()
+
+
+@pytest.mark.parametrize("weight_scale", [1e-4, 1.0, 1e3])
+@pytest.mark.parametrize("hidden_scale", [1e-3, 1.0, 1e4])
+def test_the_bound_holds_and_the_choice_is_exact_at_extreme_scales(weight_scale, hidden_scale):
+    weight = _weight(seed=3, outliers=True) * weight_scale
+    head = int8_head.Int8ScreenedHead(weight, max_rescored=VOCAB)
+    h = _hidden(3, hidden_scale, seed=4)
+    h[0, 7] *= 300  # one huge activation: a coarse per-row step
+    h[2] = weight[11] * hidden_scale * 50 / weight_scale  # a sharply peaked row
+    exact = h.double() @ weight.double().T
+    screened, quantization = head.project(h)
+    h_norm = h.norm(dim=1, keepdim=True).double()
+    quantization = quantization.double()
+    bound = (head.rounding_norms.double()[None, :] * h_norm
+             + head.row_norm * (quantization + 2.0 ** -12 * h_norm + 2.0 ** -20 * (h_norm + quantization)))
+    assert ((exact - screened.double()).abs() <= bound).all()
+    got = head.scores(h, _no_mask, lambda x: x @ weight.T)
+    assert torch.equal(got.argmax(-1), exact.argmax(-1))
+
+
+def test_a_screen_in_slices_gives_the_sums_of_one_call():
+    """The int8 screen packs the weight in slices (layers/int8_screen.py): integer sums make the
+    scores of every slicing, and of a row alone or in a batch, bitwise the same."""
+    from pipeserve.layers.int8_screen import Int8Screen
+    from pipeserve.layers.quantization import quantize_per_channel
+
+    q, scale = quantize_per_channel(_weight(outliers=True))
+    whole, sliced = Int8Screen(q, scale, chunk_rows=VOCAB), Int8Screen(q, scale, chunk_rows=1024)
+    assert len(sliced.bounds) == 6 and sliced.bounds[-1] == (5120, VOCAB)
+    h = _hidden(5, 30.0)
+    one, inverse_step, quantization = whole.project_scaled(h)
+    many = sliced.project_scaled(h)
+    assert torch.equal(one, many[0]) and torch.equal(inverse_step, many[1]) and torch.equal(quantization, many[2])
+    assert torch.equal(sliced.project_scaled(h[3:4])[0], one[3:4])

@@ -18,31 +18,45 @@ Plain greedy decoding needs from it only the argmax. So:
    would rescore 10-100x more rows;
 3. rescore in float32 every row whose upper bound reaches the largest lower bound (and every
    row within `margin` above that, for callers that want near-ties exact): the true argmax is
-   among them, and every row left out has a screened value below the rescored maximum.
+   among them. The rows are found by layers/screen_search.py on blocks of 64 screened scores
+   (the int8 rows are stored sorted by a_r, so a block's rows have about the same bound), not by
+   bound arithmetic over all V scores (five [rows, V] float32 passes: at 16 rows they cost as
+   much as the screen's own GEMM), and in each row's own scale (the int32 sums times the
+   activation's 1 / step, positive) without dividing all V scores by it.
 
-The scores returned are the float32 logits on the rescored rows and screened values (below the
-maximum) elsewhere: right for an argmax, not for a softmax, which is why only argmax-only rows
-use it (scheduling/generation_steps.argmax_only). When a step would rescore more than
+The scores returned are the float32 logits on the rescored rows and -inf elsewhere: right for an
+argmax, not for a softmax, which is why only argmax-only rows use it
+(scheduling/generation_steps.argmax_only). Masks set scores to -inf; one that lists what it
+masks (`mask.entries`, as generation_steps.eos_masks does) is applied in the screen's order
+directly, any other is found by applying it to zeros. When a step would rescore more than
 `max_rescored` rows per sequence (flat distributions: random weights), it takes the float32
 projection instead, and after mostly falling back probes one step in PROBE_EVERY.
 
 Rows are computed alone (per-row scales, integer sums), so a row's choice does not depend on the
 batch, and oneDNN's int8 GEMM reads the head once for all of a call's rows. Measured per call on
-the 2-core build machine (1 thread, CPU ms, busy machine; bench/generation/head_rows.py):
-1 row 17.3 (torch's weight-only kernel `_weight_int8pack_mm` with bfloat16 activations 28.7,
-the bfloat16 screen of layers/verified_head.py 32.3, float32 52.2), 16 rows 35.2 (int8pack 156,
-bfloat16 screen 74, float32 78). Needs VNNI (row_int8.available); elsewhere the pipeline keeps
-the bfloat16 screen where oneDNN runs bfloat16 natively, else the float32 head.
+Gemma 3 270M's head and real hidden states (bench/generation/head_rows.py --real; 1 thread,
+median CPU ms, 2-core Xeon with AMX, load ~3): 1 row 16-17, 8 rows 20-21, 16 rows 29-33, against
+17-19, 28-33 and 81-85 when the bound was computed over all V scores (at 16 rows those passes and
+the page faults of a 33.5 MB kernel output, layers/int8_screen.py, cost more than the GEMM). At
+1 row the GEMM is the call: 168 MB of int8 weights. An int4 screen (84 MB; torch's
+`_weight_int4pack_mm_for_cpu`, 11-13 CPU ms at 1 row) is not used: its rigorous bound (int4
+rounding ~0.09-0.13 of a row's norm, times ||h|| by Cauchy-Schwarz) leaves a median of 34k
+(group 32) to 222k (group 128) of the 262k tokens to rescore on the same states. Needs VNNI
+(row_int8.available); elsewhere the pipeline keeps the bfloat16 screen where oneDNN runs
+bfloat16 natively, else the float32 head.
 """
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
 from torch import nn
 
+from .int8_screen import Int8Screen
 from .quantization import quantize_per_channel
-from .row_int8 import RowInt8Linear, available as row_int8_available
+from .row_int8 import available as row_int8_available
+from .screen_search import block_maxima, rows_to_rescore
 from .verified_head import ACCUMULATION, SAFETY, ScreenPolicy
 
 OUTPUT_ROUNDING = 2.0 ** -20  # int32 -> float32 and the scalings after it (4 roundings of 2^-24)
@@ -61,10 +75,27 @@ def _rounding_norms(weight: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) 
     return rounding, largest
 
 
+def masked_entries(mask: Callable[[torch.Tensor], None], rows: int, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(batch rows, token ids) a mask sets to -inf: its `entries` [(row, [ids])] when it lists
+    them (scheduling/generation_steps.eos_masks), else found by applying it to zeros."""
+    entries = getattr(mask, "entries", None)
+    if entries is None:
+        probe = torch.zeros(rows, vocab)
+        mask(probe)
+        return (probe == -math.inf).nonzero(as_tuple=True)
+    pairs = [(row, token) for row, ids in entries for token in ids]
+    if not pairs:
+        empty = torch.empty(0, dtype=torch.long)
+        return empty, empty
+    return torch.tensor(pairs, dtype=torch.long).unbind(1)
+
+
 class Int8ScreenedHead(ScreenPolicy, nn.Module):
     """x @ weight.T's argmax for greedy decoding, the weight screened in int8. `weight` (the
     tied embedding, float32) is shared, not copied; the derived tensors are buffers outside the
-    state dict, counted as "screening" memory (layers/memory.py)."""
+    state dict, counted as "screening" memory (layers/memory.py). The int8 copy's rows are sorted
+    by their rounding norm (`order`: screen position -> token id), so that each block of the
+    candidate search (layers/screen_search.py) holds rows of about the same bound."""
 
     memory_kind = "screening"
 
@@ -78,43 +109,55 @@ class Int8ScreenedHead(ScreenPolicy, nn.Module):
         self._calls, self._fallback_rate = 0, 0.0
         q, scale = quantize_per_channel(weight)
         rounding, largest = _rounding_norms(weight, q, scale)
-        shape = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
-        self.screen = RowInt8Linear(shape, quantized=(q, scale))
-        self.screen.memory_kind = "screening"
+        order = rounding.argsort()
+        self.screen = Int8Screen(q[order], scale[order])
         del q
-        self.register_buffer("rounding_norms", rounding, persistent=False)
+        # int32 indices (1 MiB each for 262k tokens): screen position -> token id and back
+        self.register_buffer("order", order.int(), persistent=False)
+        self.register_buffer("position", order.argsort().int(), persistent=False)
+        self.register_buffer("sorted_rounding", rounding[order], persistent=False)
+        self.register_buffer("block_rounding", block_maxima(self.sorted_rounding), persistent=False)
         self.row_norm = largest
 
+    @property
+    def rounding_norms(self) -> torch.Tensor:
+        """Per token id ||W_r - s_r q_r|| [V]."""
+        return self.sorted_rounding[self.position]
+
     def project(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(screened logits [rows, V] float32, per row ||h - h_q|| [rows, 1])."""
-        return self.screen.project_with_error(h)
+        """(screened logits [rows, V] float32 by token id, per row ||h - h_q|| [rows, 1]): for
+        tests and benches; scores() works on the screen's own order and scale."""
+        scaled, inverse_step, quantization = self.screen.project_scaled(h)
+        return scaled.div_(inverse_step)[:, self.position], quantization
 
     def scores(self, h: torch.Tensor, mask: Callable[[torch.Tensor], None],
                exact: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        """h [rows, D] float32 -> scores [rows, V] float32 after `mask` (deterministic rules, in
-        place) whose argmax is the float32 logits' argmax: every row that could hold the maximum
-        (or lie within `margin` of it) is the float32 logit, the rest screened values below it."""
+        """h [rows, D] float32 -> scores [rows, V] float32 whose argmax is the float32 logits'
+        argmax after `mask` (deterministic rules that set scores to -inf, in place): every token
+        that could hold the maximum (or lie within `margin` of it) has its float32 logit, every
+        other token -inf."""
         rows = h.shape[0]
         if not self._worth_screening():
             return self._exact(h, mask, exact)
-        scores, quantization = self.project(h)
-        mask(scores)
+        # Each row's scores times its activation's 1 / step (> 0): a row's order, unscaled.
+        scaled, inverse_step, quantization = self.screen.project_scaled(h)
+        masked_rows, masked_tokens = masked_entries(mask, rows, self.weight.shape[0])
+        scaled[masked_rows, self.position[masked_tokens]] = -math.inf
         h_norm = h.norm(dim=1, keepdim=True)  # [rows, 1]
-        shared = SAFETY * self.row_norm * (quantization + ACCUMULATION * h_norm
-                                           + OUTPUT_ROUNDING * (h_norm + quantization))
-        # Each float32 logit lies in [lower, upper]. A masked score (-inf) gets a NaN upper
-        # bound (-inf + inf), which compares False: never picked.
-        spread = torch.addcmul(shared, self.rounding_norms[None, :], h_norm, value=SAFETY)  # [rows, V]
-        upper, lower = scores + spread, scores - spread
-        best = lower.amax(dim=1, keepdim=True).clamp_(min=-1e30)  # a fully masked row has no finite score
-        picked = (upper >= best - self.margin).nonzero()
-        self._record(fell_back := picked.shape[0] > self.max_rescored * rows)
+        # |float32 logit - screened| <= alpha a_r + beta (module doc), in the screen's scale
+        alpha = SAFETY * h_norm * inverse_step
+        beta = SAFETY * self.row_norm * (quantization + ACCUMULATION * h_norm
+                                         + OUTPUT_ROUNDING * (h_norm + quantization)) * inverse_step
+        r, p = rows_to_rescore(scaled, self.sorted_rounding, self.block_rounding, alpha, beta,
+                               self.margin * inverse_step)
+        self._record(fell_back := r.shape[0] > self.max_rescored * rows)
         if fell_back:
             return self._exact(h, mask, exact)
-        r, c = picked[:, 0], picked[:, 1]
-        scores[r, c] = (self.weight.index_select(0, c) * h.index_select(0, r)).sum(dim=1)
-        mask(scores)  # a masked row that was rescored is masked again
-        return scores
+        tokens = self.order[p].long()
+        logits = (self.weight.index_select(0, tokens) * h.index_select(0, r)).sum(dim=1)
+        out = scaled.fill_(-math.inf)  # the screen's buffer, now by token id
+        out[r, tokens] = logits
+        return out
 
     @staticmethod
     def _exact(h, mask, exact) -> torch.Tensor:

@@ -47,6 +47,28 @@ def row_steps(x: torch.Tensor) -> torch.Tensor:
     return torch.div(QMAX, x.abs().amax(dim=1, keepdim=True).clamp_(min=_TINY))
 
 
+RESIDUAL_WEIGHT = 1.0 / _RESIDUAL_DIVISOR  # a residual row's sums count this much
+
+
+def quantize_rows(flat: torch.Tensor, residual_rows: bool = True,
+                  with_error: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """[M, K] float32 -> (int8 rows [M, K], then with `residual_rows` what their rounding left
+    [M, K] below them; per row 1 / step [M, 1]; ||x - x_quantized|| [M, 1] when asked). The int8
+    sums of a row plus RESIDUAL_WEIGHT times its residual's, divided by 1 / step, are x W_q^T."""
+    inverse_step = row_steps(flat)
+    scaled = flat * inverse_step  # in [-127, 127]
+    q = scaled.round()
+    left = scaled - q  # within +-1/2
+    if residual_rows:
+        # what the rounding left, times 254, fits int8 again
+        rest = (left * _RESIDUAL_DIVISOR).round_()
+        if with_error:
+            left = left - rest / _RESIDUAL_DIVISOR
+        q = torch.cat([q, rest])
+    error = left.norm(dim=1, keepdim=True) / inverse_step if with_error else None
+    return q.to(torch.int8), inverse_step, error
+
+
 class RowInt8Linear(nn.Module):
     """nn.Linear's map (float32 in and out) with int8 weights and per-row int8 activations."""
 
@@ -80,21 +102,11 @@ class RowInt8Linear(nn.Module):
         """[M, K] float32 -> ([M, N] float32 without bias, per row ||x - x_quantized|| [M, 1] when
         asked: what an error bound needs, layers/int8_head.py)."""
         rows = flat.shape[0]
-        inverse_step = row_steps(flat)
-        scaled = flat * inverse_step  # in [-127, 127]
-        q = scaled.round()
-        left = scaled - q  # within +-1/2
+        q, inverse_step, error = quantize_rows(flat, self.residual_rows, with_error)
+        sums = self._int8_matmul(q)  # one pass over the weight for a row and its residual
         if self.residual_rows:
-            # what the rounding left, times 254, fits int8 again
-            rest = (left * _RESIDUAL_DIVISOR).round_()
-            both = self._int8_matmul(torch.cat([q, rest]).to(torch.int8))  # one pass over the weight for both
-            y = torch.add(both[:rows], both[rows:], alpha=1.0 / _RESIDUAL_DIVISOR).div_(inverse_step)
-            if with_error:
-                left = left - rest / _RESIDUAL_DIVISOR
-        else:
-            y = self._int8_matmul(q.to(torch.int8)).div_(inverse_step)
-        error = left.norm(dim=1, keepdim=True) / inverse_step if with_error else None
-        return y, error
+            sums = torch.add(sums[:rows], sums[rows:], alpha=RESIDUAL_WEIGHT)
+        return sums.div_(inverse_step), error
 
     def project_with_error(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """[M, K] float32 -> (x W_q^T [M, N] float32, ||x - x_q|| per row [M, 1])."""

@@ -52,6 +52,7 @@ def eos_masks(seqs: list[Sequence], vocab: int) -> Callable[[torch.Tensor], None
     def mask(scores: torch.Tensor) -> None:
         for k, ids in rows:
             scores[k, ids] = -math.inf
+    mask.entries = rows  # what it masks, for a head that screens in its own order (layers/int8_head.py)
     return mask
 
 

@@ -1,0 +1,55 @@
+"""The int8 screen of a wide output projection (layers/int8_head.py): the per-row int8
+activations of layers/row_int8.py times an int8 weight packed in slices of CHUNK_ROWS output
+rows, one oneDNN call per slice, each row's sums left in its own scale.
+
+Why slices: the kernel allocates its output. For Gemma 3's 262144-row head at 16 rows (32 int8
+rows with the residuals) that is 33.5 MB, over glibc's 32 MiB mmap threshold, so every call maps
+fresh pages and faults each one in: 8193 page faults, 7.8 ms of system time per call measured
+against 27 ms of user time (1 thread). A slice's output (8.4 MB at 16 rows) comes from the heap
+and is freed before the next slice's, and the weight is still read once per call.
+
+Why no division: the head compares scores within a row and bounds their error in the same
+scale, so the [rows, V] division by each row's 1 / step (a positive factor) is left out.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .row_int8 import RESIDUAL_WEIGHT, quantize_rows
+
+CHUNK_ROWS = 65536  # a multiple of layers/screen_search.BLOCK
+
+
+class Int8Screen(nn.Module):
+    """x -> x_q W_q^T per row scaled by 1 / step, with the activations' quantization error."""
+
+    memory_kind = "screening"  # layers/memory.py
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, chunk_rows: int = CHUNK_ROWS):
+        """q int8 [N, K], scale float32 [N] (one per output row)."""
+        super().__init__()
+        self.out_features, self.in_features = q.shape
+        self.bounds = [(start, min(start + chunk_rows, q.shape[0])) for start in range(0, q.shape[0], chunk_rows)]
+        for i, (start, end) in enumerate(self.bounds):
+            self.register_buffer(f"packed_{i}", torch.ops.onednn.qlinear_prepack(q[start:end], None), persistent=False)
+            self.register_buffer(f"scale_{i}", scale[start:end].float().contiguous(), persistent=False)
+        widest = max(end - start for start, end in self.bounds)
+        self.register_buffer("zero_points", torch.zeros(widest, dtype=torch.long), persistent=False)
+
+    def project_scaled(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """h [M, K] float32 -> (h_q W_q^T [M, N] times each row's 1 / step, that 1 / step [M, 1],
+        ||h - h_q|| [M, 1])."""
+        rows = h.shape[0]
+        q, inverse_step, error = quantize_rows(h.float(), residual_rows=True, with_error=True)
+        sums = torch.empty(rows, self.out_features)
+        for i, (start, end) in enumerate(self.bounds):
+            both = torch.ops.onednn.qlinear_pointwise(
+                q, 1.0, 0, getattr(self, f"packed_{i}"), getattr(self, f"scale_{i}"),
+                self.zero_points[:end - start], None, 1.0, 0, torch.float32, "none", [], "")
+            torch.add(both[:rows], both[rows:], alpha=RESIDUAL_WEIGHT, out=sums[:, start:end])
+        return sums, inverse_step, error
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, int8 weights in "
+                f"{len(self.bounds)} slices, per-row int8 activations + residual")
