@@ -147,3 +147,69 @@ def test_decoding_steps_allocate_no_new_cache_tensors():
             model(torch.randint(0, CONFIG.vocab_size, (2, 1)), view)
             view.commit()
         assert [t.data_ptr() for t in cache.keys + cache.values] == storages
+
+
+def test_finished_sequences_leave_no_hole_in_the_decoding_slots(tmp_path):
+    """A sequence in the middle of the batch finishing: the last one moves into its slot (one copy),
+    every later step reads contiguous slots, and every request's tokens equal its tokens alone."""
+    from generation_checkpoints import build
+    from harness import load_pipeline
+    from pipeserve.scheduling.generation_engine import TokenEvent
+
+    build("gemma3", tmp_path / "gemma3")
+    pipe = load_pipeline(tmp_path / "gemma3")
+    try:
+        engine = pipe.engine
+        prompts = [pipe.encode(p) for p in ("The quick brown fox", "Hello world", "Numbers 0123")]
+        lengths = [30, 8, 30]  # the middle request finishes first
+
+        def run(prompt, n):
+            return engine.submit(prompt, pipe.parameters({"max_new_tokens": n, "min_new_tokens": n}))
+
+        def tokens(handle):
+            return [e.token for e in handle if isinstance(e, TokenEvent)]
+
+        alone = [tokens(run(p, n)) for p, n in zip(prompts, lengths)]
+        steps: list[list[int]] = []
+        decode = engine.runner.decode
+
+        def recording(seqs):
+            steps.append([s.slot for s in seqs])
+            return decode(seqs)
+        engine.runner.decode = recording
+        moves = []
+        move_down = engine.cache.move_down
+        engine.cache.move_down = lambda slot: moves.append(slot) or move_down(slot)
+        # submitted before the engine's next iteration, so that all three join together
+        with engine.scheduler.lock:
+            handles = [run(p, n) for p, n in zip(prompts, lengths)]
+        together = [tokens(h) for h in handles]
+        engine.runner.decode = decode
+        engine.cache.move_down = move_down
+        assert together == alone
+        three = [s for s in steps if len(s) == 3]
+        two = [s for s in steps if len(s) == 2]
+        assert three and two and moves, (steps, moves)
+        assert all(s == list(range(s[0], s[0] + len(s))) for s in steps), steps
+    finally:
+        pipe.close()
+
+
+def test_move_down_copies_a_sequence_into_the_lowest_free_slot_below():
+    cache = KVCache(2, 1, 4, 64, windows=[8, None], initial_slots=4, initial_capacity=16)
+    slots = [cache.allocate() for _ in range(3)]
+    for slot, length in zip(slots, (5, 12, 11)):
+        view = cache.view([slot], length)
+        for layer in range(2):
+            k = torch.full((1, 1, length, 4), float(slot + 1)) + torch.arange(length)[None, None, :, None]
+            view.attend(layer, torch.zeros(1, 2, length, 4), k, -k, window=cache.windows[layer])
+        view.commit()
+    assert cache.move_down(2) is None  # nothing free below slot 2
+    expected = [(cache.keys[layer][2].clone(), cache.values[layer][2].clone()) for layer in range(2)]
+    cache.free(1)
+    assert cache.move_down(0) is None and cache.move_down(2) == 1
+    assert cache.lengths == {0: 5, 1: 11} and 2 in cache._free
+    for layer, (k, v) in enumerate(expected):
+        kept = min(11, cache.keys[layer].shape[2])  # the ring (window 8) holds its last 8 positions
+        assert torch.equal(cache.keys[layer][1, :, :kept], k[:, :kept])
+        assert torch.equal(cache.values[layer][1, :, :kept], v[:, :kept])
