@@ -213,3 +213,46 @@ def test_move_down_copies_a_sequence_into_the_lowest_free_slot_below():
         kept = min(11, cache.keys[layer].shape[2])  # the ring (window 8) holds its last 8 positions
         assert torch.equal(cache.keys[layer][1, :, :kept], k[:, :kept])
         assert torch.equal(cache.values[layer][1, :, :kept], v[:, :kept])
+
+
+def test_serial_section_runs_small_work_on_one_thread_and_restores_the_team():
+    from pipeserve.layers.serial import SerialSection
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        seen = []
+        with SerialSection(True) as section:
+            seen.append(torch.get_num_threads())
+            seen.append(section.team(torch.get_num_threads))
+            seen.append(torch.get_num_threads())
+        seen.append(torch.get_num_threads())
+        with SerialSection(False) as section:
+            seen.append(torch.get_num_threads())
+        assert seen == [1, 2, 1, 2, 2]
+        with pytest.raises(ValueError):
+            with SerialSection(True) as section:
+                section.team(lambda: (_ for _ in ()).throw(ValueError("inside the team")))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_row_int8_outputs_are_the_same_serial_or_split(monkeypatch):
+    from pipeserve.layers import row_int8
+
+    if not row_int8.available():
+        pytest.skip("no oneDNN int8 kernel (VNNI)")
+    torch.manual_seed(0)
+    linear = row_int8.RowInt8Linear(nn.Linear(2048, 96))
+    x = torch.randn(16, 2048) * 3
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        serial = linear.project_with_error(x)
+        monkeypatch.setattr(row_int8, "SERIAL_QUANTIZE_ELEMENTS", 0)  # split over the team
+        split = linear.project_with_error(x)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(serial[0], split[0])
+    torch.testing.assert_close(serial[1], split[1], rtol=1e-6, atol=0)

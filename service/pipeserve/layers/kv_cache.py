@@ -26,15 +26,14 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import QueueFull
+from .serial import SerialSection
 
 
 # Key and value elements (B * Hkv * L * D, both) below which a decoding step's attention runs on
-# the calling thread alone. Softmax splits even 4 rows over the intra-op team (its grain is 0)
-# and the batched GEMMs split the sequences, and each parallel section's fork and join costs
-# more than the work; on a busy machine the join also waits for a descheduled worker. Measured
-# on our shared 2-core Xeon (load ~2, 2 threads -> 1): 1 sequence, 45 keys 268 -> 8.8 us per
-# layer; 16 sequences, 60 keys 852 -> 69 us; 16 sequences, 512 keys (4.2M elements) 540 ->
-# 1047 us, where the second thread pays (memory-bound reads of the cache).
+# the calling thread alone (layers/serial.py: softmax forks even for 4 rows, the batched GEMMs
+# by sequence). Measured on our shared 2-core Xeon, 2 threads -> 1: 1 sequence, 45 keys 268 ->
+# 8.8 us per layer; 16 sequences, 60 keys 852 -> 69 us; 16 sequences, 512 keys (4.2M elements)
+# 540 -> 1047 us, where the second thread pays (memory-bound reads of the cache).
 SERIAL_ATTENTION_ELEMENTS = 1 << 20
 
 
@@ -43,15 +42,8 @@ def _decode_attention(q, k, v, mask, scale):
     whose parallel sections cost more than the work at q length 1 (and stall on busy cores).
     Grouped-query heads share their key/value head: query head h reads kv head h // groups."""
     B, Hkv, L, D = k.shape
-    threads = torch.get_num_threads()
-    serial = threads > 1 and 2 * B * Hkv * L * D < SERIAL_ATTENTION_ELEMENTS
-    if serial:
-        torch.set_num_threads(1)
-    try:
+    with SerialSection(2 * B * Hkv * L * D < SERIAL_ATTENTION_ELEMENTS):
         return _decode_scores_and_values(q, k, v, mask, scale)
-    finally:
-        if serial:
-            torch.set_num_threads(threads)
 
 
 def _decode_scores_and_values(q, k, v, mask, scale):
