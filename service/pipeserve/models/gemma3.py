@@ -101,17 +101,13 @@ class Gemma3TextConfig:
                            rope_parameters=self.rope(layer_type))
 
 
-def _source_key(t: torch.Tensor) -> tuple:
-    # Inference tensors (weights made under inference mode) keep no version counter; they
-    # cannot be written outside inference mode, so their storage alone identifies them.
-    return t.data_ptr(), -1 if t.is_inference() else t._version, t.dtype
-
-
 def _cached(owner: nn.Module, name: str, sources: tuple[torch.Tensor, ...], build) -> torch.Tensor:
     """A tensor derived from `sources` (weights), rebuilt only when one of them changes (another
     storage, or written in place): the decode loop then allocates nothing for it per step. Built
     outside inference mode so that a model used for gradients later can still read it."""
-    key = tuple(map(_source_key, sources))
+    # Inference tensors (weights made under inference mode) keep no version counter; they
+    # cannot be written outside inference mode, so their storage alone identifies them.
+    key = tuple((t.data_ptr(), -1 if t.is_inference() else t._version, t.dtype) for t in sources)
     cached = owner.__dict__.get(name)
     if cached is None or cached[0] != key:
         with torch.inference_mode(False), torch.no_grad():
@@ -272,8 +268,8 @@ class Rotary(nn.Module):
 
     The rows come from a table of positions 0..n-1 made once (per dtype, rebuilt when inv_freq
     changes): a decoding step then gathers one row per sequence instead of computing cos and
-    sin again, 4 transcendental calls per step that MKL's vector math ran in parallel sections
-    (0.25-0.45 ms each inside a step on our shared 2-core machine, ~1 ms of ~40). Each row is
+    sin again: 4 transcendental calls and ~10 more per step (the cos and sin calls took 0.25-0.45
+    ms each inside a step on our loaded 2-core machine, 4 us each alone). Each row is
     the same elementwise float32 arithmetic as computing it for that position alone
     (tests/test_gemma3_step.py checks bitwise equality). Dynamic-NTK rope (inv_freq depends on
     the length) and positions past ROTARY_TABLE_MAX are computed per pass."""
@@ -307,9 +303,13 @@ class Rotary(nn.Module):
             self.__dict__[name] = (self.__dict__[name][0], table)
         return table
 
-    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype,
+                needed: int | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """`needed`: 1 + the largest position, when the caller knows it without reading
+        `positions` (a GPU tensor would sync)."""
         B, T = positions.shape
-        needed = int(positions.max()) + 1 if positions.numel() else 0
+        if needed is None:
+            needed = int(positions.max()) + 1 if positions.numel() else 0
         out = {}
         for kind, rope in self.tables.items():
             if rope.dynamic or needed > ROTARY_TABLE_MAX:
@@ -372,7 +372,9 @@ class Gemma3ForCausalLM(CausalLM):
         view = self.view_or_full(input_ids, cache_view)
         m = self.model
         x = m.embed_tokens(input_ids)
-        rotary = m.rotary_emb(view.positions.to(input_ids.device), x.dtype)
+        positions = view.positions  # a CacheView keeps them on the CPU: read without a device sync
+        needed = int(positions.max()) + 1 if positions.numel() else 0
+        rotary = m.rotary_emb(positions.to(input_ids.device), x.dtype, needed)
         x = run_layers(m.layers, x, lambda layer, h: layer.forward(h, rotary, view), self.layer_devices)
         if last_only:
             x = x[:, -1:]
