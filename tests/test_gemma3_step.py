@@ -1,7 +1,8 @@
 """A leaner Gemma 3 decoding step (issue 15): the rotary table gathers rows equal to computing them,
 packed linears take F.linear on their dense weight for few rows and the packed kernel above,
-small decoding attention runs on one thread with the same result and leaves the thread count
-as found, and decoding steps allocate no new cache tensors."""
+small decoding attention and int8 row quantization run on one thread with the same result and
+leave the thread count as found, decoding steps allocate no new cache tensors, and a sequence
+leaving the middle of the batch leaves no hole in the next steps' slots."""
 import pytest
 import torch
 import torch.nn.functional as F
