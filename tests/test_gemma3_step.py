@@ -245,13 +245,14 @@ def test_row_int8_outputs_are_the_same_serial_or_split(monkeypatch):
     if not row_int8.available():
         pytest.skip("no oneDNN int8 kernel (VNNI)")
     torch.manual_seed(0)
-    linear = row_int8.RowInt8Linear(nn.Linear(2048, 96))
-    x = torch.randn(16, 2048) * 3
+    linear = row_int8.RowInt8Linear(nn.Linear(4096, 96))
+    x = torch.randn(16, 4096) * 3  # 65536 elements: ATen splits them when allowed to
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
+        monkeypatch.setattr(row_int8, "SERIAL_QUANTIZE_ROWS", 16)  # on this thread
         serial = linear.project_with_error(x)
-        monkeypatch.setattr(row_int8, "SERIAL_QUANTIZE_ELEMENTS", 0)  # split over the team
+        monkeypatch.setattr(row_int8, "SERIAL_QUANTIZE_ROWS", 0)  # split over the team
         split = linear.project_with_error(x)
     finally:
         torch.set_num_threads(threads)

@@ -29,10 +29,13 @@ from .serial import SerialSection
 # the int8 range.
 _RESIDUAL_DIVISOR = 2 * QMAX
 _TINY = 1e-30  # an all-zero row gets a scale that keeps it zero, never a division by zero
-# Activation elements (rows x in_features) below which the per-row quantization and rescaling
-# run on the calling thread alone: a decoding step's 1-16 rows, a short prompt's (256 rows of
-# 1024 columns); longer prompts split them over the team.
-SERIAL_QUANTIZE_ELEMENTS = 1 << 18
+# Rows up to which the per-row quantization and rescaling run on the calling thread alone (a
+# decoding step of a few streams); more rows (prompt chunks, larger batches) split them over the
+# team. Gemma 3 270M int8 layers per step, best of 5 interleaved, serial against split: quiet
+# machine (load ~1) 4 rows 29.4 against 29.4 ms (CPU 43 against 51 ms), 16 rows 44.4 against
+# 42.8 (CPU 64 against 71); loaded (load ~3.6) 16 rows 106 against 189. Splitting is kept from
+# 5 rows for the quiet server's 16 streams.
+SERIAL_QUANTIZE_ROWS = 4
 
 
 def available() -> bool:
@@ -86,8 +89,8 @@ class RowInt8Linear(nn.Module):
         asked: what an error bound needs, layers/int8_head.py)."""
         rows = flat.shape[0]
         # A decoding step's few rows: the elementwise quantization runs on this thread alone,
-        # the GEMM with the team (layers/serial.py: 189 -> 106 ms per Gemma step at 16 rows).
-        with SerialSection(flat.numel() < SERIAL_QUANTIZE_ELEMENTS) as section:
+        # the GEMM with the team (layers/serial.py; SERIAL_QUANTIZE_ROWS).
+        with SerialSection(rows <= SERIAL_QUANTIZE_ROWS) as section:
             inverse_step = row_steps(flat)
             scaled = flat * inverse_step  # in [-127, 127]
             q = scaled.round()

@@ -9,8 +9,9 @@ microseconds. Measured on our shared 2-core Xeon (load 2-4, 2 intra-op threads, 
 interleaved): one-row decoding attention 268 -> 9 us per layer, 16 rows at 60 keys 852 -> 69 us;
 Gemma 3 270M's int8 layers at 16 rows 189 -> 106 ms per step with the per-row quantization ops
 on one thread (the int8 GEMMs keep the team). Where the work is large enough the team pays
-(16 rows at 512 keys: 540 us with two threads, 1047 with one), so each caller passes its own
-bound.
+(16 rows at 512 keys: 540 us with two threads, 1047 with one), and on a quiet machine the
+fork is cheap (those int8 layers at 16 rows: 44.4 ms serial against 42.8 split), so each
+caller passes its own bound.
 
 torch.set_num_threads is per thread here (the compute lane's thread sets its own count,
 scheduling/compute.py); switching costs ~0.1 us.
