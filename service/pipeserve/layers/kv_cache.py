@@ -31,10 +31,12 @@ from .serial import SerialSection
 
 # Key and value elements (B * Hkv * L * D, both) below which a decoding step's attention runs on
 # the calling thread alone (layers/serial.py: softmax forks even for 4 rows, the batched GEMMs
-# by sequence). Measured on our shared 2-core Xeon, 2 threads -> 1: 1 sequence, 45 keys 268 ->
-# 8.8 us per layer; 16 sequences, 60 keys 852 -> 69 us; 16 sequences, 512 keys (4.2M elements)
-# 540 -> 1047 us, where the second thread pays (memory-bound reads of the cache).
-SERIAL_ATTENTION_ELEMENTS = 1 << 20
+# by sequence). Measured on our 2-core Xeon, 2 threads -> 1, loaded (load 2-4): 1 sequence, 45
+# keys 268 -> 8.8 us per layer; 16 sequences, 60 keys 852 -> 69 us; 16 sequences, 512 keys 540 ->
+# 1047 us. Quiet (load ~1, Gemma 3 270M float32 layers per step at ~100 keys, best of 6): 1
+# sequence 27.5 serial against 27.2 ms split, 16 sequences 54.8 against 52.3. So one sequence's
+# attention (up to 512 keys of 256 dims) runs serially, a batch's splits.
+SERIAL_ATTENTION_ELEMENTS = 1 << 18
 
 
 def _decode_attention(q, k, v, mask, scale):
