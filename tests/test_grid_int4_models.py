@@ -93,7 +93,14 @@ def test_memory_counts_the_planes(pair):
     config = grouped.model.config
     tied_copy = 4 * config.vocab_size * config.hidden_size if config.tie_word_embeddings else 0
     assert usage["packed"] == float_usage["packed"] - 4 * weights - tied_copy
-    assert usage["weights"] == float_usage["weights"] + plane_bytes
+    # the float path's block linears also keep their dense float32 weight for 1-3 row steps
+    # ("few_rows_dense", layers/packed_linear.py): weights the grouped form does not hold
+    # (a tied head's dense weight is the embedding itself, not a copy)
+    embedding = exact.model.model.embed_tokens.weight.data_ptr()
+    dense_copies = sum(b.nbytes for m in exact.model.modules() for name, b in m.named_buffers(recurse=False)
+                       if name == "dense_weight" and b.data_ptr() != embedding)
+    assert dense_copies in (0, 4 * weights)
+    assert usage["weights"] == float_usage["weights"] - dense_copies + plane_bytes
     assert usage["screening"] == float_usage["screening"]
     assert grouped.memory_bytes() < exact.memory_bytes()
 

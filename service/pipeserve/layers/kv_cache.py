@@ -26,12 +26,29 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import QueueFull
+from .serial import SerialSection
+
+
+# Key and value elements (B * Hkv * L * D, both) below which a decoding step's attention runs on
+# the calling thread alone (layers/serial.py: softmax forks even for 4 rows, the batched GEMMs
+# by sequence). Measured on our 2-core Xeon, 2 threads -> 1, loaded (load 2-4): 1 sequence, 45
+# keys 268 -> 8.8 us per layer; 16 sequences, 60 keys 852 -> 69 us; 16 sequences, 512 keys 540 ->
+# 1047 us. Quiet (load ~1, Gemma 3 270M float32 layers per step at ~100 keys, best of 6): 1
+# sequence 27.5 serial against 27.2 ms split, 16 sequences 54.8 against 52.3. So one sequence's
+# attention (up to 512 keys of 256 dims) runs serially, a batch's splits.
+SERIAL_ATTENTION_ELEMENTS = 1 << 18
 
 
 def _decode_attention(q, k, v, mask, scale):
     """One query per sequence, as two small matmuls. On CPU this beats SDPA's flash kernel,
     whose parallel sections cost more than the work at q length 1 (and stall on busy cores).
     Grouped-query heads share their key/value head: query head h reads kv head h // groups."""
+    B, Hkv, L, D = k.shape
+    with SerialSection(2 * B * Hkv * L * D < SERIAL_ATTENTION_ELEMENTS):
+        return _decode_scores_and_values(q, k, v, mask, scale)
+
+
+def _decode_scores_and_values(q, k, v, mask, scale):
     B, H, _, D = q.shape
     Hkv = k.shape[1]
     q = q.reshape(B, Hkv, H // Hkv, D)  # [B, Hkv, groups, D]
@@ -139,6 +156,22 @@ class KVCache:
             kept = min(n, cache.shape[2])  # a ring holds at most its window
             cache[target, :, :kept] = cache[source, :, :kept]
         self.lengths[target] = n
+
+    def move_down(self, slot: int) -> int | None:
+        """Moves a sequence into the lowest free slot below its own (its keys and values copied
+        once, its old slot freed): -> the new slot, or None when no slot below is free.
+
+        Why: a decoding step over slots a..b in order reads every layer's keys and values as a
+        view; any hole (a sequence in the middle finished) makes it gather them instead, a copy
+        of the whole batch's cache per layer and step (16 sequences at 512 positions: 16 MiB per
+        layer) until a new request fills the hole. Moving the last sequence down costs one
+        sequence's copy, once."""
+        if not self._free or self._free[0] >= slot or slot not in self.lengths:
+            return None
+        lower = self._free.pop(0)
+        self.copy_slot(slot, lower)
+        self.free(slot)
+        return lower
 
     def layer_capacity(self, layer: int, capacity: int) -> int:
         """Positions a layer's tensor holds per slot: a ring stops growing at its window. It

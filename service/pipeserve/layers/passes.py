@@ -15,7 +15,8 @@ through its `post_load` attribute ("int8", "device_map", "column_major_head"; mo
 "fuse_projections": the groups its `fusable_projections()` lists become one linear each;
 "row_int8": int8 weights quantize activations per row, layers/row_int8.py, models/gemma3.py;
 "grid_int4": the quantization "grouped" form, layers/grid_int4.py;
-"share_tied_head": the tied head keeps the embedding's one weight, column-major, instead of a
+"few_rows_dense": packed linears also keep their dense float32 weight for steps of 1-3 rows,
+layers/packed_linear.py; "share_tied_head": the tied head keeps the embedding's one weight, column-major, instead of a
 packed copy; "exact_head": greedy steps take the exact projection, no screening copy;
 models/whisper.py);
 the pipeline that owns a model says where its verified head goes (VerifiedHeadSite), because
@@ -37,7 +38,7 @@ from .fused_linear import fuse_projections
 from .grid_int4 import quantize_grid_int4, unavailable_reason as grid_int4_unavailable
 from .half_storage import keep_half_storage
 from .head_layout import column_major_head, column_major_head_applies
-from .packed_linear import pack_linears, packable
+from .packed_linear import DENSE_ROWS, pack_linears, packable
 from .quantization import quantize_int8
 from .row_int8 import available as row_int8_available, quantize_row_int8
 
@@ -140,7 +141,9 @@ def _pack(model: nn.Module, context: PostLoad) -> None:
         # a row-int8 or grouped model's tied head stays the embedding's one weight (no float32 copy)
         share = (accepts(model, "share_tied_head") or (context.options.load_in_8bit and _row_int8(model, context))
                  or grouped(context.options))
-        pack_linears(model, share_tied=share)
+        # "few_rows_dense": the family's decoding steps (1-3 rows) take F.linear on a kept dense
+        # weight (layers/packed_linear.py DENSE_ROWS)
+        pack_linears(model, share_tied=share, dense_rows=DENSE_ROWS if accepts(model, "few_rows_dense") else 0)
     if accepts(model, "column_major_head"):
         column_major_head(model)  # a head packing did not take: one GEMM over contiguous memory
 

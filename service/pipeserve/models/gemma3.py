@@ -172,10 +172,10 @@ class MLP(nn.Module):
 
     def forward(self, x):
         if self.gate_up_proj is not None:
-            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+            gate, up = self.gate_up_proj.forward(x).chunk(2, dim=-1)
         else:
-            gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(self.act(gate) * up)
+            gate, up = self.gate_proj.forward(x), self.up_proj.forward(x)
+        return self.down_proj.forward(self.act(gate) * up)
 
 
 class Attention(nn.Module):
@@ -209,8 +209,8 @@ class Attention(nn.Module):
 
     def qkv(self, x: torch.Tensor) -> torch.Tensor:
         if self.qkv_proj is not None:
-            return self.qkv_proj(x)
-        return torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
+            return self.qkv_proj.forward(x)
+        return torch.cat([self.q_proj.forward(x), self.k_proj.forward(x), self.v_proj.forward(x)], dim=-1)
 
     def forward(self, x, cos, sin_signed, view):
         B, T, _ = x.shape
@@ -226,11 +226,14 @@ class Attention(nn.Module):
         q, k = qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2)  # [B, H, T, D], [B, Hkv, T, D]
         v = qkv[:, :, H + Hkv:].transpose(1, 2)
         y = view.attend(self.layer_idx, q, k, v, scale=1.0, window=self.window)  # the scale is in q
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+        return self.o_proj.forward(y.transpose(1, 2).reshape(B, T, -1))
 
 
 class DecoderLayer(nn.Module):
-    """Gemma3DecoderLayer: x + post_norm(attn(pre_norm(x))), then the same around the MLP."""
+    """Gemma3DecoderLayer: x + post_norm(attn(pre_norm(x))), then the same around the MLP.
+
+    The layers call their parts' `forward` directly: nn.Module.__call__ (hooks, which nothing
+    here registers) costs ~0.7 us a call, ~200 calls a decoding step."""
 
     def __init__(self, config: Gemma3TextConfig, layer_idx: int):
         super().__init__()
@@ -247,27 +250,73 @@ class DecoderLayer(nn.Module):
         cos, sin = rotary[self.layer_type]
         if cos.device != x.device:  # under a device map
             cos, sin = cos.to(x.device), sin.to(x.device)
-        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, view))
-        return x.add_(self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x))))  # x is ours
+        attn = self.self_attn.forward(self.input_layernorm.forward(x), cos, sin, view)
+        x = x + self.post_attention_layernorm.forward(attn)
+        mlp = self.mlp.forward(self.pre_feedforward_layernorm.forward(x))
+        return x.add_(self.post_feedforward_layernorm.forward(mlp))  # x is ours
+
+
+# Rotary rows kept per layer type and dtype (the table doubles from ROTARY_TABLE_MIN as positions
+# grow, up to this; later positions are computed as before): 4096 positions of Gemma 3 270M's
+# two types, cos and sin, 256 dims in float32 = 16 MiB at most.
+ROTARY_TABLE_MIN, ROTARY_TABLE_MAX = 256, 4096
 
 
 class Rotary(nn.Module):
     """Gemma3RotaryEmbedding: one table per layer type (Llama's, with that type's parameters),
-    computed once per forward pass and shared by every layer of that type, as (cos, sin_signed)
-    [B, T, 1, D] for `rotate`."""
+    shared by every layer of that type, as (cos, sin_signed) [B, T, 1, D] for `rotate`.
+
+    The rows come from a table of positions 0..n-1 made once (per dtype, rebuilt when inv_freq
+    changes): a decoding step then gathers one row per sequence instead of computing cos and
+    sin again: 4 transcendental calls and ~10 more per step (the cos and sin calls took 0.25-0.45
+    ms each inside a step on our loaded 2-core machine, 4 us each alone). Each row is
+    the same elementwise float32 arithmetic as computing it for that position alone
+    (tests/test_gemma3_step.py checks bitwise equality). Dynamic-NTK rope (inv_freq depends on
+    the length) and positions past ROTARY_TABLE_MAX are computed per pass."""
 
     def __init__(self, config: Gemma3TextConfig):
         super().__init__()
         types = sorted({config.layer_type(i) for i in range(config.num_hidden_layers)})
         self.tables = nn.ModuleDict({t: RotaryEmbedding(config.rope_config(t)) for t in types})
 
-    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    @staticmethod
+    def _rows(rope: RotaryEmbedding, positions: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """[*positions.shape, 2D]: cos, then sin_signed ([-sin1, sin2])."""
+        cos, sin = rope(positions, dtype)  # [..., D], each half the same frequencies
+        half = sin.shape[-1] // 2
+        return torch.cat([cos, -sin[..., :half], sin[..., half:]], dim=-1)
+
+    def _table(self, kind: str, rope: RotaryEmbedding, needed: int, dtype: torch.dtype) -> torch.Tensor:
+        """[n >= needed, 2D] rows for positions 0..n-1."""
+        name = f"_rotary_{kind}_{dtype}"
+
+        def build(size: int) -> torch.Tensor:
+            return self._rows(rope, torch.arange(size, device=rope.inv_freq.device), dtype)
+
+        table = _cached(self, name, (rope.inv_freq,), lambda: build(ROTARY_TABLE_MIN))
+        if table.shape[0] < needed:
+            size = table.shape[0]
+            while size < needed:
+                size *= 2
+            with torch.inference_mode(False), torch.no_grad():
+                table = build(min(size, ROTARY_TABLE_MAX))
+            self.__dict__[name] = (self.__dict__[name][0], table)
+        return table
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype,
+                needed: int | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """`needed`: 1 + the largest position, when the caller knows it without reading
+        `positions` (a GPU tensor would sync)."""
+        B, T = positions.shape
+        if needed is None:
+            needed = int(positions.max()) + 1 if positions.numel() else 0
         out = {}
-        for t, table in self.tables.items():
-            cos, sin = table(positions, dtype)  # [B, T, D], each half the same frequencies
-            half = sin.shape[-1] // 2
-            sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
-            out[t] = cos[:, :, None], sin[:, :, None]
+        for kind, rope in self.tables.items():
+            if rope.dynamic or needed > ROTARY_TABLE_MAX:
+                rows = self._rows(rope, positions, dtype)
+            else:
+                rows = F.embedding(positions, self._table(kind, rope, needed, dtype))  # [B, T, 2D]
+            out[kind] = rows.view(B, T, 1, -1).chunk(2, dim=-1)
         return out
 
 
@@ -286,8 +335,10 @@ class Gemma3ForCausalLM(CausalLM):
     # load_in_8bit quantizes activations per row (layers/row_int8.py: batch-invariant, with a
     # residual row): fbgemm's per-batch 7-bit activations moved Gemma's greedy choice on a
     # quarter of the steps, and made a row's tokens depend on its batch. quantization "grouped"
-    # keeps a GGUF's own 4-8 bit grids in int4 planes (layers/grid_int4.py)
-    post_load = CausalLM.post_load | {"fuse_projections", "row_int8", "grid_int4"}
+    # keeps a GGUF's own 4-8 bit grids in int4 planes (layers/grid_int4.py).
+    # few_rows_dense: a decoding step's 1-3 rows take MKL's GEMV over the dense float32 weights,
+    # more rows the packed ones (layers/packed_linear.py: 26.8 against 40.7 ms per step at 1 row)
+    post_load = CausalLM.post_load | {"fuse_projections", "row_int8", "grid_int4", "few_rows_dense"}
 
     def __init__(self, config: Gemma3TextConfig):
         super().__init__()
@@ -322,8 +373,10 @@ class Gemma3ForCausalLM(CausalLM):
         view = self.view_or_full(input_ids, cache_view)
         m = self.model
         x = m.embed_tokens(input_ids)
-        rotary = m.rotary_emb(view.positions.to(input_ids.device), x.dtype)
-        x = run_layers(m.layers, x, lambda layer, h: layer(h, rotary, view), self.layer_devices)
+        positions = view.positions  # a CacheView keeps them on the CPU: read without a device sync
+        needed = int(positions.max()) + 1 if positions.numel() else 0
+        rotary = m.rotary_emb(positions.to(input_ids.device), x.dtype, needed)
+        x = run_layers(m.layers, x, lambda layer, h: layer.forward(h, rotary, view), self.layer_devices)
         if last_only:
             x = x[:, -1:]
         x = m.norm(x.to(m.norm.weight.device))

@@ -129,6 +129,7 @@ class GenerationEngine:
         group = self.scheduler.next_prefill()
         if group is not None:
             self._prefill(group)
+        self.scheduler.compact()  # the step's slots contiguous again after sequences left
         decoding = self.scheduler.decoding()
         if decoding:
             self._decode(decoding)

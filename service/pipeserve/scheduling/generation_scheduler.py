@@ -11,7 +11,9 @@ prompts of equal length share their prompt passes. A sequence leaving (finished,
 failed) gives its slot and its tokens back at once.
 
 No torch here: slots come from any allocator with allocate() and free(slot) (the KV cache), and
-the engine says how a sequence's decoding state is made (`new_sequence`).
+the engine says how a sequence's decoding state is made (`new_sequence`). After sequences leave,
+`compact()` moves the decoding sequences in the highest slots down into the freed ones (an
+allocator with `move_down(slot)`, the KV cache), so that a step's slots stay contiguous.
 """
 from __future__ import annotations
 
@@ -58,6 +60,7 @@ class Scheduler:
         self.waiting: deque[RequestHandle] = deque()
         self.active: list[Sequence] = []
         self.reserved = 0  # tokens reserved by the active sequences
+        self._holes = False  # a sequence left since the last compact()
         # Groups of joined requests whose prompts are still being passed, oldest first; a group's
         # requests have prompts of equal length and share each pass (one list of sequences each).
         self.prefilling: list[list[list[Sequence]]] = []
@@ -185,7 +188,25 @@ class Scheduler:
         self.active.remove(seq)
         self.reserved -= seq.reserved
         self.slots.free(seq.slot)
+        self._holes = True
         return True
+
+    def compact(self) -> int:
+        """Moves decoding sequences, highest slot first, into free slots below them, until no
+        free slot lies below the highest (the allocator's move_down copies a sequence's cache);
+        -> how many moved. Prompt groups keep their slots until they decode."""
+        move_down = getattr(self.slots, "move_down", None)
+        if not self._holes or move_down is None:
+            return 0
+        self._holes = False
+        moved = 0
+        for seq in sorted((s for s in self.active if s.decoding), key=lambda s: -s.slot):
+            slot = move_down(seq.slot)
+            if slot is None:  # the lowest free slot is above this one, so above the rest too
+                break
+            seq.slot = slot
+            moved += 1
+        return moved
 
     def release_request(self, handle: RequestHandle) -> None:
         """Takes every active sequence of the request out of the batch."""
