@@ -3,33 +3,19 @@
 agreement, and the memory a load takes. Slow: loads of the real file."""
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-
 import pytest
-import torch
 
 from harness import load_pipeline
+from real_gemma_checks import PROMPTS, embedded_gemma_file, largest_tensor_bytes, load_peak, teacher_forced_agreement
 
 pytestmark = pytest.mark.slow
 
-PROMPTS = [
-    "The capital of France is",
-    "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
-    "Once upon a time, in a small village by the sea, there lived",
-    "The history of the printing press begins in the fifteenth century, when Johannes Gutenberg",
-]
 NEW_TOKENS = 32
 
 
 @pytest.fixture(scope="module")
 def gemma_file():
-    from pipeserve.checkpoints.embedded import embedded_model_dir
-
-    folder = embedded_model_dir("text-generation")  # assembled from the chunk packages, sha256 checked
-    [path] = folder.glob("*.gguf")
-    return path
+    return embedded_gemma_file()
 
 
 def test_int8_deviation_from_float(gemma_file):
@@ -47,25 +33,11 @@ def test_int8_deviation_from_float(gemma_file):
     try:
         assert int8_pipe.load_options.load_in_8bit is True and float_pipe.load_options.load_in_8bit is False
         assert int8_pipe.memory_bytes() < 0.6 * float_pipe.memory_bytes()
-        agree = total = identical_prefix = 0
-        worst = 0.0
-        for prompt in PROMPTS:
-            [result] = float_pipe.generate([prompt], {"max_new_tokens": NEW_TOKENS, "min_new_tokens": NEW_TOKENS})
-            tokens = [t.token for t in result.sequences[0].tokens]
-            ids = torch.tensor([float_pipe.encode(prompt) + tokens])
-            with torch.no_grad():
-                exact = float_pipe.model(ids)[0, -NEW_TOKENS - 1:-1]
-                quantized = int8_pipe.model(ids)[0, -NEW_TOKENS - 1:-1]
-            assert exact.argmax(-1).tolist() == tokens, "the float model's own greedy choices"
-            matches = (quantized.argmax(-1) == exact.argmax(-1)).tolist()
-            agree, total = agree + sum(matches), total + len(matches)
-            identical_prefix += matches.index(False) if False in matches else len(matches)
-            worst = max(worst, ((quantized - exact).abs().max() / exact.abs().max()).item())
-        print(f"int8 vs float: top-1 agreement {agree}/{total}, identical greedy prefix {identical_prefix} tokens "
-              f"over {len(PROMPTS)} prompts, worst max|dlogit|/max|logit| {worst:.3f}")
+        found = teacher_forced_agreement(float_pipe, int8_pipe, PROMPTS, NEW_TOKENS)
+        print(f"int8 vs float: {found} over {len(PROMPTS)} prompts")
         rows = available()
-        assert agree / total >= (0.9 if rows else 0.5), f"int8 agrees with float on {agree}/{total} greedy steps"
-        assert worst < (0.15 if rows else 0.75)
+        assert found.agree / found.total >= (0.9 if rows else 0.5), f"int8 vs float: {found}"
+        assert found.worst < (0.15 if rows else 0.75)
     finally:
         float_pipe.close()
         int8_pipe.close()
@@ -89,17 +61,6 @@ def test_int8_tokens_do_not_depend_on_the_batch(gemma_file):
         pipe.close()
 
 
-_MEASURE = """
-import json, sys
-from pathlib import Path
-from harness import load_pipeline
-pipe = load_pipeline(Path(sys.argv[1]), load_in_8bit={{"int8": True, "float32": False}}[sys.argv[2]])
-status = dict(line.split(":", 1) for line in open("/proc/self/status") if line.startswith("Vm"))
-kib = lambda key: int(status[key].split()[0]) * 1024
-print(json.dumps({{"hwm": kib("VmHWM"), "rss": kib("VmRSS"), "memory_bytes": pipe.memory_bytes()}}))
-"""
-
-
 @pytest.mark.parametrize("weights", ["int8", "float32"])
 def test_load_peak_memory_is_one_tensor_above_resident(gemma_file, weights):
     """Tensors are dequantized one at a time straight into the module, and the passes that
@@ -107,13 +68,8 @@ def test_load_peak_memory_is_one_tensor_above_resident(gemma_file, weights):
     time: the high-water mark of a fresh process stays within the largest tensor's float32
     size (the 262k x 640 embedding) of what it holds once loaded. Before: 4.5 GiB peak for
     2.4 GiB resident (float32), 2.7 for 1.6 (int8)."""
-    from pipeserve.checkpoints.gguf import open_gguf
-
-    largest = max(4 * torch.Size(info.shape).numel() for info in open_gguf(gemma_file).tensors.values())
-    done = subprocess.run([sys.executable, "-c", _MEASURE.format(), str(gemma_file), weights], capture_output=True,
-                          text=True, timeout=600, cwd=str(__import__("pathlib").Path(__file__).parent))
-    assert done.returncode == 0, done.stderr[-2000:]
-    measured = json.loads(done.stdout.strip().splitlines()[-1])
+    largest = largest_tensor_bytes(gemma_file)
+    measured = load_peak(gemma_file, {"load_in_8bit": weights == "int8"})
     print(f"{weights}: peak {measured['hwm'] / 2**30:.2f} GiB, resident {measured['rss'] / 2**30:.2f} GiB, "
           f"pipeline memory_bytes {measured['memory_bytes'] / 2**30:.2f} GiB")
     assert measured["hwm"] - measured["rss"] <= largest, measured
