@@ -258,3 +258,33 @@ def test_row_int8_outputs_are_the_same_serial_or_split(monkeypatch):
         torch.set_num_threads(threads)
     assert torch.equal(serial[0], split[0])
     torch.testing.assert_close(serial[1], split[1], rtol=1e-6, atol=0)
+
+
+def test_a_serial_section_on_the_lane_leaves_later_threads_single_threaded():
+    """The lane's sections switch only the lane thread's own team: torch.set_num_threads also
+    sets the default of threads started later, and restoring the lane's count through it made
+    every later thread start an OpenMP team (the compute lane's invariant, test_compute_lane)."""
+    import threading
+
+    from pipeserve.layers.serial import SerialSection
+    from pipeserve.scheduling import compute
+
+    lane = compute.install(max(2, torch.get_num_threads()))
+
+    def later_thread_default() -> int:
+        seen = {}
+        worker = threading.Thread(target=lambda: seen.update(n=torch.get_num_threads()))
+        worker.start()
+        worker.join()
+        return seen["n"]
+
+    def section_on_the_lane() -> list[int]:
+        with SerialSection(True) as section:
+            return [torch.get_num_threads(), section.team(torch.get_num_threads)]
+
+    before = later_thread_default()
+    inside = lane.call(section_on_the_lane)
+    assert lane.call(torch.get_num_threads) == lane.threads
+    if lane.threads > 1:
+        assert inside == [1, lane.threads]
+    assert later_thread_default() == before == 1

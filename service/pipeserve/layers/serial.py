@@ -13,16 +13,41 @@ on one thread (the int8 GEMMs keep the team). Where the work is large enough the
 fork is cheap (those int8 layers at 16 rows: 44.4 ms serial against 42.8 split), so each
 caller passes its own bound.
 
-torch.set_num_threads is per thread here (the compute lane's thread sets its own count,
-scheduling/compute.py); switching costs ~0.1 us.
+The switch is OpenMP's own omp_set_num_threads (libgomp, the library torch loaded), which
+sets the calling thread's team size only. torch.set_num_threads would also become the default
+of every thread started later, and the compute lane (scheduling/compute.py) relies on that
+default staying 1 off the lane: a section restoring the lane's 2 through torch made later
+threads start teams of their own. Where torch runs without libgomp (another OpenMP runtime,
+no /proc), sections do not switch. Switching costs ~0.1 us.
 """
 from __future__ import annotations
 
+import ctypes
 from typing import Callable, TypeVar
 
 import torch
 
 T = TypeVar("T")
+
+
+def _openmp_set_num_threads() -> Callable[[int], None] | None:
+    """libgomp's omp_set_num_threads from the copy this process loaded (torch's), or None."""
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if "libgomp" in line and "/" in line}
+    except OSError:
+        return None
+    for path in sorted(paths):
+        try:
+            function = ctypes.CDLL(path).omp_set_num_threads
+        except (OSError, AttributeError):
+            continue
+        function.argtypes, function.restype = [ctypes.c_int], None
+        return function
+    return None
+
+
+_set_team = _openmp_set_num_threads()
 
 
 class SerialSection:
@@ -33,23 +58,23 @@ class SerialSection:
     __slots__ = ("active", "threads")
 
     def __init__(self, small: bool):
-        self.threads = torch.get_num_threads()
-        self.active = small and self.threads > 1
+        self.threads = torch.get_num_threads()  # this thread's team (omp_get_max_threads)
+        self.active = small and self.threads > 1 and _set_team is not None
 
     def __enter__(self) -> "SerialSection":
         if self.active:
-            torch.set_num_threads(1)
+            _set_team(1)
         return self
 
     def __exit__(self, *exc) -> None:
         if self.active:
-            torch.set_num_threads(self.threads)
+            _set_team(self.threads)
 
     def team(self, fn: Callable[..., T], *args) -> T:
         if not self.active:
             return fn(*args)
-        torch.set_num_threads(self.threads)
+        _set_team(self.threads)
         try:
             return fn(*args)
         finally:
-            torch.set_num_threads(1)
+            _set_team(1)
