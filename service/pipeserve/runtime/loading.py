@@ -9,6 +9,7 @@ from ..checkpoints.registry import infer_task, pipeline_class
 from ..checkpoints.weights import dtype_name
 from ..config import chosen_quantization
 from ..errors import ModelLoadFailed, WrongTask
+from ..layers.grid_int4 import unavailable_reason as grid_int4_unavailable
 from ..pipelines.base import LoadOptions, Pipeline
 from ..tasks import Task
 
@@ -44,10 +45,15 @@ def with_source_defaults(files: ModelFiles, options: LoadOptions) -> LoadOptions
 
 
 def _check_grouped(options: LoadOptions) -> None:
-    """The grouped form computes on the CPU in float32 around bfloat16 4-bit kernels."""
-    if options.torch_device.type != "cpu" or options.device == "auto":
+    """The grouped form computes on the CPU in float32 around bfloat16 4-bit kernels: the
+    device, the CPU (layers/grid_int4's own check) and the dtype, before any weight is read.
+    Whether the family takes it is the quantize pass's check (layers/passes.py)."""
+    if options.device == "auto":
         raise ModelLoadFailed(f"quantization grouped runs on the CPU; this load asks for device {options.device!r}",
                               reason="QUANTIZATION_UNAVAILABLE")
+    why = grid_int4_unavailable(options.torch_device)
+    if why:
+        raise ModelLoadFailed(f"quantization 'grouped' is not available: {why}", reason="QUANTIZATION_UNAVAILABLE")
     if dtype_name(options.dtype) != "float32":
         raise ModelLoadFailed(f"quantization grouped computes in float32; this load asks for dtype {options.dtype}",
                               reason="QUANTIZATION_UNAVAILABLE")
