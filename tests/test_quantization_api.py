@@ -11,14 +11,12 @@ import grpc
 import pytest
 
 from generation_checkpoints import build
-from grpc_testing import error_reason, load_model, make_server
+from grpc_testing import error_reason, load_model
 
 
-@pytest.fixture(scope="module")
-def server():
-    handle = make_server()
-    yield handle
-    handle.stop()
+@pytest.fixture
+def server(grpc_server):
+    return grpc_server  # the session's shared server (conftest)
 
 
 @pytest.fixture(scope="module")
