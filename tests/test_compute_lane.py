@@ -250,6 +250,9 @@ def test_activity_hooks_run_when_the_lanes_start_working_and_after_they_idle(lan
             time.sleep(0.01)
         assert events == ["busy", "idle"]
         lanes.call(lambda: None)
-        assert events == ["busy", "idle", "busy"]
+        # The idle report for this short task may already have come (IDLE_AFTER_S is 50 ms and a
+        # busy machine can hold this thread longer than that): at most one, after the busy one.
+        assert events[:3] == ["busy", "idle", "busy"]
+        assert events[3:] in ([], ["idle"])
     finally:
         compute.set_activity_hooks(None, None)
