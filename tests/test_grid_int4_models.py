@@ -88,8 +88,9 @@ def test_memory_counts_the_planes(pair):
     linears = [m for m in grouped.model.modules() if isinstance(m, GridInt4Linear)]
     plane_bytes = sum(b.nbytes for m in linears for b in m.buffers())
     weights = sum(m.in_features * m.out_features for m in linears)
-    # per weight: half a byte (16 levels) or a byte, plus a float32 step and origin per 32 weights
-    assert plane_bytes == weights * (PLANES[qtype] * 0.5 + 8 / 32)
+    # per 32 weights: 16 bytes of nibbles (and 4 of fifth bits for Q5_0's 32 levels), plus a
+    # float32 step and origin
+    assert plane_bytes == weights * ({"Q4_0": 16, "Q5_0": 20}[qtype] + 8) / 32
     float_usage, usage = exact.memory_usage(), grouped.memory_usage()
     # what stays float is packed as before, but a tied head: the float path packs a copy of it,
     # here it stays the embedding's one weight (as with row int8)

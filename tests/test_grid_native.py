@@ -74,7 +74,7 @@ def gguf_q4_0(rows: int, cols: int, g: torch.Generator) -> torch.Tensor:
 
 
 # kind -> (maker, bits the native form holds it in, every group exactly on its grid)
-KINDS = {"Q4_K": (q4_k, 4, True), "Q4_0": (gguf_q4_0, 4, True), "Q5_0": (_blocks(32, 16, 3e-3), 8, True),
+KINDS = {"Q4_K": (q4_k, 4, True), "Q4_0": (gguf_q4_0, 4, True), "Q5_0": (_blocks(32, 16, 3e-3), 5, True),
          "Q8_0": (_blocks(255, 127, 1e-3), 8, True), "Q6_K": (q6_k_like, 8, False), "float": (floats, 8, False)}
 
 
@@ -109,7 +109,8 @@ def test_products_match_the_dequantized_weights(kind, path):
     assert bool(grids.exact.all()) == exact
     packed = grid_native.pack(grids)
     assert packed.bits == bits
-    assert packed.levels.shape == (40, 320 * bits // 8)
+    assert packed.panels.shape == (10, 320 // GROUP * 4 * (grid_native.GROUP_BYTES[bits] + 8))
+    assert torch.equal(packed.unpacked_levels(), grids.levels)
     held = packed.dequantized()
     # the file's values where the grid is exact; within half an 8-bit step elsewhere
     step = grids.step.repeat_interleave(GROUP, dim=1)
@@ -124,12 +125,14 @@ def test_products_match_the_dequantized_weights(kind, path):
 
 
 @pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("bits", [4, 5, 8])
 def test_a_row_is_computed_the_same_in_any_batch(bits, path):
     """Row i of an M-row call is bitwise the 1-row call, for M across the register blocks
-    (6 rows) and their remainders, rows of very different scales, in any order."""
+    (6 rows) and their remainders, up to 6 rows straight from the grid and past that through
+    the dequantized buffer, rows of very different scales, in any order."""
     g = torch.Generator().manual_seed(bits)
-    weight = (q4_k if bits == 4 else _blocks(32, 16, 3e-3))(52, 256, g)  # 52 columns: a short last block
+    maker = {4: q4_k, 5: KINDS["Q5_0"][0], 8: KINDS["Q8_0"][0]}[bits]
+    weight = maker(50, 256, g)  # 50 columns: the last panel of 4 padded
     packed = grid_native.pack(detect_grids(weight))
     assert packed.bits == bits
     crowd = torch.randn(37, 256, generator=g) * torch.logspace(-3, 3, 37)[:, None]
@@ -163,6 +166,7 @@ def test_linear_uses_the_native_kernel_and_matches_the_float_linear(kind, bias):
     linear = _linear(KINDS[kind][0](48, 256, torch.Generator().manual_seed(3)), bias)
     layer = GridInt4Linear(linear)
     assert layer.kernel == "native" and layer.planes == (1 if kind == "Q4_K" else 2)
+    assert layer.bits == (4 if kind == "Q4_K" else 5)
     assert "native kernel" in repr(layer)
     x = torch.randn(2, 7, 256)
     got, expected = layer(x), linear(x)
@@ -172,20 +176,28 @@ def test_linear_uses_the_native_kernel_and_matches_the_float_linear(kind, bias):
     assert ((got.double() - expected.double()).abs() <= bound + 1e-6 * bias).all()
     # the forced 8-bit layout holds a 16-level grid as well
     wide = GridInt4Linear(linear, planes=2)
-    assert wide.kernel == "native" and wide.levels.shape == (48, 256)
+    assert wide.kernel == "native" and wide.bits == 8
     assert ((wide(x).double() - expected.double()).abs() <= bound + 1e-6 * bias).all()
 
 
 def test_refused_shapes():
     """The op checks its operands; a K beyond its buffer keeps the linear on torch's int4 kernel."""
     g = torch.Generator().manual_seed(9)
-    packed = grid_native.pack(detect_grids(_blocks(32, 16, 3e-3)(16, 64, g)))
-    with pytest.raises(RuntimeError, match="levels have"):
-        torch.ops.pipeserve.grid_linear(torch.randn(2, 96), packed.levels, packed.steps, packed.origins, 8)
-    with pytest.raises(RuntimeError, match="bits must be 4 or 8"):
-        torch.ops.pipeserve.grid_linear(torch.randn(2, 64), packed.levels, packed.steps, packed.origins, 5)
+    packed = grid_native.pack(detect_grids(_blocks(32, 16, 3e-3)(16, 64, g)), bits=8)
+    with pytest.raises(RuntimeError, match="panels have"):
+        torch.ops.pipeserve.grid_linear(torch.randn(2, 96), packed.panels, 16, 8)
+    with pytest.raises(RuntimeError, match="cannot hold 17 output columns"):
+        torch.ops.pipeserve.grid_linear(torch.randn(2, 64), packed.panels, 17, 8)
+    with pytest.raises(RuntimeError, match="panels have"):
+        torch.ops.pipeserve.grid_linear(torch.randn(2, 64), packed.panels, 16, 5)
+    with pytest.raises(RuntimeError, match="bits must be 4, 5 or 8"):
+        torch.ops.pipeserve.grid_linear(torch.randn(2, 64), packed.panels, 16, 6)
+    with pytest.raises(RuntimeError, match="K must be a positive multiple"):
+        torch.ops.pipeserve.grid_linear(torch.randn(2, 48), packed.panels, 16, 8)
     with pytest.raises(RuntimeError, match="contiguous float32"):
-        torch.ops.pipeserve.grid_linear(torch.randn(64, 2).t(), packed.levels, packed.steps, packed.origins, 8)
+        torch.ops.pipeserve.grid_linear(torch.randn(64, 2).t(), packed.panels, 16, 8)
+    with pytest.raises(ValueError, match="4 bits cannot hold"):
+        grid_native.pack(detect_grids(_blocks(32, 16, 3e-3)(16, 64, g)), bits=4)
     widest = library.max_in_features()
     assert grid_native.accepts(widest) and not grid_native.accepts(widest + GROUP) and not grid_native.accepts(48)
     linear = _linear(_blocks(32, 16, 3e-3)(16, widest + GROUP, g))

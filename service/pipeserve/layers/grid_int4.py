@@ -135,7 +135,8 @@ class GridInt4Linear(nn.Module):
     """nn.Linear's map (float in and out) with the weight on its groups' grids, group 32:
     `kernel` "native" (levels as nibbles or bytes, pipeserve's kernel) where the library is
     built and takes the shape, else "int4" (1 or 2 int4 planes, torch's kernel). `planes` is 1
-    for 16-level grids (4-bit levels in either kernel) and 2 for wider ones."""
+    for 16-level grids (4-bit levels in either kernel) and 2 for wider ones (native `bits` 5 or
+    8); `planes` given forces 4 or 8 bits natively."""
 
     def __init__(self, linear: nn.Linear, planes: int | None = None, kernel: str | None = None):
         super().__init__()
@@ -144,15 +145,16 @@ class GridInt4Linear(nn.Module):
             kernel = "native" if grid_native.accepts(self.in_features) else "int4"
         if kernel not in ("native", "int4"):
             raise ValueError(f"kernel must be 'native' or 'int4', not {kernel!r}")
+        if kernel == "native" and not grid_native.accepts(self.in_features):
+            raise ValueError(f"the native kernel is not built or does not take in_features={self.in_features}")
         self.kernel = kernel
         grids = detect_grids(linear.weight)
         # the kernel's operands (derived from the weight: not in state_dict)
         if kernel == "native":
             packed = grid_native.pack(grids, None if planes is None else 4 * planes)
+            self.bits = packed.bits
             self.planes = 1 if packed.bits == 4 else 2
-            self.register_buffer("levels", packed.levels, persistent=False)
-            self.register_buffer("steps", packed.steps, persistent=False)
-            self.register_buffer("origins", packed.origins, persistent=False)
+            self.register_buffer("panels", packed.panels, persistent=False)
         else:
             encoded, _ = encode_planes(grids, planes)
             self.planes = encoded.planes
@@ -163,7 +165,7 @@ class GridInt4Linear(nn.Module):
 
     def native_grids(self) -> grid_native.NativeGrids:
         """The native kernel's operands (kernel "native" only)."""
-        return grid_native.NativeGrids(self.levels, self.steps, self.origins, 4 if self.planes == 1 else 8)
+        return grid_native.NativeGrids(self.panels, self.out_features, self.bits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -182,7 +184,7 @@ class GridInt4Linear(nn.Module):
         return torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, GROUP, self.scales_and_zeros)
 
     def extra_repr(self) -> str:
-        held = ("4-bit levels" if self.planes == 1 else "8-bit levels") if self.kernel == "native" else (
+        held = f"{self.bits}-bit levels" if self.kernel == "native" else (
             f"{self.planes} int4 plane{'s' if self.planes > 1 else ''}")
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"{held} of group {GROUP} ({self.kernel} kernel)")
