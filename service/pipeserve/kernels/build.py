@@ -75,9 +75,11 @@ def command(output: Path) -> list[str]:
     from torch.utils.cpp_extension import include_paths
 
     torch_lib = Path(torch.__file__).parent / "lib"
+    # the wheel's own libgomp where it ships one; a torch linked to the system's gets that one
+    openmp = "-l:libgomp.so.1" if (torch_lib / "libgomp.so.1").exists() else "-lgomp"
     return [compiler() or "g++", *FLAGS, f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
             *(f"-I{path}" for path in include_paths()), str(SOURCE), "-o", str(output),
-            f"-L{torch_lib}", "-lc10", "-ltorch_cpu", "-l:libgomp.so.1", f"-Wl,-rpath,{torch_lib}"]
+            f"-L{torch_lib}", "-lc10", "-ltorch_cpu", openmp, f"-Wl,-rpath,{torch_lib}"]
 
 
 def build(force: bool = False) -> Path:
