@@ -1,6 +1,6 @@
 """Gemma 3 270M (the real GGUF file, the embedded text-generation default) with quantization
-"grouped" (layers/grid_int4.py: the file's Q4_K / Q5_0 / Q8_0 grids held exactly as int4
-planes) against the float path: the grids found, teacher-forced greedy agreement, tokens that
+"grouped" (layers/grid_int4.py: the file's Q4_K / Q5_0 / Q8_0 grids held exactly, computed
+by the native kernel, layers/grid_native.py, built here by the fixture) against the float path: the grids found, teacher-forced greedy agreement, tokens that
 do not depend on the batch, and the memory a load takes. Slow: loads of the real file."""
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from collections import Counter
 import pytest
 
 from harness import load_pipeline
+from native_kernels import require_native_kernels
 from real_gemma_checks import PROMPTS, embedded_gemma_file, largest_tensor_bytes, load_peak, teacher_forced_agreement
 
 from pipeserve.layers import grid_int4
@@ -27,6 +28,7 @@ def gemma_file():
 
 @pytest.fixture(scope="module")
 def grouped(gemma_file):
+    require_native_kernels()
     pipe = load_pipeline(gemma_file, quantization="grouped")
     yield pipe
     pipe.close()
@@ -39,6 +41,7 @@ def test_the_files_grids_are_found(grouped):
     planes = Counter((name.rsplit(".", 1)[-1], m.planes) for name, m in grouped.model.named_modules()
                      if isinstance(m, GridInt4Linear))
     layers = grouped.model.config.num_hidden_layers
+    assert {m.kernel for m in grouped.model.modules() if isinstance(m, GridInt4Linear)} == {"native"}
     assert planes[("o_proj", 1)] == layers
     assert planes[("qkv_proj", 2)] == planes[("gate_up_proj", 2)] == layers
     assert planes[("down_proj", 1)] + planes[("down_proj", 2)] == layers and planes[("down_proj", 1)] >= layers // 3

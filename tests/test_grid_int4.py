@@ -1,4 +1,5 @@
-"""Grouped int4 planes (layers/grid_int4.py): the grids of a GGUF's block types are found from
+"""Grouped int4 planes (layers/grid_int4.py, torch's int4 kernel; the native kernel's tests are in
+test_grid_native.py): the grids of a GGUF's block types are found from
 the dequantized floats alone and held exactly (up to the kernel's bfloat16 scales and zeros,
 a bound computed here), 16-level tensors take one plane and the rest two, weights on no grid
 take the nearest 8-bit grid, and a row's output is bitwise the same in any batch."""
@@ -127,7 +128,7 @@ def test_the_packed_planes_are_what_the_kernel_multiplies():
     encoded, codes = encode_planes(detect_grids(weight))
     x = torch.randn(5, 128)
     reference = x.bfloat16().double() @ encoded.dequantized(64, 128, codes).t()
-    got = GridInt4Linear(_linear(weight))(x).double()
+    got = GridInt4Linear(_linear(weight), kernel="int4")(x).double()
     assert ((got - reference).abs() <= BF16_ROUNDING * reference.abs() + 1e-5 * reference.abs().max()).all()
 
 
@@ -179,7 +180,7 @@ def _linear(weight: torch.Tensor, bias: bool = False) -> nn.Linear:
 @pytest.mark.parametrize("bias", [False, True])
 def test_linear_matches_the_float_linear(kind, bias):
     linear = _linear(SYNTHETIC[kind](48, 256), bias)
-    layer = GridInt4Linear(linear)
+    layer = GridInt4Linear(linear, kernel="int4")
     x = torch.randn(2, 7, 256)
     got, expected = layer(x), linear(x)
     assert got.shape == (2, 7, 48) and got.dtype == torch.float32
@@ -191,7 +192,7 @@ def test_linear_matches_the_float_linear(kind, bias):
 @pytest.mark.parametrize("kind", ["Q4_K", "Q5_0"])
 def test_a_row_is_computed_the_same_in_any_batch(kind):
     """Each row alone and in batches of 2..16 rows of very different scales: bitwise equal."""
-    layer = GridInt4Linear(_linear(SYNTHETIC[kind](64, 256)))
+    layer = GridInt4Linear(_linear(SYNTHETIC[kind](64, 256)), kernel="int4")
     crowd = torch.randn(16, 256, generator=torch.Generator().manual_seed(5)) * torch.logspace(-2, 2, 16)[:, None]
     alone = torch.cat([layer(crowd[i:i + 1]) for i in range(16)])
     for size in (2, 3, 5, 8, 16):

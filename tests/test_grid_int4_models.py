@@ -12,8 +12,9 @@ from torch import nn
 from gguf_checkpoints import build_gemma3_gguf, build_llama_gguf
 from harness import load_pipeline
 
+from native_kernels import require_native_kernels
 from pipeserve.errors import ModelLoadFailed
-from pipeserve.layers import grid_int4
+from pipeserve.layers import grid_int4, grid_native
 from pipeserve.layers.grid_int4 import GridInt4Linear
 
 pytestmark = pytest.mark.skipif(not grid_int4.available(), reason="no int4 CPU kernel / bfloat16 support here")
@@ -26,6 +27,7 @@ PLANES = {"Q4_0": 1, "Q5_0": 2}
 @pytest.fixture(scope="module", params=[("gemma3", "Q4_0"), ("gemma3", "Q5_0"), ("llama", "Q5_0")],
                 ids=lambda p: "-".join(p))
 def pair(request, tmp_path_factory):
+    require_native_kernels()  # the grouped form's kernel where it is built (tests/test_grid_int4.py: torch's)
     family, qtype = request.param
     path, _ = BUILDERS[family](tmp_path_factory.mktemp(f"grid-{family}-{qtype}"), qtype)
     exact = load_pipeline(path)
@@ -50,6 +52,7 @@ def test_every_block_linear_is_held_in_planes_of_the_files_grid(pair):
     assert sorted(planes) == sorted(blocks + head)
     # 16-level blocks take one plane, 32-level ones two: the file's grid was found, not requantized
     assert {m.planes for m in planes.values()} == {PLANES[qtype]}
+    assert {m.kernel for m in planes.values()} == {"native"}
     if tied:  # the tied head stays a plain linear on the embedding's float32 weight
         assert [n for n, m in model.named_modules() if isinstance(m, nn.Linear)] == ["lm_head"]
         assert model.lm_head.weight is model.model.embed_tokens.weight
@@ -78,15 +81,16 @@ def test_tokens_do_not_depend_on_the_batch(pair):
 
 
 def test_memory_counts_the_planes(pair):
-    """ModelInfo's kinds (layers/memory.py): the planes and their bfloat16 scales are the
-    weights' only copy, counted under "weights" where the float path counts its packed float32
-    linears under "packed"; the rest (embedding, norms, the head's int8 screen) is the same."""
+    """ModelInfo's kinds (layers/memory.py): the levels and their float32 steps and origins are
+    the weights' only copy, counted under "weights" where the float path counts its packed
+    float32 linears under "packed"; the rest (embedding, norms, the head's int8 screen) is the same."""
     _, qtype, exact, grouped = pair
     linears = [m for m in grouped.model.modules() if isinstance(m, GridInt4Linear)]
-    plane_bytes = sum(m.packed.nbytes + m.scales_and_zeros.nbytes for m in linears)
+    plane_bytes = sum(b.nbytes for m in linears for b in m.buffers())
     weights = sum(m.in_features * m.out_features for m in linears)
-    # per weight: half a byte per plane, plus a bfloat16 scale and zero per 32 weights and plane
-    assert plane_bytes == weights * PLANES[qtype] * (0.5 + 4 / 32)
+    # per 32 weights: 16 bytes of nibbles (and 4 of fifth bits for Q5_0's 32 levels), plus a
+    # float32 step and origin
+    assert plane_bytes == weights * ({"Q4_0": 16, "Q5_0": 20}[qtype] + 8) / 32
     float_usage, usage = exact.memory_usage(), grouped.memory_usage()
     # what stays float is packed as before, but a tied head: the float path packs a copy of it,
     # here it stays the embedding's one weight (as with row int8)
@@ -117,6 +121,8 @@ def test_refused_where_the_form_cannot_apply(tmp_path, monkeypatch):
 
     path, _ = build_llama_gguf(tmp_path / "llama", "Q4_0")
     monkeypatch.setattr(grid_int4, "available", lambda: False)
+    monkeypatch.setattr(grid_native, "available", lambda: False)
     with pytest.raises(ModelLoadFailed) as refused:
         load_pipeline(path, quantization="grouped")
     assert refused.value.reason == "QUANTIZATION_UNAVAILABLE" and "bfloat16" in str(refused.value)
+    assert "native kernels are not built" in str(refused.value)

@@ -23,8 +23,10 @@ PACKAGE = SERVICE / "pipeserve"
 ALLOWED: dict[str, set[str]] = {
     "core": set(),
     "checkpoints": {"core"},
+    # native operators (C++ built at setup) and their build/load; the cache directory is checkpoints'
+    "kernels": {"core", "checkpoints"},
     "inputs": {"core", "checkpoints"},
-    "layers": {"core", "checkpoints"},
+    "layers": {"core", "checkpoints", "kernels"},
     "scheduling": {"core", "checkpoints", "layers"},
     "models": {"core", "checkpoints", "layers"},
     "pipelines": {"core", "checkpoints", "inputs", "layers", "scheduling", "models"},
@@ -33,7 +35,7 @@ ALLOWED: dict[str, set[str]] = {
     "serving": {"core", "contracts", "checkpoints", "runtime", "api"},
     # The HTTP front door speaks to the gRPC services over a loopback channel: contracts only.
     "http": {"core", "contracts"},
-    "entry": {"core", "contracts", "checkpoints", "inputs", "layers", "scheduling", "models", "pipelines",
+    "entry": {"core", "contracts", "checkpoints", "kernels", "inputs", "layers", "scheduling", "models", "pipelines",
               "runtime", "api", "serving", "http"},
 }
 PACKAGES = [name for name in ALLOWED if name not in ("core", "entry")]

@@ -51,6 +51,7 @@ def weights(layers: int) -> list[torch.Tensor]:
 
 
 def forms(ws: list[torch.Tensor]) -> dict[str, list[nn.Module]]:
+    from pipeserve.layers import grid_native
     from pipeserve.layers.grid_int4 import GridInt4Linear
     from pipeserve.layers.packed_linear import PackedLinear
     from pipeserve.layers.row_int8 import RowInt8Linear
@@ -60,9 +61,12 @@ def forms(ws: list[torch.Tensor]) -> dict[str, list[nn.Module]]:
         m.weight = nn.Parameter(w, requires_grad=False)
         return m
 
-    return {"float32_packed": [PackedLinear(w, None) for w in ws],
-            "row_int8": [RowInt8Linear(linear(w)) for w in ws],
-            "grouped": [GridInt4Linear(linear(w)) for w in ws]}
+    out = {"float32_packed": [PackedLinear(w, None) for w in ws],
+           "row_int8": [RowInt8Linear(linear(w)) for w in ws],
+           "grouped_int4": [GridInt4Linear(linear(w), kernel="int4") for w in ws]}
+    if grid_native.available():
+        out["grouped_native"] = [GridInt4Linear(linear(w), kernel="native") for w in ws]
+    return out
 
 
 def main():
@@ -70,13 +74,17 @@ def main():
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--rows", default="1,4,16,37", help="comma-separated row counts")
+    parser.add_argument("--forms", default="", help="comma-separated subset of the forms (default: all)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     ws = weights(18)
     modules = forms(ws)
-    results = {"planes": [m.planes for m in modules["grouped"][:8]]}
+    if args.forms:
+        modules = {name: modules[name] for name in args.forms.split(",")}
+    results = {"threads": args.threads}
     with torch.inference_mode():
-        for rows in (1, 16):
+        for rows in map(int, args.rows.split(",")):
             xs = [torch.randn(rows, w.shape[1]) for w in ws]
             wall = {name: [] for name in modules}
             cpu = {name: [] for name in modules}

@@ -1,37 +1,34 @@
-"""Grouped weights on the grids a GGUF file stores them on, computed by torch's CPU int4 kernel.
+"""The quantization "grouped" form: a GGUF's own 4-8 bit grids (grid_detect.py) held resident,
+each linear computed by pipeserve's native kernel (grid_native.py) where its library is built,
+else by torch's CPU int4 kernel as int4 planes (below). One module, GridInt4Linear, either way.
 
-A GGUF's quantized blocks are grids: per group of 32 weights, value = origin + step * level,
-with at most 256 levels (Q5_0: d * (q - 16), 32 levels; Q8_0: d * q, 255; a Q4_K sub-block:
-d * sc * q - dmin * m, 16). Dequantized to float32 at load, they keep that form exactly, so it
-can be found again from the floats alone (`detect_grids`, no knowledge of the file's block
-types), and the weights held as their levels instead of float32 (3-6x fewer bytes per step).
+The native kernel (kernels/grid_linear.cpp) reads the levels as nibbles or bytes with float32
+steps and origins, multiplies float32 activations, and dequantizes each weight once per block
+of 4 output columns and call, whatever the number of rows. Gemma 3 270M's 72 block linears
+per step (bench/generation/block_linears.py): see the README's grouped paragraph for numbers.
+Where the library is not built (a machine without a compiler, a new torch or source since the
+build) the form keeps the int4 planes, and the reason is logged once (kernels/library.py).
 
-The kernel, aten._weight_int4pack_mm_for_cpu, computes x @ W^T with W in groups of 32 along K,
-each weight (q - 8) * scale + zero, q a 4-bit value, scale and zero bfloat16 per group and
-output row. One such "plane" holds a 16-level grid (Q4_K) exactly. An 8-bit level is split as
-lo + 16 * hi into two planes concatenated along K, the input repeated to match:
+torch's kernel, aten._weight_int4pack_mm_for_cpu, computes x @ W^T with W in groups of 32
+along K, each weight (q - 8) * scale + zero, q a 4-bit value, scale and zero bfloat16 per group
+and output row. One such "plane" holds a 16-level grid (Q4_K) exactly. An 8-bit level is split
+as lo + 16 * hi into two planes concatenated along K, the input repeated to match:
 y = [x, x] @ [W_lo, W_hi]^T, still ONE kernel call per linear. Requantizing the file's 5-bit
 weights to plain int4 instead dropped greedy agreement with the float path to 85.5% (Gemma 3
-270M, 4 prompts x 64 teacher-forced tokens).
+270M, 4 prompts x 64 teacher-forced tokens). What is not exact there: the bfloat16 scale and
+zero (2^-8 relative each; the level is centred on the group's zero crossing so that the
+rounding scales with |weight|, as bfloat16 weights would), the input rounded to bfloat16 and
+the output to bfloat16 (measured harmless: 98.4% greedy agreement for those two alone).
 
-What is not exact: the bfloat16 scale and zero (2^-8 relative each; the level is centred on
-the group's zero crossing so that the rounding scales with |weight|, as bfloat16 weights
-would), the input rounded to bfloat16 and the output to bfloat16 (measured harmless: 98.4%
-greedy agreement for those two alone). A group on no grid of <= 256 levels (Q6_K's two scales
-per 32 weights, float checkpoints) takes the nearest 8-bit grid over its range (error <= half
-a step, (max - min) / 510).
+Batch invariance, both kernels: every output is one row's dot products accumulated in float32
+in the kernel's fixed order whatever the number of rows (torch's: measured bitwise equal from
+1 to 200 rows; ours: by construction, tests/test_grid_native.py), and the casts are
+elementwise: a row's result does not depend on its batch. No kernel is switched by row count.
 
-Batch invariance: every output is one row's dot products accumulated in float32 in the
-kernel's fixed order whatever the number of rows (measured bitwise equal from 1 to 200 rows),
-and the bfloat16 casts are elementwise: a row's result does not depend on its batch.
-
-Cost: the kernel dequantizes each weight once per block of 4 rows and multiplies in float32
-FMAs, so its work grows with the planes (two planes: twice one's) and, past a few rows, with
-the rows, where oneDNN's int8 GEMM (layers/row_int8.py) uses VNNI / AMX. On Gemma 3 270M's 72
-fused block linears (bench/generation/block_linears.py, 1 thread, CPU ms per step): 14.5 at
-1 row and 74 at 16, row int8 17.0 and 27, float32 41 and 57; whole Gemma decoding 44.6 CPU
-ms per token alone (row int8 48.6), 13.5 at 16 streams (8.9), a 37-token prompt 226 ms (86).
-No kernel is switched by row count: a row's result must not depend on its batch.
+Cost of the int4 planes: the kernel dequantizes each weight once per block of 4 rows and
+multiplies in float32 FMAs, so its work grows with the planes (two planes: twice one's) and,
+past a few rows, with the rows. On the 72 block linears (1 thread, CPU ms per step): 14.5 at
+1 row and 74 at 16, row int8 17.0 and 27, float32 41 and 57.
 """
 from __future__ import annotations
 
@@ -40,25 +37,15 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-GROUP = 32  # weights per group along K: a GGUF block (Q4_K: 8 sub-blocks of 32)
-LEVELS = 256  # the most levels two planes hold (8 bits)
-PLANE_LEVELS = 16  # one plane: int4
+from .grid_detect import GROUP, LEVELS, PLANE_LEVELS, GroupGrids, detect_grids
+from . import grid_native
+
 # Level ranges, as (level - offset), that one and two planes represent: the kernel's q - 8 is
 # in [-8, 7]; two planes add 16 * [-8, 7].
 _ONE_PLANE = (-8, 7)
 _TWO_PLANES = (-8 - 16 * 8, 7 + 16 * 7)  # [-136, 119]
 # The kernel's packing takes output rows in blocks of 16.
 _ROW_BLOCK = 16
-# A gap between two weights is a multiple of the step: candidates are the smallest gap / 1..8
-# (a Q4_K group may skip levels, so the smallest gap can be 2 or 3 steps).
-_MAX_DIVISOR = 8
-# How far (in steps) a dequantized weight may sit from its level and still count as on the
-# grid: the float32 dequantization rounds d * sc * q - dmin * m by ~2^-24 of its terms, and
-# detection's own float32 arithmetic adds ~2^-24 * 255 levels.
-_TOLERANCE = 2 ** -10
-# Detection works on this many weights at a time: its float32 temporaries stay in the
-# allocator's reused blocks (whole-tensor temporaries page-faulted: 5x slower).
-_CHUNK_ELEMENTS = 1 << 16
 
 
 def available() -> bool:
@@ -71,88 +58,26 @@ def available() -> bool:
 
 
 def unavailable_reason(device: torch.device) -> str | None:
-    """Why the form cannot serve a model on `device` (None: it can)."""
+    """Why the form cannot serve a model on `device` (None: it can, natively or through
+    torch's int4 kernel)."""
     if device.type != "cpu":
-        return f"it runs on the CPU only (torch's int4 kernel for CUDA takes another packing), not {device}"
-    if not available():
-        return ("this CPU or torch build lacks the int4 kernel or bfloat16 support (AVX-512); "
-                "use load_in_8bit or float weights")
+        return f"it runs on the CPU only (its kernels take CPU tensors), not {device}"
+    if not grid_native.available() and not available():
+        return ("pipeserve's native kernels are not built here and this CPU or torch build lacks the int4 kernel "
+                "or bfloat16 support (AVX-512); use load_in_8bit or float weights")
     return None
 
 
 def convertible(linear: nn.Module) -> bool:
-    """A CPU float nn.Linear whose shape the kernel takes (K in whole groups, N in blocks of 16)."""
+    """A CPU float nn.Linear whose shape the form takes (K in whole groups, N in blocks of 16:
+    torch's int4 packing's, kept for the native kernel too so that the converted set does not
+    depend on which kernel is there) and one of the kernels can compute."""
     if type(linear) is not nn.Linear:
         return False
     weight = linear.weight
     return (weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.float16, torch.bfloat16)
-            and weight.shape[1] % GROUP == 0 and weight.shape[0] % _ROW_BLOCK == 0)
-
-
-@dataclass(frozen=True)
-class GroupGrids:
-    """Each group's grid: weight[n, g * GROUP + i] ~ origin[n, g] + step[n, g] * levels[n, ...]."""
-
-    levels: torch.Tensor  # [N, K] uint8 in [0, 255]
-    origin: torch.Tensor  # [N, K / GROUP] float64: level 0's value (the group's minimum)
-    step: torch.Tensor  # [N, K / GROUP] float64 (0 for a constant group)
-    exact: torch.Tensor  # [N, K / GROUP] bool: every weight of the group is on its grid
-
-    def top(self) -> torch.Tensor:
-        """[N, K / GROUP] the highest level each group uses."""
-        n, k = self.levels.shape
-        return self.levels.view(n, k // GROUP, GROUP).amax(dim=-1)
-
-    def planes(self) -> int:
-        """1 when every group is exact with at most 16 levels (a Q4_K tensor), else 2."""
-        return 1 if bool(self.exact.all()) and int(self.top().max()) < PLANE_LEVELS else 2
-
-    def values(self) -> torch.Tensor:
-        """[N, K] float64: the grids' values (what the weights are, exactly where `exact`)."""
-        n, k = self.levels.shape
-        grouped = self.levels.view(n, k // GROUP, GROUP).double()
-        return (self.origin[..., None] + self.step[..., None] * grouped).view(n, k)
-
-
-def detect_grids(weight: torch.Tensor) -> GroupGrids:
-    """The coarsest grid of <= 256 levels that holds every weight of each group exactly, or the
-    nearest 8-bit grid over the group's range where none does. weight: [N, K], K % 32 == 0."""
-    rows, k = weight.shape
-    if k % GROUP:
-        raise ValueError(f"in_features {k} is not a multiple of the group size {GROUP}")
-    chunk = max(1, _CHUNK_ELEMENTS // k)
-    parts = [_detect_rows(weight[start:start + chunk]) for start in range(0, rows, chunk)]
-    return GroupGrids(*(torch.cat(field) for field in zip(*parts)))
-
-
-def _detect_rows(weight: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    n, k = weight.shape
-    groups = weight.detach().float().reshape(n, k // GROUP, GROUP)
-    low, high = groups.aminmax(dim=-1)
-    span = high - low
-    offsets = groups - low[..., None]
-    gaps = offsets.sort(dim=-1).values.diff(dim=-1)
-    # gaps below float noise are equal values, not a step
-    gaps = torch.where(gaps > span[..., None] * 2 ** -20, gaps, torch.inf)
-    smallest = gaps.amin(dim=-1)  # inf for a constant group
-    step = span / (LEVELS - 1)  # the fallback: the nearest 8-bit grid over the range
-    exact = span == 0
-    for divisor in range(1, _MAX_DIVISOR + 1):
-        candidate = smallest / divisor
-        # only groups whose range spans at most 255 candidate steps can fit: a cheap test on
-        # [N, G] that skips every float (non-grid) group without reading its weights
-        todo = (~exact & (span <= candidate * (LEVELS - 1 + _TOLERANCE))).nonzero(as_tuple=True)
-        if not todo[0].numel():
-            continue
-        position = offsets[todo] / candidate[todo][:, None]
-        fits = (position - position.round()).abs().amax(dim=-1) <= _TOLERANCE
-        found = tuple(index[fits] for index in todo)
-        step[found] = candidate[todo][fits]
-        exact[found] = True
-    safe = torch.where(span > 0, step, 1.0)
-    levels = (offsets / safe[..., None]).round_().clamp_(0, LEVELS - 1)
-    step = torch.where(span > 0, step, 0.0)
-    return levels.to(torch.uint8).view(n, k), low.double(), step.double(), exact
+            and weight.shape[1] % GROUP == 0 and weight.shape[0] % _ROW_BLOCK == 0
+            and (grid_native.accepts(weight.shape[1]) or available()))
 
 
 @dataclass(frozen=True)
@@ -207,33 +132,62 @@ def encode_planes(grids: GroupGrids, planes: int | None = None) -> tuple[Int4Pla
 
 
 class GridInt4Linear(nn.Module):
-    """nn.Linear's map (float in and out) with the weight as 1 or 2 int4 planes, group 32."""
+    """nn.Linear's map (float in and out) with the weight on its groups' grids, group 32:
+    `kernel` "native" (levels as nibbles or bytes, pipeserve's kernel) where the library is
+    built and takes the shape, else "int4" (1 or 2 int4 planes, torch's kernel). `planes` is 1
+    for 16-level grids (4-bit levels in either kernel) and 2 for wider ones (native `bits` 5 or
+    8); `planes` given forces 4 or 8 bits natively."""
 
-    def __init__(self, linear: nn.Linear, planes: int | None = None):
+    def __init__(self, linear: nn.Linear, planes: int | None = None, kernel: str | None = None):
         super().__init__()
         self.out_features, self.in_features = linear.weight.shape
-        encoded, _ = encode_planes(detect_grids(linear.weight), planes)
-        self.planes = encoded.planes
-        # the kernel's packed codes and per-group scales/zeros (derived: not in state_dict)
-        self.register_buffer("packed", encoded.packed, persistent=False)
-        self.register_buffer("scales_and_zeros", encoded.scales_and_zeros, persistent=False)
+        if kernel is None:
+            kernel = "native" if grid_native.accepts(self.in_features) else "int4"
+        if kernel not in ("native", "int4"):
+            raise ValueError(f"kernel must be 'native' or 'int4', not {kernel!r}")
+        if kernel == "native" and not grid_native.accepts(self.in_features):
+            raise ValueError(f"the native kernel is not built or does not take in_features={self.in_features}")
+        self.kernel = kernel
+        grids = detect_grids(linear.weight)
+        # the kernel's operands (derived from the weight: not in state_dict)
+        if kernel == "native":
+            packed = grid_native.pack(grids, None if planes is None else 4 * planes)
+            self.bits = packed.bits
+            self.planes = 1 if packed.bits == 4 else 2
+            self.register_buffer("panels", packed.panels, persistent=False)
+        else:
+            encoded, _ = encode_planes(grids, planes)
+            self.planes = encoded.planes
+            self.register_buffer("packed", encoded.packed, persistent=False)
+            self.register_buffer("scales_and_zeros", encoded.scales_and_zeros, persistent=False)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().float().clone(),
                                                                   requires_grad=False)
 
+    def native_grids(self) -> grid_native.NativeGrids:
+        """The native kernel's operands (kernel "native" only)."""
+        return grid_native.NativeGrids(self.panels, self.out_features, self.bits)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
-        if self.planes == 2:
-            flat = torch.cat([flat, flat], dim=1)  # [x, x] meets [W_lo, W_hi]
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, GROUP, self.scales_and_zeros)
-        y = y.to(x.dtype)
+        if self.kernel == "native":
+            y = grid_native.linear(x.reshape(-1, self.in_features), self.native_grids()).to(x.dtype)
+        else:
+            y = self._int4(x.reshape(-1, self.in_features)).to(x.dtype)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*shape[:-1], self.out_features)
 
+    def _int4(self, flat: torch.Tensor) -> torch.Tensor:
+        flat = flat.to(torch.bfloat16)
+        if self.planes == 2:
+            flat = torch.cat([flat, flat], dim=1)  # [x, x] meets [W_lo, W_hi]
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, GROUP, self.scales_and_zeros)
+
     def extra_repr(self) -> str:
+        held = f"{self.bits}-bit levels" if self.kernel == "native" else (
+            f"{self.planes} int4 plane{'s' if self.planes > 1 else ''}")
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"{self.planes} int4 plane{'s' if self.planes > 1 else ''} of group {GROUP}")
+                f"{held} of group {GROUP} ({self.kernel} kernel)")
 
 
 def quantize_grid_int4(model: nn.Module, skip: set[int] = frozenset()) -> int:
