@@ -10,6 +10,15 @@ and is freed before the next slice's, and the weight is still read once per call
 
 Why no division: the head compares scores within a row and bounds their error in the same
 scale, so the [rows, V] division by each row's 1 / step (a positive factor) is left out.
+
+Why one kept buffer for the sums: a fresh [rows, V] float32 buffer per call (16.7 MB at 16 rows)
+is fresh pages to fault in and write cold, as often as glibc's moving mmap threshold decides
+(the kernel's own slice outputs come and go in between). Measured on Gemma 3 270M's head and
+real hidden states (bench/generation/head_rows.py --real; 1 thread, CPU ms per call, best of 6
+interleaved, shared 2-core Xeon with AMX): 16 rows 38.5 fresh against 31.0 kept, 1 row 16.1
+either way. So calls of up to KEPT_ROWS rows write into one buffer the screen keeps (allocated at
+the first such call, grown to the most rows seen, counted as screening memory): what a call
+returns is overwritten by the next call.
 """
 from __future__ import annotations
 
@@ -19,6 +28,9 @@ from torch import nn
 from .row_int8 import RESIDUAL_WEIGHT, quantize_rows
 
 CHUNK_ROWS = 65536  # a multiple of layers/screen_search.BLOCK
+# Rows whose sums go to the kept buffer (module doc): 16 streams' decoding steps and some; a
+# larger call (many prompts finishing at once) takes a fresh buffer. Gemma 3: 33.5 MB at most.
+KEPT_ROWS = 32
 
 
 class Int8Screen(nn.Module):
@@ -36,13 +48,26 @@ class Int8Screen(nn.Module):
             self.register_buffer(f"scale_{i}", scale[start:end].float().contiguous(), persistent=False)
         widest = max(end - start for start, end in self.bounds)
         self.register_buffer("zero_points", torch.zeros(widest, dtype=torch.long), persistent=False)
+        self.register_buffer("kept_sums", None, persistent=False)  # [rows, N] float32 once used
+
+    def _sums_buffer(self, rows: int) -> torch.Tensor:
+        """[rows, N] float32: the kept buffer's first rows (KEPT_ROWS at most), else a fresh one."""
+        if rows > KEPT_ROWS:
+            return torch.empty(rows, self.out_features)
+        if self.kept_sums is None or self.kept_sums.shape[0] < rows:
+            self.kept_sums = None  # the old one freed before the larger one is made
+            # a normal tensor, not an inference one: callers inside and outside inference_mode
+            with torch.inference_mode(False):
+                self.kept_sums = torch.empty(rows, self.out_features)
+        return self.kept_sums[:rows]
 
     def project_scaled(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """h [M, K] float32 -> (h_q W_q^T [M, N] times each row's 1 / step, that 1 / step [M, 1],
-        ||h - h_q|| [M, 1])."""
+        ||h - h_q|| [M, 1]). The sums are the kept buffer's up to KEPT_ROWS rows: valid until
+        the next call."""
         rows = h.shape[0]
         q, inverse_step, error = quantize_rows(h.float(), residual_rows=True, with_error=True)
-        sums = torch.empty(rows, self.out_features)
+        sums = self._sums_buffer(rows)
         for i, (start, end) in enumerate(self.bounds):
             both = torch.ops.onednn.qlinear_pointwise(
                 q, 1.0, 0, getattr(self, f"packed_{i}"), getattr(self, f"scale_{i}"),
