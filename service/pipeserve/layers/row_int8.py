@@ -16,6 +16,15 @@ Precision: `residual_rows` (the default) quantizes each activation row twice, th
 its int8 rounding left (scale / 254): ~15 significant bits, so the weight's int8 rounding is
 what remains, as for weight-only int8. The second row costs little where decoding is
 memory-bound (the weight is read once for both). Without it, 8-bit activations.
+
+At many rows (Gemma 3 270M's shapes, oneDNN 3.12 with AMX, 1 thread, us per call at 16 -> 32
+activation rows, i.e. 8 -> 16 streams with their residuals): qkv 640x1536 38 -> 47, o
+1024x640 30 -> 38, gate_up 640x4096 159 -> 192, down 2048x640 46 -> 61; the cost grows with the
+rows for every count tried (2 to 64) on these shapes, so rows are not padded, and no kernel is
+chosen by row count (a row's sums are exact integers whatever oneDNN picks, so a row's output
+stays bitwise the same in any batch). What a 16-row step adds over the GEMMs is the per-row
+quantization and rescaling: written in place (quantize_rows' residual path, the add into the
+first rows), 72 such linears take 25.5-26.0 instead of 27.1 CPU ms at 16 rows.
 """
 from __future__ import annotations
 
