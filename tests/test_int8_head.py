@@ -291,28 +291,3 @@ def test_a_screen_in_slices_gives_the_sums_of_one_call():
     many = sliced.project_scaled(h)
     assert torch.equal(one, many[0]) and torch.equal(inverse_step, many[1]) and torch.equal(quantization, many[2])
     assert torch.equal(sliced.project_scaled(h[3:4])[0], one[3:4])
-
-
-def test_the_kept_sums_buffer_is_reused_and_scores_as_a_fresh_one():
-    """Calls of up to KEPT_ROWS rows write the screen's one kept buffer (layers/int8_screen.py),
-    made outside inference mode so that both kinds of caller can use it; larger calls take a
-    fresh buffer. Scores are the same bits as a fresh head's, whatever the buffer held before."""
-    from pipeserve.layers.int8_screen import KEPT_ROWS
-    from pipeserve.layers.memory import module_memory
-
-    weight = _weight(outliers=True)
-    exact = lambda x: x @ weight.T  # noqa: E731
-    head = int8_head.Int8ScreenedHead(weight, max_rescored=VOCAB)
-    crowd = _hidden(16, 30.0)
-    with torch.inference_mode():
-        first = head.scores(crowd, _no_mask, exact).clone()
-    kept = head.screen.kept_sums
-    assert kept.shape == (16, VOCAB) and not torch.is_inference(kept)
-    few = head.scores(crowd[5:8] * 3, _no_mask, exact)  # outside inference mode, fewer rows
-    assert few.data_ptr() == kept.data_ptr()
-    fresh = int8_head.Int8ScreenedHead(weight, max_rescored=VOCAB)
-    assert torch.equal(few, fresh.scores(crowd[5:8] * 3, _no_mask, exact))
-    assert torch.equal(head.scores(crowd, _no_mask, exact), first)
-    many = head.scores(_hidden(KEPT_ROWS + 1, 30.0), _no_mask, exact)
-    assert many.data_ptr() != kept.data_ptr() and head.screen.kept_sums is kept
-    assert module_memory([head])["screening"] >= kept.numel() * 4 + weight.numel()

@@ -146,8 +146,7 @@ class Int8ScreenedHead(ScreenPolicy, nn.Module):
         """h [rows, D] float32 -> scores [rows, V] float32 whose argmax is the float32 logits'
         argmax after `mask` (deterministic rules that set scores to -inf, in place): every token
         that could hold the maximum (or lie within `margin` of it) has its float32 logit, every
-        other token -inf. Screened scores live in the screen's kept buffer (layers/int8_screen.py
-        KEPT_ROWS): read them before the next call, as the engine's step does."""
+        other token -inf."""
         found = self._rescored(h, mask) if self._worth_screening() else None
         if found is None:
             return self._exact(h, mask, exact)

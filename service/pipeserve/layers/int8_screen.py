@@ -7,26 +7,21 @@ rows with the residuals) that is 33.5 MB, over glibc's 32 MiB mmap threshold, so
 fresh pages and faults each one in: 8193 page faults, 7.8 ms of system time per call measured
 against 27 ms of user time (1 thread). A slice's output (8.4 MB at 16 rows) comes from the heap
 and is freed before the next slice's, and the weight is still read once per call. Measured
-again with the kept buffer (below; 1 thread, CPU ms per call, best of 5 interleaved): 16 rows
+again on the real head and states (1 thread, CPU ms per call, best of 5 interleaved): 16 rows
 30.9 in slices of 65536 rows, 34.1 of 32768, 34.0 of 16384; 1 row 16.3, 18.8, 19.3.
 
 Kernel shapes tried and left: oneDNN's AMX kernel (3.12) takes longer over this weight for 24-44
 activation rows than for 48 (whole head, 1 thread: 2 rows 18.9 CPU ms, 16 rows 19.9, 32 rows
 25.5, 40 rows 28.3, 48 rows 22.9, 64 rows 26.1), but padding a 16-row step's 32 rows (each row
 and its residual) to 48 with zero rows gained nothing per call (31.0 against 30.96 ms: the
-larger output), and bfloat16 output is no faster than float32.
+larger output), and bfloat16 output is no faster than float32. A sums buffer kept across calls
+(no fresh 16.7 MB at 16 rows) saved 7.5 ms per call in one bench process's allocation state and
+nothing in the engine's 16-row steps (93.6 CPU ms per step fresh, 95.3 kept; 1 thread,
+interleaved), so each call allocates its own.
 
 Why no division: the head compares scores within a row and bounds their error in the same
 scale, so the [rows, V] division by each row's 1 / step (a positive factor) is left out.
 
-Why one kept buffer for the sums: a fresh [rows, V] float32 buffer per call (16.7 MB at 16 rows)
-is fresh pages to fault in and write cold, as often as glibc's moving mmap threshold decides
-(the kernel's own slice outputs come and go in between). Measured on Gemma 3 270M's head and
-real hidden states (bench/generation/head_rows.py --real; 1 thread, CPU ms per call, best of 6
-interleaved, shared 2-core Xeon with AMX): 16 rows 38.5 fresh against 31.0 kept, 1 row 16.1
-either way. So calls of up to KEPT_ROWS rows write into one buffer the screen keeps (allocated at
-the first such call, grown to the most rows seen, counted as screening memory): what a call
-returns is overwritten by the next call.
 """
 from __future__ import annotations
 
@@ -36,9 +31,6 @@ from torch import nn
 from .row_int8 import RESIDUAL_WEIGHT, quantize_rows
 
 CHUNK_ROWS = 65536  # a multiple of layers/screen_search.BLOCK
-# Rows whose sums go to the kept buffer (module doc): 16 streams' decoding steps and some; a
-# larger call (many prompts finishing at once) takes a fresh buffer. Gemma 3: 33.5 MB at most.
-KEPT_ROWS = 32
 
 
 class Int8Screen(nn.Module):
@@ -56,26 +48,13 @@ class Int8Screen(nn.Module):
             self.register_buffer(f"scale_{i}", scale[start:end].float().contiguous(), persistent=False)
         widest = max(end - start for start, end in self.bounds)
         self.register_buffer("zero_points", torch.zeros(widest, dtype=torch.long), persistent=False)
-        self.register_buffer("kept_sums", None, persistent=False)  # [rows, N] float32 once used
-
-    def _sums_buffer(self, rows: int) -> torch.Tensor:
-        """[rows, N] float32: the kept buffer's first rows (KEPT_ROWS at most), else a fresh one."""
-        if rows > KEPT_ROWS:
-            return torch.empty(rows, self.out_features)
-        if self.kept_sums is None or self.kept_sums.shape[0] < rows:
-            self.kept_sums = None  # the old one freed before the larger one is made
-            # a normal tensor, not an inference one: callers inside and outside inference_mode
-            with torch.inference_mode(False):
-                self.kept_sums = torch.empty(rows, self.out_features)
-        return self.kept_sums[:rows]
 
     def project_scaled(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """h [M, K] float32 -> (h_q W_q^T [M, N] times each row's 1 / step, that 1 / step [M, 1],
-        ||h - h_q|| [M, 1]). The sums are the kept buffer's up to KEPT_ROWS rows: valid until
-        the next call."""
+        ||h - h_q|| [M, 1])."""
         rows = h.shape[0]
         q, inverse_step, error = quantize_rows(h.float(), residual_rows=True, with_error=True)
-        sums = self._sums_buffer(rows)
+        sums = torch.empty(rows, self.out_features)
         for i, (start, end) in enumerate(self.bounds):
             both = torch.ops.onednn.qlinear_pointwise(
                 q, 1.0, 0, getattr(self, f"packed_{i}"), getattr(self, f"scale_{i}"),
