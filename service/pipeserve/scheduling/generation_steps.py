@@ -9,8 +9,10 @@ decoding step feeds each sequence its last token and writes one key/value per la
 sequence's own position. The scores of a decoding step, and of a prompt's last position, come
 from the model's float32 head, or for rows whose choice is a plain argmax from its verified
 head when it has one (layers/int8_head.py, layers/verified_head.py: the float32 argmax at a
-quarter or half of the head's bytes); a prompt's earlier chunks run no head at all. The time
-each pass took is charged to the requests it served (`compute_s`, `max_batch`).
+quarter or half of the head's bytes); a decoding step whose rows are all plain argmax rows
+takes its tokens from a verified head that can choose (`decode_argmax`: no [B, V] scores to
+fill and scan); a prompt's earlier chunks run no head at all. The time each pass took is
+charged to the requests it served (`compute_s`, `max_batch`).
 
 The model is any causal LM with the engine's contract (models/causal_lm.py CausalLM: `hidden`,
 `lm_head`, forward with `last_only`, `max_positions`, optional `verified_head`).
