@@ -21,7 +21,6 @@ interleaved), so each call allocates its own.
 
 Why no division: the head compares scores within a row and bounds their error in the same
 scale, so the [rows, V] division by each row's 1 / step (a positive factor) is left out.
-
 """
 from __future__ import annotations
 
