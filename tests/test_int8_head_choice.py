@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from pipeserve.layers import int8_head
-from test_generation_steps import VOCAB as STEP_VOCAB, setup, sequences
+from test_generation_steps import VOCAB as STEP_VOCAB, sequences, setup as runner_setup
 from test_int8_head import DIM, VOCAB, _eos_style_mask, _hidden, _no_mask, _weight
 
 pytestmark = pytest.mark.skipif(not int8_head.int8_screen_available(torch.ones(1, 1)),
@@ -130,7 +130,7 @@ def test_too_many_candidates_take_the_float32_projection():
 
 
 def _screened_runner():
-    model, cache, runner = setup()
+    model, cache, runner = runner_setup()
     model.verified_head = int8_head.Int8ScreenedHead(model.lm_head.weight, max_rescored=STEP_VOCAB)
     return model, cache, runner
 
