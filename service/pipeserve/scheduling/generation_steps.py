@@ -31,7 +31,6 @@ from .generation import Choice, GenerationParams, TokenChooser
 from .generation_requests import RequestHandle, Sequence
 
 RECENT_BATCH_SIZES = 256
-T = TypeVar("T")
 
 
 def argmax_only(seq: Sequence) -> bool:
@@ -57,6 +56,9 @@ def eos_masks(seqs: list[Sequence], vocab: int) -> Callable[[torch.Tensor], None
             scores[k, ids] = -math.inf
     mask.entries = rows  # what it masks, for a head that screens in its own order (layers/int8_head.py)
     return mask
+
+
+T = TypeVar("T")  # what a decoding step returns: scores, or tokens
 
 
 class StepRunner:
