@@ -172,12 +172,12 @@ def test_finished_sequences_leave_no_hole_in_the_decoding_slots(tmp_path):
 
         alone = [tokens(run(p, n)) for p, n in zip(prompts, lengths)]
         steps: list[list[int]] = []
-        decode = engine.runner.decode
+        step = engine.runner._step  # a decoding step, with or without [B, V] scores
 
-        def recording(seqs):
+        def recording(seqs, read):
             steps.append([s.slot for s in seqs])
-            return decode(seqs)
-        engine.runner.decode = recording
+            return step(seqs, read)
+        engine.runner._step = recording
         moves = []
         move_down = engine.cache.move_down
         engine.cache.move_down = lambda slot: moves.append(slot) or move_down(slot)
@@ -185,7 +185,7 @@ def test_finished_sequences_leave_no_hole_in_the_decoding_slots(tmp_path):
         with engine.scheduler.lock:
             handles = [run(p, n) for p, n in zip(prompts, lengths)]
         together = [tokens(h) for h in handles]
-        engine.runner.decode = decode
+        engine.runner._step = step
         engine.cache.move_down = move_down
         assert together == alone
         three = [s for s in steps if len(s) == 3]

@@ -165,6 +165,8 @@ def test_real_gemma_greedy_choices_equal_float32():
                 got = head.scores(hidden[i:i + 1], _no_mask, model.lm_head)
                 assert got.argmax().item() == tokens[i]
                 steps += 1
+            # a decoding step's tokens without dense scores, 16 rows at once (the 16-stream path)
+            assert head.choose(hidden[:16], _no_mask, model.lm_head).tolist() == tokens[:16]
         assert head._fallback_rate < 0.5  # the screen, not the float32 fallback, made the choices
         assert steps == 96
     finally:

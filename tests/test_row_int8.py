@@ -81,3 +81,21 @@ def test_quantize_replaces_every_cpu_float_linear_but_the_skipped():
     row_int8.quantize_row_int8(model, skip={id(model[3])})
     assert [type(m).__name__ for m in model] == ["RowInt8Linear", "GELU", "RowInt8Linear", "Linear"]
     torch.testing.assert_close(model(x), expected, rtol=0.02, atol=0.02)
+
+
+def test_the_in_place_residual_quantization_gives_the_general_paths_rows():
+    """Linears take quantize_rows' in-place path (no error asked), the int8 head the general one
+    (layers/int8_head.py): the same int8 rows, residuals and steps, bitwise, as before the layers'
+    path was written in place (abs().amax() steps, round, 254 times the rest, rounded)."""
+    torch.manual_seed(3)
+    x = torch.randn(9, 96) * torch.logspace(-3, 3, 9)[:, None]
+    x[2] = 0.0  # a zero row keeps zeros
+    x[4, 7] = 1e4  # one huge activation: a coarse step
+    fast, fast_steps, none = row_int8.quantize_rows(x, residual_rows=True)
+    general, steps, error = row_int8.quantize_rows(x, residual_rows=True, with_error=True)
+    assert none is None and error is not None
+    assert torch.equal(fast, general) and torch.equal(fast_steps, steps)
+    scaled = x * steps
+    expected_rest = ((scaled - scaled.round()) * 254).round()
+    assert torch.equal(fast[:9].float(), scaled.round()) and torch.equal(fast[9:].float(), expected_rest)
+    assert not fast[[2, 11]].any()

@@ -100,12 +100,12 @@ def profile_steps(pipe, batch: int, steps: int) -> dict:
     engine = pipe.engine
     runner = engine.runner
     timings: Counter = Counter()
-    decode = runner.decode
+    step = runner._step  # a decoding step, whichever way its tokens are chosen
 
-    def timed_decode(seqs):
+    def timed_step(seqs, read):
         with record_function("step.decode"):
-            return decode(seqs)
-    runner.decode = timed_decode
+            return step(seqs, read)
+    runner._step = timed_step
     advance = engine._advance
 
     def timed_advance(seq, logits):
@@ -132,7 +132,7 @@ def profile_steps(pipe, batch: int, steps: int) -> dict:
             while engine.scheduler.active or engine.scheduler.waiting:
                 engine._iteration()
     decode_steps = engine.steps
-    runner.decode, engine._advance = decode, advance
+    runner._step, engine._advance = step, advance
     del runner.model.hidden
     events = prof.key_averages()
     for e in events:

@@ -5,9 +5,11 @@ float32 projection, median wall and CPU ms per call.
     PYTHONPATH=service python bench/generation/head_rows.py --threads 1
     PYTHONPATH=service:tests python bench/generation/head_rows.py --threads 1 --real --int4
 
---real: the real Gemma 3 270M head and final hidden states of 384 teacher-forced greedy steps
-(8 prompts x 48 tokens, from the embedded GGUF: loading takes ~40 s), instead of a random head
-and peaked random rows; the rows to rescore per step are reported too. --int4: what an int4
+"int8 choose" times the int8 head's `choose` (the tokens without [rows, V] scores, what an
+all-greedy decoding step calls). --real: the real Gemma 3 270M head and final hidden states of
+384 teacher-forced greedy steps (8 prompts x 48 tokens, from the embedded GGUF: loading takes
+~40 s), instead of a random head and peaked random rows; the rows to rescore per step are
+reported too. --int4: what an int4
 screen (torch's `_weight_int4pack_mm_for_cpu`, bfloat16 activations and output) would need:
 its time per call, and the rows a rigorous bound leaves to rescore (below). --screens int8
 times only the int8 screen: run it with each tree's service/ first on PYTHONPATH, alternating,
@@ -153,6 +155,8 @@ def main() -> None:
     for rows in (1, 2, 4, 8, 16):
         inputs = [states[i:i + rows] for i in range(0, states.shape[0] - rows + 1, rows)][:24]
         line = {name: _median_ms(lambda h: head.scores(h, _no_mask, exact), inputs) for name, head in heads.items()}
+        if hasattr(heads.get("int8 screen"), "choose"):  # the engine's all-greedy steps: tokens only
+            line["int8 choose"] = _median_ms(lambda h: heads["int8 screen"].choose(h, _no_mask, exact), inputs)
         if "float32" in screens:
             line["float32"] = _median_ms(exact, inputs)
         if "int8 screen" in heads:

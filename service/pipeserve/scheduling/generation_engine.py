@@ -155,12 +155,15 @@ class GenerationEngine:
 
     def _decode(self, seqs: list[Sequence]) -> None:
         try:
-            logits = self.runner.decode(seqs)
+            # all plain greedy rows: the verified head's choices, without [B, V] scores
+            tokens = self.runner.decode_argmax(seqs)
+            choices = ([Choice(token) for token in tokens] if tokens is not None
+                       else self.runner.choose_all(seqs, self.runner.decode(seqs)))
         except Exception as exc:
             for handle in {s.handle for s in seqs}:
                 self._fail(handle, exc)
             return
-        for seq, choice in zip(seqs, self.runner.choose_all(seqs, logits)):
+        for seq, choice in zip(seqs, choices):
             if seq in self.scheduler.active:
                 self._advance(seq, choice)
 

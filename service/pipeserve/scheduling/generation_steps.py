@@ -9,8 +9,10 @@ decoding step feeds each sequence its last token and writes one key/value per la
 sequence's own position. The scores of a decoding step, and of a prompt's last position, come
 from the model's float32 head, or for rows whose choice is a plain argmax from its verified
 head when it has one (layers/int8_head.py, layers/verified_head.py: the float32 argmax at a
-quarter or half of the head's bytes); a prompt's earlier chunks run no head at all. The time
-each pass took is charged to the requests it served (`compute_s`, `max_batch`).
+quarter or half of the head's bytes); a decoding step whose rows are all plain argmax rows
+takes its tokens from a verified head that can choose (`decode_argmax`: no [B, V] scores to
+fill and scan); a prompt's earlier chunks run no head at all. The time each pass took is
+charged to the requests it served (`compute_s`, `max_batch`).
 
 The model is any causal LM with the engine's contract (models/causal_lm.py CausalLM: `hidden`,
 `lm_head`, forward with `last_only`, `max_positions`, optional `verified_head`).
@@ -19,7 +21,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Callable
+from typing import Callable, TypeVar
 
 import torch
 
@@ -54,6 +56,9 @@ def eos_masks(seqs: list[Sequence], vocab: int) -> Callable[[torch.Tensor], None
             scores[k, ids] = -math.inf
     mask.entries = rows  # what it masks, for a head that screens in its own order (layers/int8_head.py)
     return mask
+
+
+T = TypeVar("T")  # what a decoding step returns: scores, or tokens
 
 
 class StepRunner:
@@ -102,15 +107,31 @@ class StepRunner:
 
     def decode(self, seqs: list[Sequence]) -> torch.Tensor:
         """One decoding step: each sequence's last token in, its next scores [B, V] float32 out."""
+        return self._step(seqs, lambda hidden: self._finish(self._scores(hidden, seqs)))  # [B, V]
+
+    def decode_argmax(self, seqs: list[Sequence]) -> list[int] | None:
+        """One decoding step whose rows are all plain argmax rows (argmax_only), their tokens
+        chosen by a verified head that can (layers/int8_head.py `choose`: the float32 argmax, the
+        tokens decode + choose_all give) without the [B, V] scores; None, running nothing,
+        otherwise."""
+        head = getattr(self.model, "verified_head", None)
+        if getattr(head, "choose", None) is None or not all(argmax_only(s) for s in seqs):
+            return None
+        mask = eos_masks(seqs, head.weight.shape[0])
+        return self._step(seqs, lambda hidden: head.choose(hidden, mask, self.model.lm_head, self._finish).tolist())
+
+    def _step(self, seqs: list[Sequence], read: Callable[[torch.Tensor], T]) -> T:
+        """Each sequence's last token through the model; `read` turns the final hidden states
+        [B, C] into the step's result."""
         started = time.perf_counter()
         ids = torch.tensor([[s.last] for s in seqs], device=self.device)
         view = self.cache.view([s.slot for s in seqs], 1)
-        logits = self._finish(self._scores(self.model.hidden(ids, view)[:, -1], seqs))  # [B, V]
+        result = read(self.model.hidden(ids, view)[:, -1])
         view.commit()
         self.steps += 1
         self.batch_sizes = (self.batch_sizes + [len(seqs)])[-RECENT_BATCH_SIZES:]
         self._charge({s.handle for s in seqs}, time.perf_counter() - started, len(seqs))
-        return logits
+        return result
 
     def choose(self, seq: Sequence, logits: torch.Tensor) -> Choice:
         """The sequence's next token from its logits [1, V] (penalties, warpers, sampling)."""
