@@ -25,6 +25,7 @@ import torch
 
 from ..checkpoints.weights import module_device
 from ..layers.kv_cache import KVCache
+from ..layers.serial import SerialSection
 from .generation import Choice, GenerationParams, TokenChooser
 from .generation_requests import RequestHandle, Sequence
 
@@ -41,9 +42,16 @@ def first_argmax(scores: torch.Tensor) -> list[int]:
 
     max with indices runs a scalar compare loop over every score; amax is vectorized. So: the
     maximum of each block of ARGMAX_BLOCK scores (amax), the first block that holds its row's
-    maximum, and max with indices over that block alone. Measured on our 2-core Xeon (loaded,
-    best of 7): [1, 262144] 128 -> 28 us, [16, 262144] ~6 -> ~1 ms. A row with a NaN (no block
+    maximum, and max with indices over that block alone; on the calling thread (layers/serial.py:
+    a reduction's fork and join cost more than the second core gives here). Measured on our
+    2-core Xeon (load ~4, best of 9): [1, 262144] 108 us (torch.max) -> 52, [16, 262144] 6.6-12 ms
+    -> 0.8-1.2 (the same blocks split over two threads: 14-25 ms). A row with a NaN (no block
     equals its maximum) takes torch.max over the whole row, as do vocabularies under two blocks."""
+    with SerialSection(True):
+        return _first_argmax(scores)
+
+
+def _first_argmax(scores: torch.Tensor) -> list[int]:
     B, V = scores.shape
     n = V // ARGMAX_BLOCK
     if n < 2 or scores.stride(-1) != 1:
@@ -164,8 +172,8 @@ class StepRunner:
             every = len(greedy) == len(seqs)
             rows = logits if every else logits[greedy]
             eos_masks([seqs[i] for i in greedy], rows.shape[-1])(rows)
-            # the first maximum of each row, as argmax, by blocks (first_argmax: 4-6x faster
-            # than max's indices, themselves 1.5-3x faster than torch.argmax, over 262k scores)
+            # the first maximum of each row, as argmax, by blocks on one thread (first_argmax: 2-8x
+            # faster than max's indices, themselves 1.5-3x faster than torch.argmax, over 262k scores)
             for i, token in zip(greedy, first_argmax(rows)):
                 choices[i] = Choice(token)
         for i, seq in enumerate(seqs):
