@@ -27,21 +27,23 @@ def _previous_decode_attention(q, k, v, mask, scale):
 @pytest.mark.parametrize("batch,heads,kv_heads,length,scale", [
     (1, 4, 1, 45, 1.0), (16, 4, 1, 60, 1.0), (16, 4, 1, 300, 0.0625), (3, 8, 2, 33, 0.125)])
 @pytest.mark.parametrize("masked", [False, True])
-def test_step_attention_equals_the_previous_formulation_bitwise(batch, heads, kv_heads, length, scale, masked):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_step_attention_equals_the_previous_formulation_bitwise(batch, heads, kv_heads, length, scale, masked, dtype):
     torch.manual_seed(0)
     D = 32
     # as a model hands them over: q a transposed slice of the normed q/k heads, k and v slices
     # of a larger cache
-    qk = torch.randn(batch, 1, heads + kv_heads, D)
+    qk = torch.randn(batch, 1, heads + kv_heads, D, dtype=dtype)
     q = qk[:, :, :heads].transpose(1, 2)
-    cache_k, cache_v = torch.randn(batch + 2, kv_heads, length + 7, D), torch.randn(batch + 2, kv_heads, length + 7, D)
+    cache_k = torch.randn(batch + 2, kv_heads, length + 7, D, dtype=dtype)
+    cache_v = torch.randn(batch + 2, kv_heads, length + 7, D, dtype=dtype)
     k, v = cache_k[1:batch + 1, :, :length], cache_v[1:batch + 1, :, :length]
     mask = None
     if masked:
         mask = torch.rand(batch, 1, 1, length) < 0.7
         mask[..., 0] = True
     ours = kv_cache._decode_attention(q, k, v, mask, scale)
-    assert ours.shape == (batch, heads, 1, D)
+    assert ours.shape == (batch, heads, 1, D) and ours.dtype == dtype
     assert torch.equal(ours, _previous_decode_attention(q, k, v, mask, scale))
 
 
@@ -96,9 +98,9 @@ def test_a_steps_masks_are_made_once_per_cache_shape(monkeypatch):
     made = []
     additive = kv_cache._additive
 
-    def counted(mask):
+    def counted(mask, dtype):
         made.append(tuple(mask.shape))
-        return additive(mask)
+        return additive(mask, dtype)
     monkeypatch.setattr(kv_cache, "_additive", counted)
     windows = [4, None, 4, None, 4]
     cache = KVCache(len(windows), 1, 8, 64, windows=windows, initial_capacity=16)

@@ -43,16 +43,16 @@ def _decode_attention(q, k, v, mask, scale):
     """One query per sequence, q [B, H, 1, D] over k, v [B, Hkv, L, D] with a boolean mask
     [B, 1, 1, L] (True = attend) or None: `_step_attention` on the same tensors."""
     B, Hkv, L, D = k.shape
-    bias = None if mask is None else _additive(mask).expand(B, Hkv, 1, L).reshape(B * Hkv, 1, L)
+    bias = None if mask is None else _additive(mask, q.dtype).expand(B, Hkv, 1, L).reshape(B * Hkv, 1, L)
     with SerialSection(2 * B * Hkv * L * D < SERIAL_ATTENTION_ELEMENTS):
         return _step_attention(q, k.reshape(B * Hkv, L, D), v.reshape(B * Hkv, L, D), bias, scale)
 
 
-def _additive(mask: torch.Tensor) -> torch.Tensor:
-    """A boolean mask (True = attend) as float32 scores to add: 0 where it attends, -inf where
-    not. s + 0 is s and s + -inf is -inf exactly, so adding it in place equals
+def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean mask (True = attend) as scores to add: 0 where it attends, -inf where not.
+    s + 0 is s and s + -inf is -inf exactly, so adding it in place equals
     torch.where(mask, s, -inf) bit for bit, without a new tensor per layer."""
-    return torch.zeros(mask.shape, device=mask.device).masked_fill_(mask.logical_not(), float("-inf"))
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(mask.logical_not(), float("-inf"))
 
 
 def _step_attention(q, keys, values, bias, scale):
@@ -332,7 +332,8 @@ class CacheView:
             L = C if wraps else self.key_len
             mask = self._ring_mask(cache.device, C) if wraps else self._mask(cache.device, window)
             B = len(self.slot_list)
-            bias = None if mask is None else _additive(mask).expand(B, Hkv, 1, L).reshape(B * Hkv, 1, L)
+            bias = None if mask is None else \
+                _additive(mask, cache.dtype).expand(B, Hkv, 1, L).reshape(B * Hkv, 1, L)
             first = None if p.contiguous is None else p.contiguous.start
             plan = _StepPlan(self._write_rows(cache, wraps), first, p.slots, B, L, bias,
                              2 * B * Hkv * L * D < SERIAL_ATTENTION_ELEMENTS)
