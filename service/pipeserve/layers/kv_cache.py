@@ -14,6 +14,11 @@ does not grow those layers' memory. A query at position q sees the keys q - wind
 are exactly what the ring holds after q is written; a prompt chunk attends over the ring's older
 entries and its own new keys together, then leaves its last `window` keys in the ring.
 
+A decoding step on the CPU (one new token per sequence) is planned once for every layer of one
+cache shape: the rows its keys are written to (one index_copy_ per layer), the keys it reads (a
+view when the slots are contiguous) and its mask as scores to add; each layer then runs one
+batched GEMM per key/value head for all its query heads, softmax and one more GEMM.
+
 Models call `view.attend(layer_idx, q, k, v, ...)` and never see the layout; `FullAttention`
 is the same interface without a cache (one causal pass, used for logits parity tests).
 """
@@ -63,7 +68,7 @@ def _step_attention(q, keys, values, bias, scale):
     On CPU this beats SDPA's flash kernel, whose parallel sections cost more than the work at
     q length 1 (and stall on busy cores). The grouped query heads of a key/value head are the
     rows of one GEMM against its keys: no repeat of the keys, no 4-d matmul folding. The same
-    GEMMs, scale, mask and softmax as before (tests/test_gemma3_step.py checks bitwise)."""
+    GEMMs, scale, mask and softmax as before (tests/test_decode_step_attention.py: bit for bit)."""
     B, H, _, D = q.shape
     n = keys.shape[0]
     scores = torch.bmm(q.reshape(n, B * H // n, D), keys.transpose(1, 2))  # [B * Hkv, groups, L]
