@@ -1,7 +1,8 @@
 """The generation engine's step runner alone, over a one-layer attention model small enough to
 check by hand: prompt chunks and decoding steps write the cache of their own rows only, and give
 the logits an uncached pass over the same tokens gives; plain-argmax rows go through a verified
-head, the others through the float32 head; token choice sees the sequence's tokens."""
+head, the others through the float32 head; token choice sees the sequence's tokens; the
+blocked argmax equals torch.max's first maximum."""
 from __future__ import annotations
 
 import torch
@@ -10,7 +11,7 @@ from torch import nn
 from pipeserve.layers.kv_cache import FullAttention, KVCache
 from pipeserve.scheduling.generation import GenerationParams
 from pipeserve.scheduling.generation_requests import RequestHandle, Sequence
-from pipeserve.scheduling.generation_steps import StepRunner
+from pipeserve.scheduling.generation_steps import ARGMAX_BLOCK, StepRunner, first_argmax
 
 VOCAB, WIDTH = 16, 8
 
@@ -194,3 +195,18 @@ def _fresh_copies(runner: StepRunner, rows: list[Sequence]) -> list[Sequence]:
     """The same sequences with their own new choosers (a sampling row's generator starts over)."""
     return [Sequence(s.handle, s.index, s.slot, runner.chooser(s.params, s.index), text=None, ids=list(s.ids))
             for s in rows]
+
+
+def test_first_argmax_is_the_first_maximum_of_each_row():
+    torch.manual_seed(3)
+    for vocab in (262_144, 262_208, 3 * ARGMAX_BLOCK + 5, 96):  # whole blocks, a tail, a small vocabulary
+        scores = torch.randn(16, vocab)
+        top = scores.max() + 1
+        scores[1, 7] = scores[1, 5 * ARGMAX_BLOCK % vocab + 3] = top  # a tie across blocks: the first
+        scores[2, 10] = scores[2, 11] = top  # a tie inside a block
+        scores[3, -1] = top  # the maximum in the last (tail) block
+        scores[4] = float("-inf")  # a fully masked row: index 0, as torch.max
+        scores[5, vocab // 2] = float("nan")  # a NaN is the maximum, as in torch.max
+        scores[6, :vocab // 2] = top  # the first of many equal scores
+        for rows in (scores, scores[:1], scores[3:4]):
+            assert first_argmax(rows) == rows.max(dim=-1).indices.tolist(), vocab

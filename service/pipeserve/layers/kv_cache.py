@@ -14,6 +14,11 @@ does not grow those layers' memory. A query at position q sees the keys q - wind
 are exactly what the ring holds after q is written; a prompt chunk attends over the ring's older
 entries and its own new keys together, then leaves its last `window` keys in the ring.
 
+A decoding step on the CPU (one new token per sequence) is planned once for every layer of one
+cache shape: the rows its keys are written to (one index_copy_ per layer), the keys it reads (a
+view when the slots are contiguous) and its mask as scores to add; each layer then runs one
+batched GEMM per key/value head for all its query heads, softmax and one more GEMM.
+
 Models call `view.attend(layer_idx, q, k, v, ...)` and never see the layout; `FullAttention`
 is the same interface without a cache (one causal pass, used for logits parity tests).
 """
@@ -40,25 +45,39 @@ SERIAL_ATTENTION_ELEMENTS = 1 << 18
 
 
 def _decode_attention(q, k, v, mask, scale):
-    """One query per sequence, as two small matmuls. On CPU this beats SDPA's flash kernel,
-    whose parallel sections cost more than the work at q length 1 (and stall on busy cores).
-    Grouped-query heads share their key/value head: query head h reads kv head h // groups."""
+    """One query per sequence, q [B, H, 1, D] over k, v [B, Hkv, L, D] with a boolean mask
+    [B, 1, 1, L] (True = attend) or None: `_step_attention` on the same tensors."""
     B, Hkv, L, D = k.shape
+    bias = None if mask is None else _additive(mask, q.dtype).expand(B, Hkv, 1, L).reshape(B * Hkv, 1, L)
     with SerialSection(2 * B * Hkv * L * D < SERIAL_ATTENTION_ELEMENTS):
-        return _decode_scores_and_values(q, k, v, mask, scale)
+        return _step_attention(q, k.reshape(B * Hkv, L, D), v.reshape(B * Hkv, L, D), bias, scale)
 
 
-def _decode_scores_and_values(q, k, v, mask, scale):
+def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean mask (True = attend) as scores to add: 0 where it attends, -inf where not.
+    s + 0 is s and s + -inf is -inf exactly, so adding it in place equals
+    torch.where(mask, s, -inf) bit for bit, without a new tensor per layer."""
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(mask.logical_not(), float("-inf"))
+
+
+def _step_attention(q, keys, values, bias, scale):
+    """A decoding step's attention as two batched GEMMs: q [B, H, 1, D] (query head h reads
+    key/value head h // groups), keys and values [B * Hkv, L, D] (views of the cache when the
+    slots are contiguous), bias [B * Hkv, 1, L] (0 or -inf, _additive) or None -> [B, H, 1, D].
+
+    On CPU this beats SDPA's flash kernel, whose parallel sections cost more than the work at
+    q length 1 (and stall on busy cores). The grouped query heads of a key/value head are the
+    rows of one GEMM against its keys: no repeat of the keys, no 4-d matmul folding. The same
+    GEMMs, scale, mask and softmax as before (tests/test_decode_step_attention.py: bit for bit)."""
     B, H, _, D = q.shape
-    Hkv = k.shape[1]
-    q = q.reshape(B, Hkv, H // Hkv, D)  # [B, Hkv, groups, D]
-    scores = q @ k.transpose(-1, -2)  # [B, Hkv, groups, L]
+    n = keys.shape[0]
+    scores = torch.bmm(q.reshape(n, B * H // n, D), keys.transpose(1, 2))  # [B * Hkv, groups, L]
     scale = scale if scale is not None else D ** -0.5
     if scale != 1.0:  # a model that folded the scale into its queries passes 1.0
-        scores = scores * scale
-    if mask is not None:
-        scores = torch.where(mask, scores, float("-inf"))  # mask [B, 1, 1, L] broadcasts; one op, no ~mask
-    return (scores.softmax(-1) @ v).reshape(B, H, 1, D)
+        scores.mul_(scale)
+    if bias is not None:
+        scores.add_(bias)
+    return torch.bmm(scores.softmax(-1), values).view(B, H, 1, D)
 
 
 def _sdpa(q, k, v, mask, scale, is_causal=False):
@@ -215,6 +234,26 @@ class KVCache:
 
 
 @dataclass
+class _StepPlan:
+    rows: torch.Tensor  # [B * Hkv] rows of the cache seen as [S * Hkv * C, D] the step writes
+    first: int | None  # the first of contiguous slots, else None (read by gathering `slots`)
+    slots: torch.Tensor  # [B] long
+    batch: int
+    length: int  # keys read per sequence
+    bias: torch.Tensor | None  # [B * Hkv, 1, length]: 0 where the query attends, -inf where not
+    serial: bool  # small enough to run on this thread alone (SERIAL_ATTENTION_ELEMENTS)
+
+    def read(self, cache: torch.Tensor) -> torch.Tensor:
+        """[B * Hkv, length, D] keys (or values) of the step's sequences: a view of `cache` over
+        contiguous slots, else a gather."""
+        S, Hkv, C, D = cache.shape
+        if self.first is not None:
+            return cache.as_strided((self.batch * Hkv, self.length, D), (C * D, D, 1),
+                                    cache.storage_offset() + self.first * Hkv * C * D)
+        return cache[self.slots, :, :self.length].reshape(self.batch * Hkv, self.length, D)
+
+
+@dataclass
 class _Placement:
     slots: torch.Tensor  # [B] long
     starts: torch.Tensor  # [B] long, tokens cached before this pass
@@ -259,9 +298,12 @@ class CacheView:
         """Stores k, v ([B, Hkv, T, D]) and attends q ([B, H, T, D]) over each sequence's prefix."""
         cache_k, cache_v = self.cache.keys[layer], self.cache.values[layer]
         ring = self.cache.windows[layer]
-        if ring and self.key_len > cache_k.shape[2]:
-            if window != ring:
-                raise ValueError(f"layer {layer} attends with window {window}; its cache keeps {ring}")
+        wraps = bool(ring) and self.key_len > cache_k.shape[2]
+        if wraps and window != ring:
+            raise ValueError(f"layer {layer} attends with window {window}; its cache keeps {ring}")
+        if self.new_tokens == 1 and cache_k.device.type == "cpu":
+            return self._attend_step(cache_k, cache_v, q, k, v, scale, window, wraps)
+        if wraps:
             return self._attend_ring(cache_k, cache_v, q, k, v, scale)
         p = self._placement(cache_k.device)
         T = self.new_tokens
@@ -280,6 +322,41 @@ class CacheView:
             # fresh prompts of one length
             return _sdpa(q, keys, values, None, scale, is_causal=T > 1)
         return _sdpa(q, keys, values, self._mask(cache_k.device, window), scale)
+
+    def _step_plan(self, cache: torch.Tensor, window: int | None, wraps: bool) -> "_StepPlan":
+        """What every layer of one cache shape does in a decoding step, made once per step:
+        where each sequence's new key goes, which keys each reads, the mask as scores to add,
+        and whether the attention runs on this thread alone. A wrapped ring reads its whole
+        ring (after the write it holds exactly the query's window); other layers read the
+        first key_len positions."""
+        S, Hkv, C, D = cache.shape
+        key = ("step", cache.device, S, C, window, wraps)
+        plan = self._masks.get(key)
+        if plan is None:
+            p = self._placement(cache.device)
+            L = C if wraps else self.key_len
+            mask = self._ring_mask(cache.device, C) if wraps else self._mask(cache.device, window)
+            B = len(self.slot_list)
+            bias = None if mask is None else \
+                _additive(mask, cache.dtype).expand(B, Hkv, 1, L).reshape(B * Hkv, 1, L)
+            first = None if p.contiguous is None else p.contiguous.start
+            plan = _StepPlan(self._write_rows(cache, wraps), first, p.slots, B, L, bias,
+                             2 * B * Hkv * L * D < SERIAL_ATTENTION_ELEMENTS)
+            self._masks[key] = plan
+        return plan
+
+    def _attend_step(self, cache_k, cache_v, q, k, v, scale, window, wraps):
+        """A decoding step (one new token per sequence) on the CPU: two index_copy_ writes, the
+        keys read as views of the cache, one attention over all query heads (_step_attention)."""
+        plan = self._step_plan(cache_k, window, wraps)
+        D = cache_k.shape[-1]
+        k, v = k.reshape(-1, D), v.reshape(-1, D)
+        if k.dtype != cache_k.dtype:
+            k, v = k.to(cache_k.dtype), v.to(cache_v.dtype)
+        cache_k.view(-1, D).index_copy_(0, plan.rows, k)
+        cache_v.view(-1, D).index_copy_(0, plan.rows, v)
+        with SerialSection(plan.serial):
+            return _step_attention(q, plan.read(cache_k), plan.read(cache_v), plan.bias, scale)
 
     def _write_rows(self, cache: torch.Tensor, ring: bool) -> torch.Tensor:
         """[B * Hkv] rows of `cache` seen as [slots * Hkv * positions, D] where a decoding step

@@ -131,8 +131,8 @@ class ScaledWordEmbedding(nn.Embedding):
 
 
 class RMSNorm(nn.Module):
-    """Gemma3RMSNorm: (x / rms(x)) * (1 + weight), all in float32, then cast back. One fused
-    torch call with (1 + weight) kept between steps (the same float32 arithmetic, bit for bit)."""
+    """Gemma3RMSNorm: (x / rms(x)) * (1 + weight) in float32, cast back: one torch.rms_norm call
+    with (1 + weight) kept between steps (F.rms_norm's arithmetic, bit for bit)."""
 
     def __init__(self, size: int, eps: float):
         super().__init__()
@@ -145,16 +145,16 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32:
-            return F.rms_norm(x, (x.shape[-1],), self.scale(), self.eps)
-        return F.rms_norm(x.float(), (x.shape[-1],), self.scale(), self.eps).type_as(x)
+            return torch.rms_norm(x, (x.shape[-1],), self.scale(), self.eps)
+        return torch.rms_norm(x.float(), (x.shape[-1],), self.scale(), self.eps).type_as(x)
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
     """Llama's apply_rotary (x * cos + rotate_half(x) * sin) for x [B, T, heads, D] with cos, sin
     [B, T, 1, D]: rotate_half(x) = [-x2, x1] is roll(x, D/2) = [x2, x1] with the sign moved into
     sin (`sin_signed` = [-sin1, sin2], made once per step): the same products, exactly, in 4 ops
-    instead of 7."""
-    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin_signed
+    instead of 7, two in place (not addcmul: its fused multiply-add rounds once, not twice)."""
+    return (x * cos).add_(x.roll(x.shape[-1] // 2, dims=-1).mul_(sin_signed))
 
 
 class MLP(nn.Module):
@@ -175,7 +175,7 @@ class MLP(nn.Module):
             gate, up = self.gate_up_proj.forward(x).chunk(2, dim=-1)
         else:
             gate, up = self.gate_proj.forward(x), self.up_proj.forward(x)
-        return self.down_proj.forward(self.act(gate) * up)
+        return self.down_proj.forward(self.act(gate).mul_(up))  # the activation's output is ours
 
 
 class Attention(nn.Module):
@@ -219,9 +219,9 @@ class Attention(nn.Module):
         qk = qkv[:, :, :H + Hkv]
         # q_norm and k_norm (one eps): normalise every head, then each head's own (1 + weight)
         if qk.dtype == torch.float32:
-            qk = F.rms_norm(qk, (D,), None, self.q_norm.eps) * self.qk_scale()
+            qk = torch.rms_norm(qk, (D,), None, self.q_norm.eps).mul_(self.qk_scale())
         else:
-            qk = (F.rms_norm(qk.float(), (D,), None, self.q_norm.eps) * self.qk_scale()).type_as(qk)
+            qk = torch.rms_norm(qk.float(), (D,), None, self.q_norm.eps).mul_(self.qk_scale()).type_as(qk)
         qk = rotate(qk, cos, sin_signed)  # [B, T, H + Hkv, D]
         q, k = qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2)  # [B, H, T, D], [B, Hkv, T, D]
         v = qkv[:, :, H + Hkv:].transpose(1, 2)
@@ -251,9 +251,9 @@ class DecoderLayer(nn.Module):
         if cos.device != x.device:  # under a device map
             cos, sin = cos.to(x.device), sin.to(x.device)
         attn = self.self_attn.forward(self.input_layernorm.forward(x), cos, sin, view)
-        x = x + self.post_attention_layernorm.forward(attn)
+        x = x.add_(self.post_attention_layernorm.forward(attn))  # x is ours (hidden() made it)
         mlp = self.mlp.forward(self.pre_feedforward_layernorm.forward(x))
-        return x.add_(self.post_feedforward_layernorm.forward(mlp))  # x is ours
+        return x.add_(self.post_feedforward_layernorm.forward(mlp))
 
 
 # Rotary rows kept per layer type and dtype (the table doubles from ROTARY_TABLE_MIN as positions
@@ -370,17 +370,17 @@ class Gemma3ForCausalLM(CausalLM):
         return torch.tanh(logits / cap) * cap
 
     def hidden(self, input_ids: torch.Tensor, cache_view=None, last_only: bool = False) -> torch.Tensor:
-        view = self.view_or_full(input_ids, cache_view)
-        m = self.model
-        x = m.embed_tokens(input_ids)
+        view, m = self.view_or_full(input_ids, cache_view), self.model
+        x = m.embed_tokens.forward(input_ids)
         positions = view.positions  # a CacheView keeps them on the CPU: read without a device sync
         needed = int(positions.max()) + 1 if positions.numel() else 0
         rotary = m.rotary_emb(positions.to(input_ids.device), x.dtype, needed)
         x = run_layers(m.layers, x, lambda layer, h: layer.forward(h, rotary, view), self.layer_devices)
         if last_only:
             x = x[:, -1:]
-        x = m.norm(x.to(m.norm.weight.device))
-        return x.to(module_device(self.lm_head))
+        if self.layer_devices is None:  # one device: nothing to move
+            return m.norm.forward(x)
+        return m.norm.forward(x.to(m.norm.weight.device)).to(module_device(self.lm_head))
 
 
 def text_config(raw: dict[str, Any]) -> dict[str, Any]:
