@@ -257,3 +257,38 @@ def test_a_failed_build_says_why(tmp_path, monkeypatch):
     with pytest.raises(build.BuildFailed, match="error"):
         build.build()
     assert not list((tmp_path / "kernels").iterdir())
+
+
+LANE_KEEPS_ITS_THREADS = r"""
+import torch
+from pipeserve.layers import grid_native
+from pipeserve.layers.grid_detect import detect_grids
+from pipeserve.scheduling import compute
+
+assert grid_native.available()  # loads the library
+torch.manual_seed(0)
+grids = grid_native.pack(detect_grids(torch.randint(-8, 8, (512, 640)).float() * 1e-3))
+x = torch.randn(1, 640)
+
+def step():
+    before = torch.get_num_threads()
+    grid_native.linear(x, grids, portable={portable})
+    return before, torch.get_num_threads()
+
+lane = compute.ComputeLane(threads=2)  # its thread keeps 2 intra-op threads; later threads default to 1
+print(lane.call(step))
+"""
+
+
+@pytest.mark.parametrize("portable", [False, True])
+def test_the_kernel_keeps_the_compute_lanes_thread_count(portable):
+    """The compute lane gives its thread 2 intra-op threads and every later thread 1
+    (scheduling/compute.py). at::parallel_for, inlined into the library, ran torch's lazy
+    per-thread init from the library's own copy of its flag at the kernel's first call on a
+    thread, which set that thread back to torch's global default of 1: every operator after it
+    on the lane (the head, attention) then ran on one core (a decoding step 26 -> 38 ms)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    out = subprocess.run([sys.executable, "-c", LANE_KEEPS_ITS_THREADS.replace("{portable}", str(portable))],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "(2, 2)"

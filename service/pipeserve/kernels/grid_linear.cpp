@@ -23,16 +23,19 @@
 // every block of rows then reads: at 16 or 37 rows a weight is expanded once per call, not once
 // per row (torch's int4 kernel does it per 4 rows). Both compute the same weight values
 // (one fused multiply-add, or the portable path's multiply then add) and the same sums.
-#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
+#include <exception>
 #include <cstdint>
 #include <cstring>
 #include <string>
 #include <vector>
+
+#include <omp.h>
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -246,6 +249,40 @@ const Path& kBest = kPortable;
 const char* kBestName = "portable";
 #endif
 
+// Splits [0, count) over the calling thread's OpenMP team (torch's libgomp: the team size
+// torch or the compute lane gave this thread), in contiguous chunks of at least `grain`.
+// Not at::parallel_for: inlined into this library, it runs torch's lazy per-thread init
+// (at::init_num_threads) from this library's own copy of its thread_local flag at the first
+// call on each thread, which resets that thread's team to torch's global default; the compute
+// lane gives its threads their team and then sets that default to 1 for every other thread
+// (scheduling/compute.py), so every operator after the kernel on the lane ran on one core.
+// Like at::parallel_for: no num_threads clause (GOMP's thread pool, pytorch #32008), idle
+// members past the chunks, nothing parallel inside a parallel region.
+template <typename F>
+void parallel_chunks(int64_t count, int64_t grain, const F& f) {
+  const int64_t most = std::max<int64_t>(1, (count + grain - 1) / grain);
+  if (count <= grain || omp_in_parallel() || omp_get_max_threads() <= 1) {
+    f(0, count);
+    return;
+  }
+  std::exception_ptr failure;  // an exception must not leave a parallel region (std::terminate)
+  std::atomic_flag failed = ATOMIC_FLAG_INIT;
+#pragma omp parallel
+  {
+    const int64_t members = std::min<int64_t>(omp_get_num_threads(), most);
+    const int64_t chunk = (count + members - 1) / members;
+    const int64_t first = omp_get_thread_num() * chunk;
+    if (first < count) {
+      try {
+        f(first, std::min(count, first + chunk));
+      } catch (...) {
+        if (!failed.test_and_set()) failure = std::current_exception();
+      }
+    }
+  }
+  if (failure) std::rethrow_exception(failure);
+}
+
 at::Tensor run(const Path& path, const at::Tensor& x, const at::Tensor& panels, int64_t n, int64_t bits) {
   TORCH_CHECK(bits == 4 || bits == 5 || bits == 8, "grid_linear: bits must be 4, 5 or 8, got ", bits);
   TORCH_CHECK(x.device().is_cpu() && panels.device().is_cpu(), "grid_linear: CPU tensors only");
@@ -269,7 +306,7 @@ at::Tensor run(const Path& path, const at::Tensor& x, const at::Tensor& panels, 
   const int64_t col_blocks = (n + kCols - 1) / kCols;
   const int64_t grain = std::max<int64_t>(1, kMinWeightsPerTask / (kCols * k));
   if (m <= kRows && path.fused[m] != nullptr) {
-    at::parallel_for(0, col_blocks, grain, [&](int64_t first, int64_t last) {
+    parallel_chunks(col_blocks, grain, [&](int64_t first, int64_t last) {
       for (int64_t block = first; block < last; ++block) {
         const int64_t col0 = block * kCols;
         path.fused[m](xp, grid, col0, static_cast<int>(std::min<int64_t>(kCols, n - col0)), yp + col0, n);
@@ -277,7 +314,7 @@ at::Tensor run(const Path& path, const at::Tensor& x, const at::Tensor& panels, 
     });
     return y;
   }
-  at::parallel_for(0, col_blocks, grain, [&](int64_t first, int64_t last) {
+  parallel_chunks(col_blocks, grain, [&](int64_t first, int64_t last) {
     // kCols columns of K floats; a short last block's missing columns stay zero (never stored)
     std::vector<float> w(static_cast<size_t>(kCols * k));
     for (int64_t block = first; block < last; ++block) {
