@@ -48,9 +48,22 @@ def _decode_attention(q, k, v, mask, scale):
     """One query per sequence, q [B, H, 1, D] over k, v [B, Hkv, L, D] with a boolean mask
     [B, 1, 1, L] (True = attend) or None: `_step_attention` on the same tensors."""
     B, Hkv, L, D = k.shape
-    bias = None if mask is None else _additive(mask, q.dtype).expand(B, Hkv, 1, L).reshape(B * Hkv, 1, L)
-    with SerialSection(2 * B * Hkv * L * D < SERIAL_ATTENTION_ELEMENTS):
-        return _step_attention(q, k.reshape(B * Hkv, L, D), v.reshape(B * Hkv, L, D), bias, scale)
+    with SerialSection(_serial_attention(B, Hkv, L, D)):
+        return _step_attention(q, k.reshape(B * Hkv, L, D), v.reshape(B * Hkv, L, D),
+                               _step_bias(mask, q.dtype, B, Hkv), scale)
+
+
+def _serial_attention(batch: int, kv_heads: int, length: int, head_dim: int) -> bool:
+    """A decoding step's attention over this many keys and values runs on the calling thread."""
+    return 2 * batch * kv_heads * length * head_dim < SERIAL_ATTENTION_ELEMENTS
+
+
+def _step_bias(mask: torch.Tensor | None, dtype: torch.dtype, batch: int, kv_heads: int) -> torch.Tensor | None:
+    """A decoding step's boolean mask [B or 1, 1, 1, L] as _step_attention's bias [B * Hkv, 1, L]."""
+    if mask is None:
+        return None
+    L = mask.shape[-1]
+    return _additive(mask, dtype).expand(batch, kv_heads, 1, L).reshape(batch * kv_heads, 1, L)
 
 
 def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -337,11 +350,9 @@ class CacheView:
             L = C if wraps else self.key_len
             mask = self._ring_mask(cache.device, C) if wraps else self._mask(cache.device, window)
             B = len(self.slot_list)
-            bias = None if mask is None else \
-                _additive(mask, cache.dtype).expand(B, Hkv, 1, L).reshape(B * Hkv, 1, L)
             first = None if p.contiguous is None else p.contiguous.start
-            plan = _StepPlan(self._write_rows(cache, wraps), first, p.slots, B, L, bias,
-                             2 * B * Hkv * L * D < SERIAL_ATTENTION_ELEMENTS)
+            plan = _StepPlan(self._write_rows(cache, wraps), first, p.slots, B, L,
+                             _step_bias(mask, cache.dtype, B, Hkv), _serial_attention(B, Hkv, L, D))
             self._masks[key] = plan
         return plan
 

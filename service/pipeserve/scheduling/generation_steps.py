@@ -27,6 +27,7 @@ import torch
 
 from ..checkpoints.weights import module_device
 from ..layers.kv_cache import KVCache
+from ..layers.screen_search import block_maxima
 from ..layers.serial import SerialSection
 from .generation import Choice, GenerationParams, TokenChooser
 from .generation_requests import RequestHandle, Sequence
@@ -59,10 +60,8 @@ def _first_argmax(scores: torch.Tensor) -> list[int]:
     if n < 2 or scores.stride(-1) != 1:
         return scores.max(dim=-1).indices.tolist()
     blocks = scores[:, :n * ARGMAX_BLOCK].unflatten(1, (n, ARGMAX_BLOCK))  # [B, n, block], a view
-    block_max = blocks.amax(-1)  # [B, n]
+    block_max = block_maxima(scores, ARGMAX_BLOCK)  # [B, n], or [B, n + 1] with a shorter tail block
     tail = scores[:, n * ARGMAX_BLOCK:] if n * ARGMAX_BLOCK < V else None
-    if tail is not None:
-        block_max = torch.cat([block_max, tail.amax(-1, keepdim=True)], dim=1)  # [B, n + 1]
     hit = block_max == block_max.amax(-1, keepdim=True)
     if not bool(hit.any(-1).all()):  # a NaN maximum
         return scores.max(dim=-1).indices.tolist()
