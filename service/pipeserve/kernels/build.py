@@ -3,9 +3,9 @@
 A direct g++ call with torch's include paths and only the ATen / torch-library headers (no
 pybind11, no torch/extension.h: ~10 s on 2 cores instead of a minute), -O3 -march=native (the
 library is built on the machine that runs it), -ffp-contract=off (the portable path's sums are
-what its source says, whatever the compiler inlines), -fopenmp for at::parallel_for's OpenMP
-pragmas with libgomp resolved to torch's own copy (the same soname, already loaded: one OpenMP
-runtime in the process). The file lands in <cache>/kernels/ under a name keyed by the sources,
+what its source says, whatever the compiler inlines), -fopenmp for the kernel's own OpenMP
+region (grid_linear.cpp parallel_chunks, on the calling thread's team) with libgomp resolved to
+torch's own copy (the same soname, already loaded: one OpenMP runtime in the process). The file lands in <cache>/kernels/ under a name keyed by the sources,
 the flags, the torch version and ABI, and the CPU's feature flags, so a changed source, torch
 upgrade or another CPU gets its own build; writes are atomic (temporary file, then rename).
 
