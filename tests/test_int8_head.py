@@ -4,6 +4,7 @@ and peaked logits) and on the real Gemma 3 270M head over teacher-forced greedy 
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import pytest
 import torch
@@ -103,17 +104,26 @@ def test_masked_tokens_stay_masked_and_a_fully_masked_row_is_fine():
     assert not torch.isnan(got).any()
 
 
-def test_too_many_candidates_take_the_float32_projection_and_later_probe_again():
-    # rows that differ by less than int8 rounding: every row is a candidate
+def _flat_head() -> tuple[torch.Tensor, int8_head.Int8ScreenedHead]:
+    """Rows that differ by less than int8 rounding, so every row is a candidate, under a head
+    that rescores at most 10 per row: every screened step falls back to the float32 projection."""
     weight = _weight(seed=2) * 1e-3 + torch.linspace(0.5, 1.0, DIM)[None, :]
-    head = int8_head.Int8ScreenedHead(weight, max_rescored=10)
-    flat = _hidden(1, 1.0)
-    calls = []
+    return weight, int8_head.Int8ScreenedHead(weight, max_rescored=10)
 
+
+def _counting_projection(weight: torch.Tensor, calls: list) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The float32 projection, appending to `calls` each time it runs."""
     def exact(x):
         calls.append(1)
         return x @ weight.T
+    return exact
 
+
+def test_too_many_candidates_take_the_float32_projection_and_later_probe_again():
+    weight, head = _flat_head()
+    flat = _hidden(1, 1.0)
+    calls = []
+    exact = _counting_projection(weight, calls)
     for _ in range(40):
         torch.testing.assert_close(head.scores(flat, _no_mask, exact), flat @ weight.T)
     assert len(calls) == 40 and head._fallback_rate > 0.5
@@ -217,20 +227,26 @@ def _eos_style_mask(entries):
     return mask
 
 
-def test_a_mask_that_lists_its_entries_and_one_that_does_not_choose_alike():
-    weight = _weight(outliers=True)
-    head = int8_head.Int8ScreenedHead(weight, max_rescored=VOCAB)
-    h = _hidden(3, 30.0)
-    exact = h @ weight.T
-    entries = [(0, [int(exact[0].argmax()), 5]), (2, [int(i) for i in exact[2].topk(3).indices])]
+def _listed_and_unlisted_masks(logits: torch.Tensor):
+    """-> (entries, (a mask that lists them as generation_steps.eos_masks does, the same mask
+    without the list), `logits` masked): rows 0 and 2 lose their top tokens (and token 5)."""
+    entries = [(0, [int(logits[0].argmax()), 5]), (2, [int(i) for i in logits[2].topk(3).indices])]
     listed = _eos_style_mask(entries)
-    expected = exact.clone()
+    expected = logits.clone()
     listed(expected)
 
     def unlisted(scores):
         listed(scores)
 
-    for mask in (listed, unlisted):
+    return entries, (listed, unlisted), expected
+
+
+def test_a_mask_that_lists_its_entries_and_one_that_does_not_choose_alike():
+    weight = _weight(outliers=True)
+    head = int8_head.Int8ScreenedHead(weight, max_rescored=VOCAB)
+    h = _hidden(3, 30.0)
+    entries, masks, expected = _listed_and_unlisted_masks(h @ weight.T)
+    for mask in masks:
         got = head.scores(h, mask, lambda x: x @ weight.T)
         assert torch.equal(got.argmax(-1), expected.argmax(-1))
         for row, ids in entries:

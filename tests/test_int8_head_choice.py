@@ -12,7 +12,8 @@ import torch
 
 from pipeserve.layers import int8_head
 from test_generation_steps import VOCAB as STEP_VOCAB, sequences, setup as runner_setup
-from test_int8_head import DIM, VOCAB, _eos_style_mask, _hidden, _no_mask, _weight
+from test_int8_head import (VOCAB, _counting_projection, _flat_head, _hidden, _listed_and_unlisted_masks,
+                            _no_mask, _weight)
 
 pytestmark = pytest.mark.skipif(not int8_head.int8_screen_available(torch.ones(1, 1)),
                                 reason="no int8 kernel with VNNI on this CPU: the head is not used")
@@ -62,16 +63,8 @@ def test_masks_listed_or_not_and_a_fully_masked_row():
     exact = lambda x: x @ weight.T  # noqa: E731
     head = int8_head.Int8ScreenedHead(weight, max_rescored=VOCAB)
     h = _hidden(3, 30.0)
-    logits = exact(h)
-    entries = [(0, [int(logits[0].argmax()), 5]), (2, [int(i) for i in logits[2].topk(3).indices])]
-    listed = _eos_style_mask(entries)
-    expected = logits.clone()
-    listed(expected)
-
-    def unlisted(scores):
-        listed(scores)
-
-    for mask in (listed, unlisted):
+    _, masks, expected = _listed_and_unlisted_masks(exact(h))
+    for mask in masks:
         chosen = head.choose(h, mask, exact)
         assert torch.equal(chosen, expected.argmax(-1))
         assert torch.equal(chosen, _dense_choice(head, h, mask, exact))
@@ -116,15 +109,10 @@ def test_a_saturating_finish_ties_the_top_logits_as_in_the_dense_scores():
 
 
 def test_too_many_candidates_take_the_float32_projection():
-    weight = _weight(seed=2) * 1e-3 + torch.linspace(0.5, 1.0, DIM)[None, :]
-    head = int8_head.Int8ScreenedHead(weight, max_rescored=10)
+    weight, head = _flat_head()
     flat = _hidden(2, 1.0)
     calls = []
-
-    def exact(x):
-        calls.append(1)
-        return x @ weight.T
-
+    exact = _counting_projection(weight, calls)
     assert torch.equal(head.choose(flat, _no_mask, exact), (flat @ weight.T).argmax(-1))
     assert calls and head._fallback_rate > 0
 
