@@ -21,6 +21,9 @@ this one thread, and the outer guard keeps each task's mode independent of that 
 Without `install()` (library use, most tests) `call` and `run` just run the work where they
 are called, as before.
 
+At exit the lanes finish their running task and stop before Python finalises (`close`, called by
+exit_guard.py: a lane inside a torch operator then would abort the process).
+
 Activity hooks (`set_activity_hooks`): the process is told when the lanes start working after
 being idle and when they have been idle for IDLE_AFTER_S; the server keeps freed activations
 in the C heap while busy and returns them when idle (runtime/manager.py, runtime/heap.py).
@@ -35,6 +38,8 @@ from concurrent.futures import Executor, Future
 from typing import Any, Callable, TypeVar
 
 import torch
+
+from ..errors import Draining
 
 T = TypeVar("T")
 
@@ -125,12 +130,17 @@ class ComputeLane:
         total = threads or DEFAULT_THREADS
         self.lanes = max(1, lanes)
         self.threads = max(1, total // self.lanes)
-        self._queue: queue.SimpleQueue[tuple[Future, Callable, tuple, dict]] = queue.SimpleQueue()
+        # None: the lane is closed (close)
+        self._queue: queue.SimpleQueue[tuple[Future, Callable, tuple, dict] | None] = queue.SimpleQueue()
         self._local = threading.local()
         self._idents: set[int] = set()
+        self._closed = False
+        self._closing_lock = threading.Lock()  # a task is queued before close, or refused
         ready = threading.Barrier(self.lanes + 1)
-        for i in range(self.lanes):
-            threading.Thread(target=self._worker, args=(ready,), name=f"pipeserve-compute_{i}", daemon=True).start()
+        self.workers = [threading.Thread(target=self._worker, args=(ready,), name=f"pipeserve-compute_{i}", daemon=True)
+                        for i in range(self.lanes)]
+        for worker in self.workers:
+            worker.start()
         # Every lane thread has set its thread count before the default drops to 1.
         ready.wait()
         torch.set_num_threads(1)  # this thread, and the default of every thread started from now
@@ -146,6 +156,8 @@ class ComputeLane:
             except queue.Empty:
                 _activity.quiet()
                 continue
+            if item is None:  # closed
+                return
             _activity.started()
             try:
                 self._run(item)
@@ -175,8 +187,31 @@ class ComputeLane:
 
     def _submit(self, fn: Callable[..., T], args: tuple, kwargs: dict) -> Future:
         future: Future = Future()
-        self._queue.put((future, fn, args, kwargs))
+        with self._closing_lock:
+            if self._closed:
+                raise Draining("the process is exiting: the compute lane takes no more work")
+            self._queue.put((future, fn, args, kwargs))
         return future
+
+    def close(self, timeout: float) -> list[threading.Thread]:
+        """Refuses new tasks, cancels the queued ones, lets the running ones end (each at its
+        next yield point) and waits up to `timeout` for the lane threads; returns them."""
+        with self._closing_lock:
+            self._closed = True
+            while True:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is not None:
+                    item[0].cancel()
+            for _ in self.workers:
+                self._queue.put(None)
+        deadline = time.monotonic() + timeout
+        for worker in self.workers:
+            if worker is not threading.current_thread():
+                worker.join(max(0.0, deadline - time.monotonic()))
+        return list(self.workers)
 
     def on_lane(self) -> bool:
         return threading.get_ident() in self._idents
@@ -187,13 +222,19 @@ class ComputeLane:
         empties, and draining it would keep the yielding task (and its caller) waiting for as
         long as the load lasts; arrivals wait for the next yield point or the lane's loop."""
         local = self._local
-        if not self.on_lane() or time.monotonic() - local.slice_start < self.slice_s \
-                or local.depth >= self.max_nesting:
+        if not self.on_lane():
+            return
+        if self._closed:  # the process is exiting: the task ends here (module doc)
+            raise Draining("the process is exiting: model work stopped")
+        if time.monotonic() - local.slice_start < self.slice_s or local.depth >= self.max_nesting:
             return
         for _ in range(self._queue.qsize()):
             try:
                 item = self._queue.get_nowait()
             except queue.Empty:  # another lane took it
+                break
+            if item is None:  # closed: the lane's loop takes the sign again
+                self._queue.put(None)
                 break
             self._run(item)  # restarts this task's slice when it returns
 
@@ -212,10 +253,19 @@ def install(threads: int | None = None, lanes: int = 1) -> ComputeLane:
     """The process's lanes, created on first use (servers call this; later calls return the
     existing ones: OpenMP settings are per process)."""
     global _lane
+    from . import exit_guard  # noqa: F401  (stops the lanes at exit)
+
     with _install_lock:
         if _lane is None:
             _lane = ComputeLane(threads, lanes)
         return _lane
+
+
+def close(timeout: float) -> list[threading.Thread]:
+    """Stops the installed lanes (ComputeLane.close; at exit, by exit_guard.py); returns their
+    threads, none without lanes."""
+    lane = _lane
+    return [] if lane is None else lane.close(timeout)
 
 
 def call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:

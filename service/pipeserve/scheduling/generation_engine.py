@@ -23,7 +23,7 @@ import threading
 import torch
 
 from ..layers.kv_cache import KVCache
-from . import compute
+from . import compute, exit_guard
 from .generation import Choice, GenerationParams
 from .generation_output import OutputProcessor
 from .generation_requests import (FINISH_CANCELLED, FINISH_EOS, FINISH_LENGTH, FINISH_STOP, DoneEvent,
@@ -53,6 +53,7 @@ class GenerationEngine:
                                    max_queued=max_queued)
         self._thread: threading.Thread | None = None
         self._thread_lock = threading.Lock()  # the thread starts with the first request
+        exit_guard.register(self)  # its thread must not be inside the model when Python finalises
 
     # ---- public API -------------------------------------------------------------------
     def submit(self, prompt_ids: list[int], params: GenerationParams) -> RequestHandle:
@@ -71,6 +72,10 @@ class GenerationEngine:
             thread = self._thread
         if thread is not None:
             thread.join(timeout=10)
+
+    def exit_threads(self) -> list[threading.Thread]:
+        with self._thread_lock:
+            return [] if self._thread is None else [self._thread]
 
     def queued(self) -> int:
         return len(self.scheduler.waiting)

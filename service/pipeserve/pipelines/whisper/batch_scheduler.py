@@ -25,10 +25,8 @@ from the lane would deadlock), or a process without a lane (library use), comput
 """
 from __future__ import annotations
 
-import atexit
 import threading
 import time
-import weakref
 from collections import deque
 from concurrent.futures import Future
 from typing import Callable
@@ -36,7 +34,7 @@ from typing import Callable
 import torch
 
 from ...errors import Draining
-from ...scheduling import compute
+from ...scheduling import compute, exit_guard
 from .decoding import ENCODER_BATCH, InlineRunner, WindowRunner
 from .window_batch import ActiveWindow, WindowBatch
 
@@ -44,20 +42,6 @@ from .window_batch import ActiveWindow, WindowBatch
 STEP_SLICE_S = 0.02
 # The scheduler thread ends after this long without work (the next window starts another).
 IDLE_S = 2.0
-
-
-# Live schedulers, closed at interpreter exit: a daemon thread still inside a torch operator
-# while the process finalises libtorch aborts it ("terminate called without an active exception").
-_LIVE: "weakref.WeakSet[BatchScheduler]" = weakref.WeakSet()
-
-
-@atexit.register
-def _close_at_exit() -> None:
-    for scheduler in list(_LIVE):
-        scheduler.close()
-        thread = scheduler._thread
-        if thread is not None:
-            thread.join(timeout=5.0)
 
 
 class _EncodeJob:
@@ -79,7 +63,7 @@ class BatchScheduler:
         self._batch = WindowBatch(model.decoder)
         self._thread: threading.Thread | None = None
         self._closed = False
-        _LIVE.add(self)
+        exit_guard.register(self)  # its thread must not be inside the model when Python finalises
 
     def session(self) -> WindowRunner:
         """A runner for one transcription: batched when this scheduler can batch, else inline.
@@ -113,6 +97,10 @@ class BatchScheduler:
         with self._cond:
             self._closed = True
             self._cond.notify_all()
+
+    def exit_threads(self) -> list[threading.Thread]:
+        thread = self._thread
+        return [] if thread is None else [thread]
 
     def _check_open(self) -> None:
         if self._closed:
