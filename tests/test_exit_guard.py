@@ -132,7 +132,10 @@ def test_close_cancels_queued_tasks_refuses_new_ones_and_ends_the_lane_threads()
         running = lane._submit(release.wait, (10,), {})
         queued = lane._submit(lambda: "never", (), {})
         threading.Timer(0.2, release.set).start()
-        threads = lane.close(timeout=10)
+        lane.close()
+        threads = lane.exit_threads()
+        for thread in threads:
+            thread.join(10)
         return lane, running, queued, threads
 
     lane, running, queued, threads = _on_own_thread(scenario)

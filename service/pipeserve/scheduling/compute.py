@@ -40,6 +40,7 @@ from typing import Any, Callable, TypeVar
 import torch
 
 from ..errors import Draining
+from . import exit_guard
 
 T = TypeVar("T")
 
@@ -141,6 +142,8 @@ class ComputeLane:
                         for i in range(self.lanes)]
         for worker in self.workers:
             worker.start()
+        # At exit the lanes stop after the threads that hand them work (exit_guard.py).
+        exit_guard.register(self, last=True)
         # Every lane thread has set its thread count before the default drops to 1.
         ready.wait()
         torch.set_num_threads(1)  # this thread, and the default of every thread started from now
@@ -193,9 +196,9 @@ class ComputeLane:
             self._queue.put((future, fn, args, kwargs))
         return future
 
-    def close(self, timeout: float) -> list[threading.Thread]:
-        """Refuses new tasks, cancels the queued ones, lets the running ones end (each at its
-        next yield point) and waits up to `timeout` for the lane threads; returns them."""
+    def close(self) -> None:
+        """Refuses new tasks, cancels the queued ones and tells the lane threads to end once the
+        running task ends (at its next yield point, if it has one): at exit (exit_guard.py)."""
         with self._closing_lock:
             self._closed = True
             while True:
@@ -207,10 +210,8 @@ class ComputeLane:
                     item[0].cancel()
             for _ in self.workers:
                 self._queue.put(None)
-        deadline = time.monotonic() + timeout
-        for worker in self.workers:
-            if worker is not threading.current_thread():
-                worker.join(max(0.0, deadline - time.monotonic()))
+
+    def exit_threads(self) -> list[threading.Thread]:
         return list(self.workers)
 
     def on_lane(self) -> bool:
@@ -253,19 +254,11 @@ def install(threads: int | None = None, lanes: int = 1) -> ComputeLane:
     """The process's lanes, created on first use (servers call this; later calls return the
     existing ones: OpenMP settings are per process)."""
     global _lane
-    from . import exit_guard  # noqa: F401  (stops the lanes at exit)
-
     with _install_lock:
         if _lane is None:
             _lane = ComputeLane(threads, lanes)
         return _lane
 
-
-def close(timeout: float) -> list[threading.Thread]:
-    """Stops the installed lanes (ComputeLane.close; at exit, by exit_guard.py); returns their
-    threads, none without lanes."""
-    lane = _lane
-    return [] if lane is None else lane.close(timeout)
 
 
 def call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:

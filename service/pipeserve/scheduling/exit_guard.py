@@ -7,11 +7,12 @@ starts reaches it, C++ calls std::terminate, and the process aborts (SIGABRT, "t
 without an active exception") instead of exiting 0: after a server drained its calls, or after
 a test run that passed (CI saw exactly that).
 
-How: the owners of such threads (generation engines, Whisper batch schedulers) register here.
-At exit, before finalisation, each is closed and its threads joined; then the compute lanes,
-which those owners hand their work to, finish the task they are running (a task that calls
-`compute.yield_point()` ends at its next one) and stop. A thread still busy after EXIT_GRACE_S
-is left running and named in the log: the abort can then still happen, but exit never hangs.
+How: the owners of such threads (generation engines, Whisper batch schedulers, the compute
+lanes) register here. At exit, before finalisation, each is closed and its threads joined; the
+lanes, which the others hand their work to, last: they finish the task they are running (a
+task that calls `compute.yield_point()` ends at its next one) and stop. A thread still busy
+after EXIT_GRACE_S is left running and named in the log: the abort can then still happen, but
+exit never hangs.
 """
 from __future__ import annotations
 
@@ -21,8 +22,6 @@ import threading
 import time
 import weakref
 from typing import Iterable, Protocol
-
-from . import compute
 
 log = logging.getLogger(__name__)
 
@@ -39,30 +38,34 @@ class ExitOwner(Protocol):
         """The threads to wait for once closed."""
 
 
-_owners: "weakref.WeakSet[ExitOwner]" = weakref.WeakSet()
+_first: "weakref.WeakSet[ExitOwner]" = weakref.WeakSet()
+_last: "weakref.WeakSet[ExitOwner]" = weakref.WeakSet()  # the compute lanes
 _owners_lock = threading.Lock()
 
 
-def register(owner: ExitOwner) -> None:
-    """`owner` is closed at exit (held weakly: an owner that goes away needs no closing)."""
+def register(owner: ExitOwner, last: bool = False) -> None:
+    """`owner` is closed at exit (held weakly: an owner that goes away needs no closing); `last`:
+    after every other owner's threads ended (the compute lanes, which run their work)."""
     with _owners_lock:
-        _owners.add(owner)
+        (_last if last else _first).add(owner)
 
 
 def stop_model_threads(grace_s: float | None = None) -> list[threading.Thread]:
-    """Closes every registered owner, then the compute lanes, and waits up to `grace_s` in all
+    """Closes every registered owner, then the `last` ones, and waits up to `grace_s` in all
     (default EXIT_GRACE_S) for their threads; returns those still running."""
     grace_s = EXIT_GRACE_S if grace_s is None else grace_s
     deadline = time.monotonic() + grace_s
     with _owners_lock:
-        owners = list(_owners)
-    for owner in owners:
-        owner.close()
-    threads = [thread for owner in owners for thread in owner.exit_threads()]
-    for thread in threads:
-        if thread is not threading.current_thread():
-            thread.join(max(0.0, deadline - time.monotonic()))
-    threads += compute.close(max(0.0, deadline - time.monotonic()))
+        stages = [list(_first), list(_last)]
+    threads: list[threading.Thread] = []
+    for owners in stages:
+        for owner in owners:
+            owner.close()
+        stage = [thread for owner in owners for thread in owner.exit_threads()]
+        for thread in stage:
+            if thread is not threading.current_thread():
+                thread.join(max(0.0, deadline - time.monotonic()))
+        threads += stage
     left = [thread for thread in threads if thread.is_alive()]
     if left:
         log.warning("still running model work at exit after %.0fs: %s", grace_s,
