@@ -228,11 +228,13 @@ def test_cache_key_follows_source_torch_and_cpu(tmp_path, monkeypatch):
     cached build is reused without calling the compiler."""
     key = build.cache_key()
     assert build.library_path().name == f"pipeserve_kernels-{key[:32]}.so"
-    source = tmp_path / "grid_linear.cpp"
-    source.write_bytes(build.SOURCE.read_bytes() + b"\n// changed\n")
-    with monkeypatch.context() as patch:
-        patch.setattr(build, "SOURCE", source)
-        assert build.cache_key() != key
+    for kind in ("SOURCES", "HEADERS"):
+        first = getattr(build, kind)[0]
+        changed = tmp_path / first.name
+        changed.write_bytes(first.read_bytes() + b"\n// changed\n")
+        with monkeypatch.context() as patch:
+            patch.setattr(build, kind, [changed, *getattr(build, kind)[1:]])
+            assert build.cache_key() != key, kind
     with monkeypatch.context() as patch:
         patch.setattr(torch, "__version__", torch.__version__ + ".other")
         assert build.cache_key() != key
@@ -253,7 +255,7 @@ def test_a_failed_build_says_why(tmp_path, monkeypatch):
     monkeypatch.setenv("PIPESERVE_CACHE_DIR", str(tmp_path))
     broken = tmp_path / "broken.cpp"
     broken.write_text("this is not C++\n")
-    monkeypatch.setattr(build, "SOURCE", broken)
+    monkeypatch.setattr(build, "SOURCES", [broken])
     with pytest.raises(build.BuildFailed, match="error"):
         build.build()
     assert not list((tmp_path / "kernels").iterdir())

@@ -1,12 +1,13 @@
-"""Compiles the kernels' C++ (grid_linear.cpp) into one shared library in the cache.
+"""Compiles the kernels' C++ (every .cpp here) into one shared library in the cache.
 
 A direct g++ call with torch's include paths and only the ATen / torch-library headers (no
 pybind11, no torch/extension.h: ~10 s on 2 cores instead of a minute), -O3 -march=native (the
 library is built on the machine that runs it), -ffp-contract=off (the portable path's sums are
 what its source says, whatever the compiler inlines), -fopenmp for the kernel's own OpenMP
-region (grid_linear.cpp parallel_chunks, on the calling thread's team) with libgomp resolved to
-torch's own copy (the same soname, already loaded: one OpenMP runtime in the process). The file lands in <cache>/kernels/ under a name keyed by the sources,
-the flags, the torch version and ABI, and the CPU's feature flags, so a changed source, torch
+region (parallel.h parallel_chunks, on the calling thread's team) with libgomp resolved to
+torch's own copy (the same soname, already loaded: one OpenMP runtime in the process). The
+file lands in <cache>/kernels/ under a name keyed by the sources and headers, the flags, the
+torch version and ABI, and the CPU's feature flags, so a changed source, torch
 upgrade or another CPU gets its own build; writes are atomic (temporary file, then rename).
 
     python -m pipeserve.kernels.build      # scripts/setup runs this after the install
@@ -24,7 +25,9 @@ from pathlib import Path
 
 from ..checkpoints.gguf_cache import cache_dir
 
-SOURCE = Path(__file__).with_name("grid_linear.cpp")
+# Every .cpp here is compiled into the one library; headers only count toward the cache key.
+SOURCES = sorted(Path(__file__).parent.glob("*.cpp"))
+HEADERS = sorted(Path(__file__).parent.glob("*.h"))
 FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-std=c++20", "-shared", "-fPIC", "-w")
 # Compiling takes ~10 s on an idle core; a wedged compiler must not hang setup or a test session.
 TIMEOUT_S = 600
@@ -57,7 +60,8 @@ def cache_key() -> str:
     import torch
 
     digest = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), " ".join(FLAGS).encode(), torch.__version__.encode(),
+    sources = (path.read_bytes() for path in SOURCES + HEADERS)
+    for part in (*sources, " ".join(FLAGS).encode(), torch.__version__.encode(),
                  str(torch._C._GLIBCXX_USE_CXX11_ABI).encode(), cpu_flags().encode()):
         digest.update(len(part).to_bytes(8, "little"))
         digest.update(part)
@@ -78,7 +82,7 @@ def command(output: Path) -> list[str]:
     # the wheel's own libgomp where it ships one; a torch linked to the system's gets that one
     openmp = "-l:libgomp.so.1" if (torch_lib / "libgomp.so.1").exists() else "-lgomp"
     return [compiler() or "g++", *FLAGS, f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
-            *(f"-I{path}" for path in include_paths()), str(SOURCE), "-o", str(output),
+            *(f"-I{path}" for path in include_paths()), *map(str, SOURCES), "-o", str(output),
             f"-L{torch_lib}", "-lc10", "-ltorch_cpu", openmp, f"-Wl,-rpath,{torch_lib}"]
 
 
@@ -89,7 +93,8 @@ def build(force: bool = False) -> Path:
     if target.exists() and not force:
         return target
     if compiler() is None:
-        raise FileNotFoundError(f"no C++ compiler ({os.environ.get('CXX', 'g++')}) to build {SOURCE.name}")
+        names = ", ".join(path.name for path in SOURCES)
+        raise FileNotFoundError(f"no C++ compiler ({os.environ.get('CXX', 'g++')}) to build {names}")
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, temporary = tempfile.mkstemp(dir=target.parent, prefix=".building-", suffix=".so")
     os.close(fd)

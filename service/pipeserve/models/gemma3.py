@@ -29,6 +29,7 @@ from ..checkpoints.formats import Checkpoint
 from ..checkpoints.loader import ModuleRecipe, load_module
 from ..checkpoints.weights import module_device
 from ..errors import ModelLoadFailed
+from ..layers import norms
 from ..layers.activations import activation
 from .causal_lm import CausalLM, run_layers
 from .llama import LlamaConfig, RotaryEmbedding
@@ -131,8 +132,11 @@ class ScaledWordEmbedding(nn.Embedding):
 
 
 class RMSNorm(nn.Module):
-    """Gemma3RMSNorm: (x / rms(x)) * (1 + weight) in float32, cast back: one torch.rms_norm call
-    with (1 + weight) kept between steps (F.rms_norm's arithmetic, bit for bit)."""
+    """Gemma3RMSNorm: (x / rms(x)) * (1 + weight) in float32, cast back, with (1 + weight) kept
+    between steps: one torch.rms_norm (F.rms_norm's arithmetic, bit for bit), or one native call
+    once the "native_norms" pass switched it (quantized forms; layers/norms.py)."""
+
+    native_norm = False
 
     def __init__(self, size: int, eps: float):
         super().__init__()
@@ -144,9 +148,7 @@ class RMSNorm(nn.Module):
         return _cached(self, "_scale", (self.weight,), lambda: 1.0 + self.weight.float())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32:
-            return torch.rms_norm(x, (x.shape[-1],), self.scale(), self.eps)
-        return torch.rms_norm(x.float(), (x.shape[-1],), self.scale(), self.eps).type_as(x)
+        return norms.rms_norm(x, self.scale(), self.eps, self.native_norm)
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
@@ -183,6 +185,8 @@ class Attention(nn.Module):
     pass q, k and v are one projection, `qkv_proj`; either way the query and key heads are
     normed and rotated together, as one [B, T, H + Hkv, D] tensor."""
 
+    native_norm = False  # its q/k norm: see RMSNorm
+
     def __init__(self, config: Gemma3TextConfig, layer_idx: int):
         super().__init__()
         h, d, bias = config.hidden_size, config.head_dim, config.attention_bias
@@ -218,10 +222,7 @@ class Attention(nn.Module):
         qkv = self.qkv(x).view(B, T, H + 2 * Hkv, D)
         qk = qkv[:, :, :H + Hkv]
         # q_norm and k_norm (one eps): normalise every head, then each head's own (1 + weight)
-        if qk.dtype == torch.float32:
-            qk = torch.rms_norm(qk, (D,), None, self.q_norm.eps).mul_(self.qk_scale())
-        else:
-            qk = torch.rms_norm(qk.float(), (D,), None, self.q_norm.eps).mul_(self.qk_scale()).type_as(qk)
+        qk = norms.rms_norm(qk, self.qk_scale(), self.q_norm.eps, self.native_norm)
         qk = rotate(qk, cos, sin_signed)  # [B, T, H + Hkv, D]
         q, k = qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2)  # [B, H, T, D], [B, Hkv, T, D]
         v = qkv[:, :, H + Hkv:].transpose(1, 2)
@@ -234,6 +235,8 @@ class DecoderLayer(nn.Module):
 
     The layers call their parts' `forward` directly: nn.Module.__call__ (hooks, which nothing
     here registers) costs ~0.7 us a call, ~200 calls a decoding step."""
+
+    native_norm = False  # its residual adds with their norms: see RMSNorm
 
     def __init__(self, config: Gemma3TextConfig, layer_idx: int):
         super().__init__()
@@ -251,9 +254,13 @@ class DecoderLayer(nn.Module):
         if cos.device != x.device:  # under a device map
             cos, sin = cos.to(x.device), sin.to(x.device)
         attn = self.self_attn.forward(self.input_layernorm.forward(x), cos, sin, view)
-        x = x.add_(self.post_attention_layernorm.forward(attn))  # x is ours (hidden() made it)
-        mlp = self.mlp.forward(self.pre_feedforward_layernorm.forward(x))
-        return x.add_(self.post_feedforward_layernorm.forward(mlp))
+        # x is ours (hidden() made it): x += post_norm(attn) in place, and the MLP's pre-norm of
+        # the sum, in one call (layers/norms.py)
+        post, pre = self.post_attention_layernorm, self.pre_feedforward_layernorm
+        mlp = self.mlp.forward(norms.add_rms_norm_(x, attn, post.scale(), post.eps, pre.scale(), self.native_norm))
+        post = self.post_feedforward_layernorm
+        norms.add_rms_norm_(x, mlp, post.scale(), post.eps, native=self.native_norm)
+        return x
 
 
 # Rotary rows kept per layer type and dtype (the table doubles from ROTARY_TABLE_MIN as positions
@@ -338,7 +345,7 @@ class Gemma3ForCausalLM(CausalLM):
     # keeps a GGUF's own 4-8 bit grids in int4 planes (layers/grid_int4.py).
     # few_rows_dense: a decoding step's 1-3 rows take MKL's GEMV over the dense float32 weights,
     # more rows the packed ones (layers/packed_linear.py: 26.8 against 40.7 ms per step at 1 row)
-    post_load = CausalLM.post_load | {"fuse_projections", "row_int8", "grid_int4", "few_rows_dense"}
+    post_load = CausalLM.post_load | {"fuse_projections", "row_int8", "grid_int4", "few_rows_dense", "native_norms"}
 
     def __init__(self, config: Gemma3TextConfig):
         super().__init__()
