@@ -123,7 +123,7 @@ def test_tensors_the_kernel_cannot_take_are_refused_with_a_reason(call, message)
 
 
 def test_quantized_gemma_norms_natively_and_the_float32_path_keeps_torchs_arithmetic(tmp_path):
-    """The "native_norms" pass: int8 and grouped Gemma switch every norm, float32 none (its
+    """The "native_kernels" pass: int8 and grouped Gemma switch every norm, float32 none (its
     logits are transformers', bit for bit in the norms); the switch changes the logits by
     rounding only."""
     from generation_checkpoints import build
@@ -135,12 +135,12 @@ def test_quantized_gemma_norms_natively_and_the_float32_path_keeps_torchs_arithm
     for name, options in [("float32", {}), ("int8", {"load_in_8bit": True})]:
         pipe = load_pipeline(tmp_path, **options)
         model = pipe.engine.model
-        switches[name] = {m.native_norm for m in model.modules() if hasattr(m, "native_norm")}
+        switches[name] = {m.native_kernels for m in model.modules() if hasattr(m, "native_kernels")}
         with torch.inference_mode():
             logits = model(ids)
             for module in model.modules():
-                if hasattr(module, "native_norm"):
-                    module.native_norm = False
+                if hasattr(module, "native_kernels"):
+                    module.native_kernels = False
             on_torch = model(ids)
         pipe.close()
         if name == "int8":

@@ -49,9 +49,9 @@ def _ran(model, exact_from=None, site=True, **options) -> list[str]:
     return passes.apply_post_load_passes(model, context)
 
 
-def test_the_list_is_fuse_half_storage_quantize_native_norms_place_pack_verified_head():
+def test_the_list_is_fuse_half_storage_quantize_native_kernels_place_pack_verified_head():
     assert [p.name for p in passes.POST_LOAD_PASSES] == ["fuse_projections", "half_storage", "quantize",
-                                                         "native_norms", "place", "pack", "verified_head"]
+                                                         "native_kernels", "place", "pack", "verified_head"]
 
 
 def test_passes_run_in_list_order_and_skipped_ones_do_not_run():

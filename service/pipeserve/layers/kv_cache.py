@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import QueueFull
+from ..kernels import library
 from .serial import SerialSection
 
 
@@ -63,7 +64,8 @@ def _step_bias(mask: torch.Tensor | None, dtype: torch.dtype, batch: int, kv_hea
     if mask is None:
         return None
     L = mask.shape[-1]
-    return _additive(mask, dtype).expand(batch, kv_heads, 1, L).reshape(batch * kv_heads, 1, L)
+    # contiguous: the native step (attend_step_native) reads it row by row
+    return _additive(mask, dtype).expand(batch, kv_heads, 1, L).reshape(batch * kv_heads, 1, L).contiguous()
 
 
 def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -335,6 +337,28 @@ class CacheView:
             # fresh prompts of one length
             return _sdpa(q, keys, values, None, scale, is_causal=T > 1)
         return _sdpa(q, keys, values, self._mask(cache_k.device, window), scale)
+
+    def attend_step_native(self, layer: int, qkv: torch.Tensor, qk_scale: torch.Tensor, eps: float,
+                           cos: torch.Tensor, sin_signed: torch.Tensor, window: int | None) -> torch.Tensor | None:
+        """Gemma's attention block after its q/k/v projection, for a decoding step, in one native
+        call (kernels/decode_attention.cpp): qkv [B, 1, (H + 2 Hkv) D] -> [B, 1, H D], the new
+        keys and values stored. q/k are RMS-normed with `qk_scale` [H + Hkv, D] rows and rotated
+        by cos / sin_signed [B, 1, 1, D]; keys, mask and rows are this step's plan, as `attend`
+        uses them. None, touching nothing, where it does not apply (not a one-token step, not
+        a float32 CPU cache, kernels not built): the caller takes its torch path."""
+        cache_k, cache_v = self.cache.keys[layer], self.cache.values[layer]
+        if self.new_tokens != 1 or cache_k.device.type != "cpu" or cache_k.dtype != torch.float32 \
+                or qkv.dtype != torch.float32 or not qkv.is_contiguous() or not library.available():
+            return None
+        ring = self.cache.windows[layer]
+        wraps = bool(ring) and self.key_len > cache_k.shape[2]
+        if wraps and window != ring:
+            raise ValueError(f"layer {layer} attends with window {window}; its cache keeps {ring}")
+        plan = self._step_plan(cache_k, window, wraps)
+        B = qkv.shape[0]
+        return torch.ops.pipeserve.decode_attention(
+            qkv, qk_scale, eps, cos.reshape(B, -1).contiguous(), sin_signed.reshape(B, -1).contiguous(),
+            cache_k, cache_v, plan.rows, plan.slots, plan.length, plan.bias)
 
     def _step_plan(self, cache: torch.Tensor, window: int | None, wraps: bool) -> "_StepPlan":
         """What every layer of one cache shape does in a decoding step, made once per step:

@@ -1,5 +1,5 @@
 """RMSNorm as Gemma's blocks use it: torch's operators, or pipeserve's native kernel for models
-whose weights were quantized (the "native_norms" pass, `use_native_norms`).
+whose weights were quantized (the "native_kernels" pass, layers/passes.py).
 
 torch.rms_norm on a CPU is ~8 operators a call (~8 us for one 640-float row; Gemma 3 270M norms
 ~90 times a decoding step); kernels/rms_norm.cpp does a call in ~1 us, and adds a post-norm to
@@ -15,7 +15,6 @@ float32 and cast back as Gemma's RMSNorm does.
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from ..kernels import library
 
@@ -36,15 +35,6 @@ def _torch_norm(x: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tenso
         return torch.rms_norm(x.float(), (d,), scale, eps).type_as(x)
     # [G, D]: one scale row per group (x.size(-2)), e.g. per attention head
     return torch.rms_norm(x.float(), (d,), None, eps).mul_(scale).type_as(x)
-
-
-def use_native_norms(model: nn.Module) -> int:
-    """Every module of `model` with a `native_norm` switch (Gemma's norms, attention and blocks)
-    takes the native kernel from now on; -> how many."""
-    switched = [module for module in model.modules() if hasattr(module, "native_norm")]
-    for module in switched:
-        module.native_norm = True
-    return len(switched)
 
 
 def rms_norm(x: torch.Tensor, scale: torch.Tensor, eps: float, native: bool = False) -> torch.Tensor:

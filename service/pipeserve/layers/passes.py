@@ -1,8 +1,8 @@
 """The post-load passes, one ordered list applied to every freshly loaded model from outside it:
 
     fuse projections (q/k/v, gate/up: one linear each) -> half storage (float16 weights,
-    float32 compute) -> quantize (int8 weights, or the "grouped" int4 planes) -> native norms
-    (a quantized model's RMSNorms on pipeserve's kernel, layers/norms.py) -> place (device
+    float32 compute) -> quantize (int8 weights, or the "grouped" int4 planes) -> native kernels
+    (a quantized model's norms and decoding attention on pipeserve's kernels) -> place (device
     "auto": a device map) -> pack (oneDNN packed linears; a head left dense is stored
     column-major) -> verified head (greedy steps' screened output projection)
 
@@ -15,8 +15,8 @@ the family has no such head). A family opts into the passes that only some famil
 through its `post_load` attribute ("int8", "device_map", "column_major_head"; models/causal_lm.py;
 "fuse_projections": the groups its `fusable_projections()` lists become one linear each;
 "row_int8": int8 weights quantize activations per row, layers/row_int8.py, models/gemma3.py;
-"grid_int4": the quantization "grouped" form, layers/grid_int4.py; "native_norms": its quantized
-forms norm on the native kernel, layers/norms.py;
+"grid_int4": the quantization "grouped" form, layers/grid_int4.py; "native_kernels": its quantized
+forms take kernels/ for norms and decoding attention, layers/norms.py, layers/kv_cache.py;
 "few_rows_dense": packed linears also keep their dense float32 weight for steps of 1-3 rows,
 layers/packed_linear.py; "share_tied_head": the tied head keeps the embedding's one weight, column-major, instead of a
 packed copy; "exact_head": greedy steps take the exact projection, no screening copy;
@@ -40,7 +40,6 @@ from .device_map import dispatch
 from .fused_linear import fuse_projections
 from .grid_int4 import quantize_grid_int4, unavailable_reason as grid_int4_unavailable
 from .half_storage import keep_half_storage
-from .norms import use_native_norms
 from .head_layout import column_major_head, column_major_head_applies
 from .packed_linear import DENSE_ROWS, pack_linears, packable
 from .quantization import quantize_int8
@@ -117,11 +116,11 @@ def _quantize_grouped(model: nn.Module, context: PostLoad) -> None:
     quantize_grid_int4(model, skip=_tied_linears(model))
 
 
-def _native_norms_applies(model: nn.Module, context: PostLoad) -> bool:
-    """Quantized weights on the CPU, a family with native norms, the kernels built: the norms
-    take the native kernel (layers/norms.py says why only quantized forms do)."""
+def _native_kernels_applies(model: nn.Module, context: PostLoad) -> bool:
+    """Quantized weights on the CPU, a family with native kernels, the kernels built: its norms
+    and decoding attention take them (layers/norms.py says why only quantized forms do)."""
     quantized = grouped(context.options) or (context.options.load_in_8bit and accepts(model, "int8"))
-    return accepts(model, "native_norms") and quantized and context.options.torch_device.type == "cpu" \
+    return accepts(model, "native_kernels") and quantized and context.options.torch_device.type == "cpu" \
         and library.available()
 
 
@@ -198,12 +197,21 @@ FUSE = Pass("fuse_projections", lambda model, c: accepts(model, "fuse_projection
             lambda model, c: fuse_projections(model))
 HALF_STORAGE = Pass("half_storage", _half_storage_applies, lambda model, c: keep_half_storage(model))
 QUANTIZE = Pass("quantize", _quantize_applies, _quantize)
-NATIVE_NORMS = Pass("native_norms", _native_norms_applies, lambda model, c: use_native_norms(model))
+NATIVE_KERNELS = Pass("native_kernels", _native_kernels_applies, lambda model, c: use_native_kernels(model))
+
+
+def use_native_kernels(model: nn.Module) -> int:
+    """Every module of `model` with a `native_kernels` switch (Gemma's norms, attention and
+    blocks) takes pipeserve's kernels from now on; -> how many."""
+    switched = [module for module in model.modules() if hasattr(module, "native_kernels")]
+    for module in switched:
+        module.native_kernels = True
+    return len(switched)
 PLACE = Pass("place", lambda model, c: c.options.device == "auto", _place)
 PACK = Pass("pack", _pack_applies, _pack)
 VERIFIED_HEAD = Pass("verified_head", _verified_head_applies, _install_verified_head)
 
-POST_LOAD_PASSES: tuple[Pass, ...] = (FUSE, HALF_STORAGE, QUANTIZE, NATIVE_NORMS, PLACE, PACK, VERIFIED_HEAD)
+POST_LOAD_PASSES: tuple[Pass, ...] = (FUSE, HALF_STORAGE, QUANTIZE, NATIVE_KERNELS, PLACE, PACK, VERIFIED_HEAD)
 
 
 def apply_post_load_passes(model: nn.Module, context: PostLoad,

@@ -134,9 +134,9 @@ class ScaledWordEmbedding(nn.Embedding):
 class RMSNorm(nn.Module):
     """Gemma3RMSNorm: (x / rms(x)) * (1 + weight) in float32, cast back, with (1 + weight) kept
     between steps: one torch.rms_norm (F.rms_norm's arithmetic, bit for bit), or one native call
-    once the "native_norms" pass switched it (quantized forms; layers/norms.py)."""
+    once the "native_kernels" pass switched it (quantized forms; layers/norms.py)."""
 
-    native_norm = False
+    native_kernels = False
 
     def __init__(self, size: int, eps: float):
         super().__init__()
@@ -148,7 +148,7 @@ class RMSNorm(nn.Module):
         return _cached(self, "_scale", (self.weight,), lambda: 1.0 + self.weight.float())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return norms.rms_norm(x, self.scale(), self.eps, self.native_norm)
+        return norms.rms_norm(x, self.scale(), self.eps, self.native_kernels)
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
@@ -185,7 +185,7 @@ class Attention(nn.Module):
     pass q, k and v are one projection, `qkv_proj`; either way the query and key heads are
     normed and rotated together, as one [B, T, H + Hkv, D] tensor."""
 
-    native_norm = False  # its q/k norm: see RMSNorm
+    native_kernels = False  # its q/k norm and, decoding, the whole block (kv_cache.attend_step_native): see RMSNorm
 
     def __init__(self, config: Gemma3TextConfig, layer_idx: int):
         super().__init__()
@@ -219,10 +219,17 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin_signed, view):
         B, T, _ = x.shape
         H, Hkv, D = self.n_head, self.kv_heads, self.head_dim
-        qkv = self.qkv(x).view(B, T, H + 2 * Hkv, D)
+        qkv = self.qkv(x)
+        if self.native_kernels and T == 1:  # a decoding step: the block after the projection in one call
+            step = getattr(view, "attend_step_native", None)
+            y = None if step is None else step(self.layer_idx, qkv, self.qk_scale(), self.q_norm.eps, cos, sin_signed,
+                                               self.window)
+            if y is not None:
+                return self.o_proj.forward(y)
+        qkv = qkv.view(B, T, H + 2 * Hkv, D)
         qk = qkv[:, :, :H + Hkv]
         # q_norm and k_norm (one eps): normalise every head, then each head's own (1 + weight)
-        qk = norms.rms_norm(qk, self.qk_scale(), self.q_norm.eps, self.native_norm)
+        qk = norms.rms_norm(qk, self.qk_scale(), self.q_norm.eps, self.native_kernels)
         qk = rotate(qk, cos, sin_signed)  # [B, T, H + Hkv, D]
         q, k = qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2)  # [B, H, T, D], [B, Hkv, T, D]
         v = qkv[:, :, H + Hkv:].transpose(1, 2)
@@ -236,7 +243,7 @@ class DecoderLayer(nn.Module):
     The layers call their parts' `forward` directly: nn.Module.__call__ (hooks, which nothing
     here registers) costs ~0.7 us a call, ~200 calls a decoding step."""
 
-    native_norm = False  # its residual adds with their norms: see RMSNorm
+    native_kernels = False  # its residual adds with their norms: see RMSNorm
 
     def __init__(self, config: Gemma3TextConfig, layer_idx: int):
         super().__init__()
@@ -257,9 +264,9 @@ class DecoderLayer(nn.Module):
         # x is ours (hidden() made it): x += post_norm(attn) in place, and the MLP's pre-norm of
         # the sum, in one call (layers/norms.py)
         post, pre = self.post_attention_layernorm, self.pre_feedforward_layernorm
-        mlp = self.mlp.forward(norms.add_rms_norm_(x, attn, post.scale(), post.eps, pre.scale(), self.native_norm))
+        mlp = self.mlp.forward(norms.add_rms_norm_(x, attn, post.scale(), post.eps, pre.scale(), self.native_kernels))
         post = self.post_feedforward_layernorm
-        norms.add_rms_norm_(x, mlp, post.scale(), post.eps, native=self.native_norm)
+        norms.add_rms_norm_(x, mlp, post.scale(), post.eps, native=self.native_kernels)
         return x
 
 
@@ -345,7 +352,7 @@ class Gemma3ForCausalLM(CausalLM):
     # keeps a GGUF's own 4-8 bit grids in int4 planes (layers/grid_int4.py).
     # few_rows_dense: a decoding step's 1-3 rows take MKL's GEMV over the dense float32 weights,
     # more rows the packed ones (layers/packed_linear.py: 26.8 against 40.7 ms per step at 1 row)
-    post_load = CausalLM.post_load | {"fuse_projections", "row_int8", "grid_int4", "few_rows_dense", "native_norms"}
+    post_load = CausalLM.post_load | {"fuse_projections", "row_int8", "grid_int4", "few_rows_dense", "native_kernels"}
 
     def __init__(self, config: Gemma3TextConfig):
         super().__init__()
