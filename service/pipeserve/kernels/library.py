@@ -48,8 +48,9 @@ def available() -> bool:
     return unavailable_reason() is None
 
 
+@functools.cache
 def isa() -> str:
-    """Which path the loaded library computes with: "avx512" or "portable"."""
+    """Which path the loaded library computes with: "avx512" or "portable" (one library a process)."""
     return torch.ops.pipeserve.grid_kernel_isa()
 
 
