@@ -14,6 +14,7 @@ import transformers
 
 from gguf_checkpoints import build_gemma3_gguf, build_llama_gguf
 from harness import PARITY_ATOL, assert_close, load_pipeline
+from pipeserve.layers import grid_native
 
 # Text that exercises the tokenizer: the first-word prefix space, runs of spaces, newlines and
 # tabs, accents and emoji (byte fallback: the tiny vocabulary lacks most of them), CJK, the
@@ -43,7 +44,8 @@ def tiny_gguf(request, tmp_path_factory):
     family, qtype = request.param.split("-")
     path, original = BUILDERS[family](tmp_path_factory.mktemp(f"gguf-{request.param}"), qtype)
     reference = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name).eval()
-    # the directory holding the file, as LoadModel names it; float weights for exact parity (int8 is the default)
+    # the directory holding the file, as LoadModel names it; float weights for exact parity (a
+    # quantized file defaults to grouped)
     pipe = load_pipeline(path.parent, load_in_8bit=False)
     pipe.original = original  # the transformers model the file was written from
     yield qtype, path, reference, pipe
@@ -170,7 +172,13 @@ def test_loadmodel_serves_a_gguf_file_over_grpc(grpc_server, tiny_gguf):
 
     qtype, path, _, pipe = tiny_gguf
     info = load_model(grpc_server, path)
-    assert not info.quantized_int8, "GGUF files load with float weights unless LoadModel asks for int8"
+    assert not info.quantized_int8, "GGUF files load int8 only when LoadModel asks for it"
+    # the source's default: a quantized file keeps its own grids where pipeserve's kernels run
+    # them (runtime/loading.with_source_defaults), a float file loads float
+    grouped = qtype != "F32" and grid_native.available()
+    assert info.quantization == (model_pb2.QUANTIZATION_GROUPED if grouped else model_pb2.QUANTIZATION_NONE)
+    if grouped:
+        pipe = load_pipeline(path, quantization="grouped")  # what the server holds, to compare with
     assert info.task == model_pb2.TASK_TEXT_GENERATION and info.family == pipe.files.config["model_type"]
     assert info.source_path == str(path.resolve()), "GetModel names the file it serves, not only its folder"
     stub = text_generation_pb2_grpc.TextGenerationServiceStub(grpc_server.channel)
@@ -178,5 +186,7 @@ def test_loadmodel_serves_a_gguf_file_over_grpc(grpc_server, tiny_gguf):
                                                 options=pb.GenerationOptions(max_new_tokens=8, min_new_tokens=8)),
                              timeout=120)
     [expected] = pipe.generate(["The quick brown fox"], {"max_new_tokens": 8, "min_new_tokens": 8})
+    if grouped:
+        pipe.close()
     assert response.sequences[0].text == expected.sequences[0].text
     assert response.sequences[0].generated_tokens == 8

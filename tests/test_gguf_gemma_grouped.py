@@ -52,7 +52,7 @@ def test_grouped_deviation_from_float(gemma_file, grouped):
     often its top-1 choice agrees. Measured 512/512 over 4 prompts x 128 tokens (max logit
     error 0.015 of the largest); requantizing the same weights to plain int4 (group 32) gave
     85.5% on 4 x 64, which the 0.95 floor fails."""
-    float_pipe = load_pipeline(gemma_file)
+    float_pipe = load_pipeline(gemma_file, quantization="none")
     try:
         found = teacher_forced_agreement(float_pipe, grouped, PROMPTS, NEW_TOKENS)
         print(f"grouped vs float: {found} over {len(PROMPTS)} prompts")

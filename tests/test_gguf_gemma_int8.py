@@ -28,7 +28,7 @@ def test_int8_deviation_from_float(gemma_file):
     elsewhere, 76% and 0.47. The bounds catch a broken int8 path (wrong scales: ~0%)."""
     from pipeserve.layers.row_int8 import available
 
-    float_pipe = load_pipeline(gemma_file)  # no choice made: float, the default
+    float_pipe = load_pipeline(gemma_file, quantization="none")  # the float path (the default is grouped)
     int8_pipe = load_pipeline(gemma_file, load_in_8bit=True)
     try:
         assert int8_pipe.load_options.load_in_8bit is True and float_pipe.load_options.load_in_8bit is False

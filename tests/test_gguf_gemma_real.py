@@ -43,7 +43,7 @@ def gemma_gguf(tmp_path_factory):
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     assert digest.hexdigest() == SHA256
-    pipe = load_pipeline(path, load_in_8bit=False)  # the exact float path (int8 is the GGUF default)
+    pipe = load_pipeline(path, quantization="none")  # the exact float path (the GGUF default is grouped)
     reference = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
                                                                   dtype=torch.float32).eval()
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)

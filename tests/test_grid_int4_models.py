@@ -30,7 +30,7 @@ def pair(request, tmp_path_factory):
     require_native_kernels()  # the grouped form's kernel where it is built (tests/test_grid_int4.py: torch's)
     family, qtype = request.param
     path, _ = BUILDERS[family](tmp_path_factory.mktemp(f"grid-{family}-{qtype}"), qtype)
-    exact = load_pipeline(path)
+    exact = load_pipeline(path, quantization="none")
     grouped = load_pipeline(path, quantization="grouped")
     yield family, qtype, exact, grouped
     exact.close()

@@ -102,6 +102,7 @@ def test_embedded_defaults_preload_under_friendly_names():
     270M, listed as embedded/..., SERVING in health, addressed by an empty model name."""
     from grpc_testing import make_server
     from pipeserve.checkpoints.embedded import embedded_models
+    from pipeserve.layers import grid_native
     from pipeserve.server import preload
     from pipeserve.v1 import (feature_extraction_pb2, feature_extraction_pb2_grpc, model_pb2, model_pb2_grpc,
                               text_generation_pb2, text_generation_pb2_grpc)
@@ -120,6 +121,9 @@ def test_embedded_defaults_preload_under_friendly_names():
         ]
         [gemma] = [m for m in models.models if m.name == "embedded/gemma-3-270m"]
         assert gemma.family == "gemma3_text" and not gemma.quantized_int8 and gemma.source_path.endswith(".gguf")
+        # a Q4_K_M file: its own grids where the native kernels are built (scripts/setup builds them)
+        assert gemma.quantization == (model_pb2.QUANTIZATION_GROUPED if grid_native.available()
+                                      else model_pb2.QUANTIZATION_NONE)
         health = health_pb2_grpc.HealthStub(server.channel)
         for service in ("pipeserve.v1.SpeechRecognitionService", "pipeserve.v1.FeatureExtractionService",
                         "pipeserve.v1.TextGenerationService"):

@@ -378,10 +378,12 @@ def run(sides: dict, modes: list[tuple[str, dict]], args, gguf: Path, env: dict)
         results["llama_cpp_eos_banned"] = last["llama.cpp"].get("eos_banned")
     tokens: dict = {}
     first = ours[0]
+    # keyed by the sides' own names: the first pipeserve side is float32 only when --mode asked for it
     if "transformers" in last:
-        tokens["pipeserve_float32_vs_transformers"] = compare(last[first]["ids"], last["transformers"]["ids"])
+        key = "pipeserve_float32_vs_transformers" if first == "pipeserve float32" else f"{first}_vs_transformers"
+        tokens[key] = compare(last[first]["ids"], last["transformers"]["ids"])
     if "llama.cpp" in last:
-        tokens["llama_cpp_vs_pipeserve_float32"] = compare(last["llama.cpp"]["ids"], last[first]["ids"])
+        tokens[f"llama.cpp_vs_{first}"] = compare(last["llama.cpp"]["ids"], last[first]["ids"])
         if "transformers" in last:
             tokens["llama_cpp_vs_transformers"] = compare(last["llama.cpp"]["ids"], last["transformers"]["ids"])
     for name in ours[1:]:

@@ -74,6 +74,13 @@ class GGUFFile:
             raise corrupt(self.path, "general.architecture is missing")
         return value
 
+    def stores_quantized_blocks(self) -> bool:
+        """Its blocks' matrices are stored in a quantized type (Q4_K, Q8_0, ...), not F32 / F16 /
+        BF16: the file's own grids are there to keep (layers/grid_detect.py)."""
+        floats = {0, 1, 30}  # GGMLQuantizationType F32, F16, BF16
+        return any(info.name.startswith("blk.") and len(info.shape) == 2 and info.ggml_type not in floats
+                   for info in self.tensors.values())
+
     def read(self, name: str) -> torch.Tensor:
         """One tensor dequantized to float32, straight into its own storage: the rows are
         dequantized a slice at a time, so reading a tensor costs its float32 size plus one

@@ -110,6 +110,14 @@ def family_module(model_type: str):
     return importlib.import_module(FAMILIES[model_type])
 
 
+def family_takes(model_type: str, what: str) -> bool:
+    """A family opted into post-load pass `what` (layers/passes.py `accepts`), asked before its
+    model exists: a class the family module itself defines lists it in `post_load`."""
+    module = family_module(model_type)
+    return any(isinstance(obj, type) and obj.__module__ == module.__name__ and what in getattr(obj, "post_load", ())
+               for obj in vars(module).values())
+
+
 def pipeline_class(task: Task, model_type: str):
     path = PIPELINES.get(f"{task.value}/{model_type}") or PIPELINES.get(task.value)
     if path is None:

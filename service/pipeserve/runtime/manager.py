@@ -128,7 +128,7 @@ def _storage_name(options: LoadOptions) -> str:
 
 def _quantization(options: LoadOptions) -> str:
     """The quantized form `options` ask for or (once resolved) hold; "none" where the source
-    decides (every source's default: loading.with_source_defaults)."""
+    decides and the load has not resolved it yet (loading.with_source_defaults)."""
     return chosen_quantization(options.quantization, options.load_in_8bit) or "none"
 
 
@@ -318,7 +318,7 @@ class ModelManager:
             ("device" in chosen and want.device.strip().lower() != have.device.strip().lower()),
             ("dtype" in chosen and want.dtype != have.dtype),
             ("weights_dtype" in chosen and _storage_name(want) != _storage_name(have)),
-            # None (the source's default) is float for every source (loading.with_source_defaults)
+            # resolved when the load starts (loading.with_source_defaults); before that None reads as float
             (("load_in_8bit" in chosen or "quantization" in chosen) and _quantization(want) != _quantization(have)),
             ("revision" in chosen and revision is not None and revision != (entry.revision or "main")),
             ("defaults" in chosen and want.defaults != have.defaults),
@@ -340,7 +340,7 @@ class ModelManager:
             files = await loop.run_in_executor(self.executor, lambda: resolve(
                 entry.name, entry.revision, offline=offline, allow_pickle=entry.options.allow_pickle))
             entry.files = files
-            entry.options = with_source_defaults(files, entry.options)  # GGUF: int8 unless chosen
+            entry.options = with_source_defaults(files, entry.options)  # quantized GGUF: grouped unless chosen
             entry.task = task or task_of(files)
             model_type_of(files)  # fail fast on unsupported formats before evicting anything
             await self._make_room(entry, _estimate_bytes(files, entry.options))
