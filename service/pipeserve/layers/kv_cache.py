@@ -17,10 +17,16 @@ entries and its own new keys together, then leaves its last `window` keys in the
 A decoding step on the CPU (one new token per sequence) is planned once for every layer of one
 cache shape: the rows its keys are written to (one index_copy_ per layer), the keys it reads (a
 view when the slots are contiguous) and its mask as scores to add; each layer then runs one
-batched GEMM per key/value head for all its query heads, softmax and one more GEMM.
+batched GEMM per key/value head for all its query heads, softmax and one more GEMM; or, for a
+model that takes pipeserve's kernels, the whole attention block after its projection in one
+native call over the same plan (`attend_step_native`, kernels/decode_attention.cpp).
 
 Models call `view.attend(layer_idx, q, k, v, ...)` and never see the layout; `FullAttention`
 is the same interface without a cache (one causal pass, used for logits parity tests).
+
+Longer than 450 lines: the cache, one pass's view of it and the decoding step's plan share the
+slot, row and mask bookkeeping, and the step's two paths (torch's GEMMs, the native block) read
+the same plan; split apart, each would reach into the others' internals.
 """
 from __future__ import annotations
 

@@ -14,6 +14,14 @@ Ports transformers/models/gemma3/modeling_gemma3.py (Gemma3TextScaledWordEmbeddi
 Gemma3MLP, Gemma3Attention, Gemma3DecoderLayer, Gemma3TextModel, Gemma3ForCausalLM) and the rope
 parameters of configuration_gemma3.py (Gemma3TextConfig.convert_rope_params_to_dict). RoPE itself
 is Llama's (models/llama.py) with each layer type's parameters.
+
+Quantized forms switch the norms and a decoding step's attention block to pipeserve's kernels
+(`native_kernels`, layers/norms.py, kv_cache.attend_step_native); the float path keeps torch's
+arithmetic, transformers' to the bit in the norms.
+
+Longer than 450 lines: the family's config with its rope and window rules, its modules, its
+rotary tables and its checkpoint table stay one module, as each family's do (models/); the
+native step is one branch in Attention.forward and one switch per module.
 """
 from __future__ import annotations
 
