@@ -128,8 +128,14 @@ def _on_own_thread(fn):
 def test_close_cancels_queued_tasks_refuses_new_ones_and_ends_the_lane_threads():
     def scenario():
         lane = ComputeLane(threads=1)
-        release = threading.Event()
-        running = lane._submit(release.wait, (10,), {})
+        started, release = threading.Event(), threading.Event()
+
+        def work():
+            started.set()
+            return release.wait(10)
+
+        running = lane._submit(work, (), {})
+        assert started.wait(10)  # on the lane before close (a busy machine may take a while)
         queued = lane._submit(lambda: "never", (), {})
         threading.Timer(0.2, release.set).start()
         lane.close()
