@@ -25,38 +25,19 @@
 #include <optional>
 #include <vector>
 
+#include "lanes.h"
 #include "parallel.h"
-
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
 
 namespace {
 
+using pipeserve::lane_dot;
+using pipeserve::norm_row;
 using pipeserve::parallel_chunks;
+using pipeserve::reduce_lanes;
 
-constexpr int kLanes = 16;
+constexpr int kLanes = pipeserve::kSumLanes;
 // (query head, key) pairs times the head size below which the attention runs on this thread.
 constexpr int64_t kMinParallelWork = 1 << 16;
-
-// Sum of a[i] * b[i]: lane i % 16 accumulates in index order, then the lanes pairwise.
-float lane_dot(const float* a, const float* b, int64_t d) {
-  float lanes[kLanes] = {};
-  int64_t i = 0;
-#if defined(__AVX512F__)
-  __m512 acc = _mm512_setzero_ps();
-  for (; i + kLanes <= d; i += kLanes)
-    acc = _mm512_add_ps(acc, _mm512_mul_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i)));
-  _mm512_storeu_ps(lanes, acc);
-#else
-  for (; i + kLanes <= d; i += kLanes)
-    for (int l = 0; l < kLanes; ++l) lanes[l] = lanes[l] + a[i + l] * b[i + l];
-#endif
-  for (int l = 0; i < d; ++i, ++l) lanes[l] = lanes[l] + a[i] * b[i];
-  for (int width = kLanes / 2; width >= 1; width /= 2)
-    for (int l = 0; l < width; ++l) lanes[l] = lanes[l] + lanes[l + width];
-  return lanes[0];
-}
 
 // lane_dot of q with four rows at once (independent sums, the same bits as four calls): the
 // additions of one sum wait for each other, four sums keep the adder busy.
@@ -76,11 +57,7 @@ void lane_dot4(const float* q, const float* k, int64_t stride, int64_t d, float*
     _mm512_storeu_ps(lanes[1], a1);
     _mm512_storeu_ps(lanes[2], a2);
     _mm512_storeu_ps(lanes[3], a3);
-    for (int r = 0; r < 4; ++r) {
-      for (int width = kLanes / 2; width >= 1; width /= 2)
-        for (int l = 0; l < width; ++l) lanes[r][l] = lanes[r][l] + lanes[r][l + width];
-      out[r] = lanes[r][0];
-    }
+    for (int r = 0; r < 4; ++r) out[r] = reduce_lanes(lanes[r]);
     return;
   }
 #endif
@@ -125,8 +102,7 @@ constexpr float kExpFloor = -87.0f;
 // out = rotate(norm(x) * scale): x one head [D]
 void norm_and_rotate(const float* x, int64_t d, const float* scale, double eps, const float* cos,
                      const float* sin_signed, float* normed, float* out) {
-  const float r = 1.0f / std::sqrt(lane_dot(x, x, d) / static_cast<float>(d) + static_cast<float>(eps));
-  for (int64_t i = 0; i < d; ++i) normed[i] = (x[i] * r) * scale[i];
+  norm_row(x, d, scale, eps, normed);
   const int64_t half = d / 2;  // roll(x, D / 2): the halves swapped
   for (int64_t i = 0; i < half; ++i) out[i] = normed[i] * cos[i] + normed[i + half] * sin_signed[i];
   for (int64_t i = half; i < d; ++i) out[i] = normed[i] * cos[i] + normed[i - half] * sin_signed[i];

@@ -35,6 +35,7 @@
 #include <string>
 #include <vector>
 
+#include "lanes.h"
 #include "parallel.h"
 
 #if defined(__AVX512F__)
@@ -46,7 +47,7 @@ namespace {
 using pipeserve::parallel_chunks;
 
 constexpr int64_t kGroup = 32;
-constexpr int64_t kLanes = 16;
+constexpr int64_t kLanes = pipeserve::kSumLanes;
 constexpr int kCols = 4;  // output columns dequantized together (4 x K floats: L1/L2-sized)
 constexpr int kRows = 6;  // rows per register block: 6 x 4 accumulators + 4 weights + 1 input
 // A chunk of columns handed to one thread holds at least this many weights: below it the fork
@@ -108,12 +109,9 @@ void dequantize_portable(const Grid& g, int64_t col, float* out) {
 }
 
 float reduce_lanes_portable(const float* lanes) {
-  // pairwise, fixed: (0+8), (1+9), ... then 4, 2, 1 apart
-  float t[kLanes];
+  float t[kLanes];  // lanes.h's pairwise order, on a copy
   std::memcpy(t, lanes, sizeof(t));
-  for (int width = kLanes / 2; width >= 1; width /= 2)
-    for (int i = 0; i < width; ++i) t[i] = t[i] + t[i + width];
-  return t[0];
+  return pipeserve::reduce_lanes(t);
 }
 
 template <int R>

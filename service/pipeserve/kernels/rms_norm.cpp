@@ -5,9 +5,8 @@
 // stream in place (Gemma's post-norms: x += norm(y) * scale), and may norm the sum for the next
 // block in the same pass (the pre-norm that follows): two torch calls and their Python in one.
 //
-// Arithmetic: a row's sum of squares keeps 16 lane accumulators fed in index order, reduced
-// pairwise in a fixed order (the same bits for any row count, thread count or row position),
-// then r = 1 / sqrt(sum / D + eps) and y = (x * r) * scale, each step rounded once (built with
+// Arithmetic: a row's sum of squares in lanes.h's fixed order (the same bits for any row count,
+// thread count or row position), then r = 1 / sqrt(sum / D + eps) and y = (x * r) * scale, each step rounded once (built with
 // -ffp-contract=off). torch reduces in another order, so results differ from torch.rms_norm in
 // the last bits (tests/test_native_norms.py bounds it).
 #include <ATen/core/Tensor.h>
@@ -19,31 +18,17 @@
 #include <optional>
 #include <vector>
 
+#include "lanes.h"
 #include "parallel.h"
 
 namespace {
 
+using pipeserve::inverse_rms;
+using pipeserve::norm_row;
 using pipeserve::parallel_chunks;
 
-constexpr int kLanes = 16;
 // Rows per thread at least this many floats: below it one thread is faster than a team.
 constexpr int64_t kMinFloatsPerTask = 1 << 15;
-
-float inverse_rms(const float* x, int64_t d, double eps) {
-  float lanes[kLanes] = {};
-  int64_t i = 0;
-  for (; i + kLanes <= d; i += kLanes)
-    for (int l = 0; l < kLanes; ++l) lanes[l] = lanes[l] + x[i + l] * x[i + l];
-  for (int l = 0; i < d; ++i, ++l) lanes[l] = lanes[l] + x[i] * x[i];
-  for (int width = kLanes / 2; width >= 1; width /= 2)
-    for (int l = 0; l < width; ++l) lanes[l] = lanes[l] + lanes[l + width];
-  return 1.0f / std::sqrt(lanes[0] / static_cast<float>(d) + static_cast<float>(eps));
-}
-
-void norm_row(const float* x, int64_t d, const float* scale, double eps, float* out) {
-  const float r = inverse_rms(x, d, eps);
-  for (int64_t i = 0; i < d; ++i) out[i] = (x[i] * r) * scale[i];
-}
 
 // Element offsets of each row (the leading dimensions, any strides; the last one contiguous).
 std::vector<int64_t> row_offsets(const at::Tensor& x) {
