@@ -138,8 +138,7 @@ def test_close_cancels_queued_tasks_refuses_new_ones_and_ends_the_lane_threads()
         assert started.wait(10)  # on the lane before close (a busy machine may take a while)
         queued = lane._submit(lambda: "never", (), {})
         threading.Timer(0.2, release.set).start()
-        lane.close()
-        threads = lane.exit_threads()
+        threads = lane.stop_for_exit()
         for thread in threads:
             thread.join(10)
         return lane, running, queued, threads

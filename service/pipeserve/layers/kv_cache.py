@@ -325,10 +325,7 @@ class CacheView:
     def attend(self, layer: int, q, k, v, *, scale: float | None = None, window: int | None = None):
         """Stores k, v ([B, Hkv, T, D]) and attends q ([B, H, T, D]) over each sequence's prefix."""
         cache_k, cache_v = self.cache.keys[layer], self.cache.values[layer]
-        ring = self.cache.windows[layer]
-        wraps = bool(ring) and self.key_len > cache_k.shape[2]
-        if wraps and window != ring:
-            raise ValueError(f"layer {layer} attends with window {window}; its cache keeps {ring}")
+        wraps = self._wraps(layer, window)
         if self.new_tokens == 1 and cache_k.device.type == "cpu":
             return self._attend_step(cache_k, cache_v, q, k, v, scale, window, wraps)
         if wraps:
@@ -351,6 +348,15 @@ class CacheView:
             return _sdpa(q, keys, values, None, scale, is_causal=T > 1)
         return _sdpa(q, keys, values, self._mask(cache_k.device, window), scale)
 
+    def _wraps(self, layer: int, window: int | None) -> bool:
+        """This pass's keys overrun the layer's ring (a sliding-window layer whose sequences
+        outgrew it), which only a query of that same window may read."""
+        ring = self.cache.windows[layer]
+        wraps = bool(ring) and self.key_len > self.cache.keys[layer].shape[2]
+        if wraps and window != ring:
+            raise ValueError(f"layer {layer} attends with window {window}; its cache keeps {ring}")
+        return wraps
+
     def attend_step_native(self, layer: int, qkv: torch.Tensor, qk_scale: torch.Tensor, eps: float,
                            cos: torch.Tensor, sin_signed: torch.Tensor, window: int | None) -> torch.Tensor | None:
         """Gemma's attention block after its q/k/v projection, for a decoding step, in one native
@@ -363,10 +369,7 @@ class CacheView:
         if self.new_tokens != 1 or cache_k.device.type != "cpu" or cache_k.dtype != torch.float32 \
                 or qkv.dtype != torch.float32 or not qkv.is_contiguous() or not _native_step():
             return None
-        ring = self.cache.windows[layer]
-        wraps = bool(ring) and self.key_len > cache_k.shape[2]
-        if wraps and window != ring:
-            raise ValueError(f"layer {layer} attends with window {window}; its cache keeps {ring}")
+        wraps = self._wraps(layer, window)
         plan = self._step_plan(cache_k, window, wraps)
         B = qkv.shape[0]
         return torch.ops.pipeserve.decode_attention(

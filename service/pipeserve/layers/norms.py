@@ -49,8 +49,8 @@ def rms_norm(x: torch.Tensor, scale: torch.Tensor, eps: float, native: bool = Fa
 def add_rms_norm_(x: torch.Tensor, y: torch.Tensor, post: torch.Tensor, eps: float,
                   pre: torch.Tensor | None = None, native: bool = False) -> torch.Tensor | None:
     """x += rms_norm(y, post) in place; then rms_norm(x, pre) when `pre` is given (else None)."""
-    if native and x.is_contiguous() and y.is_contiguous() and x.shape == y.shape and post.is_contiguous() \
-            and (pre is None or pre.is_contiguous()) and _native(x, y, post, *(() if pre is None else (pre,))):
+    tensors = (x, y, post) if pre is None else (x, y, post, pre)
+    if native and x.shape == y.shape and all(t.is_contiguous() for t in tensors) and _native(*tensors):
         out = torch.ops.pipeserve.add_rms_norm_(x, y, post, eps, pre)
         return out if pre is not None else None
     x.add_(_torch_norm(y, post, eps))

@@ -119,9 +119,17 @@ def _quantize_grouped(model: nn.Module, context: PostLoad) -> None:
 def _native_kernels_applies(model: nn.Module, context: PostLoad) -> bool:
     """Quantized weights on the CPU, a family with native kernels, the kernels built: its norms
     and decoding attention take them (layers/norms.py says why only quantized forms do)."""
-    quantized = grouped(context.options) or (context.options.load_in_8bit and accepts(model, "int8"))
-    return accepts(model, "native_kernels") and quantized and context.options.torch_device.type == "cpu" \
-        and library.available()
+    return accepts(model, "native_kernels") and _quantize_applies(model, context) \
+        and context.options.torch_device.type == "cpu" and library.available()
+
+
+def use_native_kernels(model: nn.Module) -> int:
+    """Every module of `model` with a `native_kernels` switch (Gemma's norms, attention and
+    blocks) takes pipeserve's kernels from now on; -> how many."""
+    switched = [module for module in model.modules() if hasattr(module, "native_kernels")]
+    for module in switched:
+        module.native_kernels = True
+    return len(switched)
 
 
 def _row_int8(model: nn.Module, context: PostLoad) -> bool:
@@ -199,14 +207,6 @@ HALF_STORAGE = Pass("half_storage", _half_storage_applies, lambda model, c: keep
 QUANTIZE = Pass("quantize", _quantize_applies, _quantize)
 NATIVE_KERNELS = Pass("native_kernels", _native_kernels_applies, lambda model, c: use_native_kernels(model))
 
-
-def use_native_kernels(model: nn.Module) -> int:
-    """Every module of `model` with a `native_kernels` switch (Gemma's norms, attention and
-    blocks) takes pipeserve's kernels from now on; -> how many."""
-    switched = [module for module in model.modules() if hasattr(module, "native_kernels")]
-    for module in switched:
-        module.native_kernels = True
-    return len(switched)
 PLACE = Pass("place", lambda model, c: c.options.device == "auto", _place)
 PACK = Pass("pack", _pack_applies, _pack)
 VERIFIED_HEAD = Pass("verified_head", _verified_head_applies, _install_verified_head)

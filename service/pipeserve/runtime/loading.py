@@ -36,8 +36,8 @@ def with_source_defaults(files: ModelFiles, options: LoadOptions) -> LoadOptions
     blocks are stored quantized loads "grouped" (its own grids: faster, a third of the memory,
     tokens the float path's on 511/512 teacher-forced steps; README) where its family takes the
     form, pipeserve's native kernels are built and this load can run it; every other source, and
-    any load that cannot, loads float weights. A form the request chose that this machine cannot run fails here, before any
-    weight is read."""
+    any load that cannot, loads float weights. A form the request chose that this machine cannot
+    run fails here, before any weight is read."""
     try:
         form = chosen_quantization(options.quantization, options.load_in_8bit)
     except ValueError as exc:  # a spec that skipped the manager's checks

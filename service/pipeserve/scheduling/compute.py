@@ -21,8 +21,8 @@ this one thread, and the outer guard keeps each task's mode independent of that 
 Without `install()` (library use, most tests) `call` and `run` just run the work where they
 are called, as before.
 
-At exit the lanes finish their running task and stop before Python finalises (`close`, called by
-exit_guard.py: a lane inside a torch operator then would abort the process).
+At exit the lanes finish their running task and stop before Python finalises (`stop_for_exit`,
+called by exit_guard.py: a lane inside a torch operator then would abort the process).
 
 Activity hooks (`set_activity_hooks`): the process is told when the lanes start working after
 being idle and when they have been idle for IDLE_AFTER_S; the server keeps freed activations
@@ -131,12 +131,12 @@ class ComputeLane:
         total = threads or DEFAULT_THREADS
         self.lanes = max(1, lanes)
         self.threads = max(1, total // self.lanes)
-        # None: the lane is closed (close)
+        # None: the lane has stopped (stop_for_exit)
         self._queue: queue.SimpleQueue[tuple[Future, Callable, tuple, dict] | None] = queue.SimpleQueue()
         self._local = threading.local()
         self._idents: set[int] = set()
-        self._closed = False
-        self._closing_lock = threading.Lock()  # a task is queued before close, or refused
+        self._stopped = False
+        self._stop_lock = threading.Lock()  # a task is queued before the lane stops, or refused
         ready = threading.Barrier(self.lanes + 1)
         self.workers = [threading.Thread(target=self._worker, args=(ready,), name=f"pipeserve-compute_{i}", daemon=True)
                         for i in range(self.lanes)]
@@ -159,7 +159,7 @@ class ComputeLane:
             except queue.Empty:
                 _activity.quiet()
                 continue
-            if item is None:  # closed
+            if item is None:  # stopped
                 return
             _activity.started()
             try:
@@ -190,17 +190,18 @@ class ComputeLane:
 
     def _submit(self, fn: Callable[..., T], args: tuple, kwargs: dict) -> Future:
         future: Future = Future()
-        with self._closing_lock:
-            if self._closed:
+        with self._stop_lock:
+            if self._stopped:
                 raise Draining("the process is exiting: the compute lane takes no more work")
             self._queue.put((future, fn, args, kwargs))
         return future
 
-    def close(self) -> None:
+    def stop_for_exit(self) -> list[threading.Thread]:
         """Refuses new tasks, cancels the queued ones and tells the lane threads to end once the
-        running task ends (at its next yield point, if it has one): at exit (exit_guard.py)."""
-        with self._closing_lock:
-            self._closed = True
+        running task ends (at its next yield point, if it has one): at exit (exit_guard.py);
+        -> the lane threads."""
+        with self._stop_lock:
+            self._stopped = True
             while True:
                 try:
                     item = self._queue.get_nowait()
@@ -210,8 +211,6 @@ class ComputeLane:
                     item[0].cancel()
             for _ in self.workers:
                 self._queue.put(None)
-
-    def exit_threads(self) -> list[threading.Thread]:
         return list(self.workers)
 
     def on_lane(self) -> bool:
@@ -225,7 +224,7 @@ class ComputeLane:
         local = self._local
         if not self.on_lane():
             return
-        if self._closed:  # the process is exiting: the task ends here (module doc)
+        if self._stopped:  # the process is exiting: the task ends here (module doc)
             raise Draining("the process is exiting: model work stopped")
         if time.monotonic() - local.slice_start < self.slice_s or local.depth >= self.max_nesting:
             return
@@ -234,7 +233,7 @@ class ComputeLane:
                 item = self._queue.get_nowait()
             except queue.Empty:  # another lane took it
                 break
-            if item is None:  # closed: the lane's loop takes the sign again
+            if item is None:  # stopped: the lane's loop takes the sign again
                 self._queue.put(None)
                 break
             self._run(item)  # restarts this task's slice when it returns
@@ -258,7 +257,6 @@ def install(threads: int | None = None, lanes: int = 1) -> ComputeLane:
         if _lane is None:
             _lane = ComputeLane(threads, lanes)
         return _lane
-
 
 
 def call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:

@@ -8,7 +8,7 @@ without an active exception") instead of exiting 0: after a server drained its c
 a test run that passed (CI saw exactly that).
 
 How: the owners of such threads (generation engines, Whisper batch schedulers, the compute
-lanes) register here. At exit, before finalisation, each is closed and its threads joined; the
+lanes) register here. At exit, before finalisation, each is stopped and its threads joined; the
 lanes, which the others hand their work to, last: they finish the task they are running (a
 task that calls `compute.yield_point()` ends at its next one) and stop. A thread still busy
 after EXIT_GRACE_S is left running and named in the log: the abort can then still happen, but
@@ -31,11 +31,9 @@ EXIT_GRACE_S = 10.0
 
 
 class ExitOwner(Protocol):
-    def close(self) -> None:
-        """Stops taking work and tells the owner's threads to end."""
-
-    def exit_threads(self) -> Iterable[threading.Thread]:
-        """The threads to wait for once closed."""
+    def stop_for_exit(self) -> Iterable[threading.Thread]:
+        """Stops taking work and tells the owner's threads to end, without waiting for them
+        (the guard waits, within one deadline for all); -> those threads."""
 
 
 _first: "weakref.WeakSet[ExitOwner]" = weakref.WeakSet()
@@ -44,14 +42,14 @@ _owners_lock = threading.Lock()
 
 
 def register(owner: ExitOwner, last: bool = False) -> None:
-    """`owner` is closed at exit (held weakly: an owner that goes away needs no closing); `last`:
+    """`owner` is stopped at exit (held weakly: an owner that goes away needs no stopping); `last`:
     after every other owner's threads ended (the compute lanes, which run their work)."""
     with _owners_lock:
         (_last if last else _first).add(owner)
 
 
 def stop_model_threads(grace_s: float | None = None) -> list[threading.Thread]:
-    """Closes every registered owner, then the `last` ones, and waits up to `grace_s` in all
+    """Stops every registered owner, then the `last` ones, and waits up to `grace_s` in all
     (default EXIT_GRACE_S) for their threads; returns those still running."""
     grace_s = EXIT_GRACE_S if grace_s is None else grace_s
     deadline = time.monotonic() + grace_s
@@ -59,9 +57,7 @@ def stop_model_threads(grace_s: float | None = None) -> list[threading.Thread]:
         stages = [list(_first), list(_last)]
     threads: list[threading.Thread] = []
     for owners in stages:
-        for owner in owners:
-            owner.close()
-        stage = [thread for owner in owners for thread in owner.exit_threads()]
+        stage = [thread for owner in owners for thread in owner.stop_for_exit()]
         for thread in stage:
             if thread is not threading.current_thread():
                 thread.join(max(0.0, deadline - time.monotonic()))

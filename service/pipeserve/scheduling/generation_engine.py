@@ -67,13 +67,13 @@ class GenerationEngine:
         return handle
 
     def close(self) -> None:
-        self.scheduler.close()
-        with self._thread_lock:
-            thread = self._thread
-        if thread is not None:
+        for thread in self.stop_for_exit():
             thread.join(timeout=10)
 
-    def exit_threads(self) -> list[threading.Thread]:
+    def stop_for_exit(self) -> list[threading.Thread]:
+        """Refuses new requests and wakes the engine's thread to wind down, without waiting for
+        it (exit_guard.py waits, within its deadline); -> that thread."""
+        self.scheduler.close()
         with self._thread_lock:
             return [] if self._thread is None else [self._thread]
 

@@ -98,7 +98,9 @@ class BatchScheduler:
             self._closed = True
             self._cond.notify_all()
 
-    def exit_threads(self) -> list[threading.Thread]:
+    def stop_for_exit(self) -> list[threading.Thread]:
+        """close(), and the thread to wait for (exit_guard.py)."""
+        self.close()
         thread = self._thread
         return [] if thread is None else [thread]
 
