@@ -74,32 +74,32 @@ def quantize_rows(flat: torch.Tensor, residual_rows: bool = True,
     [M, K] below them; per row 1 / step [M, 1]; ||x - x_quantized|| [M, 1] when asked). The int8
     sums of a row plus RESIDUAL_WEIGHT times its residual's, divided by 1 / step, are x W_q^T."""
     inverse_step = row_steps(flat)
-    if residual_rows and not with_error:
-        return _quantize_with_residual(flat, inverse_step), inverse_step, None
-    scaled = flat * inverse_step  # in [-127, 127]
-    q = scaled.round()
-    left = scaled - q  # within +-1/2
-    if residual_rows:
-        # what the rounding left, times 254, fits int8 again
-        rest = (left * _RESIDUAL_DIVISOR).round_()
-        if with_error:
-            left = left - rest / _RESIDUAL_DIVISOR
-        q = torch.cat([q, rest])
-    error = left.norm(dim=1, keepdim=True) / inverse_step if with_error else None
-    return q.to(torch.int8), inverse_step, error
+    if not residual_rows:
+        scaled = flat * inverse_step  # in [-127, 127]
+        q = scaled.round()
+        error = (scaled - q).norm(dim=1, keepdim=True) / inverse_step if with_error else None
+        return q.to(torch.int8), inverse_step, error
+    both = _rows_and_residuals(flat, inverse_step)
+    error = None
+    if with_error:  # what both rows together leave, recomputed: the buffer keeps only the rounded
+        rows = flat.shape[0]
+        left = (flat * inverse_step - both[:rows]) - both[rows:] / _RESIDUAL_DIVISOR
+        error = left.norm(dim=1, keepdim=True) / inverse_step
+    return both.to(torch.int8), inverse_step, error
 
 
-def _quantize_with_residual(flat: torch.Tensor, inverse_step: torch.Tensor) -> torch.Tensor:
-    """quantize_rows' int8 rows and residual rows, the same values, written in place into one
-    [2M, K] buffer: no cat and no intermediate tensors (a decoding step runs this for each of its
-    linears, so the calls count more than the arithmetic)."""
+def _rows_and_residuals(flat: torch.Tensor, inverse_step: torch.Tensor) -> torch.Tensor:
+    """The rounded rows and their residual rows (what the rounding left, times 254: it fits int8
+    again), as float32 written in place into one [2M, K] buffer: no cat and no intermediate
+    tensors (a decoding step runs this for each of its linears, so the calls count more than the
+    arithmetic)."""
     rows = flat.shape[0]
     both = torch.empty(2 * rows, flat.shape[1])
     q, rest = both[:rows], both[rows:]
     torch.mul(flat, inverse_step, out=rest)  # scaled, in [-127, 127]
     torch.round(rest, out=q)
-    rest.sub_(q).mul_(_RESIDUAL_DIVISOR).round_()  # what the rounding left, times 254
-    return both.to(torch.int8)
+    rest.sub_(q).mul_(_RESIDUAL_DIVISOR).round_()
+    return both
 
 
 class RowInt8Linear(nn.Module):
